@@ -1,0 +1,5 @@
+"""Allows ``python -m flowtunnel``."""
+
+from flowtunnel.cli import main
+
+raise SystemExit(main())
