@@ -36,7 +36,7 @@ ELEMENTS: dict[int, tuple[str, str, str, str, str]] = {{
 
 
 def generate(csv_text: str, source: str) -> str:
-    """Return the module text for the registry in ``csv_text`` (rows: id,name,dataType,dataSemantics,units,status)."""
+    """The module text for the registry ``csv_text`` (rows: id,name,dataType,dataSemantics,units,status)."""
     rows = list(csv.DictReader(csv_text.splitlines()))
     elements: dict[int, tuple[str, str, str, str, str]] = {}
     for row in rows:
@@ -61,7 +61,9 @@ def generate(csv_text: str, source: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help=f"registry CSV (default {DEFAULT_CSV})")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"module to write (default {DEFAULT_OUT})")
+    parser.add_argument(
+        "--out", type=Path, default=DEFAULT_OUT, help=f"module to write (default {DEFAULT_OUT})"
+    )
     args = parser.parse_args(argv)
     try:
         text = args.csv.read_text(encoding="utf-8")
