@@ -2,7 +2,7 @@
 
     LogError                 anything the log cannot do (base; names the database path)
     ├── LogFull              the disk (not the quota) is full: nothing of the failed call was written
-    ├── LogCorrupt           the database file is damaged or not a flowtunnel log; the caller decides what to do
+    ├── LogCorrupt           damaged file or not a flowtunnel log; the caller decides what to do
     └── LogLocked            another process or connection holds the database longer than busy_timeout
 """
 

@@ -1,0 +1,930 @@
+"""DurableLog: an append-only, seq-numbered log of datagrams in one SQLite file (WAL mode).
+
+The agent's spool and the gateway's journal are the same thing: datagrams appended in order under sequence
+numbers that are never reused, read from consumer cursors, trimmed once every consumer is past them, and
+bounded by a disk quota with an explicit policy when full. SQLite gives atomic, durable commits that survive
+``kill -9`` and power loss (``synchronous=FULL``), so this module only has to keep its own bookkeeping (next
+sequence number, tracked size, drop counters) inside the same transactions as the data.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from flowtunnel.datagram import Datagram
+from flowtunnel.log.errors import LogCorrupt, LogError, LogFull, LogLocked
+from flowtunnel.log.wal import inspect_wal
+
+__all__ = [
+    "ENTRY_OVERHEAD",
+    "AppendResult",
+    "DurableLog",
+    "Entry",
+    "FullPolicy",
+    "LogConfig",
+    "LogStats",
+    "QuotaFull",
+]
+
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+#: Estimated bytes of SQLite storage per entry beyond payload, exporter and stream text (row header, seq,
+#: integers, b-tree cell and page slack). Used for the quota, which is tracked incrementally.
+ENTRY_OVERHEAD = 48
+
+_SCHEMA_VERSION = 1
+_SQLITE_FULL = 13
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY,
+    stream TEXT NOT NULL,
+    stream_seq INTEGER,
+    received_ns INTEGER NOT NULL,
+    exporter TEXT NOT NULL,
+    exporter_port INTEGER NOT NULL,
+    local_port INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+"""
+_COST_SQL = (
+    f"length(payload) + length(CAST(exporter AS BLOB)) + length(CAST(stream AS BLOB)) + {ENTRY_OVERHEAD}"
+)
+_INSERT = (
+    "INSERT INTO entries (seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, "
+    "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT = "INSERT INTO {} VALUES (?, ?) ON CONFLICT({}) DO UPDATE SET {} = excluded.{}"
+_UPSERT_META = _UPSERT.format("meta (key, value)", "key", "value", "value")
+_UPSERT_STATE = _UPSERT.format("state (key, value)", "key", "value", "value")
+_DELETE_STATE = "DELETE FROM state WHERE key = ?"
+_UPSERT_CURSOR = _UPSERT.format("cursors (name, seq)", "name", "seq", "seq")
+_SELECT = (
+    "SELECT seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, payload "
+    "FROM entries WHERE seq > ? ORDER BY seq LIMIT ?"
+)
+
+
+class FullPolicy(enum.Enum):
+    """What ``append`` does when the quota is reached."""
+
+    DROP_OLDEST = "drop-oldest"  # delete the oldest entries to make room (counted in dropped_oldest)
+    REFUSE_NEW = "refuse-new"  # keep what is stored, refuse the new entries (counted in refused)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogConfig:
+    """Where the log lives and how it is bounded.
+
+    ``quota_bytes`` bounds payload + exporter + stream bytes + ``ENTRY_OVERHEAD`` per entry (0 = unbounded);
+    the file follows it within SQLite's page slack plus the WAL (capped at ``wal_limit_bytes`` after each
+    checkpoint). ``synchronous`` is ``"full"`` (a commit survives power loss) or ``"normal"`` (survives a
+    process crash; the last commits may be lost on power loss, at far fewer fsyncs). ``check_on_open`` runs
+    ``PRAGMA quick_check``, which reads the whole file: cheap for a spool, consider turning it off for a
+    multi-gigabyte journal on slow storage. ``reserve_bytes`` are held in ``<path>.reserve`` and released
+    when the disk is full so that ``trim`` and cursor commits can still run (deleting needs WAL space).
+    ``checkpoint_pages`` is SQLite's ``wal_autocheckpoint`` (pages of 4 KiB the WAL may hold before they are
+    folded into the file). On a small filesystem the reserve is capped at 1/16 of it, the checkpoint
+    interval at 1/16 and ``wal_limit_bytes`` at 1/8, so the log still works on a disk of 1 MiB.
+    """
+
+    path: Path
+    quota_bytes: int = 1 << 30
+    full_policy: FullPolicy = FullPolicy.DROP_OLDEST
+    synchronous: str = "full"
+    check_on_open: bool = True
+    busy_timeout: float = 5.0
+    vacuum_threshold_pages: int = 4096
+    wal_limit_bytes: int = 16 << 20
+    reserve_bytes: int = 1 << 20
+    checkpoint_pages: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.quota_bytes < 0:
+            raise ValueError(f"log quota_bytes {self.quota_bytes} must be >= 0 (0 = unbounded)")
+        if self.synchronous not in ("full", "normal"):
+            raise ValueError(f"log synchronous {self.synchronous!r} must be 'full' or 'normal'")
+        if self.busy_timeout < 0:
+            raise ValueError(f"log busy_timeout {self.busy_timeout} must be >= 0 seconds")
+        if self.reserve_bytes < 0:
+            raise ValueError(f"log reserve_bytes {self.reserve_bytes} must be >= 0 (0 = no reserve file)")
+        if self.checkpoint_pages < 1:
+            raise ValueError(f"log checkpoint_pages {self.checkpoint_pages} must be >= 1")
+        if self.vacuum_threshold_pages < 1:
+            raise ValueError(f"log vacuum_threshold_pages {self.vacuum_threshold_pages} must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored datagram: its log ``seq``, and the ``stream``/``stream_seq`` it was appended under."""
+
+    seq: int
+    stream: str
+    stream_seq: int | None
+    datagram: Datagram
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AppendResult:
+    """What one ``append`` did.
+
+    The datagrams that got sequence numbers are ``first_seq .. last_seq`` (empty when ``last_seq <
+    first_seq``), in the order given; ``appended`` of them are stored, the others were dropped at once because
+    the batch alone exceeds the quota. ``dropped`` counts every entry deleted by DROP_OLDEST in this call
+    (older ones and those of this batch); ``refused`` counts datagrams refused by REFUSE_NEW (the tail of the
+    batch; they got no sequence number).
+    """
+
+    first_seq: int
+    last_seq: int
+    appended: int
+    dropped: int
+    refused: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LogStats:
+    """Counters of the log. ``first_seq`` is the oldest stored seq, or ``last_seq + 1`` when empty."""
+
+    first_seq: int
+    last_seq: int
+    entries: int
+    bytes: int
+    dropped_oldest: int
+    refused: int
+    quota_bytes: int
+    file_bytes: int
+    #: Times the log was opened with a torn write-ahead log tail (a lost last transaction), ever.
+    torn_tails: int = 0
+    #: Whether the filesystem is (nearly) full right now: appends are held below the free-space floor.
+    disk_full: bool = False
+
+
+class QuotaFull(LogFull):
+    """``append(..., atomic=True)`` under REFUSE_NEW: the whole group does not fit in the quota."""
+
+
+class DurableLog:
+    """The durable log; see the module docstring and docs/architecture.md ("The durable log").
+
+    Every method is synchronous. One object may be shared by threads (calls are serialised by a lock), so
+    asyncio callers can run bulk calls in ``asyncio.to_thread``.
+
+    Error handling: appends treat the filesystem as full before SQLite would hit ENOSPC, keeping the
+    reserve file plus a checkpoint's worth of pages free: DROP_OLDEST then drops the oldest entries (counted
+    in ``dropped_oldest``), REFUSE_NEW raises ``LogFull`` (nothing written). So ``trim``, ``commit_cursor``
+    and ``set_state`` always find room; if the disk fills anyway (another process), they release the
+    reserve, and ``trim`` deletes in small steps. Each disk-full episode is logged once when it starts and
+    once when it clears (``LogStats.disk_full``). A torn WAL tail found on open is logged once and counted
+    in ``LogStats.torn_tails``. A damaged file raises
+    ``LogCorrupt`` naming the path, on open or when SQLite detects it later; a database held by another
+    connection beyond ``busy_timeout`` raises ``LogLocked``. Caller misuse raises
+    ``ValueError``.
+
+    Resource handling: holds one SQLite connection until ``close()`` (or the end of a ``with`` block).
+    """
+
+    def __init__(self, config: LogConfig) -> None:
+        self.config = config
+        self.path = Path(config.path)
+        self._reserve_path = self.path.with_name(self.path.name + ".reserve")
+        self._lock = threading.Lock()
+        self._closed = False
+        self._disk_full = False  # inside a disk-full episode (logged once when it starts, once when it ends)
+        self._torn_tails = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._size_to_filesystem()
+        # Before SQLite touches the WAL: its recovery drops a torn tail without a word.
+        try:
+            torn = inspect_wal(Path(f"{self.path}-wal"))
+        except OSError as exc:
+            logger.debug("log %s: cannot inspect the write-ahead log: %s", self.path, exc)
+            torn = None
+        if torn is not None:
+            logger.warning(
+                "log %s: torn write-ahead log tail in %s (%s): SQLite discards its last %d of %d bytes "
+                "(%d frames); the last transaction before the crash is lost",
+                self.path, torn.wal_path, torn.reason, torn.discarded_bytes, torn.wal_bytes,
+                torn.discarded_frames,
+            )
+        try:
+            self._db = sqlite3.connect(
+                self.path, timeout=config.busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise LogError(f"cannot open log {self.path}: {exc}", path=str(self.path)) from None
+        try:
+            try:
+                with self._translate("open"):
+                    self._setup(torn=torn is not None)
+            except LogFull:
+                # even opening writes a little (the -shm index, WAL header): the reserve pays for it
+                if not self._release_reserve():
+                    raise
+                logger.warning("log %s: disk full, released the reserve file to open", self.path)
+                with self._translate("open"):
+                    self._setup(torn=torn is not None)
+        except BaseException:
+            self._db.close()
+            self._closed = True
+            raise
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    def _size_to_filesystem(self) -> None:
+        """Scale the reserve, the WAL checkpoint interval and the WAL size limit down to a small filesystem.
+
+        On a filesystem of a few MiB the defaults (1 MiB reserve, 4 MiB between checkpoints) cannot work: the
+        WAL alone would fill the disk before SQLite folds it back. Each is capped at a fraction of the
+        filesystem instead, so the log fills the disk with data and can still delete some of it when full.
+        """
+        cfg = self.config
+        try:
+            st = os.statvfs(self.path.parent)
+            fs_bytes = st.f_blocks * st.f_frsize
+        except OSError:
+            fs_bytes = 0
+        page = 4096
+        if fs_bytes <= 0:
+            fs_bytes = 1 << 62
+        self._reserve_size = min(cfg.reserve_bytes, max(16 * page, fs_bytes // 16 // page * page))
+        self._checkpoint_pages = max(16, min(cfg.checkpoint_pages, fs_bytes // page // 16))
+        self._wal_limit = max(16 * page, min(cfg.wal_limit_bytes, fs_bytes // 8))
+        # Appends keep this much free beyond what they write (room for the reserve if it is missing, and for
+        # a trim's WAL frames), so acknowledged entries can always be deleted and cursors committed.
+        self._slack = 8 * page + self._checkpoint_pages * page  # a checkpoint grows the file by up to this
+        self._floor = self._reserve_size + self._slack
+
+    def _setup(self, *, torn: bool = False) -> None:
+        db = self._db
+        # auto_vacuum must be chosen before the first table exists; on an existing file it is a no-op.
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise LogError(f"log {self.path}: cannot switch to WAL mode (got {mode!r})", path=str(self.path))
+        db.execute(f"PRAGMA synchronous = {self.config.synchronous.upper()}")
+        # Debian builds SQLite with SECURE_DELETE, which zeroes every freed page through the WAL: deleting a
+        # few 64 KiB datagrams then needs hundreds of KiB of free disk, which a full disk does not have. FAST
+        # only clears what is rewritten anyway (deleted datagrams stay in free pages until reused).
+        db.execute("PRAGMA secure_delete = FAST")
+        db.execute(f"PRAGMA journal_size_limit = {int(self._wal_limit)}")
+        db.execute(f"PRAGMA wal_autocheckpoint = {int(self._checkpoint_pages)}")
+        if self.config.check_on_open:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+            if [tuple(r) for r in rows] != [("ok",)]:
+                detail = "; ".join(str(r[0]) for r in rows[:3])
+                raise LogCorrupt(f"log {self.path} failed its integrity check: {detail}", path=str(self.path))
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if tables and "meta" not in tables:
+            raise LogCorrupt(
+                f"{self.path} is a SQLite database but not a flowtunnel log "
+                f"(tables: {', '.join(sorted(tables))})",
+                path=str(self.path),
+            )
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    db.execute(stmt)
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            version = meta.get("schema_version")
+            if version is None:
+                if db.execute("SELECT 1 FROM entries LIMIT 1").fetchone() is not None:
+                    raise LogCorrupt(f"log {self.path} has entries but no bookkeeping", path=str(self.path))
+                meta = {"schema_version": _SCHEMA_VERSION, "next_seq": 1, "bytes": 0, "entries": 0,
+                        "dropped_oldest": 0, "refused": 0}
+                db.executemany(_UPSERT_META, list(meta.items()))
+            elif version != _SCHEMA_VERSION:
+                raise LogError(
+                    f"log {self.path} has schema version {version}, this flowtunnel reads {_SCHEMA_VERSION}",
+                    path=str(self.path),
+                )
+            if torn:
+                db.execute(_UPSERT_META, ("torn_tails", int(meta.get("torn_tails", 0)) + 1))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._load_meta()
+        self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
+        self._make_reserve()
+
+    def _load_meta(self) -> None:
+        meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+        self._next_seq = int(meta["next_seq"])
+        self._bytes = int(meta["bytes"])
+        self._entries = int(meta["entries"])
+        self._dropped_oldest = int(meta["dropped_oldest"])
+        self._refused = int(meta["refused"])
+        self._torn_tails = int(meta.get("torn_tails", 0))
+
+    def close(self) -> None:
+        """Close the connection (idempotent). Later calls raise ``LogError``."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._db.close()
+            except sqlite3.Error as exc:
+                logger.warning("closing log %s: %s", self.path, exc)
+
+    def __enter__(self) -> DurableLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"DurableLog({str(self.path)!r}, next_seq={getattr(self, '_next_seq', '?')}, "
+                f"entries={getattr(self, '_entries', '?')})")
+
+    # -- writing ---------------------------------------------------------------------------------------------
+
+    def append(
+        self,
+        datagrams: Sequence[Datagram],
+        *,
+        stream: str = "",
+        stream_seqs: Sequence[int] | None = None,
+        state: Mapping[str, int] | None = None,
+        atomic: bool = False,
+    ) -> AppendResult:
+        """Append ``datagrams`` in order and apply ``state`` updates, all in one transaction.
+
+        ``stream_seqs`` (same length) records each datagram's number in its stream (the journal stores the
+        agent's seq there). With the quota reached, FULL_POLICY applies: DROP_OLDEST deletes the oldest
+        entries (and, if this group alone exceeds the quota, its own first datagrams, which still consume
+        sequence numbers so the gap is visible downstream); REFUSE_NEW stores the prefix that fits and refuses
+        the rest, or with ``atomic=True`` stores nothing and raises ``QuotaFull`` (no counter changes).
+        ``state`` is applied whatever the policy did; use ``atomic=True`` when it depends on every entry.
+        """
+        if stream_seqs is not None and len(stream_seqs) != len(datagrams):
+            raise ValueError(f"stream_seqs has {len(stream_seqs)} items for {len(datagrams)} datagrams")
+        stream_bytes = len(stream.encode())
+        costs = [
+            len(d.payload) + len(d.exporter.encode()) + stream_bytes + ENTRY_OVERHEAD for d in datagrams
+        ]
+        with self._lock:
+            self._check_open()
+            try:
+                with self._translate("append"):
+                    disk_need = self._disk_deficit(sum(costs))
+                    if disk_need and self.config.full_policy is FullPolicy.REFUSE_NEW:
+                        raise LogFull(
+                            f"log {self.path}: disk full: {len(datagrams)} entries of {sum(costs)} "
+                            f"bytes would leave less than the {self._floor} bytes kept free for trims and "
+                            "cursor commits; nothing was written",
+                            path=str(self.path),
+                        )
+                    return self._append_locked(datagrams, costs, stream, stream_seqs, state, atomic,
+                                               disk_need=disk_need)
+            except LogFull as exc:
+                if (isinstance(exc, QuotaFull) or self.config.full_policy is not FullPolicy.DROP_OLDEST
+                        or not self._entries):
+                    raise
+                # The disk filled anyway (the estimate of what SQLite writes was short): the policy still
+                # says the newest data wins. Drop the oldest entries (counted) worth twice this group plus
+                # the floor, restore the reserve (the next full disk needs it), then try once more.
+                self._enter_disk_full(None)
+                dropped = self._drop_oldest_when_full(2 * sum(costs) + self._floor)
+                self._make_reserve()
+                logger.debug("log %s: disk full before the quota; dropped the %d oldest entries",
+                             self.path, dropped)
+                with self._translate("append"):
+                    res = self._append_locked(datagrams, costs, stream, stream_seqs, state, atomic)
+                return AppendResult(first_seq=res.first_seq, last_seq=res.last_seq, appended=res.appended,
+                                    dropped=res.dropped + dropped, refused=res.refused)
+
+    def _append_locked(
+        self,
+        datagrams: Sequence[Datagram],
+        costs: list[int],
+        stream: str,
+        stream_seqs: Sequence[int] | None,
+        state: Mapping[str, int] | None,
+        atomic: bool,
+        *,
+        disk_need: int = 0,
+    ) -> AppendResult:
+        quota = self.config.quota_bytes
+        n = len(datagrams)
+        skip = 0  # leading datagrams of this group dropped at once (they consume seqs)
+        keep = n  # datagrams [skip:keep] get stored
+        free_needed = 0
+        if quota:
+            if self.config.full_policy is FullPolicy.REFUSE_NEW:
+                room = quota - self._bytes
+                total = 0
+                for i, c in enumerate(costs):
+                    if total + c > room:
+                        keep = i
+                        break
+                    total += c
+                if keep < n and atomic:
+                    raise QuotaFull(
+                        f"log {self.path}: {n} entries of {sum(costs)} bytes do not fit in the quota "
+                        f"({self._bytes} of {quota} bytes used, policy refuse-new)",
+                        path=str(self.path),
+                    )
+            else:
+                total = sum(costs)
+                while skip < n and total > quota:
+                    total -= costs[skip]
+                    skip += 1
+                free_needed = self._bytes + total - quota
+        # DROP_OLDEST with the disk nearly full: deleted rows' pages are reused by this very transaction.
+        free_needed = max(free_needed, disk_need)
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            dropped_old, freed = self._drop_oldest(free_needed) if free_needed > 0 else (0, 0)
+            first = self._next_seq
+            stored_first = first + skip
+            if keep > skip:
+                rows = self._rows(datagrams, skip, keep, stored_first, stream, stream_seqs)
+                db.executemany(_INSERT, rows)
+            stored_bytes = sum(costs[skip:keep])
+            consumed = keep  # refused datagrams (the tail) take no seq
+            next_seq = first + consumed
+            bytes_now = self._bytes - freed + stored_bytes
+            entries_now = self._entries - dropped_old + (keep - skip)
+            dropped_total = self._dropped_oldest + dropped_old + skip
+            refused_total = self._refused + (n - keep)
+            db.executemany(
+                _UPSERT_META,
+                [("next_seq", next_seq), ("bytes", bytes_now), ("entries", entries_now),
+                 ("dropped_oldest", dropped_total), ("refused", refused_total)],
+            )
+            if state:
+                db.executemany(_UPSERT_STATE, [(k, int(v)) for k, v in state.items()])
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._next_seq, self._bytes, self._entries = next_seq, bytes_now, entries_now
+        self._dropped_oldest, self._refused = dropped_total, refused_total
+        if dropped_old:
+            with suppress(sqlite3.Error):  # the append is committed; reclaiming space may wait
+                self._maybe_vacuum()
+        return AppendResult(
+            first_seq=first, last_seq=first + consumed - 1, appended=keep - skip,
+            dropped=dropped_old + skip, refused=n - keep,
+        )
+
+    @staticmethod
+    def _rows(
+        datagrams: Sequence[Datagram], start: int, stop: int, first_seq: int, stream: str,
+        stream_seqs: Sequence[int] | None,
+    ) -> Iterator[tuple[object, ...]]:
+        for i in range(start, stop):
+            d = datagrams[i]
+            yield (
+                first_seq + i - start, stream, None if stream_seqs is None else int(stream_seqs[i]),
+                d.received_ns, d.exporter, d.exporter_port, d.local_port, d.payload,
+            )
+
+    def _drop_oldest(self, need: int) -> tuple[int, int]:
+        """Delete the oldest entries until at least ``need`` bytes are freed (inside a transaction)."""
+        freed = count = 0
+        upto = 0
+        while freed < need:
+            rows = self._db.execute(
+                f"SELECT seq, {_COST_SQL} FROM entries WHERE seq > ? ORDER BY seq LIMIT 1024", (upto,)
+            ).fetchall()
+            if not rows:
+                break
+            for seq, cost in rows:
+                upto = seq
+                freed += int(cost)
+                count += 1
+                if freed >= need:
+                    break
+        if count:
+            self._db.execute("DELETE FROM entries WHERE seq <= ?", (upto,))
+        return count, freed
+
+    def advance_seq(self, next_seq: int) -> int:
+        """Make the next appended seq at least ``next_seq`` (never lowers it). Returns the next seq.
+
+        The agent calls this after learning the gateway's acknowledged seq, so a lost or restored spool never
+        hands out numbers the gateway has already seen.
+        """
+        with self._lock, self._translate("advance_seq"):
+            self._check_open()
+            if next_seq > self._next_seq:
+                self._db.execute(_UPSERT_META, ("next_seq", int(next_seq)))
+                self._next_seq = int(next_seq)
+            return self._next_seq
+
+    def renumber(self, next_seq: int) -> int:
+        """Move every stored entry to new seqs starting at ``next_seq`` (or above every seq handed out, if
+        that is higher), keeping their order and spacing; later appends continue above them. Returns how many
+        entries moved (0 on an empty log, which then only has its next seq advanced).
+
+        One transaction: a crash leaves either every entry at its old seq or every entry at its new one. The
+        agent uses it when the gateway already holds seqs beyond a brand-new spool of the same agent id. It
+        rewrites every stored row, so the WAL grows by about the log's size; on a full disk it raises
+        ``LogFull`` with nothing changed.
+        """
+        with self._lock, self._translate("renumber"):
+            self._check_open()
+            row = self._db.execute("SELECT min(seq), count(*) FROM entries").fetchone()
+            first = None if row is None or row[0] is None else int(row[0])
+            if first is None:
+                if next_seq > self._next_seq:
+                    self._db.execute(_UPSERT_META, ("next_seq", int(next_seq)))
+                    self._next_seq = int(next_seq)
+                return 0
+            # Every new seq is at least the old next seq, hence above every old one: the UPDATE, which SQLite
+            # applies row by row, never collides with a row not yet moved.
+            offset = max(int(next_seq), self._next_seq) - first
+            new_next = self._next_seq + offset
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("UPDATE entries SET seq = seq + ?", (offset,))
+                db.execute(_UPSERT_META, ("next_seq", new_next))
+                db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            self._next_seq = new_next
+            return int(row[1])
+
+    def trim(self, upto: int) -> int:
+        """Delete entries with ``seq <= upto``; returns how many. Space is reclaimed incrementally.
+
+        Deleting needs a little free disk (SQLite writes the change to the WAL first). When the disk is
+        (nearly) full, trim deletes in small steps, folding the WAL back after each, and if a step still finds
+        no room it releases the reserve file and retries, so a consumer can always make room; then it gives
+        the freed pages back to the filesystem and re-creates the reserve.
+        """
+        with self._lock:
+            self._check_open()
+            if self._disk_full or self._low_on_space():
+                count = self._trim_in_steps(upto)
+            else:
+                try:
+                    with self._translate("trim"):
+                        count = self._trim_tx(upto)
+                except LogFull:
+                    self._enter_disk_full(None)
+                    count = self._trim_in_steps(upto)
+                if count:
+                    with suppress(sqlite3.Error):  # reclaiming space is an optimisation; never fail the trim
+                        self._maybe_vacuum()
+            self._make_reserve()
+            return count
+
+    def _drop_oldest_when_full(self, need: int) -> int:
+        """DROP_OLDEST on a full disk: trim the oldest entries worth ``need`` bytes, counting them."""
+        upto = 0
+        freed = 0
+        for seq, cost in self._db.execute(f"SELECT seq, {_COST_SQL} FROM entries ORDER BY seq"):
+            upto = int(seq)
+            freed += int(cost)
+            if freed >= need:
+                break
+        return self._trim_in_steps(upto, dropped=True) if upto else 0
+
+    def _trim_in_steps(self, upto: int, *, dropped: bool = False) -> int:
+        """Trim on a (nearly) full disk: delete 16 entries per transaction, folding the WAL back into the file
+        after each one so that it never needs more than a few free pages (one big DELETE would write every
+        freed page's bookkeeping to the WAL at once), then return the freed pages to the filesystem."""
+        count = 0
+        while True:
+            self._checkpoint()
+            with self._translate("trim"):
+                row = self._db.execute(
+                    "SELECT seq FROM entries WHERE seq <= ? ORDER BY seq LIMIT 1 OFFSET 15", (upto,)
+                ).fetchone()
+            step = upto if row is None else int(row[0])
+            count += self._with_reserve("trim", functools.partial(self._trim_tx, step, dropped=dropped))
+            if step >= upto:
+                break
+        self._checkpoint()
+        self._shrink()
+        return count
+
+    def _checkpoint(self) -> None:
+        """Fold the WAL into the database and truncate it (best effort: it may lack room, or be busy)."""
+        with suppress(sqlite3.Error):
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+    def _shrink(self) -> None:
+        """Give free pages back to the filesystem a few at a time, folding the WAL after each batch: moving
+        pages writes them to the WAL first, so on a full disk a large batch would need the room it frees."""
+        page = self._page_size
+        for _ in range(1024):
+            try:
+                before = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+                if not before:
+                    return
+                room = (self._free_bytes() or 0) // page
+                n = max(1, min(256, room // 4, before))
+                self._db.executescript(f"PRAGMA incremental_vacuum({n});")
+            except sqlite3.Error:
+                return
+            self._checkpoint()
+            with suppress(sqlite3.Error):
+                if int(self._db.execute("PRAGMA freelist_count").fetchone()[0]) >= before:
+                    return
+
+    def _with_reserve(self, op: str, write: Callable[[], _T]) -> _T:
+        """Run a small write transaction; on a full disk, release the reserve file (its purpose), fold the
+        WAL back and retry once. The caller re-creates the reserve once done."""
+        try:
+            with self._translate(op):
+                return write()
+        except LogFull:
+            if not self._release_reserve():
+                raise
+            self._enter_disk_full(None)
+            logger.debug("log %s: disk full during %s; released the reserve file", self.path, op)
+        self._checkpoint()
+        with self._translate(op):
+            return write()
+
+    def _low_on_space(self) -> bool:
+        free = self._free_bytes()
+        return free is not None and free < 2 * self._floor
+
+    def _trim_tx(self, upto: int, *, dropped: bool = False) -> int:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            count, freed = db.execute(
+                f"SELECT count(*), coalesce(sum({_COST_SQL}), 0) FROM entries WHERE seq <= ?", (upto,)
+            ).fetchone()
+            if count:
+                db.execute("DELETE FROM entries WHERE seq <= ?", (upto,))
+                updates = [("bytes", self._bytes - freed), ("entries", self._entries - count)]
+                if dropped:
+                    updates.append(("dropped_oldest", self._dropped_oldest + count))
+                db.executemany(_UPSERT_META, updates)
+            db.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+        self._bytes -= int(freed)
+        self._entries -= int(count)
+        if dropped:
+            self._dropped_oldest += int(count)
+        return int(count)
+
+    def _make_reserve(self) -> None:
+        """Create the reserve file if missing (best effort: on a full disk it stays missing)."""
+        size = self._reserve_size
+        if not size or self._reserve_path.exists():
+            return
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with suppress(OSError):
+                self._reserve_path.unlink()
+            logger.debug("log %s: cannot create the %d-byte reserve file: %s", self.path, size, exc)
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                # The filesystem cannot allocate ahead: appends keep the reserve's size free instead.
+                self._reserve_size = 0
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve_path.unlink()
+        except OSError:
+            return False
+        return True
+
+    def _small_write(self, op: str, write: Callable[[], object]) -> None:
+        """A one-statement write (cursor commit, state update: a page or two), paid for by the reserve file
+        when the disk is full; the reserve is re-created as soon as there is room (appends keep it free)."""
+        try:
+            self._with_reserve(op, write)
+        finally:
+            if not self._reserve_path.exists():
+                self._make_reserve()
+
+    def _free_bytes(self) -> int | None:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def _disk_deficit(self, cost: int) -> int:
+        """Bytes of old entries to drop before appending ``cost`` bytes (0: it fits above the floor).
+
+        The estimate is deliberately generous: SQLite writes each page to the WAL first and to the database
+        at the next checkpoint, so a group needs about twice its size until the WAL is reused. Free pages in
+        the database count as room. Entering and leaving a disk-full episode is logged once each.
+        """
+        if self._reserve_size and not self._reserve_path.exists():
+            self._make_reserve()  # released by a trim on a full disk: take it back before anything else
+        free = self._free_bytes()
+        if free is None:
+            return 0
+        if free < 2 * self._floor + 2 * cost:
+            # Close to the floor: fold the WAL into the file now, so that what the next checkpoint would add
+            # to the file is on the disk already and the free space measured is what is really left.
+            self._checkpoint()
+            free = self._free_bytes() or 0
+        floor = self._slack if self._reserve_path.exists() else self._floor
+        freelist = int(self._db.execute("PRAGMA freelist_count").fetchone()[0]) * self._page_size
+        room = free + freelist - floor
+        need = 2 * cost + 4 * self._page_size
+        if need > room:
+            self._enter_disk_full(free)
+            return need - room
+        if self._disk_full and room >= need + 2 * self._floor:
+            self._disk_full = False
+            logger.info("log %s: disk has room again (%d bytes free)", self.path, free)
+        return 0
+
+    def _enter_disk_full(self, free: int | None) -> None:
+        if self._disk_full:
+            return
+        self._disk_full = True
+        if free is None:
+            free = self._free_bytes() or 0
+        action = ("dropping the oldest entries" if self.config.full_policy is FullPolicy.DROP_OLDEST
+                  else "refusing new entries")
+        logger.warning(
+            "log %s: disk full (%d bytes free; %d kept for trims and cursor commits): %s until there is "
+            "room (logged once until it clears)", self.path, free, self._floor, action,
+        )
+
+    def _maybe_vacuum(self) -> None:
+        # Free pages are reused by the next appends, so returning them to the filesystem after every trim
+        # would only shrink and regrow the file: do it once they exceed the threshold or 1/8 of the quota.
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        threshold = self.config.vacuum_threshold_pages
+        if self.config.quota_bytes:
+            threshold = max(1, min(threshold, self.config.quota_bytes // (8 * self._page_size)))
+        if free >= threshold:
+            # execute() steps this pragma once (one page); executescript() runs it to completion.
+            self._db.executescript("PRAGMA incremental_vacuum;")
+
+    def commit_cursor(self, name: str, seq: int) -> None:
+        """Durably record that consumer ``name`` has processed every entry up to ``seq``."""
+        with self._lock:
+            self._check_open()
+            self._small_write("commit_cursor", lambda: self._db.execute(_UPSERT_CURSOR, (name, int(seq))))
+
+    def set_state(self, key: str, value: int) -> None:
+        """Durably set an integer state value (e.g. the gateway's ``hwm:<agent>``)."""
+        with self._lock:
+            self._check_open()
+            self._small_write("set_state", lambda: self._db.execute(_UPSERT_STATE, (key, int(value))))
+
+    def delete_state(self, key: str) -> None:
+        """Remove a state key (no error if absent)."""
+        with self._lock:
+            self._check_open()
+            self._small_write("delete_state", lambda: self._db.execute(_DELETE_STATE, (key,)))
+
+    # -- reading ---------------------------------------------------------------------------------------------
+
+    def read(self, after: int = 0, limit: int = 1000, max_bytes: int = 4 << 20) -> list[Entry]:
+        """Entries with ``seq > after`` in order: at most ``limit``, and no more payload than ``max_bytes``
+        (but always at least one entry when one exists, however large)."""
+        if limit < 1:
+            raise ValueError(f"read limit {limit} must be >= 1")
+        out: list[Entry] = []
+        with self._lock, self._translate("read"):
+            self._check_open()
+            total = 0
+            for seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, payload in (
+                self._db.execute(_SELECT, (int(after), int(limit)))
+            ):
+                total += len(payload)
+                if out and total > max_bytes:
+                    break
+                out.append(
+                    Entry(
+                        seq, stream, stream_seq,
+                        Datagram(received_ns=received_ns, exporter=exporter, exporter_port=exporter_port,
+                                 local_port=local_port, payload=payload),
+                    )
+                )
+        return out
+
+    def last_seq(self) -> int:
+        """The last seq handed out (0 before the first append), even if that entry was trimmed or dropped."""
+        with self._lock:
+            return self._next_seq - 1
+
+    def cursor(self, name: str) -> int:
+        """The seq consumer ``name`` last committed (0 if it never did)."""
+        with self._lock, self._translate("cursor"):
+            self._check_open()
+            row = self._db.execute("SELECT seq FROM cursors WHERE name = ?", (name,)).fetchone()
+            return 0 if row is None else int(row[0])
+
+    def cursors(self) -> dict[str, int]:
+        """Every committed cursor by name."""
+        with self._lock, self._translate("cursors"):
+            self._check_open()
+            return {str(k): int(v) for k, v in self._db.execute("SELECT name, seq FROM cursors")}
+
+    def get_state(self, key: str) -> int | None:
+        """A state value, or None when unset."""
+        with self._lock, self._translate("get_state"):
+            self._check_open()
+            row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+            return None if row is None else int(row[0])
+
+    def states(self, prefix: str = "") -> dict[str, int]:
+        """Every state key starting with ``prefix`` (e.g. ``"hwm:"``) and its value."""
+        with self._lock, self._translate("states"):
+            self._check_open()
+            rows = self._db.execute(
+                "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+            )
+            return {str(k): int(v) for k, v in rows}
+
+    def count_after(self, after: int) -> int:
+        """How many stored entries have ``seq > after`` (a consumer's backlog)."""
+        with self._lock, self._translate("count_after"):
+            self._check_open()
+            row = self._db.execute("SELECT count(*) FROM entries WHERE seq > ?", (int(after),)).fetchone()
+            return int(row[0])
+
+    def stats(self) -> LogStats:
+        """Counters: cheap (the size is tracked, not measured) but for ``file_bytes``, which stats files."""
+        with self._lock, self._translate("stats"):
+            self._check_open()
+            row = self._db.execute("SELECT min(seq) FROM entries").fetchone()
+            first = self._next_seq if row is None or row[0] is None else int(row[0])
+            file_bytes = 0
+            for suffix in ("", "-wal"):
+                with suppress(OSError):
+                    file_bytes += Path(str(self.path) + suffix).stat().st_size
+            return LogStats(
+                first_seq=first, last_seq=self._next_seq - 1, entries=self._entries, bytes=self._bytes,
+                dropped_oldest=self._dropped_oldest, refused=self._refused,
+                quota_bytes=self.config.quota_bytes, file_bytes=file_bytes, torn_tails=self._torn_tails,
+                disk_full=self._disk_full,
+            )
+
+    # -- plumbing --------------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LogError(f"log {self.path} is closed", path=str(self.path))
+
+    def _rollback(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            logger.warning("log %s: rollback failed: %s", self.path, exc)
+        with suppress(sqlite3.Error):
+            self._load_meta()
+
+    @contextmanager
+    def _translate(self, op: str) -> Iterator[None]:
+        """Turn sqlite3 errors into the LogError hierarchy, naming the path and the operation."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            code = getattr(exc, "sqlite_errorcode", None)
+            primary = code & 0xFF if isinstance(code, int) else None
+            where = str(self.path)
+            if primary == _SQLITE_FULL or "disk is full" in str(exc):
+                raise LogFull(
+                    f"log {where}: disk full during {op} ({exc}); nothing was written", path=where
+                ) from None
+            text = str(exc)
+            corrupt = "malformed" in text or "not a database" in text
+            if primary in (_SQLITE_CORRUPT, _SQLITE_NOTADB) or corrupt:
+                raise LogCorrupt(f"log {where} is corrupt ({exc}) during {op}", path=where) from None
+            if primary in (_SQLITE_BUSY, _SQLITE_LOCKED):
+                raise LogLocked(
+                    f"log {where} stayed locked by another connection for over {self.config.busy_timeout} s "
+                    f"during {op}",
+                    path=where,
+                ) from None
+            raise LogError(f"log {where}: {op} failed: {exc}", path=where) from None
