@@ -1,0 +1,75 @@
+"""The batch wire format (pure: no I/O, no clock, no randomness): framing, compression, sealing, keys.
+
+Byte layout and test vectors: docs/protocol.md.
+"""
+
+from flowtunnel.wire.ack import ack_tag, verify_ack
+from flowtunnel.wire.batch import (
+    AUTO_COLUMNAR_BYTES,
+    HEADER,
+    MAGIC,
+    NONCE_BYTES,
+    TAG_BYTES,
+    VERSION,
+    Batch,
+    BatchHeader,
+    RecordLength,
+    WireLimits,
+    open_batch,
+    peek_header,
+    seal_batch,
+)
+from flowtunnel.wire.codec import Codec, bundled_dictionaries, default_dictionary_id
+from flowtunnel.wire.columnar import TemplateLengths
+from flowtunnel.wire.errors import (
+    AuthenticationFailed,
+    BadAgentId,
+    BadKey,
+    BadMagic,
+    LimitExceeded,
+    MalformedHeader,
+    MalformedRecords,
+    Truncated,
+    UnknownDictionary,
+    UnsupportedVersion,
+    WireError,
+)
+from flowtunnel.wire.keys import Key, format_key, generate_key, parse_key, validate_agent_id
+
+__all__ = [
+    "AUTO_COLUMNAR_BYTES",
+    "HEADER",
+    "MAGIC",
+    "NONCE_BYTES",
+    "TAG_BYTES",
+    "VERSION",
+    "AuthenticationFailed",
+    "BadAgentId",
+    "BadKey",
+    "BadMagic",
+    "Batch",
+    "BatchHeader",
+    "Codec",
+    "Key",
+    "LimitExceeded",
+    "MalformedHeader",
+    "MalformedRecords",
+    "RecordLength",
+    "TemplateLengths",
+    "Truncated",
+    "UnknownDictionary",
+    "UnsupportedVersion",
+    "WireError",
+    "WireLimits",
+    "ack_tag",
+    "bundled_dictionaries",
+    "default_dictionary_id",
+    "format_key",
+    "generate_key",
+    "open_batch",
+    "parse_key",
+    "peek_header",
+    "seal_batch",
+    "validate_agent_id",
+    "verify_ack",
+]

@@ -1,0 +1,296 @@
+"""Sealed batches: the header, sealing (compress + AEAD) and opening (verify + bounded decompress + parse).
+
+Pure: no I/O, no clock, no randomness — the caller passes the nonce (12 bytes, unique per key: the agent
+uses ``os.urandom(12)``). The whole header is the AEAD's associated data, so nothing in it can be changed
+without the tag failing; every size the header declares is checked against ``WireLimits`` before any
+decryption or decompression work. Byte layout: docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from flowtunnel.datagram import Datagram
+from flowtunnel.wire import columnar
+from flowtunnel.wire.codec import DEFAULT_LEVEL, Codec, check_dictionary, compress, decompress
+from flowtunnel.wire.codec import default_dictionary_id as _default_dict_id
+from flowtunnel.wire.errors import (
+    AuthenticationFailed,
+    BadAgentId,
+    BadMagic,
+    LimitExceeded,
+    MalformedHeader,
+    Truncated,
+    UnsupportedVersion,
+)
+from flowtunnel.wire.keys import Key, key_bytes, validate_agent_id
+from flowtunnel.wire.records import decode_block, encode_block
+
+__all__ = [
+    "AUTO_COLUMNAR_BYTES",
+    "HEADER",
+    "MAGIC",
+    "NONCE_BYTES",
+    "TAG_BYTES",
+    "VERSION",
+    "Batch",
+    "BatchHeader",
+    "RecordLength",
+    "WireLimits",
+    "open_batch",
+    "peek_header",
+    "seal_batch",
+]
+
+MAGIC = b"FTNB"
+VERSION = 1
+NONCE_BYTES = 12
+TAG_BYTES = 16
+#: magic, version, flags, codec, agent id length, dict id, first seq, count, raw length, sealed length, nonce
+HEADER = struct.Struct(">4sBBBBIQIII12s")
+_U64 = (1 << 64) - 1
+#: with ``codec=None``, smaller record blocks are sealed both ways (codec 2 and 3) and the smaller kept;
+#: larger ones (backlog batches) go columnar only, which wins there on flow data and halves the CPU
+AUTO_COLUMNAR_BYTES = 1 << 20
+_COLUMNAR_CODECS = (Codec.COLUMNAR, Codec.COLUMNAR_LZMA)  # codecs whose record block has section 4's layout
+_MIN_RECORD_BYTES = 3  # time delta, source index, length: one varint byte each at least
+
+#: ``record_length(datagram, set_id) -> int | None``: the record length of a v9/IPFIX data set, if known
+RecordLength = Callable[[bytes, int], int | None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WireLimits:
+    """Bounds on what ``open_batch`` accepts, all checked before the work they bound.
+
+    ``max_body``: sealed batch bytes; ``max_raw``: record block bytes after decompression; ``max_count``:
+    datagrams per batch; ``max_datagram``: bytes per datagram; ``max_exporters``: entries in the batch's
+    source table.
+    """
+
+    max_body: int = 8 << 20
+    max_raw: int = 64 << 20
+    max_count: int = 100_000
+    max_datagram: int = 65_535
+    max_exporters: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_body", "max_raw", "max_count", "max_datagram", "max_exporters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"WireLimits.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BatchHeader:
+    """The clear-text (but authenticated) header of a sealed batch."""
+
+    version: int
+    flags: int
+    codec: Codec
+    dict_id: int
+    agent_id: str
+    first_seq: int
+    count: int
+    raw_len: int
+    sealed_len: int
+    nonce: bytes = field(repr=False)
+    header_len: int
+
+    @property
+    def last_seq(self) -> int:
+        """The last sequence number covered (``first_seq - 1`` for an empty batch)."""
+        return self.first_seq + self.count - 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batch:
+    """An opened batch: datagrams ``first_seq .. first_seq + len(datagrams) - 1`` of ``agent_id``.
+
+    ``agent_info`` holds the agent's authenticated counters (e.g. backlog, drops by cause) if it sent any.
+    """
+
+    agent_id: str
+    first_seq: int
+    datagrams: tuple[Datagram, ...]
+    agent_info: Mapping[str, int]
+    header: BatchHeader
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.datagrams) - 1
+
+
+def seal_batch(
+    *,
+    agent_id: str,
+    key: bytes | Key,
+    first_seq: int,
+    datagrams: Sequence[Datagram],
+    nonce: bytes,
+    agent_info: Mapping[str, int] | None = None,
+    codec: Codec | None = None,
+    level: int = DEFAULT_LEVEL,
+    dict_id: int | None = None,
+    record_length: RecordLength | None = None,
+) -> bytes:
+    """Frame, compress and seal ``datagrams`` (sequence numbers ``first_seq ..``) for ``agent_id``.
+
+    ``codec=None`` (the default) seals record blocks under ``AUTO_COLUMNAR_BYTES`` (1 MiB) with codecs 2 and 3
+    and keeps the smaller (codec 2 wins on a few datagrams whose templates are unknown, and on some
+    template-heavy exports), larger ones with codec 3. ``dict_id``
+    defaults to the bundled dictionary of the codec. ``record_length(datagram, set_id) -> int | None`` helps
+    codec 3 cut v9/IPFIX data sets into records (e.g. ``wire.columnar.TemplateLengths().record_length``).
+    ``codec=Codec.COLUMNAR_LZMA`` (4) takes the same record block as codec 3 through LZMA2, ``level`` being
+    the LZMA preset (0-9): for large backlog batches, where bytes matter more than CPU.
+    Caller mistakes (bad agent id, key or nonce length, unknown dictionary, values the format cannot carry)
+    raise ``ValueError`` (``BadKey``/``BadAgentId`` are ValueErrors too).
+    """
+    validate_agent_id(agent_id)
+    secret = key_bytes(key)
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
+    count = len(datagrams)
+    if (count and not first_seq >= 1) or first_seq < 0 or first_seq + count - 1 > _U64:
+        raise ValueError(f"first_seq {first_seq} with {count} datagrams is outside 1..2**64-1")
+    if codec is None:
+        if dict_id is not None:
+            raise ValueError("dict_id needs an explicit codec")
+        raw = encode_block(datagrams, agent_info, columnar.payload_encoder(record_length))
+        best = _pack(raw, Codec.COLUMNAR, level, _default_dict_id(Codec.COLUMNAR))
+        if len(raw) < AUTO_COLUMNAR_BYTES and _default_dict_id(Codec.ZSTD_DICT):
+            raw2 = encode_block(datagrams, agent_info)
+            other = _pack(raw2, Codec.ZSTD_DICT, level, _default_dict_id(Codec.ZSTD_DICT))
+            if len(other[1]) < len(best[1]):
+                best, raw = other, raw2
+    else:
+        codec = Codec(codec)
+        if dict_id is None:
+            dict_id = _default_dict_id(codec)
+        if codec is Codec.ZSTD_DICT and not dict_id:
+            raise ValueError("codec zstd-dict needs a dictionary, and none is bundled in this flowtunnel")
+        if codec in (Codec.NONE, Codec.ZSTD, Codec.COLUMNAR_LZMA) and dict_id:
+            raise ValueError(f"codec {codec.name.lower()} takes no dictionary, got dict_id {dict_id}")
+        if codec in _COLUMNAR_CODECS:
+            raw = encode_block(datagrams, agent_info, columnar.payload_encoder(record_length))
+        else:
+            raw = encode_block(datagrams, agent_info)
+        best = _pack(raw, codec, level, dict_id)
+    (codec, dict_id), packed = best
+    if len(raw) > 0xFFFFFFFF:
+        raise ValueError(f"record block of {len(raw)} bytes exceeds the format's 4 GiB limit")
+    agent = agent_id.encode("ascii")
+    header = HEADER.pack(
+        MAGIC, VERSION, 0, int(codec), len(agent), dict_id, first_seq, count, len(raw),
+        len(packed) + TAG_BYTES, nonce,
+    ) + agent
+    return header + ChaCha20Poly1305(secret).encrypt(nonce, packed, header)
+
+
+def _pack(raw: bytes, codec: Codec, level: int, dict_id: int) -> tuple[tuple[Codec, int], bytes]:
+    return (codec, dict_id), compress(raw, codec, level=level, dict_id=dict_id)
+
+
+def peek_header(body: bytes, limits: WireLimits | None = None) -> BatchHeader:
+    """Parse and check the header of a sealed batch without the key (to find the agent and its key).
+
+    Checks, in order: body size, magic, version, flags, codec, agent id, declared count and raw length
+    against ``limits``, the dictionary id, and that the body is exactly header + sealed length long.
+    Raises a ``WireError`` subclass naming the field, its value and the limit.
+    """
+    lim = limits or WireLimits()
+    size = len(body)
+    if size > lim.max_body:
+        raise LimitExceeded(f"batch of {size} bytes exceeds max_body {lim.max_body}")
+    if body[:4] != MAGIC[: min(4, size)]:
+        raise BadMagic(f"body does not start with the batch magic {MAGIC!r} (got {bytes(body[:4])!r})")
+    if size < 5:
+        raise Truncated(f"batch of {size} bytes ends inside the {HEADER.size}-byte header")
+    if body[4] != VERSION:
+        raise UnsupportedVersion(
+            f"batch format version {body[4]} is not supported (this side speaks {VERSION})"
+        )
+    if size < HEADER.size:
+        raise Truncated(f"batch of {size} bytes ends inside the {HEADER.size}-byte header")
+    (_, version, flags, codec_id, agent_len, dict_id, first_seq, count, raw_len, sealed_len, nonce) = (
+        HEADER.unpack_from(body)
+    )
+    if flags:
+        raise MalformedHeader(f"header flags 0x{flags:02x} has unknown bits set (none are defined)")
+    try:
+        codec = Codec(codec_id)
+    except ValueError:
+        raise MalformedHeader(f"codec id {codec_id} is unknown (known: 0-{max(Codec)})") from None
+    if codec in _COLUMNAR_CODECS and not columnar.SUPPORTED:
+        raise MalformedHeader(f"codec {int(codec)} (columnar) is not supported by this gateway version")
+    if not 1 <= agent_len <= 63:
+        raise MalformedHeader(f"agent id length {agent_len} is outside 1..63")
+    header_len = HEADER.size + agent_len
+    if size < header_len:
+        raise Truncated(f"batch of {size} bytes ends inside the {header_len}-byte header")
+    try:
+        agent_id = validate_agent_id(bytes(body[HEADER.size : header_len]).decode("ascii"))
+    except (UnicodeDecodeError, BadAgentId) as exc:
+        raise MalformedHeader(f"header agent id is invalid: {exc}") from None
+    if count > lim.max_count:
+        raise LimitExceeded(f"batch of {count} datagrams exceeds max_count {lim.max_count}")
+    if raw_len > lim.max_raw:
+        raise LimitExceeded(f"batch record block of {raw_len} bytes exceeds max_raw {lim.max_raw}")
+    if (count and first_seq < 1) or first_seq + count - 1 > _U64:
+        raise MalformedHeader(f"first_seq {first_seq} with count {count} is outside 1..2**64-1")
+    if raw_len < 2 + _MIN_RECORD_BYTES * count:
+        raise MalformedHeader(f"raw length {raw_len} is too small for {count} records")
+    check_dictionary(codec, dict_id)
+    if sealed_len < TAG_BYTES:
+        raise MalformedHeader(f"sealed length {sealed_len} is shorter than the {TAG_BYTES}-byte tag")
+    if codec is Codec.NONE and sealed_len != raw_len + TAG_BYTES:
+        raise MalformedHeader(f"codec none: sealed length {sealed_len} != raw length {raw_len} + {TAG_BYTES}")
+    if size < header_len + sealed_len:
+        raise Truncated(f"batch of {size} bytes is shorter than its header and sealed length "
+                        f"({header_len} + {sealed_len})")
+    if size > header_len + sealed_len:
+        raise MalformedHeader(f"batch has {size - header_len - sealed_len} bytes after the sealed block")
+    return BatchHeader(
+        version=version, flags=flags, codec=codec, dict_id=dict_id, agent_id=agent_id, first_seq=first_seq,
+        count=count, raw_len=raw_len, sealed_len=sealed_len, nonce=bytes(nonce), header_len=header_len,
+    )
+
+
+def open_batch(body: bytes, *, key: bytes | Key, limits: WireLimits | None = None) -> Batch:
+    """Verify, decrypt, decompress (bounded) and parse a sealed batch.
+
+    Error handling: every problem with ``body`` raises a ``WireError`` subclass (``AuthenticationFailed``
+    for a wrong key or any altered byte; ``LimitExceeded`` before the work for sizes over ``limits``);
+    a key that is not 32 bytes raises ``BadKey``.
+    """
+    lim = limits or WireLimits()
+    secret = key_bytes(key)
+    hdr = peek_header(body, lim)
+    view = memoryview(body)
+    aad = bytes(view[: hdr.header_len])
+    try:
+        packed = ChaCha20Poly1305(secret).decrypt(hdr.nonce, bytes(view[hdr.header_len :]), aad)
+    except InvalidTag:
+        raise AuthenticationFailed(
+            f"batch of agent {hdr.agent_id!r} (seq {hdr.first_seq}, {hdr.count} datagrams) does not "
+            "authenticate: wrong key, or altered in transit"
+        ) from None
+    raw = decompress(packed, hdr.codec, dict_id=hdr.dict_id, raw_len=hdr.raw_len)
+    decoder = columnar.payload_decoder(lim.max_raw) if hdr.codec in _COLUMNAR_CODECS else None
+    if decoder is None:
+        datagrams, info = decode_block(
+            raw, hdr.count, max_datagram=lim.max_datagram, max_exporters=lim.max_exporters
+        )
+    else:
+        datagrams, info = decode_block(
+            raw, hdr.count, max_datagram=lim.max_datagram, max_exporters=lim.max_exporters,
+            payload_decoder=decoder,
+        )
+    return Batch(
+        agent_id=hdr.agent_id, first_seq=hdr.first_seq, datagrams=tuple(datagrams), agent_info=info,
+        header=hdr,
+    )

@@ -1,0 +1,386 @@
+"""Codec 3 "columnar": an exactly reversible transposition of fixed-size records before zstd.
+
+Export datagrams are mostly arrays of fixed-size records (v5: 48 bytes; v9/IPFIX data sets: the template's
+record length). Byte ``j`` of every record of one template is the same field — a port, a counter's high
+byte, a timestamp — so laying the batch out column by column (byte 0 of every record, then byte 1, ...)
+gives zstd long runs of similar bytes, which row order hides behind the record stride.
+
+The transform is self-describing: the gateway rebuilds every datagram byte for byte without knowing any
+template. A record length only has to be *useful*, never right — any length reverses exactly — so the
+sealer may guess it from templates seen in the same batch, or from the agent's template cache through the
+``record_length(datagram, set_id)`` callback. Layout of the payload section: docs/protocol.md, section 4.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from flowtunnel.wire.errors import LimitExceeded, MalformedRecords
+from flowtunnel.wire.records import PayloadDecoder, PayloadEncoder, read_uvarint, write_uvarint
+
+__all__ = [
+    "MAX_GROUPS",
+    "SUPPORTED",
+    "TemplateLengths",
+    "max_steps",
+    "payload_decoder",
+    "payload_encoder",
+    "template_lengths",
+]
+
+SUPPORTED = True
+
+RecordLengthFn = Callable[[bytes, int], int | None]
+
+_U16 = struct.Struct(">H")
+_U16X2 = struct.Struct(">HH")
+_U32 = struct.Struct(">I")
+_MAX_RECORD = 65535
+#: record groups per batch (both sides enforce it; an honest batch has a handful per template)
+MAX_GROUPS = 4096
+
+# group keys the encoder uses (the decoder sees only indexes and lengths)
+_V5_HEADER = ("v5h", 24)
+_V5_RECORD = ("v5r", 48)
+_V9_HEADER = ("v9h", 20)
+_IPFIX_HEADER = ("ipfixh", 16)
+_SET_HEADER = ("seth", 4)
+
+
+def max_steps(length: int) -> int:
+    """Most layout steps a datagram of ``length`` bytes may take (both sides enforce it): a hostile layout of
+    many tiny steps must not cost the receiver much more than an honest one of the same size."""
+    return 8 + length // 32
+
+
+def _domain(payload: bytes, version: int) -> int:
+    off = 16 if version == 9 else 12
+    return int(_U32.unpack_from(payload, off)[0])
+
+
+def template_lengths(payload: bytes) -> dict[tuple[int, int, int], int]:
+    """Record lengths defined by the (options) templates of one v9/IPFIX datagram, keyed by (version,
+    domain, template id). Variable-length IPFIX templates are left out. Malformed input yields what parsed."""
+    out: dict[tuple[int, int, int], int] = {}
+    if len(payload) < 20 or payload[0] != 0:
+        return out
+    version = payload[1]
+    if version not in (9, 10):
+        return out
+    hdr = 20 if version == 9 else 16
+    domain = _domain(payload, version)
+    pos = hdr
+    end = len(payload)
+    while pos + 4 <= end:
+        set_id, slen = _U16X2.unpack_from(payload, pos)
+        if slen < 4 or pos + slen > end:
+            break
+        body_end = pos + slen
+        p = pos + 4
+        if (version, set_id) in ((9, 0), (10, 2)):
+            while p + 4 <= body_end:
+                tid, nfields = _U16X2.unpack_from(payload, p)
+                p += 4
+                total, p, ok = _field_lengths(payload, p, body_end, nfields, version)
+                if ok and tid >= 256 and nfields and total:
+                    out[(version, domain, tid)] = total
+                if not ok:
+                    break
+        elif version == 9 and set_id == 1:
+            while p + 6 <= body_end:
+                tid, scope_len, opt_len = struct.unpack_from(">HHH", payload, p)
+                p += 6
+                nfields = (scope_len + opt_len) // 4
+                total, p, ok = _field_lengths(payload, p, body_end, nfields, version)
+                if ok and tid >= 256 and total:
+                    out[(version, domain, tid)] = total
+                if not ok:
+                    break
+        elif version == 10 and set_id == 3:
+            while p + 6 <= body_end:
+                tid, nfields, _scope = struct.unpack_from(">HHH", payload, p)
+                p += 6
+                total, p, ok = _field_lengths(payload, p, body_end, nfields, version)
+                if ok and tid >= 256 and total:
+                    out[(version, domain, tid)] = total
+                if not ok:
+                    break
+        pos = body_end
+    return out
+
+
+def _field_lengths(buf: bytes, p: int, end: int, nfields: int, version: int) -> tuple[int, int, bool]:
+    """Sum the field lengths of one template record at ``p``: (total or 0 if variable-length, next
+    position, parsed completely)."""
+    total = 0
+    variable = False
+    for _ in range(nfields):
+        if p + 4 > end:
+            return 0, p, False
+        ie, flen = _U16X2.unpack_from(buf, p)
+        p += 4
+        if version == 10 and ie & 0x8000:
+            p += 4  # enterprise number
+            if p > end:
+                return 0, p, False
+        if flen == 65535:  # variable length: records of this template have no fixed size
+            variable = True
+        total += flen
+    return (0 if variable else total), p, True
+
+
+class TemplateLengths:
+    """A bounded cache of template record lengths the agent can keep across batches and pass as the
+    ``record_length`` callback: ``learn(payload)`` every datagram, ``record_length(payload, set_id)``."""
+
+    def __init__(self, *, max_entries: int = 4096) -> None:
+        self._lengths: dict[tuple[int, int, int], int] = {}
+        self._max = max_entries
+
+    def learn(self, payload: bytes) -> None:
+        for key, length in template_lengths(payload).items():
+            if key not in self._lengths and len(self._lengths) >= self._max:
+                self._lengths.pop(next(iter(self._lengths)))
+            self._lengths[key] = length
+
+    def record_length(self, payload: bytes, set_id: int) -> int | None:
+        if len(payload) < 20:
+            return None
+        version = payload[1]
+        return self._lengths.get((version, _domain(payload, version), set_id))
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+
+class _Encoder:
+    def __init__(self, record_length: RecordLengthFn | None, payloads: Sequence[bytes]) -> None:
+        self.groups: dict[tuple[object, ...], int] = {}
+        self.lengths: list[int] = []
+        self.chunks: list[list[bytes]] = []
+        self.ops = bytearray()
+        self.resid: list[bytes] = []
+        self.record_length = record_length
+        self.batch_templates: dict[tuple[int, int, int], int] = {}
+        if record_length is None:
+            for p in payloads:
+                self.batch_templates.update(template_lengths(p))
+
+    def _length_for(self, payload: bytes, version: int, set_id: int) -> int | None:
+        if self.record_length is not None:
+            n = self.record_length(payload, set_id)
+        else:
+            n = self.batch_templates.get((version, _domain(payload, version), set_id))
+        return n if n is not None and 1 <= n <= _MAX_RECORD else None
+
+    def _plan(self, payload: bytes) -> list[tuple[int, tuple[object, ...], int, int]]:
+        """Record runs of ``payload``: (offset, group key, record length, count), in order."""
+        size = len(payload)
+        version = _U16.unpack_from(payload, 0)[0] if size >= 2 else -1
+        runs: list[tuple[int, tuple[object, ...], int, int]] = []
+        if version == 5 and size >= 24:
+            count = _U16.unpack_from(payload, 2)[0]
+            if size == 24 + 48 * count:
+                runs.append((0, _V5_HEADER, 24, 1))
+                if count:
+                    runs.append((24, _V5_RECORD, 48, count))
+        elif version in (9, 10) and size >= (20 if version == 9 else 16):
+            hlen = 20 if version == 9 else 16
+            runs.append((0, _V9_HEADER if version == 9 else _IPFIX_HEADER, hlen, 1))
+            p = hlen
+            while p + 4 <= size:
+                set_id, slen = _U16X2.unpack_from(payload, p)
+                if slen < 4 or p + slen > size:
+                    break
+                runs.append((p, _SET_HEADER, 4, 1))
+                n = self._length_for(payload, version, set_id) if set_id >= 256 else None
+                if n is not None and slen - 4 >= n:
+                    runs.append((p + 4, ("data", version, set_id, n), n, (slen - 4) // n))
+                p += slen
+        if len(runs) + 1 > max_steps(size):
+            return []  # a datagram of many tiny sets: cheaper verbatim than as records
+        return runs
+
+    def add(self, payload: bytes) -> None:
+        pos = 0  # bytes before pos are emitted (verbatim or as records)
+        for start, key, length, k in self._plan(payload):
+            write_uvarint(start - pos, self.ops)
+            if start > pos:
+                self.resid.append(payload[pos:start])
+            g = self.groups.get(key)
+            if g is None:
+                if len(self.lengths) >= MAX_GROUPS:
+                    continue  # these records go out verbatim with the bytes that follow
+                g = self.groups[key] = len(self.lengths)
+                self.lengths.append(length)
+                self.chunks.append([])
+            write_uvarint(g + 1, self.ops)
+            write_uvarint(k, self.ops)
+            pos = start + k * length
+            self.chunks[g].append(payload[start:pos])
+        write_uvarint(len(payload) - pos, self.ops)
+        if len(payload) > pos:
+            self.resid.append(payload[pos:])
+        self.ops.append(0)
+
+    def section(self) -> bytes:
+        out = bytearray()
+        write_uvarint(len(self.lengths), out)
+        for n in self.lengths:
+            write_uvarint(n, out)
+        write_uvarint(len(self.ops), out)
+        out += self.ops
+        resid = b"".join(self.resid)
+        write_uvarint(len(resid), out)
+        out += resid
+        for n, chunks in zip(self.lengths, self.chunks, strict=True):
+            rows = b"".join(chunks)
+            out += np.frombuffer(rows, dtype=np.uint8).reshape(-1, n).T.tobytes()
+        return bytes(out)
+
+
+def payload_encoder(record_length: RecordLengthFn | None) -> PayloadEncoder:
+    """The payload-section encoder for codec 3 (``record_length`` as documented in ``seal_batch``)."""
+
+    def encode(payloads: Sequence[bytes]) -> bytes:
+        enc = _Encoder(record_length, payloads)
+        for p in payloads:
+            enc.add(p)
+        return enc.section()
+
+    return encode
+
+
+def _uvarints(buf: memoryview, budget: int) -> list[int]:
+    """Every LEB128 varint of ``buf`` (which must end at a varint's last byte), at most ``budget`` of them."""
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    ends = np.flatnonzero(arr < 0x80)
+    if len(ends) > budget:
+        raise MalformedRecords(f"columnar layout holds {len(ends)} values, more than the {budget} its "
+                               "datagrams can use")
+    if len(arr) and (not len(ends) or ends[-1] != len(arr) - 1):
+        raise MalformedRecords("columnar layout ends inside a varint")
+    starts = np.empty_like(ends)
+    if len(ends):
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+    sizes = ends - starts + 1
+    if len(sizes) and int(sizes.max()) > 9:
+        # 9 varint bytes carry 63 bits: every honest count and length fits with room to spare
+        raise MalformedRecords("columnar layout has a varint longer than 9 bytes")
+    values = np.zeros(len(ends), dtype=np.uint64)
+    low = (arr & 0x7F).astype(np.uint64)
+    for j in range(int(sizes.max()) if len(sizes) else 0):
+        sel = np.flatnonzero(sizes > j)
+        values[sel] |= low[starts[sel] + j] << np.uint64(7 * j)
+    return [int(v) for v in values.tolist()]
+
+
+def payload_decoder(max_raw: int) -> PayloadDecoder:
+    """The payload-section decoder for codec 3. Everything it builds is carved out of the (already
+    bounded) record block, and every count is checked against the bytes that remain before use."""
+
+    def decode(block: memoryview, pos: int, lengths: Sequence[int]) -> tuple[list[bytes], int]:
+        end = len(block)
+        n_groups, pos = read_uvarint(block, pos, "columnar group count")
+        if n_groups > MAX_GROUPS:
+            raise MalformedRecords(f"columnar section declares {n_groups} groups, the limit is {MAX_GROUPS}")
+        glen: list[int] = []
+        for g in range(n_groups):
+            n, pos = read_uvarint(block, pos, f"record length of columnar group {g}")
+            if not 1 <= n <= _MAX_RECORD:
+                raise MalformedRecords(f"columnar group {g} has record length {n}, outside 1..{_MAX_RECORD}")
+            glen.append(n)
+        ops_len, pos = read_uvarint(block, pos, "columnar layout length")
+        if ops_len > end - pos:
+            raise MalformedRecords(f"columnar layout of {ops_len} bytes overruns the block")
+        ops = block[pos : pos + ops_len]
+        pos += ops_len
+        resid_len, pos = read_uvarint(block, pos, "columnar verbatim length")
+        if resid_len > end - pos:
+            raise MalformedRecords(f"columnar verbatim bytes ({resid_len}) overrun the block")
+        resid = block[pos : pos + resid_len]
+        pos += resid_len
+        # The layout is all varints: decode them at once (vectorised), after bounding how many there may be,
+        # so a hostile layout costs no more than an honest one of the same size.
+        budget = sum(3 * max_steps(n) for n in lengths)
+        tokens = _uvarints(ops, budget)
+        # pass 1: check the layout and count the records of each group
+        need = [0] * n_groups
+        t = 0
+        n_tok = len(tokens)
+        rp = 0
+        for i, total in enumerate(lengths):
+            got = 0
+            steps = 0
+            limit = max_steps(total)
+            while True:
+                steps += 1
+                if steps > limit:
+                    raise MalformedRecords(f"datagram {i} of {total} bytes takes over {limit} layout steps")
+                if t + 2 > n_tok:
+                    raise MalformedRecords(f"columnar layout ends inside datagram {i}")
+                vlen = tokens[t]
+                gref = tokens[t + 1]
+                t += 2
+                got += vlen
+                rp += vlen
+                if gref:
+                    if gref > n_groups:
+                        raise MalformedRecords(
+                            f"datagram {i} refers to columnar group {gref - 1} of {n_groups}"
+                        )
+                    if t >= n_tok:
+                        raise MalformedRecords(f"columnar layout ends inside datagram {i}")
+                    k = tokens[t]
+                    t += 1
+                    if not k:
+                        raise MalformedRecords(f"datagram {i} has a layout step of 0 records")
+                    need[gref - 1] += k
+                    got += k * glen[gref - 1]
+                if got > total:
+                    raise MalformedRecords(f"datagram {i} layout exceeds its length {total}")
+                if not gref:
+                    break
+            if got != total:
+                raise MalformedRecords(f"datagram {i} layout covers {got} bytes, its length is {total}")
+        if t != n_tok:
+            raise MalformedRecords(f"columnar layout has {n_tok - t} values past the last datagram")
+        if rp != resid_len:
+            raise MalformedRecords(f"columnar layout uses {rp} verbatim bytes, the section has {resid_len}")
+        col_bytes = sum(k * n for k, n in zip(need, glen, strict=True))
+        if col_bytes > end - pos or col_bytes > max_raw:
+            raise LimitExceeded(f"columnar groups need {col_bytes} bytes, the block has {end - pos} left")
+        # pass 2: transpose each group back to rows, then replay the (now valid) layout
+        rows: list[bytes] = []
+        for k, n in zip(need, glen, strict=True):
+            col = np.frombuffer(block[pos : pos + k * n], dtype=np.uint8)
+            rows.append(col.reshape(n, k).T.tobytes())
+            pos += k * n
+        resid_b = bytes(resid)
+        cursor = [0] * n_groups
+        out: list[bytes] = []
+        t = rp = 0
+        for _ in lengths:
+            parts: list[bytes] = []
+            while True:
+                vlen = tokens[t]
+                gref = tokens[t + 1]
+                t += 2
+                if vlen:
+                    parts.append(resid_b[rp : rp + vlen])
+                    rp += vlen
+                if not gref:
+                    break
+                g = gref - 1
+                a = cursor[g]
+                b = cursor[g] = a + tokens[t] * glen[g]
+                t += 1
+                parts.append(rows[g][a:b])
+            out.append(parts[0] if len(parts) == 1 else b"".join(parts))
+        return out, pos
+
+    return decode

@@ -1,0 +1,227 @@
+"""The record block: a batch's datagrams with their metadata, as one byte string before compression.
+
+Layout (docs/protocol.md, "Record block"): agent info pairs, a table of sources (exporter address, exporter
+port, local port), then per-record columns — receive-time deltas, source indexes, lengths — and finally the
+payload section. Putting like with like in columns lets zstd see long runs of similar bytes. The payload
+section is produced by a pluggable transform (verbatim concatenation, or the columnar codec) so the framing
+stays one piece of code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import struct
+from collections.abc import Callable, Mapping, Sequence
+
+from flowtunnel.datagram import Datagram
+from flowtunnel.wire.errors import LimitExceeded, MalformedRecords
+
+__all__ = [
+    "INFO_KEY_RE",
+    "MAX_INFO_ITEMS",
+    "decode_block",
+    "encode_block",
+    "read_uvarint",
+    "write_uvarint",
+]
+
+INFO_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.:-]{0,31}$")
+MAX_INFO_ITEMS = 64
+_U64 = (1 << 64) - 1
+_PORTS = struct.Struct(">HH")
+
+#: payload section encoder: payloads -> bytes; decoder: (block, offset, lengths) -> (payloads, new offset)
+PayloadEncoder = Callable[[Sequence[bytes]], bytes]
+PayloadDecoder = Callable[[memoryview, int, Sequence[int]], tuple[list[bytes], int]]
+
+
+def write_uvarint(value: int, out: bytearray) -> None:
+    """Append ``value`` (0 <= value < 2**64) as an unsigned LEB128 varint."""
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def read_uvarint(buf: memoryview | bytes, pos: int, what: str) -> tuple[int, int]:
+    """Decode an unsigned LEB128 varint of at most 10 bytes at ``pos``; returns (value, next position)."""
+    result = shift = 0
+    end = len(buf)
+    start = pos
+    while True:
+        if pos >= end:
+            raise MalformedRecords(f"record block ends inside the varint {what} at offset {start}")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+        if shift >= 70:
+            raise MalformedRecords(f"varint {what} at offset {start} is longer than 10 bytes")
+    if result > _U64:
+        raise MalformedRecords(f"varint {what} at offset {start} exceeds 64 bits")
+    return result, pos
+
+
+def _zigzag(v: int) -> int:
+    return (v << 1) if v >= 0 else ((-v) << 1) - 1
+
+
+def _unzigzag(z: int) -> int:
+    return (z >> 1) if not z & 1 else -((z + 1) >> 1)
+
+
+def verbatim_payloads(payloads: Sequence[bytes]) -> bytes:
+    return b"".join(payloads)
+
+
+def verbatim_decode(block: memoryview, pos: int, lengths: Sequence[int]) -> tuple[list[bytes], int]:
+    out: list[bytes] = []
+    for n in lengths:
+        out.append(bytes(block[pos : pos + n]))
+        pos += n
+    return out, pos
+
+
+def encode_block(
+    datagrams: Sequence[Datagram],
+    agent_info: Mapping[str, int] | None = None,
+    payload_encoder: PayloadEncoder = verbatim_payloads,
+) -> bytes:
+    """The record block for ``datagrams``. Raises ``ValueError`` on values the format cannot carry (caller's
+    bug: the agent only holds datagrams it received)."""
+    out = bytearray()
+    info = dict(agent_info or {})
+    if len(info) > MAX_INFO_ITEMS:
+        raise ValueError(f"agent_info has {len(info)} items, the limit is {MAX_INFO_ITEMS}")
+    write_uvarint(len(info), out)
+    for k, v in info.items():
+        if not INFO_KEY_RE.match(k):
+            raise ValueError(f"agent_info key {k!r} must match {INFO_KEY_RE.pattern}")
+        if not 0 <= int(v) <= _U64:
+            raise ValueError(f"agent_info[{k!r}] = {v} is outside 0..2**64-1")
+        out.append(len(k))
+        out += k.encode("ascii")
+        write_uvarint(int(v), out)
+    sources: dict[tuple[str, int, int], int] = {}
+    index: list[int] = []
+    for d in datagrams:
+        key = (d.exporter, d.exporter_port, d.local_port)
+        i = sources.get(key)
+        if i is None:
+            i = sources[key] = len(sources)
+        index.append(i)
+    write_uvarint(len(sources), out)
+    for exporter, eport, lport in sources:
+        try:
+            addr = ipaddress.ip_address(exporter.split("%", 1)[0])
+        except ValueError:
+            raise ValueError(f"datagram exporter {exporter!r} is not an IP address") from None
+        if not (0 <= eport <= 0xFFFF and 0 <= lport <= 0xFFFF):
+            raise ValueError(f"datagram ports {eport}/{lport} outside 0..65535")
+        out.append(addr.version)
+        out += addr.packed
+        out += _PORTS.pack(eport, lport)
+    prev = 0
+    for d in datagrams:
+        if not 0 <= d.received_ns < (1 << 63):
+            raise ValueError(f"datagram received_ns {d.received_ns} outside 0..2**63-1")
+        write_uvarint(_zigzag(d.received_ns - prev), out)
+        prev = d.received_ns
+    for i in index:
+        write_uvarint(i, out)
+    payloads = [d.payload for d in datagrams]
+    for p in payloads:
+        write_uvarint(len(p), out)
+    out += payload_encoder(payloads)
+    return bytes(out)
+
+
+def decode_block(
+    block: bytes,
+    count: int,
+    *,
+    max_datagram: int,
+    max_exporters: int,
+    payload_decoder: PayloadDecoder = verbatim_decode,
+) -> tuple[list[Datagram], dict[str, int]]:
+    """Parse a record block holding ``count`` records. Raises ``MalformedRecords`` on any inconsistency
+    (including trailing bytes) and ``LimitExceeded`` for a datagram or source table over the limits."""
+    buf = memoryview(block)
+    pos = 0
+    n_info, pos = read_uvarint(buf, pos, "agent info count")
+    if n_info > MAX_INFO_ITEMS:
+        raise MalformedRecords(f"agent info has {n_info} items, the limit is {MAX_INFO_ITEMS}")
+    info: dict[str, int] = {}
+    for _ in range(n_info):
+        if pos >= len(buf):
+            raise MalformedRecords(f"record block ends in the agent info at offset {pos}")
+        klen = buf[pos]
+        key_bytes = bytes(buf[pos + 1 : pos + 1 + klen])
+        if len(key_bytes) != klen:
+            raise MalformedRecords(f"record block ends in an agent info key at offset {pos}")
+        try:
+            key = key_bytes.decode("ascii")
+        except UnicodeDecodeError:
+            key = ""
+        if not INFO_KEY_RE.match(key):
+            raise MalformedRecords(f"agent info key at offset {pos} is not of the form {INFO_KEY_RE.pattern}")
+        pos += 1 + klen
+        info[key], pos = read_uvarint(buf, pos, f"agent info {key}")
+    n_src, pos = read_uvarint(buf, pos, "source count")
+    if n_src > max_exporters:
+        raise LimitExceeded(f"batch has {n_src} sources (exporter, port, local port), max_exporters is "
+                            f"{max_exporters}")
+    if n_src == 0 and count:
+        raise MalformedRecords(f"batch declares {count} records but an empty source table")
+    src: list[tuple[str, int, int]] = []
+    for i in range(n_src):
+        if pos >= len(buf):
+            raise MalformedRecords(f"record block ends in source {i} at offset {pos}")
+        family = buf[pos]
+        alen = 4 if family == 4 else 16 if family == 6 else 0
+        if not alen:
+            raise MalformedRecords(f"source {i} at offset {pos} has address family {family}, expected 4 or 6")
+        end = pos + 1 + alen + 4
+        if end > len(buf):
+            raise MalformedRecords(f"record block ends in source {i} at offset {pos}")
+        raw = bytes(buf[pos + 1 : pos + 1 + alen])
+        addr = str(ipaddress.IPv4Address(raw) if alen == 4 else ipaddress.IPv6Address(raw))
+        eport, lport = _PORTS.unpack_from(buf, pos + 1 + alen)
+        src.append((addr, eport, lport))
+        pos = end
+    times: list[int] = []
+    t = 0
+    for i in range(count):
+        z, pos = read_uvarint(buf, pos, f"time delta of record {i}")
+        t += _unzigzag(z)
+        if not 0 <= t < (1 << 63):
+            raise MalformedRecords(f"record {i} receive time {t} is outside 0..2**63-1")
+        times.append(t)
+    idx: list[int] = []
+    for i in range(count):
+        s, pos = read_uvarint(buf, pos, f"source index of record {i}")
+        if s >= n_src:
+            raise MalformedRecords(f"record {i} refers to source {s}, the table has {n_src}")
+        idx.append(s)
+    lengths: list[int] = []
+    total = 0
+    for i in range(count):
+        n, pos = read_uvarint(buf, pos, f"length of record {i}")
+        if n > max_datagram:
+            raise LimitExceeded(f"record {i} is a datagram of {n} bytes, max_datagram is {max_datagram}")
+        lengths.append(n)
+        total += n
+    if total > len(buf) - pos and payload_decoder is verbatim_decode:
+        raise MalformedRecords(f"record lengths add up to {total} bytes, only {len(buf) - pos} remain")
+    payloads, pos = payload_decoder(buf, pos, lengths)
+    if pos != len(buf):
+        raise MalformedRecords(f"record block has {len(buf) - pos} trailing bytes after {count} records")
+    datagrams = [
+        Datagram(received_ns=times[i], exporter=src[idx[i]][0], exporter_port=src[idx[i]][1],
+                 local_port=src[idx[i]][2], payload=payloads[i])
+        for i in range(count)
+    ]
+    return datagrams, info

@@ -1,0 +1,157 @@
+"""Codec 4 (columnar record block through raw LZMA2): round trip, and hostile streams refused with a WireError
+before they are inflated past the header's raw length."""
+
+from __future__ import annotations
+
+import contextlib
+import lzma
+import struct
+import tracemalloc
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowtunnel.datagram import Datagram
+from flowtunnel.wire import (
+    AuthenticationFailed,
+    Codec,
+    LimitExceeded,
+    MalformedHeader,
+    MalformedRecords,
+    TemplateLengths,
+    WireError,
+    open_batch,
+    peek_header,
+)
+from flowtunnel.wire.codec import LZMA_DICT_SIZE, compress, decompress
+from flowtunnel.wire.columnar import payload_encoder
+from flowtunnel.wire.records import encode_block
+from tests.wire.test_batch import KEY, datagrams_st, dg, seal, seal_raw
+
+LZMA4 = int(Codec.COLUMNAR_LZMA)
+
+
+def lzma_raw(data: bytes, preset: int = 6) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": preset}])
+
+
+def columnar_block(datagrams: list[Datagram]) -> bytes:
+    return encode_block(datagrams, None, payload_encoder(None))
+
+
+@given(datagrams_st, st.integers(0, 9))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_round_trip_at_every_preset(datagrams: list[Datagram], preset: int) -> None:
+    body = seal(datagrams, codec=Codec.COLUMNAR_LZMA, level=preset, agent_info={"acked": 5})
+    hdr = peek_header(body)
+    assert (hdr.codec, hdr.dict_id) == (Codec.COLUMNAR_LZMA, 0)
+    batch = open_batch(body, key=KEY)
+    assert batch.datagrams == tuple(datagrams)
+    assert dict(batch.agent_info) == {"acked": 5}
+
+
+def test_v9_records_cut_by_the_template_cache_round_trip_and_beat_codec_3() -> None:
+    # a v9 export: one template (id 256: srcaddr, in_bytes, 4 bytes each), then data sets of 50 records each
+    def v9(seq: int, flowset: bytes) -> bytes:
+        return struct.pack(">HHIIII", 9, 1, 0, 0, seq, 0) + flowset
+
+    template = v9(0, bytes.fromhex("00000010" "01000002" "00080004" "00010004"))
+    datagrams = [dg(0, template)]
+    for i in range(1, 200):
+        records = b"".join(bytes([10, 0, i % 7, r]) + (i * 40 + r).to_bytes(4, "big") for r in range(50))
+        datagrams.append(dg(i, v9(i, struct.pack(">HH", 256, 4 + len(records)) + records)))
+    lengths = TemplateLengths()
+    for d in datagrams:
+        lengths.learn(d.payload)
+    assert lengths.record_length(datagrams[1].payload, 256) == 8
+    body4 = seal(datagrams, codec=Codec.COLUMNAR_LZMA, record_length=lengths.record_length)
+    body3 = seal(datagrams, codec=Codec.COLUMNAR, record_length=lengths.record_length)
+    assert open_batch(body4, key=KEY).datagrams == tuple(datagrams)
+    assert len(body4) < len(body3)
+
+
+def test_a_bomb_is_refused_without_inflating_it() -> None:
+    bomb = lzma_raw(bytes(256 << 20), preset=0)  # 256 MiB of zeros in ~40 KiB
+    assert len(bomb) < 100_000
+    with pytest.raises(LimitExceeded, match="max_raw"):
+        open_batch(seal_raw(bomb, raw_len=256 << 20, count=1, codec=LZMA4), key=KEY)
+    lying = seal_raw(bomb, raw_len=1000, count=1, codec=LZMA4)
+    tracemalloc.start()
+    try:
+        with pytest.raises(MalformedRecords, match="more than the header's raw length 1000"):
+            open_batch(lying, key=KEY)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+
+
+def test_a_stream_shorter_than_declared_truncated_or_followed_by_bytes_is_refused() -> None:
+    block = columnar_block([dg(1), dg(2)])
+    packed = lzma_raw(block)
+    with pytest.raises(MalformedRecords, match=f"inflated to {len(block)} bytes"):
+        open_batch(seal_raw(packed, raw_len=len(block) + 1, count=2, codec=LZMA4), key=KEY)
+    with pytest.raises(MalformedRecords, match="extra bytes"):
+        open_batch(seal_raw(packed + b"\x00", raw_len=len(block), count=2, codec=LZMA4), key=KEY)
+    for cut in range(len(packed)):
+        with pytest.raises(MalformedRecords):
+            open_batch(seal_raw(packed[:cut], raw_len=len(block), count=2, codec=LZMA4), key=KEY)
+    assert open_batch(seal_raw(packed, raw_len=len(block), count=2, codec=LZMA4), key=KEY).datagrams == (
+        dg(1), dg(2),
+    )
+
+
+def test_tampering_fails_authentication_and_a_bad_stream_is_only_ever_a_wire_error() -> None:
+    body = seal([dg(1), dg(2)], codec=Codec.COLUMNAR_LZMA)
+    for i in range(len(body)):
+        changed = bytearray(body)
+        changed[i] ^= 0x01
+        with pytest.raises(WireError):
+            open_batch(bytes(changed), key=KEY)
+    changed = bytearray(body)
+    changed[-20] ^= 0x40  # in the ciphertext
+    with pytest.raises(AuthenticationFailed):
+        open_batch(bytes(changed), key=KEY)
+    # an authentic (resealed) stream with a flipped byte: a wire error, never another exception
+    block = columnar_block([dg(1), dg(2)])
+    packed = lzma_raw(block)
+    for i in range(len(packed)):
+        flipped = bytearray(packed)
+        flipped[i] ^= 0x20
+        try:
+            batch = open_batch(seal_raw(bytes(flipped), raw_len=len(block), count=2, codec=LZMA4), key=KEY)
+        except WireError:
+            continue
+        assert len(batch.datagrams) == 2
+
+
+@given(st.binary(max_size=400), st.integers(2, 5000), st.integers(0, 3))
+@settings(max_examples=300, deadline=None)
+def test_random_plaintext_raises_only_wire_errors(packed: bytes, raw_len: int, count: int) -> None:
+    if raw_len < 2 + 3 * count:
+        return
+    with contextlib.suppress(WireError):
+        open_batch(seal_raw(packed, raw_len=raw_len, count=count, codec=LZMA4), key=KEY)
+
+
+def test_decompress_gives_exactly_the_declared_bytes() -> None:
+    data = bytes(range(256)) * 300
+    packed = compress(data, Codec.COLUMNAR_LZMA, level=6)
+    assert decompress(packed, Codec.COLUMNAR_LZMA, dict_id=0, raw_len=len(data)) == data
+    # whatever dictionary the encoder used, the receiver's raw_len-sized one suffices
+    big_dict = lzma.compress(data, format=lzma.FORMAT_RAW,
+                             filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 64 << 20}])
+    assert decompress(big_dict, Codec.COLUMNAR_LZMA, dict_id=0, raw_len=len(data)) == data
+    assert LZMA_DICT_SIZE >= 4096
+
+
+def test_codec_4_takes_no_dictionary_and_only_presets_0_to_9() -> None:
+    body = bytearray(seal([dg(1)], codec=Codec.COLUMNAR_LZMA))
+    body[8:12] = (0x46540003).to_bytes(4, "big")
+    with pytest.raises(MalformedHeader, match="takes no dictionary"):
+        peek_header(bytes(body))
+    with pytest.raises(ValueError, match="takes no dictionary"):
+        seal([dg(1)], codec=Codec.COLUMNAR_LZMA, dict_id=0x46540003)
+    with pytest.raises(ValueError, match="preset 10"):
+        seal([dg(1)], codec=Codec.COLUMNAR_LZMA, level=10)
