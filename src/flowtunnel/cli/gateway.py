@@ -1,10 +1,231 @@
-"""Subcommand module placeholder: being written (owner fills register())."""
+"""``flowtunnel gateway``, ``enroll``, ``revoke`` and ``agents``: run the gateway and manage its agents."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
+from flowtunnel.cli._common import add_config_flag, init_logging
+from flowtunnel.errors import ConfigError
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    pass
+__all__ = ["register"]
+
+# (flag, field, metavar, help). Every flag is also a key in [gateway] and an env var FLOWTUNNEL_GATEWAY_<KEY>.
+_FLAGS: tuple[tuple[str, str, str, str], ...] = (
+    ("--listen", "listen", "HOST:PORT", "HTTP(S) listen address (default 127.0.0.1:8080; 0 = any port)"),
+    ("--data", "data", "DIR", "data directory: registry, journal, store, status.json (required)"),
+    ("--source-pool", "source_pool", "LIST", "source addresses for re-emitted datagrams, one per (agent, "
+     "exporter): addresses, CIDRs, LOW-HIGH ranges, comma-separated (default 127.0.0.2-127.255.255.254)"),
+    ("--source-ports", "source_ports", "PORTS", "source ports for those sockets: 0 (any), PORT or LOW-HIGH"),
+    ("--forward-rate", "forward_rate", "N", "datagrams/s re-emitted to each --forward collector, paced so a "
+     "collector's receive buffer is not overrun (default 20000; 0 = unlimited)"),
+    ("--max-sources", "max_sources", "N", "(agent, exporter) sources with their own socket (default 4096)"),
+    ("--spoof-map", "spoof_map", "LIST", "with --spoof: AGENT=IPV4 source addresses, comma-separated"),
+    ("--tls-cert", "tls_cert", "FILE", "serve HTTPS with this PEM certificate chain (with --tls-key)"),
+    ("--tls-key", "tls_key", "FILE", "PEM private key for --tls-cert"),
+    ("--max-body", "max_body", "SIZE", "largest request body accepted (default 8MiB)"),
+    ("--max-raw", "max_raw", "SIZE", "largest batch after decompression (default 32MiB)"),
+    ("--max-inflight", "max_inflight", "N", "requests processed at once; more get 503 (default 16)"),
+    ("--max-inflight-per-agent", "max_inflight_per_agent", "N", "of those, per agent id (default 2)"),
+    ("--body-timeout", "body_timeout", "DURATION", "time allowed to send a body, plus length / min-body-rate "
+     "(default 60s)"),
+    ("--min-body-rate", "min_body_rate", "SIZE", "slowest body transfer accepted, bytes/s (default 1KiB)"),
+    ("--keepalive-timeout", "keepalive_timeout", "DURATION", "close idle keep-alive connections after (75s)"),
+    ("--journal-quota", "journal_quota", "SIZE", "journal disk quota; when full, batches get 503 (2GiB)"),
+    ("--retain", "retain", "DURATION", "store retention, e.g. 30d (default: keep everything)"),
+    ("--jsonl", "jsonl", "FILE", "also write decoded records as JSON lines to FILE ('-' for stdout)"),
+    ("--status-interval", "status_interval", "DURATION", "how often status.json is rewritten (default 2s)"),
+    ("--registry-ttl", "registry_ttl", "DURATION", "how long the agent registry is cached (default 2s)"),
+)
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser(
+        "gateway",
+        help="receive batches from agents and hand them to collectors, the store and other sinks",
+        description=(
+            "Accept sealed batches from enrolled agents over HTTP(S), journal them durably exactly once, and "
+            "feed the sinks: udp-forward (--forward) re-emits every datagram to existing collectors with "
+            "one source address per (agent, exporter); store (on unless --no-store) decodes into DuckDB for "
+            "'flowtunnel query'; jsonl (--jsonl) writes decoded records. Every flag is also a key in the "
+            "[gateway] section of --config and an environment variable FLOWTUNNEL_GATEWAY_<KEY>."
+        ),
+    )
+    parser.add_argument(
+        "--forward", action="append", default=None, metavar="udp://HOST:PORT",
+        help="collector to re-emit every datagram to, repeatable",
+    )
+    for flag, dest, metavar, text in _FLAGS:
+        parser.add_argument(flag, dest=dest, default=None, metavar=metavar, help=text)
+    parser.add_argument("--spoof", dest="spoof", action="store_const", const=True, default=None,
+                        help="forge source addresses over a raw socket, no binding (needs CAP_NET_RAW)")
+    parser.add_argument("--identity-port", dest="identity_port", action="store_const", const=True,
+                        default=None, help="treat exporters on one address but different ports as distinct")
+    parser.add_argument("--no-store", dest="store", action="store_const", const=False, default=None,
+                        help="do not decode into the DuckDB store")
+    parser.add_argument("--no-metrics", dest="metrics", action="store_const", const=False, default=None,
+                        help="do not serve /metrics")
+    add_config_flag(parser)
+    parser.set_defaults(func=_run_gateway)
+
+    enroll = sub.add_parser(
+        "enroll",
+        help="register an agent at the gateway and print its key",
+        description=(
+            "Create agent NAME in the gateway's registry (DATA/registry.sqlite) with a new 256-bit key and "
+            "print the key with a ready-to-use agent configuration. A running gateway picks it up within "
+            "seconds. The key is shown once: store it in the agent's config or key file."
+        ),
+    )
+    enroll.add_argument("name", metavar="NAME", help="agent id: 1-63 letters, digits, '.', '_', '-'")
+    _data_flag(enroll)
+    enroll.add_argument("--rotate", action="store_true",
+                        help="issue a new key to an existing agent (the old key stops working)")
+    enroll.add_argument("--gateway-url", default=None, metavar="URL",
+                        help="gateway URL to put in the printed agent config (default http://HOST:PORT)")
+    enroll.add_argument("--format", choices=["text", "json"], default="text",
+                        help="json: one line {\"agent_id\": ..., \"key\": ...}")
+    enroll.set_defaults(func=_run_enroll)
+
+    revoke = sub.add_parser(
+        "revoke",
+        help="revoke an agent: its batches are refused (403) from now on",
+        description="Mark agent NAME revoked in the registry; a running gateway refuses it within seconds.",
+    )
+    revoke.add_argument("name", metavar="NAME")
+    _data_flag(revoke)
+    revoke.set_defaults(func=_run_revoke)
+
+    agents = sub.add_parser("agents", help="list the agents enrolled at a gateway",
+                            description="List enrolled agents (never their keys).")
+    _data_flag(agents)
+    agents.add_argument("--format", choices=["text", "json"], default="text")
+    agents.set_defaults(func=_run_agents)
+
+
+def _data_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=None, metavar="DIR",
+                        help="the gateway's data directory (env FLOWTUNNEL_GATEWAY_DATA)")
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    data = args.data or (Path(os.environ["FLOWTUNNEL_GATEWAY_DATA"]) if os.environ.get(
+        "FLOWTUNNEL_GATEWAY_DATA") else None)
+    if data is None:
+        raise ConfigError("the data directory is required (--data DIR or FLOWTUNNEL_GATEWAY_DATA)")
+    return Path(data)
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    from flowtunnel.config import load_settings
+    from flowtunnel.gateway.config import GatewayConfig
+    from flowtunnel.gateway.service import run_gateway
+    from flowtunnel.runtime import run_daemon
+
+    flags: dict[str, Any] = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
+    for name in ("spoof", "identity_port", "store", "metrics"):
+        flags[name] = getattr(args, name)
+    flags["forward"] = tuple(args.forward) if args.forward else None
+    config = load_settings(GatewayConfig, section="gateway", config_file=args.config, env=os.environ,
+                           flags=flags)
+    init_logging(args)
+    try:
+        return run_daemon(lambda stop: run_gateway(config, stop))
+    except OSError as exc:
+        # Typically the listen address is taken or not local: a one-line reason, not a traceback.
+        print(f"flowtunnel gateway: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _default_gateway_url() -> str:
+    listen = os.environ.get("FLOWTUNNEL_GATEWAY_LISTEN", "127.0.0.1:8080")
+    return f"http://{listen}"
+
+
+def _run_enroll(args: argparse.Namespace) -> int:
+    from flowtunnel.gateway.registry import Registry, RegistryError
+    from flowtunnel.wire.keys import format_key
+
+    data = _data_dir(args)
+    try:
+        with Registry(data) as reg:
+            entry = reg.enroll(args.name, rotate=args.rotate)
+    except ValueError as exc:  # BadAgentId
+        raise ConfigError(str(exc)) from None
+    except RegistryError as exc:
+        print(f"flowtunnel enroll: error: {exc}", file=sys.stderr)
+        return 1
+    key = format_key(entry.key)
+    if args.format == "json":
+        print(json.dumps({"agent_id": entry.agent_id, "key": key}))
+        return 0
+    url = args.gateway_url or _default_gateway_url()
+    verb = "re-keyed" if args.rotate else "enrolled"
+    cmd = ["flowtunnel", "agent", "--gateway", url, "--listen", "udp://127.0.0.1:2055", "--spool",
+           "/var/lib/flowtunnel/spool", "--agent-id", entry.agent_id]
+    print(
+        f"agent {entry.agent_id} {verb} in {data}\n"
+        f"key: {key}\n"
+        "\n"
+        "# agent config (TOML), e.g. /etc/flowtunnel/agent.toml; keep this file private (chmod 600)\n"
+        "[agent]\n"
+        f"gateway = {json.dumps(url)}\n"
+        "listen = [\"udp://127.0.0.1:2055\"]\n"
+        "spool = \"/var/lib/flowtunnel/spool\"\n"
+        f"agent_id = {json.dumps(entry.agent_id)}\n"
+        f"key = {json.dumps(key)}\n"
+        "\n"
+        "# or on the command line (the key from the environment, not the argument list)\n"
+        f"FLOWTUNNEL_AGENT_KEY={shlex.quote(key)} {shlex.join(cmd)}"
+    )
+    return 0
+
+
+def _run_revoke(args: argparse.Namespace) -> int:
+    from flowtunnel.gateway.registry import Registry, RegistryError
+
+    data = _data_dir(args)
+    try:
+        with Registry(data) as reg:
+            entry = reg.revoke(args.name)
+    except RegistryError as exc:
+        print(f"flowtunnel revoke: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"agent {entry.agent_id} revoked in {data}")
+    return 0
+
+
+def _run_agents(args: argparse.Namespace) -> int:
+    from flowtunnel.gateway.registry import Registry, RegistryError
+
+    data = _data_dir(args)
+    try:
+        with Registry(data) as reg:
+            entries = reg.list()
+    except RegistryError as exc:
+        print(f"flowtunnel agents: error: {exc}", file=sys.stderr)
+        return 1
+
+    def when(ts: float | None) -> str | None:
+        return None if ts is None else dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat(timespec="seconds")
+
+    rows = [{"agent_id": e.agent_id, "created": when(e.created_at), "key_changed": when(e.updated_at),
+             "revoked": when(e.revoked_at)} for e in entries]
+    if args.format == "json":
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    if not rows:
+        print(f"no agents enrolled in {data} (use 'flowtunnel enroll NAME --data {data}')")
+        return 0
+    width = max(len(r["agent_id"] or "") for r in rows)
+    for r in rows:
+        state = f"revoked {r['revoked']}" if r["revoked"] else "active"
+        print(f"{r['agent_id']:<{width}}  enrolled {r['created']}  {state}")
+    return 0

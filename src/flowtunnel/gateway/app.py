@@ -1,0 +1,231 @@
+"""The gateway's HTTP surface (aiohttp): request shape checks, bounded body reads, JSON answers.
+
+Routes (contract in docs/architecture.md, "HTTP between agent and gateway"):
+``POST /v1/batches``, ``GET /v1/agents/{id}/state``, ``GET /healthz``, and for operators (both off with
+``--no-metrics``) ``GET /metrics`` and ``GET /v1/status`` (the status.json document).
+
+Resource handling (slow or hostile senders must not starve enrolled agents):
+1. the declared length is checked against ``max_body`` before anything is read (413);
+2. the batch header (the first ~100 bytes of the body) is read first, without holding anything: it must name
+   an enrolled, non-revoked agent that matches ``X-Flowtunnel-Agent``, or the request is refused at once;
+3. only then does the request take one of ``max_inflight`` slots, and at most ``max_inflight_per_agent`` of
+   them per agent id, so a sender impersonating one agent id cannot hold them all;
+4. the header must arrive within ``body_timeout``; then at least ``min_body_rate * body_timeout`` bytes in
+   every ``body_timeout`` seconds, and the whole body within ``body_timeout + length / min_body_rate`` (408):
+   a legitimate batch on a 20 kbit/s link gets its time, a stalled body loses its slot after one window.
+Memory stays below about ``(max_body + 2 * max_raw) * max_inflight`` whatever clients do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from flowtunnel.gateway.ingest import Ingest, Rejected
+from flowtunnel.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from flowtunnel.runtime import OnceLogger
+from flowtunnel.wire import HEADER
+
+__all__ = ["BATCH_CONTENT_TYPE", "HttpErrorLogger", "build_app"]
+
+BATCH_CONTENT_TYPE = "application/vnd.flowtunnel.batch"
+
+INGEST_KEY: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
+
+_AGENT_LEN_OFFSET = 7  # magic (4), version, flags, codec, then the agent id length
+
+
+class HttpErrorLogger(logging.Logger):
+    """The logger given to aiohttp's request handler: requests it cannot even parse (bad request line,
+    headers, Content-Length) are counted as rejects of cause ``bad-http`` and logged once per kind, without
+    a traceback, instead of one ERROR with a traceback each; other errors (bugs) once per kind, with it."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        super().__init__("flowtunnel.gateway.http")
+        self.parent = logging.getLogger("flowtunnel.gateway")
+        self._metrics = metrics
+        self._once = OnceLogger(self.parent.getChild("http"))
+        self._bugs: set[str] = set()
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            self._metrics.reject(None, "bad-http")
+            # One line: the parser's message spans several, with a caret under the bad byte.
+            text = " ".join(str(exc).split())[:300]
+            self._once.warning(f"bad-http:{type(exc).__name__}", str(msg) + ": %s", *args, text)
+            return
+        cause = type(exc).__name__
+        if cause in self._bugs or len(self._bugs) >= 64:
+            super().debug(msg, *args, **kwargs)
+            return
+        self._bugs.add(cause)
+        super().error(msg, *args, exc_info=exc_info, **kwargs)
+
+
+def _error(exc: Rejected) -> web.Response:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    doc: dict[str, object] = {"error": exc.code, "detail": exc.detail}
+    doc.update(exc.extra)
+    return web.json_response(doc, status=exc.status, headers=headers)
+
+
+def build_app(
+    *,
+    ingest: Ingest,
+    metrics: GatewayMetrics,
+    serve_metrics: bool = True,
+    max_body: int,
+    max_inflight: int = 16,
+    max_inflight_per_agent: int = 2,
+    body_timeout: float = 60.0,
+    min_body_rate: int = 1024,
+    retry_after: int = 5,
+    status: Callable[[], dict[str, object]] | None = None,
+) -> web.Application:
+    """The aiohttp application; the caller runs it (``web.AppRunner``) and owns ``ingest``'s journal."""
+    # client_max_size guards any handler that calls request.read(); ours read the body themselves.
+    app = web.Application(client_max_size=max_body)
+    app[INGEST_KEY] = ingest
+    per_agent: dict[str, int] = {}
+    busy = 0
+
+    def fail(exc: Rejected) -> web.Response:
+        ingest.reject(exc)
+        return _error(exc)
+
+    async def post_batch(request: web.Request) -> web.Response:
+        nonlocal busy
+        agent_header = request.headers.get("X-Flowtunnel-Agent")
+        agent = ingest.enrolled(agent_header)
+        ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if ctype != BATCH_CONTENT_TYPE:
+            detail = f"Content-Type {ctype!r} is not {BATCH_CONTENT_TYPE}"
+            return fail(Rejected(415, "content-type", detail, agent=agent))
+        length = request.content_length
+        if length is None:
+            return fail(Rejected(411, "no-length", "Content-Length is required", agent=agent))
+        if length > max_body:
+            detail = f"body of {length} bytes exceeds max_body {max_body}"
+            return fail(Rejected(413, "too-large", detail, agent=agent))
+        deadline = asyncio.get_running_loop().time() + body_timeout + length / min_body_rate
+        try:
+            async with asyncio.timeout(body_timeout):
+                head = await _read_head(request, length)
+        except TimeoutError:
+            return fail(Rejected(408, "slow-body", "batch header not received in time", agent=agent))
+        try:
+            agent_id = ingest.admit(head, agent_header)
+        except Rejected as exc:
+            return fail(exc)
+        if busy >= max_inflight or per_agent.get(agent_id, 0) >= max_inflight_per_agent:
+            detail = f"{busy} requests in progress ({per_agent.get(agent_id, 0)} for agent {agent_id})"
+            return fail(Rejected(503, "busy", detail, agent=agent_id, retry_after=retry_after))
+        busy += 1
+        per_agent[agent_id] = per_agent.get(agent_id, 0) + 1
+        metrics.inflight.inc()
+        try:
+            return await _ingest(request, head, length, deadline, agent_id, agent_header)
+        finally:
+            busy -= 1
+            metrics.inflight.dec()
+            left = per_agent.pop(agent_id) - 1
+            if left:
+                per_agent[agent_id] = left
+
+    async def _ingest(
+        request: web.Request, head: bytes, length: int, deadline: float, agent_id: str,
+        agent_header: str | None,
+    ) -> web.Response:
+        try:
+            async with asyncio.timeout_at(deadline):
+                rest = await _read_paced(request, length - len(head), window=body_timeout, rate=min_body_rate)
+        except TimeoutError:
+            detail = (f"body of {length} bytes too slow: under {min_body_rate} B/s over {body_timeout:g} s, "
+                      "or not complete in time")
+            return fail(Rejected(408, "slow-body", detail, agent=agent_id))
+        except asyncio.IncompleteReadError as exc:
+            detail = f"body ended after {len(head) + len(exc.partial)} of {length} declared bytes"
+            return fail(Rejected(400, "truncated", detail, agent=agent_id))
+        try:
+            ack = await ingest.submit(
+                head + rest,
+                agent_header=agent_header,
+                backlog=request.headers.get("X-Flowtunnel-Backlog"),
+                dropped=request.headers.get("X-Flowtunnel-Dropped"),
+                agent_acked=request.headers.get("X-Flowtunnel-Acked"),
+            )
+        except Rejected as exc:
+            return _error(exc)
+        return web.json_response(ack.as_json())
+
+    async def get_state(request: web.Request) -> web.Response:
+        agent_id = request.match_info["agent"]
+        try:
+            answer = await ingest.state(agent_id, request.headers.get("X-Flowtunnel-Token"))
+        except Rejected as exc:
+            return _error(exc)
+        return web.json_response(answer.as_json())
+
+    async def healthz(request: web.Request) -> web.Response:
+        if ingest.closing:
+            return web.json_response({"status": "shutting_down"}, status=503)
+        return web.json_response({"status": "ok"})
+
+    async def get_metrics(request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def get_status(request: web.Request) -> web.Response:
+        assert status is not None
+        return web.json_response(status())
+
+    app.router.add_post("/v1/batches", post_batch)
+    app.router.add_get("/v1/agents/{agent}/state", get_state)
+    app.router.add_get("/healthz", healthz)
+    if serve_metrics:
+        app.router.add_get("/metrics", get_metrics)
+    if status is not None:
+        app.router.add_get("/v1/status", get_status)
+    return app
+
+
+async def _read_paced(request: web.Request, n: int, *, window: float, rate: int) -> bytes:
+    """``n`` body bytes, of which at least ``rate * window`` (or all that is left) must arrive in every
+    ``window`` seconds: a body that stalls is cut after one window (``TimeoutError``), not after the whole
+    body's deadline. ``asyncio.IncompleteReadError`` if the body ends early."""
+    chunks: list[bytes] = []
+    got = 0
+    per_window = max(1, int(rate * window))
+    while got < n:
+        need = min(n - got, per_window)
+        async with asyncio.timeout(window):
+            while need > 0:
+                chunk = await request.content.read(min(n - got, 1 << 16))
+                if not chunk:
+                    raise asyncio.IncompleteReadError(b"".join(chunks), n)
+                chunks.append(chunk)
+                got += len(chunk)
+                need -= len(chunk)
+    return b"".join(chunks)
+
+
+async def _read_head(request: web.Request, length: int) -> bytes:
+    """The batch header of the body: fixed part, then the agent id its length byte announces (less if the
+    body is shorter; ``Ingest.admit`` says what is wrong with it)."""
+    try:
+        head = await request.content.readexactly(min(length, HEADER.size))
+    except asyncio.IncompleteReadError as exc:
+        return exc.partial
+    if len(head) > _AGENT_LEN_OFFSET:
+        more = min(head[_AGENT_LEN_OFFSET], length - len(head))
+        try:
+            head += await request.content.readexactly(more)
+        except asyncio.IncompleteReadError as exc:
+            head += exc.partial
+    return head

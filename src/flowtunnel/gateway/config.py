@@ -1,0 +1,240 @@
+"""The gateway's settings: one frozen keyword-only dataclass filled by ``flowtunnel.config.load_settings``.
+
+Section ``[gateway]`` of the TOML file; every key also has an env var ``FLOWTUNNEL_GATEWAY_<KEY>`` and a flag.
+Values are checked here, once, so the rest of the gateway can trust them; a bad value raises ``ValueError``,
+which ``load_settings`` turns into a one-line ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from flowtunnel.config import parse_duration, parse_size
+
+__all__ = ["DEFAULT_FORWARD_RATE", "DEFAULT_SOURCE_POOL", "ForwardTarget", "GatewayConfig", "parse_host_port"]
+
+#: Source addresses for re-emitted datagrams when nothing else is configured: all of loopback but 127.0.0.1,
+#: which local exporters sending straight to the collector are likely to use.
+DEFAULT_SOURCE_POOL = ("127.0.0.2-127.255.255.254",)
+
+#: Datagrams per second the udp-forward sink sends to each collector. A collector on the same host with a
+#: default receive buffer (about 200 KiB: a hundred-odd datagrams) keeps up with bursts of 5 ms at this rate
+#: (nfcapd and goflow2 each take tens of thousands per second on one core), and a backlog of a day of a busy
+#: site (a million datagrams) still drains in under a minute.
+DEFAULT_FORWARD_RATE = 20_000
+
+_AGENT_MAP_RE = re.compile(r"^([^=\s]+)=(\S+)$")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ForwardTarget:
+    """A collector the udp-forward sink re-emits datagrams to."""
+
+    host: str
+    port: int
+
+    @property
+    def family(self) -> int:
+        import socket
+
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"udp://[{self.host}]:{self.port}" if ":" in self.host else f"udp://{self.host}:{self.port}"
+
+
+def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` / ``"[::1]:8080"`` → (host, port); ``ValueError`` naming ``what`` otherwise."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if not m:
+        raise ValueError(f"{what} {text!r} is not HOST:PORT (examples: 127.0.0.1:8080, [::1]:8080)")
+    port = int(m.group(2))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{what} {text!r}: port {port} is outside 0..65535")
+    return m.group(1), port
+
+
+def _parse_forward(text: str) -> ForwardTarget:
+    parts = urlsplit(text)
+    if parts.scheme != "udp" or not parts.hostname or parts.path or parts.query:
+        raise ValueError(f"forward target {text!r} is not udp://HOST:PORT")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"forward target {text!r}: port is outside 0..65535") from None
+    if not port:
+        raise ValueError(f"forward target {text!r} has no port (example: udp://127.0.0.1:2055)")
+    return ForwardTarget(host=parts.hostname, port=port)
+
+
+def _check_pool_entry(text: str) -> None:
+    try:
+        if "-" in text:
+            lo, hi = (ipaddress.ip_address(p.strip()) for p in text.split("-", 1))
+            if lo.version != hi.version or int(lo) > int(hi):
+                raise ValueError
+        elif "/" in text:
+            ipaddress.ip_network(text, strict=False)
+        else:
+            ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(
+            f"source pool entry {text!r} is not an address, a CIDR or a range "
+            "(examples: 127.0.0.0/8, 192.0.2.10-192.0.2.20, 198.51.100.7)"
+        ) from None
+
+
+def _parse_port_range(text: str) -> tuple[int, int]:
+    m = re.match(r"^\s*(\d+)\s*(?:-\s*(\d+))?\s*$", text)
+    if not m:
+        raise ValueError(f"source ports {text!r} is not PORT or LOW-HIGH (0 = any free port)")
+    lo = int(m.group(1))
+    hi = int(m.group(2)) if m.group(2) else lo
+    if not 0 <= lo <= hi <= 65535:
+        raise ValueError(f"source ports {text!r} must satisfy 0 <= LOW <= HIGH <= 65535")
+    return lo, hi
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    """Everything ``flowtunnel gateway`` can be told; see ``docs/architecture.md`` for what each part does."""
+
+    #: HTTP(S) listen address, HOST:PORT (port 0 picks a free one; the log line says which).
+    listen: str = "127.0.0.1:8080"
+    #: Data directory: registry, journal, store, forward mappings, status.json. Required.
+    data: Path | None = None
+    #: Collectors to re-emit every datagram to, ``udp://HOST:PORT`` (repeatable).
+    forward: tuple[str, ...] = ()
+    #: Source addresses for the per-(agent, exporter) sockets: addresses, CIDRs or LOW-HIGH ranges.
+    source_pool: tuple[str, ...] = DEFAULT_SOURCE_POOL
+    #: Source ports for those sockets: 0 (any free port), PORT or LOW-HIGH.
+    source_ports: str = "0"
+    #: Whether the exporter's UDP port is part of its identity (default: no; collectors ignore it and
+    #: exporters change it on restart).
+    identity_port: bool = False
+    #: At most this many (agent, exporter) sources get their own socket; more share one (and are counted).
+    max_sources: int = 4096
+    #: Send with forged source addresses over a raw socket (needs CAP_NET_RAW) instead of bound sockets.
+    spoof: bool = False
+    #: Explicit source addresses for spoofing, ``AGENT=ADDRESS`` (repeatable); others come from the pool.
+    spoof_map: tuple[str, ...] = ()
+    #: Datagrams per second re-emitted to each collector (0 = unlimited): a tight loop overruns a
+    #: collector's receive buffer and the kernel drops what does not fit.
+    forward_rate: int = DEFAULT_FORWARD_RATE
+    #: Serve HTTPS with this certificate chain and key (PEM).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Largest request body accepted (a sealed batch); bigger ones get 413 before they are read.
+    max_body: int = field(default=8 << 20, metadata={"parse": parse_size})
+    #: Largest record block after decompression (a batch claiming more is refused before inflating it).
+    max_raw: int = field(default=32 << 20, metadata={"parse": parse_size})
+    #: Requests processed at once; more get 503 with Retry-After. Memory stays below about
+    #: (max_body + 2 * max_raw) * max_inflight whatever clients send.
+    max_inflight: int = 16
+    #: Of those, at most this many for one agent id (a sender impersonating one id cannot take them all).
+    max_inflight_per_agent: int = 2
+    #: Time allowed to receive one request body, plus its length / min_body_rate (then 408).
+    body_timeout: float = field(default=60.0, metadata={"parse": parse_duration})
+    #: Slowest body transfer still accepted, in bytes/s (beyond body_timeout); GPRS manages ~2500.
+    min_body_rate: int = field(default=1024, metadata={"parse": parse_size})
+    #: Idle keep-alive connections are closed after this long.
+    keepalive_timeout: float = field(default=75.0, metadata={"parse": parse_duration})
+    #: Journal disk quota; when reached, new batches get 503 (nothing acknowledged is ever dropped).
+    journal_quota: int = field(default=2 << 30, metadata={"parse": parse_size})
+    #: Decode into the embedded DuckDB store (``flowtunnel query``).
+    store: bool = True
+    #: Store retention (e.g. 30d); unset keeps everything.
+    retain: float | None = field(default=None, metadata={"parse": parse_duration})
+    #: Write decoded records as JSON lines to this file ("-" for stdout).
+    jsonl: str | None = None
+    #: Serve Prometheus metrics on /metrics.
+    metrics: bool = True
+    #: How often status.json is rewritten.
+    status_interval: float = field(default=2.0, metadata={"parse": parse_duration})
+    #: How long the running gateway trusts its cached copy of the agent registry.
+    registry_ttl: float = field(default=2.0, metadata={"parse": parse_duration})
+    #: Retry-After (seconds) sent with 503 answers.
+    retry_after: int = 5
+
+    def __post_init__(self) -> None:
+        if self.data is None or str(self.data) == "":
+            raise ValueError("the data directory is required (--data DIR, key data, FLOWTUNNEL_GATEWAY_DATA)")
+        parse_host_port(self.listen, what="listen address")
+        for text in self.forward:
+            _parse_forward(text)
+        for text in self.source_pool:
+            _check_pool_entry(text)
+        _parse_port_range(self.source_ports)
+        for text in self.spoof_map:
+            m = _AGENT_MAP_RE.match(text)
+            if not m:
+                raise ValueError(f"spoof map entry {text!r} is not AGENT=ADDRESS")
+            try:
+                ipaddress.IPv4Address(m.group(2))
+            except ValueError:
+                raise ValueError(f"spoof map entry {text!r}: {m.group(2)!r} is not an IPv4 address") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together (give both or neither)")
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        if not 1024 <= self.max_body <= 1 << 30:
+            raise ValueError(f"max_body {self.max_body} is outside 1 KiB .. 1 GiB")
+        if not self.max_body <= self.max_raw <= 1 << 30:
+            raise ValueError(f"max_raw {self.max_raw} is outside max_body ({self.max_body}) .. 1 GiB")
+        if not 0 <= self.forward_rate <= 10_000_000:
+            raise ValueError(
+                f"forward_rate {self.forward_rate} datagrams/s is outside 0 (unlimited) .. 10000000"
+            )
+        if not 1 <= self.max_sources <= 1_000_000:
+            raise ValueError(f"max_sources {self.max_sources} is outside 1 .. 1000000")
+        if not 1 <= self.max_inflight <= 10_000:
+            raise ValueError(f"max_inflight {self.max_inflight} is outside 1 .. 10000")
+        if not 1 <= self.max_inflight_per_agent <= self.max_inflight:
+            raise ValueError(
+                f"max_inflight_per_agent {self.max_inflight_per_agent} is outside 1 .. max_inflight "
+                f"({self.max_inflight})"
+            )
+        if self.min_body_rate < 1:
+            raise ValueError(f"min_body_rate {self.min_body_rate} B/s must be positive")
+        for name in ("body_timeout", "keepalive_timeout", "status_interval", "registry_ttl"):
+            value = getattr(self, name)
+            if not 0 < value <= 86400:
+                raise ValueError(f"{name} {value} s is outside (0, 86400]")
+        if self.journal_quota < 1 << 20:
+            raise ValueError(f"journal_quota {self.journal_quota} is below 1 MiB")
+        if self.retain is not None and self.retain <= 0:
+            raise ValueError(f"retain {self.retain} s must be positive")
+        if not 1 <= self.retry_after <= 3600:
+            raise ValueError(f"retry_after {self.retry_after} is outside 1 .. 3600 s")
+
+    @property
+    def data_dir(self) -> Path:
+        assert self.data is not None  # checked in __post_init__
+        return self.data
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.listen, what="listen address")
+
+    @property
+    def targets(self) -> tuple[ForwardTarget, ...]:
+        return tuple(_parse_forward(t) for t in self.forward)
+
+    @property
+    def source_port_range(self) -> tuple[int, int]:
+        return _parse_port_range(self.source_ports)
+
+    @property
+    def spoof_addresses(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for text in self.spoof_map:
+            m = _AGENT_MAP_RE.match(text)
+            assert m is not None
+            out[m.group(1)] = m.group(2)
+        return out

@@ -1,0 +1,395 @@
+"""Ingest: from a sealed batch body to a journal commit and an acknowledgement, or a precise rejection.
+
+The HTTP layer (``app.py``) checks the request's shape and reads the body; everything about the batch
+itself happens here: find the agent, authenticate and open the batch, drop what is at or below the agent's
+high-water mark, append the rest to the journal with the new mark in the same transaction, then answer.
+Appends are serialised per agent, so two retries of one batch racing each other cannot both pass the check.
+
+Error handling: every refusal is a ``Rejected`` carrying the HTTP status, a short machine-readable code (also
+the metrics "cause" label) and a detail for the agent's log; nothing is written to the journal for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flowtunnel.datagram import Datagram
+from flowtunnel.gateway.metrics import GatewayMetrics, parse_dropped_header
+from flowtunnel.gateway.notify import JournalNotify
+from flowtunnel.gateway.registry import AgentEntry, AgentKeys, RegistryError
+from flowtunnel.log import DurableLog, LogError, LogFull
+from flowtunnel.runtime import OnceLogger
+from flowtunnel.wire import (
+    HEADER,
+    MAGIC,
+    Batch,
+    WireError,
+    WireLimits,
+    ack_tag,
+    open_batch,
+    peek_header,
+    validate_agent_id,
+)
+
+__all__ = ["Ack", "Ingest", "Rejected", "StateAnswer", "hwm_key"]
+
+log = logging.getLogger("flowtunnel.gateway.ingest")
+
+
+_AGENT_LEN_OFFSET = 7  # in the batch header: magic (4), version, flags, codec, then the agent id length
+
+
+def hwm_key(agent_id: str) -> str:
+    """The journal state key holding an agent's high-water mark."""
+    return f"hwm:{agent_id}"
+
+
+class Rejected(Exception):
+    """A request the gateway refuses: ``status`` (HTTP), ``code`` (cause), ``detail`` (for humans).
+
+    ``agent`` is set only when the agent is enrolled, so metrics labels stay bounded.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        agent: str | None = None,
+        retry_after: int | None = None,
+        extra: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.agent = agent
+        self.retry_after = retry_after
+        self.extra = extra or {}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ack:
+    """The answer to an accepted batch (the JSON body of the 200)."""
+
+    agent: str
+    acked: int
+    accepted: int
+    duplicates: int
+    gap: int = 0
+    tag: str = ""  # ack_tag over (agent, request nonce, acked): docs/protocol.md section 7.1
+    first_journal_seq: int | None = field(default=None, repr=False)
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "agent": self.agent,
+            "acked": self.acked,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "tag": self.tag,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateAnswer:
+    """The answer to ``GET /v1/agents/<id>/state`` (the JSON body of the 200)."""
+
+    agent: str
+    acked: int
+    tag: str
+
+    def as_json(self) -> dict[str, object]:
+        return {"agent": self.agent, "acked": self.acked, "tag": self.tag}
+
+
+def _wire_code(exc: WireError) -> str:
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code:
+        return code
+    return type(exc).__name__.lower()
+
+
+def _wire_status(exc: WireError) -> int:
+    status = getattr(exc, "http_status", 400)
+    return status if isinstance(status, int) and 400 <= status < 500 else 400
+
+
+class Ingest:
+    """The batch path of one gateway. Not thread-safe: use from the event loop only."""
+
+    def __init__(
+        self,
+        *,
+        journal: DurableLog,
+        keys: AgentKeys,
+        metrics: GatewayMetrics,
+        notify: JournalNotify,
+        limits: WireLimits | None = None,
+        retry_after: int = 5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._journal = journal
+        self._keys = keys
+        self._metrics = metrics
+        self._notify = notify
+        self._limits = limits if limits is not None else WireLimits()
+        self._retry_after = retry_after
+        self._clock = clock
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._hwm: dict[str, int] = {}
+        self._lost_hint: dict[str, int] = {}
+        self.once = OnceLogger(log)
+        self.closing = False
+
+    # -- shared by the handlers --------------------------------------------------------------------------
+
+    def reject(self, exc: Rejected) -> None:
+        """Count and (once per cause) log a rejection."""
+        self._metrics.reject(exc.agent, exc.code)
+        self.once.warning(
+            exc.code, "rejected request (%s, agent %s): %s", exc.code, exc.agent or "?", exc.detail
+        )
+
+    def enrolled(self, agent_id: str | None) -> str | None:
+        """``agent_id`` if it names an enrolled agent (for metrics labels), else None."""
+        if not agent_id:
+            return None
+        try:
+            entry = self._keys.lookup(agent_id)
+        except RegistryError:
+            return None
+        return agent_id if entry is not None else None
+
+    def hwm(self, agent_id: str) -> int:
+        value = self._hwm.get(agent_id)
+        if value is None:
+            value = self._journal.get_state(hwm_key(agent_id)) or 0
+            self._hwm[agent_id] = value
+        return value
+
+    def _entry(self, agent_id: str) -> AgentEntry:
+        try:
+            entry = self._keys.lookup(agent_id)
+        except RegistryError as exc:
+            raise Rejected(503, "registry-unavailable", str(exc), retry_after=self._retry_after) from None
+        if entry is None:
+            raise Rejected(401, "unknown-agent", f"agent {agent_id!r} is not enrolled at this gateway")
+        if entry.revoked:
+            raise Rejected(403, "revoked", f"agent {agent_id!r} has been revoked", agent=agent_id)
+        return entry
+
+    def admit(self, head: bytes, agent_header: str | None) -> str:
+        """Check the start of a body (magic and agent id, read before the rest) against the headers and the
+        registry; the agent id, or ``Rejected`` (not yet counted: the caller does). Everything else about the
+        batch is checked once it is complete."""
+        label = self.enrolled(agent_header)
+        if head[:4] != MAGIC[: len(head[:4])]:
+            detail = f"body does not start with the batch magic {MAGIC!r} (got {bytes(head[:4])!r})"
+            raise Rejected(400, "bad-magic", detail, agent=label)
+        header_len = HEADER.size + head[_AGENT_LEN_OFFSET] if len(head) > _AGENT_LEN_OFFSET else HEADER.size
+        if len(head) < header_len:
+            detail = f"body of {len(head)} bytes ends inside the {header_len}-byte batch header"
+            raise Rejected(400, "truncated", detail, agent=label)
+        try:
+            agent_id = validate_agent_id(bytes(head[HEADER.size : header_len]).decode("ascii"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            detail = f"header agent id is invalid: {exc}"
+            raise Rejected(400, "malformed-header", detail, agent=label) from None
+        self._check_agent(agent_id, agent_header)
+        return agent_id
+
+    def _check_agent(self, agent_id: str, agent_header: str | None) -> AgentEntry:
+        if agent_header is None:
+            raise Rejected(
+                400, "no-agent-header", "X-Flowtunnel-Agent is missing", agent=self.enrolled(agent_id)
+            )
+        if agent_header != agent_id:
+            raise Rejected(
+                400, "agent-mismatch",
+                f"X-Flowtunnel-Agent {agent_header[:64]!r} differs from the batch's agent {agent_id[:64]!r}",
+                agent=self.enrolled(agent_id),
+            )
+        return self._entry(agent_id)
+
+    async def _open(self, body: bytes, agent_header: str | None) -> tuple[Batch, bytes]:
+        """Authenticate and open ``body``: the batch and the key that opened it (which also tags the answer);
+        re-reads the registry once if the key may have been rotated."""
+        try:
+            header = peek_header(body, self._limits)
+        except WireError as exc:
+            raise Rejected(
+                _wire_status(exc), _wire_code(exc), str(exc), agent=self.enrolled(agent_header)
+            ) from None
+        agent_id = header.agent_id
+        entry = self._check_agent(agent_id, agent_header)
+        for attempt in (0, 1):
+            try:
+                # Decryption and bounded decompression take milliseconds per MiB: off the event loop.
+                batch = await asyncio.to_thread(open_batch, body, key=entry.key, limits=self._limits)
+                return batch, entry.key
+            except WireError as exc:
+                status = _wire_status(exc)
+                if status == 401 and attempt == 0 and self._keys.refresh_if_stale():
+                    entry = self._entry(agent_id)
+                    continue
+                raise Rejected(status, _wire_code(exc), str(exc), agent=agent_id) from None
+        raise AssertionError("unreachable")
+
+    # -- POST /v1/batches ---------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        body: bytes,
+        *,
+        agent_header: str | None,
+        backlog: str | None = None,
+        dropped: str | None = None,
+        agent_acked: str | None = None,
+    ) -> Ack:
+        """Journal the new part of one sealed batch and return the acknowledgement.
+
+        Error handling: raises ``Rejected`` (already counted and logged) for anything not accepted; a
+        journal that cannot commit (disk or quota full, I/O error) gives 503 with Retry-After, nothing acked.
+        """
+        try:
+            if self.closing:
+                raise Rejected(
+                    503, "shutting-down", "the gateway is shutting down", retry_after=self._retry_after
+                )
+            batch, key = await self._open(body, agent_header)
+            return await self._commit(
+                batch, key, http_bytes=len(body), backlog=backlog, dropped=dropped, agent_acked=agent_acked
+            )
+        except Rejected as exc:
+            self.reject(exc)
+            raise
+
+    async def _commit(
+        self, batch: Batch, key: bytes, *, http_bytes: int, backlog: str | None, dropped: str | None,
+        agent_acked: str | None,
+    ) -> Ack:
+        agent = batch.agent_id
+        lock = self._locks.get(agent)
+        if lock is None:
+            lock = self._locks[agent] = asyncio.Lock()
+        async with lock:
+            hwm = await asyncio.to_thread(self.hwm, agent)
+            datagrams: list[Datagram] = list(batch.datagrams)
+            first = batch.first_seq
+            skip = min(len(datagrams), max(0, hwm + 1 - first))
+            fresh = datagrams[skip:]
+            gap = lost = 0
+            journal_first: int | None = None
+            if fresh:
+                self._check_known_ack(agent, hwm, batch, agent_acked)
+                new_first = first + skip
+                gap = new_first - (hwm + 1)
+                # The part of the gap this gateway lost itself (reported at the resync), not the agent.
+                lost = min(gap, max(0, self._lost_hint.pop(agent, hwm) - hwm))
+                gap -= lost
+                last = new_first + len(fresh) - 1
+                try:
+                    res = await asyncio.to_thread(
+                        self._journal.append,
+                        fresh,
+                        stream=agent,
+                        stream_seqs=range(new_first, last + 1),
+                        state={hwm_key(agent): last},
+                        atomic=True,
+                    )
+                except LogFull as exc:
+                    raise Rejected(
+                        503, "journal-full", f"journal cannot take {len(fresh)} datagrams: {exc}",
+                        agent=agent, retry_after=self._retry_after,
+                    ) from None
+                except LogError as exc:
+                    raise Rejected(
+                        503, "journal-error", str(exc), agent=agent, retry_after=self._retry_after
+                    ) from None
+                self._hwm[agent] = hwm = last
+                journal_first = res.first_seq
+                self._notify.publish(res.last_seq)
+                if gap:
+                    self.once.warning(
+                        f"gap:{agent}", "agent %s skipped %d sequence numbers (its drops) before %d",
+                        agent, gap, new_first,
+                    )
+                if lost:
+                    log.error(
+                        "agent %s: %d datagrams (seq %d..%d) acknowledged earlier are missing from the "
+                        "journal (restored from a backup, or a torn tail) and no longer at the agent: lost",
+                        agent, lost, new_first - lost, new_first - 1,
+                    )
+        backlog_n = int(backlog) if backlog is not None and backlog.strip().isdigit() else None
+        self._metrics.accepted(
+            agent,
+            now=self._clock(),
+            acked=hwm,
+            accepted=len(fresh),
+            duplicates=skip,
+            gap=gap,
+            lost=lost,
+            http_bytes=http_bytes,
+            datagram_bytes=sum(len(d.payload) for d in fresh),
+            backlog=backlog_n,
+            dropped=parse_dropped_header(dropped) if dropped else {},
+        )
+        tag = ack_tag(key, agent_id=agent, request_nonce=batch.header.nonce, acked=hwm)
+        return Ack(
+            agent=agent, acked=hwm, accepted=len(fresh), duplicates=skip, gap=gap, tag=tag,
+            first_journal_seq=journal_first,
+        )
+
+    def _check_known_ack(self, agent: str, hwm: int, batch: Batch, agent_acked: str | None) -> None:
+        """Refuse new datagrams from an agent that believes more was acknowledged than the journal holds.
+
+        The agent says which seq it last saw acknowledged (``acked`` in the batch's authenticated agent
+        info, else the ``X-Flowtunnel-Acked`` header). Above this gateway's mark, the journal lost
+        acknowledged datagrams (restored from a backup, torn tail): answer 409 with the real mark so the agent
+        resynchronises, re-sends what it still has and counts the rest as lost at the gateway, instead of
+        this gateway taking the hole for the agent's own drops.
+        """
+        claimed = batch.agent_info.get("acked")
+        if claimed is None and agent_acked is not None and agent_acked.strip().isdigit():
+            claimed = int(agent_acked)
+        if claimed is None or claimed <= hwm:
+            return
+        self._lost_hint[agent] = max(claimed, self._lost_hint.get(agent, 0))
+        raise Rejected(
+            409, "resync",
+            f"agent {agent} last saw seq {claimed} acknowledged, but this gateway holds only up to {hwm}: "
+            "resynchronise (the difference was lost here)",
+            agent=agent, extra={"acked": hwm},
+        )
+
+    # -- GET /v1/agents/<id>/state ------------------------------------------------------------------------
+
+    async def state(self, agent_id: str, token: str | None) -> StateAnswer:
+        """The agent's high-water mark, for a request proving its identity with an empty sealed batch, tagged
+        for the nonce of that batch."""
+        try:
+            if not token:
+                raise Rejected(
+                    401, "no-token", "X-Flowtunnel-Token is missing", agent=self.enrolled(agent_id)
+                )
+            try:
+                body = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            except (binascii.Error, ValueError):
+                raise Rejected(
+                    400, "bad-token", "X-Flowtunnel-Token is not base64url", agent=self.enrolled(agent_id)
+                ) from None
+            batch, key = await self._open(body, agent_id)
+            hwm = await asyncio.to_thread(self.hwm, batch.agent_id)
+        except Rejected as exc:
+            self.reject(exc)
+            raise
+        self._metrics.seen(batch.agent_id, now=self._clock(), acked=hwm)
+        tag = ack_tag(key, agent_id=batch.agent_id, request_nonce=batch.header.nonce, acked=hwm)
+        return StateAnswer(agent=batch.agent_id, acked=hwm, tag=tag)

@@ -1,0 +1,207 @@
+"""Prometheus metrics of the gateway, in their own ``CollectorRegistry`` (several gateways per test process).
+
+Label cardinality is bounded: the ``agent`` label only takes enrolled agent ids (anything else is
+``"unknown"``), causes come from fixed code paths, and agent-reported drop causes are limited in number and
+shape. The same numbers feed ``status.json`` through ``snapshot()``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "AgentStats", "GatewayMetrics", "parse_dropped_header"]
+
+UNKNOWN_AGENT = "unknown"
+_CAUSE_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
+_MAX_DROP_CAUSES = 16
+
+
+def parse_dropped_header(text: str) -> dict[str, int]:
+    """``"spool_full=12,malformed=3"`` → ``{"spool_full": 12, "malformed": 3}``; malformed parts are skipped
+    (the header is advisory, it must never fail a batch), at most 16 causes."""
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        name, sep, value = part.strip().partition("=")
+        if not sep or not _CAUSE_RE.match(name) or not value.isdigit():
+            continue
+        out[name] = min(int(value), 2**63 - 1)
+        if len(out) >= _MAX_DROP_CAUSES:
+            break
+    return out
+
+
+@dataclass(slots=True)
+class AgentStats:
+    """What the gateway knows about one agent's traffic since it started (plus acked, from the journal)."""
+
+    datagrams: int = 0
+    duplicates: int = 0
+    gap: int = 0
+    lost: int = 0
+    http_bytes: int = 0
+    datagram_bytes: int = 0
+    batches: int = 0
+    last_seen: float | None = None
+    acked: int = 0
+    backlog: int | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        ratio = self.datagram_bytes / self.http_bytes if self.http_bytes else None
+        return {
+            "acked": self.acked,
+            "datagrams": self.datagrams,
+            "duplicates": self.duplicates,
+            "gap": self.gap,
+            "lost_at_gateway": self.lost,
+            "batches": self.batches,
+            "http_bytes": self.http_bytes,
+            "datagram_bytes": self.datagram_bytes,
+            "compression_ratio": ratio,
+            "last_seen": self.last_seen,
+            "backlog": self.backlog,
+            "dropped": dict(self.dropped),
+            "rejected": dict(self.rejected),
+        }
+
+
+class GatewayMetrics:
+    """Counters and gauges of one gateway; ``render()`` is the /metrics body."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        p = "flowtunnel_gateway_"
+        self.datagrams = Counter(p + "datagrams", "Datagrams journaled, per agent", ["agent"], registry=r)
+        self.duplicates = Counter(
+            p + "duplicate_datagrams", "Datagrams received again at or below the high-water mark", ["agent"],
+            registry=r,
+        )
+        self.gap = Counter(
+            p + "agent_gap_datagrams", "Sequence numbers an agent skipped (its own drops)", ["agent"],
+            registry=r,
+        )
+        self.lost = Counter(
+            p + "journal_lost_datagrams", "Acknowledged datagrams later missing from the journal (restored "
+            "backup, torn tail) that the agent no longer had", ["agent"], registry=r,
+        )
+        self.http_bytes = Counter(p + "http_body_bytes", "Sealed batch bytes received", ["agent"], registry=r)
+        self.datagram_bytes = Counter(
+            p + "datagram_bytes", "Raw datagram bytes carried in accepted batches", ["agent"], registry=r
+        )
+        self.ratio = Gauge(
+            p + "compression_ratio", "Raw datagram bytes / HTTP body bytes since start", ["agent"], registry=r
+        )
+        self.backlog = Gauge(
+            p + "agent_backlog_datagrams", "Backlog the agent reported (X-Flowtunnel-Backlog)", ["agent"],
+            registry=r,
+        )
+        self.agent_dropped = Gauge(
+            p + "agent_dropped_datagrams", "Drops the agent reported, by cause (X-Flowtunnel-Dropped)",
+            ["agent", "cause"], registry=r,
+        )
+        self.last_seen = Gauge(
+            p + "agent_last_seen_timestamp_seconds", "Unix time of the agent's last request", ["agent"],
+            registry=r,
+        )
+        self.acked = Gauge(
+            p + "agent_acked_seq", "High-water mark acknowledged to the agent", ["agent"], registry=r
+        )
+        self.rejected = Counter(
+            p + "rejected_requests", "Requests rejected, by agent and cause", ["agent", "cause"], registry=r
+        )
+        self.sink_lag = Gauge(
+            p + "sink_lag_entries", "Journal entries a sink has not consumed yet", ["sink"], registry=r
+        )
+        self.sink_errors = Counter(
+            p + "sink_errors", "Errors in a sink, by cause", ["sink", "cause"], registry=r
+        )
+        self.inflight = Gauge(p + "inflight_requests", "Batch requests being processed now", registry=r)
+        self.journal_bytes = Gauge(p + "journal_bytes", "Size of the journal on disk", registry=r)
+        self.journal_entries = Gauge(p + "journal_entries", "Entries retained in the journal", registry=r)
+        self.forwarded = Counter(
+            p + "forwarded_datagrams", "Datagrams re-emitted by udp-forward", ["target"], registry=r
+        )
+        self.agents: dict[str, AgentStats] = {}
+        self.rejects_by_cause: dict[str, int] = {}
+
+    def _stats(self, agent: str) -> AgentStats:
+        st = self.agents.get(agent)
+        if st is None:
+            st = self.agents[agent] = AgentStats()
+        return st
+
+    def reject(self, agent: str | None, cause: str) -> None:
+        """Count a rejected request. ``agent`` must already be reduced to an enrolled id or None."""
+        label = agent or UNKNOWN_AGENT
+        self.rejected.labels(label, cause).inc()
+        self.rejects_by_cause[cause] = self.rejects_by_cause.get(cause, 0) + 1
+        if agent is not None:
+            st = self._stats(agent)
+            st.rejected[cause] = st.rejected.get(cause, 0) + 1
+
+    def accepted(
+        self,
+        agent: str,
+        *,
+        now: float,
+        acked: int,
+        accepted: int,
+        duplicates: int,
+        gap: int,
+        http_bytes: int,
+        lost: int = 0,
+        datagram_bytes: int,
+        backlog: int | None,
+        dropped: dict[str, int],
+    ) -> None:
+        st = self._stats(agent)
+        st.batches += 1
+        st.datagrams += accepted
+        st.duplicates += duplicates
+        st.gap += gap
+        st.lost += lost
+        st.http_bytes += http_bytes
+        st.datagram_bytes += datagram_bytes
+        st.last_seen = now
+        st.acked = acked
+        self.datagrams.labels(agent).inc(accepted)
+        self.duplicates.labels(agent).inc(duplicates)
+        self.gap.labels(agent).inc(gap)
+        self.lost.labels(agent).inc(lost)
+        self.http_bytes.labels(agent).inc(http_bytes)
+        self.datagram_bytes.labels(agent).inc(datagram_bytes)
+        if st.http_bytes:
+            self.ratio.labels(agent).set(st.datagram_bytes / st.http_bytes)
+        self.last_seen.labels(agent).set(now)
+        self.acked.labels(agent).set(acked)
+        if backlog is not None:
+            st.backlog = backlog
+            self.backlog.labels(agent).set(backlog)
+        for cause, n in dropped.items():
+            if cause in st.dropped or len(st.dropped) < _MAX_DROP_CAUSES:
+                st.dropped[cause] = n
+                self.agent_dropped.labels(agent, cause).set(n)
+
+    def seen(self, agent: str, *, now: float, acked: int) -> None:
+        """An authenticated request that carried no data (resync, state query)."""
+        st = self._stats(agent)
+        st.last_seen = now
+        st.acked = acked
+        self.last_seen.labels(agent).set(now)
+        self.acked.labels(agent).set(acked)
+
+    def restore_last_seen(self, agent: str, when: float) -> None:
+        """Carry an agent's last-seen time over a gateway restart (from the previous status.json)."""
+        st = self._stats(agent)
+        if st.last_seen is None or st.last_seen < when:
+            st.last_seen = when
+            self.last_seen.labels(agent).set(when)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,371 @@
+"""The gateway process: journal, registry, HTTP server and sinks wired together, started and stopped in order.
+
+Start: open the journal (refuse-new quota policy: nothing acknowledged is ever dropped), build the sinks,
+start the HTTP server and log "listening on ..." only once it accepts connections. While running: each sink
+runs under a supervisor that restarts it after a failure; every ``status_interval`` the journal is trimmed up
+to the slowest sink's committed position and ``DATA/status.json`` is rewritten atomically.
+
+Stop (SIGTERM/SIGINT): refuse new batches (503), stop listening, let in-flight requests finish, stop the sinks
+one by one, write a last status, close the journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import resource
+import ssl
+import time
+from dataclasses import asdict
+
+from aiohttp import web
+
+from flowtunnel import __version__
+from flowtunnel.gateway.app import HttpErrorLogger, build_app
+from flowtunnel.gateway.config import GatewayConfig
+from flowtunnel.gateway.ingest import Ingest
+from flowtunnel.gateway.metrics import GatewayMetrics
+from flowtunnel.gateway.notify import JournalNotify
+from flowtunnel.gateway.pool import write_json_atomic
+from flowtunnel.gateway.registry import AgentKeys, Registry, RegistryError
+from flowtunnel.gateway.sinks.base import Sink
+from flowtunnel.gateway.sinks.jsonl import JsonlSink
+from flowtunnel.gateway.sinks.udp_forward import UdpForwardConfig, UdpForwardSink
+from flowtunnel.log import DurableLog, FullPolicy, LogConfig, LogError
+from flowtunnel.runtime import OnceLogger, TaskSet
+from flowtunnel.wire import WireLimits
+
+__all__ = ["JOURNAL_FILE", "STATUS_FILE", "Gateway", "run_gateway"]
+
+log = logging.getLogger("flowtunnel.gateway")
+
+JOURNAL_FILE = "journal.sqlite"
+STATUS_FILE = "status.json"
+
+
+def _store_sink(config: GatewayConfig) -> Sink | None:
+    """The store sink if the store package provides it (guarded: the gateway runs without it)."""
+    try:
+        from flowtunnel.store.sink import StoreSink
+    except ImportError as exc:
+        log.warning("store sink unavailable (%s); running without the flow store", exc)
+        return None
+    try:
+        sink: Sink = StoreSink(data_dir=config.data_dir, retain_seconds=config.retain)
+    except Exception as exc:
+        # The journal keeps everything for the store to catch up on after a restart that fixes this.
+        log.error("store sink cannot start (%s); running without the flow store", exc)
+        return None
+    return sink
+
+
+def _raise_fd_limit() -> None:
+    """udp-forward holds a socket per (agent, exporter): lift the soft descriptor limit to the hard one."""
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+class Gateway:
+    """One running gateway. ``start()`` then ``stop()``; or ``run(stop_event)`` for both around a wait.
+
+    Tests use this class directly; the CLI uses ``run_gateway``.
+    """
+
+    def __init__(self, config: GatewayConfig, *, extra_sinks: list[Sink] | None = None) -> None:
+        self.config = config
+        self.data_dir = config.data_dir
+        self.metrics = GatewayMetrics()
+        self.sinks: list[Sink] = []
+        self._extra_sinks = list(extra_sinks or [])
+        self.journal: DurableLog | None = None
+        self.ingest: Ingest | None = None
+        self.keys: AgentKeys | None = None
+        self.notify: JournalNotify | None = None
+        self.urls: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self._sites: list[web.BaseSite] = []
+        self._tasks = TaskSet()
+        self._sink_tasks: dict[str, asyncio.Task[None]] = {}
+        self._started = time.time()
+        self._trimmed = 0
+        #: Pause before restarting a sink that failed.
+        self.sink_restart_delay = 5.0
+
+    # -- start --------------------------------------------------------------------------------------------
+
+    def _build_sinks(self) -> list[Sink]:
+        cfg = self.config
+        sinks: list[Sink] = []
+        if cfg.forward:
+            sinks.append(UdpForwardSink(
+                UdpForwardConfig(
+                    data_dir=self.data_dir, targets=cfg.targets, source_pool=cfg.source_pool,
+                    source_ports=cfg.source_port_range, identity_port=cfg.identity_port, spoof=cfg.spoof,
+                    spoof_map=cfg.spoof_addresses, max_sources=cfg.max_sources, forward_rate=cfg.forward_rate,
+                ),
+                metrics=self.metrics,
+            ))
+        if cfg.jsonl:
+            sinks.append(JsonlSink(data_dir=self.data_dir, path=cfg.jsonl))
+        if cfg.store:
+            store = _store_sink(cfg)
+            if store is not None:
+                sinks.append(store)
+                self._register_store_metrics(store)
+        sinks.extend(self._extra_sinks)
+        return sinks
+
+    def _register_store_metrics(self, store: Sink) -> None:
+        """Per-exporter rows, decode errors and loss (the store's collector) on /metrics, if it has one."""
+        try:
+            from flowtunnel.store.metrics import StoreCollector
+            from flowtunnel.store.sink import StoreSink
+        except ImportError:
+            return
+        if not isinstance(store, StoreSink):
+            return
+        try:
+            self.metrics.registry.register(StoreCollector(store))
+        except (ValueError, TypeError) as exc:  # duplicate names: a bug, but not worth refusing to start
+            log.warning("store metrics not registered: %s", exc)
+
+    async def start(self) -> None:
+        cfg = self.config
+        _raise_fd_limit()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(self.data_dir, 0o700)
+        Registry(self.data_dir).close()  # create it (0600) so the first lookup finds a valid file
+        self.journal = journal = await asyncio.to_thread(
+            DurableLog,
+            LogConfig(path=self.data_dir / JOURNAL_FILE, quota_bytes=cfg.journal_quota,
+                      full_policy=FullPolicy.REFUSE_NEW),
+        )
+        self.notify = JournalNotify(journal.last_seq())
+        self._restore_last_seen()
+        self.keys = keys = AgentKeys(self.data_dir, ttl=cfg.registry_ttl)
+        self.ingest = Ingest(
+            journal=journal, keys=keys, metrics=self.metrics, notify=self.notify,
+            limits=WireLimits(max_body=cfg.max_body, max_raw=cfg.max_raw), retry_after=cfg.retry_after,
+        )
+        self.sinks = self._build_sinks()
+        if not self.sinks:
+            log.warning("no sinks configured (no --forward, --jsonl or store): the journal keeps everything")
+        for sink in self.sinks:
+            self._sink_tasks[sink.name] = self._tasks.spawn(self._supervise(sink), name=f"sink:{sink.name}")
+        app = build_app(
+            ingest=self.ingest, metrics=self.metrics, serve_metrics=cfg.metrics, max_body=cfg.max_body,
+            max_inflight=cfg.max_inflight, max_inflight_per_agent=cfg.max_inflight_per_agent,
+            body_timeout=cfg.body_timeout, min_body_rate=cfg.min_body_rate, retry_after=cfg.retry_after,
+            status=self.status if cfg.metrics else None,
+        )
+        self._runner = web.AppRunner(
+            app, access_log=None, keepalive_timeout=cfg.keepalive_timeout, max_line_size=8190,
+            max_field_size=8190, max_headers=64, shutdown_timeout=15.0, logger=HttpErrorLogger(self.metrics),
+        )
+        await self._runner.setup()
+        host, port = cfg.listen_host_port
+        ssl_ctx: ssl.SSLContext | None = None
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_ctx, reuse_address=True)
+        await site.start()
+        self._sites.append(site)
+        scheme = "https" if ssl_ctx else "http"
+        for addr in self._runner.addresses:
+            h, p = addr[0], addr[1]
+            self.urls.append(f"{scheme}://[{h}]:{p}" if ":" in str(h) else f"{scheme}://{h}:{p}")
+        self._tasks.spawn(self._housekeeping(), name="gateway:housekeeping")
+        log.info("listening on %s (data %s, sinks: %s)", ", ".join(self.urls), self.data_dir,
+                 ", ".join(s.name for s in self.sinks) or "none")
+
+    def _restore_last_seen(self) -> None:
+        """Seed "last seen" from the previous run's status.json, so a restart does not show "never"."""
+        try:
+            doc = json.loads((self.data_dir / STATUS_FILE).read_text(encoding="utf-8"))
+            agents = doc.get("agents", {})
+            for agent_id, info in agents.items():
+                seen = info.get("last_seen") if isinstance(info, dict) else None
+                if isinstance(seen, int | float) and isinstance(agent_id, str):
+                    self.metrics.restore_last_seen(agent_id, float(seen))
+        except (OSError, ValueError, AttributeError):
+            return
+
+    @property
+    def url(self) -> str:
+        return self.urls[0]
+
+    async def _supervise(self, sink: Sink) -> None:
+        assert self.journal is not None
+        assert self.notify is not None
+        seen: set[str] = set()
+        while True:
+            try:
+                await sink.run(self.journal, self.notify)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.metrics.sink_errors.labels(sink.name, "crashed").inc()
+                cause = f"{type(exc).__name__}: {exc}"
+                if cause in seen:  # a sink failing the same way every few seconds must not flood the log
+                    log.debug("sink %s failed again: %s", sink.name, cause)
+                else:
+                    if len(seen) < 64:
+                        seen.add(cause)
+                    log.error("sink %s failed, restarting in %.1f s (repeats of this failure are counted, "
+                              "not logged): %s", sink.name, self.sink_restart_delay, exc, exc_info=exc)
+                await asyncio.sleep(self.sink_restart_delay)
+
+    # -- running ------------------------------------------------------------------------------------------
+
+    def _position(self, sink: Sink) -> int:
+        """How far ``sink`` has durably consumed: the "cursor" of its status (the store sink keeps its own
+        inside DuckDB), else the one committed in the journal."""
+        assert self.journal is not None
+        own = sink.status().get("cursor")
+        if isinstance(own, int) and not isinstance(own, bool):
+            return own
+        return self.journal.cursor(sink.name)
+
+    def _trim_point(self) -> int:
+        """The journal seq every sink has durably consumed (0 with no sinks: then nothing is trimmed)."""
+        journal = self.journal
+        if journal is None or not self.sinks:
+            return 0
+        positions = [self._position(s) for s in self.sinks]
+        if self.config.store and not any(s.name == "store" for s in self.sinks):
+            # The store is wanted but could not start: keep what it has not stored yet for when it can.
+            positions.append(journal.cursor("store"))
+        return min(positions)
+
+    async def _trim(self) -> None:
+        upto = self._trim_point()  # on the event loop: it reads the sinks' state
+        if self.journal is not None and upto > self._trimmed:
+            await asyncio.to_thread(self.journal.trim, upto)
+            self._trimmed = upto
+
+    async def _housekeeping(self) -> None:
+        once = OnceLogger(log)
+        while True:
+            await asyncio.sleep(self.config.status_interval)
+            try:
+                await self._trim()
+            except LogError as exc:
+                once.warning("trim", "trimming the journal failed: %s", exc)
+            try:
+                # Built on the event loop (the counters it reads change there), written in a thread.
+                doc = self.status()
+                await asyncio.to_thread(write_json_atomic, self.data_dir / STATUS_FILE, doc)
+            except (OSError, ValueError, TypeError) as exc:
+                once.warning("status", "writing %s failed: %s", self.data_dir / STATUS_FILE, exc)
+
+    def status(self) -> dict[str, object]:
+        """What ``status.json`` and ``GET /v1/status`` show."""
+        journal = self.journal
+        journal_doc: dict[str, object] = {}
+        hwms: dict[str, int] = {}
+        last = 0
+        if journal is not None:
+            with contextlib.suppress(LogError):
+                stats = journal.stats()
+                journal_doc = asdict(stats)
+                last = stats.last_seq
+                hwms = {k.removeprefix("hwm:"): v for k, v in journal.states("hwm:").items()}
+        agents: dict[str, dict[str, object]] = {}
+        try:
+            enrolled = self.keys.entries() if self.keys is not None else {}
+        except RegistryError:
+            enrolled = {}
+        for agent_id in sorted(set(enrolled) | set(self.metrics.agents) | set(hwms)):
+            st = self.metrics.agents.get(agent_id)
+            doc: dict[str, object] = st.as_dict() if st is not None else {}
+            doc["acked"] = hwms.get(agent_id, 0)
+            entry = enrolled.get(agent_id)
+            doc["enrolled"] = entry is not None
+            doc["revoked"] = entry is not None and entry.revoked
+            agents[agent_id] = doc
+        sinks: dict[str, object] = {}
+        for sink in self.sinks:
+            try:
+                sdoc = dict(sink.status())
+            except Exception as exc:  # a sink's status must never break the gateway's
+                sdoc = {"error": str(exc)}
+            cursor = sdoc.get("cursor")
+            if isinstance(cursor, int):
+                lag = max(0, last - cursor)
+                sdoc["lag"] = lag
+                self.metrics.sink_lag.labels(sink.name).set(lag)
+            task = self._sink_tasks.get(sink.name)
+            sdoc["running"] = task is not None and not task.done()
+            sinks[sink.name] = sdoc
+        if journal_doc:
+            self.metrics.journal_bytes.set(float(str(journal_doc.get("file_bytes", 0))))
+            self.metrics.journal_entries.set(float(str(journal_doc.get("entries", 0))))
+        return {
+            "kind": "gateway",
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self._started,
+            "updated": time.time(),
+            "listen": list(self.urls),
+            "data": str(self.data_dir),
+            "agents": agents,
+            "journal": journal_doc,
+            "sinks": sinks,
+            "rejected": dict(self.metrics.rejects_by_cause),
+        }
+
+    def write_status(self) -> None:
+        write_json_atomic(self.data_dir / STATUS_FILE, self.status())
+
+    # -- stop ---------------------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        if self.ingest is not None:
+            self.ingest.closing = True
+        # Stop accepting, site by site, then let in-flight requests finish (runner.cleanup waits for them).
+        for site in self._sites:
+            try:
+                await site.stop()
+            except Exception as exc:
+                log.warning("stopping site %s: %s", site.name, exc)
+        self._sites.clear()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        # Sinks one by one: each commits its cursor after its side effect, so cancelling is safe.
+        for sink in reversed(self.sinks):
+            task = self._sink_tasks.pop(sink.name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        await self._tasks.close()
+        if self.journal is not None:
+            with contextlib.suppress(OSError, LogError):
+                self.write_status()
+            self.journal.close()
+            self.journal = None
+        log.info("stopped")
+
+    async def run(self, stop: asyncio.Event) -> int:
+        try:
+            await self.start()
+            await stop.wait()
+        finally:
+            await self.stop()
+        return 0
+
+
+async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> int:
+    """The body of ``flowtunnel gateway``; returns the exit code."""
+    return await Gateway(config).run(stop)
+

@@ -1,0 +1,160 @@
+"""Reading and rendering the gateway's ``status.json`` for ``flowtunnel status --data DIR``.
+
+The gateway rewrites the file atomically every few seconds (``Gateway.status`` builds it; ``GET /v1/status``
+serves the same document). This module turns it into text an operator reads at a glance: agents (last seen,
+acked sequence, datagrams, compression, backlog and drops they report, rejects), journal, sinks and their lag,
+and the udp-forward source of each (agent, exporter). It tolerates missing keys.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flowtunnel.errors import FlowtunnelError
+
+__all__ = ["STALE_AFTER", "read_status", "render"]
+
+#: Written every few seconds; older than this, the gateway is probably not running.
+STALE_AFTER = 30.0
+
+
+def read_status(data_dir: Path) -> dict[str, Any]:
+    """The parsed ``<data_dir>/status.json``; raises ``FlowtunnelError`` naming the file and the problem."""
+    path = Path(data_dir) / "status.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FlowtunnelError(f"{path} does not exist: no gateway has run with data {data_dir}") from None
+    except OSError as exc:
+        raise FlowtunnelError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise FlowtunnelError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "gateway":
+        raise FlowtunnelError(f"{path} is not a gateway status file")
+    return doc
+
+
+def _size(n: object) -> str:
+    if not isinstance(n, int | float):
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+def _ago(t: object, now: float) -> str:
+    if not isinstance(t, int | float):
+        return "never"
+    delta = max(0.0, now - float(t))
+    if delta < 120:
+        return f"{delta:.0f} s ago"
+    if delta < 7200:
+        return f"{delta / 60:.0f} min ago"
+    if delta < 172800:
+        return f"{delta / 3600:.1f} h ago"
+    return time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime(float(t)))
+
+
+def _counts(d: object) -> str:
+    if not isinstance(d, Mapping) or not any(d.values()):
+        return "-"
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if v)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    out = ["  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for r in rows:
+        out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return out
+
+
+def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
+    """The status document as a few aligned sections of plain text."""
+    now = time.time() if now is None else now
+    lines: list[str] = []
+    updated = status.get("updated")
+    stale = isinstance(updated, int | float) and now - updated > STALE_AFTER
+    listen = ", ".join(str(u) for u in status.get("listen") or []) or "-"
+    lines.append(f"gateway  {listen}  (pid {status.get('pid', '?')}, data {status.get('data', '?')})"
+                 + ("  STALE: the gateway is probably not running" if stale else ""))
+    lines.append(f"updated  {_ago(updated, now)}")
+
+    agents = status.get("agents") or {}
+    lines.append("")
+    lines.append(f"agents ({len(agents)})")
+    rows: list[list[str]] = []
+    for agent_id, a in sorted(agents.items()):
+        if not isinstance(a, Mapping):
+            continue
+        ratio = a.get("compression_ratio")
+        state = "revoked" if a.get("revoked") else ("active" if a.get("enrolled", True) else "not enrolled")
+        rows.append([
+            str(agent_id), state, _ago(a.get("last_seen"), now), str(a.get("acked", 0)),
+            str(a.get("datagrams", 0)), _size(a.get("http_bytes")),
+            f"{ratio:.1f}x" if isinstance(ratio, int | float) else "-",
+            "-" if a.get("backlog") is None else str(a.get("backlog")),
+            _counts({**(a.get("dropped") or {}), **({"gap": a["gap"]} if a.get("gap") else {}),
+                     **({"LOST_HERE": a["lost_at_gateway"]} if a.get("lost_at_gateway") else {})}),
+            _counts(a.get("rejected")),
+        ])
+    if rows:
+        lines += _table(["agent", "state", "last seen", "acked", "datagrams", "http in", "ratio", "backlog",
+                         "drops", "rejected"], rows)
+    else:
+        lines.append("  none enrolled (flowtunnel enroll NAME --data DIR)")
+
+    j = status.get("journal") or {}
+    lines.append("")
+    held = (
+        f"seq {j.get('first_seq', '-')}..{j.get('last_seq', '-')}" if j.get("entries")
+        else f"all consumed, last seq {j.get('last_seq', '-')}"
+    )
+    lines.append(
+        f"journal  {j.get('entries', '-')} entries, {_size(j.get('file_bytes'))} on disk "
+        f"(quota {_size(j.get('quota_bytes'))}), {held}"
+        + (f", refused {j['refused']}" if j.get("refused") else "")
+    )
+
+    sinks = status.get("sinks") or {}
+    lines.append("")
+    lines.append(f"sinks ({len(sinks)})")
+    srows: list[list[str]] = []
+    for name, s in sorted(sinks.items()):
+        if not isinstance(s, Mapping):
+            continue
+        extra = []
+        for key in ("sent", "records", "rows", "path", "database"):
+            if key in s:
+                extra.append(f"{key}={s[key]}")
+        if s.get("errors"):
+            extra.append(f"errors: {_counts(s['errors'])}")
+        srows.append([
+            str(name), "running" if s.get("running", True) else "STOPPED", str(s.get("cursor", "-")),
+            str(s.get("lag", "-")), " ".join(extra),
+        ])
+    if srows:
+        lines += _table(["sink", "state", "cursor", "lag", "details"], srows)
+    else:
+        lines.append("  none")
+
+    fwd = sinks.get("udp-forward") if isinstance(sinks, Mapping) else None
+    mappings = fwd.get("mappings") if isinstance(fwd, Mapping) else None
+    if isinstance(fwd, Mapping) and mappings:
+        lines.append("")
+        lines.append(f"forward sources -> {', '.join(fwd.get('targets') or [])}")
+        mrows = [[str(m.get("agent")), str(m.get("exporter")), str(m.get("source")),
+                  "spoofed" if m.get("spoofed") else ("FALLBACK" if m.get("fallback") else "bound"),
+                  str(m.get("sent", 0))] for m in mappings if isinstance(m, Mapping)]
+        lines += _table(["agent", "exporter", "source", "mode", "sent"], mrows)
+
+    lines.append("")
+    lines.append(f"rejected requests  {_counts(status.get('rejected'))}")
+    return "\n".join(lines)

@@ -1,0 +1,618 @@
+"""The gateway's HTTP ingest, over a real socket: accepted batches are journaled once, bad ones get a precise
+4xx and write nothing, and the process keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import ipaddress
+import logging
+import os
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from flowtunnel.datagram import Datagram
+from flowtunnel.gateway import Gateway, Registry
+from flowtunnel.wire import HEADER, AuthenticationFailed, peek_header, verify_ack
+from tests.gateway.util import (
+    BATCH_CONTENT_TYPE,
+    datagrams,
+    enroll,
+    journal_entries,
+    post_batch,
+    seal,
+    start_gateway,
+)
+
+AGENT = "site-a"
+
+
+def verified(doc: dict[str, object], key: bytes, body: bytes) -> dict[str, object]:
+    """``doc`` without its ``tag``, after checking the tag answers the batch ``body`` (protocol.md §7.1)."""
+    rest = dict(doc)
+    acked = rest["acked"]
+    assert isinstance(acked, int)
+    verify_ack(key, agent_id=AGENT, request_nonce=peek_header(body).nonce, acked=acked, tag=rest.pop("tag"))
+    return rest
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[Gateway, bytes, aiohttp.ClientSession]]:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data, max_body=64 << 10, body_timeout=1.0)
+    async with aiohttp.ClientSession() as session:
+        yield gw, key, session
+    await gw.stop()
+
+
+async def test_batch_is_journaled_with_agent_seqs_and_acked(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    gw, key, session = env
+    dgs = datagrams(5)
+    body = seal(AGENT, key, 1, dgs)
+    status, doc, _ = await post_batch(
+        session,
+        gw.url,
+        body,
+        agent=AGENT,
+        headers={"X-Flowtunnel-Backlog": "7", "X-Flowtunnel-Dropped": "spool_full=3"},
+    )
+    assert status == 200
+    assert verified(doc, key, body) == {"agent": AGENT, "acked": 5, "accepted": 5, "duplicates": 0}
+    entries = journal_entries(gw)
+    assert [e.datagram for e in entries] == dgs
+    assert [(e.stream, e.stream_seq) for e in entries] == [(AGENT, i) for i in range(1, 6)]
+    assert gw.journal is not None
+    assert gw.journal.get_state(f"hwm:{AGENT}") == 5
+    stats = gw.metrics.agents[AGENT]
+    assert (stats.backlog, stats.dropped) == (7, {"spool_full": 3})
+
+
+async def test_exact_replay_is_acknowledged_without_effect(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    gw, key, session = env
+    body = seal(AGENT, key, 1, datagrams(3))
+    assert (await post_batch(session, gw.url, body, agent=AGENT))[0] == 200
+    status, doc, _ = await post_batch(session, gw.url, body, agent=AGENT)
+    assert status == 200
+    assert verified(doc, key, body) == {"agent": AGENT, "acked": 3, "accepted": 0, "duplicates": 3}
+    assert len(journal_entries(gw)) == 3
+
+
+async def test_partial_overlap_journals_only_the_new_part(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    gw, key, session = env
+    dgs = datagrams(10)
+    assert (await post_batch(session, gw.url, seal(AGENT, key, 1, dgs[:4]), agent=AGENT))[0] == 200
+    body = seal(AGENT, key, 3, dgs[2:10])
+    status, doc, _ = await post_batch(session, gw.url, body, agent=AGENT)
+    assert status == 200
+    assert verified(doc, key, body) == {"agent": AGENT, "acked": 10, "accepted": 6, "duplicates": 2}
+    entries = journal_entries(gw)
+    assert [e.datagram for e in entries] == dgs
+    assert [e.stream_seq for e in entries] == list(range(1, 11))
+
+
+async def test_gap_above_the_mark_is_accepted_and_counted(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    gw, key, session = env
+    assert (await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(2)), agent=AGENT))[0] == 200
+    status, doc, _ = await post_batch(
+        session, gw.url, seal(AGENT, key, 10, datagrams(2, start=9)), agent=AGENT
+    )
+    assert (status, doc["acked"], doc["accepted"]) == (200, 11, 2)
+    assert [e.stream_seq for e in journal_entries(gw)] == [1, 2, 10, 11]
+    assert gw.metrics.agents[AGENT].gap == 7
+    assert 'flowtunnel_gateway_agent_gap_datagrams_total{agent="site-a"} 7.0' in gw.metrics.render().decode()
+
+
+async def test_concurrent_retries_of_one_batch_are_journaled_once(tmp_path: Path) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data, max_inflight_per_agent=8)
+    try:
+        body = seal(AGENT, key, 1, datagrams(50))
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(
+                *(post_batch(session, gw.url, body, agent=AGENT) for _ in range(8))
+            )
+        assert all(status == 200 for status, _, _ in results)
+        assert sum(doc["accepted"] for _, doc, _ in results) == 50
+        assert len(journal_entries(gw)) == 50
+    finally:
+        await gw.stop()
+
+
+async def test_one_agent_id_cannot_take_every_slot(tmp_path: Path) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    key_b = enroll(data, "site-b")
+    gw = await start_gateway(data, max_inflight=4, max_inflight_per_agent=2)
+    try:
+        host, port = gw.url.removeprefix("http://").split(":")
+        body = seal(AGENT, key, 1, datagrams(2))
+        held = HEADER.size + len(AGENT)
+        head = (
+            f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
+            f"X-Flowtunnel-Agent: {AGENT}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        writers = []
+        for _ in range(2):  # someone claiming site-a's id, sending its header and then nothing
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(head + body[:held])
+            writers.append(writer)
+        async with asyncio.timeout(10):
+            while gw.metrics.registry.get_sample_value("flowtunnel_gateway_inflight_requests") != 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as session:
+            status, doc, _ = await post_batch(session, gw.url, body, agent=AGENT)
+            assert (status, doc["error"]) == (503, "busy")
+            status, doc, _ = await post_batch(
+                session, gw.url, seal("site-b", key_b, 1, datagrams(2)), agent="site-b"
+            )
+            assert (status, doc["accepted"]) == (200, 2)
+        for writer in writers:
+            writer.close()
+            await writer.wait_closed()
+    finally:
+        await gw.stop()
+
+
+async def test_empty_batch_resynchronises_and_state_endpoint_answers(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    gw, key, session = env
+    await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(4)), agent=AGENT)
+    status, doc, _ = await post_batch(session, gw.url, seal(AGENT, key, 0, []), agent=AGENT)
+    assert (status, doc["acked"], doc["accepted"]) == (200, 4, 0)
+    empty = seal(AGENT, key, 0, [])
+    token = base64.urlsafe_b64encode(empty).decode().rstrip("=")
+    async with session.get(
+        f"{gw.url}/v1/agents/{AGENT}/state", headers={"X-Flowtunnel-Token": token}
+    ) as resp:
+        assert resp.status == 200
+        answer = await resp.json()
+    assert verified(answer, key, empty) == {"agent": AGENT, "acked": 4}
+    # The tag binds the answer to its request: it does not verify for another request's nonce, nor for
+    # another acked value.
+    with pytest.raises(AuthenticationFailed):
+        verified(answer, key, seal(AGENT, key, 0, []))
+    with pytest.raises(AuthenticationFailed):
+        verified({**answer, "acked": 5}, key, empty)
+    async with session.get(f"{gw.url}/v1/agents/{AGENT}/state") as resp:
+        assert resp.status == 401
+    other = os.urandom(32)
+    bad = base64.urlsafe_b64encode(seal(AGENT, other, 0, [])).decode()
+    async with session.get(f"{gw.url}/v1/agents/{AGENT}/state", headers={"X-Flowtunnel-Token": bad}) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"] == "authentication-failed"
+    assert len(journal_entries(gw)) == 4
+
+
+def _tamper(body: bytes) -> bytes:
+    b = bytearray(body)
+    b[-5] ^= 0x40
+    return bytes(b)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected_status", "expected_error"),
+    [
+        ("unknown agent", 401, "unknown-agent"),
+        ("wrong key", 401, "authentication-failed"),
+        ("tampered ciphertext", 401, "authentication-failed"),
+        ("tampered header", 401, "authentication-failed"),
+        ("truncated body", 400, "truncated"),
+        ("garbage", 400, "bad-magic"),
+        ("agent header mismatch", 400, "agent-mismatch"),
+        ("agent header missing", 400, "no-agent-header"),
+        ("wrong content type", 415, "content-type"),
+        ("oversized declared length", 413, "too-large"),
+        ("hostile agent id header", 400, "bad-magic"),
+    ],
+)
+async def test_bad_requests_get_a_precise_4xx_and_write_nothing(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession], case: str, expected_status: int, expected_error: str
+) -> None:
+    gw, key, session = env
+    good = seal(AGENT, key, 1, datagrams(3))
+    agent: str | None = AGENT
+    headers: dict[str, str] = {}
+    if case == "unknown agent":
+        body, agent = seal("stranger", key, 1, datagrams(3)), "stranger"
+    elif case == "wrong key":
+        body = seal(AGENT, os.urandom(32), 1, datagrams(3))
+    elif case == "tampered ciphertext":
+        body = _tamper(good)
+    elif case == "tampered header":
+        b = bytearray(good)
+        b[19] ^= 0x02  # first_seq 1 -> 3: the header is authenticated as associated data
+        body = bytes(b)
+    elif case == "truncated body":
+        body = good[: len(good) - 10]
+    elif case == "garbage":
+        body = os.urandom(300)
+    elif case == "agent header mismatch":
+        body, agent = good, "site-b"
+    elif case == "agent header missing":
+        body, agent = good, None
+    elif case == "wrong content type":
+        body, headers = good, {"Content-Type": "application/json"}
+    elif case == "oversized declared length":
+        body = os.urandom(65 << 10)
+    else:
+        body, agent = os.urandom(64), "../../etc/passwd" + "x" * 3000
+    status, doc, _ = await post_batch(session, gw.url, body, agent=agent, headers=headers)
+    assert (status, doc["error"]) == (expected_status, expected_error), doc
+    assert doc["detail"]
+    assert journal_entries(gw) == []
+    assert gw.metrics.rejects_by_cause.get(expected_error) == 1
+    # The gateway still serves, and the good batch still goes through.
+    status, doc, _ = await post_batch(session, gw.url, good, agent=AGENT)
+    assert (status, doc["accepted"]) == (200, 3)
+
+
+async def test_rejections_are_counted_with_bounded_labels(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    gw, key, session = env
+    for i in range(5):
+        await post_batch(session, gw.url, seal(f"nobody-{i}", key, 1, datagrams(1)), agent=f"nobody-{i}")
+    await post_batch(session, gw.url, seal(AGENT, os.urandom(32), 1, datagrams(1)), agent=AGENT)
+    text = gw.metrics.render().decode()
+    assert 'flowtunnel_gateway_rejected_requests_total{agent="unknown",cause="unknown-agent"} 5.0' in text
+    assert (
+        'flowtunnel_gateway_rejected_requests_total{agent="site-a",cause="authentication-failed"} 1.0' in text
+    )
+    assert "nobody-" not in text
+
+
+async def test_missing_content_length_gets_411(env: tuple[Gateway, bytes, aiohttp.ClientSession]) -> None:
+    gw, key, session = env
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield seal(AGENT, key, 1, datagrams(2))
+
+    headers = {"Content-Type": BATCH_CONTENT_TYPE, "X-Flowtunnel-Agent": AGENT}
+    async with session.post(gw.url + "/v1/batches", data=chunks(), headers=headers) as resp:
+        assert resp.status == 411
+        assert (await resp.json())["error"] == "no-length"
+    assert journal_entries(gw) == []
+
+
+async def test_slow_body_is_cut_off_with_408(env: tuple[Gateway, bytes, aiohttp.ClientSession]) -> None:
+    gw, key, _ = env
+    host, port = gw.url.removeprefix("http://").split(":")
+    body = seal(AGENT, key, 1, datagrams(2))
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
+        f"X-Flowtunnel-Agent: {AGENT}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    writer.write(head + body[:10])  # then never the rest (body_timeout is 1 s in this fixture)
+    await writer.drain()
+    async with asyncio.timeout(30):
+        answer = await reader.read(4096)
+    writer.close()
+    await writer.wait_closed()
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert journal_entries(gw) == []
+
+
+async def test_revoked_then_rotated_agent_without_restart(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    gw, key, session = env
+    assert (await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(1)), agent=AGENT))[0] == 200
+    with Registry(gw.data_dir) as reg:
+        reg.revoke(AGENT)
+    status, doc, _ = await post_batch(
+        session, gw.url, seal(AGENT, key, 2, datagrams(1, start=1)), agent=AGENT
+    )
+    assert (status, doc["error"]) == (403, "revoked")
+    with Registry(gw.data_dir) as reg:
+        new_key = reg.enroll(AGENT, rotate=True).key
+    # The new key works at once (an authentication failure re-reads the registry) ...
+    status, doc, _ = await post_batch(
+        session, gw.url, seal(AGENT, new_key, 2, datagrams(1, start=1)), agent=AGENT
+    )
+    assert (status, doc["acked"]) == (200, 2)
+    # ... and the old one is refused.
+    status, doc, _ = await post_batch(
+        session, gw.url, seal(AGENT, key, 3, datagrams(1, start=2)), agent=AGENT
+    )
+    assert (status, doc["error"]) == (401, "authentication-failed")
+    assert [e.stream_seq for e in journal_entries(gw)] == [1, 2]
+
+
+async def test_newly_enrolled_agent_is_accepted_without_restart(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    gw, _, session = env
+    key_b = enroll(gw.data_dir, "site-b")
+    status, doc, _ = await post_batch(session, gw.url, seal("site-b", key_b, 1, datagrams(2)), agent="site-b")
+    assert (status, doc["accepted"]) == (200, 2)
+
+
+async def test_journal_full_gives_503_with_retry_after_and_acks_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data, journal_quota=1 << 20)
+    try:
+        big = [d for d in datagrams(40)]
+        big = [
+            type(d)(
+                received_ns=d.received_ns,
+                exporter=d.exporter,
+                exporter_port=d.exporter_port,
+                local_port=d.local_port,
+                payload=os.urandom(30_000),
+            )
+            for d in big
+        ]
+        async with aiohttp.ClientSession() as session:
+            status, doc, _ = await post_batch(session, gw.url, seal(AGENT, key, 1, big[:20]), agent=AGENT)
+            assert status == 200
+            status, doc, headers = await post_batch(
+                session, gw.url, seal(AGENT, key, 21, big[20:]), agent=AGENT
+            )
+            assert (status, doc["error"]) == (503, "journal-full")
+            assert headers["Retry-After"] == "5"
+        assert len(journal_entries(gw)) == 20
+        assert gw.journal is not None
+        assert gw.journal.get_state(f"hwm:{AGENT}") == 20
+    finally:
+        await gw.stop()
+
+
+async def test_health_metrics_and_status_endpoints(env: tuple[Gateway, bytes, aiohttp.ClientSession]) -> None:
+    gw, key, session = env
+    body = seal(AGENT, key, 1, datagrams(20))
+    await post_batch(session, gw.url, body, agent=AGENT, headers={"X-Flowtunnel-Backlog": "12"})
+    async with session.get(gw.url + "/healthz") as resp:
+        assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+    async with session.get(gw.url + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    raw = sum(len(d.payload) for d in datagrams(20))
+    assert 'flowtunnel_gateway_datagrams_total{agent="site-a"} 20.0' in text
+    assert f'flowtunnel_gateway_http_body_bytes_total{{agent="site-a"}} {float(len(body))}' in text
+    assert f'flowtunnel_gateway_datagram_bytes_total{{agent="site-a"}} {float(raw)}' in text
+    assert 'flowtunnel_gateway_agent_backlog_datagrams{agent="site-a"} 12.0' in text
+    assert 'flowtunnel_gateway_agent_last_seen_timestamp_seconds{agent="site-a"}' in text
+    assert "flowtunnel_gateway_compression_ratio" in text
+    async with session.get(gw.url + "/v1/status") as resp:
+        doc = await resp.json()
+    assert doc["agents"][AGENT]["acked"] == 20
+    assert doc["journal"]["entries"] == 20
+
+
+async def test_shutting_down_gateway_answers_503(tmp_path: Path) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data)
+    assert gw.ingest is not None
+    gw.ingest.closing = True
+    async with aiohttp.ClientSession() as session:
+        status, doc, headers = await post_batch(
+            session, gw.url, seal(AGENT, key, 1, datagrams(1)), agent=AGENT
+        )
+    await gw.stop()
+    assert (status, doc["error"], headers.get("Retry-After")) == (503, "shutting-down", "5")
+    assert journal_entries(data) == []
+
+
+async def test_hwm_survives_a_restart(tmp_path: Path) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data)
+    async with aiohttp.ClientSession() as session:
+        await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(5)), agent=AGENT)
+    await gw.stop()
+    gw = await start_gateway(data)
+    assert gw.metrics.agents[AGENT].last_seen is not None  # carried over from the last status.json
+    try:
+        async with aiohttp.ClientSession() as session:
+            status, doc, _ = await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(6)), agent=AGENT)
+        assert (status, doc["acked"], doc["accepted"], doc["duplicates"]) == (200, 6, 1, 5)
+        assert [e.stream_seq for e in journal_entries(gw)] == [1, 2, 3, 4, 5, 6]
+    finally:
+        await gw.stop()
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowtunnel test gateway")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "gw.pem", tmp_path / "gw.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_serves_https_with_the_configured_certificate(tmp_path: Path) -> None:
+    cert, key_file = _self_signed(tmp_path)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data, tls_cert=cert, tls_key=key_file)
+    try:
+        assert gw.url.startswith("https://127.0.0.1:")
+        ctx = ssl.create_default_context(cafile=str(cert))
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session:
+            status, doc, _ = await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(2)), agent=AGENT)
+            assert (status, doc["accepted"]) == (200, 2)
+        async with aiohttp.ClientSession() as session:  # default trust store: the self-signed cert fails
+            with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                await post_batch(session, gw.url, seal(AGENT, key, 3, datagrams(1)), agent=AGENT)
+    finally:
+        await gw.stop()
+
+
+async def test_decompression_bomb_is_refused_before_inflating(tmp_path: Path) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data, max_body=64 << 10, max_raw=256 << 10)
+    try:
+        zeros = [
+            Datagram(
+                received_ns=1, exporter="127.0.0.1", exporter_port=1, local_port=2055, payload=bytes(8000)
+            )
+            for _ in range(200)
+        ]
+        body = seal(AGENT, key, 1, zeros)
+        assert len(body) < 64 << 10  # small on the wire, 1.6 MB inside
+        async with aiohttp.ClientSession() as session:
+            status, doc, _ = await post_batch(session, gw.url, body, agent=AGENT)
+        assert (status, doc["error"]) == (413, "limit-exceeded")
+        assert "exceeds max_raw 262144" in doc["detail"]
+        assert journal_entries(gw) == []
+    finally:
+        await gw.stop()
+
+
+async def test_requests_beyond_max_inflight_get_503_busy(tmp_path: Path) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data, max_inflight=1, max_inflight_per_agent=1, body_timeout=5.0)
+    try:
+        host, port = gw.url.removeprefix("http://").split(":")
+        body = seal(AGENT, key, 1, datagrams(2))
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
+            f"X-Flowtunnel-Agent: {AGENT}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        held = HEADER.size + len(AGENT)  # the batch header: enough to take a slot
+        writer.write(head + body[:held])  # holds the only slot while its body trickles in
+        await writer.drain()
+        async with asyncio.timeout(10):
+            while not gw.metrics.registry.get_sample_value("flowtunnel_gateway_inflight_requests"):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as session:
+            status, doc, headers = await post_batch(session, gw.url, body, agent=AGENT)
+            assert (status, doc["error"], headers["Retry-After"]) == (503, "busy", "5")
+            writer.write(body[held:])
+            await writer.drain()
+            answer = await reader.read(4096)
+            assert answer.startswith(b"HTTP/1.1 200")
+            status, doc, _ = await post_batch(session, gw.url, body, agent=AGENT)
+            assert (status, doc["duplicates"]) == (200, 2)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await gw.stop()
+
+
+async def test_unparseable_requests_are_counted_and_logged_once(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession], caplog: pytest.LogCaptureFixture
+) -> None:
+    gw, _, _ = env
+    host, port = gw.url.removeprefix("http://").split(":")
+    for _ in range(10):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING and "Content-Length" in r.getMessage()]
+    assert len(noisy) == 1
+    assert noisy[0].exc_info is None
+    assert gw.metrics.rejects_by_cause["bad-http"] == 10
+
+
+async def test_agent_that_saw_more_acknowledged_than_the_journal_holds_must_resync(tmp_path: Path) -> None:
+    """The journal lost acknowledged datagrams (restored from an old backup): the agent's next batch is
+    refused with 409 and the real mark, and once resynchronised its gap is counted as lost here."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(3)), agent=AGENT)
+            # The agent last saw 8 acknowledged; this journal only holds 3.
+            batch = seal(AGENT, key, 9, datagrams(2, start=8))
+            status, doc, _ = await post_batch(
+                session, gw.url, batch, agent=AGENT, headers={"X-Flowtunnel-Acked": "8"}
+            )
+            assert (status, doc["error"], doc["acked"]) == (409, "resync", 3)
+            assert len(journal_entries(gw)) == 3
+            # Resynchronised, the agent now knows 3 is the mark and sends what it still has.
+            status, doc, _ = await post_batch(
+                session, gw.url, batch, agent=AGENT, headers={"X-Flowtunnel-Acked": "3"}
+            )
+            assert (status, doc["acked"], doc["accepted"]) == (200, 10, 2)
+            # An agent that says nothing about what it saw keeps the old behaviour.
+            status, doc, _ = await post_batch(
+                session, gw.url, seal(AGENT, key, 11, datagrams(1)), agent=AGENT
+            )
+            assert status == 200
+        stats = gw.metrics.agents[AGENT]
+        assert (stats.lost, stats.gap) == (5, 0)
+        text = gw.metrics.render().decode()
+        assert 'flowtunnel_gateway_journal_lost_datagrams_total{agent="site-a"} 5.0' in text
+    finally:
+        await gw.stop()
+
+
+async def test_a_stalled_body_loses_its_slot_after_one_window(tmp_path: Path) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    # 60 KiB at the minimum rate of 1 KiB/s would have a minute; stalling, it is cut after one 1 s window.
+    gw = await start_gateway(data, max_body=64 << 10, body_timeout=1.0, max_inflight_per_agent=1)
+    try:
+        host, port = gw.url.removeprefix("http://").split(":")
+        body = seal(AGENT, os.urandom(32), 1, datagrams(1))
+        head = (
+            f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
+            f"X-Flowtunnel-Agent: {AGENT}\r\nContent-Length: {60 << 10}\r\n\r\n"
+        ).encode()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(head + body[:-16])  # names the enrolled agent, then stalls
+        await writer.drain()
+        async with asyncio.timeout(15):
+            answer = await reader.read(4096)
+        writer.close()
+        await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 408")
+        async with aiohttp.ClientSession() as session:
+            status, doc, _ = await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(1)), agent=AGENT)
+        assert (status, doc["accepted"]) == (200, 1)
+    finally:
+        await gw.stop()
