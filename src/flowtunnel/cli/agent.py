@@ -1,10 +1,83 @@
-"""Subcommand module placeholder: being written (owner fills register())."""
+"""``flowtunnel agent``: receive NetFlow/IPFIX over UDP, spool it, upload it to a gateway over HTTP(S)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
+from flowtunnel.cli._common import add_config_flag, init_logging
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    pass
+__all__ = ["register"]
+
+# (flag, field, metavar, help). Every flag is also a key in [agent] and an env var FLOWTUNNEL_AGENT_<KEY>.
+_FLAGS: tuple[tuple[str, str, str, str], ...] = (
+    ("--gateway", "gateway", "URL", "gateway base URL, e.g. https://gw.example.net:8443 (required)"),
+    ("--spool", "spool", "DIR", "spool directory: durable queue, status.json (required)"),
+    ("--agent-id", "agent_id", "ID", "this agent's id, as enrolled at the gateway (required)"),
+    ("--key", "key", "KEY", "the agent's key (ftk1_...) from 'flowtunnel enroll'; prefer --key-file or "
+     "the env var FLOWTUNNEL_AGENT_KEY, command lines are visible to other users"),
+    ("--key-file", "key_file", "FILE", "file holding the agent's key"),
+    ("--proxy", "proxy", "URL", "HTTP proxy, http://[user:pass@]host:port (Basic auth; CONNECT for https "
+     "gateways); without it HTTP_PROXY/HTTPS_PROXY/NO_PROXY apply"),
+    ("--ca-file", "ca_file", "FILE", "PEM file of CA certificates to verify an https gateway with"),
+    ("--pin-sha256", "pin_sha256", "HEX", "SHA-256 of the gateway's DER certificate; alone it replaces CA "
+     "verification (self-signed gateway), with --ca-file both must pass"),
+    ("--connect-timeout", "connect_timeout", "DURATION", "limit on connecting (TCP, proxy, TLS), 15s"),
+    ("--read-timeout", "read_timeout", "DURATION", "limit on each read of the response (default 60s)"),
+    ("--total-timeout", "total_timeout", "DURATION", "limit on a whole request (default 180s)"),
+    ("--latency", "latency", "DURATION", "when caught up, send at most this often (default 1s)"),
+    ("--max-batch-datagrams", "max_batch_datagrams", "N", "datagrams per batch at most (default 20000)"),
+    ("--max-body", "max_body", "SIZE", "request body bytes at most, for buffering proxies (default 1MiB)"),
+    ("--bandwidth", "bandwidth", "SIZE", "cap on upload bytes per second, e.g. 20k (default 0 = unlimited)"),
+    ("--daily-bytes", "daily_bytes", "SIZE", "cap on upload bytes per UTC day, e.g. 50MB (0 = unlimited)"),
+    ("--spool-quota", "spool_quota", "SIZE", "disk the spool may use (default 512MiB)"),
+    ("--full-policy", "full_policy", "POLICY", "when the spool is full: drop-oldest (default) or refuse-new; "
+     "either way every dropped datagram is counted"),
+    ("--rcvbuf", "rcvbuf", "SIZE", "UDP receive buffer asked of the kernel (default 16MiB; capped by "
+     "net.core.rmem_max unless run as root); what a full buffer drops is counted as kernel_rcvbuf"),
+    ("--buffer-datagrams", "buffer_datagrams", "N", "datagrams held in memory before the spool (20000)"),
+    ("--commit-interval", "commit_interval", "DURATION", "group-commit interval of the spool (default 50ms)"),
+    ("--backoff-base", "backoff_base", "DURATION", "first retry delay after a failure (default 0.5s)"),
+    ("--backoff-cap", "backoff_cap", "DURATION", "longest retry delay (default 60s)"),
+    ("--reject-backoff", "reject_backoff", "DURATION", "retry delay after a refusal retrying cannot fix "
+     "(401, 403, 400) (default 5m)"),
+    ("--status-interval", "status_interval", "DURATION", "how often status.json is rewritten (default 2s)"),
+    ("--shutdown-timeout", "shutdown_timeout", "DURATION", "on SIGTERM, time allowed for a last upload "
+     "(default 5s)"),
+)
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    parser = sub.add_parser(
+        "agent",
+        help="receive exports over UDP and carry them to a gateway",
+        description=(
+            "Receive NetFlow v5/v9/IPFIX datagrams over UDP, keep them in a durable spool, and upload them "
+            "to a flowtunnel gateway over HTTP(S), through proxies and outages, exactly once and in order. "
+            "Sizes take units (500k, 4MiB), durations too (250ms, 30s, 5m). Every flag is also a key in the "
+            "[agent] section of --config and an environment variable FLOWTUNNEL_AGENT_<KEY>."
+        ),
+    )
+    parser.add_argument(
+        "--listen", action="append", default=None, metavar="udp://HOST:PORT",
+        help="address to receive exports on, repeatable; IPv6 as udp://[::1]:2055 (default udp://127.0.0.1:2055)",
+    )
+    for flag, dest, metavar, text in _FLAGS:
+        parser.add_argument(flag, dest=dest, default=None, metavar=metavar, help=text)
+    add_config_flag(parser)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from flowtunnel.agent.config import AgentConfig, load_key
+    from flowtunnel.agent.service import run_agent
+    from flowtunnel.config import load_settings
+    from flowtunnel.runtime import run_daemon
+
+    flags: dict[str, Any] = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
+    flags["listen"] = tuple(args.listen) if args.listen else None
+    config = load_settings(AgentConfig, section="agent", config_file=args.config, env=os.environ, flags=flags)
+    load_key(config)  # a bad key is a usage error: report it before anything starts
+    init_logging(args)
+    return run_daemon(lambda stop: run_agent(config, stop))

@@ -1,0 +1,212 @@
+"""The agent's settings: a frozen dataclass filled by ``flowtunnel.config.load_settings`` (section "agent").
+
+Validation happens here, once, with messages that name the setting, the value and the rule, so the CLI and
+the service can trust every field. The key is kept out of reprs and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from flowtunnel.config import parse_duration, parse_size
+from flowtunnel.errors import ConfigError
+from flowtunnel.log import FullPolicy
+from flowtunnel.wire.keys import parse_key, validate_agent_id
+
+__all__ = ["AgentConfig", "ListenAddress", "load_key", "mask_url", "parse_listen"]
+
+_SIZE = {"parse": parse_size}
+_DURATION = {"parse": parse_duration}
+_PIN_RE = re.compile(r"^[0-9a-fA-F:]+$")
+
+# A UDP datagram is at most 65507 bytes; a body limit below one datagram plus framing could never be met.
+MIN_BODY = 72 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    """A parsed ``udp://HOST:PORT`` listen address (host is an IP literal, IPv6 without brackets)."""
+
+    host: str
+    port: int
+
+    @property
+    def family_v6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"udp://[{self.host}]:{self.port}" if self.family_v6 else f"udp://{self.host}:{self.port}"
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """``udp://127.0.0.1:2055`` or ``udp://[::1]:2055`` → ListenAddress; raises ``ConfigError``."""
+    parts = urlsplit(text.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "udp" or not parts.hostname or port is None or parts.path not in ("", "/"):
+        raise ConfigError(f"listen address {text!r} is not udp://HOST:PORT (IPv6: udp://[::1]:2055)")
+    try:
+        host = str(ipaddress.ip_address(parts.hostname))
+    except ValueError:
+        raise ConfigError(f"listen address {text!r}: host {parts.hostname!r} is not an IP address") from None
+    return ListenAddress(host, port)
+
+
+def mask_url(url: str | None) -> str | None:
+    """The URL with its password replaced by ``***`` (for logs and reprs)."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True, kw_only=True, repr=False)
+class AgentConfig:
+    """Everything ``flowtunnel agent`` needs; each field is a TOML key in ``[agent]``, an env var
+    ``FLOWTUNNEL_AGENT_<KEY>`` and a flag ``--<key>``."""
+
+    gateway: str = ""
+    """Gateway base URL, e.g. https://gw.example.net:8443 (the agent POSTs to <gateway>/v1/batches)."""
+    listen: tuple[str, ...] = ("udp://127.0.0.1:2055",)
+    spool: Path | None = None
+    agent_id: str = ""
+    key: str = field(default="", repr=False)
+    key_file: Path | None = None
+    proxy: str | None = None
+    """Explicit proxy URL (http://user:pass@host:port); without it HTTP_PROXY/HTTPS_PROXY/NO_PROXY apply."""
+    ca_file: Path | None = None
+    pin_sha256: str | None = None
+    """SHA-256 of the gateway's DER certificate, hex; alone it replaces CA checks (self-signed gateways)."""
+    connect_timeout: float = field(default=15.0, metadata=_DURATION)
+    read_timeout: float = field(default=60.0, metadata=_DURATION)
+    total_timeout: float = field(default=180.0, metadata=_DURATION)
+    latency: float = field(default=1.0, metadata=_DURATION)
+    max_batch_datagrams: int = 20000
+    max_body: int = field(default=1024 * 1024, metadata=_SIZE)
+    bandwidth: int = field(default=0, metadata=_SIZE)
+    """Cap on request body bytes per second; 0 = unlimited."""
+    daily_bytes: int = field(default=0, metadata=_SIZE)
+    """Cap on request body bytes per UTC day; 0 = unlimited."""
+    spool_quota: int = field(default=512 * 1024 * 1024, metadata=_SIZE)
+    full_policy: FullPolicy = FullPolicy.DROP_OLDEST
+    rcvbuf: int = field(default=16 * 1024 * 1024, metadata=_SIZE)
+    buffer_datagrams: int = 20000
+    """Datagrams held in memory between the socket and the spool; beyond it they drop as receiver_overflow."""
+    commit_interval: float = field(default=0.05, metadata=_DURATION)
+    backoff_base: float = field(default=0.5, metadata=_DURATION)
+    backoff_cap: float = field(default=60.0, metadata=_DURATION)
+    reject_backoff: float = field(default=300.0, metadata=_DURATION)
+    """Wait after a response retrying cannot fix (401, 403, 400): the data stays spooled meanwhile."""
+    status_interval: float = field(default=2.0, metadata=_DURATION)
+    shutdown_timeout: float = field(default=5.0, metadata=_DURATION)
+
+    def __post_init__(self) -> None:
+        if not self.gateway:
+            raise ConfigError(
+                "gateway URL is required (--gateway URL, [agent] gateway, FLOWTUNNEL_AGENT_GATEWAY)"
+            )
+        gw = urlsplit(self.gateway)
+        if gw.scheme not in ("http", "https") or not gw.hostname:
+            raise ConfigError(f"gateway {self.gateway!r} is not an http:// or https:// URL")
+        if gw.password is not None or gw.username is not None:
+            raise ConfigError("gateway URL must not carry credentials (the agent authenticates with its key)")
+        if self.spool is None:
+            raise ConfigError(
+                "spool directory is required (--spool DIR, [agent] spool, FLOWTUNNEL_AGENT_SPOOL)"
+            )
+        if not self.agent_id:
+            raise ConfigError(
+                "agent id is required (--agent-id ID, [agent] agent-id, FLOWTUNNEL_AGENT_AGENT_ID)"
+            )
+        try:
+            validate_agent_id(self.agent_id)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not self.key and self.key_file is None:
+            raise ConfigError(
+                "a key is required (--key KEY or --key-file FILE; 'flowtunnel enroll' prints one)"
+            )
+        if self.key and self.key_file is not None:
+            raise ConfigError("give either key or key-file, not both")
+        if not self.listen:
+            raise ConfigError("at least one listen address is required (udp://HOST:PORT)")
+        seen: set[ListenAddress] = set()
+        for text in self.listen:
+            addr = parse_listen(text)
+            if addr in seen:
+                raise ConfigError(f"listen address {text!r} is given twice")
+            seen.add(addr)
+        if self.proxy is not None:
+            px = urlsplit(self.proxy)
+            if px.scheme not in ("http", "https") or not px.hostname:
+                raise ConfigError(
+                    f"proxy {mask_url(self.proxy)!r} is not an http://[user:pass@]host:port URL"
+                )
+        if self.pin_sha256 is not None:
+            pin = self.pin_sha256.replace(":", "")
+            if not _PIN_RE.match(self.pin_sha256) or len(pin) != 64:
+                raise ConfigError(
+                    f"pin-sha256 {self.pin_sha256!r} is not 64 hex digits (sha256 of the DER certificate)"
+                )
+        for name in ("connect_timeout", "read_timeout", "total_timeout", "latency", "backoff_base",
+                     "backoff_cap", "reject_backoff", "status_interval", "commit_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)} must be > 0")
+        if self.shutdown_timeout < 0:
+            raise ConfigError(f"shutdown-timeout {self.shutdown_timeout} must be >= 0")
+        if self.max_body < MIN_BODY:
+            raise ConfigError(f"max-body {self.max_body} is below {MIN_BODY} bytes (one datagram must fit)")
+        for name in ("max_batch_datagrams", "buffer_datagrams", "spool_quota", "rcvbuf"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)} must be > 0")
+        for name in ("bandwidth", "daily_bytes"):
+            if getattr(self, name) < 0:
+                value = getattr(self, name)
+                raise ConfigError(f"{name.replace('_', '-')} {value} must be >= 0 (0 = unlimited)")
+
+    @property
+    def listen_addresses(self) -> tuple[ListenAddress, ...]:
+        return tuple(parse_listen(text) for text in self.listen)
+
+    @property
+    def spool_dir(self) -> Path:
+        assert self.spool is not None  # checked in __post_init__
+        return self.spool
+
+    def __repr__(self) -> str:
+        shown = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "key":
+                value = "***" if value else ""
+            elif f.name == "proxy":
+                value = mask_url(value)
+            shown.append(f"{f.name}={value!r}")
+        return f"AgentConfig({', '.join(shown)})"
+
+
+def load_key(config: AgentConfig) -> bytes:
+    """The 32-byte key from ``key`` or ``key_file``; raises ``ConfigError`` (never showing the key)."""
+    if config.key_file is not None:
+        try:
+            text = config.key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read key file {config.key_file}: {exc.strerror}") from None
+        source = f"key file {config.key_file}"
+    else:
+        text, source = config.key.strip(), "key"
+    try:
+        return parse_key(text)
+    except ValueError as exc:
+        # The parser's message may quote the value; do not echo it.
+        raise ConfigError(f"{source} is not a valid flowtunnel key ({type(exc).__name__})") from None

@@ -1,0 +1,442 @@
+"""UDP reception into the spool: sockets → bounded in-memory buffer → group commit into the durable log.
+
+The event loop only copies each datagram into a bounded deque; a committer task appends the deque to the
+spool in a worker thread every ``commit_interval`` (or sooner when a chunk is full), so one fsync covers many
+datagrams and the loop never blocks on the disk. If the disk falls behind long enough to fill the buffer, the
+newest datagrams are dropped and counted as ``receiver_overflow``: memory stays bounded whatever happens.
+When the spool's disk is full (``LogFull``: a REFUSE_NEW spool on a full filesystem), the buffer keeps what
+it can and retries every second (the uploader's trims free space); what no longer fits is counted as
+``disk_full`` instead.
+
+Datagrams the kernel drops before we read them (the socket's receive buffer overflowed during a burst, or the
+loop stalled) are counted too, as ``kernel_rcvbuf``, per listening socket: no silent loss. They are read with
+``getsockopt(SOL_SOCKET, SO_MEMINFO)`` (Linux >= 4.6), whose ``SK_MEMINFO_DROPS`` slot is the socket's
+``sk_drops`` counter, the same number as the ``drops`` column of /proc/net/udp. Why this and not the
+alternatives: ``SO_RXQ_OVFL`` only reports the counter as it was when the *next* datagram was queued, so the
+tail of a burst (exactly the datagrams a full buffer drops) stays invisible until traffic resumes, and it
+needs a ``recvmsg`` loop of our own instead of asyncio's datagram transport; /proc/net/udp means parsing a
+table of every UDP socket in the namespace to find our inode. SO_MEMINFO is one cheap syscall per socket,
+exact at the moment it is read, so it is polled whenever drops are reported (status file, every upload
+request) and once more before the sockets close. ``sk_drops`` also counts the rare datagram with a bad UDP
+checksum or refused by a socket filter; the cause name is about the common case. Where SO_MEMINFO is
+unavailable (not Linux, old kernel), kernel drops are reported as not countable (``None``) and one INFO line
+says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import socket
+import struct
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from flowtunnel.agent.config import ListenAddress
+from flowtunnel.datagram import Datagram
+from flowtunnel.log import DurableLog, LogError, LogFull
+from flowtunnel.netflow.sequence import SequenceTracker
+from flowtunnel.runtime import OnceLogger
+
+__all__ = ["Receiver", "ReceiverStats", "check_datagram", "kernel_drops"]
+
+logger = logging.getLogger(__name__)
+
+_VERSION = struct.Struct("!H")
+_V5_COUNT = struct.Struct("!HH")
+_IPFIX_LEN = struct.Struct("!HH")
+_U32 = struct.Struct("!I")
+_V9_SEQ_SOURCE = struct.Struct("!II")
+_V5_HEADER, _V5_RECORD, _V9_HEADER, _IPFIX_HEADER = 24, 48, 20, 16
+# As the gateway's decoder: a backward jump this small is reordering, a forward jump this large a restart.
+_REORDER_WINDOW, _MAX_GAP = 4096, 1 << 30
+# Distinct exporters remembered for the status; beyond, new ones are only counted (a spoofing flood must not
+# grow memory).
+MAX_EXPORTERS = 1024
+_RETRY_COMMIT = 1.0
+# getsockopt(SOL_SOCKET, SO_MEMINFO): u32 counters, SK_MEMINFO_DROPS the ninth (linux/sock_diag.h).
+SO_MEMINFO = getattr(socket, "SO_MEMINFO", 55)
+_MEMINFO = struct.Struct("=9I")
+_MEMINFO_DROPS = 8
+# A kernel-drop episode ends (and the next one is warned about again) after this long without new drops.
+KERNEL_DROP_QUIET = 60.0
+# Linux reports (and uses) twice the value set with SO_RCVBUF, for its bookkeeping overhead.
+_RCVBUF_FACTOR = 2 if sys.platform.startswith("linux") else 1
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """The kernel's cumulative drop counter of ``sock`` (a u32 that wraps), or ``None`` if unavailable."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, _MEMINFO.size)
+    except OSError:
+        return None
+    if len(raw) < _MEMINFO.size:
+        return None
+    return int(_MEMINFO.unpack_from(raw)[_MEMINFO_DROPS])
+
+
+def check_datagram(payload: bytes) -> str | None:
+    """``None`` if ``payload`` looks like a NetFlow v5/v9 or IPFIX datagram, else the malformation cause.
+
+    A header check only, cheap enough for every datagram; malformed datagrams are still carried (the
+    collector may understand them), only counted.
+    """
+    if len(payload) < 4:
+        return "short"
+    (version,) = _VERSION.unpack_from(payload)
+    if version == 5:
+        _, count = _V5_COUNT.unpack_from(payload)
+        if len(payload) < _V5_HEADER or len(payload) != _V5_HEADER + count * _V5_RECORD:
+            return "v5_length"
+        return None
+    if version == 9:
+        return None if len(payload) >= _V9_HEADER else "v9_length"
+    if version == 10:
+        _, length = _IPFIX_LEN.unpack_from(payload)
+        return None if len(payload) >= _IPFIX_HEADER and length == len(payload) else "ipfix_length"
+    return "not_netflow"
+
+
+@dataclass(slots=True)
+class ReceiverStats:
+    """Counters of the receiver; ``drops`` and ``malformed`` are keyed by cause."""
+
+    datagrams: int = 0
+    bytes: int = 0
+    spooled: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+    malformed: Counter[str] = field(default_factory=Counter)
+    # "ip:port" → [datagrams, last seen (unix seconds)]
+    exporters: dict[str, list[float]] = field(default_factory=dict)
+    exporters_untracked: int = 0
+    rcvbuf: dict[str, int] = field(default_factory=dict)
+    # listen address → datagrams the kernel dropped at that socket (``None``: cannot be counted here); their
+    # sum is ``drops["kernel_rcvbuf"]``
+    kernel_drops: dict[str, int | None] = field(default_factory=dict)
+    # "ip:port/vN/domain" → sequence tracker (v5 and v9 only: IPFIX counts records, which needs decoding;
+    # the gateway's decoder tracks every version). The version is part of the key because v5 counts flows and
+    # v9 packets; the port because one host often runs several exporters (a restarted exporter on a new port
+    # starts a new stream instead of counting a bogus gap).
+    sequences: dict[str, SequenceTracker] = field(default_factory=dict)
+
+    def upstream_loss(self) -> dict[str, dict[str, int]]:
+        """Loss between exporters and this agent, from export sequence numbers, per exporter/domain."""
+        out: dict[str, dict[str, int]] = {}
+        for key, tracker in sorted(self.sequences.items()):
+            st = tracker.stats()
+            out[key] = {"lost": st.lost, "received": st.received, "resets": st.resets}
+        return out
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, receiver: Receiver, local_port: int) -> None:
+        self._receiver = receiver
+        self._local_port = local_port
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        self._receiver._on_datagram(data, str(addr[0]), int(str(addr[1])), self._local_port)
+
+    def error_received(self, exc: Exception) -> None:
+        self._receiver._once.warning(f"socket-{type(exc).__name__}", "UDP socket error: %s", exc)
+
+
+class Receiver:
+    """Listens on each address and spools what arrives.
+
+    ``on_spooled`` is called (in the loop) after every commit that stored datagrams, so the uploader wakes.
+
+    Error handling: a listen address that cannot be bound raises ``OSError`` from ``start`` naming it; a spool
+    error during commit keeps the chunk and retries every second (logged once per cause), while new datagrams
+    beyond the buffer count as ``receiver_overflow``. Spool quota drops are counted as ``spool_full`` by the
+    log itself (``LogStats.dropped_oldest`` / ``refused``). Datagrams the kernel dropped at a socket are
+    counted as ``kernel_rcvbuf`` by ``poll_kernel_drops`` (call it before reporting drops; ``stop_receiving``
+    does once more), with one WARNING per episode.
+
+    Resource handling: ``start`` opens the sockets, ``stop_receiving`` closes them; ``run`` (the committer)
+    runs until cancelled; ``flush`` commits whatever is buffered.
+    """
+
+    def __init__(
+        self,
+        addresses: Sequence[ListenAddress],
+        spool: DurableLog,
+        *,
+        rcvbuf: int,
+        buffer_limit: int,
+        commit_interval: float,
+        commit_max: int = 4096,
+        on_spooled: Callable[[], None] | None = None,
+    ) -> None:
+        self._addresses = tuple(addresses)
+        self._spool = spool
+        self._rcvbuf = rcvbuf
+        self._limit = buffer_limit
+        self._interval = commit_interval
+        self._commit_max = commit_max
+        self._on_spooled = on_spooled
+        self._buffer: deque[Datagram] = deque()
+        self._pending = asyncio.Event()
+        self._transports: list[asyncio.DatagramTransport] = []
+        self._commit_lock = asyncio.Lock()
+        self._once = OnceLogger(logger)
+        self._disk_full = False  # the last commit failed for want of disk space
+        self._sockets: list[tuple[str, socket.socket]] = []
+        self._kernel_seen: dict[str, int] = {}  # listen address → last raw (u32) kernel drop counter
+        self._kernel_last_drop: float | None = None  # monotonic time of the last new kernel drop seen
+        self._kernel_unavailable_logged = False
+        self.stats = ReceiverStats()
+        self.bound: list[tuple[str, int]] = []
+
+    # -- sockets ---------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for addr in self._addresses:
+                sock = self._open_socket(addr)
+                self._sockets.append((str(addr), sock))
+                port = int(sock.getsockname()[1])
+                transport, _ = await loop.create_datagram_endpoint(
+                    functools.partial(_Protocol, self, port), sock=sock
+                )
+                self._transports.append(transport)
+        except BaseException:
+            self.stop_receiving()
+            raise
+
+    def _open_socket(self, addr: ListenAddress) -> socket.socket:
+        family = socket.AF_INET6 if addr.family_v6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                # "::" must not swallow IPv4: a separate udp://0.0.0.0 listener can then coexist.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            given = self._set_rcvbuf(sock)
+            try:
+                sock.bind((addr.host, addr.port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from None
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        host, port = sock.getsockname()[:2]
+        self.bound.append((host, port))
+        self.stats.rcvbuf[str(addr)] = given
+        # What the kernel reports (Linux doubles the value set, for its bookkeeping) is what we report.
+        if given < self._rcvbuf * _RCVBUF_FACTOR:
+            logger.warning(
+                "listening on %s with a receive buffer of %d bytes (as the kernel counts it), below the %d "
+                "asked for: raise net.core.rmem_max (as root: sysctl -w net.core.rmem_max=%d) or run as root "
+                "to absorb exporter bursts", addr, given, self._rcvbuf, self._rcvbuf,
+            )
+        else:
+            logger.info("listening on %s (receive buffer %d bytes)", addr, given)
+        baseline = kernel_drops(sock)
+        if baseline is None:
+            self.stats.kernel_drops[str(addr)] = None
+            if not self._kernel_unavailable_logged:
+                self._kernel_unavailable_logged = True
+                logger.info(
+                    "datagrams the kernel drops at a full receive buffer cannot be counted on this system "
+                    "(no SO_MEMINFO: Linux >= 4.6 needed); status shows them as unknown",
+                )
+        else:
+            self.stats.kernel_drops[str(addr)] = 0
+            self._kernel_seen[str(addr)] = baseline
+        return sock
+
+    def _set_rcvbuf(self, sock: socket.socket) -> int:
+        """Ask for ``rcvbuf``; if ``net.core.rmem_max`` caps it, try ``SO_RCVBUFFORCE`` (root only)."""
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
+        given = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        force = getattr(socket, "SO_RCVBUFFORCE", None)
+        if given < self._rcvbuf * _RCVBUF_FACTOR and force is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, self._rcvbuf)
+            except OSError as exc:  # not root (CAP_NET_ADMIN): the warning in _open_socket says what to do
+                logger.debug("SO_RCVBUFFORCE refused: %s", exc)
+            else:
+                forced = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+                logger.info(
+                    "SO_RCVBUF gave %d bytes (capped by net.core.rmem_max); SO_RCVBUFFORCE (root) gave %d",
+                    given, forced,
+                )
+                given = forced
+        return given
+
+    def poll_kernel_drops(self) -> int:
+        """Read each socket's kernel drop counter; add what is new to ``kernel_rcvbuf``; return how many.
+
+        Cheap (one syscall per socket) and loop-safe. The first new drops after a quiet spell of
+        ``KERNEL_DROP_QUIET`` seconds log one WARNING with the count and what to raise.
+        """
+        stats = self.stats
+        new_total = 0
+        per_socket: list[str] = []
+        for name, sock in self._sockets:
+            last = self._kernel_seen.get(name)
+            if last is None or sock.fileno() < 0:
+                continue
+            raw = kernel_drops(sock)
+            if raw is None:
+                continue
+            new = (raw - last) & 0xFFFFFFFF  # the kernel's counter is a wrapping u32
+            self._kernel_seen[name] = raw
+            if new:
+                stats.kernel_drops[name] = (stats.kernel_drops.get(name) or 0) + new
+                per_socket.append(f"{name}: {new}")
+                new_total += new
+        now = time.monotonic()
+        if new_total:
+            stats.drops["kernel_rcvbuf"] += new_total
+            quiet = self._kernel_last_drop is None or now - self._kernel_last_drop >= KERNEL_DROP_QUIET
+            self._kernel_last_drop = now
+            if quiet:
+                logger.warning(
+                    "the kernel dropped %d datagrams at the agent's UDP socket (%s; %d in total): its "
+                    "receive buffer (%s bytes) overflowed before the agent could read them. Raise --rcvbuf "
+                    "and net.core.rmem_max (as root: sysctl -w net.core.rmem_max=%d); further drops in this "
+                    "episode are counted as kernel_rcvbuf, not logged",
+                    new_total, ", ".join(per_socket), stats.drops["kernel_rcvbuf"],
+                    "/".join(str(v) for v in stats.rcvbuf.values()), max(4 * self._rcvbuf, 64 << 20),
+                )
+        elif self._kernel_last_drop is not None and now - self._kernel_last_drop >= KERNEL_DROP_QUIET:
+            self._kernel_last_drop = None
+            logger.info("the kernel stopped dropping datagrams at the agent's sockets (%d dropped in total)",
+                        stats.drops["kernel_rcvbuf"])
+        return new_total
+
+    def stop_receiving(self) -> None:
+        """Close the sockets, after a last read of their kernel drop counters."""
+        self.poll_kernel_drops()
+        for transport in self._transports:
+            transport.close()
+        self._transports.clear()
+        for _, sock in self._sockets:
+            sock.close()  # already closed by its transport, unless start failed before the endpoint
+        self._sockets.clear()
+
+    def _on_datagram(self, data: bytes, host: str, port: int, local_port: int) -> None:
+        stats = self.stats
+        stats.datagrams += 1
+        stats.bytes += len(data)
+        now_ns = time.time_ns()
+        key = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        seen = stats.exporters.get(key)
+        if seen is not None:
+            seen[0] += 1
+            seen[1] = now_ns / 1e9
+        elif len(stats.exporters) < MAX_EXPORTERS:
+            stats.exporters[key] = [1, now_ns / 1e9]
+        else:
+            stats.exporters_untracked += 1
+        cause = check_datagram(data)
+        if cause is None:
+            self._track_sequence(data, host, port)
+        else:
+            stats.malformed[cause] += 1
+            self._once.warning(
+                f"malformed-{cause}", "datagram from %s is not a valid export datagram (%s, %d bytes); "
+                "carried anyway", key, cause, len(data),
+            )
+        if len(self._buffer) >= self._limit:
+            if self._disk_full:
+                stats.drops["disk_full"] += 1
+                self._once.warning(
+                    "disk_full", "spool disk full and receive buffer full (%d datagrams): dropping new "
+                    "datagrams until the spool can be written again", self._limit,
+                )
+                return
+            stats.drops["receiver_overflow"] += 1
+            self._once.warning(
+                "receiver_overflow", "receive buffer full (%d datagrams): the spool is not keeping up, "
+                "dropping new datagrams", self._limit,
+            )
+            return
+        self._buffer.append(Datagram(
+            received_ns=now_ns, exporter=host, exporter_port=port, local_port=local_port, payload=data,
+        ))
+        if len(self._buffer) == 1 or len(self._buffer) >= self._commit_max:
+            self._pending.set()
+
+    def _track_sequence(self, data: bytes, host: str, port: int) -> None:
+        """Account the export sequence number of a (well-formed) v5 or v9 datagram."""
+        (version,) = _VERSION.unpack_from(data)
+        if version == 5:
+            _, units = _V5_COUNT.unpack_from(data)
+            (sequence,) = _U32.unpack_from(data, 16)
+            domain = (data[20] << 8) | data[21]  # engine type and id
+        elif version == 9:
+            units = 1
+            sequence, domain = _V9_SEQ_SOURCE.unpack_from(data, 12)
+        else:
+            return
+        key = f"[{host}]:{port}/v{version}/{domain}" if ":" in host else f"{host}:{port}/v{version}/{domain}"
+        tracker = self.stats.sequences.get(key)
+        if tracker is None:
+            if len(self.stats.sequences) >= MAX_EXPORTERS:
+                return
+            tracker = SequenceTracker(reorder_window=_REORDER_WINDOW, max_gap=_MAX_GAP)
+            self.stats.sequences[key] = tracker
+        (uptime,) = _U32.unpack_from(data, 4)
+        lost, _ = tracker.update(sequence, units, uptime)
+        if lost:
+            self._once.warning(
+                f"upstream-loss-{key}", "exporter %s lost %d units before this agent (export sequence gap)",
+                key, lost,
+            )
+
+    # -- group commit ----------------------------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    async def run(self) -> None:
+        """The committer: appends buffered datagrams to the spool until cancelled."""
+        while True:
+            await self._pending.wait()
+            if len(self._buffer) < self._commit_max:
+                # Let a burst gather so one transaction (one fsync) covers it.
+                await asyncio.sleep(self._interval)
+            self._pending.clear()
+            try:
+                await self.flush()
+            except LogError:
+                await asyncio.sleep(_RETRY_COMMIT)
+            if self._buffer:
+                self._pending.set()
+
+    async def flush(self) -> None:
+        """Commit everything buffered now.
+
+        Raises ``LogError`` if the spool fails; the failed chunk goes back to the front of the buffer.
+        """
+        async with self._commit_lock:
+            while self._buffer:
+                # Take the chunk out before handing it to the thread: if this task is cancelled meanwhile, the
+                # thread still commits it, and nobody may commit it a second time.
+                chunk = [self._buffer.popleft() for _ in range(min(self._commit_max, len(self._buffer)))]
+                try:
+                    await asyncio.to_thread(self._spool.append, chunk)
+                except LogError as exc:
+                    self._buffer.extendleft(reversed(chunk))
+                    self._disk_full = isinstance(exc, LogFull)
+                    self._once.warning(f"spool-{type(exc).__name__}", "cannot write to the spool: %s", exc)
+                    raise
+                if self._disk_full:
+                    self._disk_full = False
+                    logger.info("spool writable again (%d datagrams dropped while its disk was full so far)",
+                                self.stats.drops["disk_full"])
+                self.stats.spooled += len(chunk)
+                if self._on_spooled is not None:
+                    self._on_spooled()

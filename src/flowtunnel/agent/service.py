@@ -1,0 +1,281 @@
+"""Wiring of the agent: spool + receiver + uploader + status file, started and stopped in order.
+
+``run_agent(config, stop)`` is what ``flowtunnel agent`` runs under ``runtime.run_daemon``. Shutdown (SIGTERM,
+SIGINT) stops receiving first, flushes the in-memory buffer into the spool, gives the uploader a bounded
+moment to send what is left, then closes everything; whatever was not acknowledged stays in the spool for
+the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import IO
+
+from flowtunnel.agent.config import AgentConfig, load_key
+from flowtunnel.agent.receiver import Receiver
+from flowtunnel.agent.uploader import Uploader
+from flowtunnel.errors import ConfigError
+from flowtunnel.log import DurableLog, LogConfig, LogError, LogStats
+from flowtunnel.runtime import OnceLogger, TaskSet
+
+__all__ = ["SPOOL_FILE", "STATUS_FILE", "AgentService", "run_agent", "write_json_atomic"]
+
+logger = logging.getLogger(__name__)
+
+SPOOL_FILE = "spool.sqlite"
+STATUS_FILE = "status.json"
+LOCK_FILE = "agent.lock"
+
+
+def write_json_atomic(path: Path, doc: object) -> None:
+    """Write ``doc`` as JSON to ``path`` via a temporary file and a rename: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class AgentService:
+    """The running agent. ``start`` binds and begins; ``shutdown`` stops in order; ``status`` describes it.
+
+    Error handling: a spool already used by another agent process, an unreadable key or an address that
+    cannot be bound raise ``ConfigError`` from ``start`` (the CLI exits 2 with the message).
+
+    Resource handling: holds the spool lock file, the sockets, the spool database and an HTTP session from
+    ``start`` until ``shutdown`` returns.
+    """
+
+    def __init__(self, config: AgentConfig, *, key: bytes | None = None) -> None:
+        self.config = config
+        self._key = key
+        self._tasks = TaskSet()
+        self._once = OnceLogger(logger)
+        self._lock: IO[str] | None = None
+        self._spool: DurableLog | None = None
+        self._receiver: Receiver | None = None
+        self._uploader: Uploader | None = None
+        self._upload_task: asyncio.Task[None] | None = None
+        self._started = time.time()
+        self._last_rates: tuple[float, int, int] | None = None
+        self._spool_full = 0  # spool quota drops, refreshed from a worker thread with the status
+        self._rates: dict[str, float] = {}
+
+    @property
+    def spool(self) -> DurableLog:
+        assert self._spool is not None, "AgentService.start() was not called"
+        return self._spool
+
+    @property
+    def receiver(self) -> Receiver:
+        assert self._receiver is not None, "AgentService.start() was not called"
+        return self._receiver
+
+    @property
+    def uploader(self) -> Uploader:
+        assert self._uploader is not None, "AgentService.start() was not called"
+        return self._uploader
+
+    async def start(self) -> None:
+        cfg = self.config
+        key = self._key if self._key is not None else load_key(cfg)
+        spool_dir = cfg.spool_dir
+        try:
+            spool_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create spool directory {spool_dir}: {exc.strerror}") from None
+        self._lock = _lock_spool(spool_dir)
+        try:
+            log_config = LogConfig(
+                path=spool_dir / SPOOL_FILE, quota_bytes=cfg.spool_quota, full_policy=cfg.full_policy,
+            )
+            self._spool = await asyncio.to_thread(DurableLog, log_config)
+            self._uploader = Uploader(cfg, key, self._spool, dropped=self.drops)
+            self._receiver = Receiver(
+                cfg.listen_addresses, self._spool, rcvbuf=cfg.rcvbuf, buffer_limit=cfg.buffer_datagrams,
+                commit_interval=cfg.commit_interval, on_spooled=self._uploader.notify,
+            )
+            try:
+                await self._receiver.start()
+            except OSError as exc:
+                raise ConfigError(str(exc.strerror or exc)) from None
+            await self._uploader.open()
+            self._tasks.spawn(self._receiver.run(), name="agent-spool-commit")
+            self._upload_task = self._tasks.spawn(self._uploader.run(), name="agent-upload")
+            self._tasks.spawn(self._status_loop(), name="agent-status")
+            await self.write_status()
+        except BaseException:
+            await self._tasks.close()
+            await self._close()
+            raise
+        logger.info(
+            "agent %s running: spool %s (%d datagrams waiting)",
+            cfg.agent_id, spool_dir, self.spool.stats().entries,
+        )
+
+    async def shutdown(self) -> None:
+        """Stop receiving, flush to the spool, try a last upload (bounded), close everything."""
+        receiver, uploader = self._receiver, self._uploader
+        if receiver is not None:
+            receiver.stop_receiving()
+            with contextlib.suppress(Exception):
+                await receiver.flush()
+            if receiver.buffered:
+                logger.error(
+                    "shutdown: %d received datagrams could not be written to the spool", receiver.buffered
+                )
+        if self._upload_task is not None:
+            self._upload_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._upload_task
+        if uploader is not None and self.config.shutdown_timeout > 0:
+            done = False
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.shutdown_timeout):
+                    done = await uploader.drain()
+            if not done and self._spool is not None:
+                logger.info("shutdown: %d datagrams stay in the spool for the next start",
+                            self._spool.stats().entries)
+        await self._tasks.close()
+        if self._spool is not None:
+            with contextlib.suppress(Exception):
+                await self.write_status()
+        await self._close()
+
+    async def _close(self) -> None:
+        if self._receiver is not None:
+            self._receiver.stop_receiving()
+        if self._uploader is not None:
+            await self._uploader.close()
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # -- status ----------------------------------------------------------------------------------------------
+
+    def drops(self) -> dict[str, int]:
+        """Datagrams dropped by the agent, by cause (spool counters survive restarts, the others do not).
+
+        Cheap and loop-safe: the spool's count is the one read with the last status; the kernel's drop
+        counters are read now (one syscall per socket).
+        """
+        out: dict[str, int] = {}
+        if self._receiver is not None:
+            self._receiver.poll_kernel_drops()
+            out.update(self._receiver.stats.drops)
+        out["spool_full"] = self._spool_full
+        return out
+
+    def status(self, spool: LogStats | None = None) -> dict[str, object]:
+        """A JSON-able snapshot: what ``status.json`` holds and ``flowtunnel status --spool`` renders.
+
+        Call it on the event loop (it reads counters the loop updates); pass ``spool`` stats read in a
+        worker thread to keep the spool's lock off the loop.
+        """
+        cfg = self.config
+        if spool is None:
+            spool = self.spool.stats()
+        self._spool_full = spool.dropped_oldest + spool.refused
+        rec = self.receiver.stats
+        up = self.uploader.status()
+        now = time.time()
+        self._update_rates(now, rec.datagrams, int(self.uploader.stats.sent_bytes))
+        return {
+            "kind": "agent",
+            "agent_id": cfg.agent_id,
+            "pid": os.getpid(),
+            "started": self._started,
+            "updated": now,
+            "listen": [f"udp://[{h}]:{p}" if ":" in h else f"udp://{h}:{p}" for h, p in self.receiver.bound],
+            "rcvbuf": dict(rec.rcvbuf),
+            "gateway": cfg.gateway,
+            "gateway_acked": up["acked"],
+            "backlog": {"datagrams": spool.entries, "bytes": spool.bytes},
+            "spool": {
+                "path": str(cfg.spool_dir / SPOOL_FILE),
+                "first_seq": spool.first_seq,
+                "last_seq": spool.last_seq,
+                "quota_bytes": spool.quota_bytes,
+                "file_bytes": spool.file_bytes,
+                "policy": cfg.full_policy.value,
+                "torn_tails": spool.torn_tails,
+                "disk_full": spool.disk_full,
+            },
+            "received": {"datagrams": rec.datagrams, "bytes": rec.bytes, "buffered": self.receiver.buffered},
+            "rates": dict(self._rates),
+            "upload": up,
+            "compression_ratio": up["compression_ratio"],
+            "drops": self.drops(),
+            # per listen address; None where the kernel's counter cannot be read (drops not countable)
+            "kernel_drops": dict(rec.kernel_drops),
+            "malformed": dict(rec.malformed),
+            "upstream_loss": rec.upstream_loss(),
+            "exporters": {
+                k: {"datagrams": int(v[0]), "last_seen": v[1]} for k, v in sorted(rec.exporters.items())
+            },
+            "exporters_untracked": rec.exporters_untracked,
+        }
+
+    def _update_rates(self, now: float, datagrams_in: int, bytes_out: int) -> None:
+        prev = self._last_rates
+        self._last_rates = (now, datagrams_in, bytes_out)
+        if prev is None or now - prev[0] < 0.5:
+            return
+        span = now - prev[0]
+        self._rates = {
+            "datagrams_in_per_s": round((datagrams_in - prev[1]) / span, 1),
+            "bytes_out_per_s": round((bytes_out - prev[2]) / span, 1),
+        }
+
+    async def write_status(self) -> None:
+        """Rewrite ``status.json`` (spool stats and the file write in a worker thread)."""
+        spool = await asyncio.to_thread(self.spool.stats)
+        doc = self.status(spool)
+        await asyncio.to_thread(write_json_atomic, self.config.spool_dir / STATUS_FILE, doc)
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval)
+            try:
+                await self.write_status()
+            except (OSError, LogError) as exc:
+                self._once.warning(f"status-{type(exc).__name__}", "cannot write %s: %s",
+                                   self.config.spool_dir / STATUS_FILE, exc)
+
+
+def _lock_spool(spool_dir: Path) -> IO[str]:
+    """Take an exclusive lock on the spool: two agents on one spool would send every datagram twice."""
+    path = spool_dir / LOCK_FILE
+    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the agent's lifetime
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise ConfigError(f"spool {spool_dir} is in use by another agent (pid {holder})") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+async def run_agent(config: AgentConfig, stop: asyncio.Event) -> int:
+    """Run the agent until ``stop`` is set; 0 on a clean stop. Raises ``ConfigError`` for startup problems."""
+    service = AgentService(config)
+    await service.start()
+    try:
+        await stop.wait()
+        logger.info("stopping: flushing the receive buffer and sending what the gateway will take")
+    finally:
+        await service.shutdown()
+    return 0

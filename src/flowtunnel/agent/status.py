@@ -1,0 +1,173 @@
+"""Reading and rendering the agent's ``status.json`` for ``flowtunnel status --spool DIR``.
+
+The agent rewrites the file atomically every few seconds (``AgentService.status`` builds it); this module
+only turns it into text an operator reads at a glance, so it takes plain dicts and tolerates missing keys
+(a status file written by an older or newer agent still renders).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flowtunnel.errors import FlowtunnelError
+
+__all__ = ["read_status", "render"]
+
+# Written every few seconds; older than this, the agent is probably not running.
+STALE_AFTER = 30.0
+
+
+def read_status(spool_dir: Path) -> dict[str, Any]:
+    """The parsed ``<spool_dir>/status.json``; raises ``FlowtunnelError`` naming the file and the problem."""
+    path = Path(spool_dir) / "status.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FlowtunnelError(f"{path} does not exist: no agent has run with spool {spool_dir}") from None
+    except OSError as exc:
+        raise FlowtunnelError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise FlowtunnelError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "agent":
+        raise FlowtunnelError(f"{path} is not an agent status file")
+    return doc
+
+
+def _size(n: object) -> str:
+    if not isinstance(n, int | float):
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"  # pragma: no cover - loop always returns
+
+
+def _ago(t: object, now: float) -> str:
+    if not isinstance(t, int | float):
+        return "never"
+    delta = max(0.0, now - float(t))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(t)))
+    if delta < 120:
+        return f"{stamp} ({delta:.0f} s ago)"
+    if delta < 7200:
+        return f"{stamp} ({delta / 60:.0f} min ago)"
+    return f"{stamp} ({delta / 3600:.1f} h ago)"
+
+
+def _counts(d: object) -> str:
+    if not isinstance(d, Mapping) or not any(d.values()):
+        return "none"
+    return ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if v)
+
+
+def _upstream(loss: object) -> str:
+    """Loss between exporters and the agent (export sequence gaps), which the tunnel cannot recover."""
+    if not isinstance(loss, Mapping) or not loss:
+        return "none seen (v5/v9 checked here; the gateway checks IPFIX)"
+    lost = {k: v.get("lost", 0) for k, v in loss.items() if isinstance(v, Mapping)}
+    total = sum(int(n) for n in lost.values() if isinstance(n, int))
+    if not total:
+        return f"none ({len(lost)} exporter streams checked)"
+    worst = ", ".join(f"{k}: {n}" for k, n in sorted(lost.items(), key=lambda kv: -int(kv[1]))[:3] if n)
+    return f"{total} units lost before the agent ({worst})"
+
+
+def _spool_health(spool: object) -> str:
+    """Full disk now, and torn write-ahead log tails found on open (a crash cut a write short)."""
+    if not isinstance(spool, Mapping):
+        return "-"
+    parts = []
+    if spool.get("disk_full"):
+        parts.append("DISK FULL (appends held until space is freed)")
+    torn = spool.get("torn_tails")
+    if isinstance(torn, int) and torn:
+        plural = "s" if torn != 1 else ""
+        parts.append(f"{torn} torn write-ahead log tail{plural} found on open (see the log)")
+    return ", ".join(parts) or "ok"
+
+
+def _drops(status: Mapping[str, Any]) -> str:
+    """Drops by cause, with what to do about kernel drops and a note where they cannot be counted."""
+    text = _counts(status.get("drops"))
+    kernel = _get(status, "drops", "kernel_rcvbuf")
+    if isinstance(kernel, int) and kernel:
+        text += " (kernel_rcvbuf: raise --rcvbuf and net.core.rmem_max)"
+    per_socket = status.get("kernel_drops")
+    if isinstance(per_socket, Mapping) and any(v is None for v in per_socket.values()):
+        text += "; kernel drops not countable on this system"
+    return text
+
+
+def _get(doc: Mapping[str, Any], *path: str) -> Any:
+    cur: Any = doc
+    for key in path:
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(key)
+    return cur
+
+
+def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
+    """A few aligned lines: identity, backlog, last upload, rates, compression, drops, exporters."""
+    now = time.time() if now is None else now
+    rows: list[tuple[str, str]] = []
+    updated = status.get("updated")
+    state = ""
+    if isinstance(updated, int | float) and now - updated > STALE_AFTER:
+        state = "  (stale: the agent is probably not running)"
+    rows.append(("agent", f"{status.get('agent_id', '?')} (pid {status.get('pid', '?')}){state}"))
+    rows.append(("updated", _ago(updated, now)))
+    rows.append(("listen", ", ".join(status.get("listen") or []) or "-"))
+    rows.append(("gateway", f"{status.get('gateway', '-')}"
+                 + (f" via {_get(status, 'upload', 'proxy')}" if _get(status, "upload", "proxy") else "")))
+    rows.append(("gateway acked", f"seq {status.get('gateway_acked')}"
+                 if status.get("gateway_acked") is not None else "unknown (not reached yet)"))
+    backlog_n, backlog_b = _get(status, "backlog", "datagrams"), _get(status, "backlog", "bytes")
+    quota = _get(status, "spool", "quota_bytes")
+    rows.append(("backlog", f"{backlog_n if backlog_n is not None else '-'} datagrams, {_size(backlog_b)}"
+                 + (f" of {_size(quota)} quota ({_get(status, 'spool', 'policy')})" if quota else "")))
+    rows.append(("spool", _spool_health(status.get("spool"))))
+    result = _get(status, "upload", "last_result") or "none"
+    failures = _get(status, "upload", "consecutive_failures") or 0
+    last = f"{_ago(_get(status, 'upload', 'last_attempt'), now)}: {result}"
+    if failures:
+        last += f" ({failures} failures in a row"
+        nxt = _get(status, "upload", "next_attempt")
+        last += f", next try in {max(0.0, float(nxt) - now):.0f} s)" if isinstance(nxt, int | float) else ")"
+    rows.append(("last upload", last))
+    rows.append(("last success", _ago(_get(status, "upload", "last_success"), now)))
+    rin = _get(status, "rates", "datagrams_in_per_s")
+    rout = _get(status, "rates", "bytes_out_per_s")
+    rows.append(("rates", f"{rin if rin is not None else '-'} datagrams/s in, "
+                 f"{_size(rout) if rout is not None else '-'}/s out"))
+    ratio = status.get("compression_ratio")
+    rows.append(("compression", f"{ratio:.2f}x" if isinstance(ratio, int | float) else "-"))
+    rows.append(("sent", f"{_get(status, 'upload', 'datagrams') or 0} datagrams in "
+                 f"{_get(status, 'upload', 'batches') or 0} batches, "
+                 f"{_size(_get(status, 'upload', 'body_bytes'))}"))
+    rows.append(("received", f"{_get(status, 'received', 'datagrams') or 0} datagrams, "
+                 f"{_size(_get(status, 'received', 'bytes'))}"))
+    rows.append(("drops", _drops(status)))
+    rows.append(("malformed", _counts(status.get("malformed")) + " (carried anyway)"
+                 if _counts(status.get("malformed")) != "none" else "none"))
+    rows.append(("upload errors", _counts(_get(status, "upload", "failures"))))
+    rows.append(("upstream loss", _upstream(status.get("upstream_loss"))))
+    lost = _get(status, "upload", "gateway_lost")
+    if lost:
+        rows.append(("lost at gateway", f"{lost} datagrams (acknowledged, then lost by the gateway)"))
+    exporters = status.get("exporters")
+    if isinstance(exporters, Mapping) and exporters:
+        for i, (addr, info) in enumerate(sorted(exporters.items())):
+            n = info.get("datagrams") if isinstance(info, Mapping) else None
+            seen = info.get("last_seen") if isinstance(info, Mapping) else None
+            rows.append(("exporters" if i == 0 else "", f"{addr}: {n} datagrams, last {_ago(seen, now)}"))
+    else:
+        rows.append(("exporters", "none seen yet"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

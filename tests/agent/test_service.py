@@ -1,0 +1,156 @@
+"""The whole agent in-process (receiver + spool + uploader + status) against the real gateway."""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowtunnel.agent.config import AgentConfig
+from flowtunnel.agent.service import STATUS_FILE, AgentService
+from flowtunnel.agent.status import read_status, render
+from flowtunnel.agent.uploader import CURSOR
+from flowtunnel.errors import ConfigError
+from flowtunnel.log import FullPolicy
+from flowtunnel.wire.keys import format_key
+from tests.agent.conftest import GatewayFactory, enroll, eventually, journal_of
+from tests.peers import free_tcp_port
+
+AGENT = "site-b"
+
+
+def config(tmp_path: Path, gateway: str, key: bytes, **overrides: Any) -> AgentConfig:
+    settings: dict[str, Any] = {
+        "gateway": gateway, "spool": tmp_path / "spool", "agent_id": AGENT, "key": format_key(key),
+        "listen": ("udp://127.0.0.1:0",), "latency": 0.05, "backoff_base": 0.05, "backoff_cap": 0.3,
+        "status_interval": 0.1, "commit_interval": 0.01, "shutdown_timeout": 2.0,
+    }
+    settings.update(overrides)
+    return AgentConfig(**settings)
+
+
+@asynccontextmanager
+async def running(cfg: AgentConfig) -> AsyncIterator[AgentService]:
+    service = AgentService(cfg)
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.shutdown()
+
+
+def send(service: AgentService, payloads: list[bytes]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+        for p in payloads:
+            tx.sendto(p, service.receiver.bound[0])
+
+
+def spooled(agent: AgentService, n: int) -> bool:
+    return agent.receiver.stats.spooled == n
+
+
+def v9(seq: int, size: int = 100) -> bytes:
+    return b"\x00\x09" + b"\x00" * 10 + seq.to_bytes(4, "big") + b"\x00\x00\x00\x01" + bytes(size)
+
+
+async def test_udp_in_journal_out_with_status(tmp_path: Path, gateway_factory: GatewayFactory) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    payloads = [v9(i) for i in range(500)] + [b"not netflow"]
+    async with gateway_factory(data) as gw, running(config(tmp_path, gw.url, key)) as agent:
+        send(agent, payloads)
+        await eventually(lambda: agent.spool.cursor(CURSOR) == len(payloads), "everything acknowledged")
+        assert [p for _, p in ((s, d.payload) for s, d in journal_of(gw, AGENT))] == payloads
+        await eventually(
+            lambda: read_status(tmp_path / "spool").get("gateway_acked") == len(payloads), "status updated"
+        )
+        status = read_status(tmp_path / "spool")
+        assert status["backlog"] == {"datagrams": 0, "bytes": 0}
+        assert status["received"]["datagrams"] == len(payloads)
+        assert status["malformed"] == {"not_netflow": 1}
+        assert status["drops"] == {"spool_full": 0}
+        assert status["upload"]["last_result"] == "ok"
+        assert status["compression_ratio"] > 1
+        (exporter,) = status["exporters"]
+        assert exporter.startswith("127.0.0.1:")
+        text = render(status)
+        assert f"agent          {AGENT}" in text
+        assert "seq 501" in text
+        assert "not_netflow=1 (carried anyway)" in text
+
+
+async def test_shutdown_flushes_to_the_spool_and_the_next_start_delivers(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    port = free_tcp_port()
+    payloads = [v9(i) for i in range(300)]
+    cfg = config(tmp_path, f"http://127.0.0.1:{port}", key, shutdown_timeout=0.5)
+    async with running(cfg) as agent:
+        send(agent, payloads)
+        await eventually(lambda: agent.receiver.stats.datagrams == len(payloads), "all received")
+    # The gateway was never up: all of it waits in the spool, and status.json says so.
+    status = json.loads((tmp_path / "spool" / STATUS_FILE).read_text())
+    assert status["backlog"]["datagrams"] == len(payloads)
+    assert status["upload"]["consecutive_failures"] >= 1
+    assert "failures in a row" in render(status)
+    async with gateway_factory(data, port=port) as gw, running(cfg) as agent:
+        await eventually(lambda: agent.spool.cursor(CURSOR) == len(payloads), "backlog delivered")
+        assert [d.payload for _, d in journal_of(gw, AGENT)] == payloads
+
+
+async def test_second_agent_on_the_same_spool_is_refused(tmp_path: Path) -> None:
+    cfg = config(tmp_path, f"http://127.0.0.1:{free_tcp_port()}", bytes(32), shutdown_timeout=0)
+    async with running(cfg):
+        with pytest.raises(ConfigError, match="is in use by another agent"):
+            await AgentService(cfg).start()
+
+
+async def test_unbindable_listen_address_is_a_config_error(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        cfg = config(tmp_path, "http://127.0.0.1:1", bytes(32), listen=(f"udp://127.0.0.1:{port}",))
+        with pytest.raises(ConfigError, match=f"cannot listen on udp://127.0.0.1:{port}"):
+            await AgentService(cfg).start()
+    # Nothing stays locked after a failed start.
+    async with running(config(tmp_path, "http://127.0.0.1:1", bytes(32), shutdown_timeout=0)):
+        pass
+
+
+@pytest.mark.parametrize("policy", ["drop-oldest", "refuse-new"])
+async def test_spool_quota_applies_its_policy_and_counts_every_drop(
+    tmp_path: Path, gateway_factory: GatewayFactory, policy: str
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    port = free_tcp_port()
+    payloads = [v9(i, size=480) for i in range(400)]
+    cfg = config(tmp_path, f"http://127.0.0.1:{port}", key, spool_quota=50_000,
+                 full_policy=FullPolicy(policy))
+    async with running(cfg) as agent:
+        for i in range(50, len(payloads) + 1, 50):  # in steps, so the spool takes several commits
+            send(agent, payloads[i - 50:i])
+            await eventually(functools.partial(spooled, agent, i), "spooled")
+        agent.status()  # refreshes the spool's drop count
+        dropped = agent.drops()["spool_full"]
+        assert 0 < dropped < len(payloads)
+        async with gateway_factory(data, port=port) as gw:
+            await eventually(lambda: agent.spool.stats().entries == 0, "what was kept is delivered")
+            got = [d.payload for _, d in journal_of(gw, AGENT)]
+            assert len(got) + dropped == len(payloads)
+            if policy == "drop-oldest":
+                assert got == payloads[dropped:]
+            else:
+                assert got == payloads[:len(got)]
+            assert gw.metrics.agents[AGENT].dropped == {"spool_full": dropped}
+        status = agent.status()
+        assert status["drops"] == {"spool_full": dropped}
+        assert f"spool_full={dropped}" in render(status)

@@ -1,0 +1,644 @@
+"""The uploader against the real gateway (in-process), with faults from the link emulator and tinyproxy:
+every spooled datagram reaches the journal exactly once and in order, whatever happens in between."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowtunnel.agent.config import MIN_BODY, AgentConfig
+from flowtunnel.agent.uploader import CURSOR, Uploader
+from flowtunnel.datagram import Datagram
+from flowtunnel.gateway.service import Gateway
+from flowtunnel.log import DurableLog, LogConfig
+from flowtunnel.netflow import FieldSpec, Template, encode_v9
+from flowtunnel.runtime import TaskSet
+from flowtunnel.wire import Codec, ack_tag, open_batch, peek_header
+from flowtunnel.wire.keys import format_key, generate_key
+from tests.agent.conftest import GatewayFactory, enroll, eventually, journal_of
+from tests.conftest import require
+from tests.linkemu import Action, Fault, LinkEmulator
+from tests.peers import Tinyproxy, free_tcp_port
+
+AGENT = "site-a"
+
+
+def datagrams(n: int, *, size: int = 300, seed: int = 0) -> list[Datagram]:
+    """Incompressible payloads, so batch sizes are predictable."""
+    rng = random.Random(seed)
+    return [
+        Datagram(received_ns=1_800_000_000_000_000_000 + i, exporter="127.0.0.1", exporter_port=40000 + i % 3,
+                 local_port=2055, payload=rng.randbytes(size))
+        for i in range(n)
+    ]
+
+
+def config(tmp_path: Path, gateway: str, key: bytes, **overrides: Any) -> AgentConfig:
+    settings: dict[str, Any] = {
+        "gateway": gateway, "spool": tmp_path / "spool", "agent_id": AGENT, "key": format_key(key),
+        "latency": 0.05, "backoff_base": 0.05, "backoff_cap": 0.3, "reject_backoff": 60.0,
+        "connect_timeout": 2.0, "read_timeout": 2.0, "total_timeout": 5.0,
+    }
+    settings.update(overrides)
+    return AgentConfig(**settings)
+
+
+def open_spool(path: Path, **overrides: Any) -> DurableLog:
+    return DurableLog(LogConfig(path=path / "spool.sqlite", quota_bytes=0, **overrides))
+
+
+@asynccontextmanager
+async def uploading(cfg: AgentConfig, key: bytes, spool: DurableLog) -> AsyncIterator[Uploader]:
+    up = Uploader(cfg, key, spool)
+    await up.open()
+    tasks = TaskSet()
+    tasks.spawn(up.run(), name="upload")
+    try:
+        yield up
+    finally:
+        await tasks.close()
+        await up.close()
+
+
+def assert_exactly_once(gw: Gateway, sent: list[Datagram], first_seq: int = 1) -> None:
+    got = journal_of(gw, AGENT)
+    assert [seq for seq, _ in got] == list(range(first_seq, first_seq + len(sent)))
+    assert [d.payload for _, d in got] == [d.payload for d in sent]
+    assert [(d.exporter, d.exporter_port, d.local_port, d.received_ns) for _, d in got] == [
+        (d.exporter, d.exporter_port, d.local_port, d.received_ns) for d in sent
+    ]
+
+
+async def test_delivers_in_order_exactly_once_in_bounded_batches_and_trims(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(3000)
+    spool = open_spool(tmp_path)
+    spool.append(sent[:2000])
+    # The gateway refuses any body above MIN_BODY with 413: the agent must keep every request below it.
+    async with gateway_factory(data, max_body=MIN_BODY) as gw:
+        cfg = config(tmp_path, gw.url, key, max_body=MIN_BODY)
+        async with uploading(cfg, key, spool) as up:
+            await eventually(lambda: spool.cursor(CURSOR) == 2000, "backlog acknowledged")
+            spool.append(sent[2000:])
+            up.notify()
+            await eventually(lambda: spool.cursor(CURSOR) == 3000, "new datagrams acknowledged")
+            assert up.stats.failures == {}
+            assert up.stats.batches >= 900_000 // MIN_BODY
+            assert up.stats.datagrams == 3000
+        assert_exactly_once(gw, sent)
+    assert spool.stats().entries == 0
+    spool.close()
+
+
+async def test_faults_on_the_link_neither_lose_nor_duplicate(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(1500, size=200, seed=1)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    async with gateway_factory(data) as gw:
+        host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+        async with LinkEmulator(upstream=(host, int(port)), seed=3) as link:
+            cfg = config(tmp_path, link.url, key, max_body=MIN_BODY, bandwidth=MIN_BODY * 4)
+            async with uploading(cfg, key, spool) as up:
+                # Faults start once batches flow, so they hit batches as well as resynchronisations.
+                await eventually(lambda: spool.cursor(CURSOR) > 0, "first batch acknowledged")
+                for fault in (
+                    Fault(action=Action.ABORT_RESPONSE, after=0, count=2),  # committed, but the ack is lost
+                    Fault(action=Action.ANSWER, status=503, retry_after=0, count=2),
+                    Fault(action=Action.ABORT_REQUEST, after=2000, count=1),
+                    Fault(action=Action.ANSWER, status=502, count=1),
+                    Fault(action=Action.ANSWER, status=407, count=1),
+                ):
+                    link.add_fault(fault)
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent), "everything acknowledged")
+                assert link.pending_faults() == 0
+                failures = up.stats.failures
+                assert failures["http-503"] == 2
+                assert failures["http-502"] == 1
+                assert failures["http-407"] == 1
+                assert sum(n for cause, n in failures.items() if cause.startswith("connection:")) >= 3
+        # A lost ack is followed by a resynchronisation, not a blind re-send: the gateway saw no duplicate.
+        assert gw.metrics.agents[AGENT].duplicates == 0
+        assert_exactly_once(gw, sent)
+    spool.close()
+
+
+async def test_gateway_down_for_the_whole_capture_then_started(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    port = free_tcp_port()
+    sent = datagrams(800, seed=2)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    cfg = config(tmp_path, f"http://127.0.0.1:{port}", key)
+    async with uploading(cfg, key, spool) as up:
+        await eventually(lambda: up.stats.consecutive_failures >= 3, "the agent noticed the outage")
+        assert spool.stats().entries == len(sent)
+        async with gateway_factory(data, port=port) as gw:
+            await eventually(lambda: spool.cursor(CURSOR) == len(sent), "backlog drained")
+            assert up.stats.consecutive_failures == 0
+            assert_exactly_once(gw, sent)
+    spool.close()
+
+
+async def test_unknown_agent_is_rejected_loudly_and_keeps_its_data(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "gw"
+    enroll(data, "someone-else")
+    key = generate_key()
+    spool = open_spool(tmp_path)
+    spool.append(datagrams(10))
+    async with gateway_factory(data) as gw:
+        async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
+            await eventually(lambda: up.stats.failures["http-401"] >= 1, "401 seen")
+            await eventually(lambda: up.stats.next_attempt is not None, "backing off")
+            # Long backoff, not a spin: the next attempt is reject_backoff away from the last one.
+            assert up.stats.next_attempt is not None
+            assert up.stats.last_attempt is not None
+            assert up.stats.next_attempt - up.stats.last_attempt >= 59
+        assert journal_of(gw, AGENT) == []
+    assert spool.stats().entries == 10
+    assert any(r.levelname == "ERROR" and "gateway rejected" in r.getMessage() for r in caplog.records)
+    spool.close()
+
+
+async def test_413_from_a_smaller_gateway_limit_shrinks_the_body(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(1000, size=1000, seed=4)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    async with gateway_factory(data, max_body=100_000) as gw:
+        async with uploading(config(tmp_path, gw.url, key, max_body=1 << 20), key, spool) as up:
+            await eventually(lambda: spool.cursor(CURSOR) == len(sent), "everything acknowledged")
+            assert up.stats.failures["http-413"] >= 1
+            assert up.status()["max_body"] == MIN_BODY
+        assert_exactly_once(gw, sent)
+    spool.close()
+
+
+async def test_a_new_spool_for_an_existing_agent_continues_above_the_gateway_mark(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    first, second = datagrams(100, seed=5), datagrams(50, seed=6)
+    async with gateway_factory(data) as gw:
+        old = open_spool(tmp_path / "old")
+        old.append(first)
+        async with uploading(config(tmp_path / "old", gw.url, key), key, old):
+            await eventually(lambda: old.cursor(CURSOR) == 100, "first spool delivered")
+        old.close()
+        new = open_spool(tmp_path / "new")  # the box was re-imaged: same id and key, empty spool
+        new.append(second)
+        async with uploading(config(tmp_path / "new", gw.url, key), key, new):
+            await eventually(lambda: new.cursor(CURSOR) == 150, "second spool delivered")
+        assert_exactly_once(gw, first + second)
+        assert new.stats().entries == 0
+        new.close()
+
+
+async def test_gateway_that_lost_acknowledged_data_gets_what_the_spool_still_has(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    first, second = datagrams(100, seed=7), datagrams(40, seed=8)
+    spool = open_spool(tmp_path)
+    spool.append(first)
+    async with gateway_factory(data) as gw:
+        async with uploading(config(tmp_path, gw.url, key), key, spool):
+            await eventually(lambda: spool.cursor(CURSOR) == 100, "first part delivered")
+        port = int(gw.url.rsplit(":", 1)[1])
+    # The gateway comes back from an old backup: the registry survived, the journal did not.
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(data / "registry.sqlite", restored / "registry.sqlite")
+    spool.append(second)
+    async with gateway_factory(restored, port=port) as gw2:
+        async with uploading(config(tmp_path, gw2.url, key), key, spool) as up:
+            await eventually(lambda: spool.cursor(CURSOR) == 140, "second part delivered")
+            assert up.stats.gateway_lost == 100
+            assert up.status()["gateway_lost"] == 100
+        assert_exactly_once(gw2, second, first_seq=101)
+    spool.close()
+
+
+async def test_forged_or_replayed_acknowledgements_trim_nothing(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """Someone on the path answers every POST with a huge ``acked``: without a tag, with the genuine tag of
+    another request (a replayed answer), beyond 2**64. The agent trusts none, keeps its spool, delivers
+    everything."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(60, seed=11)
+    spool = open_spool(tmp_path)
+    spool.append(sent[:30])
+    replayed_tag = ack_tag(key, agent_id=AGENT, request_nonce=os.urandom(12), acked=100_000)
+    async with gateway_factory(data) as gw:
+        host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+        async with LinkEmulator(upstream=(host, int(port))) as link:
+            cfg = config(tmp_path, link.url, key)
+            for acked, tag in ((100_000, None), (100_000, replayed_tag), (2**64, "A" * 22)):
+                forged: dict[str, object] = {"agent": AGENT, "acked": acked, "accepted": 30, "duplicates": 0}
+                if tag is not None:
+                    forged["tag"] = tag
+                link.add_fault(Fault(action=Action.ANSWER, status=200, body=json.dumps(forged).encode(),
+                                     content_type="application/json", match="POST /v1/batches", count=None))
+                async with uploading(cfg, key, spool) as up:
+                    await eventually(lambda: up.stats.failures["bad-ack"] >= 2, "forged answers refused")
+                    assert up.stats.last_result == "bad-ack"
+                link.clear_faults()
+                assert spool.cursor(CURSOR) == 0
+                assert spool.stats().entries == 30
+                assert spool.last_seq() == 30  # not renumbered above the forged mark
+            spool.append(sent[30:])
+            async with uploading(cfg, key, spool):
+                await eventually(lambda: spool.cursor(CURSOR) == 60, "everything delivered")
+        assert_exactly_once(gw, sent)
+    spool.close()
+
+
+async def test_a_gateway_that_lost_data_while_the_agent_idled_answers_409_and_the_loss_is_counted(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """The journal goes back in time while the agent has nothing to send (restored backup, torn tail): its
+    next batch says which seq it saw acknowledged, the gateway answers 409, the agent resynchronises at once
+    (not after ``reject_backoff``, 60 s here) and counts what it can no longer re-send."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    first, second = datagrams(100, seed=12), datagrams(40, seed=13)
+    spool = open_spool(tmp_path)
+    spool.append(first)
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    shutil.copy(data / "registry.sqlite", restored / "registry.sqlite")
+    async with gateway_factory(data) as gw:
+        port = int(gw.url.rsplit(":", 1)[1])
+        up = Uploader(config(tmp_path, gw.url, key), key, spool)
+        await up.open()
+        tasks = TaskSet()
+        tasks.spawn(up.run(), name="upload")
+        try:
+            await eventually(lambda: spool.cursor(CURSOR) == 100, "first part delivered")
+            await gw.stop()
+            async with gateway_factory(restored, port=port) as gw2:
+                spool.append(second)
+                up.notify()
+                await eventually(lambda: spool.cursor(CURSOR) == 140, "second part delivered")
+                assert up.stats.gateway_lost == 100
+                assert up.stats.failures["resync"] >= 1
+                assert "http-409" not in up.stats.failures
+                assert_exactly_once(gw2, second, first_seq=101)
+                assert gw2.metrics.agents[AGENT].gap == 0  # the gateway knows the hole is its own loss
+        finally:
+            await tasks.close()
+            await up.close()
+    spool.close()
+
+
+async def test_a_spool_renumbered_before_a_crash_is_delivered_once(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """A new spool for an existing agent id moves its datagrams above the gateway's mark in one transaction;
+    if the agent dies right after (before it records the gateway's mark), the next start finds them above the
+    mark already and delivers them once."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    first, second = datagrams(100, seed=14), datagrams(50, seed=15)
+    async with gateway_factory(data) as gw:
+        old = open_spool(tmp_path / "old")
+        old.append(first)
+        async with uploading(config(tmp_path / "old", gw.url, key), key, old):
+            await eventually(lambda: old.cursor(CURSOR) == 100, "first spool delivered")
+        old.close()
+        new = open_spool(tmp_path / "new")
+        new.append(second)
+        assert new.renumber(101) == 50  # what the resync did before the crash
+        assert new.cursor(CURSOR) == 0
+        async with uploading(config(tmp_path / "new", gw.url, key), key, new):
+            await eventually(lambda: new.cursor(CURSOR) == 150, "second spool delivered")
+        assert_exactly_once(gw, first + second)
+        new.close()
+
+
+def test_the_template_cache_lets_later_batches_cut_data_sets_into_columns(tmp_path: Path) -> None:
+    """v9 data whose template travelled in an earlier batch: with the agent's template cache the batch is
+    smaller than without, and it opens to the same datagrams; a restarted uploader (empty cache) still
+    seals it correctly."""
+    key = generate_key()
+    fields = ((8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (2, 4), (1, 4), (152, 8), (153, 8))
+    template = Template(256, tuple(FieldSpec(ie, n) for ie, n in fields))
+    rng = random.Random(16)
+
+    def record() -> dict[str, object]:
+        return {"sourceIPv4Address": f"10.0.{rng.randrange(4)}.{rng.randrange(256)}",
+                "destinationIPv4Address": f"192.0.2.{rng.randrange(256)}",
+                "sourceTransportPort": rng.randrange(1024, 65536), "destinationTransportPort": 443,
+                "protocolIdentifier": 6, "packetDeltaCount": rng.randrange(1, 100),
+                "octetDeltaCount": rng.randrange(40, 100_000),
+                "flowStartMilliseconds": 1_800_000_000_000 + rng.randrange(10_000),
+                "flowEndMilliseconds": 1_800_000_010_000 + rng.randrange(10_000)}
+
+    def dg(payload: bytes, i: int) -> Datagram:
+        return Datagram(received_ns=1_800_000_000_000_000_000 + i, exporter="127.0.0.1", exporter_port=4000,
+                        local_port=2055, payload=payload)
+
+    announce = dg(encode_v9(templates=[template], sys_uptime_ms=1000, unix_secs=1_800_000_000), 0)
+    data = [dg(encode_v9(data=[(template, [record() for _ in range(20)])], sys_uptime_ms=1000 + i,
+                         unix_secs=1_800_000_000, sequence=i), i) for i in range(1, 31)]
+    spool = open_spool(tmp_path)
+    spool.append([announce, *data])
+    entries = spool.read(after=0, limit=100)
+    cfg = config(tmp_path, "http://127.0.0.1:9", key)
+    warm = Uploader(cfg, key, spool)
+    warm._seal(entries[:1])  # the template goes first
+    warm_body, warm_batch = warm._seal(entries[1:])
+    cold_body, cold_batch = Uploader(cfg, key, spool)._seal(entries[1:])  # restarted: nothing learned
+    assert len(warm_batch) == len(cold_batch) == 30
+    assert len(warm_body) < 0.9 * len(cold_body)
+    for body in (warm_body, cold_body):
+        batch = open_batch(body, key=key)
+        assert [d.payload for d in batch.datagrams] == [d.payload for d in data]
+        assert batch.agent_info["acked"] == 0
+    spool.close()
+
+
+def v9_export(n: int, seed: int = 16) -> list[Datagram]:
+    """``n`` NetFlow v9 datagrams of 20 flows each, the template in the first (compressible, like exports)."""
+    fields = ((8, 4), (12, 4), (7, 2), (11, 2), (4, 1), (2, 4), (1, 4), (152, 8), (153, 8))
+    template = Template(256, tuple(FieldSpec(ie, n) for ie, n in fields))
+    rng = random.Random(seed)
+
+    def record() -> dict[str, object]:
+        return {"sourceIPv4Address": f"10.0.{rng.randrange(4)}.{rng.randrange(256)}",
+                "destinationIPv4Address": f"192.0.2.{rng.randrange(256)}",
+                "sourceTransportPort": rng.randrange(1024, 65536), "destinationTransportPort": 443,
+                "protocolIdentifier": 6, "packetDeltaCount": rng.randrange(1, 100),
+                "octetDeltaCount": rng.randrange(40, 100_000),
+                "flowStartMilliseconds": 1_800_000_000_000 + rng.randrange(10_000),
+                "flowEndMilliseconds": 1_800_000_010_000 + rng.randrange(10_000)}
+
+    return [
+        Datagram(received_ns=1_800_000_000_000_000_000 + i * 1_000_000, exporter="127.0.0.1",
+                 exporter_port=4000, local_port=2055,
+                 payload=encode_v9(templates=[template] if i == 0 else [],
+                                   data=[(template, [record() for _ in range(20)])], sys_uptime_ms=1000 + i,
+                                   unix_secs=1_800_000_000, sequence=i))
+        for i in range(n)
+    ]
+
+
+async def test_a_backlog_goes_as_codec_4_in_batches_that_fill_the_body_limit(tmp_path: Path) -> None:
+    """Backlog batches (more spooled behind them) are sealed with codec 4; the first sealed batch seeds the
+    sizer's ratio, so the next one is read large enough to come close to the body limit (not a fraction of
+    it, as a ratio learned slowly from 1 would give); a batch that catches up goes back to zstd."""
+    key = generate_key()
+    spool = open_spool(tmp_path)
+    sent = v9_export(1500)
+    spool.append(sent)
+    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key, max_body=MIN_BODY), key, spool)
+    await up.open()
+    try:
+        bodies: list[bytes] = []
+        after = 0
+        while after < len(sent):
+            entries = await up._read()  # one batch at a time, no gateway
+            entries = [e for e in entries if e.seq > after]
+            body, batch = up._seal(entries)
+            up._seed_ratio(batch, len(body))
+            bodies.append(body)
+            after = up._position = batch[-1].seq
+    finally:
+        await up.close()
+    codecs = [peek_header(b).codec for b in bodies]
+    assert codecs[:-1] == [Codec.COLUMNAR_LZMA] * (len(bodies) - 1)
+    assert codecs[-1] in (Codec.ZSTD_DICT, Codec.COLUMNAR)  # the batch that caught up
+    assert len(bodies[0]) < 0.9 * MIN_BODY  # read at ratio 1: a fraction of the limit
+    assert all(0.6 * MIN_BODY < len(b) <= MIN_BODY for b in bodies[1:-1])
+    assert len(bodies) >= 3
+    got = [d for b in bodies for d in open_batch(b, key=key).datagrams]
+    assert got == sent
+    spool.close()
+
+
+async def test_backlog_and_drops_reach_the_gateway(tmp_path: Path, gateway_factory: GatewayFactory) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    spool = open_spool(tmp_path)
+    spool.append(datagrams(50))
+    async with gateway_factory(data) as gw:
+        up = Uploader(config(tmp_path, gw.url, key), key, spool,
+                      dropped=lambda: {"spool_full": 7, "receiver_overflow": 0})
+        await up.open()
+        try:
+            assert await up.drain()
+        finally:
+            await up.close()
+        stats = gw.metrics.agents[AGENT]
+        assert stats.dropped == {"spool_full": 7}
+        assert stats.backlog is not None
+    spool.close()
+
+
+async def test_through_tinyproxy_with_basic_auth(tmp_path: Path, gateway_factory: GatewayFactory) -> None:
+    require("tinyproxy")
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(300, seed=9)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    with Tinyproxy(tmp_path, auth=("flow", "s3cret")) as proxy:
+        async with gateway_factory(data) as gw:
+            cfg = config(tmp_path, gw.url, key, proxy=proxy.proxy_url)
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered through the proxy")
+                assert up.stats.failures == {}
+            assert_exactly_once(gw, sent)
+        assert "/v1/batches" in proxy.log_text()
+    spool.close()
+
+
+async def test_wrong_proxy_password_is_a_retried_407(tmp_path: Path, gateway_factory: GatewayFactory) -> None:
+    require("tinyproxy")
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    spool = open_spool(tmp_path)
+    spool.append(datagrams(5))
+    with Tinyproxy(tmp_path, auth=("flow", "s3cret")) as proxy:
+        async with gateway_factory(data) as gw:
+            cfg = config(tmp_path, gw.url, key, proxy=proxy.url.replace("://", "://flow:wrong@"))
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: up.stats.failures["http-407"] >= 2, "407 retried with backoff")
+            assert journal_of(gw, AGENT) == []
+    assert spool.stats().entries == 5
+    spool.close()
+
+
+async def test_http_proxy_from_the_environment(
+    tmp_path: Path, gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require("tinyproxy")
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(20, seed=10)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    with Tinyproxy(tmp_path) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        async with gateway_factory(data) as gw:
+            async with uploading(config(tmp_path, gw.url, key), key, spool):
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered via HTTP_PROXY")
+            assert_exactly_once(gw, sent)
+        assert "/v1/batches" in proxy.log_text()
+    spool.close()
+
+
+async def test_no_proxy_bypasses_the_environment_proxy(
+    tmp_path: Path, gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    spool = open_spool(tmp_path)
+    spool.append(datagrams(5))
+    # A proxy that does not exist: only a bypass can deliver.
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_tcp_port()}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with gateway_factory(data) as gw, uploading(config(tmp_path, gw.url, key), key, spool) as up:
+        await eventually(lambda: spool.cursor(CURSOR) == 5, "delivered directly")
+        assert up.stats.failures == {}
+    spool.close()
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path, str]:
+    """A certificate for 127.0.0.1 (its own CA), its key, and the SHA-256 of its DER form."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowtunnel test gateway")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "gw.crt", tmp_path / "gw.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+    return cert_path, key_path, cert.fingerprint(hashes.SHA256()).hex()
+
+
+@pytest.mark.parametrize(
+    ("trust", "cause"),
+    [
+        ("ca", None),
+        ("pin", None),
+        ("ca+pin", None),
+        ("ca+wrong-pin", "connection:ServerFingerprintMismatch"),
+        ("nothing", "connection:ClientConnectorCertificateError"),
+    ],
+)
+async def test_tls_with_custom_ca_and_pinning(
+    tmp_path: Path, gateway_factory: GatewayFactory, trust: str, cause: str | None
+) -> None:
+    cert, cert_key, pin = self_signed(tmp_path)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(30, seed=11)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    settings: dict[str, Any] = {}
+    if "ca" in trust:
+        settings["ca_file"] = cert
+    if trust.endswith("pin"):
+        settings["pin_sha256"] = ("00" * 32) if "wrong" in trust else pin
+    async with gateway_factory(data, tls_cert=cert, tls_key=cert_key) as gw:
+        assert gw.url.startswith("https://")
+        async with uploading(config(tmp_path, gw.url, key, **settings), key, spool) as up:
+            if cause is None:
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered over TLS")
+                assert up.stats.failures == {}
+            else:
+                await eventually(lambda: up.stats.failures[cause] >= 1, f"refused with {cause}")
+        if cause is None:
+            assert_exactly_once(gw, sent)
+        else:
+            assert journal_of(gw, AGENT) == []
+    spool.close()
+
+
+async def test_https_gateway_through_tinyproxy_connect(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    require("tinyproxy")
+    cert, cert_key, _ = self_signed(tmp_path)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(50, seed=12)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    with Tinyproxy(tmp_path, auth=("flow", "s3cret")) as proxy:
+        async with gateway_factory(data, tls_cert=cert, tls_key=cert_key) as gw:
+            cfg = config(tmp_path, gw.url, key, proxy=proxy.proxy_url, ca_file=cert)
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered through CONNECT")
+                assert up.stats.failures == {}
+            assert_exactly_once(gw, sent)
+        assert "CONNECT" in proxy.log_text()
+    spool.close()
+
+
+async def test_daily_budget_stops_uploads_until_midnight_and_persists(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(40, size=500, seed=13)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    # Batches of 10 datagrams (~5 kB each): the first of the day always goes, the budget stops the next.
+    async with gateway_factory(data) as gw:
+        cfg = config(tmp_path, gw.url, key, daily_bytes=6000, max_batch_datagrams=10)
+        async with uploading(cfg, key, spool) as up:
+            await eventually(
+                lambda: any("daily upload budget" in r.getMessage() for r in caplog.records), "budget reached"
+            )
+            assert spool.cursor(CURSOR) == 10
+            assert up.stats.next_attempt is not None
+        assert [seq for seq, _ in journal_of(gw, AGENT)] == list(range(1, 11))
+    used = spool.get_state("budget:used")
+    assert used is not None
+    assert used > 5000
+    spool.close()
