@@ -1,10 +1,179 @@
-"""Subcommand module placeholder: being written (owner fills register())."""
+"""``flowtunnel query``, ``top`` and ``export``: read-only questions to a gateway's flow store.
+
+Argument parsing only; the work is in ``flowtunnel.store``. The data directory comes from ``--data``, else
+``FLOWTUNNEL_GATEWAY_DATA``, else ``data`` in the ``[gateway]`` section of ``--config`` (the gateway's keys).
+"""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
+import sys
+import tomllib
+from pathlib import Path
 from typing import Any
 
+from flowtunnel.config import parse_duration
+from flowtunnel.errors import ConfigError
+from flowtunnel.store import TOP_KEYS, StoreError, open_query, run_export, top_sql
+from flowtunnel.store.output import FORMATS, write_result
 
-def register(sub: "argparse._SubParsersAction[Any]") -> None:
-    pass
+__all__ = ["register"]
+
+EXIT_FAILED = 1
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", type=Path, default=None, metavar="DIR",
+        help="the gateway's data directory (env FLOWTUNNEL_GATEWAY_DATA, or [gateway] data in --config)",
+    )
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="the gateway's TOML config")
+    parser.add_argument(
+        "--timeout", type=float, default=300.0, metavar="SECONDS",
+        help="give up on a query running longer than this (default 300)",
+    )
+
+
+def _since(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--since: {exc}") from None
+    if seconds <= 0:
+        raise ConfigError(f"--since {text!r} must be a positive duration (examples: 15m, 1h, 7d)")
+    return seconds
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    query = sub.add_parser(
+        "query",
+        help="run read-only SQL over the flow store (table 'flows')",
+        description=(
+            "Run one read-only SQL statement (SELECT or EXPLAIN) over table 'flows' of a gateway's store and "
+            "print the result: CSV by default, JSON lines (one object per row) or a table. Works while the "
+            "gateway runs (through its query socket) and when it is stopped (opening the store read-only). "
+            "Columns: agent, exporter, version, domain_id, flow_start, flow_end, src_addr, dst_addr, "
+            "src_port, dst_port, protocol, tcp_flags, packets, bytes, in_if, out_if, src_as, dst_as, "
+            "next_hop, tos, sampling_interval, extra (JSON: every other field), received."
+        ),
+    )
+    query.add_argument("sql", metavar="SQL", help="one SELECT statement, e.g. \"SELECT count(*) FROM flows\"")
+    query.add_argument("--format", choices=FORMATS, default="csv", help="output format (default csv)")
+    _add_common(query)
+    query.set_defaults(func=_run_query)
+
+    top = sub.add_parser(
+        "top",
+        help="top talkers: rank addresses, ports, protocols, exporters or agents by bytes, packets, flows",
+        description="Rank the values of one column by total bytes (or packets, or flows) in the flow store.",
+    )
+    top.add_argument("--by", choices=TOP_KEYS, default="src_addr", help="column to rank (default src_addr)")
+    top.add_argument("--since", default=None, metavar="DURATION",
+                     help="only flows that ended within this long ago (e.g. 15m, 1h, 7d)")
+    top.add_argument("--agent", default=None, metavar="NAME", help="only flows from this agent")
+    top.add_argument("--limit", type=int, default=10, metavar="N", help="rows to show (default 10)")
+    top.add_argument("--order", choices=("bytes", "packets", "flows"), default="bytes",
+                     help="rank by (default bytes)")
+    top.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    _add_common(top)
+    top.set_defaults(func=_run_top)
+
+    export = sub.add_parser(
+        "export",
+        help="write the flow store as Parquet, one directory per day",
+        description=(
+            "Write table 'flows' as Parquet files under DIR/day=YYYY-MM-DD/ (hive partitioning, day of "
+            "flow start in UTC) for other engines. A day already exported to DIR is replaced."
+        ),
+    )
+    export.add_argument("--parquet", type=Path, required=True, metavar="DIR", help="target directory")
+    export.add_argument(
+        "--since", default=None, metavar="DURATION", help="only flows that ended this recently (e.g. 7d)"
+    )
+    _add_common(export)
+    export.set_defaults(func=_run_export)
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    if args.data is not None:
+        return Path(args.data)
+    env = os.environ.get("FLOWTUNNEL_GATEWAY_DATA")
+    if env:
+        return Path(env)
+    if args.config is not None:
+        try:
+            doc = tomllib.loads(Path(args.config).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {args.config}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {args.config} is not valid TOML: {exc}") from None
+        data = doc.get("gateway", {}).get("data")
+        if isinstance(data, str) and data:
+            return Path(data).expanduser()
+    raise ConfigError("no data directory: pass --data DIR (or set FLOWTUNNEL_GATEWAY_DATA)")
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"flowtunnel {command}: error: {exc}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _print(
+    data_dir: Path, sql: str, params: list[object], fmt: str, timeout: float, title: str | None
+) -> None:
+    with open_query(data_dir, sql, params, timeout=timeout) as result:
+        write_result(result, fmt, sys.stdout, title=title)
+    sys.stdout.flush()
+
+
+def _run_query(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    try:
+        _print(data_dir, args.sql, [], args.format, args.timeout, None)
+    except StoreError as exc:
+        return _fail("query", exc)
+    except BrokenPipeError:
+        _quiet_pipe()
+    return 0
+
+
+def _run_top(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    since = _since(args.since)
+    try:
+        sql, params = top_sql(by=args.by, since_seconds=since, agent=args.agent, limit=args.limit,
+                              order=args.order, now=dt.datetime.now(dt.UTC))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    title = f"top {args.by} by {args.order}" + (f", last {args.since}" if args.since else "")
+    if args.agent:
+        title += f", agent {args.agent}"
+    try:
+        _print(data_dir, sql, params, args.format, args.timeout, title)
+    except StoreError as exc:
+        return _fail("top", exc)
+    except BrokenPipeError:
+        _quiet_pipe()
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    since = _since(args.since)
+    try:
+        rows = run_export(data_dir, args.parquet, since_seconds=since, now=dt.datetime.now(dt.UTC),
+                          timeout=args.timeout)
+    except StoreError as exc:
+        return _fail("export", exc)
+    print(f"exported {rows} flows to {args.parquet} (Parquet, one day=YYYY-MM-DD directory per day)")
+    return 0
+
+
+def _quiet_pipe() -> None:
+    # The reader (e.g. `| head`) went away: stop quietly, without Python's second error at exit.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())

@@ -1,0 +1,309 @@
+"""The store's query server (unix socket, run by the store sink inside the gateway) and its client.
+
+Why a socket: DuckDB lets one process hold the database for writing, and then no other process can open it at
+all. Rather than have the writer cut immutable segments for readers (more files, compaction, and queries that
+lag ingest by a segment), the process that holds the database answers queries itself on cursors of its own
+database instance, so queries see every committed row while ingest goes on.
+
+Protocol: newline-delimited JSON over ``DATA/store/query.sock`` (mode 0600: the data directory's owner only).
+Request: ``{"op": "query", "sql": ..., "params": [...], "timeout": s}`` or
+``{"op": "export", "target": "/abs/dir", "since_seconds": s|null, "now": iso, "timeout": s}``.
+Response to a query: ``{"columns": [...], "types": [...]}``, then one JSON array per row, then
+``{"end": rows}``; to an export: ``{"rows": n}``. Any failure: ``{"error": text, "kind": "rejected"|"query"}``
+(possibly after some rows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final
+
+import duckdb
+
+from flowtunnel.store.errors import QueryError, QueryRejected, StoreError
+from flowtunnel.store.query import FETCH_ROWS, QueryResult, check_read_only, describe, export_sql, jsonable
+
+__all__ = ["QueryClient", "QueryServer"]
+
+log = logging.getLogger("flowtunnel.store.server")
+
+MAX_REQUEST: Final = 1 << 20
+MAX_CONCURRENT: Final = 4
+_SUN_PATH_MAX: Final = 107
+
+
+@contextlib.contextmanager
+def short_path(path: Path) -> Iterator[str]:
+    """``path`` as a name that fits a unix socket address (107 bytes).
+
+    Deep data directories (CI temporary paths) exceed it; on Linux the directory is then reached through
+    ``/proc/self/fd/N``, which names the same socket file. Raises ``StoreError`` where that is unavailable.
+    """
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield str(path)
+        return
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise StoreError(f"cannot open {path.parent} for the query socket: {exc.strerror}") from None
+    try:
+        alias = f"/proc/self/fd/{fd}/{path.name}"
+        if not os.path.isdir(f"/proc/self/fd/{fd}") or len(alias) > _SUN_PATH_MAX:
+            raise StoreError(
+                f"query socket path {path} is {len(os.fsencode(path))} bytes, over the unix socket limit of "
+                f"{_SUN_PATH_MAX}: use a shorter data directory"
+            )
+        yield alias
+    finally:
+        os.close(fd)
+
+
+class QueryServer:
+    """Answers read-only queries on cursors from ``cursor_factory`` (a new connection to the writer's DB).
+
+    Resource handling: at most ``MAX_CONCURRENT`` queries run at once (others wait); each runs in a worker
+    thread inside a transaction that is rolled back; a query running longer than its timeout is interrupted.
+    """
+
+    def __init__(self, path: Path, cursor_factory: Callable[[], duckdb.DuckDBPyConnection]) -> None:
+        self.path = path
+        self._cursor_factory = cursor_factory
+        self._server: asyncio.Server | None = None
+        self._sessions: set[asyncio.Task[Any]] = set()
+        self._limit = asyncio.Semaphore(MAX_CONCURRENT)
+        self.queries = 0
+        self.rejected = 0
+        self.failed = 0
+
+    async def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()  # left behind by a killed process; nobody answers on it
+        old_umask = os.umask(0o177)
+        try:
+            with short_path(self.path) as path:
+                self._server = await asyncio.start_unix_server(self._serve, path=path, limit=MAX_REQUEST)
+        finally:
+            os.umask(old_umask)
+        log.info("store query server listening on %s", self.path)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            sessions = list(self._sessions)
+            for task in sessions:
+                task.cancel()
+            await asyncio.gather(*sessions, return_exceptions=True)
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            # asyncio.Server owns the session tasks; we keep them to cancel sessions in flight on close().
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+        try:
+            line = await reader.readline()
+            try:
+                request = json.loads(line)
+                if not isinstance(request, dict):
+                    raise ValueError("request is not a JSON object")
+            except ValueError as exc:
+                await self._send(writer, {"error": f"bad request: {exc}", "kind": "query"})
+                return
+            async with self._limit:
+                if request.get("op") == "export":
+                    await self._export(request, writer)
+                else:
+                    await self._query(request, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+            log.debug("query client went away")
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, obj: object) -> None:
+        writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+        await writer.drain()
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        cur = self._cursor_factory()
+        cur.execute("SET TimeZone = 'UTC'")
+        cur.execute("BEGIN TRANSACTION")
+        return cur
+
+    @staticmethod
+    def _close(cur: duckdb.DuckDBPyConnection) -> None:
+        with contextlib.suppress(duckdb.Error):
+            cur.execute("ROLLBACK")
+        cur.close()
+
+    async def _query(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        self.queries += 1
+        sql = request.get("sql")
+        params = request.get("params") or []
+        timeout = float(request.get("timeout") or 300.0)
+        try:
+            if not isinstance(sql, str) or not isinstance(params, list):
+                raise QueryError("request needs 'sql' (text) and 'params' (a list)")
+            check_read_only(sql)
+        except QueryRejected as exc:
+            self.rejected += 1
+            await self._send(writer, {"error": str(exc), "kind": "rejected"})
+            return
+        except QueryError as exc:
+            self.failed += 1
+            await self._send(writer, {"error": str(exc), "kind": "query"})
+            return
+        cur = await asyncio.to_thread(self._open)
+        timer = asyncio.get_running_loop().call_later(timeout, cur.interrupt)
+        rows = 0
+        try:
+            try:
+                await asyncio.to_thread(cur.execute, sql, params)
+                columns, types = describe(cur)
+                await self._send(writer, {"columns": columns, "types": types})
+                while True:
+                    chunk = await asyncio.to_thread(cur.fetchmany, FETCH_ROWS)
+                    if not chunk:
+                        break
+                    rows += len(chunk)
+                    writer.write(
+                        b"".join(
+                            json.dumps([jsonable(v) for v in row], separators=(",", ":")).encode() + b"\n"
+                            for row in chunk
+                        )
+                    )
+                    await writer.drain()
+            except duckdb.InterruptException:
+                self.failed += 1
+                await self._send(writer, {"error": f"query interrupted after its {timeout:g} s timeout",
+                                          "kind": "query"})
+                return
+            except duckdb.Error as exc:
+                self.failed += 1
+                await self._send(writer, {"error": str(exc), "kind": "query"})
+                return
+            await self._send(writer, {"end": rows})
+        finally:
+            timer.cancel()
+            await asyncio.to_thread(self._close, cur)
+
+    async def _export(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
+        self.queries += 1
+        try:
+            target = Path(str(request["target"]))
+            since = request.get("since_seconds")
+            now = dt.datetime.fromisoformat(str(request["now"]))
+            if not target.is_absolute():
+                raise ValueError(f"export target {target} is not an absolute path")
+            sql, params = export_sql(target, since_seconds=None if since is None else float(since), now=now)
+        except (KeyError, ValueError) as exc:
+            await self._send(writer, {"error": f"bad export request: {exc}", "kind": "query"})
+            return
+        timeout = float(request.get("timeout") or 3600.0)
+        cur = await asyncio.to_thread(self._open)
+        timer = asyncio.get_running_loop().call_later(timeout, cur.interrupt)
+        try:
+            row = await asyncio.to_thread(lambda: cur.execute(sql, params).fetchone())
+        except duckdb.Error as exc:
+            self.failed += 1
+            await self._send(writer, {"error": f"export to {target} failed: {exc}", "kind": "query"})
+            return
+        finally:
+            timer.cancel()
+            await asyncio.to_thread(self._close, cur)
+        await self._send(writer, {"rows": int(row[0]) if row else 0})
+
+
+class QueryClient:
+    """Blocking client of a ``QueryServer``; ``connect`` returns ``None`` when no server answers."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._file = sock.makefile("rb")
+
+    @classmethod
+    def connect(cls, path: Path) -> QueryClient | None:
+        if not path.exists():
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with short_path(path) as name:
+                sock.connect(name)
+        except (ConnectionRefusedError, FileNotFoundError):
+            sock.close()  # a socket file left by a killed gateway
+            return None
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    def __enter__(self) -> QueryClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+        self._sock.close()
+
+    def _request(self, obj: dict[str, object], timeout: float) -> None:
+        self._sock.settimeout(timeout + 30.0)
+        self._sock.sendall(json.dumps(obj).encode() + b"\n")
+
+    def _line(self) -> Any:
+        line = self._file.readline()
+        if not line:
+            raise QueryError("the store's query server closed the connection before answering")
+        return json.loads(line)
+
+    @staticmethod
+    def _raise(reply: dict[str, Any]) -> None:
+        if reply.get("kind") == "rejected":
+            raise QueryRejected(str(reply["error"]))
+        raise QueryError(str(reply["error"]))
+
+    def query(self, sql: str, params: list[object], *, timeout: float) -> QueryResult:
+        self._request({"op": "query", "sql": sql, "params": params, "timeout": timeout}, timeout)
+        head = self._line()
+        if "error" in head:
+            self._raise(head)
+        return QueryResult(columns=list(head["columns"]), types=list(head["types"]), rows=self._rows())
+
+    def _rows(self) -> Iterator[list[object]]:
+        while True:
+            item = self._line()
+            if isinstance(item, list):
+                yield item
+                continue
+            if "error" in item:
+                self._raise(item)
+            return
+
+    def export(self, target: Path, *, since_seconds: float | None, now: dt.datetime, timeout: float) -> int:
+        self._request(
+            {"op": "export", "target": str(target), "since_seconds": since_seconds, "now": now.isoformat(),
+             "timeout": timeout},
+            timeout,
+        )
+        reply = self._line()
+        if "error" in reply:
+            self._raise(reply)
+        return int(reply["rows"])
