@@ -1,0 +1,1 @@
+"""Tests of flowtunnel under faults and hostile input (issue 5)."""
