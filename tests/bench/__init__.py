@@ -1,0 +1,1 @@
+"""Correctness tests of the benchmark scripts in ``bench/`` (never of their timings)."""
