@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -20,9 +21,10 @@ T = TypeVar("T")
 
 def setup_logging(level: str = "info") -> None:
     """Log lines to stderr: ``2026-11-26T05:15:14Z INFO flowtunnel.agent: message``."""
-    logging.Formatter.converter = __import__("time").gmtime
+    formatter = logging.Formatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -46,7 +48,7 @@ class OnceLogger:
             return
         if len(self._seen) < self._limit:
             self._seen.add(cause)
-        self._logger.warning(msg + " (further occurrences of %s are counted, not logged)", *args, cause)
+        self._logger.warning("%s (further occurrences of %s are counted, not logged)", msg % args, cause)
 
 
 class TaskSet:

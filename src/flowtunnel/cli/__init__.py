@@ -18,16 +18,49 @@ __all__ = ["main"]
 
 # Order is the order of ``flowtunnel --help``.
 _MODULES = ("demo", "decode", "replay", "agent", "gateway", "store", "status")
+# Which module registers each command: only that module is imported when the command is known, so that
+# ``flowtunnel decode`` does not pay for importing duckdb and aiohttp (start-up time matters in scripts).
+_COMMANDS = {
+    "demo": "demo",
+    "decode": "decode",
+    "replay": "replay",
+    "agent": "agent",
+    "gateway": "gateway",
+    "enroll": "gateway",
+    "revoke": "gateway",
+    "agents": "gateway",
+    "query": "store",
+    "top": "store",
+    "export": "store",
+    "status": "status",
+}
 
 EXIT_USAGE = 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (first word that is not an option or an option's value)."""
+    skip = False
+    for word in argv:
+        if skip:
+            skip = False
+            continue
+        if word == "--log-level":
+            skip = True
+            continue
+        if word.startswith("-"):
+            continue
+        return word
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flowtunnel",
         description=(
             "Carry NetFlow v5/v9/IPFIX exports from hostile networks to a central collector over HTTP(S), "
-            "durably and exactly once. Run 'flowtunnel demo' for a tour, 'flowtunnel COMMAND --help' for details."
+            "durably and exactly once. Run 'flowtunnel demo' for a tour, "
+            "'flowtunnel COMMAND --help' for details."
         ),
     )
     parser.add_argument("--version", action="version", version=f"flowtunnel {__version__}")
@@ -38,15 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="log verbosity on stderr (default: info; env FLOWTUNNEL_LOG_LEVEL)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in _MODULES:
+    module_name = _COMMANDS.get(command or "")
+    for name in (module_name,) if module_name else _MODULES:
         module = importlib.import_module(f"flowtunnel.cli.{name}")
         module.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(words))
+    args = parser.parse_args(words)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
