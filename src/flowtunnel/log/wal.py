@@ -19,9 +19,11 @@ import sys
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # numpy loads only when a WAL is left to inspect (the agent's memory budget counts)
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["WalTail", "inspect_wal"]
 
@@ -68,6 +70,8 @@ def _checksum(data: bytes | memoryview, big_endian: bool, s0: int, s1: int) -> t
 @functools.lru_cache(maxsize=4)
 def _powers(n: int) -> npt.NDArray[np.uint64]:
     """M**0 .. M**n (mod 2**32) for the step matrix M = [[1, 1], [1, 2]], newest power first."""
+    import numpy as np
+
     out = np.empty((n + 1, 2, 2), dtype=np.uint64)
     a, b, c, d = 1, 0, 0, 1
     for j in range(n + 1):
@@ -83,6 +87,8 @@ def _checksum_frame(words: npt.NDArray[np.uint32], s0: int, s1: int) -> tuple[in
     M**n (s0, s1) + sum_k M**(n-1-k) u_k. uint64 arithmetic wraps modulo 2**64, a multiple of 2**32, so the
     sums stay exact modulo 2**32 without overflow checks.
     """
+    import numpy as np
+
     pairs = words.astype(np.uint64).reshape(-1, 2)
     n = len(pairs)
     powers = _powers(n)  # powers[j] = M**(n - j)
@@ -126,6 +132,8 @@ def inspect_wal(wal_path: Path) -> WalTail | None:
             frames = -(-(size - WAL_HEADER_BYTES) // (FRAME_HEADER_BYTES + page_size)) if valid_page else 0
             return WalTail(wal_path=wal_path, wal_bytes=size, discarded_bytes=size, discarded_frames=frames,
                            reason="bad header")
+        import numpy as np
+
         dtype = np.dtype(">u4" if big else "<u4")
         frame_bytes = FRAME_HEADER_BYTES + page_size
         committed_end = off = WAL_HEADER_BYTES
