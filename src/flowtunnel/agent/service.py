@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
+import functools
 import logging
 import os
 import time
@@ -24,21 +24,15 @@ from flowtunnel.agent.uploader import Uploader
 from flowtunnel.errors import ConfigError
 from flowtunnel.log import DurableLog, LogConfig, LogError, LogStats
 from flowtunnel.runtime import OnceLogger, TaskSet
+from flowtunnel.statusfile import write_json_atomic
 
-__all__ = ["SPOOL_FILE", "STATUS_FILE", "AgentService", "run_agent", "write_json_atomic"]
+__all__ = ["SPOOL_FILE", "STATUS_FILE", "AgentService", "run_agent"]
 
 logger = logging.getLogger(__name__)
 
 SPOOL_FILE = "spool.sqlite"
 STATUS_FILE = "status.json"
 LOCK_FILE = "agent.lock"
-
-
-def write_json_atomic(path: Path, doc: object) -> None:
-    """Write ``doc`` as JSON to ``path`` via a temporary file and a rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class AgentService:
@@ -239,7 +233,9 @@ class AgentService:
         """Rewrite ``status.json`` (spool stats and the file write in a worker thread)."""
         spool = await asyncio.to_thread(self.spool.stats)
         doc = self.status(spool)
-        await asyncio.to_thread(write_json_atomic, self.config.spool_dir / STATUS_FILE, doc)
+        await asyncio.to_thread(
+            functools.partial(write_json_atomic, self.config.spool_dir / STATUS_FILE, doc, durable=False)
+        )
 
     async def _status_loop(self) -> None:
         while True:

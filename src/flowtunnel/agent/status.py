@@ -7,13 +7,12 @@ only turns it into text an operator reads at a glance, so it takes plain dicts a
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flowtunnel.errors import FlowtunnelError
+from flowtunnel.statusfile import read_status_file
 
 __all__ = ["read_status", "render"]
 
@@ -23,18 +22,7 @@ STALE_AFTER = 30.0
 
 def read_status(spool_dir: Path) -> dict[str, Any]:
     """The parsed ``<spool_dir>/status.json``; raises ``FlowtunnelError`` naming the file and the problem."""
-    path = Path(spool_dir) / "status.json"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FlowtunnelError(f"{path} does not exist: no agent has run with spool {spool_dir}") from None
-    except OSError as exc:
-        raise FlowtunnelError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise FlowtunnelError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != "agent":
-        raise FlowtunnelError(f"{path} is not an agent status file")
-    return doc
+    return read_status_file(spool_dir, kind="agent", missing=f"no agent has run with spool {spool_dir}")
 
 
 def _size(n: object) -> str:

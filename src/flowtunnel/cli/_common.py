@@ -8,7 +8,7 @@ from pathlib import Path
 
 from flowtunnel.runtime import setup_logging
 
-__all__ = ["add_config_flag", "init_logging"]
+__all__ = ["add_config_flag", "init_logging", "port_arg"]
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
@@ -21,3 +21,14 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
 def init_logging(args: argparse.Namespace) -> None:
     level = getattr(args, "log_level", None) or os.environ.get("FLOWTUNNEL_LOG_LEVEL", "info")
     setup_logging(level)
+
+
+def port_arg(text: str) -> int:
+    """argparse ``type=`` for a UDP/TCP port: 1..65535, with a message naming the bad value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 1..65535")
+    return value

@@ -27,6 +27,7 @@ from flowtunnel.capture import (
     UdpDatagram,
     find_netflow,
 )
+from flowtunnel.cli._common import port_arg
 from flowtunnel.netflow import (
     Decoder,
     DecoderConfig,
@@ -93,7 +94,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="json: one object per record (default); table: aligned columns for people",
     )
     parser.add_argument(
-        "--port", type=_port, action="append", default=None, metavar="N",
+        "--port", type=port_arg, action="append", default=None, metavar="N",
         help="only datagrams sent to UDP port N (repeatable; default: any port)",
     )
     parser.add_argument(
@@ -101,16 +102,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="also print options records (exporter metadata such as sampling), marked _options: true",
     )
     parser.set_defaults(func=run)
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"port {value} is outside 1..65535")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

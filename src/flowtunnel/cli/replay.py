@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 from flowtunnel.capture import CaptureError, CaptureReader, CaptureStats, find_netflow
+from flowtunnel.cli._common import port_arg
 
 __all__ = ["Loaded", "ReplaySummary", "Target", "load_datagrams", "parse_target", "register", "replay"]
 
@@ -83,7 +84,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="follow the capture's timing, X times faster (1: real time)",
     )
     parser.add_argument(
-        "--port", type=_port, action="append", default=None, metavar="N",
+        "--port", type=port_arg, action="append", default=None, metavar="N",
         help="only datagrams sent to UDP port N in the capture (repeatable; default: any port)",
     )
     parser.add_argument(
@@ -91,16 +92,6 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="only datagrams sent by this IP address in the capture (repeatable)",
     )
     parser.set_defaults(func=run)
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"port {text!r} is not a number") from None
-    if not 0 < value < 65536:
-        raise argparse.ArgumentTypeError(f"port {value} is outside 1..65535")
-    return value
 
 
 def _non_negative(text: str) -> float:

@@ -7,36 +7,19 @@ is stored in ``DATA/forward-map.json`` (written atomically) and shown by ``flowt
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-__all__ = ["AddressPool", "ForwardMap", "Mapping", "PoolExhausted", "write_json_atomic"]
+from flowtunnel.statusfile import write_json_atomic
+
+__all__ = ["AddressPool", "ForwardMap", "Mapping", "PoolExhausted"]
 
 
 class PoolExhausted(Exception):
     """Every address of the pool (of the wanted family) is taken."""
-
-
-def write_json_atomic(path: Path, doc: object) -> None:
-    """Write ``doc`` as JSON to ``path`` so that readers see the old or the new file, never a torn one."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class AddressPool:

@@ -29,13 +29,13 @@ from flowtunnel.gateway.config import GatewayConfig
 from flowtunnel.gateway.ingest import Ingest
 from flowtunnel.gateway.metrics import GatewayMetrics
 from flowtunnel.gateway.notify import JournalNotify
-from flowtunnel.gateway.pool import write_json_atomic
 from flowtunnel.gateway.registry import AgentKeys, Registry, RegistryError
 from flowtunnel.gateway.sinks.base import Sink
 from flowtunnel.gateway.sinks.jsonl import JsonlSink
 from flowtunnel.gateway.sinks.udp_forward import UdpForwardConfig, UdpForwardSink
 from flowtunnel.log import DurableLog, FullPolicy, LogConfig, LogError
 from flowtunnel.runtime import OnceLogger, TaskSet
+from flowtunnel.statusfile import write_json_atomic
 from flowtunnel.wire import WireLimits
 
 __all__ = ["JOURNAL_FILE", "STATUS_FILE", "Gateway", "run_gateway"]

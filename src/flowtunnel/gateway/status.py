@@ -8,13 +8,12 @@ and the udp-forward source of each (agent, exporter). It tolerates missing keys.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flowtunnel.errors import FlowtunnelError
+from flowtunnel.statusfile import read_status_file
 
 __all__ = ["STALE_AFTER", "read_status", "render"]
 
@@ -24,18 +23,7 @@ STALE_AFTER = 30.0
 
 def read_status(data_dir: Path) -> dict[str, Any]:
     """The parsed ``<data_dir>/status.json``; raises ``FlowtunnelError`` naming the file and the problem."""
-    path = Path(data_dir) / "status.json"
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FlowtunnelError(f"{path} does not exist: no gateway has run with data {data_dir}") from None
-    except OSError as exc:
-        raise FlowtunnelError(f"cannot read {path}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise FlowtunnelError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != "gateway":
-        raise FlowtunnelError(f"{path} is not a gateway status file")
-    return doc
+    return read_status_file(data_dir, kind="gateway", missing=f"no gateway has run with data {data_dir}")
 
 
 def _size(n: object) -> str:

@@ -21,9 +21,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from flowtunnel.gateway.pool import write_json_atomic
 from flowtunnel.gateway.sinks.base import CursorSink
 from flowtunnel.runtime import OnceLogger
+from flowtunnel.statusfile import write_json_atomic
 
 if TYPE_CHECKING:
     from flowtunnel.log import DurableLog, Entry

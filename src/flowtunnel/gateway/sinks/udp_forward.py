@@ -39,9 +39,10 @@ from typing import TYPE_CHECKING
 
 from flowtunnel.gateway.config import DEFAULT_FORWARD_RATE, ForwardTarget
 from flowtunnel.gateway.metrics import GatewayMetrics
-from flowtunnel.gateway.pool import AddressPool, ForwardMap, Mapping, PoolExhausted, write_json_atomic
+from flowtunnel.gateway.pool import AddressPool, ForwardMap, Mapping, PoolExhausted
 from flowtunnel.gateway.sinks.base import CursorSink
 from flowtunnel.runtime import OnceLogger
+from flowtunnel.statusfile import write_json_atomic
 
 if TYPE_CHECKING:
     from flowtunnel.log import DurableLog, Entry

@@ -1,0 +1,61 @@
+"""JSON files that other processes read while we rewrite them: status.json, the forwarder's maps.
+
+Written through a temporary file and a rename, so a reader sees the old file or the new one, never half of
+one; read back with errors that name the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flowtunnel.errors import FlowtunnelError
+
+__all__ = ["read_status_file", "write_json_atomic"]
+
+
+def write_json_atomic(path: Path, doc: object, *, durable: bool = True) -> None:
+    """Write ``doc`` as JSON to ``path`` so that readers see the old or the new file, never a torn one.
+
+    ``durable`` fsyncs the file before the rename (state that must survive a power cut); a status file that
+    is rewritten every few seconds does not need it.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=1, sort_keys=True, default=str)
+            fh.write("\n")
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_status_file(directory: Path, *, kind: str, missing: str) -> dict[str, Any]:
+    """The parsed ``<directory>/status.json`` written by a ``kind`` process ("agent", "gateway").
+
+    Error handling: raises ``FlowtunnelError`` naming the file: ``missing`` (e.g. "no agent has run with spool
+    X") when it does not exist, the OS error when it cannot be read, and what is wrong when it is not JSON or
+    not a ``kind`` status file.
+    """
+    path = Path(directory) / "status.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FlowtunnelError(f"{path} does not exist: {missing}") from None
+    except OSError as exc:
+        raise FlowtunnelError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise FlowtunnelError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("kind") != kind:
+        raise FlowtunnelError(f"{path} is not an {kind} status file" if kind[0] in "aeiou"
+                              else f"{path} is not a {kind} status file")
+    return doc
