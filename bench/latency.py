@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import select
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,39 +48,7 @@ SECTION = "Latency"
 RATE = 100.0  # datagrams/s
 
 
-class StampedCapture(UdpCapture):
-    """``UdpCapture`` that also keeps each datagram's arrival time (``time.monotonic()``) in ``stamps``."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        super().__init__(host, port)
-        self.stamps: list[float] = []
-
-    def __enter__(self) -> StampedCapture:
-        super().__enter__()
-        return self
-
-    def _run(self) -> None:
-        sock = self._sock
-        while not self._stop.is_set():
-            ready, _, _ = select.select([sock], [], [], 0.05)
-            if not ready:
-                continue
-            while True:
-                try:
-                    payload, addr = sock.recvfrom(65535, socket.MSG_DONTWAIT)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError:
-                    return
-                now = time.monotonic()
-                with self._cond:
-                    self.datagrams.append((payload, (addr[0], addr[1])))
-                    self.stamps.append(now)
-                    self._last = now
-                    self._cond.notify_all()
-
-
-def delays(sent: Sequence[bytes], sent_at: Sequence[float], cap: StampedCapture) -> tuple[list[float], int]:
+def delays(sent: Sequence[bytes], sent_at: Sequence[float], cap: UdpCapture) -> tuple[list[float], int]:
     """Seconds from send to arrival of every sent datagram that arrived (FIFO among equal payloads), and the
     number that did not arrive."""
     arrivals: dict[bytes, collections.deque[float]] = collections.defaultdict(collections.deque)
@@ -117,7 +83,7 @@ def flowtunnel_run(
     payloads: Sequence[bytes], rate: float, latency: str, work: Path
 ) -> tuple[list[float], int]:
     with (
-        StampedCapture() as cap,
+        UdpCapture() as cap,
         Chain(
             work,
             forward=[cap.url],
@@ -141,7 +107,7 @@ def flowtunnel_run(
 def nfacctd_tee_run(payloads: Sequence[bytes], rate: float, work: Path) -> tuple[list[float], int]:
     work.mkdir(parents=True, exist_ok=True)
     port = free_udp_port()
-    with StampedCapture() as cap:
+    with UdpCapture() as cap:
         receivers = work / "receivers.lst"
         receivers.write_text(f"id=1\tip=127.0.0.1:{cap.port}\n")
         conf = work / "nfacctd.conf"

@@ -389,6 +389,8 @@ class UdpCapture:
         self._sock.bind((host, port))
         self.port: int = self._sock.getsockname()[1]
         self.datagrams: list[Datagram] = []
+        # Arrival time (time.monotonic()) of each datagram, index for index: latency measurements use it.
+        self.stamps: list[float] = []
         self._cond = threading.Condition()
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -439,8 +441,10 @@ class UdpCapture:
                 except OSError:
                     return
                 with self._cond:
+                    now = time.monotonic()
                     self.datagrams.append((payload, (addr[0], addr[1])))
-                    self._last = time.monotonic()
+                    self.stamps.append(now)
+                    self._last = now
                     self._cond.notify_all()
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[Datagram]:

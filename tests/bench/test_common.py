@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import _common as common
-from latency import StampedCapture, delays, pct
+from latency import delays, pct
 
 
 def test_md_table_aligns_and_escapes() -> None:
@@ -73,7 +73,7 @@ def test_udp_helpers_see_a_bound_socket_and_its_queue() -> None:
 
 def test_paced_sender_stamps_every_datagram_and_latency_matching() -> None:
     payloads = [bytes([i]) * 30 for i in range(20)]
-    with StampedCapture() as cap:
+    with common.UdpCapture() as cap:
         stamps: list[float] = []
         common.send_paced(payloads, cap.addr, 1000, stamps=stamps)
         cap.wait_for(len(payloads), timeout=10)
