@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from _common import (
@@ -61,7 +62,7 @@ from _common import (
 from flowtunnel.datagram import Datagram
 from flowtunnel.wire import HEADER, TAG_BYTES, Codec, TemplateLengths, columnar, seal_batch
 from flowtunnel.wire.columnar import payload_encoder
-from flowtunnel.wire.records import encode_block, write_uvarint
+from flowtunnel.wire.records import encode_block
 
 SECTION = "Wire efficiency"
 TCPIP_HEADER = 52  # IPv4 + TCP with the timestamp option, per segment
@@ -337,22 +338,10 @@ class _DeltaEncoder(columnar._Encoder):
     stored as byte-wise differences from the previous record (mod 256) before the transposition: exactly
     reversible by a running sum per column."""
 
-    def section(self) -> bytes:
-        out = bytearray()
-        write_uvarint(len(self.lengths), out)
-        for n in self.lengths:
-            write_uvarint(n, out)
-        write_uvarint(len(self.ops), out)
-        out += self.ops
-        resid = b"".join(self.resid)
-        write_uvarint(len(resid), out)
-        out += resid
-        for n, chunks in zip(self.lengths, self.chunks, strict=True):
-            rows = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(-1, n)
-            delta = rows.copy()
-            delta[1:] -= rows[:-1]
-            out += delta.T.tobytes()
-        return bytes(out)
+    def columns(self, rows: npt.NDArray[np.uint8]) -> bytes:
+        delta = rows.copy()
+        delta[1:] -= rows[:-1]
+        return delta.T.tobytes()
 
 
 def _columnar_delta(level: int) -> Transform:

@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from flowtunnel.wire.errors import LimitExceeded, MalformedRecords
 from flowtunnel.wire.records import PayloadDecoder, PayloadEncoder, read_uvarint, write_uvarint
@@ -237,9 +238,12 @@ class _Encoder:
         write_uvarint(len(resid), out)
         out += resid
         for n, chunks in zip(self.lengths, self.chunks, strict=True):
-            rows = b"".join(chunks)
-            out += np.frombuffer(rows, dtype=np.uint8).reshape(-1, n).T.tobytes()
+            out += self.columns(np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(-1, n))
         return bytes(out)
+
+    def columns(self, rows: npt.NDArray[np.uint8]) -> bytes:
+        """One record group (a row per record) as stored: transposed, byte column after byte column."""
+        return rows.T.tobytes()
 
 
 def payload_encoder(record_length: RecordLengthFn | None) -> PayloadEncoder:
