@@ -41,14 +41,19 @@ __all__ = [
     "DOC",
     "ROOT",
     "VENDOR",
+    "AgentProc",
     "Chain",
     "Nfcapd",
+    "StoreGatewayProc",
     "Stream",
     "UdpCapture",
     "add_common_args",
+    "capture_softflowd",
     "cpu_seconds",
+    "enroll_agent",
     "free_udp_port",
     "machine",
+    "make_trace",
     "md_table",
     "peak_rss_kib",
     "raw_udp_bytes",
@@ -209,21 +214,41 @@ def vendor_streams() -> list[Stream]:
 
 
 def send_paced(
-    payloads: Sequence[bytes], dest: tuple[str, int], rate: float, *, stamps: list[float] | None = None
+    payloads: Sequence[bytes],
+    dest: tuple[str, int],
+    rate: float,
+    *,
+    stamps: list[float] | None = None,
+    tick: float = 0.0,
 ) -> float:
     """Send every payload to ``dest`` at ``rate`` datagrams/s (0: as fast as the socket takes them) from one
-    socket; ``stamps`` receives each send's ``time.monotonic()``. Returns the seconds spent sending."""
+    socket; ``stamps`` receives each send's ``time.monotonic()``. Returns the seconds spent sending.
+
+    ``tick`` > 0 sends in bursts, each ``tick`` seconds what is due by then: at thousands of datagrams/s a
+    sleep per datagram would make the sender itself a large share of a 2-core machine (exporters send in
+    bursts too: softflowd flushes its expired flows together).
+    """
     sock = socket.socket(socket.AF_INET6 if ":" in dest[0] else socket.AF_INET, socket.SOCK_DGRAM)
     start = time.monotonic()
     try:
-        for i, payload in enumerate(payloads):
-            if stamps is not None:
-                stamps.append(time.monotonic())
-            sock.sendto(payload, dest)
-            if rate:
-                ahead = start + (i + 1) / rate - time.monotonic()
-                if ahead > 0:
-                    time.sleep(ahead)
+        if tick > 0 and rate:
+            sent, total = 0, len(payloads)
+            while sent < total:
+                due = min(total, int((time.monotonic() - start) * rate) + 1)
+                for payload in payloads[sent:due]:
+                    sock.sendto(payload, dest)
+                sent = max(sent, due)
+                if sent < total:
+                    time.sleep(tick)
+        else:
+            for i, payload in enumerate(payloads):
+                if stamps is not None:
+                    stamps.append(time.monotonic())
+                sock.sendto(payload, dest)
+                if rate:
+                    ahead = start + (i + 1) / rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
     finally:
         sock.close()
     return time.monotonic() - start

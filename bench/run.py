@@ -30,7 +30,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "footprint": ("footprint.py", ["--write", "--profile"], ["--write", "--quick"]),
     "latency": ("latency.py", ["--write"], ["--write", "--quick"]),
     "decode": ("decode.py", ["--write", "--profile"], ["--write", "--flows", "5000", "--repeat", "1"]),
-    "store": ("store.py", ["--write"], ["--write", "--flows", "2000", "--repeat", "2"]),
+    "store": ("store.py", ["--write"], ["--write", "--quick"]),
 }
 
 

@@ -76,6 +76,21 @@ def test_latency_quick(tmp_path: Path) -> None:
         assert row.rstrip(" |").endswith("| 0")  # nothing missing
 
 
+def test_store_quick(tmp_path: Path) -> None:
+    require("softflowd", "nfcapd", "nfdump")
+    doc = tmp_path / "b.md"
+    text = _section(_run("store.py", doc), "Store")
+    rows = [line for line in text.splitlines() if line.startswith(("| 5,000 |", "| 10,000 |"))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] == cells[3]  # every record sent was stored
+        assert cells[-2] == "none"
+        assert cells[-1] == "ok"
+    assert "Sustained end to end with zero loss" in text
+    assert "nfcapd took 20,000 of 20,000 records" in text
+
+
 def test_run_rejects_unknown_bench() -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--only", "nope"], capture_output=True, text=True, timeout=60,
