@@ -1,4 +1,5 @@
-"""The uploader's pure rules: backoff with full jitter, Retry-After, bandwidth budgets, batch sizing."""
+"""The uploader's pure rules: backoff with full jitter, Retry-After, bandwidth budgets, batch sizing, the
+link estimate and the codec choice."""
 
 from __future__ import annotations
 
@@ -7,12 +8,18 @@ import email.utils
 import pytest
 
 from flowtunnel.agent.policy import (
+    DEFAULT,
+    FAST,
     MAX_RETRY_AFTER,
+    SMALL,
     BatchSizer,
+    CodecChoice,
     DailyBudget,
+    LinkEstimate,
     Outcome,
     TokenBucket,
     backoff_delay,
+    choose_codec,
     classify_status,
     parse_retry_after,
 )
@@ -154,3 +161,98 @@ def test_batch_sizer_shrinks_to_a_floor_after_413() -> None:
     assert sizer.shrink(300_000)
     assert sizer.max_body == 300_000
     assert not sizer.shrink(300_000)
+
+
+def test_the_link_estimate_follows_the_uploads_weighted_by_bytes() -> None:
+    """After slow small requests (round trips), one big fast one dominates; slow big ones bring it down."""
+    link = LinkEstimate()
+    assert link.body_rate is None
+    assert link.default_ratio is None
+    for _ in range(20):
+        link.observe(25_000, 5_000, 0.1)  # 50 kB/s: round-trip bound
+    assert link.body_rate == pytest.approx(50_000)
+    assert link.default_ratio == pytest.approx(0.2)
+    link.observe(5_000_000, 1_000_000, 0.1)
+    assert (link.body_rate or 0) > 2_000_000
+    for _ in range(5):
+        link.observe(500_000, 1_000_000, 10.0)  # 100 kB/s, incompressible
+    assert (link.body_rate or 0) < 150_000
+    assert (link.default_ratio or 0) > 1
+
+
+def test_the_link_estimate_knows_the_datas_compressibility_whatever_codec_measured_it() -> None:
+    fast, small = LinkEstimate(), LinkEstimate()
+    fast.observe(1_000_000, int(1_000_000 * FAST.body), 0.1, FAST)
+    small.observe(1_000_000, int(1_000_000 * SMALL.body), 0.1, SMALL)
+    assert fast.default_ratio == pytest.approx(DEFAULT.body)
+    assert small.default_ratio == pytest.approx(DEFAULT.body)
+
+
+def test_the_round_trip_of_empty_requests_is_not_link_time_up_to_half_a_request() -> None:
+    """A 1 MB batch in 1.0 s over a link with a 0.4 s round trip: 1.67 MB/s, not 1 MB/s; but a round trip
+    that may include connection set-up never makes a link look more than twice as fast as measured."""
+    link = LinkEstimate()
+    link.observe_round_trip(0.8)
+    link.observe_round_trip(0.4)  # the quickest counts
+    link.observe_round_trip(float("nan"))
+    assert link.round_trip == 0.4
+    link.observe(5_000_000, 1_000_000, 1.0)
+    assert link.body_rate == pytest.approx(1e6 / 0.6)
+    short = LinkEstimate(round_trip=0.4)
+    short.observe(500_000, 100_000, 0.5)
+    assert short.body_rate == pytest.approx(100_000 / 0.25)
+
+
+def test_the_link_estimate_ignores_nonsense_and_survives_a_zero_duration() -> None:
+    link = LinkEstimate()
+    link.observe(0, 1000, 1.0)
+    link.observe(1000, 0, 1.0)
+    link.observe(1000, 1000, -1.0)
+    link.observe(1000, 1000, float("nan"))
+    assert link.body_rate is None
+    link.observe(1000, 1000, 0.0)
+    assert link.body_rate == pytest.approx(1e9)
+
+
+def _measured(body_rate: float | None, ratio: float = 0.2) -> LinkEstimate:
+    """A link measured at ``body_rate`` with data that compresses to ``ratio`` with DEFAULT."""
+    link = LinkEstimate()
+    if body_rate is not None:
+        link.observe(int(1e6 / ratio), 1_000_000, 1e6 / body_rate)
+    return link
+
+
+@pytest.mark.parametrize(
+    ("body_rate", "ratio", "big", "bandwidth", "daily", "expected"),
+    [
+        (None, 0.2, True, 0, 0, DEFAULT),  # unmeasured, no cap: CPU is the sure cost, the saving a guess
+        (None, 0.2, False, 0, 0, DEFAULT),
+        (50e6, 0.2, True, 0, 0, FAST),  # loopback: bytes are free, CPU is not
+        (50e6, 0.2, False, 0, 0, FAST),
+        (3e6, 0.2, True, 0, 0, DEFAULT),
+        (200e3, 0.2, True, 0, 0, SMALL),  # a slow link: codec 4's saving outweighs its CPU
+        (200e3, 0.2, False, 0, 0, DEFAULT),  # but not on the steady path
+        (200e3, 0.02, True, 0, 0, DEFAULT),  # data compressing 50x: little body left to save
+        (50e6, 0.2, True, 100_000, 0, SMALL),  # the cap, not the loopback-fast link, is what bytes wait for
+        (None, 0.2, True, 100_000, 0, SMALL),
+        (50e6, 0.2, True, 3_000_000, 0, DEFAULT),
+        (50e6, 0.2, True, 0, 1, SMALL),  # a daily budget: bytes count whatever the link
+        (50e6, 0.2, False, 0, 1, DEFAULT),
+    ],
+)
+def test_the_codec_is_the_least_cpu_plus_upload_time(
+    body_rate: float | None, ratio: float, big: bool, bandwidth: int, daily: int, expected: CodecChoice
+) -> None:
+    got = choose_codec(_measured(body_rate, ratio), big=big, bandwidth=bandwidth, daily_bytes=daily)
+    assert got is expected
+
+
+def test_the_break_even_rates_are_where_the_module_says() -> None:
+    """FAST above ~6 MB/s of body, SMALL below ~330 kB/s (softflowd's compressibility)."""
+    def pick(rate: float) -> CodecChoice:
+        return choose_codec(_measured(rate, DEFAULT.body), big=True, bandwidth=0, daily_bytes=0)
+
+    assert pick(7e6) is FAST
+    assert pick(5e6) is DEFAULT
+    assert pick(360e3) is DEFAULT
+    assert pick(300e3) is SMALL

@@ -10,18 +10,20 @@ import os
 import socket
 import struct
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flowtunnel.agent.config import AgentConfig, ListenAddress
-from flowtunnel.agent.receiver import Receiver, check_datagram, kernel_drops
+from flowtunnel.agent.receiver import MAX_DRAIN, Receiver, check_datagram, kernel_drops
 from flowtunnel.agent.service import AgentService
 from flowtunnel.agent.status import read_status, render
 from flowtunnel.agent.uploader import CURSOR
 from flowtunnel.datagram import Datagram
-from flowtunnel.log import DurableLog, FullPolicy, LogConfig, LogFull
+from flowtunnel.log import AppendResult, DurableLog, FullPolicy, LogConfig, LogFull
 from flowtunnel.runtime import TaskSet
 from flowtunnel.wire.keys import format_key
 from tests.agent.conftest import GatewayFactory, enroll, eventually, journal_of
@@ -164,6 +166,82 @@ async def test_flush_on_a_failing_spool_keeps_the_datagrams(spool: DurableLog, t
         fresh.close()
     finally:
         rx.stop_receiving()
+
+
+class _HeldSpool(DurableLog):
+    """A real spool whose appends wait until the test lets them through (to act while one is in progress)."""
+
+    def __init__(self, config: LogConfig) -> None:
+        super().__init__(config)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def append(self, datagrams: Sequence[Datagram], **kwargs: Any) -> AppendResult:
+        self.entered.set()
+        self.release.wait(10)
+        return super().append(datagrams, **kwargs)
+
+
+async def test_a_commit_takes_what_was_buffered_when_it_began(tmp_path: Path) -> None:
+    """Datagrams arriving during a commit wait for the next one, so a busy agent commits in groups instead of
+    back to back in slivers."""
+    held = _HeldSpool(LogConfig(path=tmp_path / "held.sqlite", quota_bytes=0))
+    committed: list[int] = []
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], held, rcvbuf=1 << 20, buffer_limit=100,
+                  commit_interval=0.01, on_committed=lambda res, chunk: committed.append(len(chunk)))
+    await rx.start()
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for i in range(3):
+                tx.sendto(v9(i), rx.bound[0])
+            await eventually(lambda: rx.buffered == 3, "first datagrams buffered")
+            flush = asyncio.ensure_future(rx.flush())
+            await eventually(held.entered.is_set, "commit under way")
+            for i in range(3, 5):
+                tx.sendto(v9(i), rx.bound[0])
+            await eventually(lambda: rx.buffered == 2, "more datagrams buffered during the commit")
+            held.release.set()
+            await flush
+        assert committed == [3]
+        assert rx.buffered == 2
+        await rx.flush()
+        assert committed == [3, 2]
+        assert [e.datagram.payload for e in held.read(after=0)] == [v9(i) for i in range(5)]
+    finally:
+        rx.stop_receiving()
+        held.close()
+
+
+async def test_a_burst_is_read_in_few_wakeups_then_the_socket_waits_for_readiness_again(
+    spool: DurableLog,
+) -> None:
+    """Datagrams queued in the kernel are read in a loop per wakeup, not one per selector round; once the
+    burst is over the socket is back on the selector (no polling timer while idle)."""
+    tasks = TaskSet()
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=8 << 20, buffer_limit=10_000,
+                  commit_interval=0.01)
+    await rx.start()
+    try:
+        tasks.spawn(rx.run(), name="commit")
+        # As many as the granted receive buffer surely holds (a small datagram takes ~1 KB of it).
+        payloads = [v9(i) for i in range(min(2000, rx.stats.rcvbuf["udp://127.0.0.1:0"] // 2048))]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for p in payloads:  # no await: all queued in the socket before the loop reads
+                tx.sendto(p, rx.bound[0])
+        await eventually(lambda: rx.stats.spooled == len(payloads), "burst spooled")
+        assert [e.datagram.payload for e in spool.read(after=0, limit=5000)] == payloads
+        assert rx.stats.wakeups <= len(payloads) // MAX_DRAIN + 3
+        assert rx.stats.drops == {}
+        reader = rx._readers[0]
+        await eventually(lambda: reader._armed and reader._timer is None, "back on the selector")
+        wakeups = rx.stats.wakeups
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.sendto(v9(5000), rx.bound[0])
+        await eventually(lambda: rx.stats.spooled == len(payloads) + 1, "a lone datagram spooled")
+        assert rx.stats.wakeups == wakeups + 1
+    finally:
+        rx.stop_receiving()
+        await tasks.close()
 
 
 async def test_unbindable_address_names_it(spool: DurableLog) -> None:

@@ -410,14 +410,16 @@ def v9_export(n: int, seed: int = 16) -> list[Datagram]:
 
 
 async def test_a_backlog_goes_as_codec_4_in_batches_that_fill_the_body_limit(tmp_path: Path) -> None:
-    """Backlog batches (more spooled behind them) are sealed with codec 4; the first sealed batch seeds the
-    sizer's ratio, so the next one is read large enough to come close to the body limit (not a fraction of
-    it, as a ratio learned slowly from 1 would give); a batch that catches up goes back to zstd."""
+    """On a slow link, backlog batches (more spooled behind them) are sealed with codec 4; the first sealed
+    batch seeds the sizer's ratio, so the next one is read large enough to come close to the body limit (not
+    a fraction of it, as a ratio learned slowly from 1 would give); a batch that catches up goes back to
+    zstd."""
     key = generate_key()
     spool = open_spool(tmp_path)
     sent = v9_export(1500)
     spool.append(sent)
     up = Uploader(config(tmp_path, "http://127.0.0.1:9", key, max_body=MIN_BODY), key, spool)
+    up.link.observe(500_000, 100_000, 1.0)  # measured: 100 kB/s of body, 500 kB/s of payload
     await up.open()
     try:
         bodies: list[bytes] = []
@@ -439,6 +441,152 @@ async def test_a_backlog_goes_as_codec_4_in_batches_that_fill_the_body_limit(tmp
     assert len(bodies) >= 3
     got = [d for b in bodies for d in open_batch(b, key=key).datagrams]
     assert got == sent
+    spool.close()
+
+
+def _backlog_codecs(tmp_path: Path, **overrides: Any) -> list[int]:
+    """Seal a spooled v9 backlog batch by batch (no gateway, every batch a backlog one): their codecs."""
+    key = generate_key()
+    spool = open_spool(tmp_path)
+    sent = v9_export(600)
+    spool.append(sent)
+    link = overrides.pop("link", None)
+    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key, max_body=MIN_BODY, **overrides), key, spool)
+    if link is not None:
+        up.link.observe(*link)
+    up._last_seq = spool.last_seq()
+    bodies: list[bytes] = []
+    after = 0
+    while after < len(sent) - 100:
+        entries = spool.read(after=after, limit=100)  # 100 at a time: every batch but the last is backlog
+        body, batch = up._seal(entries)
+        bodies.append(body)
+        after = up._position = batch[-1].seq
+    spool.close()
+    return [peek_header(b).codec for b in bodies]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, "default"),  # not measured yet, no cap: CPU is the sure cost
+        ({"link": (50_000_000, 10_000_000, 0.5)}, "fast"),  # measured 20 MB/s: bytes are free, CPU is not
+        ({"link": (5_000_000, 1_000_000, 0.5)}, "default"),  # 2 MB/s
+        ({"link": (5_000_000, 1_000_000, 5.0)}, "small"),  # 200 kB/s
+        ({"link": (6_000_000, 300_000, 1.5)}, "default"),  # 200 kB/s, but the data compresses 20x
+        ({"link": (50_000_000, 10_000_000, 0.5), "bandwidth": 100_000}, "small"),  # a fast link, capped
+        ({"link": (50_000_000, 10_000_000, 0.5), "bandwidth": 3_000_000}, "default"),
+        ({"bandwidth": 100_000}, "small"),  # capped, nothing measured yet
+        ({"link": (50_000_000, 10_000_000, 0.5), "daily_bytes": 10**9}, "small"),  # a budget: bytes count
+    ],
+)
+def test_backlog_batches_are_sealed_the_way_that_costs_least_cpu_plus_upload_time(
+    tmp_path: Path, overrides: dict[str, Any], expected: str
+) -> None:
+    codecs = _backlog_codecs(tmp_path, **overrides)
+    assert len(codecs) >= 4
+    if expected == "small":
+        assert codecs == [Codec.COLUMNAR_LZMA] * len(codecs)
+    elif expected == "fast":
+        assert codecs == [Codec.ZSTD_DICT] * len(codecs)
+    else:  # the sealer's choice: columnar v9 data gets codec 3
+        assert Codec.COLUMNAR_LZMA not in codecs
+        assert Codec.COLUMNAR in codecs
+
+
+async def test_a_backlog_to_a_loopback_gateway_goes_with_zstd(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """On loopback the measured link is fast: a backlog drains with zstd, never codec 4 (which would make the
+    agent CPU-bound: every batch a backlog batch); a bandwidth cap of 100 kB/s brings codec 4 back."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = v9_export(3000)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    async with gateway_factory(data) as gw:
+        up = Uploader(config(tmp_path, gw.url, key, max_batch_datagrams=500), key, spool)
+        await up.open()
+        try:
+            assert await up.drain()
+        finally:
+            await up.close()
+        assert_exactly_once(gw, sent)
+        assert up.stats.batches >= 6
+        assert (up.link.body_rate or 0) > 0
+        assert Codec.COLUMNAR_LZMA not in up.stats.codecs
+        assert sum(up.stats.codecs.values()) == up.stats.batches
+        assert up.status()["link_bytes_per_s"] == round(up.link.body_rate or -1)
+
+        more = v9_export(1000, seed=17)
+        spool.append(more)
+        up = Uploader(config(tmp_path, gw.url, key, max_batch_datagrams=250, bandwidth=100_000), key, spool)
+        await up.open()
+        try:
+            assert await up.drain()
+        finally:
+            await up.close()
+        assert up.stats.codecs[Codec.COLUMNAR_LZMA] == up.stats.batches - 1  # all but the one that caught up
+        assert_exactly_once(gw, sent + more)
+    spool.close()
+
+
+def test_the_newest_committed_datagrams_are_batched_from_memory_as_the_spool_holds_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the receiver committed is read back from memory exactly as ``DurableLog.read`` would give it;
+    anything that breaks the run (a gap, a quota drop, the memory bound) sends the uploader to the spool."""
+    key = generate_key()
+    spool = open_spool(tmp_path)
+    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool)
+    sent = datagrams(30)
+
+    def commit(chunk: list[Datagram]) -> None:
+        up.spooled(spool.append(chunk), chunk)
+
+    def same(after: int, limit: int = 1000, max_bytes: int = 1 << 20) -> bool:
+        cached = up._read_tail(after, limit, max_bytes)
+        return cached is not None and cached == spool.read(after=after, limit=limit, max_bytes=max_bytes)
+
+    commit(sent[:10])
+    commit(sent[10:20])
+    assert same(0)
+    assert same(3, limit=5)
+    assert same(3, max_bytes=1000)  # 300-byte payloads: 3 fit
+    assert same(7)
+    assert up._last_seq == 20
+    assert same(12)  # entries at or below the mark are discarded as it moves on
+    assert up._read_tail(5, 1000, 1 << 20) is None
+    assert up._read_tail(20, 1000, 1 << 20) is None  # nothing above the last seq: ask the spool
+
+    spool.advance_seq(100)  # seqs jump (as after a resync): the run restarts at the next commit
+    commit(sent[20:25])
+    assert up._read_tail(20, 1000, 1 << 20) is None
+    assert same(99)
+
+    monkeypatch.setattr("flowtunnel.agent.uploader.TAIL_BYTES", 3 * 300)
+    commit(sent[25:28])
+    commit(sent[28:30])
+    assert up._read_tail(104, 1000, 1 << 20) is None  # the oldest left memory
+    assert same(106)
+
+    up.stats.consecutive_failures = 1  # the gateway is unreachable: keep nothing in memory
+    commit(datagrams(2, seed=5))
+    assert up._read_tail(106, 1000, 1 << 20) is None
+    spool.close()
+
+
+def test_a_commit_that_dropped_old_entries_empties_the_memory(tmp_path: Path) -> None:
+    key = generate_key()
+    spool = DurableLog(LogConfig(path=tmp_path / "spool.sqlite", quota_bytes=20 * (300 + 9 + 48)))
+    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool)
+    sent = datagrams(30)
+    first = spool.append(sent[:10])
+    up.spooled(first, sent[:10])
+    second = spool.append(sent[10:30])  # over the quota: DROP_OLDEST deletes the first ten
+    assert second.dropped > 0
+    up.spooled(second, sent[10:30])
+    assert up._read_tail(0, 1000, 1 << 20) is None
     spool.close()
 
 

@@ -1,4 +1,5 @@
-"""Pure decisions of the uploader: backoff, Retry-After, bandwidth budgets, batch sizing, response classes.
+"""Pure decisions of the uploader: backoff, Retry-After, bandwidth budgets, batch sizing, response classes,
+the link's throughput and the codec rule that follows from it.
 
 Nothing here reads a clock, a socket or a random source: callers pass ``now`` (seconds) and random draws in,
 so every rule is unit-tested exactly and the asyncio uploader stays a thin loop around these functions.
@@ -12,11 +13,17 @@ import math
 from dataclasses import dataclass
 
 __all__ = [
+    "DEFAULT",
+    "FAST",
+    "SMALL",
     "BatchSizer",
+    "CodecChoice",
     "DailyBudget",
+    "LinkEstimate",
     "Outcome",
     "TokenBucket",
     "backoff_delay",
+    "choose_codec",
     "classify_status",
     "parse_retry_after",
 ]
@@ -186,3 +193,100 @@ class BatchSizer:
             return False
         self.max_body = max(floor, self.max_body // 2)
         return True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CodecChoice:
+    """One way to seal a batch: ``codec`` (``None``: the sealer's zstd choice, codecs 2/3) at ``level``, and
+    what it costs on softflowd v9 export data: ``cpu`` seconds and ``body`` bytes per raw payload byte."""
+
+    name: str
+    codec: int | None
+    level: int
+    cpu: float
+    body: float
+
+
+# Measured with ``Uploader._seal``'s calls on softflowd v9 batches of 0.1-4 MB of distinct payload
+# (10,000-conversation traces; wire code of 2026-11-26), CPU per raw MB / body per raw byte:
+#   codec 2 (zstd + dictionary) level 3:           ~8-10 ms / 0.36
+#   sealer's choice (codec 3, columnar + zstd, or 2) level 6: ~30-45 ms / 0.21
+#   codec 4 (columnar + LZMA2) preset 6:           ~150-230 ms / 0.16
+FAST = CodecChoice(name="fast", codec=2, level=3, cpu=10e-9, body=0.36)
+DEFAULT = CodecChoice(name="default", codec=None, level=6, cpu=35e-9, body=0.21)
+SMALL = CodecChoice(name="small", codec=4, level=6, cpu=190e-9, body=0.16)
+
+
+@dataclass(slots=True)
+class LinkEstimate:
+    """The upload's achieved throughput, from the uploads themselves: bytes moved over request time.
+
+    ``observe(raw, body, seconds, choice)`` per acknowledged request: raw payload bytes, body bytes, the time
+    from sending it to the answer, and how it was sealed. ``observe_round_trip(seconds)`` per request without
+    datagrams (the uploader's resynchronisations, at start and after failures): the quickest of them is the
+    round trip plus the gateway's fixed cost, taken off each batch's time (at most half of it). The sums
+    decay by ``decay`` per request, so the estimate follows the last few batches, weighted by their bytes: a
+    1 MB backlog batch outweighs a hundred small ones. The gateway's work per datagram still counts as link
+    time, so the estimate errs on the slow side (towards saving bytes). The body each batch would have had
+    with ``DEFAULT`` is kept too (``body / choice.body * DEFAULT.body``), so the data's own compressibility
+    is known whichever codec measured it. Everything is ``None`` before the first measurement.
+    """
+
+    decay: float = 0.7
+    raw: float = 0.0
+    body: float = 0.0
+    default_body: float = 0.0
+    seconds: float = 0.0
+    round_trip: float | None = None
+
+    def observe_round_trip(self, seconds: float) -> None:
+        if math.isfinite(seconds) and seconds >= 0:
+            self.round_trip = seconds if self.round_trip is None else min(self.round_trip, seconds)
+
+    def observe(self, raw_bytes: int, body_bytes: int, seconds: float, choice: CodecChoice = DEFAULT) -> None:
+        if raw_bytes <= 0 or body_bytes <= 0 or not math.isfinite(seconds) or seconds < 0:
+            return
+        d = self.decay
+        self.raw = d * self.raw + raw_bytes
+        self.body = d * self.body + body_bytes
+        self.default_body = d * self.default_body + body_bytes * DEFAULT.body / choice.body
+        # At most half a request's time goes as round trip: the resynchronisations that measure it often open
+        # the connection (TCP, TLS set-up), so it may be overstated. A clock tick of zero on a fast loopback
+        # counts as a microsecond, so the rate stays finite.
+        self.seconds = d * self.seconds + max(seconds - (self.round_trip or 0.0), seconds / 2, 1e-6)
+
+    @property
+    def body_rate(self) -> float | None:
+        """Request body bytes per second (what the link carried), or ``None`` before the first measurement."""
+        return self.body / self.seconds if self.seconds > 0 else None
+
+    @property
+    def default_ratio(self) -> float | None:
+        """Body bytes per raw byte this data gets with ``DEFAULT``."""
+        return self.default_body / self.raw if self.raw > 0 else None
+
+
+def choose_codec(link: LinkEstimate, *, big: bool, bandwidth: int, daily_bytes: int) -> CodecChoice:
+    """How to seal the next batch: the choice with the least sealing CPU plus upload time per raw byte.
+
+    One request is in flight at a time and each batch is sealed before it goes, so a busy agent moves one
+    batch per (seal CPU + upload time). Upload time per raw byte is the choice's body (``body``, scaled to
+    this data's compressibility as measured, ``link.default_ratio``) over the link's body rate (as measured,
+    or as capped by ``bandwidth``, whichever is slower). ``SMALL`` (codec 4) is a candidate for ``big``
+    batches only (a backlog, or above ``BIG_BATCH_BYTES``): on the steady path the batches are small and
+    CPU on a small box is the constraint. With a daily byte budget (``daily_bytes > 0``) bytes count
+    whatever the link: ``SMALL`` for big batches, ``DEFAULT`` otherwise. Without a measurement or a cap:
+    ``DEFAULT``. With the figures above the break-even body rates are ~6 MB/s (``FAST`` above) and ~330
+    KB/s (``SMALL`` below, for big batches) at softflowd's compressibility.
+    """
+    if daily_bytes > 0:
+        return SMALL if big else DEFAULT
+    per_byte = [link.seconds / link.body] if link.body > 0 else []  # link seconds per body byte
+    if bandwidth > 0:
+        per_byte.append(1.0 / bandwidth)
+    if not per_byte:
+        return DEFAULT
+    link_s = max(per_byte)
+    ratio = link.default_ratio or DEFAULT.body
+    candidates = (FAST, DEFAULT, SMALL) if big else (FAST, DEFAULT)
+    return min(candidates, key=lambda c: c.cpu + ratio * c.body / DEFAULT.body * link_s)

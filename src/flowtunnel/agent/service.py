@@ -93,6 +93,7 @@ class AgentService:
             self._receiver = Receiver(
                 cfg.listen_addresses, self._spool, rcvbuf=cfg.rcvbuf, buffer_limit=cfg.buffer_datagrams,
                 commit_interval=cfg.commit_interval, on_spooled=self._uploader.notify,
+                on_committed=self._uploader.spooled,
             )
             try:
                 await self._receiver.start()

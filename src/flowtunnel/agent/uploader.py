@@ -12,6 +12,23 @@ this agent's key and to the nonce of the batch answered): a forged ``acked`` on 
 the backlog. Every batch tells the gateway the last seq this agent saw acknowledged (``acked`` in the sealed
 agent info): a gateway that lost acknowledged datagrams answers 409 and the agent resynchronises at once,
 counting what it can no longer re-send as ``gateway_lost``.
+
+Codec choice (CPU against bytes, ``policy.choose_codec``): each batch goes the way that costs the least
+sealing CPU plus upload time per raw byte, since with one request in flight a busy agent moves one batch per
+(seal + upload). Three ways, measured on softflowd v9 (CPU per raw MB / body per raw byte): ``FAST`` codec 2
+at zstd level 3 (~10 ms / 0.36), ``DEFAULT`` the sealer's choice of codec 3 or 2 at level 6 (~35 ms / 0.21),
+``SMALL`` codec 4, columnar + LZMA2 (~190 ms / 0.16), the last only for backlog batches (more spooled behind
+them) and batches above ``BIG_BATCH_BYTES`` of payload. Upload time comes from the uploads themselves
+(``policy.LinkEstimate``: body bytes over request time less the round trip of an empty request, decaying,
+weighted by bytes; the gateway's work per datagram counts in, so it errs towards fewer bytes) or from the
+``bandwidth`` cap, whichever is slower; a daily byte budget means bytes always count (``SMALL`` for big
+batches). Break-even at softflowd's compressibility: ``FAST`` above ~6 MB/s of body (a loopback or LAN
+gateway: ~0.1 CPU-s less per 100k flows at 3,500 datagrams/s), ``SMALL`` below ~330 KB/s. Before the rule,
+every backlog batch went as codec 4: on a fast link that made the agent CPU-bound (55 % of its CPU in
+``lzma.compress`` at 2,000 datagrams/s), so it fell behind and every batch became a backlog batch. Until a
+batch was measured, ``DEFAULT``. A codec 4 batch up to ``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT``
+and the smaller kept: below ~100 KB codec 4 (no dictionary) loses to zstd with the bundled dictionaries on
+some exports (Cisco IPFIX: up to 1.9x).
 """
 
 from __future__ import annotations
@@ -25,7 +42,7 @@ import random
 import re
 import ssl
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,18 +50,23 @@ import aiohttp
 
 from flowtunnel.agent.config import MIN_BODY, AgentConfig, mask_url
 from flowtunnel.agent.policy import (
+    DEFAULT,
+    SMALL,
     BatchSizer,
+    CodecChoice,
     DailyBudget,
+    LinkEstimate,
     Outcome,
     TokenBucket,
     backoff_delay,
+    choose_codec,
     classify_status,
     parse_retry_after,
 )
-from flowtunnel.log import DurableLog, Entry, LogError
+from flowtunnel.datagram import Datagram
+from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import AuthenticationFailed, Codec, TemplateLengths, seal_batch, verify_ack
-from flowtunnel.wire.codec import DEFAULT_LEVEL
 
 __all__ = ["CURSOR", "Uploader", "UploaderStats"]
 
@@ -58,15 +80,14 @@ _INFO_KEY = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")  # what seal_batch accepts
 MAX_SOURCES = 1000  # distinct (exporter, port, local port) per batch, below the gateway's default 1024
 _BUDGET_DAY, _BUDGET_USED = "budget:day", "budget:used"
 _NONCE = slice(32, 44)  # the nonce in a sealed batch's header (docs/protocol.md, section 1.1)
-# Backlog batches (more spooled behind them) and batches above BIG_BATCH_BYTES of payload go as codec 4
-# (columnar + LZMA2 preset BIG_BATCH_LEVEL): on softflowd v9 ~25 % fewer bytes than zstd codec 3 for 4-5x its
-# CPU (~140-220 ms per raw MB against ~45 here); backlog batches up to BIG_BATCH_BYTES are also sealed with
-# zstd and the smaller kept. Those batches are rare (after an outage) and
-# bandwidth-bound: their bytes are what a slow uplink waits for, so CPU is cheap there. The steady
-# low-latency path stays on zstd (codecs 2/3, level DEFAULT_LEVEL), where the agent's CPU budget on a small
-# box is the constraint and the batches are small.
+_CODEC = 6  # the codec byte in a sealed batch's header
+# Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 4 when bytes cost more than
+# CPU: see the module docstring.
 BIG_BATCH_BYTES = 1 << 20
-BIG_BATCH_LEVEL = 6
+# The newest committed datagrams kept in memory (payload bytes), so a caught-up uploader batches them without
+# reading them back from the spool: ~3 s at 100k flows/s. Nothing is kept while uploads fail (an outage would
+# otherwise pin this much memory for nothing: the backlog is read from the spool anyway).
+TAIL_BYTES = 16 << 20
 
 
 @dataclass(slots=True)
@@ -87,6 +108,7 @@ class UploaderStats:
     gateway_lost: int = 0  # acknowledged earlier, then lost by the gateway, and no longer in the spool
     resyncs: int = 0
     next_attempt: float | None = None
+    codecs: Counter[int] = field(default_factory=Counter)  # acknowledged batches by codec
 
 
 class _Failed(Exception):
@@ -149,6 +171,12 @@ class Uploader:
         self._learned = 0  # seqs up to this one went through the template cache
         self._resync_streak = 0  # 409 answers since the last acknowledged batch
         self._seeded = False  # whether a sealed batch has seeded the sizer's ratio yet
+        self.link = LinkEstimate()  # the upload's achieved throughput, for the codec rule
+        self._choice: CodecChoice = DEFAULT  # how the last batch was sealed
+        # The newest datagrams the receiver committed, as entries with contiguous seqs, exactly as the spool
+        # holds them (see ``spooled``).
+        self._tail: deque[Entry] = deque()
+        self._tail_bytes = 0
         self.stats = UploaderStats()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -190,6 +218,34 @@ class Uploader:
     def notify(self) -> None:
         """New datagrams are in the spool."""
         self._wake.set()
+
+    def spooled(self, result: AppendResult, datagrams: Sequence[Datagram]) -> None:
+        """The receiver committed ``datagrams`` to the spool as ``result`` (called in the loop).
+
+        They are kept in memory (the newest ``TAIL_BYTES``; none while uploads fail) so the next batch need
+        not read them back. The kept entries stay one run of consecutive seqs, as the spool holds them: a
+        commit that did not store all its datagrams under consecutive seqs, or whose quota policy dropped
+        older entries, starts the run afresh (and batches come from the spool until they reach it). Entries
+        at or below the gateway's mark are discarded as batches are read. That covers resynchronisation too:
+        the spool renumbers or advances its seqs only when the gateway's mark is beyond its last seq, so
+        every kept entry is then at or below the new mark, and later commits start a new run above it.
+        """
+        tail = self._tail
+        n = len(datagrams)
+        whole = (n > 0 and result.appended == n and result.last_seq - result.first_seq + 1 == n
+                 and not self.stats.consecutive_failures)
+        if not whole or result.dropped or result.refused or (tail and tail[-1].seq + 1 != result.first_seq):
+            tail.clear()
+            self._tail_bytes = 0
+        if not whole:
+            return
+        seq = result.first_seq
+        for d in datagrams:
+            tail.append(Entry(seq, "", None, d))
+            seq += 1
+        self._tail_bytes += sum(len(d.payload) for d in datagrams)
+        while self._tail_bytes > TAIL_BYTES and tail:
+            self._tail_bytes -= len(tail.popleft().datagram.payload)
 
     # -- main loops ------------------------------------------------------------------------------------------
 
@@ -257,6 +313,7 @@ class Uploader:
         st.datagrams += len(batch)
         st.raw_bytes += raw
         st.body_bytes += len(body)
+        st.codecs[body[_CODEC]] += 1
         last = batch[-1].seq
         if acked < last:
             # The contract says the gateway takes every datagram above its mark; if it did not, ask again.
@@ -269,6 +326,9 @@ class Uploader:
         return True
 
     async def _read(self) -> list[Entry]:
+        cached = self._read_tail(self._position, self._config.max_batch_datagrams, self._sizer.raw_target())
+        if cached is not None:
+            return cached
         # Every spool call runs in a worker thread: the spool's lock may be held through an fsync by the
         # receiver's group commit, and the event loop must keep draining the UDP sockets meanwhile.
         entries, self._last_seq = await asyncio.to_thread(
@@ -293,6 +353,26 @@ class Uploader:
         self._seeded = True
         if (first or batch[-1].seq < self._last_seq) and sample > sizer.ratio:
             sizer.ratio = sample
+
+    def _read_tail(self, after: int, limit: int, max_bytes: int) -> list[Entry] | None:
+        """What ``DurableLog.read`` would return, from the in-memory tail; ``None`` if it starts elsewhere.
+
+        The tail ends at the spool's last seq (every commit since it began is in it), so that is also the
+        spool's ``last_seq``."""
+        tail = self._tail
+        while tail and tail[0].seq <= after:
+            self._tail_bytes -= len(tail.popleft().datagram.payload)
+        if not tail or tail[0].seq != after + 1:
+            return None
+        out: list[Entry] = []
+        total = 0
+        for e in tail:
+            total += len(e.datagram.payload)
+            if len(out) >= limit or (out and total > max_bytes):
+                break
+            out.append(e)
+        self._last_seq = max(self._last_seq, tail[-1].seq)
+        return out
 
     def _read_sync(self, after: int, limit: int, max_bytes: int) -> tuple[list[Entry], int]:
         return self._spool.read(after=after, limit=limit, max_bytes=max_bytes), self._spool.last_seq()
@@ -324,18 +404,24 @@ class Uploader:
                 seal_batch, agent_id=self._config.agent_id, key=self._key, first_seq=batch[0].seq,
                 datagrams=datagrams, agent_info=info, record_length=templates.record_length,
             )
-            if raw > BIG_BATCH_BYTES or batch[-1].seq < self._last_seq:
-                body = seal(nonce=os.urandom(12), codec=Codec.COLUMNAR_LZMA, level=BIG_BATCH_LEVEL)
-                if raw <= BIG_BATCH_BYTES:
-                    # Below ~100 KB, codec 4 (no dictionary) loses to zstd with the bundled dictionaries on
-                    # some exports (Cisco IPFIX: up to 1.9x larger); zstd costs a fraction of LZMA's CPU.
-                    other = seal(nonce=os.urandom(12), codec=None, level=DEFAULT_LEVEL)
-                    body = min(body, other, key=len)
-            else:
-                body = seal(nonce=os.urandom(12), codec=None, level=DEFAULT_LEVEL)
+            choice = self.codec_choice(big=raw > BIG_BATCH_BYTES or batch[-1].seq < self._last_seq)
+            codec = None if choice.codec is None else Codec(choice.codec)
+            body = seal(nonce=os.urandom(12), codec=codec, level=choice.level)
+            if choice is SMALL and raw <= BIG_BATCH_BYTES:
+                # Below ~100 KB, codec 4 (no dictionary) loses to zstd with the bundled dictionaries on some
+                # exports (Cisco IPFIX: up to 1.9x larger); zstd costs a fraction of LZMA's CPU.
+                other = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
+                if len(other) < len(body):
+                    body, choice = other, DEFAULT
             if len(body) <= self._sizer.max_body or n == 1:
+                self._choice = choice
                 return body, batch
             n = max(1, n // 2)
+
+    def codec_choice(self, *, big: bool) -> CodecChoice:
+        """How a batch is sealed now (see the module docstring); ``big``: a backlog or big batch."""
+        cfg = self._config
+        return choose_codec(self.link, big=big, bandwidth=cfg.bandwidth, daily_bytes=cfg.daily_bytes)
 
     async def _throttle(self, size: int) -> None:
         """Wait until ``size`` body bytes fit the bandwidth cap and the daily budget, then spend them."""
@@ -461,6 +547,7 @@ class Uploader:
         st.last_attempt = self._clock()
         st.sent_bytes += len(body)
         what = f"batch {batch[0].seq}..{batch[-1].seq}" if batch else "resync"
+        started = time.monotonic()
         try:
             async with self._session.post(
                 self._url, data=body, headers=headers, proxy=self._config.proxy, ssl=self._ssl,
@@ -494,6 +581,12 @@ class Uploader:
                 raise self._failure("bad-ack", f"{what}: 200 whose acknowledgement is not authentic ({exc})",
                                     retry_after=None) from None
             self._succeeded()
+            elapsed = time.monotonic() - started
+            if batch:
+                raw = sum(len(e.datagram.payload) for e in batch)
+                self.link.observe(raw, len(body), elapsed, self._choice)
+            else:  # a resync: the round trip and the gateway's fixed cost, without datagrams
+                self.link.observe_round_trip(elapsed)
             return int(acked)
         detail = f"{what}: HTTP {status}: {_error_text(payload)}"
         if status == 409 and _error_code(payload) == "resync":
@@ -576,6 +669,8 @@ class Uploader:
             "gateway_lost": st.gateway_lost,
             "resyncs": st.resyncs,
             "max_body": self._sizer.max_body,
+            "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
+            "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),
         }
 
 
