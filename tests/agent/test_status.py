@@ -24,7 +24,8 @@ STATUS = {
         "proxy": "http://user:***@proxy:3128", "last_attempt": NOW - 5, "last_success": NOW - 65,
         "last_result": "http-503", "consecutive_failures": 3, "next_attempt": NOW + 7,
         "failures": {"http-503": 3, "connection:ClientOSError": 1}, "datagrams": 1234, "batches": 40,
-        "body_bytes": 300_000, "gateway_lost": 0,
+        "body_bytes": 300_000, "gateway_lost": 0, "codecs": {"2": 30, "4": 10},
+        "link_bytes_per_s": 150 * 1024,
     },
     "compression_ratio": 4.56,
     "drops": {"spool_full": 17, "receiver_overflow": 0},
@@ -45,6 +46,7 @@ def test_render_shows_what_an_operator_asks_first() -> None:
     assert "(65 s ago)" in lines["last success"]
     assert lines["rates"].strip() == "12.5 datagrams/s in, 2.0 KiB/s out"
     assert lines["compression"].strip() == "4.56x"
+    assert lines["link"].strip() == "150.0 KiB/s measured; batches by codec: zstd+dict 30, columnar+lzma 10"
     assert lines["drops"].strip() == "spool_full=17"
     assert lines["malformed"].strip() == "not_netflow=2 (carried anyway)"
     assert lines["upload errors"].strip() == "connection:ClientOSError=1, http-503=3"
@@ -61,6 +63,7 @@ def test_render_survives_a_minimal_document() -> None:
     text = render({"kind": "agent"}, now=NOW)
     assert "unknown (not reached yet)" in text
     assert "none seen yet" in text
+    assert "not measured yet" in text
 
 
 def test_read_status_errors_name_the_file(tmp_path: Path) -> None:

@@ -54,6 +54,23 @@ def _counts(d: object) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if v)
 
 
+_CODEC_NAMES = {0: "none", 1: "zstd", 2: "zstd+dict", 3: "columnar", 4: "columnar+lzma"}
+
+
+def _link(status: Mapping[str, Any]) -> str:
+    """The upload rate the agent measured (it picks codecs by it) and the codecs its batches went in."""
+    rate = _get(status, "upload", "link_bytes_per_s")
+    text = f"{_size(rate)}/s measured" if isinstance(rate, int | float) else "not measured yet"
+    codecs = _get(status, "upload", "codecs")
+    if isinstance(codecs, Mapping) and any(codecs.values()):
+        used = ", ".join(
+            f"{_CODEC_NAMES.get(int(k), k) if str(k).isdigit() else k} {v}"
+            for k, v in sorted(codecs.items(), key=lambda kv: str(kv[0])) if v
+        )
+        text += f"; batches by codec: {used}"
+    return text
+
+
 def _upstream(loss: object) -> str:
     """Loss between exporters and the agent (export sequence gaps), which the tunnel cannot recover."""
     if not isinstance(loss, Mapping) or not loss:
@@ -136,6 +153,7 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
                  f"{_size(rout) if rout is not None else '-'}/s out"))
     ratio = status.get("compression_ratio")
     rows.append(("compression", f"{ratio:.2f}x" if isinstance(ratio, int | float) else "-"))
+    rows.append(("link", _link(status)))
     rows.append(("sent", f"{_get(status, 'upload', 'datagrams') or 0} datagrams in "
                  f"{_get(status, 'upload', 'batches') or 0} batches, "
                  f"{_size(_get(status, 'upload', 'body_bytes'))}"))
