@@ -4,6 +4,7 @@ safety, corrupt files."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ from flowtunnel.datagram import Datagram
 from flowtunnel.log import (
     ENTRY_OVERHEAD,
     DurableLog,
+    Entry,
     FullPolicy,
     LogConfig,
     LogCorrupt,
@@ -532,3 +534,65 @@ def test_a_database_held_by_another_writer_raises_log_locked_after_the_busy_time
             assert lg.append([dg(1)]).first_seq == 1  # nothing was consumed by the failed attempt
         finally:
             other.close()
+
+
+def _page_size(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA page_size").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_new_log_takes_16k_pages_and_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
+    big, small = tmp_path / "big.sqlite", tmp_path / "small.sqlite"
+    with DurableLog(LogConfig(path=big)) as lg:
+        lg.append([dg(i, size=1400) for i in range(50)])
+    with DurableLog(LogConfig(path=small, page_size=4096)) as lg:
+        lg.append([dg(i, size=1400) for i in range(50)])
+    assert (_page_size(big), _page_size(small)) == (16384, 4096)
+    # reopened with another page size, a log keeps its file's (and its entries)
+    with DurableLog(LogConfig(path=small, page_size=65536)) as lg:
+        lg.append([dg(50)])
+        assert [e.datagram for e in lg.read(0, limit=100)] == [dg(i, size=1400) for i in range(50)] + [dg(50)]
+    assert _page_size(small) == 4096
+    with pytest.raises(ValueError, match="page_size 3000"):
+        LogConfig(path=big, page_size=3000)
+
+
+def test_on_a_small_filesystem_a_new_log_keeps_4k_pages(mib_disk: Path) -> None:
+    # 16 KiB pages on 1 MiB would leave the reserve, the WAL bound and the floors a handful of pages each
+    with DurableLog(LogConfig(path=mib_disk / "log.sqlite", quota_bytes=0)) as lg:
+        lg.append([dg(i) for i in range(10)])
+    assert _page_size(mib_disk / "log.sqlite") == 4096
+
+
+def test_read_entries_are_ordinary_frozen_dataclasses(log: DurableLog) -> None:
+    # read builds them without their __init__ (for speed): they must behave exactly like constructed ones
+    log.append([dg(1), dg(2)], stream="site-a", stream_seqs=[7, 8])
+    first = log.read(0)[0]
+    assert first == Entry(1, "site-a", 7, dg(1))
+    assert hash(first) == hash(Entry(1, "site-a", 7, dg(1)))
+    assert hash(first.datagram) == hash(dg(1))
+    assert repr(first.datagram) == repr(dg(1))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.datagram.payload = b""  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.seq = 5  # type: ignore[misc]
+
+
+def test_every_counter_survives_a_reopen_after_appends_that_change_some_of_them(tmp_path: Path) -> None:
+    # an append writes only the counters it changed, in one statement: the others must stay as they were
+    one = cost(dg(0))
+    path = tmp_path / "log.sqlite"
+    with DurableLog(LogConfig(path=path, quota_bytes=4 * one, full_policy=FullPolicy.DROP_OLDEST)) as lg:
+        lg.append([dg(i) for i in range(6)])  # drops 2
+        lg.append([dg(6)])  # drops 1 more
+    with DurableLog(LogConfig(path=path, quota_bytes=4 * one, full_policy=FullPolicy.REFUSE_NEW)) as lg:
+        assert lg.append([dg(7)]).refused == 1
+        lg.append([])
+        before = lg.stats()
+    with DurableLog(LogConfig(path=path, quota_bytes=4 * one, full_policy=FullPolicy.REFUSE_NEW)) as lg:
+        st = lg.stats()
+        assert dataclasses.replace(st, file_bytes=0) == dataclasses.replace(before, file_bytes=0)
+        assert (st.last_seq, st.entries, st.bytes, st.dropped_oldest, st.refused) == (7, 4, 4 * one, 3, 1)

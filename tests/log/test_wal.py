@@ -28,7 +28,7 @@ def datagrams(start: int, n: int) -> list[Datagram]:
 def crash_image(tmp_path: Path, *, restart_wal: bool = False) -> Path:
     """The database and WAL as ``kill -9`` leaves them after three appends of 5 (never checkpointed, unless
     ``restart_wal``: then a checkpoint restarted the WAL, leaving stale frames past the new end)."""
-    live = DurableLog(LogConfig(path=tmp_path / "live" / "spool.sqlite"))
+    live = DurableLog(LogConfig(path=tmp_path / "live" / "spool.sqlite", page_size=PAGE))
     try:
         if restart_wal:
             live.append(datagrams(100, 3000))

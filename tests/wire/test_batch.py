@@ -284,3 +284,44 @@ def test_a_mutated_record_block_never_escapes_as_another_error(data: st.DataObje
         block[data.draw(st.integers(0, len(block) - 1))] = data.draw(st.integers(0, 255))
     with contextlib.suppress(WireError):
         decode_block(bytes(block), 2, max_datagram=65535, max_exporters=16)
+
+
+# -- the vectorised record columns against the per-value reference ----------------------------------------
+
+
+def _outcome(block: bytes, count: int, *, reference: bool) -> object:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("flowtunnel.wire.records.FAST_MIN_RECORDS", 0)  # vectorised at any size
+        if reference:
+            mp.setattr("flowtunnel.wire.records._fast_columns", lambda *_a: None)
+        try:
+            datagrams, info = decode_block(block, count, max_datagram=1000, max_exporters=16)
+        except WireError as exc:
+            return type(exc), str(exc)
+    return datagrams, info
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_the_vectorised_columns_agree_with_the_reference_parser(data: st.DataObject) -> None:
+    times = data.draw(st.lists(st.integers(0, (1 << 63) - 1), min_size=1, max_size=6))
+    datagrams = [
+        Datagram(received_ns=t, exporter=data.draw(st.sampled_from(["192.0.2.1", "2001:db8::1"])),
+                 exporter_port=9995, local_port=2055, payload=data.draw(st.binary(max_size=20)))
+        for t in times
+    ]
+    block = bytearray(encode_block(datagrams, {"acked": 5}))
+    for _ in range(data.draw(st.integers(0, 3))):
+        block[data.draw(st.integers(0, len(block) - 1))] = data.draw(st.integers(0, 255))
+    count = len(datagrams) + data.draw(st.sampled_from([0, 0, 0, -1, 1]))
+    fast = _outcome(bytes(block), count, reference=False)
+    assert fast == _outcome(bytes(block), count, reference=True)  # same datagrams, or the same error
+    if block == encode_block(datagrams, {"acked": 5}) and count == len(datagrams):
+        assert fast == (datagrams, {"acked": 5})
+
+
+def test_a_receive_time_needing_a_ten_byte_varint_still_decodes() -> None:
+    # the vectorised path takes varints of up to 9 bytes; the reference parser takes over for the rest
+    datagrams = [dg(1), Datagram(received_ns=(1 << 63) - 1, exporter="192.0.2.1", exporter_port=1,
+                                 local_port=2, payload=b"x"), dg(2)]
+    assert open_batch(seal(datagrams), key=KEY).datagrams == tuple(datagrams)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import dpkt
@@ -16,12 +17,14 @@ from flowtunnel.datagram import Datagram
 from flowtunnel.wire import Codec, LimitExceeded, MalformedRecords, WireError, open_batch, seal_batch
 from flowtunnel.wire.columnar import (
     TemplateLengths,
+    _check_layout,
     _uvarints,
+    max_steps,
     payload_decoder,
     payload_encoder,
     template_lengths,
 )
-from flowtunnel.wire.records import decode_block, encode_block, write_uvarint
+from flowtunnel.wire.records import decode_block, encode_block, read_uvarint, write_uvarint
 from tests.conftest import require
 from tests.peers import TraceSummary, capture_softflowd
 
@@ -254,3 +257,151 @@ def test_the_vectorised_varint_reader_refuses_cut_and_overlong_varints() -> None
         _uvarints(memoryview(b"\xff" * 9 + b"\x01"), 10)
     with pytest.raises(MalformedRecords, match="3 values, more than the 2"):
         _uvarints(memoryview(b"\x01\x02\x03"), 2)
+
+
+# -- the vectorised decoder against the step-by-step reference -------------------------------------------
+
+
+def _reference_section(block: memoryview, pos: int, lengths: Sequence[int]) -> tuple[list[bytes], int]:
+    """Section 4 of docs/protocol.md decoded the plain way, one layout step at a time (the decoder before it
+    was vectorised): the oracle for the fast path."""
+
+    def uvarint(at: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if at >= len(block):
+                raise MalformedRecords("cut varint")
+            b = block[at]
+            at += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                return value, at
+
+    n_groups, pos = uvarint(pos)
+    glen = []
+    for _ in range(n_groups):
+        n, pos = uvarint(pos)
+        glen.append(n)
+    ops_len, pos = uvarint(pos)
+    ops_end = pos + ops_len
+    tokens = []
+    while pos < ops_end:
+        v, pos = uvarint(pos)
+        tokens.append(v)
+    resid_len, pos = uvarint(pos)
+    resid = bytes(block[pos : pos + resid_len])
+    pos += resid_len
+    need = [0] * n_groups
+    t = 0
+    steps: list[list[tuple[int, int, int]]] = []
+    for _ in lengths:
+        mine = []
+        while True:
+            vlen, gref = tokens[t], tokens[t + 1]
+            t += 2
+            k = 0
+            if gref:
+                k = tokens[t]
+                t += 1
+                need[gref - 1] += k
+            mine.append((vlen, gref, k))
+            if not gref:
+                break
+        steps.append(mine)
+    rows = []
+    for k, n in zip(need, glen, strict=True):
+        col = bytes(block[pos : pos + k * n])
+        rows.append(bytes(col[j * k + r] for r in range(k) for j in range(n)))
+        pos += k * n
+    cursor = [0] * n_groups
+    out = []
+    rp = 0
+    for mine in steps:
+        parts = []
+        for vlen, gref, k in mine:
+            parts.append(resid[rp : rp + vlen])
+            rp += vlen
+            if gref:
+                g = gref - 1
+                parts.append(rows[g][cursor[g] : cursor[g] + k * glen[g]])
+                cursor[g] += k * glen[g]
+        out.append(b"".join(parts))
+    return out, pos
+
+
+def _outcome(block: bytes, count: int, *, vectorised: bool = True) -> object:
+    """Payloads or the error class, with the vectorised path forced on for any batch size (or off)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("flowtunnel.wire.columnar.FAST_MIN_DATAGRAMS", 0 if vectorised else 1 << 30)
+        mp.setattr("flowtunnel.wire.records.FAST_MIN_RECORDS", 0 if vectorised else 1 << 30)
+        try:
+            datagrams, _ = decode_block(block, count, max_datagram=65535, max_exporters=4,
+                                        payload_decoder=payload_decoder(1 << 20))
+        except WireError as exc:
+            return type(exc)
+    return [d.payload for d in datagrams]
+
+
+@given(payloads_st, st.one_of(st.none(), st.integers(1, 70)))
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_vectorised_decoder_rebuilds_what_the_reference_does(
+    payloads: list[bytes], length: int | None
+) -> None:
+    block = encode_block(as_datagrams(payloads), None,
+                         payload_encoder(None if length is None else (lambda _p, _s: length)))
+    slow, _ = decode_block(block, len(payloads), max_datagram=65535, max_exporters=4,
+                           payload_decoder=_reference_section)
+    assert [d.payload for d in slow] == payloads
+    assert _outcome(block, len(payloads), vectorised=True) == payloads
+    assert _outcome(block, len(payloads), vectorised=False) == payloads
+
+
+@given(st.data())
+@settings(max_examples=300, deadline=None)
+def test_a_mutated_layout_is_refused_exactly_when_the_checks_say_so(data: st.DataObject) -> None:
+    # mutate only the layout and verbatim varints of a real section, so most mutants stay parseable and the
+    # fast path's own checks (not the varint reader's) decide; each outcome must match a reference that
+    # runs the documented checks step by step (a refusal names the same error class)
+    payloads = [struct.pack(">HH", 5, 2) + bytes(range(20)) + bytes(range(96)), b"\x00\x0a" + bytes(30),
+                struct.pack(">HH", 5, 1) + bytes(20 + 48)]
+    block = bytearray(encode_block(as_datagrams(payloads), None, payload_encoder(None)))
+    head = len(encode_block(as_datagrams(payloads), None, lambda _p: b""))
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(head, min(len(block) - 1, head + 40)))
+        block[at] = data.draw(st.sampled_from([0, 1, 2, 3, 4, 24, 48, 0x80, data.draw(st.integers(0, 255))]))
+    got = _outcome(bytes(block), 3)
+    assert _outcome(bytes(block), 3, vectorised=False) == got
+    try:
+        expected: object = [d.payload for d in decode_block(
+            bytes(block), 3, max_datagram=65535, max_exporters=4, payload_decoder=_checked_reference
+        )[0]]
+    except WireError as exc:
+        expected = type(exc)
+    assert got == expected
+
+
+def _checked_reference(block: memoryview, pos: int, lengths: Sequence[int]) -> tuple[list[bytes], int]:
+    """The reference decoder behind the documented checks (the fast path must agree with both)."""
+    start = pos
+    n_groups, pos = read_uvarint(block, pos, "groups")
+    if n_groups > 4096:
+        raise MalformedRecords("groups")
+    glen = []
+    for _ in range(n_groups):
+        n, pos = read_uvarint(block, pos, "length")
+        if not 1 <= n <= 65535:
+            raise MalformedRecords("length")
+        glen.append(n)
+    ops_len, pos = read_uvarint(block, pos, "layout")
+    if ops_len > len(block) - pos:
+        raise MalformedRecords("layout")
+    ops = block[pos : pos + ops_len]
+    pos += ops_len
+    resid_len, pos = read_uvarint(block, pos, "verbatim")
+    if resid_len > len(block) - pos:
+        raise MalformedRecords("verbatim")
+    pos += resid_len
+    tokens = _uvarints(ops, sum(3 * max_steps(n) for n in lengths))
+    _check_layout(tokens, lengths, glen, resid_len, len(block) - pos, 1 << 20)
+    return _reference_section(block, start, lengths)

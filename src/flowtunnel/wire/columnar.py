@@ -18,11 +18,20 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
+from numpy.lib.stride_tricks import sliding_window_view
 
 from flowtunnel.wire.errors import LimitExceeded, MalformedRecords
-from flowtunnel.wire.records import PayloadDecoder, PayloadEncoder, read_uvarint, write_uvarint
+from flowtunnel.wire.records import (
+    PayloadDecoder,
+    PayloadEncoder,
+    read_uvarint,
+    split_payloads,
+    uvarint_values,
+    write_uvarint,
+)
 
 __all__ = [
+    "FAST_MIN_DATAGRAMS",
     "MAX_GROUPS",
     "SUPPORTED",
     "TemplateLengths",
@@ -42,6 +51,8 @@ _U32 = struct.Struct(">I")
 _MAX_RECORD = 65535
 #: record groups per batch (both sides enforce it; an honest batch has a handful per template)
 MAX_GROUPS = 4096
+#: batches of fewer datagrams are decoded step by step: numpy's fixed cost per call outweighs its speed there
+FAST_MIN_DATAGRAMS = 48
 
 # group keys the encoder uses (the decoder sees only indexes and lengths)
 _V5_HEADER = ("v5h", 24)
@@ -258,7 +269,7 @@ def payload_encoder(record_length: RecordLengthFn | None) -> PayloadEncoder:
     return encode
 
 
-def _uvarints(buf: memoryview, budget: int) -> list[int]:
+def _uvarint_array(buf: memoryview, budget: int) -> npt.NDArray[np.uint64]:
     """Every LEB128 varint of ``buf`` (which must end at a varint's last byte), at most ``budget`` of them."""
     arr = np.frombuffer(buf, dtype=np.uint8)
     ends = np.flatnonzero(arr < 0x80)
@@ -267,20 +278,17 @@ def _uvarints(buf: memoryview, budget: int) -> list[int]:
                                "datagrams can use")
     if len(arr) and (not len(ends) or ends[-1] != len(arr) - 1):
         raise MalformedRecords("columnar layout ends inside a varint")
-    starts = np.empty_like(ends)
-    if len(ends):
-        starts[0] = 0
-        starts[1:] = ends[:-1] + 1
-    sizes = ends - starts + 1
-    if len(sizes) and int(sizes.max()) > 9:
+    values = uvarint_values(arr, ends)
+    if values is None:
         # 9 varint bytes carry 63 bits: every honest count and length fits with room to spare
         raise MalformedRecords("columnar layout has a varint longer than 9 bytes")
-    values = np.zeros(len(ends), dtype=np.uint64)
-    low = (arr & 0x7F).astype(np.uint64)
-    for j in range(int(sizes.max()) if len(sizes) else 0):
-        sel = np.flatnonzero(sizes > j)
-        values[sel] |= low[starts[sel] + j] << np.uint64(7 * j)
-    return [int(v) for v in values.tolist()]
+    return values
+
+
+def _uvarints(buf: memoryview, budget: int) -> list[int]:
+    """``_uvarint_array`` as Python ints."""
+    values: list[int] = _uvarint_array(buf, budget).tolist()
+    return values
 
 
 def payload_decoder(max_raw: int) -> PayloadDecoder:
@@ -310,81 +318,230 @@ def payload_decoder(max_raw: int) -> PayloadDecoder:
         pos += resid_len
         # The layout is all varints: decode them at once (vectorised), after bounding how many there may be,
         # so a hostile layout costs no more than an honest one of the same size.
-        budget = sum(3 * max_steps(n) for n in lengths)
-        tokens = _uvarints(ops, budget)
-        # pass 1: check the layout and count the records of each group
-        need = [0] * n_groups
-        t = 0
-        n_tok = len(tokens)
-        rp = 0
-        for i, total in enumerate(lengths):
-            got = 0
-            steps = 0
-            limit = max_steps(total)
-            while True:
-                steps += 1
-                if steps > limit:
-                    raise MalformedRecords(f"datagram {i} of {total} bytes takes over {limit} layout steps")
-                if t + 2 > n_tok:
-                    raise MalformedRecords(f"columnar layout ends inside datagram {i}")
-                vlen = tokens[t]
-                gref = tokens[t + 1]
-                t += 2
-                got += vlen
-                rp += vlen
-                if gref:
-                    if gref > n_groups:
-                        raise MalformedRecords(
-                            f"datagram {i} refers to columnar group {gref - 1} of {n_groups}"
-                        )
-                    if t >= n_tok:
-                        raise MalformedRecords(f"columnar layout ends inside datagram {i}")
-                    k = tokens[t]
-                    t += 1
-                    if not k:
-                        raise MalformedRecords(f"datagram {i} has a layout step of 0 records")
-                    need[gref - 1] += k
-                    got += k * glen[gref - 1]
-                if got > total:
-                    raise MalformedRecords(f"datagram {i} layout exceeds its length {total}")
-                if not gref:
-                    break
-            if got != total:
-                raise MalformedRecords(f"datagram {i} layout covers {got} bytes, its length is {total}")
-        if t != n_tok:
-            raise MalformedRecords(f"columnar layout has {n_tok - t} values past the last datagram")
-        if rp != resid_len:
-            raise MalformedRecords(f"columnar layout uses {rp} verbatim bytes, the section has {resid_len}")
-        col_bytes = sum(k * n for k, n in zip(need, glen, strict=True))
-        if col_bytes > end - pos or col_bytes > max_raw:
-            raise LimitExceeded(f"columnar groups need {col_bytes} bytes, the block has {end - pos} left")
-        # pass 2: transpose each group back to rows, then replay the (now valid) layout
-        rows: list[bytes] = []
-        for k, n in zip(need, glen, strict=True):
-            col = np.frombuffer(block[pos : pos + k * n], dtype=np.uint8)
-            rows.append(col.reshape(n, k).T.tobytes())
-            pos += k * n
-        resid_b = bytes(resid)
-        cursor = [0] * n_groups
-        out: list[bytes] = []
-        t = rp = 0
-        for _ in lengths:
-            parts: list[bytes] = []
-            while True:
-                vlen = tokens[t]
-                gref = tokens[t + 1]
-                t += 2
-                if vlen:
-                    parts.append(resid_b[rp : rp + vlen])
-                    rp += vlen
-                if not gref:
-                    break
-                g = gref - 1
-                a = cursor[g]
-                b = cursor[g] = a + tokens[t] * glen[g]
-                t += 1
-                parts.append(rows[g][a:b])
-            out.append(parts[0] if len(parts) == 1 else b"".join(parts))
-        return out, pos
+        fast = len(lengths) >= FAST_MIN_DATAGRAMS
+        lens = np.asarray(lengths if fast else (), dtype=np.int64)
+        if fast:
+            budget = 3 * (8 * len(lengths) + int((lens // 32).sum()))  # sum of 3 * max_steps(length)
+        else:
+            budget = sum(3 * max_steps(n) for n in lengths)
+        tokens = _uvarint_array(ops, budget)
+        if fast:
+            layout = _Layout.parse(tokens, lens, glen, resid_len, end - pos, max_raw)
+            if layout is not None:
+                return layout.rebuild(block, pos, bytes(resid)), pos + layout.col_bytes
+            # the vectorised checks refused something: the step-by-step checks below name it (and raise)
+        tl: list[int] = tokens.tolist()
+        need = _check_layout(tl, lengths, glen, resid_len, end - pos, max_raw)
+        return _rebuild_steps(tl, lengths, glen, need, block, pos, bytes(resid))
 
     return decode
+
+
+class _Layout:
+    """A columnar layout, parsed and checked with numpy: one Python step per layout step (to find where each
+    step starts, which depends on the previous one), everything else vectorised over the steps."""
+
+    def __init__(
+        self, *, need: list[int], glen: list[int], col_bytes: int, row_at: npt.NDArray[np.int32],
+        verbatim: list[tuple[int, int, int]], lengths: npt.NDArray[np.int64],
+    ) -> None:
+        self.need = need  # records per group
+        self.glen = glen  # record length per group
+        self.col_bytes = col_bytes
+        self.row_at = row_at  # output offset of every record, group after group
+        self.verbatim = verbatim  # (output offset, verbatim offset, length) of each verbatim piece
+        self.lengths = lengths
+
+    @classmethod
+    def parse(
+        cls, tokens: npt.NDArray[np.uint64], lengths: npt.NDArray[np.int64], glen: list[int], resid_len: int,
+        left: int, max_raw: int,
+    ) -> _Layout | None:
+        """The layout, or None if anything in it is wrong (the step-by-step checks then say what) or it is not
+        worth vectorising (records of under 4 bytes on average; an output of 2 GiB or more)."""
+        # A step is (verbatim length, group + 1, records) or, ending a datagram, (verbatim length, 0): where
+        # one starts depends on the previous one, so this walk is the one loop over steps. It records each
+        # step's size (2 or 3 values) in a bytearray, which numpy reads without converting anything.
+        nonzero = (tokens != 0).tobytes()
+        n_tok = len(nonzero)
+        sizes = bytearray()
+        add = sizes.append
+        t = 0
+        try:
+            while t < n_tok:
+                size = 3 if nonzero[t + 1] else 2
+                add(size)
+                t += size
+        except IndexError:
+            return None
+        if t != n_tok:
+            return None
+        tok = tokens.astype(np.int64)  # values are below 2**63 (at most 9 varint bytes)
+        step_size = np.frombuffer(sizes, dtype=np.uint8).astype(np.int64)
+        st = np.cumsum(step_size) - step_size  # where each step starts
+        count = len(lengths)
+        if not len(st):
+            if count:
+                return None
+            return cls(need=[0] * len(glen), glen=glen, col_bytes=0, row_at=np.zeros(0, dtype=np.int32),
+                       verbatim=[], lengths=lengths)
+        vlen = tok[st]
+        gref = tok[st + 1]
+        has = gref != 0
+        k = np.zeros(len(st), dtype=np.int64)
+        k[has] = tok[st[has] + 2]
+        ends = np.flatnonzero(~has)
+        if len(ends) != count or ends[-1] != len(st) - 1:
+            return None
+        n_steps = np.diff(ends, prepend=-1)
+        if (n_steps > 8 + lengths // 32).any():  # max_steps
+            return None
+        if int(gref.max()) > len(glen) or (has & (k == 0)).any():
+            return None
+        dlen = np.repeat(lengths, n_steps)  # each step's datagram length
+        if (vlen > dlen).any() or (k > dlen).any():
+            return None  # (and so no product or sum below can overflow)
+        gl = np.asarray([0, *glen], dtype=np.int64)
+        gbytes = k * gl[gref]
+        step_bytes = vlen + gbytes
+        step_end = np.cumsum(step_bytes)  # where each step's bytes end in the output
+        covered = step_end[ends]
+        covered[1:] -= step_end[ends[:-1]]
+        if not np.array_equal(covered, lengths):
+            return None
+        vend = np.cumsum(vlen)
+        if int(vend[-1]) != resid_len:
+            return None
+        col_bytes = int(gbytes.sum())
+        if col_bytes > left or col_bytes > max_raw:
+            return None
+        if 4 * int(k.sum()) > col_bytes or int(step_end[-1]) >= 1 << 31:
+            # Records of under 4 bytes on average (no exporter's) would make the table of record offsets
+            # below larger than the records themselves: the step-by-step path takes such layouts.
+            return None
+        # (exact in float64: the total is bounded by the block's size, checked just above)
+        per_group = np.bincount(gref, weights=gbytes, minlength=len(gl))[1:].astype(np.int64)
+        need = (per_group // gl[1:]).tolist()
+        # Where each step's bytes go in the output: its verbatim bytes, then its records.
+        out_at = step_end - step_bytes
+        # Every record's place: a group's steps take its records in layout order, so the steps of each group
+        # in a stable sort by group (a radix sort: group numbers fit 16 bits), one entry per record, list
+        # every group's records in order. Record r of the sorted list, in step s, is at
+        # out_at[s] + vlen[s] + length[s] * (r - first record of s).
+        order = np.flatnonzero(has)
+        order = order[np.argsort(gref[order].astype(np.uint16), kind="stable")]
+        ks = k[order]
+        rec_len = gl[gref[order]]
+        base = out_at[order] + vlen[order] - rec_len * (np.cumsum(ks) - ks)
+        row_at = np.repeat(base, ks) + np.repeat(rec_len, ks) * np.arange(int(ks.sum()), dtype=np.int64)
+        pieces = np.flatnonzero(vlen)  # verbatim pieces are rare (bytes outside any record): one by one
+        verbatim = list(zip(out_at[pieces].tolist(), (vend - vlen)[pieces].tolist(), vlen[pieces].tolist(),
+                            strict=True))
+        return cls(need=need, glen=glen, col_bytes=col_bytes, row_at=row_at.astype(np.int32),
+                   verbatim=verbatim, lengths=lengths)
+
+    def rebuild(self, block: memoryview, pos: int, resid: bytes) -> list[bytes]:
+        """Scatter each group's records (stored column after column) and the verbatim bytes into place."""
+        out = np.empty(int(self.lengths.sum()), dtype=np.uint8)
+        first = 0
+        for k, n in zip(self.need, self.glen, strict=True):
+            if not k:
+                continue
+            cols = np.frombuffer(block, dtype=np.uint8, count=k * n, offset=pos).reshape(n, k)
+            # Transpose to contiguous records first, then write each record whole: scattering byte column
+            # after byte column would sweep the whole output once per column (cache misses on big batches).
+            rows = np.ascontiguousarray(cols.T)
+            windows = sliding_window_view(out, n, writeable=True)  # windows[i] is out[i : i + n]
+            windows[self.row_at[first : first + k]] = rows
+            first += k
+            pos += k * n
+        if self.verbatim:
+            src = np.frombuffer(resid, dtype=np.uint8)
+            for at, start, n in self.verbatim:
+                out[at : at + n] = src[start : start + n]
+        return split_payloads(out.tobytes(), self.lengths)
+
+
+def _rebuild_steps(
+    tokens: list[int], lengths: Sequence[int], glen: list[int], need: list[int], block: memoryview, pos: int,
+    resid: bytes,
+) -> tuple[list[bytes], int]:
+    """Rebuild the datagrams of a checked layout one step at a time (cheaper than numpy for a few)."""
+    rows: list[bytes] = []
+    for k, n in zip(need, glen, strict=True):
+        col = np.frombuffer(block, dtype=np.uint8, count=k * n, offset=pos)
+        rows.append(col.reshape(n, k).T.tobytes())
+        pos += k * n
+    cursor = [0] * len(glen)
+    out: list[bytes] = []
+    t = rp = 0
+    for _ in lengths:
+        parts: list[bytes] = []
+        while True:
+            vlen = tokens[t]
+            gref = tokens[t + 1]
+            t += 2
+            if vlen:
+                parts.append(resid[rp : rp + vlen])
+                rp += vlen
+            if not gref:
+                break
+            g = gref - 1
+            a = cursor[g]
+            b = cursor[g] = a + tokens[t] * glen[g]
+            t += 1
+            parts.append(rows[g][a:b])
+        out.append(parts[0] if len(parts) == 1 else b"".join(parts))
+    return out, pos
+
+
+def _check_layout(
+    tokens: list[int], lengths: Sequence[int], glen: list[int], resid_len: int, left: int, max_raw: int
+) -> list[int]:
+    """The step-by-step checks of a columnar layout, raising the precise error for the first problem; the
+    number of records of each group."""
+    n_groups = len(glen)
+    need = [0] * n_groups
+    t = 0
+    n_tok = len(tokens)
+    rp = 0
+    for i, total in enumerate(lengths):
+        got = 0
+        steps = 0
+        limit = max_steps(total)
+        while True:
+            steps += 1
+            if steps > limit:
+                raise MalformedRecords(f"datagram {i} of {total} bytes takes over {limit} layout steps")
+            if t + 2 > n_tok:
+                raise MalformedRecords(f"columnar layout ends inside datagram {i}")
+            vlen = tokens[t]
+            gref = tokens[t + 1]
+            t += 2
+            got += vlen
+            rp += vlen
+            if gref:
+                if gref > n_groups:
+                    raise MalformedRecords(f"datagram {i} refers to columnar group {gref - 1} of {n_groups}")
+                if t >= n_tok:
+                    raise MalformedRecords(f"columnar layout ends inside datagram {i}")
+                k = tokens[t]
+                t += 1
+                if not k:
+                    raise MalformedRecords(f"datagram {i} has a layout step of 0 records")
+                need[gref - 1] += k
+                got += k * glen[gref - 1]
+            if got > total:
+                raise MalformedRecords(f"datagram {i} layout exceeds its length {total}")
+            if not gref:
+                break
+        if got != total:
+            raise MalformedRecords(f"datagram {i} layout covers {got} bytes, its length is {total}")
+    if t != n_tok:
+        raise MalformedRecords(f"columnar layout has {n_tok - t} values past the last datagram")
+    if rp != resid_len:
+        raise MalformedRecords(f"columnar layout uses {rp} verbatim bytes, the section has {resid_len}")
+    col_bytes = sum(k * n for k, n in zip(need, glen, strict=True))
+    if col_bytes > left or col_bytes > max_raw:
+        raise LimitExceeded(f"columnar groups need {col_bytes} bytes, the block has {left} left")
+    return need
