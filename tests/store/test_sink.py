@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from flowtunnel.datagram import Datagram
 from flowtunnel.netflow import FieldSpec, Template, encode_v9
 from flowtunnel.store import StoreSink
+from flowtunnel.store.errors import StoreError
 from tests.conftest import require
 from tests.peers import SoftflowdExport, TraceSummary, capture_softflowd
 from tests.store._support import (
@@ -82,6 +84,47 @@ async def test_resumes_after_restart_without_loss_or_duplicates(tmp_path: Path, 
     assert normalise_ports(store_multiset(sink.paths.database)) == normalise_ports(
         exporter_multiset(export.datagrams, tmp_path)
     )
+
+
+async def test_a_failed_commit_drops_the_batch_decoded_meanwhile_and_loses_nothing(
+    tmp_path: Path, trace: TraceSummary, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Commits overlap the decoding of the next batch: when one fails (disk full), the batch decoded past it
+    must be dropped and both redone from DuckDB's state, or its rows would be lost or stored twice."""
+    require("softflowd", "tshark")
+    export = capture_softflowd(trace.path, 9)
+    journal = fill_journal(tmp_path / "journal.sqlite", to_datagrams(export.datagrams))
+    sink = StoreSink(data_dir=tmp_path / "data", batch_records=300, read_limit=20, retry_delay=0.05)
+    real_open = sink._open
+    calls = 0
+
+    def open_with_a_failing_commit() -> None:
+        real_open()
+        db = sink._db
+        assert db is not None
+        real_commit = db.commit
+
+        def commit(**kwargs: Any) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 3:  # batches 1-2 stored, batch 4 already being decoded
+                raise StoreError("flow store: commit of cursor 0 failed: injected disk full")
+            real_commit(**kwargs)
+
+        db.commit = commit  # type: ignore[method-assign]
+
+    sink._open = open_with_a_failing_commit  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR, logger="flowtunnel.store"):
+        await run_sink_until(sink, journal)
+    journal.close()
+    assert sink.commit_failures == 1
+    assert calls > 4
+    assert "injected disk full; reloading the last committed state" in caplog.text
+    assert normalise_ports(store_multiset(sink.paths.database)) == normalise_ports(
+        exporter_multiset(export.datagrams, tmp_path)
+    )
+    [exporter] = exporter_stats(sink).values()
+    assert exporter["records"] == export.stats.records  # counters not doubled by the redone batch
 
 
 _TEMPLATE = Template(

@@ -7,7 +7,11 @@ the sink restarts from that transaction's cursor with that transaction's decoder
 exactly once. The journal cursor the gateway sees (for trimming) is copied from DuckDB after each commit and
 at start; DuckDB's is the truth.
 
-All DuckDB work runs on one worker thread; the event loop only waits.
+Two worker threads make a pipeline: the decoder thread reads and decodes batch N+1 while the writer thread has
+DuckDB insert and commit batch N (DuckDB releases the GIL while it works, so the two use both cores). Every
+DuckDB call runs on the writer thread; the event loop only waits. Commits stay in journal order, and each
+carries the cursor, template caches and counters snapshotted when its batch was decoded; if a commit fails,
+the batch decoded meanwhile is dropped and both threads restart from DuckDB's last committed state.
 """
 
 from __future__ import annotations
@@ -90,6 +94,20 @@ class _AgentDecoder:
     init_ms: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
+@dataclass(slots=True, kw_only=True)
+class _Prepared:
+    """One decoded batch waiting for its commit: rows and a snapshot of the state they bring the store to."""
+
+    arrays: dict[str, Any] | None
+    rows: int
+    cursor: int
+    consumed: int
+    full: bool
+    decoder_states: dict[str, bytes]
+    exporter_stats: list[dict[str, Any]]
+    agent_stats: list[dict[str, Any]]
+
+
 class StoreSink:
     """The ``store`` sink; see the module docstring and docs/architecture.md ("Store").
 
@@ -120,6 +138,7 @@ class StoreSink:
         memory_limit: str | None = None,
         threads: int | None = None,
         retention_interval: float | None = None,
+        retry_delay: float = 5.0,
     ) -> None:
         if retain_seconds is not None and retain_seconds <= 0:
             raise ValueError(f"store retain_seconds {retain_seconds} must be > 0 (None keeps everything)")
@@ -139,14 +158,17 @@ class StoreSink:
         if retention_interval is None and retain_seconds is not None:
             retention_interval = min(3600.0, max(10.0, retain_seconds / 10))
         self.retention_interval = retention_interval
+        self.retry_delay = retry_delay  # after a failed commit (disk full): pause, then retry
         self._once = OnceLogger(log)
         self._db: FlowDatabase | None = None
         self._server: QueryServer | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # DuckDB: the writer thread
+        self._decoder_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._decoders: dict[str, _AgentDecoder] = {}
         self._exporters: dict[tuple[str, str], _ExporterCounters] = {}
         self._agents: dict[str, _AgentCounters] = {}
-        self.cursor = 0
+        self.cursor = 0  # committed in DuckDB
+        self._read_cursor = 0  # decoded up to (runs ahead of ``cursor`` by the batch being committed)
         self.last_seq = 0
         self.rows = 0
         self.rows_added = 0
@@ -161,6 +183,8 @@ class StoreSink:
 
     async def run(self, journal: DurableLog, notify: JournalNotify) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._decoder_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-decoder")
+        commit: asyncio.Future[None] | None = None
         try:
             await self._work(self._open)
             journal.commit_cursor(self.name, self.cursor)  # what DuckDB holds is what the gateway may trim
@@ -179,38 +203,79 @@ class StoreSink:
             while True:
                 self.last_seq = notify.last_seq
                 if self.retention_interval is not None and time.monotonic() >= next_retention:
+                    if commit is not None:
+                        pending, commit = commit, None
+                        if not await self._committed(pending, journal):
+                            continue
                     await self._work(self._retain)
                     next_retention = time.monotonic() + self.retention_interval
                 started = time.monotonic()
-                try:
-                    done, full = await self._work(self._step, journal)
-                except StoreError as exc:
-                    self.commit_failures += 1
-                    log.error("%s; reloading the last committed state, retrying in 5 s", exc)
-                    await self._work(self._load)
-                    await asyncio.sleep(5.0)
-                    continue
-                if done == 0:
+                prepared = await self._work(self._prepare, journal, executor=self._decoder_executor)
+                if commit is not None:
+                    pending, commit = commit, None
+                    if not await self._committed(pending, journal):
+                        continue  # ``prepared`` was decoded past a failed commit: dropped, state reloaded
+                if prepared is None:
                     # Bounded so retention still runs when nothing arrives.
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(self.retention_interval):
                             await notify.wait(self.cursor)
-                elif not full:
+                    continue
+                commit = self._start(self._commit, prepared)
+                if not prepared.full:
                     # Trickling in: let rows accumulate rather than commit per datagram.
                     await asyncio.sleep(max(0.0, self.batch_interval - (time.monotonic() - started)))
         finally:
             self.running = False
+            if commit is not None:
+                await asyncio.wait([commit])
+                if not commit.cancelled() and commit.exception() is None:
+                    self._after_commit(journal)
             if self._server is not None:
                 await self._server.close()
                 self._server = None
             await self._work(self._close)
             self._executor.shutdown(wait=True)
             self._executor = None
+            self._decoder_executor.shutdown(wait=True)
+            self._decoder_executor = None
 
-    async def _work(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn`` on the writer thread; if cancelled meanwhile, let it finish before re-raising."""
+    async def _committed(self, commit: asyncio.Future[None], journal: DurableLog) -> bool:
+        """Wait for a commit; on failure reload the committed state (the batch decoded since is dropped)."""
+        try:
+            await self._shielded(commit)
+        except StoreError as exc:
+            self.commit_failures += 1
+            log.error("%s; reloading the last committed state, retrying in %g s", exc, self.retry_delay)
+            await self._work(self._load)
+            await asyncio.sleep(self.retry_delay)
+            return False
+        self._after_commit(journal)
+        return True
+
+    def _after_commit(self, journal: DurableLog) -> None:
+        try:
+            journal.commit_cursor(self.name, self.cursor)
+        except LogError as exc:
+            # Advisory (DuckDB holds the truth): the gateway trims a little later, nothing is lost.
+            self._once.warning(
+                "journal-cursor", "store: cannot copy cursor %d to the journal: %s", self.cursor, exc
+            )
+
+    def _start(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         assert self._executor is not None
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _work(
+        self, fn: Callable[..., T], *args: Any, executor: concurrent.futures.Executor | None = None
+    ) -> T:
+        """Run ``fn`` on the writer thread (or ``executor``); if cancelled meanwhile, let it finish first."""
+        pool = executor or self._executor
+        assert pool is not None
+        return await self._shielded(asyncio.get_running_loop().run_in_executor(pool, fn, *args))
+
+    @staticmethod
+    async def _shielded(fut: asyncio.Future[T]) -> T:
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -235,7 +300,7 @@ class StoreSink:
         self._restore(state)
 
     def _restore(self, state: StoredState) -> None:
-        self.cursor = state.cursor
+        self.cursor = self._read_cursor = state.cursor
         self._decoders = {}
         for agent, blob in state.decoder_states.items():
             try:
@@ -257,12 +322,10 @@ class StoreSink:
                 transit_lost=rec["transit_lost"],
             )
 
-    def _step(self, journal: DurableLog) -> tuple[int, bool]:
-        """Read, decode and commit one batch; returns (entries consumed, whether the batch was full)."""
-        db = self._db
-        assert db is not None
+    def _prepare(self, journal: DurableLog) -> _Prepared | None:
+        """Read and decode one batch past the read cursor (decoder thread); None when nothing is new."""
         cols = FlowColumns()
-        cursor = self.cursor
+        cursor = self._read_cursor
         consumed = 0
         touched_agents: set[str] = set()
         touched_exporters: set[tuple[str, str]] = set()
@@ -281,32 +344,40 @@ class StoreSink:
             if len(entries) < self.read_limit:
                 break
         if consumed == 0:
-            return 0, False
+            return None
         decoder_states: dict[str, bytes] = {}
         for agent in touched_agents:
             agent_decoder = self._decoders[agent]
             self._account_sequences(agent, agent_decoder, touched_exporters)
             decoder_states[agent] = agent_decoder.decoder.export_state()
-        db.commit(
+        self._read_cursor = cursor
+        return _Prepared(
             arrays=cols.arrays() if cols.rows else None,
+            rows=cols.rows,
             cursor=cursor,
+            consumed=consumed,
+            full=full or consumed >= self.read_limit,
             decoder_states=decoder_states,
             exporter_stats=[self._exporters[k].row() for k in touched_exporters],
             agent_stats=[self._agents[a].row() for a in touched_agents],
         )
-        self.cursor = cursor
-        self.rows += cols.rows
-        self.rows_added += cols.rows
+
+    def _commit(self, batch: _Prepared) -> None:
+        """Commit one decoded batch (writer thread): rows, cursor, decoder states and counters together."""
+        db = self._db
+        assert db is not None
+        db.commit(
+            arrays=batch.arrays,
+            cursor=batch.cursor,
+            decoder_states=batch.decoder_states,
+            exporter_stats=batch.exporter_stats,
+            agent_stats=batch.agent_stats,
+        )
+        self.cursor = batch.cursor
+        self.rows += batch.rows
+        self.rows_added += batch.rows
         self.commits += 1
         self.last_commit = time.time()
-        try:
-            journal.commit_cursor(self.name, cursor)
-        except LogError as exc:
-            # Advisory (DuckDB holds the truth): the gateway trims a little later, nothing is lost.
-            self._once.warning(
-                "journal-cursor", "store: cannot copy cursor %d to the journal: %s", cursor, exc
-            )
-        return consumed, full or consumed >= self.read_limit
 
     def _ingest(
         self,
