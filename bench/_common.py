@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.agent.chain import AgentProc, GatewayProc, enroll_agent, wait_until  # noqa: E402
-from tests.linkemu import LinkStats, Mode, ThreadedLink  # noqa: E402
+from tests.linkemu import LinkStats, Mode, Shape, ThreadedLink  # noqa: E402
 from tests.peers import Nfcapd, UdpCapture, capture_softflowd, free_udp_port, make_trace  # noqa: E402
 
 from flowtunnel.capture import find_netflow, read_udp  # noqa: E402
@@ -44,6 +44,7 @@ __all__ = [
     "AgentProc",
     "Chain",
     "Nfcapd",
+    "Shape",
     "StoreGatewayProc",
     "Stream",
     "UdpCapture",
@@ -357,6 +358,8 @@ class Chain:
         store: bool = False,
         forward: Sequence[str] = (),
         link_down: bool = False,
+        link_up: Shape | None = None,
+        link_down_shape: Shape | None = None,
     ) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -367,6 +370,7 @@ class Chain:
         self.agent_port = free_udp_port()
         self._agent_args = list(agent_args)
         self._link_down = link_down
+        self._shapes = {"up": link_up, "down": link_down_shape}
         self.link: ThreadedLink | None = None
         self.agent: AgentProc | None = None
 
@@ -377,7 +381,7 @@ class Chain:
     def __enter__(self) -> Chain:
         try:
             self.gateway.start()
-            self.link = ThreadedLink(upstream=("127.0.0.1", self.gateway.port)).__enter__()
+            self.link = ThreadedLink(upstream=("127.0.0.1", self.gateway.port), **self._shapes).__enter__()
             if self._link_down:
                 self.set_link(up=False)
             self.agent = AgentProc(

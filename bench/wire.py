@@ -8,7 +8,8 @@ in ``../shared/corpus/vendor``. Raw UDP is payload + 28 bytes (IPv4 + UDP header
 
 flowtunnel is measured, not estimated: a real ``flowtunnel agent`` uploads to a real ``flowtunnel gateway``
 through the link emulator (``tests/linkemu.py``), which counts every byte of the HTTP exchange both ways
-(request and response heads and bodies). The stream is sent to the agent at 500 datagrams/s with
+(request and response heads and bodies) and is shaped like a field uplink (``UPLINK``). The stream is sent
+to the agent at 500 datagrams/s with
 ``--latency 1s`` and ``--latency 10s``, and in backlog-drain mode (the link refuses connections while the
 agent
 spools the whole stream, then comes up). Every run checks zero loss (the gateway acknowledged every datagram).
@@ -46,6 +47,7 @@ import zstandard
 
 from _common import (
     Chain,
+    Shape,
     Stream,
     add_common_args,
     command_line,
@@ -208,12 +210,22 @@ class ChainResult:
         return round(TCPIP_HEADER * segments * 1.5)
 
 
+# The link between agent and gateway: a field uplink (3G/4G-class: 2 Mbit/s up, 25 ms each way), not
+# loopback. The agent picks its codec by the link it measures (``agent.policy.choose_codec``): on loopback it
+# would rightly spend bytes to save CPU when draining a backlog, which is not what a field box sees.
+UPLINK_BPS = 2_000_000
+UPLINK = Shape(latency=0.025, rate_bps=UPLINK_BPS)
+DOWNLINK = Shape(latency=0.025)
+
+
 def run_chain(stream: Stream, mode: str, work: Path, rate: float) -> ChainResult:
     """Send ``stream`` through agent → link → gateway in ``mode`` (``1 s``, ``10 s`` or ``drain``)."""
     n = len(stream.payloads)
     latency = {"1 s": "1s", "10 s": "10s", "drain": "1s"}[mode]
     drain = mode == "drain"
-    with Chain(work, agent_args=["--latency", latency], link_down=drain) as chain:
+    with Chain(
+        work, agent_args=["--latency", latency], link_down=drain, link_up=UPLINK, link_down_shape=DOWNLINK
+    ) as chain:
         before, up0 = chain.link_stats(), chain.agent_status().get("upload", {})
         started = time.monotonic()
         # In drain mode the spool fills while the link is down; the sending rate then does not matter.
@@ -482,7 +494,9 @@ def bench(args: argparse.Namespace) -> str:
         f"concatenated per version. Each is sent to a real agent at {args.rate:g} datagrams/s (`--latency "
         "1s`, `--latency 10s`), or spooled whole while the link refuses connections and then drained "
         "(`drain`). flowtunnel's bytes are every HTTP byte both ways (request and response heads and "
-        "bodies) counted by the link emulator between the agent and the gateway; **ratio** = flowtunnel's "
+        "bodies) counted by the link emulator between the agent and the gateway, shaped like a field "
+        f"uplink ({UPLINK_BPS / 1e6:g} Mbit/s up, {UPLINK.latency * 1000:g} ms each way: the agent "
+        "picks its codec by the link it measures); **ratio** = flowtunnel's "
         "HTTP bytes / raw UDP bytes (payload + 28 per datagram). Zero loss is checked on every run (the "
         "gateway acknowledged every datagram). **with TCP/IP (est.)** adds the TCP/IPv4 headers the relay "
         "cannot see: 52 bytes per data segment (1448-byte segments, one part-filled segment per request "

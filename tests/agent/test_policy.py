@@ -228,13 +228,14 @@ def _measured(body_rate: float | None, ratio: float = 0.2) -> LinkEstimate:
         (None, 0.2, True, 0, 0, DEFAULT),  # unmeasured, no cap: CPU is the sure cost, the saving a guess
         (None, 0.2, False, 0, 0, DEFAULT),
         (50e6, 0.2, True, 0, 0, FAST),  # loopback: bytes are free, CPU is not
-        (50e6, 0.2, False, 0, 0, FAST),
+        (50e6, 0.2, False, 0, 0, DEFAULT),  # caught up: not throughput-bound, bytes count
         (3e6, 0.2, True, 0, 0, DEFAULT),
         (200e3, 0.2, True, 0, 0, SMALL),  # a slow link: codec 4's saving outweighs its CPU
         (200e3, 0.2, False, 0, 0, DEFAULT),  # but not on the steady path
         (200e3, 0.02, True, 0, 0, DEFAULT),  # data compressing 50x: little body left to save
         (50e6, 0.2, True, 100_000, 0, SMALL),  # the cap, not the loopback-fast link, is what bytes wait for
         (None, 0.2, True, 100_000, 0, SMALL),
+        (50e6, 0.2, False, 100_000, 0, DEFAULT),
         (50e6, 0.2, True, 3_000_000, 0, DEFAULT),
         (50e6, 0.2, True, 0, 1, SMALL),  # a daily budget: bytes count whatever the link
         (50e6, 0.2, False, 0, 1, DEFAULT),

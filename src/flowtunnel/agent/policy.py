@@ -267,20 +267,24 @@ class LinkEstimate:
 
 
 def choose_codec(link: LinkEstimate, *, big: bool, bandwidth: int, daily_bytes: int) -> CodecChoice:
-    """How to seal the next batch: the choice with the least sealing CPU plus upload time per raw byte.
-
-    One request is in flight at a time and each batch is sealed before it goes, so a busy agent moves one
-    batch per (seal CPU + upload time). Upload time per raw byte is the choice's body (``body``, scaled to
-    this data's compressibility as measured, ``link.default_ratio``) over the link's body rate (as measured,
-    or as capped by ``bandwidth``, whichever is slower). ``SMALL`` (codec 4) is a candidate for ``big``
-    batches only (a backlog, or above ``BIG_BATCH_BYTES``): on the steady path the batches are small and
-    CPU on a small box is the constraint. With a daily byte budget (``daily_bytes > 0``) bytes count
-    whatever the link: ``SMALL`` for big batches, ``DEFAULT`` otherwise. Without a measurement or a cap:
-    ``DEFAULT``. With the figures above the break-even body rates are ~6 MB/s (``FAST`` above) and ~330
-    KB/s (``SMALL`` below, for big batches) at softflowd's compressibility.
+    """How to seal the next batch: the choice with the least sealing CPU plus upload time per raw byte. One
+    request is in flight at a time and each batch is sealed before it goes, so a busy agent moves one batch
+    per (seal CPU + upload time). Upload time per raw byte is the choice's body (``body``, scaled to this
+    data's compressibility as measured, ``link.default_ratio``) over the link's body rate (as measured, or as
+    capped by ``bandwidth``, whichever is slower). That race only matters for ``big`` batches (a backlog, or
+    above ``BIG_BATCH_BYTES``: the agent is throughput-bound); the steady path's small batches go as
+    ``DEFAULT``, the bytes-lean choice that costs a small box little CPU at its rates. With a daily byte
+    budget (``daily_bytes > 0``) bytes count whatever the link: ``SMALL`` for big batches, ``DEFAULT``
+    otherwise. Without a measurement or a cap: ``DEFAULT``. With the figures above the break-even body rates
+    are ~6 MB/s (``FAST`` above) and ~330 KB/s (``SMALL`` below, for big batches) at softflowd's
+    compressibility.
     """
     if daily_bytes > 0:
         return SMALL if big else DEFAULT
+    if not big:
+        # Caught up, with a small batch: the agent is not throughput-bound, so trading bytes for CPU buys
+        # nothing, and on our users' links bytes are what is metered (a fast hotel Wi-Fi may be too).
+        return DEFAULT
     per_byte = [link.seconds / link.body] if link.body > 0 else []  # link seconds per body byte
     if bandwidth > 0:
         per_byte.append(1.0 / bandwidth)

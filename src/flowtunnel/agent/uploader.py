@@ -13,22 +13,23 @@ the backlog. Every batch tells the gateway the last seq this agent saw acknowled
 agent info): a gateway that lost acknowledged datagrams answers 409 and the agent resynchronises at once,
 counting what it can no longer re-send as ``gateway_lost``.
 
-Codec choice (CPU against bytes, ``policy.choose_codec``): each batch goes the way that costs the least
-sealing CPU plus upload time per raw byte, since with one request in flight a busy agent moves one batch per
-(seal + upload). Three ways, measured on softflowd v9 (CPU per raw MB / body per raw byte): ``FAST`` codec 2
-at zstd level 3 (~10 ms / 0.36), ``DEFAULT`` the sealer's choice of codec 3 or 2 at level 6 (~35 ms / 0.21),
-``SMALL`` codec 4, columnar + LZMA2 (~190 ms / 0.16), the last only for backlog batches (more spooled behind
-them) and batches above ``BIG_BATCH_BYTES`` of payload. Upload time comes from the uploads themselves
-(``policy.LinkEstimate``: body bytes over request time less the round trip of an empty request, decaying,
-weighted by bytes; the gateway's work per datagram counts in, so it errs towards fewer bytes) or from the
-``bandwidth`` cap, whichever is slower; a daily byte budget means bytes always count (``SMALL`` for big
-batches). Break-even at softflowd's compressibility: ``FAST`` above ~6 MB/s of body (a loopback or LAN
-gateway: ~0.1 CPU-s less per 100k flows at 3,500 datagrams/s), ``SMALL`` below ~330 KB/s. Before the rule,
-every backlog batch went as codec 4: on a fast link that made the agent CPU-bound (55 % of its CPU in
-``lzma.compress`` at 2,000 datagrams/s), so it fell behind and every batch became a backlog batch. Until a
-batch was measured, ``DEFAULT``. A codec 4 batch up to ``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT``
-and the smaller kept: below ~100 KB codec 4 (no dictionary) loses to zstd with the bundled dictionaries on
-some exports (Cisco IPFIX: up to 1.9x).
+Codec choice (CPU against bytes, ``policy.choose_codec``): a throughput-bound batch (a backlog: more spooled
+behind it, or above ``BIG_BATCH_BYTES`` of payload) goes the way that costs the least sealing CPU plus upload
+time per raw byte, since with one request in flight a busy agent moves one batch per (seal + upload); other
+batches go as ``DEFAULT`` (bytes count on metered links, and CPU is cheap at the rates of the steady path).
+Three ways, measured on softflowd v9 (CPU per raw MB / body per raw byte): ``FAST`` codec 2 at zstd level 3
+(~10 ms / 0.36), ``DEFAULT`` the sealer's choice of codec 3 or 2 at level 6 (~35 ms / 0.21), ``SMALL`` codec
+4, columnar + LZMA2 (~190 ms / 0.16). Upload time comes from the uploads themselves (``policy.LinkEstimate``:
+body bytes over request time less the round trip of an empty request, decaying, weighted by bytes; the
+gateway's work per datagram counts in, so it errs towards fewer bytes) or from the ``bandwidth`` cap,
+whichever is slower; a daily byte budget means bytes always count (``SMALL`` for big batches). Break-even at
+softflowd's compressibility: ``FAST`` above ~6 MB/s of body (a loopback or LAN gateway: ~0.1 CPU-s less per
+100k flows at 3,500 datagrams/s), ``SMALL`` below ~330 KB/s. Before the rule, every backlog batch went as
+codec 4: on a fast link that made the agent CPU-bound (55 % of its CPU in ``lzma.compress`` at 2,000
+datagrams/s), so it fell behind and every batch became a backlog batch. Until a batch was measured,
+``DEFAULT``. A codec 4 batch up to ``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT`` and the smaller kept:
+below ~100 KB codec 4 (no dictionary) loses to zstd with the bundled dictionaries on some exports (Cisco
+IPFIX: up to 1.9x).
 """
 
 from __future__ import annotations
