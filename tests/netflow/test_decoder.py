@@ -186,3 +186,19 @@ def test_counters_count_datagrams_and_records() -> None:
     assert dec.counters["options_records"] == 1
     assert dec.counters["templates"] == 1
     assert dec.counters["options_templates"] == 1
+
+
+def test_message_fast_constructor_matches_the_dataclass() -> None:
+    from flowtunnel.netflow.decoder import Message, _message
+
+    fast = _message(9, "192.0.2.1:2055", 3, 44, 1_700_000_000, 5000)
+    slow = Message(
+        version=9,
+        exporter="192.0.2.1:2055",
+        domain=3,
+        sequence=44,
+        export_time=1_700_000_000,
+        sys_uptime_ms=5000,
+    )
+    assert fast == slow
+    assert fast.records is not _message(9, "x", 0, 0, 0, None).records  # fresh lists each time

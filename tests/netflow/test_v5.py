@@ -62,6 +62,28 @@ def test_v5_times_survive_uptime_wrap_around() -> None:
     assert rec["flowEndMilliseconds"] == 1_700_000_000_000 - (0x1000 - 0x100)
 
 
+@pytest.mark.parametrize(
+    ("uptime", "first", "expected_offset"),
+    [
+        # Uptime past 2^31 ms (the record builders' second loop): a time before the header clock...
+        (0xF000_0000, 0xEFFF_F000, -0x1000),
+        # ...and one that wrapped to a small value after it (the signed distance modulo 2^32).
+        (0xF000_0000, 0x0000_0100, 0x1000_0100),
+        # Uptime below 2^31: a value more than 2^31 ms above it was taken before the wrap.
+        (0x0000_1000, 0xFFFF_F000, -0x2000),
+        (0x7FFF_FFFF, 0x0000_0000, -0x7FFF_FFFF),
+    ],
+)
+def test_v5_times_resolve_on_both_sides_of_half_the_uptime_range(
+    uptime: int, first: int, expected_offset: int
+) -> None:
+    flow = dict(FLOW, flowStartSysUpTime=first, flowEndSysUpTime=first)
+    msg = Decoder().decode(encode_v5([flow], sys_uptime_ms=uptime, unix_secs=1_700_000_000), "192.0.2.1")
+    rec = msg.records[0]
+    assert rec["flowStartMilliseconds"] == 1_700_000_000_000 + expected_offset
+    assert rec["flowEndMilliseconds"] == 1_700_000_000_000 + expected_offset
+
+
 def test_v5_encoder_accepts_absolute_times() -> None:
     flow = {
         "flowStartMilliseconds": 1_700_000_000_000 - 4000,

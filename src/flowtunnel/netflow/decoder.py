@@ -36,7 +36,7 @@ from flowtunnel.netflow.errors import (
 )
 from flowtunnel.netflow.record import Record, RecordShape
 from flowtunnel.netflow.sequence import SequenceStats, SequenceTracker
-from flowtunnel.netflow.templates import FieldSpec, Layout, Template, compile_cached
+from flowtunnel.netflow.templates import FieldSpec, Layout, RowConverter, Template, compile_cached
 
 __all__ = ["COUNTER_NAMES", "Decoder", "DecoderConfig", "Message", "exporter_host"]
 
@@ -135,6 +135,33 @@ class Message:
         return len(self.records) + sum(b.count for b in self.blocks)
 
 
+_new = object.__new__
+
+
+def _message(
+    version: int, exporter: str, domain: int, sequence: int, export_time: int, sys_uptime_ms: int | None
+) -> Message:
+    """``Message(version=.., ...)`` with every other field at its default, minus the dataclass
+    ``__init__``'s keyword handling and default factories: at 30 records a datagram (v5) that showed."""
+    msg: Message = _new(Message)
+    msg.version = version
+    msg.exporter = exporter
+    msg.domain = domain
+    msg.sequence = sequence
+    msg.export_time = export_time
+    msg.sys_uptime_ms = sys_uptime_ms
+    msg.records = []
+    msg.options_records = []
+    msg.blocks = []
+    msg.templates = []
+    msg.withdrawn = []
+    msg.held = 0
+    msg.errors = []
+    msg.lost = 0
+    msg.reset = False
+    return msg
+
+
 @dataclass(slots=True)
 class _Held:
     serial: int
@@ -157,6 +184,19 @@ class _DomainInfo:
     sys_uptime_ms: int | None
     tracker: SequenceTracker
     init_ms: int | None = None  # IPFIX systemInitTimeMilliseconds from an options record
+    sets: dict[int, _FastSet] = field(default_factory=dict)  # set id -> hot-path entry (Decoder._fast_set)
+
+
+@dataclass(slots=True)
+class _FastSet:
+    """What decoding a data set of one fixed-length flow template needs, looked up once per set."""
+
+    size: int  # record size
+    convert: RowConverter  # called as (record bytes, clock a, clock b, record_type, out)
+    record_type: type[Record]
+    layout: Layout
+    mode: int  # MODE_* of its blocks (decode_columns)
+    columnar: bool
 
 
 TemplateKey = tuple[int, int, int]  # (version, domain, template id)
@@ -169,7 +209,12 @@ class _Exporter:
     domains: OrderedDict[tuple[int, int], _DomainInfo] = field(default_factory=OrderedDict)
     held: OrderedDict[int, _Held] = field(default_factory=OrderedDict)
     held_bytes: int = 0
-    v5_shapes: dict[int, RecordShape] = field(default_factory=dict)
+    v5_types: dict[int, type[Record]] = field(default_factory=dict)  # domain -> RecordShape.record_type()
+
+    def templates_changed(self) -> None:
+        """Forget the hot-path entries: a template was defined anew, withdrawn or evicted."""
+        for info in self.domains.values():
+            info.sets.clear()
 
 
 def exporter_host(exporter: str) -> str:
@@ -198,6 +243,7 @@ class Decoder:
         self._held_bytes = 0
         self._serial = 0
         self._host_cache: dict[str, str] = {}
+        self._scope_port = self.config.scope_port
 
     # --- public API -----------------------------------------------------------------------------------
 
@@ -235,15 +281,17 @@ class Decoder:
         except ProtocolError as exc:
             self.counters[exc.cause] += 1
             raise
-        self.counters["datagrams"] += 1
-        self.counters["records"] += msg.record_count if columnar else len(msg.records)
-        self.counters["options_records"] += len(msg.options_records)
-        for err in msg.errors:
-            self.counters[err.cause] += 1
+        counters = self.counters
+        counters["datagrams"] += 1
+        counters["records"] += msg.record_count if columnar else len(msg.records)
+        counters["options_records"] += len(msg.options_records)
+        if msg.errors:
+            for err in msg.errors:
+                counters[err.cause] += 1
         if msg.lost:
-            self.counters["sequence_lost"] += msg.lost
+            counters["sequence_lost"] += msg.lost
         if msg.reset:
-            self.counters["sequence_resets"] += 1
+            counters["sequence_resets"] += 1
         return msg
 
     def sequence_stats(self) -> dict[tuple[str, int], SequenceStats]:
@@ -402,90 +450,109 @@ class Decoder:
     # --- versions -------------------------------------------------------------------------------------
 
     def _decode_v5(self, data: bytes, exporter: str) -> Message:
-        hdr = v5.parse_v5_header(data)
-        exp = self._exporter(exporter)
-        domain = hdr.domain
-        msg = Message(
-            version=5,
-            exporter=exporter,
-            domain=domain,
-            sequence=hdr.sequence,
-            export_time=hdr.unix_secs,
-            sys_uptime_ms=hdr.sys_uptime_ms,
+        # The header parsed inline (a NamedTuple per datagram shows at 30 records a datagram);
+        # parse_v5_header only to raise its error.
+        if len(data) < 24:
+            v5.parse_v5_header(data)
+        _, count, uptime, secs, nsecs, seq, etype, eid, sampling = v5.HEADER.unpack_from(data)
+        if not 1 <= count <= v5.MAX_COUNT or len(data) < 24 + 48 * count:
+            v5.parse_v5_header(data)
+        domain = (etype << 8) | eid
+        msg = _message(5, exporter, domain, seq, secs, uptime)
+        exp, info = self._stream(exporter, 5, domain, seq, secs, uptime)
+        msg.lost, msg.reset = info.tracker.update(seq, count, uptime)
+        cls = exp.v5_types.get(domain)
+        if cls is None:
+            if len(exp.v5_types) >= self.config.max_domains_per_exporter:
+                exp.v5_types.clear()
+            shape = RecordShape(v5.KEYS, template_id=0, domain=domain, options=False)
+            cls = exp.v5_types[domain] = shape.record_type()
+        v5.CONVERT(
+            data[24 : 24 + 48 * count],
+            secs * 1000 + nsecs // 1_000_000 - uptime,
+            uptime + 0x80000000,  # templates.clock_args inlined
+            cls,
+            msg.records,
+            sampling & 0x3FFF,
+            sampling >> 14,
         )
-        info = self._domain(exp, 5, domain, hdr.sequence, hdr.unix_secs, hdr.sys_uptime_ms)
-        msg.lost, msg.reset = info.tracker.update(hdr.sequence, hdr.n_records, hdr.sys_uptime_ms)
-        shape = exp.v5_shapes.get(domain)
-        if shape is None:
-            if len(exp.v5_shapes) >= self.config.max_domains_per_exporter:
-                exp.v5_shapes.clear()
-            shape = exp.v5_shapes[domain] = RecordShape(v5.KEYS, template_id=0, domain=domain, options=False)
-        msg.records = v5.decode_v5_records(data, hdr, shape)
         return msg
 
-    def _decode_v9(self, data: bytes, exporter: str, columnar: bool = False) -> Message:
-        hdr = v9.parse_v9_header(data)
-        exp = self._exporter(exporter)
-        domain = hdr.source_id
-        msg = Message(
-            version=9,
-            exporter=exporter,
-            domain=domain,
-            sequence=hdr.sequence,
-            export_time=hdr.unix_secs,
-            sys_uptime_ms=hdr.sys_uptime_ms,
+    def _fast_set(self, exp: _Exporter, info: _DomainInfo, set_id: int) -> _FastSet | None:
+        """The hot-path entry of a fixed-length flow template (None for others: they take the general path).
+
+        Kept in ``info.sets`` until a template change or a new IPFIX boot time clears it
+        (``_templates_changed``), so that a data set costs one int-keyed lookup, not a tuple key, a shape
+        lookup and the mode decisions of ``Layout.decode_records``.
+        """
+        layout = exp.templates.get((info.version, info.domain, set_id))
+        if layout is None or layout.options or not layout.fixed:
+            return None
+        if not layout.resolves:
+            mode, convert, timed = MODE_PLAIN, layout.convert_plain, False
+        elif info.version == 9:
+            mode, convert, timed = MODE_TIMED, layout.convert_timed, True
+        elif info.init_ms is not None:
+            mode, convert, timed = MODE_INIT, layout.convert_init, True
+        else:
+            mode, convert, timed = MODE_PLAIN, layout.convert_plain, False
+        entry = _FastSet(
+            layout.min_size, convert, layout.record_type(info.domain, timed), layout, mode, layout.columnar
         )
-        info = self._domain(exp, 9, domain, hdr.sequence, hdr.unix_secs, hdr.sys_uptime_ms)
-        msg.lost, msg.reset = info.tracker.update(hdr.sequence, 1, hdr.sys_uptime_ms)
-        export_ms = hdr.unix_secs * 1000
-        uptime_ms = hdr.sys_uptime_ms
-        cache = exp.templates
-        pos = v9.HEADER.size
+        info.sets[set_id] = entry
+        return entry
+
+    def _decode_v9(self, data: bytes, exporter: str, columnar: bool = False) -> Message:
+        if len(data) < 20:
+            v9.parse_v9_header(data)  # raises its error (the header is parsed inline, as for v5)
+        version, _, uptime_ms, secs, sequence, domain = v9.HEADER.unpack_from(data)
+        if version != 9:
+            v9.parse_v9_header(data)
+        msg = _message(9, exporter, domain, sequence, secs, uptime_ms)
+        exp, info = self._stream(exporter, 9, domain, sequence, secs, uptime_ms)
+        msg.lost, msg.reset = info.tracker.update(sequence, 1, uptime_ms)
+        export_ms = secs * 1000
+        base, hi = export_ms - uptime_ms, uptime_ms + 0x80000000  # templates.clock_args inlined
+        sets = info.sets
+        records = msg.records
+        pos = 20  # v9.HEADER.size
         end = len(data)
         while end - pos >= 4:
             set_id, set_len = unpack_set_header(data, pos)
+            body_end = pos + set_len
+            if set_id >= 256 and set_len >= 4 and body_end <= end:
+                fast = sets.get(set_id) or self._fast_set(exp, info, set_id)
+                if fast is not None:  # the hot path: a fixed-length flow template
+                    size = fast.size
+                    count = (set_len - 4) // size
+                    if not count:
+                        pass
+                    elif columnar and fast.columnar:
+                        msg.blocks.append(
+                            RecordBlock(
+                                fast.layout, domain, data[pos + 4 : pos + 4 + count * size], count,
+                                fast.mode, export_ms, uptime_ms, None,
+                            )
+                        )
+                    else:
+                        fast.convert(
+                            data[pos + 4 : pos + 4 + count * size], base, hi, fast.record_type, records
+                        )
+                    pos = body_end
+                    continue
             if set_len < 4:
                 msg.errors.append(MalformedSet(f"FlowSet {set_id} length {set_len} is below 4", offset=pos))
                 break
-            if pos + set_len > end:
+            if body_end > end:
                 msg.errors.append(
                     Truncated(
                         f"FlowSet {set_id} of {set_len} bytes runs past the datagram end {end}", offset=pos
                     )
                 )
                 break
-            body, body_end = pos + 4, pos + set_len
+            body = pos + 4
             if set_id >= 256:
-                layout = cache.get((9, domain, set_id))
-                if layout is not None and not layout.options:  # the hot path, inlined
-                    if layout.fixed:  # Layout.decode_records inlined: v9 sets are small, a call per set shows
-                        size = layout.min_size
-                        count = (body_end - body) // size
-                        if not count:
-                            pass
-                        elif columnar and layout.columnar:
-                            msg.blocks.append(
-                                RecordBlock(
-                                    layout, domain, data[body : body + count * size], count,
-                                    MODE_TIMED if layout.resolves else MODE_PLAIN, export_ms, uptime_ms, None,
-                                )
-                            )
-                        else:
-                            rows = layout.struct.iter_unpack(data[body : body + count * size])  # type: ignore[union-attr]
-                            timed = layout.resolves
-                            shape = layout.shapes.get((domain, timed)) or layout.shape(domain, timed)
-                            convert = layout.convert_timed if timed else layout.convert_plain
-                            msg.records += convert(rows, export_ms, uptime_ms, shape)
-                        pos = body_end
-                        continue
-                    records, set_err = layout.decode_records(
-                        data, body, body_end, domain, export_ms, uptime_ms
-                    )
-                    msg.records += records
-                    if set_err is not None:
-                        msg.errors.append(set_err)
-                else:
-                    self._data_set(exp, msg, info, set_id, data, body, body_end, export_ms, uptime_ms)
+                self._data_set(exp, msg, info, set_id, data, body, body_end, export_ms, uptime_ms)
             elif set_id == 0 or set_id == 1:
                 if set_id == 0:
                     templates, err = v9.parse_template_set(data, body, body_end)
@@ -501,75 +568,58 @@ class Decoder:
         return msg
 
     def _decode_ipfix(self, data: bytes, exporter: str, columnar: bool = False) -> Message:
-        hdr = ipfix.parse_ipfix_header(data)
-        exp = self._exporter(exporter)
-        domain = hdr.domain
-        msg = Message(
-            version=10,
-            exporter=exporter,
-            domain=domain,
-            sequence=hdr.sequence,
-            export_time=hdr.export_time,
-            sys_uptime_ms=None,
-        )
-        info = self._domain(exp, 10, domain, hdr.sequence, hdr.export_time, None)
-        export_ms = hdr.export_time * 1000
-        pos = ipfix.HEADER.size
-        end = hdr.length
+        if len(data) < 16:
+            ipfix.parse_ipfix_header(data)  # raises its error (the header is parsed inline, as for v5)
+        version, end, export_time, sequence, domain = ipfix.HEADER.unpack_from(data)
+        if version != 10 or not 16 <= end <= len(data):
+            ipfix.parse_ipfix_header(data)
+        msg = _message(10, exporter, domain, sequence, export_time, None)
+        exp, info = self._stream(exporter, 10, domain, sequence, export_time, None)
+        export_ms = export_time * 1000
+        pos = 16  # ipfix.HEADER.size
         own_records = 0
         own_flows = 0
-        cache = exp.templates
+        sets = info.sets
+        records = msg.records
         while end - pos >= 4:
             set_id, set_len = unpack_set_header(data, pos)
+            body_end = pos + set_len
+            if set_id >= 256 and set_len >= 4 and body_end <= end:
+                fast = sets.get(set_id) or self._fast_set(exp, info, set_id)
+                if fast is not None:  # the hot path: a fixed-length flow template
+                    size = fast.size
+                    count = (set_len - 4) // size
+                    if not count:
+                        pass
+                    elif columnar and fast.columnar:
+                        msg.blocks.append(
+                            RecordBlock(
+                                fast.layout, domain, data[pos + 4 : pos + 4 + count * size], count,
+                                fast.mode, export_ms, None, info.init_ms,
+                            )
+                        )
+                    else:
+                        # convert_init counts from the boot time; convert_plain ignores the clock.
+                        fast.convert(
+                            data[pos + 4 : pos + 4 + count * size], info.init_ms, 0, fast.record_type, records
+                        )
+                    own_records += count
+                    own_flows += count
+                    pos = body_end
+                    continue
             if set_len < 4:
                 msg.errors.append(MalformedSet(f"set {set_id} length {set_len} is below 4", offset=pos))
                 break
-            if pos + set_len > end:
+            if body_end > end:
                 msg.errors.append(
                     Truncated(f"set {set_id} of {set_len} bytes runs past the message end {end}", offset=pos)
                 )
                 break
-            body, body_end = pos + 4, pos + set_len
+            body = pos + 4
             if set_id >= 256:
-                layout = cache.get((10, domain, set_id))
-                if layout is not None and not layout.options:  # the hot path, inlined
-                    if layout.fixed:  # Layout.decode_records inlined, as for v9
-                        size = layout.min_size
-                        count = (body_end - body) // size
-                        if not count:
-                            pass
-                        elif columnar and layout.columnar:
-                            msg.blocks.append(
-                                RecordBlock(
-                                    layout, domain, data[body : body + count * size], count,
-                                    MODE_INIT if layout.resolves and info.init_ms is not None else MODE_PLAIN,
-                                    export_ms, None, info.init_ms,
-                                )
-                            )
-                        else:
-                            rows = layout.struct.iter_unpack(data[body : body + count * size])  # type: ignore[union-attr]
-                            if layout.resolves and info.init_ms is not None:
-                                shape = layout.shapes.get((domain, True)) or layout.shape(domain, True)
-                                msg.records += layout.convert_init(rows, info.init_ms, 0, shape)
-                            else:
-                                shape = layout.shapes.get((domain, False)) or layout.shape(domain, False)
-                                msg.records += layout.convert_plain(rows, 0, 0, shape)
-                        own_records += count
-                        own_flows += count
-                        pos = body_end
-                        continue
-                    records, set_err = layout.decode_records(
-                        data, body, body_end, domain, export_ms, None, info.init_ms
-                    )
-                    msg.records += records
-                    own_records += len(records)
-                    own_flows += len(records)
-                    if set_err is not None:
-                        msg.errors.append(set_err)
-                else:
-                    n = self._data_set(exp, msg, info, set_id, data, body, body_end, export_ms, None)
-                    own_records += abs(n)
-                    own_flows += max(n, 0)
+                n = self._data_set(exp, msg, info, set_id, data, body, body_end, export_ms, None)
+                own_records += abs(n)
+                own_flows += max(n, 0)
             elif set_id == ipfix.TEMPLATE_SET or set_id == ipfix.OPTIONS_TEMPLATE_SET:
                 items, err = ipfix.parse_template_set(
                     data, body, body_end, set_id == ipfix.OPTIONS_TEMPLATE_SET
@@ -587,7 +637,7 @@ class Decoder:
         if pos < end and end - pos < 4 and any(data[pos:end]):
             msg.errors.append(MalformedSet(f"{end - pos} stray bytes after the last set", offset=pos))
         msg.lost, msg.reset = info.tracker.update(
-            hdr.sequence, None if msg.held else own_records, None, None if msg.held else own_flows
+            sequence, None if msg.held else own_records, None, None if msg.held else own_flows
         )
         return msg
 
@@ -630,8 +680,9 @@ class Decoder:
         if records and _SYSTEM_INIT in layout.keys:
             # IPFIX sysUpTime-relative times (softflowd) count from the boot time an options record announces.
             value = records[-1].get(_SYSTEM_INIT)
-            if isinstance(value, int):
+            if isinstance(value, int) and value != info.init_ms:
                 info.init_ms = value
+                info.sets.clear()  # the hot-path entries chose their clock by init_ms
 
     def _define(
         self, exp: _Exporter, msg: Message, version: int, domain: int, template: Template, pos: int
@@ -657,10 +708,13 @@ class Decoder:
     def _store_template(
         self, exp: _Exporter, key: TemplateKey, layout: Layout, msg: Message | None = None
     ) -> None:
+        if exp.templates.get(key) is not layout:
+            exp.templates_changed()
         exp.templates[key] = layout
         exp.templates.move_to_end(key)
         while len(exp.templates) > self.config.max_templates_per_exporter:
             (ver, dom, tid), _ = exp.templates.popitem(last=False)
+            exp.templates_changed()
             self.counters["templates_evicted"] += 1
             if msg is not None:
                 msg.errors.append(
@@ -672,6 +726,7 @@ class Decoder:
                 )
 
     def _withdraw(self, exp: _Exporter, msg: Message, domain: int, item: ipfix.Withdrawal) -> None:
+        exp.templates_changed()
         if item.template_id != ipfix.ALL_TEMPLATES:
             if exp.templates.pop((10, domain, item.template_id), None) is not None:
                 self.counters["templates_withdrawn"] += 1
@@ -768,6 +823,27 @@ class Decoder:
                 self._host_cache.clear()
             key = self._host_cache[exporter] = exporter_host(exporter)
         return key
+
+    def _stream(
+        self, exporter: str, version: int, domain: int, sequence: int, export_time: int, uptime: int | None
+    ) -> tuple[_Exporter, _DomainInfo]:
+        """``_exporter`` then ``_domain``, their common case (both known) inlined: once a datagram."""
+        key = exporter if self._scope_port else self._host_cache.get(exporter)
+        exp = None if key is None else self._exporters.get(key)
+        if exp is None:
+            exp = self._exporter(exporter)
+        else:
+            self._exporters.move_to_end(key)  # type: ignore[arg-type]  # key is not None here
+            exp.name = exporter
+        dkey = (version, domain)
+        info = exp.domains.get(dkey)
+        if info is None:
+            return exp, self._domain(exp, version, domain, sequence, export_time, uptime)
+        exp.domains.move_to_end(dkey)
+        info.sequence = sequence
+        info.export_time = export_time
+        info.sys_uptime_ms = uptime
+        return exp, info
 
     def _exporter(self, exporter: str) -> _Exporter:
         key = self._key(exporter)

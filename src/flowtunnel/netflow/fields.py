@@ -28,8 +28,11 @@ from typing import Any
 from flowtunnel.netflow._iana import ELEMENTS
 
 __all__ = [
+    "V4_INT_MEMO",
+    "V6_MEMO",
     "FieldCodec",
     "FieldTypeError",
+    "MemoTable",
     "data_type",
     "field_codec",
     "field_key",
@@ -160,8 +163,40 @@ class _AddressCache(dict[bytes, str]):
         return text
 
 
+@dataclass(frozen=True, slots=True)
+class MemoTable:
+    """An address memo for the generated record builders (``templates.make_row_converter``): a plain
+    ``dict`` subscripted in place, and ``fill`` for a miss.
+
+    A plain dict, unlike ``_AddressCache``, is subscripted by the interpreter's specialised dict path, which
+    is a good part of decoding a record with three addresses; the builder catches the ``KeyError`` of a miss
+    and redoes its data set through ``fill`` (bounded like ``_AddressCache``: cleared at ``limit``).
+    """
+
+    table: dict[Any, str]
+    fill: Callable[[Any], str]
+
+
+def _memo_table(to_text: Callable[[Any], str], limit: int = 65536) -> MemoTable:
+    table: dict[Any, str] = {}
+
+    def fill(value: Any) -> str:
+        text = table.get(value)
+        if text is None:
+            if len(table) >= limit:
+                table.clear()
+            text = table[value] = to_text(value)
+        return text
+
+    return MemoTable(table, fill)
+
+
 _V4_CACHE = _AddressCache(socket.AF_INET)
 _V6_CACHE = _AddressCache(socket.AF_INET6)
+V4_INT_MEMO = _memo_table(lambda value: socket.inet_ntop(socket.AF_INET, value.to_bytes(4, "big")))
+"""uint32 -> dotted text: the builders unpack IPv4 fields as ``I`` (an int hashes cheaper than 4 bytes)."""
+V6_MEMO = _memo_table(lambda raw: socket.inet_ntop(socket.AF_INET6, raw))
+"""16 address bytes -> RFC 5952 text, for the builders."""
 ipv4_text: Callable[[bytes], str] = _V4_CACHE.__getitem__
 """4 address bytes -> dotted text (memoised)."""
 ipv6_text: Callable[[bytes], str] = _V6_CACHE.__getitem__

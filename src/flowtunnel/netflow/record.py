@@ -2,8 +2,9 @@
 
 Decoding produces many records per datagram, so a record is a light view: the tuple of values plus a shape
 shared by every record of the same template and domain (keys, key index, template id, domain, options flag).
-Building one costs an object and two slots instead of a dict; ``dict(record)`` or ``record.to_dict()``
-materialises it when a real dict is needed (e.g. ``json.dumps``).
+Building one costs an object and one slot instead of a dict (the decoder makes records of a per-shape
+subclass, ``RecordShape.record_type()``, that holds the shape as a class attribute); ``dict(record)`` or
+``record.to_dict()`` materialises it when a real dict is needed (e.g. ``json.dumps``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ __all__ = ["Record", "RecordShape"]
 class RecordShape:
     """What the records of one (template, domain) share."""
 
-    __slots__ = ("domain", "index", "keys", "options", "template_id")
+    __slots__ = ("_record_type", "domain", "index", "keys", "options", "template_id")
 
     def __init__(self, keys: Sequence[str], *, template_id: int, domain: int, options: bool) -> None:
         self.keys = tuple(keys)
@@ -25,6 +26,21 @@ class RecordShape:
         self.template_id = template_id
         self.domain = domain
         self.options = options
+        self._record_type: type[Record] | None = None
+
+    def record_type(self) -> type[Record]:
+        """A ``Record`` subclass whose instances have this shape as a class attribute.
+
+        The decoder's record builders make each record with ``cls()`` (no ``__init__`` of ours, no
+        per-record shape store) and set only ``row``: creating records is a large part of decoding. Made on
+        first use and kept with the shape (a shape lives as long as its template layout).
+        """
+        cls = self._record_type
+        if cls is None:
+            namespace = {"__slots__": (), "__init__": object.__init__, "shape": self, "__module__": __name__}
+            cls = self._record_type = type("Record", (Record,), namespace)
+            cls.__qualname__ = "Record"
+        return cls
 
 
 class Record(Mapping[str, object]):

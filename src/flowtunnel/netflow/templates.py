@@ -20,13 +20,30 @@ from struct import Struct
 from typing import TYPE_CHECKING, Any, Final
 
 from flowtunnel.netflow.errors import MalformedSet, MalformedTemplate
-from flowtunnel.netflow.fields import VARIABLE_LENGTH, FieldCodec, FieldTypeError, field_codec, field_key
+from flowtunnel.netflow.fields import (
+    V4_INT_MEMO,
+    V6_MEMO,
+    VARIABLE_LENGTH,
+    FieldCodec,
+    FieldTypeError,
+    MemoTable,
+    field_codec,
+    field_key,
+)
 from flowtunnel.netflow.record import Record, RecordShape
 
 if TYPE_CHECKING:  # numpy is imported only by the columnar path (columns), not by plain decoding
     import numpy as np
 
-__all__ = ["FieldSpec", "Layout", "Template", "compile_cached", "compile_template", "make_row_converter"]
+__all__ = [
+    "FieldSpec",
+    "Layout",
+    "Template",
+    "clock_args",
+    "compile_cached",
+    "compile_template",
+    "make_row_converter",
+]
 
 # RFC 3954 §6.1: field types of options template scope fields (their numbers collide with IANA ids 1-5).
 V9_SCOPE_NAMES = {
@@ -92,8 +109,8 @@ class Layout:
     codecs: tuple[FieldCodec, ...]
     min_size: int
     fixed: bool
-    struct: Struct | None
-    convs: tuple[tuple[int, Callable[[Any], object]], ...]
+    struct: Struct | None  # fixed templates: one record (IPv4 addresses as uint32, see compile_template)
+    convs: tuple[tuple[int, Callable[[Any], object] | dict[Any, Any] | MemoTable], ...]  # of ``struct``'s
     # Variable templates: segments of (Struct, n fields) for fixed runs, or (None, 1) for a variable field.
     segments: tuple[tuple[Struct | None, int], ...] = ()
     raw_convs: tuple[tuple[int, Callable[[bytes], object]], ...] = ()
@@ -153,26 +170,28 @@ class Layout:
         the records and the error that stopped the walk, if any (records before a malformed one are kept).
         """
         error: MalformedSet | None = None
-        rows: Iterable[Row]
+        source: bytes | list[Row]
         if self.fixed:
-            assert self.struct is not None
             count = (end - start) // self.min_size
             if count == 0:
                 return [], None
-            rows = self.struct.iter_unpack(data[start : start + count * self.min_size])
+            source = data[start : start + count * self.min_size]
         else:
-            rows, error = self._walk(data, start, end)
-            if not rows:
+            source, error = self._walk(data, start, end)
+            if not source:
                 return [], error
-        if self.uptime_idx == (None, None):
-            shape = self.shapes.get((domain, False)) or self.shape(domain, False)
-            return self.convert_plain(rows, 0, 0, shape), error
+        if not self.resolves:
+            return self.convert_plain(source, 0, 0, self.record_type(domain, False), []), error
         if export_ms is not None and uptime_ms is not None:
-            shape = self.shapes.get((domain, True)) or self.shape(domain, True)
-            return self.convert_timed(rows, export_ms, uptime_ms, shape), error
+            base, hi = clock_args(export_ms, uptime_ms)
+            return self.convert_timed(source, base, hi, self.record_type(domain, True), []), error
         if init_ms is not None:
-            return self.convert_init(rows, init_ms, 0, self.shape(domain, True)), error
-        return self.convert_plain(rows, 0, 0, self.shape(domain, False)), error
+            return self.convert_init(source, init_ms, 0, self.record_type(domain, True), []), error
+        return self.convert_plain(source, 0, 0, self.record_type(domain, False), []), error
+
+    def record_type(self, domain: int, timed: bool) -> type[Record]:
+        """``shape(domain, timed).record_type()``: the class the record builders instantiate."""
+        return self.shape(domain, timed).record_type()
 
     def _walk(self, data: bytes, start: int, end: int) -> tuple[list[Row], MalformedSet | None]:
         rows: list[Row] = []
@@ -217,72 +236,130 @@ class Layout:
 
 RowConverter = Callable[..., list[Record]]
 
+_HALF_WRAP: Final = 0x80000000
+
 
 def make_row_converter(
     width: int,
-    convs: Sequence[tuple[int, Callable[[Any], object]]],
+    convs: Sequence[tuple[int, Callable[[Any], object] | dict[Any, Any] | MemoTable]],
     time_idx: Sequence[int] = (),
     n_extra: int = 0,
     *,
     since_init: bool = False,
+    unpack: Callable[[bytes], Iterable[Row]] | None = None,
 ) -> RowConverter:
-    """Compile ``convert(rows, export_ms, uptime_ms, shape, *extras) -> list[Record]`` for rows of ``width``.
+    """Compile ``convert(source, clock_a, clock_b, record_type, out, *extras) -> out`` for rows of ``width``
+    values: it appends the records to the list ``out`` (a data set's records go straight into the message's
+    list) and returns it. The clock (see ``clock_args``) is ``export_ms - uptime_ms, uptime_ms + 2^31`` of the
+    header (computed once per datagram, not per set), ``init_ms, 0`` with ``since_init``, unused without
+    ``time_idx``.
 
-    One loop unpacks each row, applies ``convs`` by position, appends the absolute time of each
-    sysUpTime-relative column in ``time_idx`` and then the ``extras``, and wraps the values in a ``Record``
-    of ``shape``. Generating it once per template makes the hot loop one pass without a Python call per
-    value; the generated text holds only indices, never data from the wire.
+    ``source`` is an iterable of rows, or with ``unpack`` (a ``Struct.iter_unpack``) the bytes of whole
+    records. One loop unpacks each row, applies ``convs`` by position (a ``MemoTable``'s plain dict, or a
+    dict, is subscripted in place: address hits then cost no Python call; any other callable is called),
+    appends the absolute time of each sysUpTime-relative column in ``time_idx`` and then the ``extras``, and
+    makes a record of
+    ``record_type`` (``RecordShape.record_type()``) holding the values. Generating it once per template makes
+    the hot loop one pass without a Python call per value; the generated text holds only indices, never data
+    from the wire.
 
     Absolute time: ``export_ms - uptime_ms + v``, with ``v`` moved by 2^32 when it lies more than 2^31 ms from
     the header's uptime (the signed distance modulo 2^32), so uptime wrap-around (every 49.7 days) and times
-    slightly after the header clock both come out right; the common case costs one compare and one add. With
-    ``since_init`` the times are offsets from the boot time passed as ``export_ms`` (IPFIX).
+    slightly after the header clock both come out right. While the uptime is below 2^31 ms (24.8 days, the
+    common case) no unsigned ``v`` lies 2^31 below it, so that loop tests only the upper bound. With
+    ``since_init`` the times are offsets from the boot time passed as ``clock_a`` (IPFIX).
     """
     names = [f"v{i}" for i in range(width)]
     conv_of = dict(convs)
-    namespace: dict[str, object] = {
-        "new": object.__new__,
-        "Record": Record,
-        "W": 0x100000000,
-        "since_init": since_init,
-    }
-    parts: list[str] = []
+    namespace: dict[str, object] = {"W": 0x100000000, "unpack": unpack}
+    fast_parts: list[str] = []  # memo tables subscripted: a miss raises KeyError
+    safe_parts: list[str] = []  # memo tables through their fill function
     for i, name in enumerate(names):
-        if i in conv_of:
-            namespace[f"c{i}"] = conv_of[i]
-            parts.append(f"c{i}({name})")
+        conv = conv_of.get(i)
+        if conv is None:
+            fast_parts.append(name)
+            safe_parts.append(name)
+        elif isinstance(conv, MemoTable):
+            namespace[f"c{i}"], namespace[f"f{i}"] = conv.table, conv.fill
+            fast_parts.append(f"c{i}[{name}]")
+            safe_parts.append(f"f{i}({name})")
         else:
-            parts.append(name)
-    for i in time_idx:
-        if since_init:
-            parts.append(f"base + v{i}")
-        else:
-            # base + v, unless v lies more than 2^31 ms from the header's uptime: then it wrapped.
-            parts.append(f"(base + v{i} if lo < v{i} <= hi else base + v{i} + (W if v{i} <= lo else -W))")
-    parts.extend(f"e{i}" for i in range(n_extra))
-    params = ", ".join(["rows", "export_ms", "uptime_ms", "shape", *(f"e{i}" for i in range(n_extra))])
+            table = _subscriptable(conv)
+            namespace[f"c{i}"] = conv if table is None else table
+            part = f"c{i}({name})" if table is None else f"c{i}[{name}]"
+            fast_parts.append(part)
+            safe_parts.append(part)
+    memo = fast_parts != safe_parts
+    extras = [f"e{i}" for i in range(n_extra)]
+    params = ", ".join(["source", "clock_a", "clock_b", "cls", "out", *extras])
     if conv_of or time_idx or n_extra:
         target = "(" + ", ".join(names) + ("," if width == 1 else "") + ")"
-        values = "(" + ", ".join(parts) + ",)"
     else:
-        target = values = "row"  # nothing to convert: the unpacked tuple is the record's values
-    source = (
-        f"def convert({params}):\n"
-        "    base = export_ms if since_init else export_ms - uptime_ms\n"
-        "    lo = uptime_ms - 0x80000000\n"
-        "    hi = uptime_ms + 0x80000000\n"
-        "    out = []\n"
-        "    append = out.append\n"
-        f"    for {target} in rows:\n"
-        "        rec = new(Record)\n"
-        f"        rec.row = {values}\n"
-        "        rec.shape = shape\n"
-        "        append(rec)\n"
-        "    return out\n"
-    )
+        target = "row"  # nothing to convert: the unpacked tuple is the record's values
+    rows = "unpack(source)" if unpack is not None else "source"
+
+    def loop(indent: str, parts: list[str], time_form: str) -> str:
+        if target == "row":
+            values = "row"
+        else:
+            times = [time_form.format(v=f"v{i}") for i in time_idx]
+            values = "(" + ", ".join([*parts, *times, *extras]) + ",)"
+        return (
+            f"{indent}for {target} in {rows}:\n"
+            f"{indent}    rec = cls()\n"
+            f"{indent}    rec.row = {values}\n"
+            f"{indent}    append(rec)\n"
+        )
+
+    def loops(indent: str, parts: list[str]) -> str:
+        if not time_idx:
+            return loop(indent, parts, "")
+        if since_init:
+            return loop(indent, parts, "base + {v}")
+        return (
+            f"{indent}if hi < W:\n"
+            + loop(indent + "    ", parts, "(base + {v} if {v} <= hi else base + {v} - W)")
+            + f"{indent}else:\n"
+            + f"{indent}    lo = hi - W\n"
+            + loop(
+                indent + "    ",
+                parts,
+                "(base + {v} if lo < {v} <= hi else base + {v} + (W if {v} <= lo else -W))",
+            )
+        )
+
+    body = "    append = out.append\n    base = clock_a\n    hi = clock_b\n"
+    if memo:
+        # A memo miss (a new address) drops this call's records and redoes them filling the memo.
+        body += (
+            "    first = len(out)\n"
+            "    try:\n"
+            + loops("        ", fast_parts)
+            + "    except KeyError:\n"
+            "        del out[first:]\n"
+            + loops("        ", safe_parts)
+        )
+    else:
+        body += loops("    ", fast_parts)
+    source = f"def convert({params}):\n{body}    return out\n"
     exec(compile(source, "<netflow record builder>", "exec"), namespace)
     convert: RowConverter = namespace["convert"]  # type: ignore[assignment]
     return convert
+
+
+def clock_args(export_ms: int, uptime_ms: int) -> tuple[int, int]:
+    """The (clock_a, clock_b) of a timed record builder for a header's export time and uptime."""
+    return export_ms - uptime_ms, uptime_ms + _HALF_WRAP
+
+
+def _subscriptable(conv: object) -> dict[Any, Any] | None:
+    """The dict behind ``conv`` when it is one (or its bound ``__getitem__``, as ``fields.ipv4_text``)."""
+    if isinstance(conv, dict):
+        return conv
+    owner = getattr(conv, "__self__", None)
+    if isinstance(owner, dict) and getattr(conv, "__name__", "") == "__getitem__":
+        return owner
+    return None
 
 
 def _v9_scope_codec(spec: FieldSpec) -> FieldCodec:
@@ -336,8 +413,24 @@ def compile_template(template: Template, version: int, *, offset: int = 0) -> La
     uptime_idx = (start_idx, end_idx)
     time_cols = [i for i in uptime_idx if i is not None]
     if not variable:
-        fmt = "!" + "".join(c.code for c in codecs)
-        convs = tuple((i, c.conv) for i, c in enumerate(codecs) if c.conv is not None)
+        # The row struct reads IPv4 addresses as uint32 for the int-keyed address cache; the codecs keep
+        # their byte form for the columnar path and the encoder.
+        row_codes: list[str] = []
+        convs: list[tuple[int, Callable[[Any], object] | dict[Any, Any] | MemoTable]] = []
+        for i, c in enumerate(codecs):
+            if c.data_type == "ipv4Address":
+                row_codes.append("I")
+                convs.append((i, V4_INT_MEMO))
+            elif c.data_type == "ipv6Address":
+                row_codes.append(c.code)
+                convs.append((i, V6_MEMO))
+            else:
+                row_codes.append(c.code)
+                if c.conv is not None:
+                    convs.append((i, c.conv))
+        row_struct = struct.Struct("!" + "".join(row_codes))
+        unpack = row_struct.iter_unpack
+        width = len(codecs)
         return Layout(
             template,
             version,
@@ -345,13 +438,13 @@ def compile_template(template: Template, version: int, *, offset: int = 0) -> La
             tuple(codecs),
             min_size,
             True,
-            struct.Struct(fmt),
-            convs,
+            row_struct,
+            tuple(convs),
             uptime_idx=uptime_idx,
             out_keys=keys + tuple(extra_keys),
-            convert_plain=make_row_converter(len(codecs), convs),
-            convert_timed=make_row_converter(len(codecs), convs, time_cols),
-            convert_init=make_row_converter(len(codecs), convs, time_cols, since_init=True),
+            convert_plain=make_row_converter(width, convs, unpack=unpack),
+            convert_timed=make_row_converter(width, convs, time_cols, unpack=unpack),
+            convert_init=make_row_converter(width, convs, time_cols, since_init=True, unpack=unpack),
             columnar=all(c.code[:-1] != "0" for c in codecs),
         )
     segments: list[tuple[struct.Struct | None, int]] = []

@@ -12,11 +12,21 @@ import struct
 from typing import NamedTuple
 
 from flowtunnel.netflow.errors import MalformedHeader, Truncated
-from flowtunnel.netflow.fields import ipv4_text
+from flowtunnel.netflow.fields import V4_INT_MEMO
 from flowtunnel.netflow.record import Record, RecordShape
-from flowtunnel.netflow.templates import make_row_converter
+from flowtunnel.netflow.templates import clock_args, make_row_converter
 
-__all__ = ["HEADER", "KEYS", "MAX_COUNT", "RECORD", "V5Header", "decode_v5_records", "parse_v5_header"]
+__all__ = [
+    "CONVERT",
+    "HEADER",
+    "KEYS",
+    "MAX_COUNT",
+    "RECORD",
+    "ROW",
+    "V5Header",
+    "decode_v5_records",
+    "parse_v5_header",
+]
 
 HEADER = struct.Struct("!HHIIIIBBH")
 RECORD = struct.Struct("!4s4s4sHHIIIIHHxBBBHHBBxx")
@@ -80,18 +90,24 @@ def parse_v5_header(data: bytes) -> V5Header:
     return V5Header(count, uptime, secs, nsecs, seq, etype, eid, sampling)
 
 
-_CONVERT = make_row_converter(18, [(0, ipv4_text), (1, ipv4_text), (2, ipv4_text)], (7, 8), n_extra=2)
+# IPv4 addresses unpacked as uint32 for the int-keyed address cache (``RECORD`` keeps them as bytes).
+ROW = struct.Struct("!IIIHHIIIIHHxBBBHHBBxx")
+CONVERT = make_row_converter(
+    18, [(0, V4_INT_MEMO), (1, V4_INT_MEMO), (2, V4_INT_MEMO)], (7, 8), n_extra=2, unpack=ROW.iter_unpack
+)
+"""``CONVERT(record_bytes, *clock_args(export_ms, uptime_ms), record_type, out, sampling_interval,
+sampling_algorithm)``."""
 
 
 def decode_v5_records(data: bytes, header: V5Header, shape: RecordShape) -> list[Record]:
     """All records of the datagram (keys ``KEYS``): one ``iter_unpack`` over the block and one compiled pass
     (addresses to text, uptime to absolute ms, sampling from the header)."""
     block = data[HEADER.size : HEADER.size + RECORD.size * header.n_records]
-    return _CONVERT(
-        RECORD.iter_unpack(block),
-        header.export_ms,
-        header.sys_uptime_ms,
-        shape,
+    return CONVERT(
+        block,
+        *clock_args(header.export_ms, header.sys_uptime_ms),
+        shape.record_type(),
+        [],
         header.sampling & 0x3FFF,
         header.sampling >> 14,
     )
