@@ -202,3 +202,31 @@ def test_message_fast_constructor_matches_the_dataclass() -> None:
     )
     assert fast == slow
     assert fast.records is not _message(9, "x", 0, 0, 0, None).records  # fresh lists each time
+
+
+@pytest.mark.parametrize("version", [9, 10])
+def test_a_template_id_reused_for_another_kind_decodes_by_its_new_template(version: int) -> None:
+    # The decoder remembers per set id which data sets take its fast path; redefining the id as an options
+    # template, a variable-length template and back must each take effect on the next data set.
+    encode = encode_v9 if version == 9 else encode_ipfix
+    flow = Template(300, T.fields)
+    opts = Template(300, OPT.fields, scope_count=1)
+    var = Template(300, (FieldSpec(8, 4), FieldSpec(82, 65535)))
+    scope = "scope_149" if version == 9 else "observationDomainId"
+    opt_rec: dict[str, object] = {scope: 5, "samplingInterval": 7}
+    dec = Decoder()
+    steps: list[tuple[Template, dict[str, object], str]] = [
+        (flow, REC, "records"),
+        (opts, opt_rec, "options_records"),
+        (var, {"sourceIPv4Address": "192.0.2.9", "interfaceName": "eth0"}, "records"),
+        (flow, REC, "records"),
+    ]
+    for seq, (template, record, kind) in enumerate(steps):
+        first = encode(templates=[template], sequence=seq)
+        data = encode(data=[(template, [record, record])], sequence=seq + 1)
+        dec.decode(first, "192.0.2.1:2055")
+        for _ in range(2):  # the second data set of a template comes from the remembered entry
+            msg = dec.decode(data, "192.0.2.1:2055")
+            assert [dict(r) for r in getattr(msg, kind)] == [record, record], (template, kind)
+            other = "options_records" if kind == "records" else "records"
+            assert getattr(msg, other) == []

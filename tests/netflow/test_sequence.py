@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from flowtunnel.netflow.sequence import SequenceStats, SequenceTracker
 
 
@@ -69,3 +71,30 @@ def test_convention_flows_only_is_learnt() -> None:
     assert t.update(4, 2, flow_units=2) == (0, False)
     assert (t.timing, t.unit) == ("before", "flows")
     assert t.next_expected == 6
+
+
+def test_update_same_accounts_exactly_as_update() -> None:
+    # update_same() is update() with its in-order, same-size case decided first: same results and state on
+    # in-order runs, gaps, late datagrams, wraps, clock resets, size changes and options-only datagrams.
+    rng = random.Random(2026)
+    for _ in range(200):
+        fast = SequenceTracker(reorder_window=64, max_gap=1 << 20)
+        slow = SequenceTracker(reorder_window=64, max_gap=1 << 20)
+        seq, uptime = rng.choice([0, (1 << 32) - 3, rng.randrange(1 << 32)]), rng.randrange(1 << 32)
+        units = rng.choice([1, 30])
+        for _ in range(60):
+            step = rng.choice([units, units, units, units, 0, 2, 5, -1, -3, 1 << 31, rng.randrange(1 << 32)])
+            seq = (seq + step) % (1 << 32)
+            uptime = rng.choice([uptime + 10, uptime + 10, uptime, uptime - 10_000, rng.randrange(1 << 32)])
+            uptime %= 1 << 32
+            if rng.random() < 0.1:  # a datagram of other units (None: unknown), or of options records only
+                other = rng.choice([None, 1, 3, 7])
+                flows = rng.choice([other, 0])
+                assert fast.update(seq, other, uptime, flows) == slow.update(seq, other, uptime, flows)
+            else:
+                size = rng.choice([units, units, units, 2])
+                assert fast.update_same(seq, size, uptime) == slow.update(seq, size, uptime)
+            assert fast.stats() == slow.stats()
+            assert fast.next_expected == slow.next_expected
+            state = [n for n in SequenceTracker.__slots__ if n != "_same_next"]
+            assert [getattr(fast, n) for n in state] == [getattr(slow, n) for n in state]

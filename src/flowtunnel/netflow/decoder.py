@@ -184,7 +184,7 @@ class _DomainInfo:
     sys_uptime_ms: int | None
     tracker: SequenceTracker
     init_ms: int | None = None  # IPFIX systemInitTimeMilliseconds from an options record
-    sets: dict[int, _FastSet] = field(default_factory=dict)  # set id -> hot-path entry (Decoder._fast_set)
+    sets: dict[int, _FastSet | None] = field(default_factory=dict)  # set id -> Decoder._fast_set(...)
 
 
 @dataclass(slots=True)
@@ -460,7 +460,7 @@ class Decoder:
         domain = (etype << 8) | eid
         msg = _message(5, exporter, domain, seq, secs, uptime)
         exp, info = self._stream(exporter, 5, domain, seq, secs, uptime)
-        msg.lost, msg.reset = info.tracker.update(seq, count, uptime)
+        msg.lost, msg.reset = info.tracker.update_same(seq, count, uptime)
         cls = exp.v5_types.get(domain)
         if cls is None:
             if len(exp.v5_types) >= self.config.max_domains_per_exporter:
@@ -481,12 +481,16 @@ class Decoder:
     def _fast_set(self, exp: _Exporter, info: _DomainInfo, set_id: int) -> _FastSet | None:
         """The hot-path entry of a fixed-length flow template (None for others: they take the general path).
 
-        Kept in ``info.sets`` until a template change or a new IPFIX boot time clears it
-        (``_templates_changed``), so that a data set costs one int-keyed lookup, not a tuple key, a shape
-        lookup and the mode decisions of ``Layout.decode_records``.
+        Kept in ``info.sets`` (None too, for a known template of another kind) until a template change or
+        a new IPFIX boot time clears it (``_Exporter.templates_changed``), so that a data set costs one
+        int-keyed lookup, not a tuple key, a shape lookup and the mode decisions of
+        ``Layout.decode_records``.
         """
         layout = exp.templates.get((info.version, info.domain, set_id))
-        if layout is None or layout.options or not layout.fixed:
+        if layout is None:
+            return None  # not kept: set ids without a template must not grow ``info.sets``
+        if layout.options or not layout.fixed:
+            info.sets[set_id] = None
             return None
         if not layout.resolves:
             mode, convert, timed = MODE_PLAIN, layout.convert_plain, False
@@ -510,7 +514,7 @@ class Decoder:
             v9.parse_v9_header(data)
         msg = _message(9, exporter, domain, sequence, secs, uptime_ms)
         exp, info = self._stream(exporter, 9, domain, sequence, secs, uptime_ms)
-        msg.lost, msg.reset = info.tracker.update(sequence, 1, uptime_ms)
+        msg.lost, msg.reset = info.tracker.update_same(sequence, 1, uptime_ms)
         export_ms = secs * 1000
         base, hi = export_ms - uptime_ms, uptime_ms + 0x80000000  # templates.clock_args inlined
         sets = info.sets
@@ -521,7 +525,10 @@ class Decoder:
             set_id, set_len = unpack_set_header(data, pos)
             body_end = pos + set_len
             if set_id >= 256 and set_len >= 4 and body_end <= end:
-                fast = sets.get(set_id) or self._fast_set(exp, info, set_id)
+                try:
+                    fast = sets[set_id]
+                except KeyError:  # first data set of this template since a change (or an unknown one)
+                    fast = self._fast_set(exp, info, set_id)
                 if fast is not None:  # the hot path: a fixed-length flow template
                     size = fast.size
                     count = (set_len - 4) // size
@@ -585,7 +592,10 @@ class Decoder:
             set_id, set_len = unpack_set_header(data, pos)
             body_end = pos + set_len
             if set_id >= 256 and set_len >= 4 and body_end <= end:
-                fast = sets.get(set_id) or self._fast_set(exp, info, set_id)
+                try:
+                    fast = sets[set_id]
+                except KeyError:  # first data set of this template since a change (or an unknown one)
+                    fast = self._fast_set(exp, info, set_id)
                 if fast is not None:  # the hot path: a fixed-length flow template
                     size = fast.size
                     count = (set_len - 4) // size

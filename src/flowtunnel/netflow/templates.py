@@ -247,6 +247,7 @@ def make_row_converter(
     *,
     since_init: bool = False,
     unpack: Callable[[bytes], Iterable[Row]] | None = None,
+    u32_times: bool = False,
 ) -> RowConverter:
     """Compile ``convert(source, clock_a, clock_b, record_type, out, *extras) -> out`` for rows of ``width``
     values: it appends the records to the list ``out`` (a data set's records go straight into the message's
@@ -266,8 +267,11 @@ def make_row_converter(
     Absolute time: ``export_ms - uptime_ms + v``, with ``v`` moved by 2^32 when it lies more than 2^31 ms from
     the header's uptime (the signed distance modulo 2^32), so uptime wrap-around (every 49.7 days) and times
     slightly after the header clock both come out right. While the uptime is below 2^31 ms (24.8 days, the
-    common case) no unsigned ``v`` lies 2^31 below it, so that loop tests only the upper bound. With
-    ``since_init`` the times are offsets from the boot time passed as ``clock_a`` (IPFIX).
+    common case) no unsigned ``v`` lies 2^31 below it, so that loop tests only the upper bound; from 2^31 on,
+    ``u32_times`` (every ``time_idx`` column is a field of at most 4 bytes, so ``v`` < 2^32 <= the upper
+    bound) lets it test only the lower one. The moved sums start from ``base -/+ 2^32`` computed once per
+    call: one comparison and one addition a time. With ``since_init`` the times are offsets from the boot
+    time passed as ``clock_a`` (IPFIX).
     """
     names = [f"v{i}" for i in range(width)]
     conv_of = dict(convs)
@@ -308,7 +312,7 @@ def make_row_converter(
             f"{indent}for {target} in {rows}:\n"
             f"{indent}    rec = cls()\n"
             f"{indent}    rec.row = {values}\n"
-            f"{indent}    append(rec)\n"
+            f"{indent}    out.append(rec)\n"  # specialised in place by the interpreter, unlike a bound append
         )
 
     def loops(indent: str, parts: list[str]) -> str:
@@ -316,19 +320,18 @@ def make_row_converter(
             return loop(indent, parts, "")
         if since_init:
             return loop(indent, parts, "base + {v}")
+        wide = "(base + {v} if lo < {v} <= hi else base + {v} + (W if {v} <= lo else -W))"
         return (
             f"{indent}if hi < W:\n"
-            + loop(indent + "    ", parts, "(base + {v} if {v} <= hi else base + {v} - W)")
+            + f"{indent}    below = base - W\n"
+            + loop(indent + "    ", parts, "(base + {v} if {v} <= hi else below + {v})")
             + f"{indent}else:\n"
             + f"{indent}    lo = hi - W\n"
-            + loop(
-                indent + "    ",
-                parts,
-                "(base + {v} if lo < {v} <= hi else base + {v} + (W if {v} <= lo else -W))",
-            )
+            + f"{indent}    above = base + W\n"
+            + loop(indent + "    ", parts, "(base + {v} if {v} > lo else above + {v})" if u32_times else wide)
         )
 
-    body = "    append = out.append\n    base = clock_a\n    hi = clock_b\n"
+    body = "    base = clock_a\n    hi = clock_b\n"
     if memo:
         # A memo miss (a new address) drops this call's records and redoes them filling the memo.
         body += (
@@ -412,6 +415,7 @@ def compile_template(template: Template, version: int, *, offset: int = 0) -> La
         end_idx = None
     uptime_idx = (start_idx, end_idx)
     time_cols = [i for i in uptime_idx if i is not None]
+    narrow = all(template.fields[i].length <= 4 for i in time_cols)  # sysUpTime values below 2^32
     if not variable:
         # The row struct reads IPv4 addresses as uint32 for the int-keyed address cache; the codecs keep
         # their byte form for the columnar path and the encoder.
@@ -443,7 +447,7 @@ def compile_template(template: Template, version: int, *, offset: int = 0) -> La
             uptime_idx=uptime_idx,
             out_keys=keys + tuple(extra_keys),
             convert_plain=make_row_converter(width, convs, unpack=unpack),
-            convert_timed=make_row_converter(width, convs, time_cols, unpack=unpack),
+            convert_timed=make_row_converter(width, convs, time_cols, unpack=unpack, u32_times=narrow),
             convert_init=make_row_converter(width, convs, time_cols, since_init=True, unpack=unpack),
             columnar=all(c.code[:-1] != "0" for c in codecs),
         )
@@ -477,7 +481,7 @@ def compile_template(template: Template, version: int, *, offset: int = 0) -> La
         uptime_idx=uptime_idx,
         out_keys=keys + tuple(extra_keys),
         convert_plain=make_row_converter(len(codecs), raw_convs),
-        convert_timed=make_row_converter(len(codecs), raw_convs, time_cols),
+        convert_timed=make_row_converter(len(codecs), raw_convs, time_cols, u32_times=narrow),
         convert_init=make_row_converter(len(codecs), raw_convs, time_cols, since_init=True),
     )
 

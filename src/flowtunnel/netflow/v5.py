@@ -93,7 +93,12 @@ def parse_v5_header(data: bytes) -> V5Header:
 # IPv4 addresses unpacked as uint32 for the int-keyed address cache (``RECORD`` keeps them as bytes).
 ROW = struct.Struct("!IIIHHIIIIHHxBBBHHBBxx")
 CONVERT = make_row_converter(
-    18, [(0, V4_INT_MEMO), (1, V4_INT_MEMO), (2, V4_INT_MEMO)], (7, 8), n_extra=2, unpack=ROW.iter_unpack
+    18,
+    [(0, V4_INT_MEMO), (1, V4_INT_MEMO), (2, V4_INT_MEMO)],
+    (7, 8),
+    n_extra=2,
+    unpack=ROW.iter_unpack,
+    u32_times=True,  # first/last are uint32
 )
 """``CONVERT(record_bytes, *clock_args(export_ms, uptime_ms), record_type, out, sampling_interval,
 sampling_algorithm)``."""

@@ -185,8 +185,10 @@ class StoreSink:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._decoder_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-decoder")
         commit: asyncio.Future[None] | None = None
+        opened = False
         try:
             await self._work(self._open)
+            opened = True
             journal.commit_cursor(self.name, self.cursor)  # what DuckDB holds is what the gateway may trim
             if self.query_socket:
                 assert self._db is not None
@@ -229,8 +231,10 @@ class StoreSink:
             self.running = False
             if commit is not None:
                 await asyncio.wait([commit])
-                if not commit.cancelled() and commit.exception() is None:
-                    self._after_commit(journal)
+            if opened:
+                # Whatever committed last (also a commit waited for when the cancel came) is what the
+                # gateway may trim up to.
+                self._after_commit(journal)
             if self._server is not None:
                 await self._server.close()
                 self._server = None
