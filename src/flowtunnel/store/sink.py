@@ -101,7 +101,6 @@ class _Prepared:
     arrays: dict[str, Any] | None
     rows: int
     cursor: int
-    consumed: int
     full: bool
     decoder_states: dict[str, bytes]
     exporter_stats: list[dict[str, Any]]
@@ -266,17 +265,19 @@ class StoreSink:
                 "journal-cursor", "store: cannot copy cursor %d to the journal: %s", self.cursor, exc
             )
 
-    def _start(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        assert self._executor is not None
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _start(
+        self, fn: Callable[..., T], *args: Any, executor: concurrent.futures.Executor | None = None
+    ) -> asyncio.Future[T]:
+        """Start ``fn`` on the writer thread (or ``executor``)."""
+        pool = executor or self._executor
+        assert pool is not None
+        return asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def _work(
         self, fn: Callable[..., T], *args: Any, executor: concurrent.futures.Executor | None = None
     ) -> T:
         """Run ``fn`` on the writer thread (or ``executor``); if cancelled meanwhile, let it finish first."""
-        pool = executor or self._executor
-        assert pool is not None
-        return await self._shielded(asyncio.get_running_loop().run_in_executor(pool, fn, *args))
+        return await self._shielded(self._start(fn, *args, executor=executor))
 
     @staticmethod
     async def _shielded(fut: asyncio.Future[T]) -> T:
@@ -359,7 +360,6 @@ class StoreSink:
             arrays=cols.arrays() if cols.rows else None,
             rows=cols.rows,
             cursor=cursor,
-            consumed=consumed,
             full=full or consumed >= self.read_limit,
             decoder_states=decoder_states,
             exporter_stats=[self._exporters[k].row() for k in touched_exporters],
