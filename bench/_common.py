@@ -235,8 +235,11 @@ def send_paced(
         if tick > 0 and rate:
             sent, total = 0, len(payloads)
             while sent < total:
-                due = min(total, int((time.monotonic() - start) * rate) + 1)
+                now = time.monotonic()
+                due = min(total, int((now - start) * rate) + 1)
                 for payload in payloads[sent:due]:
+                    if stamps is not None:
+                        stamps.append(now)
                     sock.sendto(payload, dest)
                 sent = max(sent, due)
                 if sent < total:
