@@ -238,8 +238,10 @@ def bench(args: argparse.Namespace) -> str:
         f"Stream: softflowd v9 export of a generated {args.flows:,}-conversation trace "
         f"({len(payloads):,} datagrams, {per_datagram:.1f} flow records per datagram), repeated to fill "
         f"{args.seconds:g} s per step at the rate asked, from one UDP socket paced in {TICK * 1000:g} ms "
-        "bursts. Each step starts a fresh agent (defaults: 1 s latency target; 64 MiB receive buffer) and "
-        "gateway (store on). A step passes when the agent dropped nothing (kernel buffer included), the "
+        "bursts. Each step starts a fresh agent (defaults, such as the 1 s latency target, except a 64 MiB "
+        "receive buffer and room for 200,000 datagrams in memory, `--rcvbuf 64MiB --buffer-datagrams "
+        "200000`) and gateway (store on). A step passes when the agent dropped nothing (kernel buffer "
+        "included), the "
         f"store holds exactly every record sent, and all were stored within {LAG_BOUND:g} s (+ the 1 s "
         "latency target) of the last datagram sent. CPU is utime + stime of each process during the step.",
         "",
