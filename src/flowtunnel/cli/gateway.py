@@ -42,6 +42,8 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--jsonl", "jsonl", "FILE", "also write decoded records as JSON lines to FILE ('-' for stdout)"),
     ("--status-interval", "status_interval", "DURATION", "how often status.json is rewritten (default 2s)"),
     ("--registry-ttl", "registry_ttl", "DURATION", "how long the agent registry is cached (default 2s)"),
+    ("--probe-rate", "probe_rate", "N", "captive-portal probes (GET /v1/probe) answered per second per "
+     "source address, bursts of 10 s worth (default 2)"),
 )
 
 

@@ -1,7 +1,8 @@
 """The gateway's HTTP surface (aiohttp): request shape checks, bounded body reads, JSON answers.
 
 Routes (contract in docs/architecture.md, "HTTP between agent and gateway"):
-``POST /v1/batches``, ``GET /v1/agents/{id}/state``, ``GET /healthz``, and for operators (both off with
+``POST /v1/batches``, ``GET /v1/agents/{id}/state``, ``GET /v1/probe`` (``probe.py``), ``GET /healthz``,
+and for operators (both off with
 ``--no-metrics``) ``GET /metrics`` and ``GET /v1/status`` (the status.json document).
 
 Resource handling (slow or hostile senders must not starve enrolled agents):
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,8 +29,10 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from flowtunnel.gateway.admission import SourceRate
 from flowtunnel.gateway.ingest import Ingest, Rejected
 from flowtunnel.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from flowtunnel.gateway.probe import probe_handler
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import HEADER
 
@@ -69,6 +73,12 @@ class HttpErrorLogger(logging.Logger):
         super().error(msg, *args, exc_info=exc_info, **kwargs)
 
 
+def _burst(rate: float) -> int:
+    """Probes a source may send at once: ten seconds' worth, at least 20 (an agent racing its rungs on a
+    network where many agents share one proxy address)."""
+    return max(20, math.ceil(10 * rate))
+
+
 def _error(exc: Rejected) -> web.Response:
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
     doc: dict[str, object] = {"error": exc.code, "detail": exc.detail}
@@ -88,6 +98,7 @@ def build_app(
     min_body_rate: int = 1024,
     retry_after: int = 5,
     status: Callable[[], dict[str, object]] | None = None,
+    probe_rate: float = 2.0,
 ) -> web.Application:
     """The aiohttp application; the caller runs it (``web.AppRunner``) and owns ``ingest``'s journal."""
     # client_max_size guards any handler that calls request.read(); ours read the body themselves.
@@ -188,6 +199,8 @@ def build_app(
     app.router.add_post("/v1/batches", post_batch)
     app.router.add_get("/v1/agents/{agent}/state", get_state)
     app.router.add_get("/healthz", healthz)
+    probes = SourceRate(rate=probe_rate, burst=_burst(probe_rate))
+    app.router.add_get("/v1/probe", probe_handler(ingest, probes))
     if serve_metrics:
         app.router.add_get("/metrics", get_metrics)
     if status is not None:

@@ -159,6 +159,9 @@ class GatewayConfig:
     registry_ttl: float = field(default=2.0, metadata={"parse": parse_duration})
     #: Retry-After (seconds) sent with 503 answers.
     retry_after: int = 5
+    #: Probes (GET /v1/probe) answered per second per source address, with bursts of ten seconds' worth
+    #: (at least 20); more get 429.
+    probe_rate: float = 2.0
 
     def __post_init__(self) -> None:
         if self.data is None or str(self.data) == "":
@@ -210,6 +213,8 @@ class GatewayConfig:
             raise ValueError(f"journal_quota {self.journal_quota} is below 1 MiB")
         if self.retain is not None and self.retain <= 0:
             raise ValueError(f"retain {self.retain} s must be positive")
+        if not 0 < self.probe_rate <= 100_000:
+            raise ValueError(f"probe_rate {self.probe_rate}/s is outside (0, 100000]")
         if not 1 <= self.retry_after <= 3600:
             raise ValueError(f"retry_after {self.retry_after} is outside 1 .. 3600 s")
 

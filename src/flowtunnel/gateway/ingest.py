@@ -174,6 +174,10 @@ class Ingest:
             self._hwm[agent_id] = value
         return value
 
+    def entry(self, agent_id: str) -> AgentEntry:
+        """The registry entry of an enrolled, non-revoked agent; ``Rejected`` (not yet counted) otherwise."""
+        return self._entry(agent_id)
+
     def _entry(self, agent_id: str) -> AgentEntry:
         try:
             entry = self._keys.lookup(agent_id)

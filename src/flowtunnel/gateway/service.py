@@ -163,7 +163,7 @@ class Gateway:
             ingest=self.ingest, metrics=self.metrics, serve_metrics=cfg.metrics, max_body=cfg.max_body,
             max_inflight=cfg.max_inflight, max_inflight_per_agent=cfg.max_inflight_per_agent,
             body_timeout=cfg.body_timeout, min_body_rate=cfg.min_body_rate, retry_after=cfg.retry_after,
-            status=self.status if cfg.metrics else None,
+            status=self.status if cfg.metrics else None, probe_rate=cfg.probe_rate,
         )
         self._runner = web.AppRunner(
             app, access_log=None, keepalive_timeout=cfg.keepalive_timeout, max_line_size=8190,

@@ -35,6 +35,7 @@ from flowtunnel.wire.errors import (
     WireError,
 )
 from flowtunnel.wire.keys import Key, format_key, generate_key, parse_key, validate_agent_id
+from flowtunnel.wire.probe import decode_probe_nonce, probe_mac, probe_mac_text, verify_probe
 
 __all__ = [
     "AUTO_COLUMNAR_BYTES",
@@ -63,13 +64,17 @@ __all__ = [
     "WireLimits",
     "ack_tag",
     "bundled_dictionaries",
+    "decode_probe_nonce",
     "default_dictionary_id",
     "format_key",
     "generate_key",
     "open_batch",
     "parse_key",
     "peek_header",
+    "probe_mac",
+    "probe_mac_text",
     "seal_batch",
     "validate_agent_id",
     "verify_ack",
+    "verify_probe",
 ]
