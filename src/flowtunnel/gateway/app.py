@@ -29,7 +29,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from flowtunnel.gateway.admission import SourceRate
+from flowtunnel.gateway.admission import Admission, SourceRate
+from flowtunnel.gateway.edge import count_rungs, http_response
 from flowtunnel.gateway.ingest import Ingest, Rejected
 from flowtunnel.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from flowtunnel.gateway.probe import probe_handler
@@ -41,6 +42,7 @@ __all__ = ["BATCH_CONTENT_TYPE", "HttpErrorLogger", "build_app"]
 BATCH_CONTENT_TYPE = "application/vnd.flowtunnel.batch"
 
 INGEST_KEY: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
+ADMISSION_KEY: web.AppKey[Admission] = web.AppKey("admission", Admission)
 
 _AGENT_LEN_OFFSET = 7  # magic (4), version, flags, codec, then the agent id length
 
@@ -79,13 +81,6 @@ def _burst(rate: float) -> int:
     return max(20, math.ceil(10 * rate))
 
 
-def _error(exc: Rejected) -> web.Response:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    doc: dict[str, object] = {"error": exc.code, "detail": exc.detail}
-    doc.update(exc.extra)
-    return web.json_response(doc, status=exc.status, headers=headers)
-
-
 def build_app(
     *,
     ingest: Ingest,
@@ -104,15 +99,17 @@ def build_app(
     # client_max_size guards any handler that calls request.read(); ours read the body themselves.
     app = web.Application(client_max_size=max_body)
     app[INGEST_KEY] = ingest
-    per_agent: dict[str, int] = {}
-    busy = 0
+    admission = Admission(
+        max_inflight=max_inflight, max_inflight_per_agent=max_inflight_per_agent,
+        on_change=metrics.inflight.set,
+    )
+    app[ADMISSION_KEY] = admission
+    count_rungs(app, metrics)
 
     def fail(exc: Rejected) -> web.Response:
-        ingest.reject(exc)
-        return _error(exc)
+        return http_response(ingest.refuse(exc))
 
     async def post_batch(request: web.Request) -> web.Response:
-        nonlocal busy
         agent_header = request.headers.get("X-Flowtunnel-Agent")
         agent = ingest.enrolled(agent_header)
         ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
@@ -135,20 +132,10 @@ def build_app(
             agent_id = ingest.admit(head, agent_header)
         except Rejected as exc:
             return fail(exc)
-        if busy >= max_inflight or per_agent.get(agent_id, 0) >= max_inflight_per_agent:
-            detail = f"{busy} requests in progress ({per_agent.get(agent_id, 0)} for agent {agent_id})"
-            return fail(Rejected(503, "busy", detail, agent=agent_id, retry_after=retry_after))
-        busy += 1
-        per_agent[agent_id] = per_agent.get(agent_id, 0) + 1
-        metrics.inflight.inc()
-        try:
+        with admission.slot(agent_id) as busy:
+            if busy is not None:
+                return fail(Rejected(503, "busy", busy.detail(), agent=agent_id, retry_after=retry_after))
             return await _ingest(request, head, length, deadline, agent_id, agent_header)
-        finally:
-            busy -= 1
-            metrics.inflight.dec()
-            left = per_agent.pop(agent_id) - 1
-            if left:
-                per_agent[agent_id] = left
 
     async def _ingest(
         request: web.Request, head: bytes, length: int, deadline: float, agent_id: str,
@@ -164,25 +151,23 @@ def build_app(
         except asyncio.IncompleteReadError as exc:
             detail = f"body ended after {len(head) + len(exc.partial)} of {length} declared bytes"
             return fail(Rejected(400, "truncated", detail, agent=agent_id))
-        try:
-            ack = await ingest.submit(
-                head + rest,
-                agent_header=agent_header,
-                backlog=request.headers.get("X-Flowtunnel-Backlog"),
-                dropped=request.headers.get("X-Flowtunnel-Dropped"),
-                agent_acked=request.headers.get("X-Flowtunnel-Acked"),
-            )
-        except Rejected as exc:
-            return _error(exc)
-        return web.json_response(ack.as_json())
+        outcome = await ingest.deliver(
+            head + rest,
+            agent_header=agent_header,
+            rung="post",
+            backlog=request.headers.get("X-Flowtunnel-Backlog"),
+            dropped=request.headers.get("X-Flowtunnel-Dropped"),
+            agent_acked=request.headers.get("X-Flowtunnel-Acked"),
+        )
+        return http_response(outcome)
 
     async def get_state(request: web.Request) -> web.Response:
         agent_id = request.match_info["agent"]
         try:
             answer = await ingest.state(agent_id, request.headers.get("X-Flowtunnel-Token"))
         except Rejected as exc:
-            return _error(exc)
-        return web.json_response(answer.as_json())
+            return http_response(exc.refusal())
+        return http_response(answer)
 
     async def healthz(request: web.Request) -> web.Response:
         if ingest.closing:

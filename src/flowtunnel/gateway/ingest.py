@@ -37,7 +37,7 @@ from flowtunnel.wire import (
     validate_agent_id,
 )
 
-__all__ = ["Ack", "Ingest", "Rejected", "StateAnswer", "hwm_key"]
+__all__ = ["Ack", "Ingest", "Outcome", "Refusal", "Rejected", "StateAnswer", "hwm_key"]
 
 log = logging.getLogger("flowtunnel.gateway.ingest")
 
@@ -74,6 +74,32 @@ class Rejected(Exception):
         self.retry_after = retry_after
         self.extra = extra or {}
 
+    def refusal(self) -> Refusal:
+        """The transport-neutral form the endpoints answer with (the edge maps ``code`` to a status)."""
+        return Refusal(
+            code=self.code, detail=self.detail, agent=self.agent, retry_after=self.retry_after,
+            extra=dict(self.extra),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal:
+    """A batch (or request) the gateway refused, whatever carried it: ``code`` is the cause (the JSON
+    ``error``, the metrics label), ``detail`` for the agent's log, ``retry_after`` seconds when trying again
+    later can work, ``extra`` more JSON fields (``acked`` of a resync). Each transport maps ``code`` to its
+    own status at its edge (``gateway/edge.py`` for HTTP and WebSocket)."""
+
+    code: str
+    detail: str
+    agent: str | None = None
+    retry_after: int | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, object]:
+        doc: dict[str, object] = {"error": self.code, "detail": self.detail}
+        doc.update(self.extra)
+        return doc
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ack:
@@ -107,6 +133,10 @@ class StateAnswer:
 
     def as_json(self) -> dict[str, object]:
         return {"agent": self.agent, "acked": self.acked, "tag": self.tag}
+
+
+#: What ``Ingest.deliver`` answers: an acknowledgement or a refusal, both transport-neutral.
+Outcome = Ack | Refusal
 
 
 def _wire_code(exc: WireError) -> str:
@@ -245,6 +275,43 @@ class Ingest:
                     continue
                 raise Rejected(status, _wire_code(exc), str(exc), agent=agent_id) from None
         raise AssertionError("unreachable")
+
+    # -- every endpoint that carries batches ----------------------------------------------------------------
+
+    def refuse(self, exc: Rejected) -> Refusal:
+        """Count and (once per cause) log a refusal decided at an edge; its neutral form."""
+        self.reject(exc)
+        return exc.refusal()
+
+    async def deliver(
+        self,
+        body: bytes,
+        *,
+        agent_header: str | None,
+        rung: str,
+        backlog: str | None = None,
+        dropped: str | None = None,
+        agent_acked: str | None = None,
+    ) -> Outcome:
+        """The one entry point for a sealed batch, whatever carried it (``rung``: ``post``, ``ws``, ``get``):
+        journal its new part and acknowledge it, or refuse it. The caller holds an ``Admission`` slot.
+
+        ``agent_header`` is the agent id the transport named (header, connection, URL), which must equal the
+        batch's. ``backlog``/``dropped``/``agent_acked`` are POST's clear-text advisory headers (other rungs
+        carry those figures only sealed, in the agent info).
+
+        Error handling: never raises for anything about the batch: a refusal is returned, already counted
+        (by cause, and per rung) and logged once per cause.
+        """
+        try:
+            ack = await self.submit(
+                body, agent_header=agent_header, backlog=backlog, dropped=dropped, agent_acked=agent_acked
+            )
+        except Rejected as exc:
+            self._metrics.rung_batch(rung, "refused")
+            return exc.refusal()
+        self._metrics.rung_batch(rung, "acked")
+        return ack
 
     # -- POST /v1/batches ---------------------------------------------------------------------------------
 

@@ -127,7 +127,31 @@ class GatewayMetrics:
         self.forwarded = Counter(
             p + "forwarded_datagrams", "Datagrams re-emitted by udp-forward", ["target"], registry=r
         )
+        # Per rung (endpoint family: post, ws, get, probe, state), so bench/ can compare what each costs.
+        self.rung_requests = Counter(
+            p + "rung_requests", "Requests per rung (HTTP requests; for ws also each message)", ["rung"],
+            registry=r,
+        )
+        self.rung_batches = Counter(
+            p + "rung_batches", "Sealed batches handed to ingest, per rung and outcome (acked, refused)",
+            ["rung", "outcome"], registry=r,
+        )
+        self.rung_bytes = Counter(
+            p + "rung_bytes", "Bytes per rung and direction (in, out): request line, headers and body as "
+            "parsed, WebSocket frames with their headers", ["rung", "direction"], registry=r,
+        )
+        self.ws_connections = Gauge(p + "ws_connections", "Open WebSocket connections", registry=r)
+        self.get_pending_batches = Gauge(
+            p + "get_pending_batches", "GET-only batches waiting for pieces", registry=r
+        )
+        self.get_pending_bytes = Gauge(
+            p + "get_pending_bytes", "Bytes held by GET-only batches waiting for pieces", registry=r
+        )
+        self.get_expired = Counter(
+            p + "get_expired_batches", "GET-only batches dropped incomplete after get_max_age", registry=r
+        )
         self.agents: dict[str, AgentStats] = {}
+        self.rungs: dict[str, dict[str, int]] = {}
         self.rejects_by_cause: dict[str, int] = {}
 
     def _stats(self, agent: str) -> AgentStats:
@@ -135,6 +159,33 @@ class GatewayMetrics:
         if st is None:
             st = self.agents[agent] = AgentStats()
         return st
+
+    def _rung(self, rung: str) -> dict[str, int]:
+        doc = self.rungs.get(rung)
+        if doc is None:
+            doc = self.rungs[rung] = {"requests": 0, "acked": 0, "refused": 0, "bytes_in": 0, "bytes_out": 0}
+        return doc
+
+    def rung_request(self, rung: str, *, bytes_in: int, bytes_out: int = 0) -> None:
+        """One request (or WebSocket message) on ``rung``, with the bytes it took each way."""
+        doc = self._rung(rung)
+        doc["requests"] += 1
+        self.rung_requests.labels(rung).inc()
+        self.rung_traffic(rung, bytes_in=bytes_in, bytes_out=bytes_out)
+
+    def rung_traffic(self, rung: str, *, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        doc = self._rung(rung)
+        if bytes_in:
+            doc["bytes_in"] += bytes_in
+            self.rung_bytes.labels(rung, "in").inc(bytes_in)
+        if bytes_out:
+            doc["bytes_out"] += bytes_out
+            self.rung_bytes.labels(rung, "out").inc(bytes_out)
+
+    def rung_batch(self, rung: str, outcome: str) -> None:
+        """A sealed batch that reached ingest over ``rung``: ``outcome`` "acked" or "refused"."""
+        self._rung(rung)[outcome] += 1
+        self.rung_batches.labels(rung, outcome).inc()
 
     def reject(self, agent: str | None, cause: str) -> None:
         """Count a rejected request. ``agent`` must already be reduced to an enrolled id or None."""

@@ -13,23 +13,15 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from flowtunnel.gateway.admission import SourceRate
+from flowtunnel.gateway.edge import NO_STORE, http_response
 from flowtunnel.gateway.ingest import Ingest, Rejected
 from flowtunnel.wire import WireError, decode_probe_nonce, probe_mac_text, validate_agent_id
 
-__all__ = ["NO_STORE", "probe_handler"]
-
-#: Headers of every answer a proxy must not cache or transform (probes, GET pieces).
-NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+__all__ = ["probe_handler"]
 
 
 def _refuse(ingest: Ingest, exc: Rejected) -> web.Response:
-    ingest.reject(exc)
-    headers = dict(NO_STORE)
-    if exc.retry_after is not None:
-        headers["Retry-After"] = str(exc.retry_after)
-    doc: dict[str, object] = {"error": exc.code, "detail": exc.detail}
-    doc.update(exc.extra)
-    return web.json_response(doc, status=exc.status, headers=headers)
+    return http_response(ingest.refuse(exc), headers=NO_STORE)
 
 
 def probe_handler(ingest: Ingest, rate: SourceRate) -> Handler:

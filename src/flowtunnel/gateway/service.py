@@ -321,6 +321,7 @@ class Gateway:
             "journal": journal_doc,
             "sinks": sinks,
             "rejected": dict(self.metrics.rejects_by_cause),
+            "rungs": {rung: dict(doc) for rung, doc in sorted(self.metrics.rungs.items())},
         }
 
     def write_status(self) -> None:

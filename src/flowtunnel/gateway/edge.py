@@ -1,0 +1,135 @@
+"""The HTTP edge: where transport-neutral outcomes (``Ack``, ``Refusal``) become HTTP statuses and bodies.
+
+Ingest and ``wire/`` decide *what* happened (a cause code such as ``resync`` or ``limit-exceeded``); only this
+module says which HTTP status that is, for every endpoint alike: POST and GET pieces answer with the status,
+WebSocket messages carry it as ``"status"`` (docs/protocol.md 7.4). The table is the one of
+docs/architecture.md ("Errors").
+
+It also counts, per rung, requests and the bytes each way (``rung_traffic``), so bench/ can compare rungs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from flowtunnel.gateway.ingest import Ack, Outcome, Refusal, StateAnswer
+from flowtunnel.gateway.metrics import GatewayMetrics
+
+__all__ = [
+    "HTTP_STATUS",
+    "NO_STORE",
+    "RUNG_KEY",
+    "count_rungs",
+    "http_response",
+    "http_status",
+    "request_bytes",
+    "ws_answer",
+]
+
+#: Cause code → HTTP status. Codes not listed (a new wire error) are client errors: 400.
+HTTP_STATUS: Final[Mapping[str, int]] = MappingProxyType({
+    # the request or batch is malformed
+    **dict.fromkeys(
+        ("bad-batch", "bad-magic", "unsupported-version", "truncated", "malformed-header",
+         "unknown-dictionary", "malformed-records", "bad-key", "bad-agent-id", "no-agent-header",
+         "agent-mismatch", "bad-token", "bad-probe", "bad-piece", "ws-handshake", "bad-http"),
+        400,
+    ),
+    # who sent it cannot be authenticated, or is not allowed
+    "unknown-agent": 401, "authentication-failed": 401, "no-token": 401,
+    "revoked": 403,
+    "slow-body": 408,
+    "resync": 409,
+    "no-length": 411,
+    "too-large": 413, "limit-exceeded": 413,
+    "content-type": 415,
+    "rate-limited": 429,
+    # the gateway cannot take it now: try again after retry_after
+    **dict.fromkeys(("busy", "journal-full", "journal-error", "registry-unavailable", "shutting-down"), 503),
+})
+
+#: Headers of answers a proxy must neither cache nor sniff (probes, GET pieces: their URLs are GETs).
+NO_STORE: Final[Mapping[str, str]] = MappingProxyType(
+    {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+)
+
+#: The request's rung (post, ws, get, probe, state), set by ``count_rungs``'s middleware.
+RUNG_KEY: Final = web.RequestKey("rung", str)
+
+_RUNGS: Final = (("/v1/batches", "post"), ("/v1/ws", "ws"), ("/v1/g/", "get"), ("/v1/probe", "probe"),
+                 ("/v1/agents/", "state"))
+
+
+def http_status(code: str) -> int:
+    """The HTTP status of a refusal with cause ``code``."""
+    return HTTP_STATUS.get(code, 400)
+
+
+def http_response(
+    outcome: Outcome | StateAnswer, *, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The HTTP answer to an outcome: 200 with the ack JSON, or the refusal's status with
+    ``{"error", "detail", ...}`` and ``Retry-After`` when it has one."""
+    extra = dict(headers or {})
+    if isinstance(outcome, Refusal):
+        if outcome.retry_after is not None:
+            extra["Retry-After"] = str(outcome.retry_after)
+        return web.json_response(outcome.as_json(), status=http_status(outcome.code), headers=extra or None)
+    return web.json_response(outcome.as_json(), headers=extra or None)
+
+
+def ws_answer(outcome: Outcome) -> dict[str, object]:
+    """The WebSocket answer to one batch: the POST answer's JSON plus ``"status"`` (and ``"retry_after"``
+    where POST sends ``Retry-After``)."""
+    if isinstance(outcome, Ack):
+        return {"status": 200, **outcome.as_json()}
+    doc: dict[str, object] = {"status": http_status(outcome.code), **outcome.as_json()}
+    if outcome.retry_after is not None:
+        doc["retry_after"] = outcome.retry_after
+    return doc
+
+
+def request_bytes(request: web.BaseRequest) -> int:
+    """The request line and headers as parsed (HTTP/1.1 framing), without the body."""
+    n = len(request.method) + len(request.raw_path) + len("  HTTP/1.1\r\n\r\n")
+    for name, value in request.raw_headers:
+        n += len(name) + len(value) + 4
+    return n
+
+
+def _response_bytes(response: web.StreamResponse) -> int:
+    n = len("HTTP/1.1 200 \r\n\r\n") + len(response.reason or "")
+    for name, value in response.headers.items():
+        n += len(name) + len(value) + 4
+    if isinstance(response, web.Response) and response.body is not None and isinstance(response.body, bytes):
+        n += len(response.body)
+    return n
+
+
+def count_rungs(app: web.Application, metrics: GatewayMetrics) -> None:
+    """Count every request of a known rung (``rung_request``) with its bytes in (request line, headers,
+    declared body) and out (status line, headers, body of a plain response; WebSocket messages are counted
+    by the WebSocket endpoint itself)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        for prefix, rung in _RUNGS:
+            if path.startswith(prefix):
+                request[RUNG_KEY] = rung
+                metrics.rung_request(rung, bytes_in=request_bytes(request) + (request.content_length or 0))
+                break
+        return await handler(request)
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        rung = request.get(RUNG_KEY)
+        if isinstance(rung, str):
+            metrics.rung_traffic(rung, bytes_out=_response_bytes(response))
+
+    app.middlewares.append(middleware)
+    app.on_response_prepare.append(on_prepare)

@@ -1,0 +1,70 @@
+"""The HTTP edge (gateway/edge.py): one table maps every cause code to its status, for POST, GET pieces and
+WebSocket answers alike, and every rung's requests, batches and bytes are counted."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import aiohttp
+
+from flowtunnel import wire
+from flowtunnel.gateway.edge import HTTP_STATUS, http_status, ws_answer
+from flowtunnel.gateway.ingest import Ack, Refusal
+from tests.gateway.util import datagrams, enroll, post_batch, seal, start_gateway
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "flowtunnel"
+
+
+def _subclasses(cls: type[wire.WireError]) -> list[type[wire.WireError]]:
+    out: list[type[wire.WireError]] = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
+
+
+def test_every_wire_error_code_has_its_status_in_the_edge_table() -> None:
+    classes: list[type[wire.WireError]] = [wire.WireError, *_subclasses(wire.WireError)]
+    for cls in classes:
+        assert HTTP_STATUS[cls.code] == cls.http_status, cls
+
+
+def test_every_refusal_raised_in_the_gateway_has_the_status_of_the_edge_table() -> None:
+    found = 0
+    for path in (SRC / "gateway").glob("*.py"):
+        for m in re.finditer(r'Rejected\(\s*(\d{3}),\s*"([a-z-]+)"', path.read_text(encoding="utf-8")):
+            found += 1
+            assert http_status(m.group(2)) == int(m.group(1)), (path.name, m.group(2))
+    assert found > 20
+
+
+def test_websocket_answers_are_the_post_json_plus_status() -> None:
+    ack = Ack(agent="a", acked=5, accepted=2, duplicates=0, tag="t" * 22)
+    assert ws_answer(ack) == {"status": 200, "agent": "a", "acked": 5, "accepted": 2, "duplicates": 0,
+                              "tag": "t" * 22}
+    busy = Refusal(code="busy", detail="2 in progress", retry_after=5)
+    assert ws_answer(busy) == {"status": 503, "error": "busy", "detail": "2 in progress", "retry_after": 5}
+    resync = Refusal(code="resync", detail="lost", extra={"acked": 3})
+    assert ws_answer(resync) == {"status": 409, "error": "resync", "detail": "lost", "acked": 3}
+
+
+async def test_post_requests_batches_and_bytes_are_counted_per_rung(tmp_path: Path) -> None:
+    key = enroll(tmp_path, "site-a")
+    gw = await start_gateway(tmp_path)
+    try:
+        body = seal("site-a", key, 1, datagrams(3))
+        async with aiohttp.ClientSession() as session:
+            status, _, _ = await post_batch(session, gw.url, body, agent="site-a")
+            assert status == 200
+            status, _, _ = await post_batch(session, gw.url, b"garbage", agent="site-a")
+            assert status == 400
+        post = gw.metrics.rungs["post"]
+        assert post["requests"] == 2
+        assert (post["acked"], post["refused"]) == (1, 0)  # garbage never reached ingest
+        assert post["bytes_in"] > len(body) + len(b"garbage") + 2 * 100
+        assert post["bytes_out"] > 200
+        text = gw.metrics.render().decode()
+        assert 'flowtunnel_gateway_rung_batches_total{outcome="acked",rung="post"} 1.0' in text
+        assert 'flowtunnel_gateway_rung_bytes_total{direction="in",rung="post"}' in text
+    finally:
+        await gw.stop()
