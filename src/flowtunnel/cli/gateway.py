@@ -44,6 +44,18 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--registry-ttl", "registry_ttl", "DURATION", "how long the agent registry is cached (default 2s)"),
     ("--probe-rate", "probe_rate", "N", "captive-portal probes (GET /v1/probe) answered per second per "
      "source address, bursts of 10 s worth (default 2)"),
+    ("--max-ws", "max_ws", "N", "WebSocket connections (/v1/ws) open at once (default 256)"),
+    ("--max-ws-per-agent", "max_ws_per_agent", "N", "of those, per agent id (default 4)"),
+    ("--ws-heartbeat", "ws_heartbeat", "DURATION", "ping interval on WebSocket connections (default 30s)"),
+    ("--ws-idle-timeout", "ws_idle_timeout", "DURATION", "close a WebSocket connection without a batch for "
+     "this long (default 5m)"),
+    ("--get-max-pieces", "get_max_pieces", "N", "GET-only rung: pieces per batch (default 4096)"),
+    ("--get-pending-per-agent", "get_pending_per_agent", "N", "GET-only rung: incomplete batches kept per "
+     "agent (default 4)"),
+    ("--get-pending-bytes", "get_pending_bytes", "SIZE", "GET-only rung: bytes of incomplete batches kept in "
+     "all (default 64MiB)"),
+    ("--get-max-age", "get_max_age", "DURATION", "GET-only rung: drop a batch still incomplete after this "
+     "long (default 2m)"),
 )
 
 

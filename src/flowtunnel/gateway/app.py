@@ -1,8 +1,8 @@
 """The gateway's HTTP surface (aiohttp): request shape checks, bounded body reads, JSON answers.
 
 Routes (contract in docs/architecture.md, "HTTP between agent and gateway"):
-``POST /v1/batches``, ``GET /v1/agents/{id}/state``, ``GET /v1/probe`` (``probe.py``), ``GET /healthz``,
-and for operators (both off with
+``POST /v1/batches``, ``GET /v1/agents/{id}/state``, ``GET /v1/probe`` (``probe.py``), ``GET /v1/ws``
+(``ws.py``), ``GET /healthz``, and for operators (both off with
 ``--no-metrics``) ``GET /metrics`` and ``GET /v1/status`` (the status.json document).
 
 Resource handling (slow or hostile senders must not starve enrolled agents):
@@ -34,6 +34,7 @@ from flowtunnel.gateway.edge import count_rungs, http_response
 from flowtunnel.gateway.ingest import Ingest, Rejected
 from flowtunnel.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from flowtunnel.gateway.probe import probe_handler
+from flowtunnel.gateway.ws import WsHub, WsSettings
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import HEADER
 
@@ -94,6 +95,7 @@ def build_app(
     retry_after: int = 5,
     status: Callable[[], dict[str, object]] | None = None,
     probe_rate: float = 2.0,
+    ws: WsSettings | None = None,
 ) -> web.Application:
     """The aiohttp application; the caller runs it (``web.AppRunner``) and owns ``ingest``'s journal."""
     # client_max_size guards any handler that calls request.read(); ours read the body themselves.
@@ -186,6 +188,12 @@ def build_app(
     app.router.add_get("/healthz", healthz)
     probes = SourceRate(rate=probe_rate, burst=_burst(probe_rate))
     app.router.add_get("/v1/probe", probe_handler(ingest, probes))
+    hub = WsHub(
+        ingest=ingest, admission=admission, metrics=metrics,
+        settings=ws if ws is not None else WsSettings(max_body=max_body, retry_after=retry_after),
+    )
+    app.router.add_get("/v1/ws", hub.handle)
+    app.on_shutdown.append(hub.close_all)
     if serve_metrics:
         app.router.add_get("/metrics", get_metrics)
     if status is not None:

@@ -162,6 +162,19 @@ class GatewayConfig:
     #: Probes (GET /v1/probe) answered per second per source address, with bursts of ten seconds' worth
     #: (at least 20); more get 429.
     probe_rate: float = 2.0
+    #: WebSocket connections (GET /v1/ws) open at once, and per agent id; see docs/protocol.md 7.4.
+    max_ws: int = 256
+    max_ws_per_agent: int = 4
+    #: Ping interval on WebSocket connections (a connection that does not pong within half of it is dropped).
+    ws_heartbeat: float = field(default=30.0, metadata={"parse": parse_duration})
+    #: A WebSocket connection without a batch for this long is closed (the agent reconnects when it has data).
+    ws_idle_timeout: float = field(default=300.0, metadata={"parse": parse_duration})
+    #: GET-only rung (docs/protocol.md 7.5): pieces per batch, batches pending per agent, bytes pending in
+    #: all, and how long an incomplete batch is kept (then dropped and counted).
+    get_max_pieces: int = 4096
+    get_pending_per_agent: int = 4
+    get_pending_bytes: int = field(default=64 << 20, metadata={"parse": parse_size})
+    get_max_age: float = field(default=120.0, metadata={"parse": parse_duration})
 
     def __post_init__(self) -> None:
         if self.data is None or str(self.data) == "":
@@ -213,6 +226,24 @@ class GatewayConfig:
             raise ValueError(f"journal_quota {self.journal_quota} is below 1 MiB")
         if self.retain is not None and self.retain <= 0:
             raise ValueError(f"retain {self.retain} s must be positive")
+        if not 1 <= self.max_ws <= 100_000:
+            raise ValueError(f"max_ws {self.max_ws} is outside 1 .. 100000")
+        if not 1 <= self.max_ws_per_agent <= self.max_ws:
+            raise ValueError(
+                f"max_ws_per_agent {self.max_ws_per_agent} is outside 1 .. max_ws ({self.max_ws})"
+            )
+        for name in ("ws_heartbeat", "ws_idle_timeout", "get_max_age"):
+            value = getattr(self, name)
+            if not 1 <= value <= 86400:
+                raise ValueError(f"{name} {value} s is outside 1 .. 86400 s")
+        if not 1 <= self.get_max_pieces <= 1_000_000:
+            raise ValueError(f"get_max_pieces {self.get_max_pieces} is outside 1 .. 1000000")
+        if not 1 <= self.get_pending_per_agent <= 1024:
+            raise ValueError(f"get_pending_per_agent {self.get_pending_per_agent} is outside 1 .. 1024")
+        if not self.max_body <= self.get_pending_bytes <= 1 << 34:
+            raise ValueError(
+                f"get_pending_bytes {self.get_pending_bytes} is outside max_body ({self.max_body}) .. 16 GiB"
+            )
         if not 0 < self.probe_rate <= 100_000:
             raise ValueError(f"probe_rate {self.probe_rate}/s is outside (0, 100000]")
         if not 1 <= self.retry_after <= 3600:

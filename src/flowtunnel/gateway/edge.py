@@ -37,14 +37,15 @@ HTTP_STATUS: Final[Mapping[str, int]] = MappingProxyType({
     **dict.fromkeys(
         ("bad-batch", "bad-magic", "unsupported-version", "truncated", "malformed-header",
          "unknown-dictionary", "malformed-records", "bad-key", "bad-agent-id", "no-agent-header",
-         "agent-mismatch", "bad-token", "bad-probe", "bad-piece", "ws-handshake", "bad-http"),
+         "agent-mismatch", "bad-token", "bad-probe", "bad-piece", "ws-handshake", "ws-text", "ws-protocol",
+         "bad-http"),
         400,
     ),
     # who sent it cannot be authenticated, or is not allowed
     "unknown-agent": 401, "authentication-failed": 401, "no-token": 401,
     "revoked": 403,
-    "slow-body": 408,
-    "resync": 409,
+    "slow-body": 408, "ws-unauthenticated": 408,
+    "resync": 409, "out-of-order": 409,
     "no-length": 411,
     "too-large": 413, "limit-exceeded": 413,
     "content-type": 415,

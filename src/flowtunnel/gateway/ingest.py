@@ -135,6 +135,9 @@ class StateAnswer:
         return {"agent": self.agent, "acked": self.acked, "tag": self.tag}
 
 
+#: Rungs on which batches can overtake each other: a gap must be declared (``Ingest._check_gap``).
+GAPLESS_RUNGS = frozenset({"ws", "get"})
+
 #: What ``Ingest.deliver`` answers: an acknowledgement or a refusal, both transport-neutral.
 Outcome = Ack | Refusal
 
@@ -305,7 +308,8 @@ class Ingest:
         """
         try:
             ack = await self.submit(
-                body, agent_header=agent_header, backlog=backlog, dropped=dropped, agent_acked=agent_acked
+                body, agent_header=agent_header, backlog=backlog, dropped=dropped, agent_acked=agent_acked,
+                gapless=rung in GAPLESS_RUNGS,
             )
         except Rejected as exc:
             self._metrics.rung_batch(rung, "refused")
@@ -323,8 +327,12 @@ class Ingest:
         backlog: str | None = None,
         dropped: str | None = None,
         agent_acked: str | None = None,
+        gapless: bool = False,
     ) -> Ack:
         """Journal the new part of one sealed batch and return the acknowledgement.
+
+        ``gapless``: refuse (409 ``out-of-order``) new datagrams that would leave a gap above the high-water
+        mark the agent has not declared (``_check_gap``), instead of counting the gap as the agent's drops.
 
         Error handling: raises ``Rejected`` (already counted and logged) for anything not accepted; a
         journal that cannot commit (disk or quota full, I/O error) gives 503 with Retry-After, nothing acked.
@@ -336,7 +344,8 @@ class Ingest:
                 )
             batch, key = await self._open(body, agent_header)
             return await self._commit(
-                batch, key, http_bytes=len(body), backlog=backlog, dropped=dropped, agent_acked=agent_acked
+                batch, key, http_bytes=len(body), backlog=backlog, dropped=dropped, agent_acked=agent_acked,
+                gapless=gapless,
             )
         except Rejected as exc:
             self.reject(exc)
@@ -344,7 +353,7 @@ class Ingest:
 
     async def _commit(
         self, batch: Batch, key: bytes, *, http_bytes: int, backlog: str | None, dropped: str | None,
-        agent_acked: str | None,
+        agent_acked: str | None, gapless: bool = False,
     ) -> Ack:
         agent = batch.agent_id
         lock = self._locks.get(agent)
@@ -361,6 +370,7 @@ class Ingest:
             if fresh:
                 self._check_known_ack(agent, hwm, batch, agent_acked)
                 new_first = first + skip
+                self._check_gap(agent, hwm, new_first, batch, gapless=gapless)
                 gap = new_first - (hwm + 1)
                 # The part of the gap this gateway lost itself (reported at the resync), not the agent.
                 lost = min(gap, max(0, self._lost_hint.pop(agent, hwm) - hwm))
@@ -416,6 +426,33 @@ class Ingest:
         return Ack(
             agent=agent, acked=hwm, accepted=len(fresh), duplicates=skip, gap=gap, tag=tag,
             first_journal_seq=journal_first,
+        )
+
+    def _check_gap(self, agent: str, hwm: int, new_first: int, batch: Batch, *, gapless: bool) -> None:
+        """Refuse new datagrams that would skip sequence numbers the agent still holds.
+
+        Batches may overtake each other on the rungs that pipeline (several WebSocket messages in flight,
+        GET pieces completing in any order) or when an agent races rungs: if batch k+1 were journaled while k
+        is refused or late, the gap would count as the agent's drops and k would later be a "duplicate" below
+        the mark: lost. So a gap is accepted only where the agent declares it, in the sealed agent info key
+        ``spool_first`` (the lowest seq it still holds; everything below it that the gateway lacks, it
+        dropped): a batch declaring it is held to it on every rung, and a batch on a ``gapless`` rung (ws,
+        get) must declare it to leave a gap. Otherwise 409 ``out-of-order`` with the mark: the agent
+        resynchronises and re-sends from ``acked + 1``. Nothing is written.
+        """
+        if new_first <= hwm + 1:
+            return
+        declared = batch.agent_info.get("spool_first")
+        if declared is None and not gapless:
+            return  # an agent that does not declare its spool sends one batch at a time (POST)
+        if declared is not None and declared >= new_first:
+            return
+        held = "" if declared is None else f" (its spool starts at {declared})"
+        raise Rejected(
+            409, "out-of-order",
+            f"batch of agent {agent} starts at seq {new_first}, but this gateway holds only up to {hwm} and "
+            f"the agent still holds the seqs between{held}: send them first",
+            agent=agent, extra={"acked": hwm},
         )
 
     def _check_known_ack(self, agent: str, hwm: int, batch: Batch, agent_acked: str | None) -> None:

@@ -33,6 +33,7 @@ from flowtunnel.gateway.registry import AgentKeys, Registry, RegistryError
 from flowtunnel.gateway.sinks.base import Sink
 from flowtunnel.gateway.sinks.jsonl import JsonlSink
 from flowtunnel.gateway.sinks.udp_forward import UdpForwardConfig, UdpForwardSink
+from flowtunnel.gateway.ws import WsSettings
 from flowtunnel.log import DurableLog, FullPolicy, LogConfig, LogError
 from flowtunnel.runtime import OnceLogger, TaskSet
 from flowtunnel.statusfile import write_json_atomic
@@ -164,6 +165,11 @@ class Gateway:
             max_inflight=cfg.max_inflight, max_inflight_per_agent=cfg.max_inflight_per_agent,
             body_timeout=cfg.body_timeout, min_body_rate=cfg.min_body_rate, retry_after=cfg.retry_after,
             status=self.status if cfg.metrics else None, probe_rate=cfg.probe_rate,
+            ws=WsSettings(
+                max_body=cfg.max_body, max_connections=cfg.max_ws, max_per_agent=cfg.max_ws_per_agent,
+                heartbeat=cfg.ws_heartbeat, idle_timeout=cfg.ws_idle_timeout, auth_timeout=cfg.body_timeout,
+                retry_after=cfg.retry_after,
+            ),
         )
         self._runner = web.AppRunner(
             app, access_log=None, keepalive_timeout=cfg.keepalive_timeout, max_line_size=8190,
