@@ -2,8 +2,8 @@
 
 Routes (contract in docs/architecture.md, "HTTP between agent and gateway"):
 ``POST /v1/batches``, ``GET /v1/agents/{id}/state``, ``GET /v1/probe`` (``probe.py``), ``GET /v1/ws``
-(``ws.py``), ``GET /healthz``, and for operators (both off with
-``--no-metrics``) ``GET /metrics`` and ``GET /v1/status`` (the status.json document).
+(``ws.py``), ``GET /v1/g/...`` (GET-only pieces, ``pieces.py``), ``GET /healthz``, and for operators (both
+off with ``--no-metrics``) ``GET /metrics`` and ``GET /v1/status`` (the status.json document).
 
 Resource handling (slow or hostile senders must not starve enrolled agents):
 1. the declared length is checked against ``max_body`` before anything is read (413);
@@ -23,6 +23,7 @@ import asyncio
 import logging
 import math
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from flowtunnel.gateway.admission import Admission, SourceRate
 from flowtunnel.gateway.edge import count_rungs, http_response
 from flowtunnel.gateway.ingest import Ingest, Rejected
 from flowtunnel.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
+from flowtunnel.gateway.pieces import PieceEndpoint, PieceSettings
 from flowtunnel.gateway.probe import probe_handler
 from flowtunnel.gateway.ws import WsHub, WsSettings
 from flowtunnel.runtime import OnceLogger
@@ -96,6 +98,7 @@ def build_app(
     status: Callable[[], dict[str, object]] | None = None,
     probe_rate: float = 2.0,
     ws: WsSettings | None = None,
+    pieces: PieceSettings | None = None,
 ) -> web.Application:
     """The aiohttp application; the caller runs it (``web.AppRunner``) and owns ``ingest``'s journal."""
     # client_max_size guards any handler that calls request.read(); ours read the body themselves.
@@ -194,6 +197,11 @@ def build_app(
     )
     app.router.add_get("/v1/ws", hub.handle)
     app.on_shutdown.append(hub.close_all)
+    getonly = PieceEndpoint(
+        ingest=ingest, admission=admission, metrics=metrics, clock=time.monotonic,
+        settings=pieces if pieces is not None else PieceSettings(max_body=max_body, retry_after=retry_after),
+    )
+    app.router.add_get("/v1/g/{agent}/{batch}/{i}/{n}/{data:[^/]*}", getonly.handle)
     if serve_metrics:
         app.router.add_get("/metrics", get_metrics)
     if status is not None:

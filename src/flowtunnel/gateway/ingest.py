@@ -183,12 +183,18 @@ class Ingest:
 
     # -- shared by the handlers --------------------------------------------------------------------------
 
+    def refused(self, refusal: Refusal) -> Refusal:
+        """Count and (once per cause) log a refusal decided outside ingest (an edge, a reassembly)."""
+        self._metrics.reject(refusal.agent, refusal.code)
+        self.once.warning(
+            refusal.code, "rejected request (%s, agent %s): %s", refusal.code, refusal.agent or "?",
+            refusal.detail,
+        )
+        return refusal
+
     def reject(self, exc: Rejected) -> None:
         """Count and (once per cause) log a rejection."""
-        self._metrics.reject(exc.agent, exc.code)
-        self.once.warning(
-            exc.code, "rejected request (%s, agent %s): %s", exc.code, exc.agent or "?", exc.detail
-        )
+        self.refused(exc.refusal())
 
     def enrolled(self, agent_id: str | None) -> str | None:
         """``agent_id`` if it names an enrolled agent (for metrics labels), else None."""

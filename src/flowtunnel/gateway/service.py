@@ -29,6 +29,7 @@ from flowtunnel.gateway.config import GatewayConfig
 from flowtunnel.gateway.ingest import Ingest
 from flowtunnel.gateway.metrics import GatewayMetrics
 from flowtunnel.gateway.notify import JournalNotify
+from flowtunnel.gateway.pieces import PieceSettings
 from flowtunnel.gateway.registry import AgentKeys, Registry, RegistryError
 from flowtunnel.gateway.sinks.base import Sink
 from flowtunnel.gateway.sinks.jsonl import JsonlSink
@@ -169,6 +170,11 @@ class Gateway:
                 max_body=cfg.max_body, max_connections=cfg.max_ws, max_per_agent=cfg.max_ws_per_agent,
                 heartbeat=cfg.ws_heartbeat, idle_timeout=cfg.ws_idle_timeout, auth_timeout=cfg.body_timeout,
                 retry_after=cfg.retry_after,
+            ),
+            pieces=PieceSettings(
+                max_body=cfg.max_body, max_pieces=cfg.get_max_pieces,
+                pending_per_agent=cfg.get_pending_per_agent, pending_bytes=cfg.get_pending_bytes,
+                max_age=cfg.get_max_age, retry_after=cfg.retry_after,
             ),
         )
         self._runner = web.AppRunner(
