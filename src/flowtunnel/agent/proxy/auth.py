@@ -7,11 +7,12 @@ the handshake on a request without a body, then keep that connection alive).
 
 Scheme choice, from what the proxy offers: NTLM, then Negotiate, then Basic. The NTLM and SPNEGO messages come
 from pyspnego (its own NTLM implementation, forced with ``use_ntlm``, so no system GSSAPI is needed).
-Negotiate without Kerberos: the NTLM messages are carried raw in the ``Negotiate`` scheme, as Windows does
-when it has no ticket; squid's ``negotiate_wrapper_auth`` recognises them (by their ``NTLMSSP`` signature) and
-hands them to its NTLM helper, whereas an SPNEGO-wrapped NTLM token would go to its Kerberos helper and be
-refused (checked against squid 5.7). Only when the ``gssapi`` module is importable (Kerberos possible) does
-Negotiate start with a real SPNEGO token, and it falls back to raw NTLM once if the proxy refuses that.
+Negotiate is answered with NTLM: the NTLM messages are carried raw in the ``Negotiate`` scheme, as Windows
+does when it has no Kerberos ticket for the proxy. squid's ``negotiate_wrapper_auth`` recognises them
+(by their ``NTLMSSP`` signature) and hands them to its NTLM helper, whereas an SPNEGO-wrapped NTLM token
+goes to its Kerberos helper, is refused, and poisons the connection for any retry (seen with squid 5.7).
+Kerberos itself is not offered: it needs a system GSSAPI library, a ticket and a KDC, none of which the
+agent's networks give it.
 
 Error handling: every failure is a ``ProxyAuthError``; the tree::
 
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -192,11 +192,6 @@ def parse_challenges(values: Sequence[str]) -> list[Challenge]:
     return out
 
 
-def _kerberos_possible() -> bool:
-    """True when pyspnego could do Kerberos (the python-gssapi module is installed)."""
-    return importlib.util.find_spec("gssapi") is not None
-
-
 class ProxyAuthenticator:
     """Answers a proxy's 407 challenges on ONE connection (NTLM and Negotiate are connection-bound).
 
@@ -223,9 +218,7 @@ class ProxyAuthenticator:
         self._rounds = 0
         self._handshakes = 0
         self._complete = False
-        self._ctx: Any = None  # a pyspnego context while an NTLM/Negotiate handshake runs
-        self._spnego_wrapped = False
-        self._spnego_failed = False
+        self._ctx: Any = None  # a pyspnego NTLM context while an NTLM/Negotiate handshake runs
         if prefer is not None and prefer not in _SCHEMES:
             raise ValueError(f"prefer={prefer!r}: not one of {', '.join(_SCHEMES)}")
         self._prefer = prefer if credentials is not None else None
@@ -315,13 +308,10 @@ class ProxyAuthenticator:
     def _label(self) -> str:
         return "NTLM" if self.scheme == "ntlm" else "Negotiate"
 
-    def _new_context(self, *, wrapped: bool) -> Any:
+    def _new_context(self) -> Any:
         import spnego  # imported here: only NTLM/Negotiate proxies pay for it
 
         assert self._creds is not None
-        if wrapped:
-            return spnego.client(self._creds.account, self._creds.password, hostname=self._host,
-                                 service="HTTP", protocol="negotiate")
         return spnego.client(self._creds.account, self._creds.password, hostname=self._host,
                              service="HTTP", protocol="ntlm", options=spnego.NegotiateOptions.use_ntlm)
 
@@ -333,17 +323,10 @@ class ProxyAuthenticator:
         label = self._label()
         try:
             if token_text is None:
-                if self._ctx is not None:
-                    # A bare challenge after we sent a token: the proxy refused it.
-                    if self._spnego_wrapped and not self._spnego_failed:
-                        self._spnego_failed = True  # Kerberos/SPNEGO refused: try raw NTLM once
-                        self._rounds = 1
-                    else:
-                        raise AuthFailed(f"proxy {self._host} refused {label} credentials for user "
-                                         f"'{self._creds.account}'")
-                wrapped = self.scheme == "negotiate" and _kerberos_possible() and not self._spnego_failed
-                self._spnego_wrapped = wrapped
-                self._ctx = self._new_context(wrapped=wrapped)
+                if self._ctx is not None:  # a bare challenge after we sent a token: refused
+                    raise AuthFailed(f"proxy {self._host} refused {label} credentials for user "
+                                     f"'{self._creds.account}'")
+                self._ctx = self._new_context()
                 out = self._ctx.step()
             else:
                 if self._ctx is None:

@@ -1,0 +1,214 @@
+"""Small loopback servers for the zoo: an echoing origin with static files (PAC/WPAD), and a captive portal.
+
+``Origin`` answers every request with a JSON echo of what reached it (method, target, headers, body size), so
+a fixture self-test can see what a proxy passed or stripped; ``files`` serves fixed bodies (a PAC file).
+
+``CaptivePortal`` stands where the gateway should be (the isolated network maps the gateway's port to it):
+until it opens it answers every request itself, as hotel portals do (a 302 to its login page, or the login
+page with 200), reading and counting any request body; once open (after ``open_after`` seconds, or
+``open()``) it relays connections byte for byte to the real gateway. Every portal answer closes the
+connection, so nothing of the closed phase leaks into the open one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+import threading
+import time
+from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["CaptivePortal", "Origin"]
+
+LOGIN_PAGE = (b"<!DOCTYPE html><html><head><title>Hotel Wi-Fi - Sign in</title></head><body>"
+              b"<form method=post action=/login><input name=room><input type=submit></form></body></html>")
+_MAX_HEAD = 64 * 1024
+
+
+class Origin:
+    """A threaded HTTP/1.1 server on 127.0.0.1: static ``files`` by path, a JSON echo for anything else."""
+
+    def __init__(
+        self, files: Mapping[str, tuple[str, bytes]] | None = None, *, tls: tuple[Path, Path] | None = None
+    ) -> None:
+        static = dict(files or {})
+        self.scheme = "https" if tls else "http"
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if self.path in static:
+                    ctype, payload = static[self.path]
+                else:
+                    ctype = "application/json"
+                    echo = {"method": self.command, "path": self.path, "body_len": len(body),
+                            "headers": {k.lower(): v for k, v in self.headers.items()}}
+                    payload = json.dumps(echo).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = _answer
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        if tls is not None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name=f"origin-{self.port}",
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> Origin:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+class CaptivePortal:
+    """A transparent captive portal in front of ``upstream`` (host, port); runs its own loop in a thread."""
+
+    def __init__(
+        self, upstream: tuple[str, int], *, open_after: float | None = None, style: str = "redirect"
+    ) -> None:
+        if style not in ("redirect", "page"):
+            raise ValueError(f"style {style!r}: not 'redirect' or 'page'")
+        self.upstream = upstream
+        self.open_after = open_after
+        self.style = style
+        self.port = 0
+        self.requests_while_closed: list[str] = []  # request lines answered by the portal
+        self.body_bytes_while_closed = 0
+        self.opened_at: float | None = None
+        self._open = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="captive-portal", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._started = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def is_open(self) -> bool:
+        if not self._open.is_set() and self.open_after is not None and \
+                time.monotonic() - self._started >= self.open_after:
+            self.open()
+        return self._open.is_set()
+
+    def open(self) -> None:
+        """Someone signed in: from now on connections go through to the gateway."""
+        if not self._open.is_set():
+            self.opened_at = time.monotonic()
+            self._open.set()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError):
+            writer.transport.abort()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            if self.is_open:
+                try:
+                    up_r, up_w = await asyncio.open_connection(*self.upstream)
+                except OSError:
+                    writer.transport.abort()
+                    return
+                self._writers.add(up_w)
+                try:
+                    await asyncio.gather(self._pipe(reader, up_w), self._pipe(up_r, writer))
+                finally:
+                    up_w.close()
+                    self._writers.discard(up_w)
+                return
+            await self._answer_closed(reader, writer)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.transport.abort()
+        finally:
+            with contextlib.suppress(OSError):
+                writer.close()
+            self._writers.discard(writer)
+
+    async def _answer_closed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if len(head) > _MAX_HEAD:
+            return
+        lines = head.decode("latin-1").split("\r\n")
+        self.requests_while_closed.append(lines[0])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length" and value.strip().isdigit():
+                length = int(value.strip())
+        if length:
+            body = await reader.read(min(length, 16 << 20))
+            self.body_bytes_while_closed += len(body)
+        if self.style == "redirect" and lines[0].split(" ")[1:2] != ["/login"]:
+            status, extra, body = "302 Found", f"Location: {self.url}/login\r\n", b""
+        else:
+            status, extra, body = "200 OK", "Content-Type: text/html; charset=utf-8\r\n", LOGIN_PAGE
+        writer.write(f"HTTP/1.1 {status}\r\n{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                     .encode() + body)
+        await writer.drain()
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self._server.wait_closed()
+            await asyncio.sleep(0.05)  # let the aborted connections' handlers finish
+
+    def __enter__(self) -> CaptivePortal:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        self._started = time.monotonic()
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
