@@ -24,6 +24,7 @@ __all__ = [
     "journal_entries",
     "post_batch",
     "seal",
+    "self_signed_cert",
     "start_gateway",
 ]
 
@@ -91,3 +92,37 @@ def journal_entries(gw_or_path: Gateway | Path) -> list[Entry]:
         return gw_or_path.journal.read(after=0, limit=1_000_000, max_bytes=1 << 30)
     with DurableLog(LogConfig(path=gw_or_path / "journal.sqlite")) as log:
         return log.read(after=0, limit=1_000_000, max_bytes=1 << 30)
+
+
+def self_signed_cert(tmp_path: Path, *, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate for ``host`` (an IP address) and its key, as PEM files in ``tmp_path``."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowtunnel test gateway")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]), False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "gw.pem", tmp_path / "gw.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path

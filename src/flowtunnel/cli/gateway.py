@@ -18,7 +18,6 @@ __all__ = ["register"]
 
 # (flag, field, metavar, help). Every flag is also a key in [gateway] and an env var FLOWTUNNEL_GATEWAY_<KEY>.
 _FLAGS: tuple[tuple[str, str, str, str], ...] = (
-    ("--listen", "listen", "HOST:PORT", "HTTP(S) listen address (default 127.0.0.1:8080; 0 = any port)"),
     ("--data", "data", "DIR", "data directory: registry, journal, store, status.json (required)"),
     ("--source-pool", "source_pool", "LIST", "source addresses for re-emitted datagrams, one per (agent, "
      "exporter): addresses, CIDRs, LOW-HIGH ranges, comma-separated (default 127.0.0.2-127.255.255.254)"),
@@ -74,6 +73,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument(
         "--forward", action="append", default=None, metavar="udp://HOST:PORT",
         help="collector to re-emit every datagram to, repeatable",
+    )
+    parser.add_argument(
+        "--listen", action="append", default=None, metavar="[http://|https://]HOST:PORT",
+        help="listen address, repeatable: the same gateway on plain HTTP and on TLS (https:// needs "
+        "--tls-cert/--tls-key; without a scheme: HTTPS when they are given, else HTTP; default "
+        "127.0.0.1:8080; port 0 = any free port)",
     )
     for flag, dest, metavar, text in _FLAGS:
         parser.add_argument(flag, dest=dest, default=None, metavar=metavar, help=text)
@@ -146,6 +151,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
     for name in ("spoof", "identity_port", "store", "metrics"):
         flags[name] = getattr(args, name)
     flags["forward"] = tuple(args.forward) if args.forward else None
+    flags["listen"] = tuple(args.listen) if args.listen else None
     config = load_settings(GatewayConfig, section="gateway", config_file=args.config, env=os.environ,
                            flags=flags)
     init_logging(args)
@@ -158,8 +164,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
 
 def _default_gateway_url() -> str:
-    listen = os.environ.get("FLOWTUNNEL_GATEWAY_LISTEN", "127.0.0.1:8080")
-    return f"http://{listen}"
+    listen = os.environ.get("FLOWTUNNEL_GATEWAY_LISTEN", "127.0.0.1:8080").split(",")[0].strip()
+    return listen if "://" in listen else f"http://{listen}"
 
 
 def _run_enroll(args: argparse.Namespace) -> int:

@@ -15,7 +15,15 @@ from urllib.parse import urlsplit
 
 from flowtunnel.config import parse_duration, parse_size
 
-__all__ = ["DEFAULT_FORWARD_RATE", "DEFAULT_SOURCE_POOL", "ForwardTarget", "GatewayConfig", "parse_host_port"]
+__all__ = [
+    "DEFAULT_FORWARD_RATE",
+    "DEFAULT_SOURCE_POOL",
+    "ForwardTarget",
+    "GatewayConfig",
+    "ListenAddress",
+    "parse_host_port",
+    "parse_listen",
+]
 
 #: Source addresses for re-emitted datagrams when nothing else is configured: all of loopback but 127.0.0.1,
 #: which local exporters sending straight to the collector are likely to use.
@@ -56,6 +64,37 @@ def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"{what} {text!r}: port {port} is outside 0..65535")
     return m.group(1), port
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenAddress:
+    """Where the gateway accepts HTTP (``scheme`` "http") or HTTPS ("https") connections."""
+
+    scheme: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+
+def parse_listen(text: str, *, tls: bool) -> ListenAddress:
+    """``[http://|https://]HOST:PORT`` → ``ListenAddress``. Without a scheme, HTTPS when a certificate is
+    configured (``tls``), else HTTP; ``https://`` needs one. ``ValueError`` naming the text otherwise."""
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*?)/?$", text)
+    if m is None:
+        scheme, rest = ("https" if tls else "http"), text
+    else:
+        scheme, rest = m.group(1).lower(), m.group(2)
+        if scheme not in ("http", "https"):
+            raise ValueError(f"listen address {text!r}: scheme {m.group(1)!r} is not http or https")
+    host, port = parse_host_port(rest, what="listen address")
+    if scheme == "https" and not tls:
+        raise ValueError(
+            f"listen address {text!r} is HTTPS: give tls_cert and tls_key (--tls-cert, --tls-key)"
+        )
+    return ListenAddress(scheme=scheme, host=host, port=port)
 
 
 def _parse_forward(text: str) -> ForwardTarget:
@@ -103,8 +142,10 @@ def _parse_port_range(text: str) -> tuple[int, int]:
 class GatewayConfig:
     """Everything ``flowtunnel gateway`` can be told; see ``docs/architecture.md`` for what each part does."""
 
-    #: HTTP(S) listen address, HOST:PORT (port 0 picks a free one; the log line says which).
-    listen: str = "127.0.0.1:8080"
+    #: Listen addresses, ``[http://|https://]HOST:PORT`` (repeatable: the same gateway on plain HTTP and on
+    #: TLS). Without a scheme: HTTPS when tls_cert is given, else HTTP. Port 0 picks a free one (logged).
+    #: One address may be given as a string; ``listens`` is always the tuple.
+    listen: tuple[str, ...] | str = "127.0.0.1:8080"
     #: Data directory: registry, journal, store, forward mappings, status.json. Required.
     data: Path | None = None
     #: Collectors to re-emit every datagram to, ``udp://HOST:PORT`` (repeatable).
@@ -179,7 +220,8 @@ class GatewayConfig:
     def __post_init__(self) -> None:
         if self.data is None or str(self.data) == "":
             raise ValueError("the data directory is required (--data DIR, key data, FLOWTUNNEL_GATEWAY_DATA)")
-        parse_host_port(self.listen, what="listen address")
+        if not self.listens:
+            raise ValueError("at least one listen address is required (--listen [http://|https://]HOST:PORT)")
         for text in self.forward:
             _parse_forward(text)
         for text in self.source_pool:
@@ -199,6 +241,9 @@ class GatewayConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name} {str(path)!r} is not a readable file")
+        addresses = self.listen_addresses
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(f"listen addresses {', '.join(self.listens)} name one address twice")
         if not 1024 <= self.max_body <= 1 << 30:
             raise ValueError(f"max_body {self.max_body} is outside 1 KiB .. 1 GiB")
         if not self.max_body <= self.max_raw <= 1 << 30:
@@ -255,8 +300,20 @@ class GatewayConfig:
         return self.data
 
     @property
+    def listens(self) -> tuple[str, ...]:
+        """The listen addresses as given, always a tuple."""
+        return (self.listen,) if isinstance(self.listen, str) else tuple(self.listen)
+
+    @property
+    def listen_addresses(self) -> tuple[ListenAddress, ...]:
+        tls = self.tls_cert is not None
+        return tuple(parse_listen(text, tls=tls) for text in self.listens)
+
+    @property
     def listen_host_port(self) -> tuple[str, int]:
-        return parse_host_port(self.listen, what="listen address")
+        """Host and port of the first listen address."""
+        first = self.listen_addresses[0]
+        return first.host, first.port
 
     @property
     def targets(self) -> tuple[ForwardTarget, ...]:

@@ -182,18 +182,23 @@ class Gateway:
             max_field_size=8190, max_headers=64, shutdown_timeout=15.0, logger=HttpErrorLogger(self.metrics),
         )
         await self._runner.setup()
-        host, port = cfg.listen_host_port
         ssl_ctx: ssl.SSLContext | None = None
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_ctx, reuse_address=True)
-        await site.start()
-        self._sites.append(site)
-        scheme = "https" if ssl_ctx else "http"
-        for addr in self._runner.addresses:
-            h, p = addr[0], addr[1]
-            self.urls.append(f"{scheme}://[{h}]:{p}" if ":" in str(h) else f"{scheme}://{h}:{p}")
+        # One site per listen address (plain HTTP and TLS side by side), in the order given; each one's
+        # sockets are the runner's new addresses once it started (a host name may give several).
+        for where in cfg.listen_addresses:
+            before = list(self._runner.addresses)
+            tls = ssl_ctx if where.scheme == "https" else None
+            site = web.TCPSite(self._runner, where.host, where.port, ssl_context=tls, reuse_address=True)
+            await site.start()
+            self._sites.append(site)
+            for addr in self._runner.addresses:
+                if addr in before:
+                    continue
+                h, p = addr[0], addr[1]
+                self.urls.append(f"{where.scheme}://[{h}]:{p}" if ":" in str(h) else f"{where.scheme}://{h}:{p}")
         self._tasks.spawn(self._housekeeping(), name="gateway:housekeeping")
         log.info("listening on %s (data %s, sinks: %s)", ", ".join(self.urls), self.data_dir,
                  ", ".join(s.name for s in self.sinks) or "none")
