@@ -190,6 +190,8 @@ class DnsEndpoint:
             self._count("dns-refused")
             reply.header.rcode = RCODE.REFUSED
             return self._pack(request, reply, udp)
+        if qname != qname.lower():
+            self._count("dns-mixed-case")  # a resolver randomising case (0x20): base32 does not mind
         if q.qtype == QTYPE.TXT:
             answer = await self._txt(qname)
             if answer is None:
@@ -209,6 +211,7 @@ class DnsEndpoint:
         return SOA(f"ns.{zone}.", f"hostmaster.{zone}.", (1, 3600, 600, 86400, 0))
 
     def _nodata(self, reply: DNSRecord) -> None:
+        self._count("dns-nodata")
         reply.add_auth(RR(self.config.zone + ".", QTYPE.SOA, ttl=0, rdata=self._soa()))
 
     def _pack(self, request: DNSRecord, reply: DNSRecord, udp: bool) -> bytes:
