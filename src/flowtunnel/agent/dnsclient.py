@@ -76,7 +76,9 @@ class DnsClientConfig:
     window: int = 8  # outstanding queries at most
     query_timeout: float = 2.0
     retries: int = 5  # per fragment
-    edns_payload: int = 1232
+    # No EDNS0 OPT record on the way to the resolver by default: answers fit 512 bytes (a 253-character name
+    # and one short TXT), and the OPT costs 11 bytes each way per query. Set 1232 for resolvers that want it.
+    edns_payload: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "zone", normalise_zone(self.zone))
@@ -244,7 +246,8 @@ class DnsClient:
     async def _query(self, name: str) -> DNSRecord:
         loop = asyncio.get_running_loop()
         request = DNSRecord.question(name, "TXT")
-        request.add_ar(EDNS0(udp_len=self.config.edns_payload))
+        if self.config.edns_payload:
+            request.add_ar(EDNS0(udp_len=self.config.edns_payload))
         qid = self._rng.getrandbits(16)
         while qid in self._waiting:
             qid = self._rng.getrandbits(16)

@@ -12,10 +12,10 @@ enough for one zone's TXT answers; dnspython would bring a resolver and zone too
 
 Resource handling: the reassembler bounds pending batches and bytes; completed answers are kept in a bounded
 LRU (so a resolver's retry of the last fragment, or a poll, gets the answer without a second ingest); ingest
-calls run as referenced tasks, at most ``max_inflight`` at once (beyond that the query is not answered and the
-agent retries); sessions whose batch named an unknown or revoked agent are remembered (bounded) and cost
-only a counter afterwards. Every refusal is counted by cause (``counters``) and logged once per cause.
-"""
+calls run as referenced tasks, at most ``max_inflight`` at once and inside the gateway's shared ``Admission``
+slots (beyond either, the agent is told ``busy`` and retries); sessions whose batch named an unknown or
+revoked agent are remembered (bounded) and cost only a counter afterwards. Every refusal is counted by cause
+(``counters``) and logged once per cause."""
 
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 
 from dnslib import EDNS0, NS, QTYPE, RCODE, RR, SOA, TXT, DNSError, DNSRecord
 
-from flowtunnel.gateway.ingest import Ingest, Rejected
+from flowtunnel.gateway.admission import Admission
+from flowtunnel.gateway.edge import http_status
+from flowtunnel.gateway.ingest import Ingest, Refusal
 from flowtunnel.runtime import OnceLogger, TaskSet
 from flowtunnel.wire import HEADER
 from flowtunnel.wire.dns import (
@@ -77,10 +79,16 @@ class DnsEndpoint:
     """Serves ``config.zone`` on UDP and TCP. ``await start()``, ``.port``, ``await stop()``, ``counters``."""
 
     def __init__(
-        self, config: DnsConfig, ingest: Ingest, *, clock: Callable[[], float] = time.monotonic
+        self,
+        config: DnsConfig,
+        ingest: Ingest,
+        *,
+        admission: Admission | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.ingest = ingest
+        self.admission = admission
         self.clock = clock
         self.reassembler = Reassembler(config.limits)
         self.counters: dict[str, int] = {}
@@ -311,21 +319,29 @@ class DnsEndpoint:
         return self._hints("e", {"st": "401", "code": cause})
 
     async def _ingest(self, body: bytes) -> Answer:
-        try:
-            ack = await self.ingest.submit(body, agent_header=_header_agent(body) or "")
-        except Rejected as exc:
-            self._count(f"dns-rejected-{exc.code}")
-            fields = {"st": str(exc.status), "code": exc.code}
-            if "acked" in exc.extra:
-                fields["acked"] = str(exc.extra["acked"])
-            if exc.retry_after is not None:
-                fields["ra"] = str(exc.retry_after)
-                if exc.status == 503:
-                    self._slow_until = self.clock() + exc.retry_after
+        agent = _header_agent(body) or ""
+        if self.admission is None:
+            outcome = await self.ingest.deliver(body, agent_header=agent, rung="dns")
+        else:
+            with self.admission.slot(agent) as busy:
+                if busy is not None:
+                    self._count("dns-busy")
+                    return self._hints("e", {"st": "503", "code": "busy", "ra": "1"})
+                outcome = await self.ingest.deliver(body, agent_header=agent, rung="dns")
+        if isinstance(outcome, Refusal):
+            self._count(f"dns-refused-{outcome.code}")
+            status = http_status(outcome.code)
+            fields = {"st": str(status), "code": outcome.code}
+            if "acked" in outcome.extra:
+                fields["acked"] = str(outcome.extra["acked"])
+            if outcome.retry_after is not None:
+                fields["ra"] = str(outcome.retry_after)
+                if status == 503:
+                    self._slow_until = self.clock() + outcome.retry_after
             return self._hints("e", fields)
         self._count("dns-batches")
-        fields = {"st": "200", "acked": str(ack.acked), "tag": ack.tag, "acc": str(ack.accepted),
-                  "dup": str(ack.duplicates)}
+        fields = {"st": "200", "acked": str(outcome.acked), "tag": outcome.tag, "acc": str(outcome.accepted),
+                  "dup": str(outcome.duplicates)}
         return self._hints("a", fields)
 
 
