@@ -76,3 +76,59 @@ async def test_batches_through_a_real_resolver_arrive_exactly_once(
         # unbound really randomised the case and walked down the names: the rung survived both.
         assert dns.counters.get("dns-mixed-case", 0) > 0
         assert dns.counters.get("dns-nodata", 0) > 0
+
+
+async def test_gateway_process_killed_mid_stream_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    """``flowtunnel gateway --dns-zone`` as a user runs it, dnsmasq in front; the gateway is kill -9'd while
+    batches are in flight and restarted; the client re-sends what was not acknowledged (as the agent's
+    delivery protocol does) and the journal holds every datagram once, in order."""
+    import asyncio
+    import contextlib
+
+    from flowtunnel.agent.dnsclient import DnsTransportError
+    from flowtunnel.wire import parse_key
+    from tests.agent.chain import GatewayProc, enroll_agent, journal, wait_until
+    from tests.peers import free_udp_port
+
+    data = tmp_path / "gw"
+    key = parse_key(enroll_agent(data, AGENT))
+    dns_port = free_udp_port()
+    gw = GatewayProc(data, extra=["--dns-zone", ZONE, "--dns-listen", f"udp://127.0.0.1:{dns_port}"])
+    with gw, Dnsmasq(tmp_path, zone=ZONE, upstream_port=dns_port) as res:
+        gw.start()
+        wait_until(lambda: bool(gw.status()), "gateway status.json")
+        status = gw.status()
+        assert f"dns://127.0.0.1:{dns_port}/{ZONE}" in status.get("listen", [])
+        client = DnsClient(DnsClientConfig(zone=ZONE, resolver=("127.0.0.1", res.port), qps=500,
+                                           query_timeout=0.3, retries=3))
+        sent: list[bytes] = []
+        seq, killed, failures = 1, False, 0
+        try:
+            while seq <= 1200:
+                dgs = datagrams(100, start=seq)
+                body = seal(AGENT, key, seq, dgs)
+                if seq == 401 and not killed:
+                    killed = True
+                    # The gateway dies while this batch's fragments are on their way.
+                    task = asyncio.create_task(client.exchange(body))
+                    await asyncio.sleep(0.02)
+                    gw.kill9()
+                    with contextlib.suppress(DnsTransportError):
+                        await task
+                    gw.start()
+                try:
+                    answer = await client.exchange(body)
+                except DnsTransportError:
+                    failures += 1
+                    assert failures < 20
+                    continue
+                assert answer.kind == "a", answer
+                assert answer.int("acked") == seq + 99
+                sent.extend(d.payload for d in dgs)
+                seq += 100
+        finally:
+            client.close()
+        assert gw.stop() == 0
+    got = journal(data, AGENT)
+    assert [s for s, _ in got] == list(range(1, 1201))
+    assert [d.payload for _, d in got] == sent

@@ -55,6 +55,10 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "all (default 64MiB)"),
     ("--get-max-age", "get_max_age", "DURATION", "GET-only rung: drop a batch still incomplete after this "
      "long (default 2m)"),
+    ("--dns-zone", "dns_zone", "ZONE", "serve the DNS rung: the zone delegated to this gateway, whose names "
+     "carry agents' batches (docs/networks.md: how to delegate it); off unless given"),
+    ("--dns-listen", "dns_listen", "udp://HOST:PORT", "where the DNS endpoint for --dns-zone listens, UDP "
+     "and TCP on the same port (default udp://127.0.0.1:5353; a delegated zone needs port 53)"),
 )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from flowtunnel.config import parse_duration, parse_size
+from flowtunnel.wire.dns import normalise_zone
 
 __all__ = [
     "DEFAULT_FORWARD_RATE",
@@ -216,6 +217,10 @@ class GatewayConfig:
     get_pending_per_agent: int = 4
     get_pending_bytes: int = field(default=64 << 20, metadata={"parse": parse_size})
     get_max_age: float = field(default=120.0, metadata={"parse": parse_duration})
+    #: The DNS rung: the zone delegated to this gateway (names under it carry batches; docs/networks.md).
+    dns_zone: str | None = None
+    #: Where the authoritative DNS endpoint listens for dns_zone, udp://HOST:PORT (TCP on the same port).
+    dns_listen: str = "udp://127.0.0.1:5353"
 
     def __post_init__(self) -> None:
         if self.data is None or str(self.data) == "":
@@ -293,6 +298,9 @@ class GatewayConfig:
             raise ValueError(f"probe_rate {self.probe_rate}/s is outside (0, 100000]")
         if not 1 <= self.retry_after <= 3600:
             raise ValueError(f"retry_after {self.retry_after} is outside 1 .. 3600 s")
+        if self.dns_zone is not None:
+            object.__setattr__(self, "dns_zone", normalise_zone(self.dns_zone))
+            _ = self.dns_host_port
 
     @property
     def data_dir(self) -> Path:
@@ -308,6 +316,16 @@ class GatewayConfig:
     def listen_addresses(self) -> tuple[ListenAddress, ...]:
         tls = self.tls_cert is not None
         return tuple(parse_listen(text, tls=tls) for text in self.listens)
+
+    @property
+    def dns_host_port(self) -> tuple[str, int]:
+        text = self.dns_listen
+        if text.startswith("udp://"):
+            text = text[len("udp://"):]
+        elif "://" in text:
+            raise ValueError(f"dns_listen {self.dns_listen!r} must be udp://HOST:PORT (TCP is served on the "
+                             "same port)")
+        return parse_host_port(text, what="DNS listen address")
 
     @property
     def listen_host_port(self) -> tuple[str, int]:

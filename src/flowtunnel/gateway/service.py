@@ -24,8 +24,9 @@ from dataclasses import asdict
 from aiohttp import web
 
 from flowtunnel import __version__
-from flowtunnel.gateway.app import HttpErrorLogger, build_app
+from flowtunnel.gateway.app import ADMISSION_KEY, HttpErrorLogger, build_app
 from flowtunnel.gateway.config import GatewayConfig
+from flowtunnel.gateway.dns import DnsConfig, DnsEndpoint
 from flowtunnel.gateway.ingest import Ingest
 from flowtunnel.gateway.metrics import GatewayMetrics
 from flowtunnel.gateway.notify import JournalNotify
@@ -92,6 +93,7 @@ class Gateway:
         self.urls: list[str] = []
         self._runner: web.AppRunner | None = None
         self._sites: list[web.BaseSite] = []
+        self.dns: DnsEndpoint | None = None
         self._tasks = TaskSet()
         self._sink_tasks: dict[str, asyncio.Task[None]] = {}
         self._started = time.time()
@@ -199,6 +201,12 @@ class Gateway:
                     continue
                 h, p = addr[0], addr[1]
                 self.urls.append(f"{where.scheme}://[{h}]:{p}" if ":" in str(h) else f"{where.scheme}://{h}:{p}")
+        if cfg.dns_zone is not None:
+            host, port = cfg.dns_host_port
+            self.dns = DnsEndpoint(DnsConfig(zone=cfg.dns_zone, host=host, port=port), self.ingest,
+                                   admission=app[ADMISSION_KEY])
+            await self.dns.start()
+            self.urls.append(f"dns://{host}:{self.dns.port}/{cfg.dns_zone}")
         self._tasks.spawn(self._housekeeping(), name="gateway:housekeeping")
         log.info("listening on %s (data %s, sinks: %s)", ", ".join(self.urls), self.data_dir,
                  ", ".join(s.name for s in self.sinks) or "none")
@@ -339,6 +347,7 @@ class Gateway:
             "sinks": sinks,
             "rejected": dict(self.metrics.rejects_by_cause),
             "rungs": {rung: dict(doc) for rung, doc in sorted(self.metrics.rungs.items())},
+            "dns": self.dns.status() if self.dns is not None else None,
         }
 
     def write_status(self) -> None:
@@ -349,6 +358,9 @@ class Gateway:
     async def stop(self) -> None:
         if self.ingest is not None:
             self.ingest.closing = True
+        if self.dns is not None:
+            await self.dns.stop()
+            self.dns = None
         # Stop accepting, site by site, then let in-flight requests finish (runner.cleanup waits for them).
         for site in self._sites:
             try:
