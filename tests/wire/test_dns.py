@@ -174,3 +174,14 @@ def test_a_changed_fragment_count_restarts_the_batch() -> None:
     p = r.add(frag(b"b", index=0, count=2), now=0)
     assert (p.have, p.count) == (1, 2)
     assert r.counters["dns-inconsistent"] == 1
+
+
+def test_protocol_md_vector() -> None:
+    q = FragmentQuery(kind=Kind.FRAGMENT, session=0x01020304, batch=7, index=1, count=3, salt=0xBEEF,
+                      data=b"hello flowtunnel")
+    assert encode_name(q, ZONE) == "nbswy3dpebtgy33xor2w43tfnq.aeaacaqdaqaaoaabaab353y.t.example.org"
+    poll = FragmentQuery(kind=Kind.POLL, session=0x01020304, batch=7, index=0, count=3, salt=1)
+    assert encode_name(poll, ZONE) == "aeaqcaqdaqaaoaaaaabqaai.t.example.org"
+    assert encode_answer(Answer(kind="p", fields={"have": "2", "of": "3"}, window=8, gap_ms=20)) == (
+        "ft1 p win=8 gap=20 have=2 of=3"
+    )
