@@ -10,9 +10,9 @@ fragments that each ride in one name under the gateway's zone::
 - data labels: the fragment's bytes in lowercase base32 without padding (RFC 4648 alphabet). Base32 is
   case-insensitive, so resolvers that randomise the case of names (0x20, unbound's ``use-caps-for-id``)
   change nothing.
-- meta label: 14 bytes in base32 (23 characters): version, kind, a per-run session id, the batch number within
-  the session, fragment index and count, and a salt the agent draws per query so that no cache between the
-  agent and the gateway can answer for the gateway (every retry is a fresh name).
+- meta label: 12 bytes in base32 (20 characters): version and kind, a per-run session id, the batch number
+  within the session, fragment index and count, and a salt the agent draws per query so that no cache
+  between the agent and the gateway can answer for the gateway (every retry is a fresh name).
 
 The gateway answers a TXT query with one short text record (``ft1 <kind> key=value ...``, section 9 of
 docs/protocol.md): progress for a fragment, the ingest answer (acked + tag, as the POST answer) once a batch
@@ -57,9 +57,9 @@ __all__ = [
 MAX_NAME = 253  # characters of a name in text form without the trailing dot (255 octets on the wire)
 MAX_LABEL = 63
 VERSION = 1
-_META = struct.Struct(">BBIHHHH")  # version, kind, session, batch, index, count, salt
-META_BYTES = _META.size  # 14
-_META_CHARS = (META_BYTES * 8 + 4) // 5  # 23
+_META = struct.Struct(">BIHHHB")  # version << 4 | kind, session, batch, index, count, salt
+META_BYTES = _META.size  # 12
+_META_CHARS = (META_BYTES * 8 + 4) // 5  # 20
 _B32 = re.compile(r"^[a-z2-7]+$")
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 MAX_FRAGMENTS = 65535
@@ -97,7 +97,7 @@ def normalise_zone(zone: str) -> str:
 
 
 def capacity(zone: str) -> int:
-    """Payload bytes one query name carries under ``zone`` (132 under a 13-character zone)."""
+    """Payload bytes one query name carries under ``zone`` (134 under a 13-character zone)."""
     room = MAX_NAME - len(normalise_zone(zone)) - 1 - _META_CHARS  # "<data>.<meta>.<zone>"
     # ``room`` holds the data characters plus one dot after each data label.
     labels = (room + MAX_LABEL) // (MAX_LABEL + 1)
@@ -142,7 +142,7 @@ def encode_name(query: FragmentQuery, zone: str) -> str:
     """The query name (no trailing dot) carrying ``query`` under ``zone``."""
     z = normalise_zone(zone)
     fields = (("session", query.session, 32), ("batch", query.batch, 16), ("index", query.index, 16),
-              ("count", query.count, 16), ("salt", query.salt, 16))
+              ("count", query.count, 16), ("salt", query.salt, 8))
     for name, value, bits in fields:
         if not 0 <= value < 1 << bits:
             raise ValueError(f"{name} {value} is outside 0..{(1 << bits) - 1}")
@@ -151,8 +151,8 @@ def encode_name(query: FragmentQuery, zone: str) -> str:
             f"fragment {query.index} of {query.count} with {len(query.data)} bytes is inconsistent")
     if query.kind is Kind.POLL and query.data:
         raise ValueError("a poll carries no data")
-    meta = _b32encode(_META.pack(VERSION, query.kind, query.session, query.batch, query.index, query.count,
-                                 query.salt))
+    meta = _b32encode(_META.pack(VERSION << 4 | query.kind, query.session, query.batch, query.index,
+                                 query.count, query.salt))
     text = _b32encode(query.data)
     labels = [text[i : i + MAX_LABEL] for i in range(0, len(text), MAX_LABEL)]
     name = ".".join([*labels, meta, z])
@@ -186,9 +186,10 @@ def decode_name(name: str, zone: str) -> FragmentQuery | None:
         raise DnsNameError(f"meta label {meta_text[:24]!r} is not {_META_CHARS} base32 characters",
                            cause="dns-bad-name")
     try:
-        version, kind, session, batch, index, count, salt = _META.unpack(_b32decode(meta_text))
+        head, session, batch, index, count, salt = _META.unpack(_b32decode(meta_text))
     except (binascii.Error, struct.error) as exc:
         raise DnsNameError(f"meta label does not decode: {exc}", cause="dns-bad-name") from None
+    version, kind = head >> 4, head & 0x0F
     if version != VERSION:
         raise DnsNameError(f"name version {version} is not {VERSION}", cause="dns-bad-version")
     if kind not in (Kind.FRAGMENT, Kind.POLL):
