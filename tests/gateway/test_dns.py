@@ -172,3 +172,18 @@ async def test_a_forged_batch_is_refused_by_ingest_after_reassembly(
     assert answer.kind == "e"
     assert (answer.fields["st"], answer.fields["code"]) == ("401", "authentication-failed")
     assert journal_entries(gw) == []
+
+
+async def test_status_names_the_dns_rung_and_its_counters(env: tuple[Gateway, DnsEndpoint, bytes]) -> None:
+    from flowtunnel.gateway.status import render
+
+    gw, dns, key = env
+    gw.dns = dns  # as Gateway.start does for --dns-zone
+    await send_batch(dns.port, seal(AGENT, key, 1, datagrams(5)), session=3, batch=1)
+    doc = gw.status()
+    assert isinstance(doc["dns"], dict)
+    assert doc["dns"]["zone"] == ZONE
+    text = render(doc)
+    assert f"dns rung  zone {ZONE} on udp+tcp port {dns.port}" in text
+    assert "dns-batches=1" in text
+    gw.dns = None

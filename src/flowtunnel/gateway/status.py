@@ -143,6 +143,15 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
                   str(m.get("sent", 0))] for m in mappings if isinstance(m, Mapping)]
         lines += _table(["agent", "exporter", "source", "mode", "sent"], mrows)
 
+    dns = status.get("dns")
+    if isinstance(dns, Mapping):
+        lines.append("")
+        lines.append(
+            f"dns rung  zone {dns.get('zone', '-')} on udp+tcp port {dns.get('port', '-')}, "
+            f"{dns.get('pending_batches', 0)} incomplete batches ({_size(dns.get('pending_bytes'))}); "
+            f"{_counts(dns.get('counters'))}"
+        )
+
     lines.append("")
     lines.append(f"rejected requests  {_counts(status.get('rejected'))}")
     return "\n".join(lines)
