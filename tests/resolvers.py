@@ -13,7 +13,20 @@ from types import TracebackType
 
 from tests.peers import _stop_process, _wait_udp_bound, free_udp_port, require
 
-__all__ = ["Dnsmasq", "LossyRelay", "Unbound"]
+__all__ = ["Dnsmasq", "LossyRelay", "Unbound", "free_dns_port"]
+
+
+def free_dns_port() -> int:
+    """A port free a moment ago on 127.0.0.1 for both UDP and TCP (a DNS server listens on both)."""
+    for _ in range(50):
+        port = free_udp_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
 
 
 class _Resolver:

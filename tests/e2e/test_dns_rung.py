@@ -14,7 +14,7 @@ from flowtunnel.gateway import Gateway
 from flowtunnel.gateway.dns import DnsConfig, DnsEndpoint
 from flowtunnel.wire import peek_header, verify_ack
 from tests.gateway.util import datagrams, enroll, journal_entries, seal, start_gateway
-from tests.resolvers import Dnsmasq, LossyRelay, Unbound
+from tests.resolvers import Dnsmasq, LossyRelay, Unbound, free_dns_port
 
 AGENT = "site-dns"
 ZONE = "t.example.org"
@@ -88,11 +88,10 @@ async def test_gateway_process_killed_mid_stream_loses_and_doubles_nothing(tmp_p
     from flowtunnel.agent.dnsclient import DnsTransportError
     from flowtunnel.wire import parse_key
     from tests.agent.chain import GatewayProc, enroll_agent, journal, wait_until
-    from tests.peers import free_udp_port
 
     data = tmp_path / "gw"
     key = parse_key(enroll_agent(data, AGENT))
-    dns_port = free_udp_port()
+    dns_port = free_dns_port()
     gw = GatewayProc(data, extra=["--dns-zone", ZONE, "--dns-listen", f"udp://127.0.0.1:{dns_port}"])
     with gw, Dnsmasq(tmp_path, zone=ZONE, upstream_port=dns_port) as res:
         gw.start()

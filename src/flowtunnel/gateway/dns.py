@@ -108,15 +108,27 @@ class DnsEndpoint:
     # -- life cycle -----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Listen on UDP and TCP, same port. Port 0 picks one free for both (a few tries: the UDP pick may be
+        taken on TCP). Error handling: ``OSError`` (port busy, address not local), nothing left open."""
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(self.config.host, self.config.port)
-        )
-        self._udp = transport
-        self.port = transport.get_extra_info("sockname")[1]
-        self._tcp = await asyncio.start_server(
-            self._serve_tcp, self.config.host, self.port, reuse_address=True
-        )
+        tries = 20 if self.config.port == 0 else 1
+        for attempt in range(tries):
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UdpProtocol(self), local_addr=(self.config.host, self.config.port)
+            )
+            port = transport.get_extra_info("sockname")[1]
+            try:
+                self._tcp = await asyncio.start_server(
+                    self._serve_tcp, self.config.host, port, reuse_address=True
+                )
+            except OSError:
+                transport.close()
+                if attempt + 1 == tries:
+                    raise
+                continue
+            self._udp = transport
+            self.port = port
+            break
         log.info("DNS endpoint for zone %s listening on udp+tcp %s:%d", self.config.zone, self.config.host,
                  self.port)
 
