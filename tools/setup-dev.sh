@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian machine for flowtunnel's tests: the real peers the tests drive (softflowd, nfdump,
 # tshark, tinyproxy, nats-server; squid with its fake auth helpers and mitmproxy for the hostile-network zoo
-# in tests/zoo/; pmacct for the benchmarks' nfacctd baseline) and a virtualenv at .venv with the project and
+# in tests/zoo/; unbound and dnsmasq as the DNS rung's resolvers; pmacct for the benchmarks' nfacctd baseline) and a virtualenv at .venv with the project and
 # its test/lint extras.
 # Idempotent; needs root (or sudo) for apt-get. Set SKIP_APT=1 to skip the Debian part.
 set -euo pipefail
@@ -15,7 +15,7 @@ if [ "${SKIP_APT:-0}" != "1" ]; then
     echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
     need=""
     for pair in softflowd:softflowd nfcapd:nfdump tshark:tshark tinyproxy:tinyproxy nats-server:nats-server nfacctd:pmacct \
-        squid:squid mitmdump:mitmproxy; do
+        squid:squid mitmdump:mitmproxy unbound:unbound dnsmasq:dnsmasq-base; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need="$need ${pair##*:}"
     done
     if [ -n "$need" ]; then
