@@ -16,6 +16,7 @@ from typing import Any, Final
 import duckdb
 import numpy.typing as npt
 
+from flowtunnel.store import sandbox
 from flowtunnel.store.errors import StoreError
 from flowtunnel.store.schema import (
     AGENT_STATS_COLUMNS,
@@ -138,19 +139,27 @@ class FlowDatabase:
     back whole (rows, cursor, state), so the caller may retry the same batch.
 
     Resource handling: one connection until ``close()``; ``reader()`` connections share the database
-    instance and must be closed by their users before ``close()``.
+    instance and must be closed by their users before ``close()``. Once the tables exist the instance is
+    locked down for queries (``flowtunnel.store.sandbox``): no external access but ``export_staging``, no
+    extension loading, no SET, ``limits`` fixed.
     """
 
-    def __init__(self, path: Path, *, memory_limit: str | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        memory_limit: str | None = None,
+        threads: int | None = None,
+        limits: sandbox.QueryLimits | None = None,
+    ) -> None:
         self.path = path
+        self.limits = limits or sandbox.QueryLimits(memory_limit=memory_limit, threads=threads)
+        # Where the query server's Parquet export writes before moving files into place: the one directory
+        # the locked instance may write to.
+        self.export_staging = path.parent / "export-staging"
         path.parent.mkdir(parents=True, exist_ok=True)
-        config: dict[str, Any] = {
-            "autoinstall_known_extensions": False, "checkpoint_threshold": CHECKPOINT_THRESHOLD,
-        }
-        if memory_limit:
-            config["memory_limit"] = memory_limit
-        if threads:
-            config["threads"] = threads
+        self.export_staging.mkdir(mode=0o700, exist_ok=True)
+        config = sandbox.instance_config(self.limits, checkpoint_threshold=CHECKPOINT_THRESHOLD)
         try:
             self._conn = duckdb.connect(str(path), config=config)
         except duckdb.Error as exc:
@@ -178,6 +187,7 @@ class FlowDatabase:
                     f"flow store {path} has schema version {row[0]}, this flowtunnel knows {SCHEMA_VERSION}"
                 )
             self._read_stored_keys()
+            sandbox.lock(self._conn, allowed_directories=[self.export_staging])
         except duckdb.Error as exc:
             self.close()
             raise StoreError(f"cannot set up flow store {path}: {exc}") from None
@@ -188,7 +198,7 @@ class FlowDatabase:
             self._conn.close()
 
     def reader(self) -> duckdb.DuckDBPyConnection:
-        """A new connection to the same database instance, for one query in another thread."""
+        """A new connection to the same (locked) database instance, for one query in another thread."""
         with self._reader_lock:
             return self._reader_root.cursor()
 

@@ -1,16 +1,18 @@
-"""Read-only access to the flow store: SQL checks, the query path choice, ``top`` and Parquet export.
+"""Read-only access to the flow store: the query path choice, ``top`` and Parquet export.
 
 DuckDB admits one process that holds a database file open for writing, and while it does, no other process
 may open the file even read-only. The gateway's store sink is that process, so queries reach the store in one
 of two ways, chosen per call:
 
 1. through the sink's query server (``DATA/store/query.sock``, see ``flowtunnel.store.server``), which runs
-   the SQL on a cursor of the writer's own database, so a query sees every committed row, mid-ingest;
+   the SQL on a connection of the writer's own (locked-down) database instance, so a query sees every
+   committed row, mid-ingest;
 2. when nobody holds the file (gateway stopped, or killed and its socket left behind), by opening the
-   database directly with ``read_only=True``.
+   database directly, read-only, with the same lock-down.
 
-Either way the SQL must be exactly one SELECT (or EXPLAIN) statement, and it runs inside a transaction that is
-rolled back, so nothing a query does can persist.
+Either way the query runs in the sandbox of ``flowtunnel.store.sandbox``: exactly one SELECT (or EXPLAIN of
+one), in a read-only transaction, on an instance without external access, extensions or SET, with memory
+and time limits.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import decimal
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,14 +30,25 @@ from typing import Final
 
 import duckdb
 
-from flowtunnel.store.errors import QueryError, QueryRejected, StoreBusy, StoreError, StoreNotFound
+from flowtunnel.store import sandbox
+from flowtunnel.store.errors import QueryError, StoreBusy, StoreError, StoreNotFound
+from flowtunnel.store.export import (
+    export_sql,
+    install_partitions,
+    new_staging,
+    remove_staging,
+    since_clause,
+)
+from flowtunnel.store.sandbox import QueryLimits, check_read_only
 
 __all__ = [
+    "CLOCKS",
     "TOP_KEYS",
     "QueryResult",
     "StorePaths",
     "check_read_only",
     "connect_direct",
+    "count_sql",
     "export_sql",
     "jsonable",
     "open_query",
@@ -42,10 +56,11 @@ __all__ = [
     "top_sql",
 ]
 
-_ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 TOP_KEYS: Final = ("src_addr", "dst_addr", "dst_port", "src_port", "protocol", "exporter", "agent")
 _TOP_ORDER: Final = ("bytes", "packets", "flows")
 FETCH_ROWS: Final = 2048
+# Which time a ``--since`` filter goes by: the exporter's flow times, or when flowtunnel received the flow.
+CLOCKS: Final = ("flow", "received")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,6 +81,10 @@ class StorePaths:
     def socket(self) -> Path:
         return self.root / "query.sock"
 
+    @property
+    def export_staging(self) -> Path:
+        return self.root / "export-staging"
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueryResult:
@@ -74,25 +93,6 @@ class QueryResult:
     columns: list[str]
     types: list[str]
     rows: Iterator[list[object]]
-
-
-def check_read_only(sql: str) -> str:
-    """Return ``sql`` if it is exactly one SELECT/EXPLAIN statement; raise ``QueryRejected`` otherwise."""
-    try:
-        statements = duckdb.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise QueryError(f"SQL does not parse: {exc}") from None
-    if len(statements) != 1:
-        raise QueryRejected(
-            f"a query must be exactly one statement, got {len(statements)}: run them one at a time"
-        )
-    kind = statements[0].type
-    if kind not in _ALLOWED:
-        name = kind.name if hasattr(kind, "name") else str(kind)
-        raise QueryRejected(
-            f"the store is read-only for queries: {name} statements are refused (use SELECT or EXPLAIN)"
-        )
-    return sql
 
 
 def jsonable(value: object) -> object:
@@ -127,15 +127,17 @@ def _json_param(value: object) -> object:
     return value
 
 
-def connect_direct(paths: StorePaths) -> duckdb.DuckDBPyConnection:
-    """Open the database read-only in this process. Raises ``StoreNotFound`` or ``StoreBusy``."""
+def connect_direct(
+    paths: StorePaths, *, limits: QueryLimits | None = None, allowed_directories: Sequence[Path] = ()
+) -> duckdb.DuckDBPyConnection:
+    """Open the database read-only and locked down here. Raises ``StoreNotFound`` or ``StoreBusy``."""
     if not paths.database.exists():
         raise StoreNotFound(
             f"no flow store at {paths.database} (has a gateway with the store sink run on {paths.data_dir}?)"
         )
     try:
-        conn = duckdb.connect(
-            str(paths.database), read_only=True, config={"autoinstall_known_extensions": False}
+        return sandbox.connect_read_only(
+            paths.database, limits or QueryLimits(), allowed_directories=allowed_directories
         )
     except duckdb.Error as exc:
         text = str(exc).lower()
@@ -145,18 +147,27 @@ def connect_direct(paths: StorePaths) -> duckdb.DuckDBPyConnection:
                 f"query socket {paths.socket} does not answer"
             ) from None
         raise StoreError(f"cannot open flow store {paths.database}: {exc}") from None
-    conn.execute("SET TimeZone = 'UTC'")
-    return conn
 
 
-def iterate(cursor: duckdb.DuckDBPyConnection) -> Iterator[list[object]]:
+def iterate(cursor: duckdb.DuckDBPyConnection, timeout: float | None = None) -> Iterator[list[object]]:
     """Rows of the cursor's current result, fetched in chunks, as lists of JSON-friendly values."""
     while True:
-        chunk = cursor.fetchmany(FETCH_ROWS)
+        try:
+            chunk = cursor.fetchmany(FETCH_ROWS)
+        except duckdb.InterruptException:
+            raise QueryError(_interrupted(timeout)) from None
+        except duckdb.Error as exc:
+            raise QueryError(str(exc)) from None
         if not chunk:
             return
         for row in chunk:
             yield [jsonable(v) for v in row]
+
+
+def _interrupted(timeout: float | None) -> str:
+    if timeout is None:
+        return "query interrupted"
+    return f"query interrupted after its {timeout:g} s timeout"
 
 
 def describe(cursor: duckdb.DuckDBPyConnection) -> tuple[list[str], list[str]]:
@@ -166,12 +177,19 @@ def describe(cursor: duckdb.DuckDBPyConnection) -> tuple[list[str], list[str]]:
 
 @contextmanager
 def open_query(
-    data_dir: Path, sql: str, params: Sequence[object] = (), *, timeout: float = 300.0
+    data_dir: Path,
+    sql: str,
+    params: Sequence[object] = (),
+    *,
+    timeout: float = 300.0,
+    limits: QueryLimits | None = None,
 ) -> Iterator[QueryResult]:
     """Run the read-only ``sql`` on the store of ``data_dir``; yields a ``QueryResult`` to iterate.
 
-    Error handling: ``QueryRejected`` for writes or several statements (before anything runs), ``QueryError``
-    for SQL DuckDB refuses or a timeout, ``StoreNotFound``/``StoreBusy`` when the store cannot be reached.
+    Error handling: ``QueryRejected`` for anything but one SELECT (before anything runs), ``QueryError``
+    for SQL DuckDB refuses, a file or setting the sandbox refuses, the memory cap or the timeout;
+    ``StoreNotFound``/``StoreBusy`` when the store cannot be reached. ``limits`` apply when the store is
+    opened directly; through the socket the gateway's apply.
     """
     check_read_only(sql)
     paths = StorePaths(data_dir=data_dir)
@@ -183,24 +201,24 @@ def open_query(
         with client:
             yield client.query(sql, [_json_param(p) for p in params], timeout=timeout)
         return
-    conn = connect_direct(paths)
+    limits = limits or QueryLimits()
+    conn = connect_direct(paths, limits=limits)
+    timer = threading.Timer(timeout, conn.interrupt)
+    timer.daemon = True
     try:
+        cursor = sandbox.begin(conn.cursor(), limits)
+        timer.start()
         try:
-            conn.execute(sql, list(params))
+            cursor.execute(sql, list(params))
+        except duckdb.InterruptException:
+            raise QueryError(_interrupted(timeout)) from None
         except duckdb.Error as exc:
             raise QueryError(str(exc)) from None
-        columns, types = describe(conn)
-        yield QueryResult(columns=columns, types=types, rows=iterate(conn))
+        columns, types = describe(cursor)
+        yield QueryResult(columns=columns, types=types, rows=iterate(cursor, timeout))
     finally:
+        timer.cancel()
         conn.close()
-
-
-def _since_clause(since_seconds: float | None, params: list[object], now: dt.datetime) -> str:
-    if since_seconds is None:
-        return ""
-    params.append((now - dt.timedelta(seconds=since_seconds)).isoformat())
-    # Flows without an exporter timestamp count by when the agent received them.
-    return "coalesce(flow_end, flow_start, received) >= CAST(? AS TIMESTAMPTZ)"
 
 
 def top_sql(
@@ -211,8 +229,13 @@ def top_sql(
     limit: int = 10,
     order: str = "bytes",
     now: dt.datetime,
+    clock: str = "flow",
 ) -> tuple[str, list[object]]:
-    """The SQL (and parameters) ranking ``by`` values by bytes, packets and flow count."""
+    """The SQL (and parameters) ranking ``by`` values by bytes, packets and flow count.
+
+    ``clock`` says which time ``since_seconds`` goes by: ``flow`` (the exporter's flow end, else start, else
+    the receive time) or ``received`` (when the flow reached flowtunnel).
+    """
     if by not in TOP_KEYS:
         raise ValueError(f"cannot rank by {by!r}: choose one of {', '.join(TOP_KEYS)}")
     if order not in _TOP_ORDER:
@@ -220,7 +243,7 @@ def top_sql(
     if limit < 1:
         raise ValueError(f"limit {limit} must be at least 1")
     params: list[object] = []
-    where = [c for c in (_since_clause(since_seconds, params, now),) if c]
+    where = [c for c in (since_clause(since_seconds, params, now, clock),) if c]
     if agent is not None:
         where.append("agent = ?")
         params.append(agent)
@@ -236,27 +259,32 @@ def top_sql(
     return sql, params
 
 
-def export_sql(target: Path, *, since_seconds: float | None, now: dt.datetime) -> tuple[str, list[object]]:
-    """COPY statement writing ``flows`` as Parquet under ``target``, one ``day=YYYY-MM-DD`` directory per day.
-
-    A flow's day is that of its start (or, without exporter timestamps, its reception), in UTC. Files of
-    days already present in ``target`` are replaced, so re-exporting a day is idempotent.
-    """
+def count_sql(
+    *, since_seconds: float, agent: str | None, now: dt.datetime, clock: str
+) -> tuple[str, list[object]]:
+    """How many flows a ``top`` with these filters would rank (for the empty-result hint)."""
     params: list[object] = []
-    since = _since_clause(since_seconds, params, now)
-    where_sql = f"WHERE {since}" if since else ""
-    literal = str(target).replace("'", "''")
-    sql = (
-        "COPY (SELECT *, CAST(coalesce(flow_start, received) AS DATE) AS day FROM flows "
-        f"{where_sql}) TO '{literal}' (FORMAT parquet, PARTITION_BY (day), OVERWRITE_OR_IGNORE true)"
-    )
-    return sql, params
+    where = [since_clause(since_seconds, params, now, clock)]
+    if agent is not None:
+        where.append("agent = ?")
+        params.append(agent)
+    return f"SELECT count(*) FROM flows WHERE {' AND '.join(where)}", params
 
 
 def run_export(
-    data_dir: Path, target: Path, *, since_seconds: float | None, now: dt.datetime, timeout: float = 3600.0
+    data_dir: Path,
+    target: Path,
+    *,
+    since_seconds: float | None,
+    now: dt.datetime,
+    timeout: float = 3600.0,
+    limits: QueryLimits | None = None,
 ) -> int:
-    """Write Parquet partitioned by day to ``target``; returns the number of rows written."""
+    """Write Parquet partitioned by day to ``target``; returns the number of rows written.
+
+    Files are written to a staging directory first and moved into ``target`` only when complete
+    (``flowtunnel.store.export``): a killed export leaves the previous export's files whole.
+    """
     paths = StorePaths(data_dir=data_dir)
     target = target.resolve()
     from flowtunnel.store.server import QueryClient
@@ -265,13 +293,31 @@ def run_export(
     if client is not None:
         with client:
             return client.export(target, since_seconds=since_seconds, now=now, timeout=timeout)
-    conn = connect_direct(paths)
+    if not paths.database.exists():
+        connect_direct(paths)  # raises StoreNotFound
+    # A sibling of the target: the same filesystem (files are renamed into place), outside its tree
+    # (readers of target/** never see half an export).
+    staging = new_staging(target.parent)
     try:
-        sql, params = export_sql(target, since_seconds=since_seconds, now=now)
+        conn = connect_direct(paths, limits=limits, allowed_directories=[staging])
+        timer = threading.Timer(timeout, conn.interrupt)
+        timer.daemon = True
+        timer.start()
         try:
-            row = conn.execute(sql, params).fetchone()
-        except duckdb.Error as exc:
-            raise QueryError(f"export to {target} failed: {exc}") from None
+            sql, params = export_sql(staging / "parts", since_seconds=since_seconds, now=now)
+            try:
+                row = conn.execute(sql, params).fetchone()
+            except duckdb.InterruptException:
+                raise QueryError(f"export to {target} interrupted after its {timeout:g} s timeout") from None
+            except duckdb.Error as exc:
+                raise QueryError(f"export to {target} failed: {exc}") from None
+        finally:
+            timer.cancel()
+            conn.close()
+        try:
+            install_partitions(staging / "parts", target)
+        except OSError as exc:
+            raise StoreError(f"export to {target} failed while moving files into place: {exc}") from None
         return int(row[0]) if row else 0
     finally:
-        conn.close()
+        remove_staging(staging)

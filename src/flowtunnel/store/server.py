@@ -2,8 +2,10 @@
 
 Why a socket: DuckDB lets one process hold the database for writing, and then no other process can open it at
 all. Rather than have the writer cut immutable segments for readers (more files, compaction, and queries that
-lag ingest by a segment), the process that holds the database answers queries itself on cursors of its own
-database instance, so queries see every committed row while ingest goes on.
+lag ingest by a segment), the process that holds the database answers queries itself on connections of its own
+database instance, so queries see every committed row while ingest goes on. That instance is locked down for
+queries and each query runs in the sandbox of ``flowtunnel.store.sandbox`` (read-only transaction, no files,
+extensions or settings, memory cap, timeout, answer size cap).
 
 Protocol: newline-delimited JSON over ``DATA/store/query.sock`` (mode 0600: the data directory's owner only).
 Request: ``{"op": "query", "sql": ..., "params": [...], "timeout": s}`` or
@@ -29,8 +31,11 @@ from typing import Any, Final
 
 import duckdb
 
+from flowtunnel.store import sandbox
 from flowtunnel.store.errors import QueryError, QueryRejected, StoreError
-from flowtunnel.store.query import FETCH_ROWS, QueryResult, check_read_only, describe, export_sql, jsonable
+from flowtunnel.store.export import export_sql, install_partitions, new_staging, remove_staging
+from flowtunnel.store.query import FETCH_ROWS, QueryResult, describe, jsonable
+from flowtunnel.store.sandbox import QueryLimits, check_read_only
 
 __all__ = ["QueryClient", "QueryServer"]
 
@@ -68,21 +73,40 @@ def short_path(path: Path) -> Iterator[str]:
 
 
 class QueryServer:
-    """Answers read-only queries on cursors from ``cursor_factory`` (a new connection to the writer's DB).
+    """Answers read-only queries on connections from ``cursor_factory`` (new connections to the writer's DB).
 
     Resource handling: at most ``MAX_CONCURRENT`` queries run at once (others wait); each runs in a worker
-    thread inside a transaction that is rolled back; a query running longer than its timeout is interrupted.
+    thread inside a read-only transaction that is rolled back, with ``limits.per_query_memory``; a query
+    running longer than its timeout is interrupted, and so is every running query when ``interrupt_all`` is
+    called (the sink does when a commit fails: ingest needs the memory). An answer over
+    ``limits.max_result_bytes`` is cut with an error. Exports write into ``staging`` (the one directory the
+    locked instance may write), then move complete files into the target.
+
+    Error handling: every failure of a request, DuckDB's fatal errors included, is answered to its client
+    and counted in ``failed``; none escapes the session task.
     """
 
-    def __init__(self, path: Path, cursor_factory: Callable[[], duckdb.DuckDBPyConnection]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        cursor_factory: Callable[[], duckdb.DuckDBPyConnection],
+        *,
+        limits: QueryLimits | None = None,
+        staging: Path | None = None,
+    ) -> None:
         self.path = path
         self._cursor_factory = cursor_factory
+        self._limits = limits or QueryLimits()
+        self._staging = staging
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[Any]] = set()
+        self._running: set[duckdb.DuckDBPyConnection] = set()
+        self._evicted: set[duckdb.DuckDBPyConnection] = set()  # interrupted by ``interrupt_all``
         self._limit = asyncio.Semaphore(MAX_CONCURRENT)
         self.queries = 0
         self.rejected = 0
         self.failed = 0
+        self.interrupted = 0
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -107,6 +131,16 @@ class QueryServer:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
+    def interrupt_all(self) -> int:
+        """Interrupt every query running now; returns how many. Safe from any thread."""
+        running = list(self._running)
+        for cur in running:
+            self._evicted.add(cur)
+            with contextlib.suppress(duckdb.Error):
+                cur.interrupt()
+        self.interrupted += len(running)
+        return len(running)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         if task is not None:
@@ -129,6 +163,11 @@ class QueryServer:
                     await self._query(request, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             log.debug("query client went away")
+        except Exception as exc:  # a DuckDB fatal error, a failed export move, ...: answer, never crash
+            self.failed += 1
+            log.error("store query failed: %s: %s", type(exc).__name__, exc)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self._send(writer, {"error": f"the store could not answer: {exc}", "kind": "query"})
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
@@ -141,15 +180,28 @@ class QueryServer:
 
     def _open(self) -> duckdb.DuckDBPyConnection:
         cur = self._cursor_factory()
-        cur.execute("SET TimeZone = 'UTC'")
-        cur.execute("BEGIN TRANSACTION")
+        try:
+            sandbox.begin(cur, self._limits)
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                cur.close()
+            raise
+        self._running.add(cur)
         return cur
 
-    @staticmethod
-    def _close(cur: duckdb.DuckDBPyConnection) -> None:
-        with contextlib.suppress(duckdb.Error):
-            cur.execute("ROLLBACK")
-        cur.close()
+    def _close(self, cur: duckdb.DuckDBPyConnection) -> None:
+        self._running.discard(cur)
+        self._evicted.discard(cur)
+        sandbox.rollback(cur)
+
+    async def _begin(self, writer: asyncio.StreamWriter) -> duckdb.DuckDBPyConnection | None:
+        try:
+            return await asyncio.to_thread(self._open)
+        except duckdb.Error as exc:  # FatalException: the database was invalidated; the sink reopens it
+            self.failed += 1
+            log.warning("store query refused: the database cannot start a query: %s", exc)
+            await self._send(writer, {"error": f"the store cannot run queries now: {exc}", "kind": "query"})
+            return None
 
     async def _query(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         self.queries += 1
@@ -168,9 +220,13 @@ class QueryServer:
             self.failed += 1
             await self._send(writer, {"error": str(exc), "kind": "query"})
             return
-        cur = await asyncio.to_thread(self._open)
+        cur = await self._begin(writer)
+        if cur is None:
+            return
         timer = asyncio.get_running_loop().call_later(timeout, cur.interrupt)
         rows = 0
+        sent = 0
+        cap = self._limits.max_result_bytes
         try:
             try:
                 await asyncio.to_thread(cur.execute, sql, params)
@@ -181,17 +237,28 @@ class QueryServer:
                     if not chunk:
                         break
                     rows += len(chunk)
-                    writer.write(
-                        b"".join(
-                            json.dumps([jsonable(v) for v in row], separators=(",", ":")).encode() + b"\n"
-                            for row in chunk
-                        )
+                    data = b"".join(
+                        json.dumps([jsonable(v) for v in row], separators=(",", ":")).encode() + b"\n"
+                        for row in chunk
                     )
+                    sent += len(data)
+                    if sent > cap:
+                        self.failed += 1
+                        await self._send(writer, {
+                            "error": f"the answer exceeds the query server's limit of {cap} bytes after "
+                                     f"{rows - len(chunk)} rows: add a LIMIT or aggregate",
+                            "kind": "query",
+                        })
+                        return
+                    writer.write(data)
                     await writer.drain()
             except duckdb.InterruptException:
                 self.failed += 1
-                await self._send(writer, {"error": f"query interrupted after its {timeout:g} s timeout",
-                                          "kind": "query"})
+                reason = (
+                    "query interrupted: a store commit failed meanwhile, and ingest comes first"
+                    if cur in self._evicted else f"query interrupted after its {timeout:g} s timeout"
+                )
+                await self._send(writer, {"error": reason, "kind": "query"})
                 return
             except duckdb.Error as exc:
                 self.failed += 1
@@ -210,22 +277,40 @@ class QueryServer:
             now = dt.datetime.fromisoformat(str(request["now"]))
             if not target.is_absolute():
                 raise ValueError(f"export target {target} is not an absolute path")
-            sql, params = export_sql(target, since_seconds=None if since is None else float(since), now=now)
+            since_seconds = None if since is None else float(since)
         except (KeyError, ValueError) as exc:
             await self._send(writer, {"error": f"bad export request: {exc}", "kind": "query"})
             return
-        timeout = float(request.get("timeout") or 3600.0)
-        cur = await asyncio.to_thread(self._open)
-        timer = asyncio.get_running_loop().call_later(timeout, cur.interrupt)
-        try:
-            row = await asyncio.to_thread(lambda: cur.execute(sql, params).fetchone())
-        except duckdb.Error as exc:
-            self.failed += 1
-            await self._send(writer, {"error": f"export to {target} failed: {exc}", "kind": "query"})
+        if self._staging is None:
+            await self._send(writer, {"error": "this query server has no export staging directory",
+                                      "kind": "query"})
             return
+        timeout = float(request.get("timeout") or 3600.0)
+        staging = await asyncio.to_thread(new_staging, self._staging)
+        try:
+            sql, params = export_sql(staging / "parts", since_seconds=since_seconds, now=now)
+            cur = await self._begin(writer)
+            if cur is None:
+                return
+            timer = asyncio.get_running_loop().call_later(timeout, cur.interrupt)
+            try:
+                row = await asyncio.to_thread(lambda: cur.execute(sql, params).fetchone())
+            except duckdb.Error as exc:
+                self.failed += 1
+                await self._send(writer, {"error": f"export to {target} failed: {exc}", "kind": "query"})
+                return
+            finally:
+                timer.cancel()
+                await asyncio.to_thread(self._close, cur)
+            try:
+                await asyncio.to_thread(install_partitions, staging / "parts", target)
+            except OSError as exc:
+                self.failed += 1
+                text = f"export to {target} failed while moving files into place: {exc}"
+                await self._send(writer, {"error": text, "kind": "query"})
+                return
         finally:
-            timer.cancel()
-            await asyncio.to_thread(self._close, cur)
+            await asyncio.to_thread(remove_staging, staging)
         await self._send(writer, {"rows": int(row[0]) if row else 0})
 
 

@@ -191,7 +191,10 @@ class StoreSink:
             journal.commit_cursor(self.name, self.cursor)  # what DuckDB holds is what the gateway may trim
             if self.query_socket:
                 assert self._db is not None
-                self._server = QueryServer(self.paths.socket, self._db.reader)
+                db = self._db
+                self._server = QueryServer(
+                    self.paths.socket, db.reader, limits=db.limits, staging=db.export_staging
+                )
                 try:
                     await self._server.start()
                 except (OSError, StoreError) as exc:
@@ -249,7 +252,10 @@ class StoreSink:
             await self._shielded(commit)
         except StoreError as exc:
             self.commit_failures += 1
-            log.error("%s; reloading the last committed state, retrying in %g s", exc, self.retry_delay)
+            # Queries share the instance's memory: one at the cap makes commits fail. Ingest comes first.
+            interrupted = self._server.interrupt_all() if self._server is not None else 0
+            log.error("%s; reloading the last committed state, retrying in %g s%s", exc, self.retry_delay,
+                      f" ({interrupted} running queries interrupted)" if interrupted else "")
             await self._work(self._load)
             await asyncio.sleep(self.retry_delay)
             return False
