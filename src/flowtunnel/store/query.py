@@ -149,7 +149,9 @@ def connect_direct(
         raise StoreError(f"cannot open flow store {paths.database}: {exc}") from None
 
 
-def iterate(cursor: duckdb.DuckDBPyConnection, timeout: float | None = None) -> Iterator[list[object]]:
+def iterate(
+    cursor: duckdb.DuckDBPyConnection, timeout: float | None = None, limits: QueryLimits | None = None
+) -> Iterator[list[object]]:
     """Rows of the cursor's current result, fetched in chunks, as lists of JSON-friendly values."""
     while True:
         try:
@@ -157,7 +159,7 @@ def iterate(cursor: duckdb.DuckDBPyConnection, timeout: float | None = None) -> 
         except duckdb.InterruptException:
             raise QueryError(_interrupted(timeout)) from None
         except duckdb.Error as exc:
-            raise QueryError(str(exc)) from None
+            raise QueryError(sandbox.error_text(exc, limits or QueryLimits())) from None
         if not chunk:
             return
         for row in chunk:
@@ -213,9 +215,9 @@ def open_query(
         except duckdb.InterruptException:
             raise QueryError(_interrupted(timeout)) from None
         except duckdb.Error as exc:
-            raise QueryError(str(exc)) from None
+            raise QueryError(sandbox.error_text(exc, limits)) from None
         columns, types = describe(cursor)
-        yield QueryResult(columns=columns, types=types, rows=iterate(cursor, timeout))
+        yield QueryResult(columns=columns, types=types, rows=iterate(cursor, timeout, limits))
     finally:
         timer.cancel()
         conn.close()

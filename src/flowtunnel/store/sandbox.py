@@ -40,6 +40,7 @@ __all__ = [
     "begin",
     "check_read_only",
     "connect_read_only",
+    "error_text",
     "instance_config",
     "lock",
     "rollback",
@@ -96,6 +97,18 @@ class QueryLimits:
         return f"{_default_memory() // 2 // _MIB}MiB"
 
 
+def error_text(exc: duckdb.Error, limits: QueryLimits) -> str:
+    """DuckDB's message for a failed query, without advice that does not apply in the sandbox (SET ...)."""
+    text = str(exc)
+    if isinstance(exc, duckdb.OutOfMemoryException):
+        first = text.splitlines()[0] if text else "out of memory"
+        return (
+            f"{first}: the query needs more memory than the store's limit of {limits.instance_memory} "
+            "(filter or aggregate more, or add a LIMIT)"
+        )
+    return text
+
+
 def check_read_only(sql: str) -> str:
     """Return ``sql`` if it is exactly one SELECT (or EXPLAIN of one); raise ``QueryRejected`` otherwise.
 
@@ -113,7 +126,7 @@ def check_read_only(sql: str) -> str:
     elif kind != duckdb.StatementType.SELECT:
         raise QueryRejected(
             f"the store is read-only for queries: {_name(kind)} statements are refused "
-            "(use SELECT or EXPLAIN SELECT)"
+            "(use SELECT or EXPLAIN)"
         )
     return sql
 

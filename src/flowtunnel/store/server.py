@@ -163,6 +163,11 @@ class QueryServer:
                     await self._query(request, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             log.debug("query client went away")
+        except asyncio.CancelledError:
+            # close() cancels sessions in flight. Python 3.11's stream server reads the session task's
+            # exception() in a callback, which raises (and logs "Exception in callback") for a cancelled
+            # task: end the session normally instead; nobody awaits its result.
+            log.debug("query session cancelled by close()")
         except Exception as exc:  # a DuckDB fatal error, a failed export move, ...: answer, never crash
             self.failed += 1
             log.error("store query failed: %s: %s", type(exc).__name__, exc)
@@ -262,7 +267,7 @@ class QueryServer:
                 return
             except duckdb.Error as exc:
                 self.failed += 1
-                await self._send(writer, {"error": str(exc), "kind": "query"})
+                await self._send(writer, {"error": sandbox.error_text(exc, self._limits), "kind": "query"})
                 return
             await self._send(writer, {"end": rows})
         finally:
