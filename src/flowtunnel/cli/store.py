@@ -18,6 +18,7 @@ from flowtunnel.config import parse_duration
 from flowtunnel.errors import ConfigError
 from flowtunnel.store import TOP_KEYS, StoreError, open_query, run_export, top_sql
 from flowtunnel.store.output import FORMATS, write_result
+from flowtunnel.store.query import CLOCKS, count_sql
 
 __all__ = ["register"]
 
@@ -73,7 +74,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     top.add_argument("--by", choices=TOP_KEYS, default="src_addr", help="column to rank (default src_addr)")
     top.add_argument("--since", default=None, metavar="DURATION",
-                     help="only flows that ended within this long ago (e.g. 15m, 1h, 7d)")
+                     help="only flows of the last DURATION (e.g. 15m, 1h, 7d), by the clock --time names")
+    top.add_argument(
+        "--time", choices=CLOCKS, default="flow", dest="clock",
+        help="which time --since goes by: 'flow' (default) = when the flow ended by the exporter's clock "
+             "(its start, else its receive time, when the exporter sent none); 'received' = when flowtunnel "
+             "received it (column received). Use 'received' when exporter clocks are off",
+    )
     top.add_argument("--agent", default=None, metavar="NAME", help="only flows from this agent")
     top.add_argument("--limit", type=int, default=10, metavar="N", help="rows to show (default 10)")
     top.add_argument("--order", choices=("bytes", "packets", "flows"), default="bytes",
@@ -92,7 +99,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     export.add_argument("--parquet", type=Path, required=True, metavar="DIR", help="target directory")
     export.add_argument(
-        "--since", default=None, metavar="DURATION", help="only flows that ended this recently (e.g. 7d)"
+        "--since", default=None, metavar="DURATION",
+        help="only flows that ended this recently by the exporter's clock (e.g. 7d)",
     )
     _add_common(export)
     export.set_defaults(func=_run_export)
@@ -124,10 +132,11 @@ def _fail(command: str, exc: Exception) -> int:
 
 def _print(
     data_dir: Path, sql: str, params: list[object], fmt: str, timeout: float, title: str | None
-) -> None:
+) -> int:
     with open_query(data_dir, sql, params, timeout=timeout) as result:
-        write_result(result, fmt, sys.stdout, title=title)
+        rows = write_result(result, fmt, sys.stdout, title=title)
     sys.stdout.flush()
+    return rows
 
 
 def _run_query(args: argparse.Namespace) -> int:
@@ -144,21 +153,52 @@ def _run_query(args: argparse.Namespace) -> int:
 def _run_top(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     since = _since(args.since)
+    now = dt.datetime.now(dt.UTC)
     try:
         sql, params = top_sql(by=args.by, since_seconds=since, agent=args.agent, limit=args.limit,
-                              order=args.order, now=dt.datetime.now(dt.UTC))
+                              order=args.order, now=now, clock=args.clock)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    title = f"top {args.by} by {args.order}" + (f", last {args.since}" if args.since else "")
+    title = f"top {args.by} by {args.order}"
+    if args.since:
+        title += f", last {args.since} by {_CLOCK_WORDS[args.clock]}"
     if args.agent:
         title += f", agent {args.agent}"
     try:
-        _print(data_dir, sql, params, args.format, args.timeout, title)
+        rows = _print(data_dir, sql, params, args.format, args.timeout, title)
+        if rows == 0 and since is not None:
+            _hint_other_clock(data_dir, args, since, now)
     except StoreError as exc:
         return _fail("top", exc)
     except BrokenPipeError:
         _quiet_pipe()
     return 0
+
+
+_CLOCK_WORDS = {"flow": "flow end time (exporter's clock)", "received": "receive time"}
+
+
+def _hint_other_clock(data_dir: Path, args: argparse.Namespace, since: float, now: dt.datetime) -> None:
+    """An empty ``top --since``: say so on stderr when the other clock has flows in that window."""
+    other = "received" if args.clock == "flow" else "flow"
+    sql, params = count_sql(since_seconds=since, agent=args.agent, now=now, clock=other)
+    with open_query(data_dir, sql, params, timeout=args.timeout) as result:
+        [[count]] = list(result.rows)
+    if not isinstance(count, int) or count == 0:
+        return
+    if args.clock == "flow":
+        print(
+            f"flowtunnel top: no flows ended in the last {args.since} by the exporters' clocks "
+            f"(--time flow), but {count} flows were received in that window: exporter clocks may be off; "
+            "try --time received",
+            file=sys.stderr,
+        )
+    else:
+        print(
+            f"flowtunnel top: no flows were received in the last {args.since} (--time received), but {count} "
+            "flows ended in that window by the exporters' clocks; try --time flow",
+            file=sys.stderr,
+        )
 
 
 def _run_export(args: argparse.Namespace) -> int:

@@ -1,0 +1,102 @@
+"""``top --since`` says which clock it goes by, offers both, and hints when the other clock has the flows.
+
+The exporter here runs a year slow (as a box without RTC does until NTP syncs): its flows "ended" a year ago
+by its clock, though flowtunnel received them just now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flowtunnel.datagram import Datagram
+from flowtunnel.netflow import FieldSpec, Template, encode_v9
+from flowtunnel.store import StoreSink
+from tests.store._support import fill_journal, run_sink_until
+
+TEMPLATE = Template(
+    256,
+    (FieldSpec(8, 4), FieldSpec(12, 4), FieldSpec(4, 1), FieldSpec(1, 8), FieldSpec(2, 8), FieldSpec(152, 8),
+     FieldSpec(153, 8)),
+)
+YEAR_MS = 365 * 86400 * 1000
+
+
+def _datagrams(count: int, skew_ms: int) -> list[Datagram]:
+    now_ms = int(time.time() * 1000) + skew_ms
+    return [
+        Datagram(
+            received_ns=time.time_ns(), exporter="127.0.0.1", exporter_port=40000, local_port=2055,
+            payload=encode_v9(
+                templates=[TEMPLATE],
+                data=[(TEMPLATE, [{
+                    "sourceIPv4Address": f"10.7.0.{i + 1}", "destinationIPv4Address": "192.0.2.1",
+                    "protocolIdentifier": 17, "octetDeltaCount": 100 * (i + 1), "packetDeltaCount": 1,
+                    "flowStartMilliseconds": now_ms - 5000, "flowEndMilliseconds": now_ms - 4000,
+                }])],
+                sys_uptime_ms=1000 + i, unix_secs=now_ms // 1000, sequence=i, source_id=1,
+            ),
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.fixture
+async def slow_exporter_store(tmp_path: Path) -> Path:
+    journal = fill_journal(tmp_path / "journal.sqlite", _datagrams(3, -YEAR_MS))
+    await run_sink_until(StoreSink(data_dir=tmp_path / "data", query_socket=False), journal)
+    journal.close()
+    return tmp_path / "data"
+
+
+def _top(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "flowtunnel", "top", *args], capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+
+
+def test_help_says_which_time_since_uses() -> None:
+    out = _top("--help")
+    assert out.returncode == 0
+    assert "--time {flow,received}" in out.stdout
+    assert "exporter's clock" in out.stdout
+
+
+def test_an_empty_top_hints_at_the_other_clock(slow_exporter_store: Path) -> None:
+    data = str(slow_exporter_store)
+    out = _top("--data", data, "--since", "1h", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+    assert "no flows ended in the last 1h by the exporters' clocks (--time flow)" in out.stderr
+    assert "but 3 flows were received in that window" in out.stderr
+    assert "--time received" in out.stderr
+
+    out = _top("--data", data, "--since", "1h", "--time", "received", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    ranked = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["src_addr"], r["bytes"]) for r in ranked] == [("10.7.0.3", 300), ("10.7.0.2", 200),
+                                                             ("10.7.0.1", 100)]
+
+    # A window that holds the flows by the exporter's clock but not by the receive time: the other hint.
+    out = _top("--data", data, "--since", "400d", "--time", "flow", "--format", "json")
+    assert len(out.stdout.splitlines()) == 3
+    assert out.stderr == ""
+    table = _top("--data", data, "--since", "1h", "--time", "received")
+    assert "by receive time" in table.stdout
+
+
+async def test_no_hint_when_neither_clock_has_flows(tmp_path: Path) -> None:
+    journal = fill_journal(tmp_path / "journal.sqlite", [])
+    await run_sink_until(StoreSink(data_dir=tmp_path / "data", query_socket=False), journal)
+    journal.close()
+    out = await asyncio.to_thread(_top, "--data", str(tmp_path / "data"), "--since", "1h", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
