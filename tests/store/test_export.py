@@ -16,6 +16,7 @@ import pytest
 
 from flowtunnel.store import export
 from flowtunnel.store.db import FlowDatabase
+from tests.peers import free_tcp_port
 
 ROWS = 1_000_000
 
@@ -140,3 +141,47 @@ def test_install_copies_then_renames_across_filesystems(
 
 def _contents(target: Path) -> dict[str, bytes]:
     return {str(p.relative_to(target)): p.read_bytes() for p in sorted(target.rglob("*")) if p.is_file()}
+
+
+def test_a_gateway_killed_during_an_export_through_its_socket_leaves_the_previous_export_intact(
+    tmp_path: Path,
+) -> None:
+    data, target = tmp_path / "data", tmp_path / "pq"
+    data.mkdir(mode=0o700)
+    _fill(data, ROWS)
+    first = _export(data, target)  # the gateway is not running yet: directly
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    good = _digests(target)
+    before = _stats(target)
+    port = free_tcp_port()
+    with (tmp_path / "gateway.log").open("wb") as log:
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "flowtunnel", "gateway", "--listen", f"127.0.0.1:{port}",
+             "--data", str(data)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    staging = data / "store" / "export-staging"
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "store" / "query.sock").exists():
+            assert gateway.poll() is None, (tmp_path / "gateway.log").read_text()
+            assert time.monotonic() < deadline, "the gateway's query socket did not appear"
+            time.sleep(0.02)
+        second = _export(data, target)  # through the socket: the gateway writes the files
+        deadline = time.monotonic() + 120
+        while second.poll() is None and time.monotonic() < deadline:
+            if list(staging.glob("*/parts/*/*.parquet")) or _stats(target) != before:
+                gateway.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.002)
+        gateway.wait(30)
+        second.communicate(timeout=60)
+        assert gateway.returncode == -signal.SIGKILL, "the export finished before the gateway could be killed"
+        assert second.returncode == 1
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait(30)
+    assert _digests(target) == good
+    assert _parquet_rows(target) == ROWS
