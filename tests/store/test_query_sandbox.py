@@ -396,3 +396,17 @@ def _client_query(path: Path, sql: str) -> list[list[object]]:
     assert client is not None
     with client:
         return list(client.query(sql, [], timeout=10).rows)
+
+
+@pytest.mark.parametrize("sql", [
+    "FROM checkpoint()", "SELECT * FROM force_checkpoint()", 'SELECT * FROM main."CheckPoint" ( )',
+    "FROM truncate_duckdb_logs()", "SELECT * FROM query('FROM checkpoint()')", "FROM enable_logging()",
+    "FROM query_table('flows')", "SELECT 1 FROM flows, checkpoint()",
+])
+def test_selects_of_acting_table_functions_are_refused(sql: str) -> None:
+    with pytest.raises(QueryRejected, match="acts, not reads"):
+        sandbox.check_read_only(sql)
+
+
+def test_names_of_acting_functions_elsewhere_are_fine() -> None:
+    assert sandbox.check_read_only("SELECT 'checkpoint()' AS checkpoint, query FROM (SELECT 1 AS query)")

@@ -128,7 +128,32 @@ def check_read_only(sql: str) -> str:
             f"the store is read-only for queries: {_name(kind)} statements are refused "
             "(use SELECT or EXPLAIN)"
         )
+    _check_functions(sql)
     return sql
+
+
+# Table functions a SELECT may call that act rather than read: checkpoints, log and profiling switches,
+# parser extensions, raw pointer scans, and the ones that run SQL from a string (which this check cannot see).
+_ACTING_FUNCTIONS: Final = frozenset({
+    "checkpoint", "force_checkpoint", "truncate_duckdb_logs", "enable_logging", "disable_logging",
+    "enable_profiling", "disable_profiling", "add_grammar_extension", "remove_grammar_extension",
+    "create_external_resource", "register_external_resource", "register_external_resource_type",
+    "deregister_external_resource", "destroy_external_resource", "arrow_scan", "arrow_scan_dumb",
+    "python_arrow_scan", "pandas_scan", "python_map_function", "query", "query_table",
+    "json_execute_serialized_sql",
+})
+
+
+def _check_functions(sql: str) -> None:
+    tokens = duckdb.tokenize(sql)
+    for i, (pos, kind) in enumerate(tokens[:-1]):
+        if kind not in (duckdb.token_type.identifier, duckdb.token_type.keyword):
+            continue
+        name = sql[pos:tokens[i + 1][0]].strip().strip('"').lower()
+        if name in _ACTING_FUNCTIONS and sql[tokens[i + 1][0]:].startswith("("):
+            raise QueryRejected(
+                f"the store is read-only for queries: function {name}() is refused (it acts, not reads)"
+            )
 
 
 def _statements(sql: str) -> list[duckdb.Statement]:

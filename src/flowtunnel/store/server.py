@@ -122,6 +122,7 @@ class QueryServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            self.interrupt_all()  # queries in worker threads would otherwise run on past the database's close
             sessions = list(self._sessions)
             for task in sessions:
                 task.cancel()
@@ -148,6 +149,15 @@ class QueryServer:
             self._sessions.add(task)
             task.add_done_callback(self._sessions.discard)
         try:
+            await self._session(reader, writer)
+        except asyncio.CancelledError:
+            # close() cancels sessions in flight. Python 3.11's stream server reads the session task's
+            # exception() in a callback, which raises (and logs "Exception in callback") for a cancelled
+            # task: end the session normally instead; nobody awaits its result.
+            log.debug("query session cancelled by close()")
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
             line = await reader.readline()
             try:
                 request = json.loads(line)
@@ -163,11 +173,6 @@ class QueryServer:
                     await self._query(request, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             log.debug("query client went away")
-        except asyncio.CancelledError:
-            # close() cancels sessions in flight. Python 3.11's stream server reads the session task's
-            # exception() in a callback, which raises (and logs "Exception in callback") for a cancelled
-            # task: end the session normally instead; nobody awaits its result.
-            log.debug("query session cancelled by close()")
         except Exception as exc:  # a DuckDB fatal error, a failed export move, ...: answer, never crash
             self.failed += 1
             log.error("store query failed: %s: %s", type(exc).__name__, exc)
