@@ -410,3 +410,8 @@ def test_selects_of_acting_table_functions_are_refused(sql: str) -> None:
 
 def test_names_of_acting_functions_elsewhere_are_fine() -> None:
     assert sandbox.check_read_only("SELECT 'checkpoint()' AS checkpoint, query FROM (SELECT 1 AS query)")
+
+
+def test_the_timeout_holds_on_a_stopped_store_too(stopped: Path) -> None:
+    with pytest.raises(QueryError, match=r"after its 0\.3 s timeout"):
+        _rows(stopped, "SELECT count(*) FROM range(100000000000) a", timeout=0.3)

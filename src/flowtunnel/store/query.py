@@ -205,10 +205,11 @@ def open_query(
         return
     limits = limits or QueryLimits()
     conn = connect_direct(paths, limits=limits)
-    timer = threading.Timer(timeout, conn.interrupt)
+    cursor = conn.cursor()
+    timer = threading.Timer(timeout, cursor.interrupt)  # the query's own connection, not its parent
     timer.daemon = True
     try:
-        cursor = sandbox.begin(conn.cursor(), limits)
+        sandbox.begin(cursor, limits)
         timer.start()
         try:
             cursor.execute(sql, list(params))
