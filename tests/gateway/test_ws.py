@@ -238,3 +238,27 @@ async def test_idle_and_silent_clients_are_dropped_and_shutdown_says_going_away(
             await stopping
     finally:
         await gw.stop()
+
+
+async def test_a_failure_inside_the_gateway_closes_with_1011_logged_once(
+    gw: Gateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = key_of(gw)
+    assert gw.ingest is not None
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gw.ingest, "deliver", broken)
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):
+                async with connect(session, gw) as ws:
+                    await ws.send_bytes(seal(AGENT, key, 1, datagrams(1)))
+                    msg = await ws.receive(timeout=10)
+                    assert msg.type is aiohttp.WSMsgType.CLOSE
+                    assert ws.close_code == 1011
+    assert sum("failed (repeats" in r.message for r in caplog.records) == 1
+    async with aiohttp.ClientSession() as session, connect(session, gw) as ws:
+        await ws.send_bytes(seal(AGENT, key, 1, datagrams(1)))
+        assert (await answer(ws))["acked"] == 1

@@ -19,6 +19,7 @@ Resource handling (a sender that only knows an agent id must not hold more than 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -80,6 +81,7 @@ class WsHub:
         self._metrics = metrics
         self._settings = settings
         self._conns: list[_Conn] = []  # oldest first
+        self._bugs: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -122,6 +124,18 @@ class WsHub:
         try:
             await ws.prepare(request)
             await self._serve(conn)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug: say so once, tell the client, keep serving the others
+            cause = type(exc).__name__
+            if cause in self._bugs:
+                log.debug("WebSocket connection of agent %s failed again: %r", agent, exc)
+            else:
+                self._bugs.add(cause)
+                log.error("WebSocket connection of agent %s failed (repeats are logged at debug level)",
+                          agent, exc_info=exc)
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
         finally:
             self._conns.remove(conn)
             self._metrics.ws_connections.set(len(self._conns))
