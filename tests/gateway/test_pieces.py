@@ -225,6 +225,11 @@ async def test_hostile_pieces_are_refused_or_bounded_counted_logged_once_and_nev
                     statuses.append((await get_piece(session, gw, path))[0])
                 assert statuses.count(200) == 2
                 assert statuses.count(503) == 28
+                async with session.get(gw.url + "/metrics") as resp:
+                    metrics = await resp.text()
+                held = re.search(r"^flowtunnel_gateway_get_pending_bytes (\S+)$", metrics, re.M)
+                assert held is not None
+                assert float(held.group(1)) <= 2 * (1200 + PIECE_OVERHEAD)  # the two held pieces, no more
                 body = seal(AGENT, key, 1, datagrams(2))
                 path = f"/v1/g/{AGENT}/00000000000000bb/0/1/{b64(body)}"
                 status, doc, _ = await get_piece(session, gw, path)
