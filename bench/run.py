@@ -31,6 +31,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "latency": ("latency.py", ["--write"], ["--write", "--quick"]),
     "decode": ("decode.py", ["--write", "--profile"], ["--write", "--flows", "5000", "--repeat", "1"]),
     "store": ("store.py", ["--write"], ["--write", "--quick"]),
+    "ladder": ("ladder.py", ["--write"], ["--write", "--quick"]),
 }
 
 
