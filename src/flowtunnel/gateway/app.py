@@ -120,26 +120,26 @@ def build_app(
         ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         if ctype != BATCH_CONTENT_TYPE:
             detail = f"Content-Type {ctype!r} is not {BATCH_CONTENT_TYPE}"
-            return fail(Rejected(415, "content-type", detail, agent=agent))
+            return fail(Rejected("content-type", detail, agent=agent))
         length = request.content_length
         if length is None:
-            return fail(Rejected(411, "no-length", "Content-Length is required", agent=agent))
+            return fail(Rejected("no-length", "Content-Length is required", agent=agent))
         if length > max_body:
             detail = f"body of {length} bytes exceeds max_body {max_body}"
-            return fail(Rejected(413, "too-large", detail, agent=agent))
+            return fail(Rejected("too-large", detail, agent=agent))
         deadline = asyncio.get_running_loop().time() + body_timeout + length / min_body_rate
         try:
             async with asyncio.timeout(body_timeout):
                 head = await _read_head(request, length)
         except TimeoutError:
-            return fail(Rejected(408, "slow-body", "batch header not received in time", agent=agent))
+            return fail(Rejected("slow-body", "batch header not received in time", agent=agent))
         try:
             agent_id = ingest.admit(head, agent_header)
         except Rejected as exc:
             return fail(exc)
         with admission.slot(agent_id) as busy:
             if busy is not None:
-                return fail(Rejected(503, "busy", busy.detail(), agent=agent_id, retry_after=retry_after))
+                return fail(Rejected("busy", busy.detail(), agent=agent_id, retry_after=retry_after))
             return await _ingest(request, head, length, deadline, agent_id, agent_header)
 
     async def _ingest(
@@ -152,10 +152,10 @@ def build_app(
         except TimeoutError:
             detail = (f"body of {length} bytes too slow: under {min_body_rate} B/s over {body_timeout:g} s, "
                       "or not complete in time")
-            return fail(Rejected(408, "slow-body", detail, agent=agent_id))
+            return fail(Rejected("slow-body", detail, agent=agent_id))
         except asyncio.IncompleteReadError as exc:
             detail = f"body ended after {len(head) + len(exc.partial)} of {length} declared bytes"
-            return fail(Rejected(400, "truncated", detail, agent=agent_id))
+            return fail(Rejected("truncated", detail, agent=agent_id))
         outcome = await ingest.deliver(
             head + rest,
             agent_header=agent_header,

@@ -5,8 +5,9 @@ itself happens here: find the agent, authenticate and open the batch, drop what 
 high-water mark, append the rest to the journal with the new mark in the same transaction, then answer.
 Appends are serialised per agent, so two retries of one batch racing each other cannot both pass the check.
 
-Error handling: every refusal is a ``Rejected`` carrying the HTTP status, a short machine-readable code (also
-the metrics "cause" label) and a detail for the agent's log; nothing is written to the journal for it.
+Error handling: every refusal is a ``Rejected`` carrying a short machine-readable code (the JSON ``error``,
+the metrics "cause" label) and a detail for the agent's log; nothing is written to the journal for it. No
+HTTP status here: the endpoints map codes to their transport's status (``gateway/edge.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import (
     HEADER,
     MAGIC,
+    AuthenticationFailed,
     Batch,
     WireError,
     WireLimits,
@@ -51,14 +53,14 @@ def hwm_key(agent_id: str) -> str:
 
 
 class Rejected(Exception):
-    """A request the gateway refuses: ``status`` (HTTP), ``code`` (cause), ``detail`` (for humans).
+    """A request the gateway refuses: ``code`` (the cause: JSON ``error``, metrics label), ``detail`` (for
+    humans). No transport status: each edge maps ``code`` (``gateway/edge.py`` for HTTP and WebSocket).
 
     ``agent`` is set only when the agent is enrolled, so metrics labels stay bounded.
     """
 
     def __init__(
         self,
-        status: int,
         code: str,
         detail: str,
         *,
@@ -66,8 +68,7 @@ class Rejected(Exception):
         retry_after: int | None = None,
         extra: dict[str, int] | None = None,
     ) -> None:
-        super().__init__(f"{status} {code}: {detail}")
-        self.status = status
+        super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
         self.agent = agent
@@ -149,11 +150,6 @@ def _wire_code(exc: WireError) -> str:
     return type(exc).__name__.lower()
 
 
-def _wire_status(exc: WireError) -> int:
-    status = getattr(exc, "http_status", 400)
-    return status if isinstance(status, int) and 400 <= status < 500 else 400
-
-
 class Ingest:
     """The batch path of one gateway. Not thread-safe: use from the event loop only."""
 
@@ -221,11 +217,11 @@ class Ingest:
         try:
             entry = self._keys.lookup(agent_id)
         except RegistryError as exc:
-            raise Rejected(503, "registry-unavailable", str(exc), retry_after=self._retry_after) from None
+            raise Rejected("registry-unavailable", str(exc), retry_after=self._retry_after) from None
         if entry is None:
-            raise Rejected(401, "unknown-agent", f"agent {agent_id!r} is not enrolled at this gateway")
+            raise Rejected("unknown-agent", f"agent {agent_id!r} is not enrolled at this gateway")
         if entry.revoked:
-            raise Rejected(403, "revoked", f"agent {agent_id!r} has been revoked", agent=agent_id)
+            raise Rejected("revoked", f"agent {agent_id!r} has been revoked", agent=agent_id)
         return entry
 
     def admit(self, head: bytes, agent_header: str | None) -> str:
@@ -235,27 +231,27 @@ class Ingest:
         label = self.enrolled(agent_header)
         if head[:4] != MAGIC[: len(head[:4])]:
             detail = f"body does not start with the batch magic {MAGIC!r} (got {bytes(head[:4])!r})"
-            raise Rejected(400, "bad-magic", detail, agent=label)
+            raise Rejected("bad-magic", detail, agent=label)
         header_len = HEADER.size + head[_AGENT_LEN_OFFSET] if len(head) > _AGENT_LEN_OFFSET else HEADER.size
         if len(head) < header_len:
             detail = f"body of {len(head)} bytes ends inside the {header_len}-byte batch header"
-            raise Rejected(400, "truncated", detail, agent=label)
+            raise Rejected("truncated", detail, agent=label)
         try:
             agent_id = validate_agent_id(bytes(head[HEADER.size : header_len]).decode("ascii"))
         except (UnicodeDecodeError, ValueError) as exc:
             detail = f"header agent id is invalid: {exc}"
-            raise Rejected(400, "malformed-header", detail, agent=label) from None
+            raise Rejected("malformed-header", detail, agent=label) from None
         self._check_agent(agent_id, agent_header)
         return agent_id
 
     def _check_agent(self, agent_id: str, agent_header: str | None) -> AgentEntry:
         if agent_header is None:
             raise Rejected(
-                400, "no-agent-header", "X-Flowtunnel-Agent is missing", agent=self.enrolled(agent_id)
+                "no-agent-header", "X-Flowtunnel-Agent is missing", agent=self.enrolled(agent_id)
             )
         if agent_header != agent_id:
             raise Rejected(
-                400, "agent-mismatch",
+                "agent-mismatch",
                 f"X-Flowtunnel-Agent {agent_header[:64]!r} differs from the batch's agent {agent_id[:64]!r}",
                 agent=self.enrolled(agent_id),
             )
@@ -267,9 +263,7 @@ class Ingest:
         try:
             header = peek_header(body, self._limits)
         except WireError as exc:
-            raise Rejected(
-                _wire_status(exc), _wire_code(exc), str(exc), agent=self.enrolled(agent_header)
-            ) from None
+            raise Rejected(_wire_code(exc), str(exc), agent=self.enrolled(agent_header)) from None
         agent_id = header.agent_id
         entry = self._check_agent(agent_id, agent_header)
         for attempt in (0, 1):
@@ -278,11 +272,10 @@ class Ingest:
                 batch = await asyncio.to_thread(open_batch, body, key=entry.key, limits=self._limits)
                 return batch, entry.key
             except WireError as exc:
-                status = _wire_status(exc)
-                if status == 401 and attempt == 0 and self._keys.refresh_if_stale():
+                if isinstance(exc, AuthenticationFailed) and attempt == 0 and self._keys.refresh_if_stale():
                     entry = self._entry(agent_id)
                     continue
-                raise Rejected(status, _wire_code(exc), str(exc), agent=agent_id) from None
+                raise Rejected(_wire_code(exc), str(exc), agent=agent_id) from None
         raise AssertionError("unreachable")
 
     # -- every endpoint that carries batches ----------------------------------------------------------------
@@ -346,7 +339,7 @@ class Ingest:
         try:
             if self.closing:
                 raise Rejected(
-                    503, "shutting-down", "the gateway is shutting down", retry_after=self._retry_after
+                    "shutting-down", "the gateway is shutting down", retry_after=self._retry_after
                 )
             batch, key = await self._open(body, agent_header)
             return await self._commit(
@@ -393,12 +386,12 @@ class Ingest:
                     )
                 except LogFull as exc:
                     raise Rejected(
-                        503, "journal-full", f"journal cannot take {len(fresh)} datagrams: {exc}",
+                        "journal-full", f"journal cannot take {len(fresh)} datagrams: {exc}",
                         agent=agent, retry_after=self._retry_after,
                     ) from None
                 except LogError as exc:
                     raise Rejected(
-                        503, "journal-error", str(exc), agent=agent, retry_after=self._retry_after
+                        "journal-error", str(exc), agent=agent, retry_after=self._retry_after
                     ) from None
                 self._hwm[agent] = hwm = last
                 journal_first = res.first_seq
@@ -455,7 +448,7 @@ class Ingest:
             return
         held = "" if declared is None else f" (its spool starts at {declared})"
         raise Rejected(
-            409, "out-of-order",
+            "out-of-order",
             f"batch of agent {agent} starts at seq {new_first}, but this gateway holds only up to {hwm} and "
             f"the agent still holds the seqs between{held}: send them first",
             agent=agent, extra={"acked": hwm},
@@ -477,7 +470,7 @@ class Ingest:
             return
         self._lost_hint[agent] = max(claimed, self._lost_hint.get(agent, 0))
         raise Rejected(
-            409, "resync",
+            "resync",
             f"agent {agent} last saw seq {claimed} acknowledged, but this gateway holds only up to {hwm}: "
             "resynchronise (the difference was lost here)",
             agent=agent, extra={"acked": hwm},
@@ -491,13 +484,13 @@ class Ingest:
         try:
             if not token:
                 raise Rejected(
-                    401, "no-token", "X-Flowtunnel-Token is missing", agent=self.enrolled(agent_id)
+                    "no-token", "X-Flowtunnel-Token is missing", agent=self.enrolled(agent_id)
                 )
             try:
                 body = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
             except (binascii.Error, ValueError):
                 raise Rejected(
-                    400, "bad-token", "X-Flowtunnel-Token is not base64url", agent=self.enrolled(agent_id)
+                    "bad-token", "X-Flowtunnel-Token is not base64url", agent=self.enrolled(agent_id)
                 ) from None
             batch, key = await self._open(body, agent_id)
             hwm = await asyncio.to_thread(self.hwm, batch.agent_id)

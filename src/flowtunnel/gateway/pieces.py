@@ -272,7 +272,7 @@ class PieceEndpoint:
         try:
             agent = validate_agent_id(agent_text)
         except BadAgentId as exc:
-            return self._refuse(Rejected(400, "bad-piece", str(exc)))
+            return self._refuse(Rejected("bad-piece", str(exc)))
         why = None
         if not _BATCH_ID_RE.match(batch_id):
             why = f"batch id {batch_id[:40]!r} is not 16 lowercase hex digits"
@@ -286,7 +286,7 @@ class PieceEndpoint:
         elif len(cookie) > MAX_COOKIE or not _B64URL_RE.match(cookie):
             why = f"cookie ft of {len(cookie)} characters is not base64url of at most {MAX_COOKIE}"
         if why is not None:
-            return self._refuse(Rejected(400, "bad-piece", why, agent=label))
+            return self._refuse(Rejected("bad-piece", why, agent=label))
         try:
             self._ingest.entry(agent)
         except Rejected as exc:
@@ -308,6 +308,6 @@ class PieceEndpoint:
         with self._admission.slot(agent) as busy:
             if busy is not None:
                 return self._ingest.refuse(Rejected(
-                    503, "busy", busy.detail(), agent=agent, retry_after=self.buffer.settings.retry_after
+                    "busy", busy.detail(), agent=agent, retry_after=self.buffer.settings.retry_after
                 ))
             return await self._ingest.deliver(body, agent_header=agent, rung="get")

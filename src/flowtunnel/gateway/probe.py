@@ -31,7 +31,7 @@ def probe_handler(ingest: Ingest, rate: SourceRate) -> Handler:
         wait = rate.take(request.remote or "?")
         if wait > 0:
             return _refuse(ingest, Rejected(
-                429, "rate-limited",
+                "rate-limited",
                 f"more than {rate.rate:g} probes/s (bursts of {rate.burst}) from {request.remote}",
                 retry_after=max(1, math.ceil(wait)),
             ))
@@ -42,7 +42,7 @@ def probe_handler(ingest: Ingest, rate: SourceRate) -> Handler:
             agent_id = validate_agent_id(agent_text)
             nonce = decode_probe_nonce(nonce_text)
         except WireError as exc:
-            return _refuse(ingest, Rejected(400, "bad-probe", str(exc), agent=label))
+            return _refuse(ingest, Rejected("bad-probe", str(exc), agent=label))
         try:
             entry = ingest.entry(agent_id)
         except Rejected as exc:

@@ -96,7 +96,7 @@ class WsHub:
         label = self._ingest.enrolled(agent_text)
         if not agent_text:
             return self._refuse(Rejected(
-                400, "no-agent-header", "X-Flowtunnel-Agent (or ?agent=) is missing"
+                "no-agent-header", "X-Flowtunnel-Agent (or ?agent=) is missing"
             ))
         ws = web.WebSocketResponse(
             protocols=(WS_PROTOCOL,), max_msg_size=s.max_body, heartbeat=s.heartbeat, compress=False,
@@ -107,17 +107,17 @@ class WsHub:
             offered = request.headers.get("Sec-WebSocket-Protocol", "")
             why = ("not a WebSocket upgrade" if not ready.ok
                    else f"subprotocol {WS_PROTOCOL!r} not offered (offered: {offered[:80]!r})")
-            return self._refuse(Rejected(400, "ws-handshake", why, agent=label))
+            return self._refuse(Rejected("ws-handshake", why, agent=label))
         try:
             agent = validate_agent_id(agent_text)
             self._ingest.entry(agent)
         except BadAgentId as exc:
-            return self._refuse(Rejected(400, "ws-handshake", str(exc)))
+            return self._refuse(Rejected("ws-handshake", str(exc)))
         except Rejected as exc:
             return self._refuse(exc)
         busy = await self._make_room(agent)
         if busy is not None:
-            return self._refuse(Rejected(503, "busy", busy, agent=agent, retry_after=s.retry_after))
+            return self._refuse(Rejected("busy", busy, agent=agent, retry_after=s.retry_after))
         conn = _Conn(ws, agent)
         self._conns.append(conn)
         self._metrics.ws_connections.set(len(self._conns))
@@ -155,7 +155,7 @@ class WsHub:
             return (f"agent {agent} holds {len(mine)} WebSocket connections (max_ws_per_agent "
                     f"{s.max_per_agent})")
         self._ingest.reject(Rejected(
-            408, "ws-unauthenticated",
+            "ws-unauthenticated",
             f"a WebSocket connection of agent {agent} without an authenticated batch was closed to make room",
             agent=agent,
         ))
@@ -176,7 +176,7 @@ class WsHub:
                     await ws.close(code=WSCloseCode.OK, message=b"idle")
                 else:
                     self._ingest.reject(Rejected(
-                        408, "ws-unauthenticated",
+                        "ws-unauthenticated",
                         f"no authenticated batch within {timeout:g} s of the WebSocket upgrade",
                         agent=conn.agent,
                     ))
@@ -197,7 +197,7 @@ class WsHub:
                 self._metrics.rung_traffic("ws", bytes_out=out)
             elif msg.type is WSMsgType.TEXT:
                 self._ingest.reject(Rejected(
-                    400, "ws-text", "a text message where a binary sealed batch was expected",
+                    "ws-text", "a text message where a binary sealed batch was expected",
                     agent=conn.agent,
                 ))
                 await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=b"batches are binary messages")
@@ -206,11 +206,11 @@ class WsHub:
                 code = getattr(msg.data, "code", None)
                 if code == WSCloseCode.MESSAGE_TOO_BIG:
                     self._ingest.reject(Rejected(
-                        413, "too-large", f"WebSocket message exceeds max_body {s.max_body}", agent=conn.agent
+                        "too-large", f"WebSocket message exceeds max_body {s.max_body}", agent=conn.agent
                     ))
                 else:
                     self._ingest.reject(Rejected(
-                        400, "ws-protocol", f"WebSocket protocol error: {msg.data}", agent=conn.agent
+                        "ws-protocol", f"WebSocket protocol error: {msg.data}", agent=conn.agent
                     ))
                 return
             else:  # CLOSE, CLOSING, CLOSED: the client or the gateway ended the connection
@@ -220,7 +220,7 @@ class WsHub:
         with self._admission.slot(conn.agent) as busy:
             if busy is not None:
                 return self._ingest.refuse(Rejected(
-                    503, "busy", busy.detail(), agent=conn.agent, retry_after=self._settings.retry_after
+                    "busy", busy.detail(), agent=conn.agent, retry_after=self._settings.retry_after
                 ))
             return await self._ingest.deliver(data, agent_header=conn.agent, rung="ws")
 

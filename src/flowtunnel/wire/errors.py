@@ -1,18 +1,20 @@
-"""Errors of the batch wire format: who is at fault, and the HTTP status a server should answer with.
+"""Errors of the batch wire format: who is at fault, and a short code naming the cause.
 
-    WireError                    a batch or key cannot be used (base; ``http_status`` hint, ``code`` for JSON)
-    ├── BadMagic                 400  not a flowtunnel batch at all
-    ├── UnsupportedVersion       400  a batch format version this code does not speak
-    ├── Truncated                400  the body ends before the header or the ciphertext does
-    ├── MalformedHeader          400  a header field is out of range (flags, codec, agent id, sizes)
-    ├── UnknownDictionary        400  the compression dictionary id is not one this side has
-    ├── AuthenticationFailed     401  the AEAD tag does not verify: wrong key, or bytes changed in transit
-    ├── LimitExceeded            413  a declared or actual size is over a WireLimits bound
-    ├── MalformedRecords         400  authenticated, but the record block inside is inconsistent
-    ├── BadKey                   400  a key text or key bytes are not a 256-bit key (never echoes the key)
-    └── BadAgentId               400  an agent id breaks the naming rule
+    WireError                    a batch or key cannot be used (base; ``code`` names the cause)
+    ├── BadMagic                 bad-magic              not a flowtunnel batch at all
+    ├── UnsupportedVersion       unsupported-version    a batch format version this code does not speak
+    ├── Truncated                truncated              the body ends inside the header or ciphertext
+    ├── MalformedHeader          malformed-header       a header field out of range (flags, codec, id, sizes)
+    ├── UnknownDictionary        unknown-dictionary     the compression dictionary id is not one this side has
+    ├── AuthenticationFailed     authentication-failed  the AEAD tag fails: wrong key, or bytes changed
+    ├── LimitExceeded            limit-exceeded         a declared or actual size is over a WireLimits bound
+    ├── MalformedRecords         malformed-records      authenticated, but the record block is inconsistent
+    ├── BadKey                   bad-key                key text or bytes are not a 256-bit key (never echoed)
+    └── BadAgentId               bad-agent-id           an agent id breaks the naming rule
 
-Messages name the field, the value and the limit; they never contain key bytes or plaintext.
+The wire format is transport-neutral: the gateway maps codes to HTTP statuses at its edge
+(``flowtunnel.gateway.edge.HTTP_STATUS``; the table in docs/protocol.md section 6). Messages name the field,
+the value and the limit; they never contain key bytes or plaintext.
 """
 
 from __future__ import annotations
@@ -35,10 +37,8 @@ __all__ = [
 
 
 class WireError(FlowtunnelError):
-    """A batch (or key) is unusable. ``http_status`` is the status a gateway should answer with, ``code`` the
-    short machine-readable error name for the JSON body."""
+    """A batch (or key) is unusable. ``code`` is the short machine-readable name of the cause."""
 
-    http_status = 400
     code = "bad-batch"
 
 
@@ -63,12 +63,10 @@ class UnknownDictionary(WireError):
 
 
 class AuthenticationFailed(WireError):
-    http_status = 401
     code = "authentication-failed"
 
 
 class LimitExceeded(WireError):
-    http_status = 413
     code = "limit-exceeded"
 
 
