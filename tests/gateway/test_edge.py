@@ -35,7 +35,10 @@ def test_every_refusal_raised_in_the_gateway_has_a_status_in_the_edge_table() ->
     found = 0
     for path in [*(SRC / "gateway").glob("*.py"), *(SRC / "gateway").glob("*/*.py")]:
         text = path.read_text(encoding="utf-8")
-        assert not re.search(r"Rejected\(\s*\d", text), path.name  # statuses only at the edge
+        assert not re.search(r"Rejected\(\s*\d", text), (
+            f"{path.name}: Rejected(...) takes no HTTP status: give the code only and map it in "
+            "gateway/edge.py HTTP_STATUS (statuses live only at the edge)"
+        )
         for m in re.finditer(r'Rejected\(\s*"([a-z-]+)"', text):
             found += 1
             assert m.group(1) in HTTP_STATUS, (path.name, m.group(1))
