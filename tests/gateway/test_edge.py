@@ -77,3 +77,17 @@ async def test_post_requests_batches_and_bytes_are_counted_per_rung(tmp_path: Pa
         assert 'flowtunnel_gateway_rung_bytes_total{direction="in",rung="post"}' in text
     finally:
         await gw.stop()
+
+
+def test_status_shows_each_rung_with_its_batches_and_bytes() -> None:
+    from flowtunnel.gateway.status import render
+
+    text = render({"kind": "gateway", "rungs": {
+        "ws": {"requests": 12, "acked": 10, "refused": 1, "bytes_in": 20480, "bytes_out": 900},
+        "get": {"requests": 40, "acked": 2, "refused": 0, "bytes_in": 81920, "bytes_out": 3000},
+    }}, now=0.0)
+    lines = text.splitlines()
+    head = lines.index("rungs (since start)")
+    assert lines[head + 1].split() == ["rung", "requests", "acked", "refused", "in", "out"]
+    assert lines[head + 2].split()[:4] == ["get", "40", "2", "0"]
+    assert lines[head + 3].split()[:4] == ["ws", "12", "10", "1"]

@@ -152,6 +152,15 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
             f"{_counts(dns.get('counters'))}"
         )
 
+    rungs = status.get("rungs")
+    if isinstance(rungs, Mapping) and rungs:
+        lines.append("")
+        lines.append("rungs (since start)")
+        rrows = [[str(name), str(r.get("requests", 0)), str(r.get("acked", 0)), str(r.get("refused", 0)),
+                  _size(r.get("bytes_in")), _size(r.get("bytes_out"))]
+                 for name, r in sorted(rungs.items()) if isinstance(r, Mapping)]
+        lines += _table(["rung", "requests", "acked", "refused", "in", "out"], rrows)
+
     lines.append("")
     lines.append(f"rejected requests  {_counts(status.get('rejected'))}")
     return "\n".join(lines)
