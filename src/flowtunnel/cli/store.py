@@ -14,9 +14,22 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from flowtunnel.config import parse_duration
 from flowtunnel.errors import ConfigError
-from flowtunnel.store import TOP_KEYS, StoreError, open_query, run_export, top_sql
+from flowtunnel.store import (
+    TOP_KEYS,
+    CompiledFilter,
+    StoreError,
+    compile_filter,
+    open_query,
+    parse_stat,
+    restrict_sql,
+    run_export,
+    top_sql,
+)
+from flowtunnel.store.filter import STAT_KEYS
 from flowtunnel.store.output import FORMATS, write_result
 from flowtunnel.store.query import CLOCKS, count_sql
 
@@ -49,30 +62,59 @@ def _since(text: str | None) -> float | None:
     return seconds
 
 
+def _add_filter(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--filter", "-f", dest="flow_filter", default=None, metavar="FILTER",
+        help=f"{what} only the flows this nfdump-style filter selects, e.g. 'proto tcp and dst port 443' "
+        "(see docs/filters.md)",
+    )
+
+
+def _compile(text: str | None) -> CompiledFilter | None:
+    return None if text is None else compile_filter(text)
+
+
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     query = sub.add_parser(
         "query",
         help="run read-only SQL over the flow store (table 'flows')",
         description=(
             "Run one read-only SQL statement (SELECT or EXPLAIN) over table 'flows' of a gateway's store and "
-            "print the result: CSV by default, JSON lines (one object per row) or a table. Works while the "
+            "print the result: CSV by default, JSON lines (one object per row) or a table. With --filter, "
+            "'flows' holds only the flows an nfdump-style filter selects, and SQL may be left out (then "
+            "every column of those flows is printed). Works while the "
             "gateway runs (through its query socket) and when it is stopped (opening the store read-only). "
             "Columns: agent, exporter, version, domain_id, flow_start, flow_end, src_addr, dst_addr, "
             "src_port, dst_port, protocol, tcp_flags, packets, bytes, in_if, out_if, src_as, dst_as, "
             "next_hop, tos, sampling_interval, extra (JSON: every other field), received."
         ),
     )
-    query.add_argument("sql", metavar="SQL", help="one SELECT statement, e.g. \"SELECT count(*) FROM flows\"")
+    query.add_argument(
+        "sql", metavar="SQL", nargs="?", default=None,
+        help="one SELECT statement, e.g. \"SELECT count(*) FROM flows\" (optional with --filter)",
+    )
     query.add_argument("--format", choices=FORMATS, default="csv", help="output format (default csv)")
+    _add_filter(query, "'flows' holds")
     _add_common(query)
     query.set_defaults(func=_run_query)
 
     top = sub.add_parser(
         "top",
         help="top talkers: rank addresses, ports, protocols, exporters or agents by bytes, packets, flows",
-        description="Rank the values of one column by total bytes (or packets, or flows) in the flow store.",
+        description=(
+            "Rank the values of one column by total bytes (or packets, or flows) in the flow store. nfdump's "
+            "-s spellings work too: -s srcip/bytes, -s dstport/flows, -s proto/packets, -s srcas, ..."
+        ),
     )
-    top.add_argument("--by", choices=TOP_KEYS, default="src_addr", help="column to rank (default src_addr)")
+    top.add_argument(
+        "--by", default=None, metavar="COLUMN",
+        help=f"column to rank (default src_addr): {', '.join(TOP_KEYS)}, or nfdump's names "
+        f"({', '.join(STAT_KEYS)})",
+    )
+    top.add_argument(
+        "-s", "--stat", default=None, metavar="KEY[/ORDER]",
+        help="nfdump's statistic spelling, e.g. srcip/bytes or dstport/flows (sets --by and --order)",
+    )
     top.add_argument("--since", default=None, metavar="DURATION",
                      help="only flows of the last DURATION (e.g. 15m, 1h, 7d), by the clock --time names")
     top.add_argument(
@@ -83,8 +125,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     top.add_argument("--agent", default=None, metavar="NAME", help="only flows from this agent")
     top.add_argument("--limit", type=int, default=10, metavar="N", help="rows to show (default 10)")
-    top.add_argument("--order", choices=("bytes", "packets", "flows"), default="bytes",
+    top.add_argument("--order", choices=("bytes", "packets", "flows"), default=None,
                      help="rank by (default bytes)")
+    _add_filter(top, "rank")
     top.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
     _add_common(top)
     top.set_defaults(func=_run_top)
@@ -102,6 +145,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--since", default=None, metavar="DURATION",
         help="only flows that ended this recently by the exporter's clock (e.g. 7d)",
     )
+    _add_filter(export, "write")
     _add_common(export)
     export.set_defaults(func=_run_export)
 
@@ -141,8 +185,19 @@ def _print(
 
 def _run_query(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
+    if args.sql is None and args.flow_filter is None:
+        raise ConfigError("give SQL, or --filter FILTER, or both")
     try:
-        _print(data_dir, args.sql, [], args.format, args.timeout, None)
+        flt = _compile(args.flow_filter)
+        sql: str
+        params: list[object] = []
+        if flt is None:
+            sql = args.sql
+        elif args.sql is None:
+            sql, params = flt.select_sql()
+        else:
+            sql, params = restrict_sql(args.sql, flt)
+        _print(data_dir, sql, params, args.format, args.timeout, None)
     except StoreError as exc:
         return _fail("query", exc)
     except BrokenPipeError:
@@ -150,24 +205,48 @@ def _run_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ranking(args: argparse.Namespace) -> tuple[str, str]:
+    """``--by``/``--order``, or nfdump's ``-s key/order``: the column and the order."""
+    try:
+        by, order = parse_stat(args.stat, TOP_KEYS) if args.stat else ("src_addr", None)
+        if args.by is not None:
+            if args.stat:
+                raise ValueError("give --by or -s/--stat, not both")
+            by, _ = parse_stat(args.by, TOP_KEYS)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.order is not None:
+        if order is not None and order != args.order:
+            raise ConfigError(f"-s {args.stat} orders by {order}, --order says {args.order}: give one")
+        order = args.order
+    return by, order or "bytes"
+
+
 def _run_top(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     since = _since(args.since)
     now = dt.datetime.now(dt.UTC)
+    by, order = _ranking(args)
     try:
-        sql, params = top_sql(by=args.by, since_seconds=since, agent=args.agent, limit=args.limit,
-                              order=args.order, now=now, clock=args.clock)
+        flt = _compile(args.flow_filter)
+    except StoreError as exc:
+        return _fail("top", exc)
+    try:
+        sql, params = top_sql(by=by, since_seconds=since, agent=args.agent, limit=args.limit,
+                              order=order, now=now, clock=args.clock, flow_filter=flt)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    title = f"top {args.by} by {args.order}"
+    title = f"top {by} by {order}"
     if args.since:
         title += f", last {args.since} by {_CLOCK_WORDS[args.clock]}"
     if args.agent:
         title += f", agent {args.agent}"
+    if flt is not None:
+        title += f", filter {escape(args.flow_filter)}"
     try:
         rows = _print(data_dir, sql, params, args.format, args.timeout, title)
         if rows == 0 and since is not None:
-            _hint_other_clock(data_dir, args, since, now)
+            _hint_other_clock(data_dir, args, since, now, flt)
     except StoreError as exc:
         return _fail("top", exc)
     except BrokenPipeError:
@@ -178,10 +257,12 @@ def _run_top(args: argparse.Namespace) -> int:
 _CLOCK_WORDS = {"flow": "flow end time (exporter's clock)", "received": "receive time"}
 
 
-def _hint_other_clock(data_dir: Path, args: argparse.Namespace, since: float, now: dt.datetime) -> None:
+def _hint_other_clock(
+    data_dir: Path, args: argparse.Namespace, since: float, now: dt.datetime, flt: CompiledFilter | None
+) -> None:
     """An empty ``top --since``: say so on stderr when the other clock has flows in that window."""
     other = "received" if args.clock == "flow" else "flow"
-    sql, params = count_sql(since_seconds=since, agent=args.agent, now=now, clock=other)
+    sql, params = count_sql(since_seconds=since, agent=args.agent, now=now, clock=other, flow_filter=flt)
     with open_query(data_dir, sql, params, timeout=args.timeout) as result:
         [[count]] = list(result.rows)
     if not isinstance(count, int) or count == 0:
@@ -205,8 +286,9 @@ def _run_export(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     since = _since(args.since)
     try:
+        _compile(args.flow_filter)  # a bad filter fails here, before the store is asked
         rows = run_export(data_dir, args.parquet, since_seconds=since, now=dt.datetime.now(dt.UTC),
-                          timeout=args.timeout)
+                          timeout=args.timeout, flow_filter=args.flow_filter)
     except StoreError as exc:
         return _fail("export", exc)
     print(f"exported {rows} flows to {args.parquet} (Parquet, one day=YYYY-MM-DD directory per day)")

@@ -1,10 +1,12 @@
 """The flow store: journaled datagrams decoded into DuckDB, and the read-only ways to ask it questions.
 
 ``StoreSink`` runs inside the gateway (decode, normalise, commit rows and cursor together, retention, the
-query socket); ``open_query``/``top_sql``/``run_export`` serve ``flowtunnel query``, ``top`` and ``export``.
+query socket); ``open_query``/``top_sql``/``run_export`` serve ``flowtunnel query``, ``top`` and ``export``;
+``compile_filter`` turns an nfdump-style filter into a parameterised SQL condition for any of them.
 """
 
 from flowtunnel.store.errors import QueryError, QueryRejected, StoreBusy, StoreError, StoreNotFound
+from flowtunnel.store.filter import CompiledFilter, FilterError, compile_filter, parse_stat, restrict_sql
 from flowtunnel.store.metrics import StoreCollector
 from flowtunnel.store.query import (
     TOP_KEYS,
@@ -20,6 +22,8 @@ from flowtunnel.store.sink import StoreSink
 
 __all__ = [
     "TOP_KEYS",
+    "CompiledFilter",
+    "FilterError",
     "QueryError",
     "QueryRejected",
     "QueryResult",
@@ -30,8 +34,11 @@ __all__ = [
     "StorePaths",
     "StoreSink",
     "check_read_only",
+    "compile_filter",
     "export_sql",
     "open_query",
+    "parse_stat",
+    "restrict_sql",
     "run_export",
     "top_sql",
 ]

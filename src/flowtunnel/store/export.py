@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Final
 
+from flowtunnel.store.filter import compile_filter
+
 __all__ = [
     "STAGING_PREFIX", "export_sql", "install_partitions", "new_staging", "remove_staging", "since_clause",
 ]
@@ -40,17 +42,28 @@ def since_clause(since_seconds: float | None, params: list[object], now: dt.date
 
 
 def export_sql(
-    target: Path, *, since_seconds: float | None, now: dt.datetime, clock: str = "flow"
+    target: Path,
+    *,
+    since_seconds: float | None,
+    now: dt.datetime,
+    clock: str = "flow",
+    flow_filter: str | None = None,
 ) -> tuple[str, list[object]]:
     """COPY statement writing ``flows`` as Parquet under ``target``, one ``day=YYYY-MM-DD`` directory per day.
 
     A flow's day is that of its start (or, without exporter timestamps, its reception), in UTC. ``target``
     is a directory inside the staging one (DuckDB's allowed directories hold what is *under* them);
-    ``install_partitions`` moves the files to where the user asked.
+    ``install_partitions`` moves the files to where the user asked. ``flow_filter`` (nfdump-style text,
+    compiled here so that the query server checks it too) keeps only the flows it selects; ``FilterError``
+    when it does not parse.
     """
     params: list[object] = []
-    since = since_clause(since_seconds, params, now, clock)
-    where_sql = f"WHERE {since}" if since else ""
+    where = [c for c in (since_clause(since_seconds, params, now, clock),) if c]
+    if flow_filter:
+        compiled = compile_filter(flow_filter)
+        where.append(compiled.where)
+        params.extend(compiled.params)
+    where_sql = f"WHERE {' AND '.join(where)}" if where else ""
     literal = str(target).replace("'", "''")
     sql = (
         "COPY (SELECT *, CAST(coalesce(flow_start, received) AS DATE) AS day FROM flows "

@@ -39,6 +39,7 @@ from flowtunnel.store.export import (
     remove_staging,
     since_clause,
 )
+from flowtunnel.store.filter import CompiledFilter
 from flowtunnel.store.sandbox import QueryLimits, check_read_only
 
 __all__ = [
@@ -56,7 +57,10 @@ __all__ = [
     "top_sql",
 ]
 
-TOP_KEYS: Final = ("src_addr", "dst_addr", "dst_port", "src_port", "protocol", "exporter", "agent")
+TOP_KEYS: Final = (
+    "src_addr", "dst_addr", "dst_port", "src_port", "protocol", "exporter", "agent", "src_as", "dst_as",
+    "in_if", "out_if", "next_hop", "tos",
+)
 _TOP_ORDER: Final = ("bytes", "packets", "flows")
 FETCH_ROWS: Final = 2048
 # Which time a ``--since`` filter goes by: the exporter's flow times, or when flowtunnel received the flow.
@@ -233,11 +237,13 @@ def top_sql(
     order: str = "bytes",
     now: dt.datetime,
     clock: str = "flow",
+    flow_filter: CompiledFilter | None = None,
 ) -> tuple[str, list[object]]:
     """The SQL (and parameters) ranking ``by`` values by bytes, packets and flow count.
 
     ``clock`` says which time ``since_seconds`` goes by: ``flow`` (the exporter's flow end, else start, else
-    the receive time) or ``received`` (when the flow reached flowtunnel).
+    the receive time) or ``received`` (when the flow reached flowtunnel). ``flow_filter`` (an nfdump-style
+    filter, see ``flowtunnel.store.filter``) keeps only the flows it selects.
     """
     if by not in TOP_KEYS:
         raise ValueError(f"cannot rank by {by!r}: choose one of {', '.join(TOP_KEYS)}")
@@ -250,6 +256,9 @@ def top_sql(
     if agent is not None:
         where.append("agent = ?")
         params.append(agent)
+    if flow_filter is not None:
+        where.append(flow_filter.where)
+        params.extend(flow_filter.params)
     where_sql = f"WHERE {' AND '.join(where)}" if where else ""
     others = [o for o in _TOP_ORDER if o != order]
     sql = (
@@ -263,7 +272,8 @@ def top_sql(
 
 
 def count_sql(
-    *, since_seconds: float, agent: str | None, now: dt.datetime, clock: str
+    *, since_seconds: float, agent: str | None, now: dt.datetime, clock: str,
+    flow_filter: CompiledFilter | None = None,
 ) -> tuple[str, list[object]]:
     """How many flows a ``top`` with these filters would rank (for the empty-result hint)."""
     params: list[object] = []
@@ -271,6 +281,9 @@ def count_sql(
     if agent is not None:
         where.append("agent = ?")
         params.append(agent)
+    if flow_filter is not None:
+        where.append(flow_filter.where)
+        params.extend(flow_filter.params)
     return f"SELECT count(*) FROM flows WHERE {' AND '.join(where)}", params
 
 
@@ -282,8 +295,10 @@ def run_export(
     now: dt.datetime,
     timeout: float = 3600.0,
     limits: QueryLimits | None = None,
+    flow_filter: str | None = None,
 ) -> int:
-    """Write Parquet partitioned by day to ``target``; returns the number of rows written.
+    """Write Parquet partitioned by day to ``target`` (only the flows the nfdump-style ``flow_filter``
+    selects, when given); returns the number of rows written.
 
     Files are written to a staging directory first and moved into ``target`` only when complete
     (``flowtunnel.store.export``): a killed export leaves the previous export's files whole.
@@ -295,7 +310,9 @@ def run_export(
     client = QueryClient.connect(paths.socket)
     if client is not None:
         with client:
-            return client.export(target, since_seconds=since_seconds, now=now, timeout=timeout)
+            return client.export(
+                target, since_seconds=since_seconds, now=now, timeout=timeout, flow_filter=flow_filter
+            )
     if not paths.database.exists():
         connect_direct(paths)  # raises StoreNotFound
     # A sibling of the target: the same filesystem (files are renamed into place), outside its tree
@@ -307,7 +324,9 @@ def run_export(
         timer.daemon = True
         timer.start()
         try:
-            sql, params = export_sql(staging / "parts", since_seconds=since_seconds, now=now)
+            sql, params = export_sql(
+                staging / "parts", since_seconds=since_seconds, now=now, flow_filter=flow_filter
+            )
             try:
                 row = conn.execute(sql, params).fetchone()
             except duckdb.InterruptException:

@@ -9,7 +9,8 @@ extensions or settings, memory cap, timeout, answer size cap).
 
 Protocol: newline-delimited JSON over ``DATA/store/query.sock`` (mode 0600: the data directory's owner only).
 Request: ``{"op": "query", "sql": ..., "params": [...], "timeout": s}`` or
-``{"op": "export", "target": "/abs/dir", "since_seconds": s|null, "now": iso, "timeout": s}``.
+``{"op": "export", "target": "/abs/dir", "since_seconds": s|null, "now": iso, "timeout": s, "filter": text}``
+(``filter``, an nfdump-style filter, is optional).
 Response to a query: ``{"columns": [...], "types": [...]}``, then one JSON array per row, then
 ``{"end": rows}``; to an export: ``{"rows": n}``. Any failure: ``{"error": text, "kind": "rejected"|"query"}``
 (possibly after some rows).
@@ -34,6 +35,7 @@ import duckdb
 from flowtunnel.store import sandbox
 from flowtunnel.store.errors import QueryError, QueryRejected, StoreError
 from flowtunnel.store.export import export_sql, install_partitions, new_staging, remove_staging
+from flowtunnel.store.filter import FilterError, compile_filter
 from flowtunnel.store.query import FETCH_ROWS, QueryResult, describe, jsonable
 from flowtunnel.store.sandbox import QueryLimits, check_read_only
 
@@ -288,8 +290,16 @@ class QueryServer:
             if not target.is_absolute():
                 raise ValueError(f"export target {target} is not an absolute path")
             since_seconds = None if since is None else float(since)
+            flow_filter = request.get("filter")
+            if flow_filter is not None:
+                if not isinstance(flow_filter, str):
+                    raise ValueError("'filter' must be text")
+                compile_filter(flow_filter)  # refused here, before any staging
         except (KeyError, ValueError) as exc:
             await self._send(writer, {"error": f"bad export request: {exc}", "kind": "query"})
+            return
+        except FilterError as exc:
+            await self._send(writer, {"error": str(exc), "kind": "query"})
             return
         if self._staging is None:
             await self._send(writer, {"error": "this query server has no export staging directory",
@@ -298,7 +308,9 @@ class QueryServer:
         timeout = float(request.get("timeout") or 3600.0)
         staging = await asyncio.to_thread(new_staging, self._staging)
         try:
-            sql, params = export_sql(staging / "parts", since_seconds=since_seconds, now=now)
+            sql, params = export_sql(
+                staging / "parts", since_seconds=since_seconds, now=now, flow_filter=flow_filter
+            )
             cur = await self._begin(writer)
             if cur is None:
                 return
@@ -392,10 +404,13 @@ class QueryClient:
                 self._raise(item)
             return
 
-    def export(self, target: Path, *, since_seconds: float | None, now: dt.datetime, timeout: float) -> int:
+    def export(
+        self, target: Path, *, since_seconds: float | None, now: dt.datetime, timeout: float,
+        flow_filter: str | None = None,
+    ) -> int:
         self._request(
             {"op": "export", "target": str(target), "since_seconds": since_seconds, "now": now.isoformat(),
-             "timeout": timeout},
+             "timeout": timeout, "filter": flow_filter},
             timeout,
         )
         reply = self._line()
