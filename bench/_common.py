@@ -69,7 +69,7 @@ __all__ = [
 ]
 
 DOC = ROOT / "docs" / "benchmarks.md"
-VENDOR = ROOT.parent / "shared" / "corpus" / "vendor"
+VENDOR = ROOT / "tests" / "data" / "vendor"
 UDP_IP_OVERHEAD = 28  # IPv4 (20) + UDP (8) header bytes per datagram
 #: order of the sections in docs/benchmarks.md; a missing section is inserted before the next one listed here
 SECTION_ORDER = ("Wire efficiency", "Throughput", "Agent footprint", "Latency", "Decoding", "Store",
@@ -199,7 +199,7 @@ def softflowd_streams(flows: int, *, seed: int = 6, versions: Sequence[int] = (5
 
 
 def vendor_streams() -> list[Stream]:
-    """The Cisco captures of ``../shared/corpus/vendor``, concatenated per version in file-name order."""
+    """The Cisco captures of ``tests/data/vendor``, concatenated per version in file-name order."""
     groups: dict[str, list[bytes]] = {"IPFIX": [], "v9": []}
     for path in sorted(VENDOR.glob("cisco-*.pcap")):
         for nf in find_netflow(read_udp(path)):

@@ -4,7 +4,7 @@ HTTP tunnel (one POST per datagram) and a DNS tunnel (dnstt-like), for the same 
 
 Streams: softflowd's v5, v9 and IPFIX exports of one generated trace (captured), and the Cisco v9/IPFIX
 captures
-in ``../shared/corpus/vendor``. Raw UDP is payload + 28 bytes (IPv4 + UDP headers) per datagram.
+in ``tests/data/vendor``. Raw UDP is payload + 28 bytes (IPv4 + UDP headers) per datagram.
 
 flowtunnel is measured, not estimated: a real ``flowtunnel agent`` uploads to a real ``flowtunnel gateway``
 through the link emulator (``tests/linkemu.py``), which counts every byte of the HTTP exchange both ways
@@ -490,7 +490,7 @@ def bench(args: argparse.Namespace) -> str:
     header = (
         f"Command: {command_line('wire.py', args)}, {utc_now()}.\nMachine: {machine()}.\n\n"
         f"Streams: softflowd 1.1's v5, v9 and IPFIX exports of one generated trace of {flows:,} "
-        "conversations (captured from softflowd), and the Cisco captures of `shared/corpus/vendor` "
+        "conversations (captured from softflowd), and the Cisco captures of `tests/data/vendor` "
         f"concatenated per version. Each is sent to a real agent at {args.rate:g} datagrams/s (`--latency "
         "1s`, `--latency 10s`), or spooled whole while the link refuses connections and then drained "
         "(`drain`). flowtunnel's bytes are every HTTP byte both ways (request and response heads and "

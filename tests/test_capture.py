@@ -11,6 +11,7 @@ import pytest
 
 from flowtunnel.capture import CaptureError, CaptureReader, CaptureStats, UdpDatagram, find_netflow, read_udp
 from flowtunnel.netflow import encode_v5
+from tests.corpus import VENDOR
 from tests.peers import capture_softflowd, make_trace, require, write_pcap
 
 V5 = encode_v5(
@@ -156,8 +157,7 @@ def test_bad_files_raise_capture_error(tmp_path: Path, content: bytes | None, me
 
 # --- the memory-mapped fast path against the general per-frame path ------------------------------------
 
-CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "corpus" / "vendor"
-VENDOR_CAPTURES = sorted(CORPUS.glob("*.pcap")) if CORPUS.is_dir() else []
+VENDOR_CAPTURES = sorted(VENDOR.glob("*.pcap"))
 
 
 def both_paths(path: Path) -> tuple[list[UdpDatagram], CaptureStats]:
@@ -171,7 +171,6 @@ def both_paths(path: Path) -> tuple[list[UdpDatagram], CaptureStats]:
     return fast_dgrams, fast.stats
 
 
-@pytest.mark.skipif(not VENDOR_CAPTURES, reason=f"vendor corpus not found at {CORPUS}")
 @pytest.mark.parametrize("pcap", VENDOR_CAPTURES, ids=[p.name for p in VENDOR_CAPTURES])
 def test_fast_path_equals_general_path_on_vendor_corpus(pcap: Path) -> None:
     dgrams, stats = both_paths(pcap)

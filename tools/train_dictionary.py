@@ -3,7 +3,7 @@
 
 Samples: the export datagrams softflowd sends (NetFlow v5, v9, IPFIX and bidirectional IPFIX) for synthetic
 traces made by ``tests.peers.make_trace`` with seeds that the tests and benchmarks do not use, plus the UDP
-payloads of the vendor captures in ``../shared/corpus/vendor`` except the held-out ones (``*-b.pcap``), so
+payloads of the vendor captures in ``tests/data/vendor`` except the held-out ones (``*-b.pcap``), so
 benchmarks on those measure a dictionary that never saw them. Run from the repository root:
 
     /work/venv/bin/python tools/train_dictionary.py [--out-dir DIR] [--size 65536] [--vendor DIR]
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--row-id", type=lambda s: int(s, 0), default=ROW_DICT_ID)
     ap.add_argument("--columnar-id", type=lambda s: int(s, 0), default=COLUMNAR_DICT_ID)
     ap.add_argument("--suffix", default="v1", help="netflow[-columnar]-SUFFIX.zdict")
-    ap.add_argument("--vendor", type=Path, default=ROOT.parent / "shared/corpus/vendor")
+    ap.add_argument("--vendor", type=Path, default=ROOT / "tests/data/vendor")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="train-dict-") as tmp:
         runs = softflowd_payloads(Path(tmp))

@@ -88,8 +88,6 @@ def test_paced_sender_stamps_every_datagram_and_latency_matching() -> None:
 
 
 def test_raw_udp_bytes_and_vendor_streams() -> None:
-    if not common.VENDOR.exists():
-        pytest.skip(f"no vendor corpus at {common.VENDOR}")
     streams = common.vendor_streams()
     by_version = {s.version: s for s in streams}
     assert by_version["IPFIX"].payloads

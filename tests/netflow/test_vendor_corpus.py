@@ -1,4 +1,4 @@
-"""Real Cisco v9/IPFIX captures (../shared/corpus/vendor): template, options template, flow and options record
+"""Real Cisco v9/IPFIX captures (tests/data/vendor): template, options template, flow and options record
 counts must match the corpus README (tshark's and an independent walker's counts), with no errors."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import dpkt
 import pytest
 
 from flowtunnel.netflow import Decoder, Message, sniff
+from tests.corpus import VENDOR
 
-CORPUS = Path(__file__).resolve().parents[3] / "shared" / "corpus" / "vendor"
+CORPUS = VENDOR
 
 # file: (datagrams, templates, options templates, flow records, options records) from the README table.
 EXPECTED = {
@@ -29,9 +30,6 @@ EXPECTED = {
     "cisco-ipfix-mpls-v6-bgp.pcap": (66, 33, 12, 74, 39),
     "cisco-ipfix-srv6-v6-bgp-lcomms.pcap": (64, 33, 12, 75, 39),
 }
-
-pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"vendor corpus not found at {CORPUS}")
-
 
 def export_datagrams(path: Path) -> list[tuple[bytes, str]]:
     """UDP payloads to the export ports 9991/9992, with the sender as "ip:port" / "[ip]:port"."""

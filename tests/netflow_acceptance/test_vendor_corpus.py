@@ -1,7 +1,7 @@
 """Acceptance: every vendor capture decodes to the same flow records as tshark's cflow dissector.
 
 Per record: exporter, addresses, ports, protocol, octets and packets, compared as multisets. The captures are
-real Cisco exports (``shared/corpus/vendor``, see its README); tests skip when the corpus is not there.
+real Cisco exports (``tests/data/vendor``, see its README).
 """
 
 from __future__ import annotations
@@ -11,15 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.corpus import VENDOR
 from tests.netflow_acceptance._compare import multiset_diff, our_key, ours, tshark_key
 from tests.peers import require, tshark_records
 
-CORPUS = Path(__file__).resolve().parents[2] / ".." / "shared" / "corpus" / "vendor"
-CAPTURES = sorted(CORPUS.glob("*.pcap")) if CORPUS.is_dir() else []
+CAPTURES = sorted(VENDOR.glob("*.pcap"))
 PORTS = (9991, 9992)
 
 
-@pytest.mark.skipif(not CAPTURES, reason=f"vendor corpus not found at {CORPUS}")
 @pytest.mark.parametrize("pcap", CAPTURES, ids=[p.name for p in CAPTURES])
 def test_flow_records_equal_tshark(pcap: Path) -> None:
     require("tshark")
