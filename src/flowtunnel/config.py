@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import tomllib
 import types
@@ -20,7 +21,18 @@ from typing import Any, TypeVar
 
 from flowtunnel.errors import ConfigError
 
-__all__ = ["env_name", "load_settings", "parse_duration", "parse_size"]
+__all__ = [
+    "check_bounds",
+    "count_setting",
+    "duration_setting",
+    "env_name",
+    "format_duration",
+    "format_size",
+    "load_settings",
+    "parse_duration",
+    "parse_size",
+    "size_setting",
+]
 
 T = TypeVar("T")
 
@@ -44,7 +56,10 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ValueError(f"{text!r} is not a size (examples: 4096, 500k, 4MiB, 2GB)")
     unit = (m.group(2) or "").lower()
-    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+    value = float(m.group(1)) * _SIZE_UNITS[unit]
+    if not math.isfinite(value) or value >= 2**63:
+        raise ValueError(f"{text!r} is too large a size")
+    return int(value)
 
 
 def parse_duration(text: str | float | int) -> float:
@@ -61,7 +76,75 @@ def parse_duration(text: str | float | int) -> float:
         pos = m.end()
     if not s:
         raise ValueError("empty duration")
+    if not math.isfinite(total):
+        raise ValueError(f"{text!r} is too long a duration")
     return total
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e18 else f"{x:g}"
+
+
+def format_duration(seconds: float) -> str:
+    """``0.25`` → ``"250ms"``, ``90`` → ``"90s"``, ``3600`` → ``"1h"``: for messages."""
+    if seconds == 0:
+        return "0s"
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if (seconds >= size and (seconds / size).is_integer()) or (unit == "s" and seconds >= 1):
+            return f"{_num(seconds / size)}{unit}"
+    return f"{_num(seconds * 1000)}ms"
+
+
+def format_size(n: float) -> str:
+    """``4194304`` → ``"4MiB"``, ``500000`` → ``"500k"``, ``123`` → ``"123"`` (bytes): for messages."""
+    shown = [_num(n)]
+    for unit, size in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024),
+                       ("T", 1000**4), ("G", 1000**3), ("M", 1000**2), ("k", 1000)):
+        if n >= size and float(n / size).is_integer():
+            shown.append(f"{_num(n / size)}{unit}")
+    return min(reversed(shown), key=len)  # ties: the one with a unit
+
+
+def duration_setting(default: float | None, lo: float, hi: float, *, zero: str | None = None) -> Any:
+    """A dataclass field for a duration in seconds, parsed from text (``parse_duration``), allowed in
+    ``lo .. hi`` (``load_settings`` and ``check_bounds`` enforce it); ``zero`` says what 0 means."""
+    return dataclasses.field(default=default, metadata={
+        "parse": parse_duration, "bounds": (lo, hi), "format": format_duration, "zero": zero})
+
+
+def size_setting(default: int, lo: int, hi: int, *, zero: str | None = None) -> Any:
+    """A dataclass field for a byte count parsed from text (``parse_size``), allowed in ``lo .. hi``."""
+    return dataclasses.field(default=default, metadata={
+        "parse": parse_size, "bounds": (lo, hi), "format": format_size, "zero": zero})
+
+
+def count_setting(default: int, lo: int, hi: int, *, zero: str | None = None) -> Any:
+    """A dataclass field for a plain count, allowed in ``lo .. hi``."""
+    return dataclasses.field(default=default, metadata={"bounds": (lo, hi), "zero": zero})
+
+
+def check_bounds(obj: object, *, error: type[Exception] = ConfigError) -> None:
+    """Raise ``error`` for the first field of dataclass ``obj`` whose value is outside the ``"bounds"`` of its
+    metadata, naming the setting, the value and the allowed range ("latency 99999999d is outside 10ms .. 1h").
+    ``None`` (unset) values pass."""
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        problem = _out_of_bounds(f, getattr(obj, f.name))
+        if problem:
+            raise error(problem)
+
+
+def _out_of_bounds(f: dataclasses.Field[Any], value: Any) -> str | None:
+    bounds = f.metadata.get("bounds")
+    if bounds is None or value is None or not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    lo, hi = bounds
+    if lo <= value <= hi:
+        return None
+    fmt: Any = f.metadata.get("format") or _num
+    zero = f.metadata.get("zero")
+    what = f" (0 = {zero})" if zero else ""
+    name = f.name.replace("_", "-")
+    return f"{name} {fmt(value)} is outside the allowed range {fmt(lo)} .. {fmt(hi)}{what}"
 
 
 def env_name(section: str, key: str) -> str:
@@ -172,6 +255,9 @@ def load_settings(
             except ValueError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         kwargs[name] = _convert(value, hints[name], where=where)
+        problem = _out_of_bounds(fields[name], kwargs[name])
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
     try:
         return cls(**kwargs)
     except TypeError as exc:

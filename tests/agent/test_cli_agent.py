@@ -46,6 +46,8 @@ def test_help_documents_every_setting() -> None:
           "--listen", "udp://nowhere"), "is not udp://HOST:PORT"),
         (("--gateway", "http://127.0.0.1:1", "--spool", "/tmp/x", "--agent-id", "a", "--key", KEY,
           "--max-body", "huge"), "--max-body: 'huge' is not a size"),
+        (("--gateway", "http://127.0.0.1:1", "--spool", "/tmp/x", "--agent-id", "a", "--key", KEY,
+          "--latency", "99999999d"), "--latency: latency 99999999d is outside the allowed range 10ms .. 1h"),
         (("--gateway", "http://127.0.0.1:1", "--spool", "/tmp/x", "--agent-id", "a",
           "--key", "ftk1_not-a-real-key"), "key is not a valid flowtunnel key"),
     ],

@@ -13,15 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from flowtunnel.config import parse_duration, parse_size
+from flowtunnel.config import check_bounds, count_setting, duration_setting, size_setting
 from flowtunnel.errors import ConfigError
 from flowtunnel.log import FullPolicy
 from flowtunnel.wire.keys import parse_key, validate_agent_id
 
 __all__ = ["AgentConfig", "ListenAddress", "load_key", "mask_url", "parse_listen"]
 
-_SIZE = {"parse": parse_size}
-_DURATION = {"parse": parse_duration}
 _PIN_RE = re.compile(r"^[0-9a-fA-F:]+$")
 
 # A UDP datagram is at most 65507 bytes; a body limit below one datagram plus framing could never be met.
@@ -87,28 +85,31 @@ class AgentConfig:
     ca_file: Path | None = None
     pin_sha256: str | None = None
     """SHA-256 of the gateway's DER certificate, hex; alone it replaces CA checks (self-signed gateways)."""
-    connect_timeout: float = field(default=15.0, metadata=_DURATION)
-    read_timeout: float = field(default=60.0, metadata=_DURATION)
-    total_timeout: float = field(default=180.0, metadata=_DURATION)
-    latency: float = field(default=1.0, metadata=_DURATION)
-    max_batch_datagrams: int = 20000
-    max_body: int = field(default=1024 * 1024, metadata=_SIZE)
-    bandwidth: int = field(default=0, metadata=_SIZE)
+    # Allowed ranges (refused with the range in the message): wide enough for any link from a LAN to a
+    # satellite hop that is down for days, narrow enough that a typo ("99999999d", "1TB" of receive buffer)
+    # cannot leave the agent holding datagrams forever or asking the kernel for the impossible.
+    connect_timeout: float = duration_setting(15.0, 0.1, 3600.0)
+    read_timeout: float = duration_setting(60.0, 0.1, 3600.0)
+    total_timeout: float = duration_setting(180.0, 1.0, 86400.0)
+    latency: float = duration_setting(1.0, 0.01, 3600.0)
+    max_batch_datagrams: int = count_setting(20000, 1, 1_000_000)
+    max_body: int = size_setting(1024 * 1024, MIN_BODY, 1 << 30)
+    bandwidth: int = size_setting(0, 0, 10 * 1000**3, zero="unlimited")
     """Cap on request body bytes per second; 0 = unlimited."""
-    daily_bytes: int = field(default=0, metadata=_SIZE)
+    daily_bytes: int = size_setting(0, 0, 1000**5, zero="unlimited")
     """Cap on request body bytes per UTC day; 0 = unlimited."""
-    spool_quota: int = field(default=512 * 1024 * 1024, metadata=_SIZE)
+    spool_quota: int = size_setting(512 * 1024 * 1024, 16 << 10, 16 << 40)
     full_policy: FullPolicy = FullPolicy.DROP_OLDEST
-    rcvbuf: int = field(default=16 * 1024 * 1024, metadata=_SIZE)
-    buffer_datagrams: int = 20000
+    rcvbuf: int = size_setting(16 * 1024 * 1024, 4096, 1 << 30)
+    buffer_datagrams: int = count_setting(20000, 1, 10_000_000)
     """Datagrams held in memory between the socket and the spool; beyond it they drop as receiver_overflow."""
-    commit_interval: float = field(default=0.05, metadata=_DURATION)
-    backoff_base: float = field(default=0.5, metadata=_DURATION)
-    backoff_cap: float = field(default=60.0, metadata=_DURATION)
-    reject_backoff: float = field(default=300.0, metadata=_DURATION)
+    commit_interval: float = duration_setting(0.05, 0.001, 10.0)
+    backoff_base: float = duration_setting(0.5, 0.01, 3600.0)
+    backoff_cap: float = duration_setting(60.0, 0.01, 86400.0)
+    reject_backoff: float = duration_setting(300.0, 1.0, 86400.0)
     """Wait after a response retrying cannot fix (401, 403, 400): the data stays spooled meanwhile."""
-    status_interval: float = field(default=2.0, metadata=_DURATION)
-    shutdown_timeout: float = field(default=5.0, metadata=_DURATION)
+    status_interval: float = duration_setting(2.0, 0.1, 3600.0)
+    shutdown_timeout: float = duration_setting(5.0, 0.0, 600.0, zero="no last upload")
 
     def __post_init__(self) -> None:
         if not self.gateway:
@@ -158,21 +159,7 @@ class AgentConfig:
                 raise ConfigError(
                     f"pin-sha256 {self.pin_sha256!r} is not 64 hex digits (sha256 of the DER certificate)"
                 )
-        for name in ("connect_timeout", "read_timeout", "total_timeout", "latency", "backoff_base",
-                     "backoff_cap", "reject_backoff", "status_interval", "commit_interval"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)} must be > 0")
-        if self.shutdown_timeout < 0:
-            raise ConfigError(f"shutdown-timeout {self.shutdown_timeout} must be >= 0")
-        if self.max_body < MIN_BODY:
-            raise ConfigError(f"max-body {self.max_body} is below {MIN_BODY} bytes (one datagram must fit)")
-        for name in ("max_batch_datagrams", "buffer_datagrams", "spool_quota", "rcvbuf"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name.replace('_', '-')} {getattr(self, name)} must be > 0")
-        for name in ("bandwidth", "daily_bytes"):
-            if getattr(self, name) < 0:
-                value = getattr(self, name)
-                raise ConfigError(f"{name.replace('_', '-')} {value} must be >= 0 (0 = unlimited)")
+        check_bounds(self)
 
     @property
     def listen_addresses(self) -> tuple[ListenAddress, ...]:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flowtunnel.config import parse_duration, parse_size
+from flowtunnel.config import check_bounds, count_setting, duration_setting, size_setting
 from flowtunnel.wire.dns import normalise_zone
 
 __all__ = [
@@ -159,64 +159,64 @@ class GatewayConfig:
     #: exporters change it on restart).
     identity_port: bool = False
     #: At most this many (agent, exporter) sources get their own socket; more share one (and are counted).
-    max_sources: int = 4096
+    max_sources: int = count_setting(4096, 1, 1_000_000)
     #: Send with forged source addresses over a raw socket (needs CAP_NET_RAW) instead of bound sockets.
     spoof: bool = False
     #: Explicit source addresses for spoofing, ``AGENT=ADDRESS`` (repeatable); others come from the pool.
     spoof_map: tuple[str, ...] = ()
     #: Datagrams per second re-emitted to each collector (0 = unlimited): a tight loop overruns a
     #: collector's receive buffer and the kernel drops what does not fit.
-    forward_rate: int = DEFAULT_FORWARD_RATE
+    forward_rate: int = count_setting(DEFAULT_FORWARD_RATE, 0, 10_000_000, zero="unlimited")
     #: Serve HTTPS with this certificate chain and key (PEM).
     tls_cert: Path | None = None
     tls_key: Path | None = None
     #: Largest request body accepted (a sealed batch); bigger ones get 413 before they are read.
-    max_body: int = field(default=8 << 20, metadata={"parse": parse_size})
+    max_body: int = size_setting(8 << 20, 1024, 1 << 30)
     #: Largest record block after decompression (a batch claiming more is refused before inflating it).
-    max_raw: int = field(default=32 << 20, metadata={"parse": parse_size})
+    max_raw: int = size_setting(32 << 20, 1024, 1 << 30)
     #: Requests processed at once; more get 503 with Retry-After. Memory stays below about
     #: (max_body + 2 * max_raw) * max_inflight whatever clients send.
-    max_inflight: int = 16
+    max_inflight: int = count_setting(16, 1, 10_000)
     #: Of those, at most this many for one agent id (a sender impersonating one id cannot take them all).
     max_inflight_per_agent: int = 2
     #: Time allowed to receive one request body, plus its length / min_body_rate (then 408).
-    body_timeout: float = field(default=60.0, metadata={"parse": parse_duration})
+    body_timeout: float = duration_setting(60.0, 0.1, 86400.0)
     #: Slowest body transfer still accepted, in bytes/s (beyond body_timeout); GPRS manages ~2500.
-    min_body_rate: int = field(default=1024, metadata={"parse": parse_size})
+    min_body_rate: int = size_setting(1024, 1, 1000**3)
     #: Idle keep-alive connections are closed after this long.
-    keepalive_timeout: float = field(default=75.0, metadata={"parse": parse_duration})
+    keepalive_timeout: float = duration_setting(75.0, 0.1, 86400.0)
     #: Journal disk quota; when reached, new batches get 503 (nothing acknowledged is ever dropped).
-    journal_quota: int = field(default=2 << 30, metadata={"parse": parse_size})
+    journal_quota: int = size_setting(2 << 30, 1 << 20, 16 << 40)
     #: Decode into the embedded DuckDB store (``flowtunnel query``).
     store: bool = True
     #: Store retention (e.g. 30d); unset keeps everything.
-    retain: float | None = field(default=None, metadata={"parse": parse_duration})
+    retain: float | None = duration_setting(None, 60.0, 36500 * 86400.0)
     #: Write decoded records as JSON lines to this file ("-" for stdout).
     jsonl: str | None = None
     #: Serve Prometheus metrics on /metrics.
     metrics: bool = True
     #: How often status.json is rewritten.
-    status_interval: float = field(default=2.0, metadata={"parse": parse_duration})
+    status_interval: float = duration_setting(2.0, 0.01, 86400.0)
     #: How long the running gateway trusts its cached copy of the agent registry.
-    registry_ttl: float = field(default=2.0, metadata={"parse": parse_duration})
+    registry_ttl: float = duration_setting(2.0, 0.01, 86400.0)
     #: Retry-After (seconds) sent with 503 answers.
-    retry_after: int = 5
+    retry_after: int = count_setting(5, 1, 3600)
     #: Probes (GET /v1/probe) answered per second per source address, with bursts of ten seconds' worth
     #: (at least 20); more get 429.
     probe_rate: float = 2.0
     #: WebSocket connections (GET /v1/ws) open at once, and per agent id; see docs/protocol.md 7.4.
-    max_ws: int = 256
+    max_ws: int = count_setting(256, 1, 100_000)
     max_ws_per_agent: int = 4
     #: Ping interval on WebSocket connections (a connection that does not pong within half of it is dropped).
-    ws_heartbeat: float = field(default=30.0, metadata={"parse": parse_duration})
+    ws_heartbeat: float = duration_setting(30.0, 1.0, 86400.0)
     #: A WebSocket connection without a batch for this long is closed (the agent reconnects when it has data).
-    ws_idle_timeout: float = field(default=300.0, metadata={"parse": parse_duration})
+    ws_idle_timeout: float = duration_setting(300.0, 1.0, 86400.0)
     #: GET-only rung (docs/protocol.md 7.5): pieces per batch, batches pending per agent, bytes pending in
     #: all, and how long an incomplete batch is kept (then dropped and counted).
-    get_max_pieces: int = 4096
-    get_pending_per_agent: int = 4
-    get_pending_bytes: int = field(default=64 << 20, metadata={"parse": parse_size})
-    get_max_age: float = field(default=120.0, metadata={"parse": parse_duration})
+    get_max_pieces: int = count_setting(4096, 1, 1_000_000)
+    get_pending_per_agent: int = count_setting(4, 1, 1024)
+    get_pending_bytes: int = size_setting(64 << 20, 1024, 1 << 34)
+    get_max_age: float = duration_setting(120.0, 1.0, 86400.0)
     #: The DNS rung: the zone delegated to this gateway (names under it carry batches; docs/networks.md).
     dns_zone: str | None = None
     #: Where the authoritative DNS endpoint listens for dns_zone, udp://HOST:PORT (TCP on the same port).
@@ -249,55 +249,24 @@ class GatewayConfig:
         addresses = self.listen_addresses
         if len(set(addresses)) != len(addresses):
             raise ValueError(f"listen addresses {', '.join(self.listens)} name one address twice")
-        if not 1024 <= self.max_body <= 1 << 30:
-            raise ValueError(f"max_body {self.max_body} is outside 1 KiB .. 1 GiB")
+        check_bounds(self, error=ValueError)
         if not self.max_body <= self.max_raw <= 1 << 30:
             raise ValueError(f"max_raw {self.max_raw} is outside max_body ({self.max_body}) .. 1 GiB")
-        if not 0 <= self.forward_rate <= 10_000_000:
-            raise ValueError(
-                f"forward_rate {self.forward_rate} datagrams/s is outside 0 (unlimited) .. 10000000"
-            )
-        if not 1 <= self.max_sources <= 1_000_000:
-            raise ValueError(f"max_sources {self.max_sources} is outside 1 .. 1000000")
-        if not 1 <= self.max_inflight <= 10_000:
-            raise ValueError(f"max_inflight {self.max_inflight} is outside 1 .. 10000")
         if not 1 <= self.max_inflight_per_agent <= self.max_inflight:
             raise ValueError(
                 f"max_inflight_per_agent {self.max_inflight_per_agent} is outside 1 .. max_inflight "
                 f"({self.max_inflight})"
             )
-        if self.min_body_rate < 1:
-            raise ValueError(f"min_body_rate {self.min_body_rate} B/s must be positive")
-        for name in ("body_timeout", "keepalive_timeout", "status_interval", "registry_ttl"):
-            value = getattr(self, name)
-            if not 0 < value <= 86400:
-                raise ValueError(f"{name} {value} s is outside (0, 86400]")
-        if self.journal_quota < 1 << 20:
-            raise ValueError(f"journal_quota {self.journal_quota} is below 1 MiB")
-        if self.retain is not None and self.retain <= 0:
-            raise ValueError(f"retain {self.retain} s must be positive")
-        if not 1 <= self.max_ws <= 100_000:
-            raise ValueError(f"max_ws {self.max_ws} is outside 1 .. 100000")
         if not 1 <= self.max_ws_per_agent <= self.max_ws:
             raise ValueError(
                 f"max_ws_per_agent {self.max_ws_per_agent} is outside 1 .. max_ws ({self.max_ws})"
             )
-        for name in ("ws_heartbeat", "ws_idle_timeout", "get_max_age"):
-            value = getattr(self, name)
-            if not 1 <= value <= 86400:
-                raise ValueError(f"{name} {value} s is outside 1 .. 86400 s")
-        if not 1 <= self.get_max_pieces <= 1_000_000:
-            raise ValueError(f"get_max_pieces {self.get_max_pieces} is outside 1 .. 1000000")
-        if not 1 <= self.get_pending_per_agent <= 1024:
-            raise ValueError(f"get_pending_per_agent {self.get_pending_per_agent} is outside 1 .. 1024")
         if not self.max_body <= self.get_pending_bytes <= 1 << 34:
             raise ValueError(
                 f"get_pending_bytes {self.get_pending_bytes} is outside max_body ({self.max_body}) .. 16 GiB"
             )
         if not 0 < self.probe_rate <= 100_000:
             raise ValueError(f"probe_rate {self.probe_rate}/s is outside (0, 100000]")
-        if not 1 <= self.retry_after <= 3600:
-            raise ValueError(f"retry_after {self.retry_after} is outside 1 .. 3600 s")
         if self.dns_zone is not None:
             object.__setattr__(self, "dns_zone", normalise_zone(self.dns_zone))
             _ = self.dns_host_port
