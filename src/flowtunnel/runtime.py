@@ -7,22 +7,91 @@ happens in ``finally`` blocks and never by an exception thrown into arbitrary co
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-__all__ = ["OnceLogger", "TaskSet", "run_daemon", "setup_logging"]
+__all__ = [
+    "LOG_FORMATS",
+    "JsonFormatter",
+    "OnceLogger",
+    "TaskSet",
+    "run_daemon",
+    "setup_logging",
+    "stderr_is_journal",
+]
 
 T = TypeVar("T")
 
 
-def setup_logging(level: str = "info") -> None:
-    """Log lines to stderr: ``2026-11-26T05:15:14Z INFO flowtunnel.agent: message``."""
-    formatter = logging.Formatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
-    formatter.converter = time.gmtime
+LOG_FORMATS = ("text", "json")
+
+# syslog priorities journald reads from a "<N>" line prefix (SyslogLevelPrefix=, on by default)
+_SYSLOG_PRIORITY = {"CRITICAL": 2, "ERROR": 3, "WARNING": 4, "INFO": 6, "DEBUG": 7}
+
+
+def stderr_is_journal(environ: Mapping[str, str] | None = None) -> bool:
+    """True when stderr is connected to systemd's journal: ``JOURNAL_STREAM`` (``DEVICE:INODE``) is set and
+    names stderr's file (systemd's advice: a child with redirected stderr inherits the variable)."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, sep, ino = value.partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{st.st_dev}:{st.st_ino}" == f"{dev}:{ino}"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``{"time", "level", "logger", "message"[, "exception"]}`` for log shippers;
+    ``time`` is left out when journald stamps the line itself."""
+
+    def __init__(self, *, timestamps: bool = True) -> None:
+        super().__init__()
+        self._timestamps = timestamps
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, object] = {}
+        if self._timestamps:
+            doc["time"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + (
+                f".{int(record.msecs):03d}Z")
+        doc.update(level=record.levelname, logger=record.name, message=record.getMessage())
+        if record.exc_info:
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+class _JournalTextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{_SYSLOG_PRIORITY.get(record.levelname, 6)}>" + super().format(record)
+
+
+def setup_logging(level: str = "info", fmt: str = "text", *, journal: bool | None = None) -> None:
+    """Log lines to stderr.
+
+    ``fmt="text"``: ``2026-11-26T05:15:14Z INFO flowtunnel.agent: message``; ``fmt="json"``: one JSON object
+    per line. When stderr is the journal (``journal``; by default detected from ``JOURNAL_STREAM``) lines
+    carry no timestamp, journald adds its own, and text lines start with a ``<N>`` syslog priority.
+    """
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)}")
+    if journal is None:
+        journal = stderr_is_journal()
+    formatter: logging.Formatter
+    if fmt == "json":
+        formatter = JsonFormatter(timestamps=not journal)
+    elif journal:
+        formatter = _JournalTextFormatter("%(levelname)s %(name)s: %(message)s")
+    else:
+        formatter = logging.Formatter("%(asctime)sZ %(levelname)s %(name)s: %(message)s", "%Y-%m-%dT%H:%M:%S")
+        formatter.converter = time.gmtime
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
     root = logging.getLogger()

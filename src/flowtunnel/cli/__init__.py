@@ -45,7 +45,7 @@ def _command_of(argv: Sequence[str]) -> str | None:
         if skip:
             skip = False
             continue
-        if word == "--log-level":
+        if word in ("--log-level", "--log-format"):
             skip = True
             continue
         if word.startswith("-"):
@@ -69,6 +69,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         default=None,
         choices=["debug", "info", "warning", "error"],
         help="log verbosity on stderr (default: info; env FLOWTUNNEL_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=None,
+        choices=["text", "json"],
+        help="log lines on stderr as text or json (default: text; env FLOWTUNNEL_LOG_FORMAT)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     module_name = _COMMANDS.get(command or "")

@@ -1,4 +1,4 @@
-"""Helpers shared by subcommand modules: log-level resolution and config-file flags."""
+"""Helpers shared by subcommand modules: log level and format resolution, config-file flags."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import argparse
 import os
 from pathlib import Path
 
-from flowtunnel.runtime import setup_logging
+from flowtunnel.errors import ConfigError
+from flowtunnel.runtime import LOG_FORMATS, setup_logging
 
-__all__ = ["add_config_flag", "init_logging", "port_arg"]
+__all__ = ["add_config_flag", "add_log_format_flag", "init_logging", "log_format", "port_arg"]
 
 
 def add_config_flag(parser: argparse.ArgumentParser) -> None:
@@ -16,11 +17,30 @@ def add_config_flag(parser: argparse.ArgumentParser) -> None:
         "--config", type=Path, default=None, metavar="FILE",
         help="TOML config file; flags override it, env vars FLOWTUNNEL_<SECTION>_<KEY> sit in between",
     )
+    add_log_format_flag(parser)  # every command with a config file is a long-running one
 
 
-def init_logging(args: argparse.Namespace) -> None:
-    level = getattr(args, "log_level", None) or os.environ.get("FLOWTUNNEL_LOG_LEVEL", "info")
-    setup_logging(level)
+def add_log_format_flag(parser: argparse.ArgumentParser) -> None:
+    """``--log-format`` on a long-running command (also accepted before the command name)."""
+    parser.add_argument(
+        "--log-format", dest="command_log_format", choices=list(LOG_FORMATS), default=None,
+        help="log lines on stderr as text (default) or json (one object per line, for log shippers); "
+        "under systemd (JOURNAL_STREAM) without timestamps, journald adds them (env FLOWTUNNEL_LOG_FORMAT)",
+    )
+
+
+def log_format(args: argparse.Namespace) -> str:
+    fmt = (getattr(args, "command_log_format", None) or getattr(args, "log_format", None)
+           or os.environ.get("FLOWTUNNEL_LOG_FORMAT") or "text")
+    if fmt not in LOG_FORMATS:
+        allowed = ", ".join(LOG_FORMATS)
+        raise ConfigError(f"log format {fmt!r} (FLOWTUNNEL_LOG_FORMAT) is not one of {allowed}")
+    return fmt
+
+
+def init_logging(args: argparse.Namespace, *, default_level: str = "info") -> None:
+    level = getattr(args, "log_level", None) or os.environ.get("FLOWTUNNEL_LOG_LEVEL") or default_level
+    setup_logging(level, log_format(args))
 
 
 def port_arg(text: str) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from flowtunnel.cli._common import init_logging
 from flowtunnel.errors import ConfigError
-from flowtunnel.runtime import run_daemon, setup_logging
+from flowtunnel.runtime import run_daemon
 
 __all__ = ["register"]
 
@@ -52,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     from flowtunnel.demo import DemoConfig, DemoResult, Stage, run_demo
 
     # The services log at INFO; the demo's own output is the progress and the summary.
-    setup_logging(args.log_level or os.environ.get("FLOWTUNNEL_LOG_LEVEL") or "warning")
+    init_logging(args, default_level="warning")
     try:
         config = DemoConfig(capture=args.capture, rate=args.rate, timeout=args.timeout, keep=args.keep)
     except ValueError as exc:
