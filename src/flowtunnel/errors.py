@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FlowtunnelError"]
+__all__ = ["ConfigError", "FlowtunnelError", "describe_os_error"]
 
 
 class FlowtunnelError(Exception):
@@ -16,3 +16,11 @@ class FlowtunnelError(Exception):
 
 class ConfigError(FlowtunnelError):
     """A configuration value is missing or invalid; the message names the key, the value and the rule."""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``OSError`` as one line for an operator: ``/var/lib/x/agent.lock: Read-only file system`` (no errno
+    number, no Python quoting), or the message alone when there is no file name."""
+    text = exc.strerror or str(exc) or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return f"{' -> '.join(names)}: {text}" if names else text

@@ -189,6 +189,8 @@ def load_key(config: AgentConfig) -> bytes:
             text = config.key_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"cannot read key file {config.key_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"key file {config.key_file} is not text (expected ftk1_...)") from None
         source = f"key file {config.key_file}"
     else:
         text, source = config.key.strip(), "key"

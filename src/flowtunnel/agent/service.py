@@ -21,7 +21,7 @@ from typing import IO
 from flowtunnel.agent.config import AgentConfig, load_key
 from flowtunnel.agent.receiver import Receiver
 from flowtunnel.agent.uploader import Uploader
-from flowtunnel.errors import ConfigError
+from flowtunnel.errors import ConfigError, describe_os_error
 from flowtunnel.log import DurableLog, LogConfig, LogError, LogStats
 from flowtunnel.runtime import OnceLogger, TaskSet
 from flowtunnel.statusfile import write_json_atomic
@@ -251,7 +251,10 @@ class AgentService:
 def _lock_spool(spool_dir: Path) -> IO[str]:
     """Take an exclusive lock on the spool: two agents on one spool would send every datagram twice."""
     path = spool_dir / LOCK_FILE
-    fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the agent's lifetime
+    try:
+        fh = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the agent's lifetime
+    except OSError as exc:  # read-only filesystem, no permission, a directory in the way
+        raise ConfigError(f"cannot open the spool's lock file: {describe_os_error(exc)}") from None
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -259,10 +262,15 @@ def _lock_spool(spool_dir: Path) -> IO[str]:
         holder = fh.read().strip() or "?"
         fh.close()
         raise ConfigError(f"spool {spool_dir} is in use by another agent (pid {holder})") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+    except OSError as exc:  # a full disk
+        with contextlib.suppress(OSError):
+            fh.close()  # flushes again, and fails the same way
+        raise ConfigError(f"cannot write the spool's lock file {path}: {exc.strerror}") from None
     return fh
 
 

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from flowtunnel import __version__
-from flowtunnel.errors import ConfigError
+from flowtunnel.errors import ConfigError, FlowtunnelError, describe_os_error
 
 __all__ = ["main"]
 
@@ -93,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"flowtunnel {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except FlowtunnelError as exc:  # start-up failures the command did not report: one line, no traceback
+        print(f"flowtunnel {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file or directory that cannot be created, written or read
+        print(f"flowtunnel {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

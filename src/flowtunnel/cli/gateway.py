@@ -162,8 +162,10 @@ def _run_gateway(args: argparse.Namespace) -> int:
     try:
         return run_daemon(lambda stop: run_gateway(config, stop))
     except OSError as exc:
-        # Typically the listen address is taken or not local: a one-line reason, not a traceback.
-        print(f"flowtunnel gateway: error: {exc}", file=sys.stderr)
+        # A directory that cannot be written, a file that cannot be read: a one-line reason, not a traceback.
+        from flowtunnel.errors import describe_os_error
+
+        print(f"flowtunnel gateway: error: {describe_os_error(exc)}", file=sys.stderr)
         return 1
 
 

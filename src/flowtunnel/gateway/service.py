@@ -24,6 +24,7 @@ from dataclasses import asdict
 from aiohttp import web
 
 from flowtunnel import __version__
+from flowtunnel.errors import ConfigError, describe_os_error
 from flowtunnel.gateway.app import ADMISSION_KEY, HttpErrorLogger, build_app
 from flowtunnel.gateway.config import GatewayConfig
 from flowtunnel.gateway.dns import DnsConfig, DnsEndpoint
@@ -187,14 +188,25 @@ class Gateway:
         ssl_ctx: ssl.SSLContext | None = None
         if cfg.tls_cert is not None and cfg.tls_key is not None:
             ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            try:
+                ssl_ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+            except ssl.SSLError as exc:  # before OSError: SSLError is one
+                raise ConfigError(
+                    f"cannot load TLS certificate {cfg.tls_cert} with key {cfg.tls_key}: {exc.reason or exc}"
+                ) from None
+            except OSError as exc:
+                raise ConfigError(f"cannot read TLS certificate or key: {describe_os_error(exc)}") from None
         # One site per listen address (plain HTTP and TLS side by side), in the order given; each one's
         # sockets are the runner's new addresses once it started (a host name may give several).
         for where in cfg.listen_addresses:
             before = list(self._runner.addresses)
             tls = ssl_ctx if where.scheme == "https" else None
             site = web.TCPSite(self._runner, where.host, where.port, ssl_context=tls, reuse_address=True)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                reason = str(exc.strerror or exc).rsplit(": ", 1)[-1]  # asyncio's text repeats the address
+                raise ConfigError(f"cannot listen on {where}: {reason}") from None
             self._sites.append(site)
             for addr in self._runner.addresses:
                 if addr in before:
