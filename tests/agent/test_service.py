@@ -71,7 +71,7 @@ async def test_udp_in_journal_out_with_status(tmp_path: Path, gateway_factory: G
             lambda: read_status(tmp_path / "spool").get("gateway_acked") == len(payloads), "status updated"
         )
         status = read_status(tmp_path / "spool")
-        assert status["backlog"] == {"datagrams": 0, "bytes": 0}
+        assert status["backlog"] == {"datagrams": 0, "bytes": 0, "oldest_received": None}
         assert status["received"]["datagrams"] == len(payloads)
         assert status["malformed"] == {"not_netflow": 1}
         assert status["drops"] == {"spool_full": 0}

@@ -18,7 +18,7 @@ from flowtunnel.errors import ConfigError
 from flowtunnel.log import FullPolicy
 from flowtunnel.wire.keys import parse_key, validate_agent_id
 
-__all__ = ["AgentConfig", "ListenAddress", "load_key", "mask_url", "parse_listen"]
+__all__ = ["AgentConfig", "ListenAddress", "load_key", "mask_url", "parse_host_port", "parse_listen"]
 
 _PIN_RE = re.compile(r"^[0-9a-fA-F:]+$")
 
@@ -55,6 +55,14 @@ def parse_listen(text: str) -> ListenAddress:
     except ValueError:
         raise ConfigError(f"listen address {text!r}: host {parts.hostname!r} is not an IP address") from None
     return ListenAddress(host, port)
+
+
+def parse_host_port(text: str, *, what: str) -> tuple[str, int]:
+    """``127.0.0.1:9102`` / ``[::1]:9102`` → (host, port); ``ConfigError`` naming ``what`` otherwise."""
+    m = re.match(r"^\[([0-9A-Fa-f:.]+)\]:(\d+)$", text) or re.match(r"^([^:\[\]]+):(\d+)$", text)
+    if not m or not 0 <= int(m.group(2)) <= 65535:
+        raise ConfigError(f"{what} {text!r} is not HOST:PORT, port 0..65535 (example: 127.0.0.1:9102)")
+    return m.group(1), int(m.group(2))
 
 
 def mask_url(url: str | None) -> str | None:
@@ -109,6 +117,8 @@ class AgentConfig:
     reject_backoff: float = duration_setting(300.0, 1.0, 86400.0)
     """Wait after a response retrying cannot fix (401, 403, 400): the data stays spooled meanwhile."""
     status_interval: float = duration_setting(2.0, 0.1, 3600.0)
+    metrics_listen: str | None = None
+    """Serve Prometheus metrics on http://HOST:PORT/metrics (off unless given)."""
     shutdown_timeout: float = duration_setting(5.0, 0.0, 600.0, zero="no last upload")
 
     def __post_init__(self) -> None:
@@ -160,6 +170,8 @@ class AgentConfig:
                     f"pin-sha256 {self.pin_sha256!r} is not 64 hex digits (sha256 of the DER certificate)"
                 )
         check_bounds(self)
+        if self.metrics_listen is not None:
+            parse_host_port(self.metrics_listen, what="metrics-listen")
 
     @property
     def listen_addresses(self) -> tuple[ListenAddress, ...]:

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from flowtunnel.agent.config import AgentConfig, load_key
+from flowtunnel.agent.config import AgentConfig, load_key, parse_host_port
+from flowtunnel.agent.metrics import AgentMetricsServer
 from flowtunnel.agent.receiver import Receiver
 from flowtunnel.agent.uploader import Uploader
 from flowtunnel.errors import ConfigError, describe_os_error
@@ -59,6 +60,10 @@ class AgentService:
         self._last_rates: tuple[float, int, int] | None = None
         self._spool_full = 0  # spool quota drops, refreshed from a worker thread with the status
         self._rates: dict[str, float] = {}
+        self._drops_total: int | None = None  # at the last status; the first one is the baseline
+        self._drops_changed: float | None = None
+        self._last_status: dict[str, object] | None = None  # what /metrics serves
+        self._metrics: AgentMetricsServer | None = None
 
     @property
     def spool(self) -> DurableLog:
@@ -100,6 +105,10 @@ class AgentService:
             except OSError as exc:
                 raise ConfigError(str(exc.strerror or exc)) from None
             await self._uploader.open()
+            if cfg.metrics_listen is not None:
+                host, port = parse_host_port(cfg.metrics_listen, what="metrics-listen")
+                self._metrics = AgentMetricsServer(host, port, lambda: self._last_status)
+                await self._metrics.start()
             self._tasks.spawn(self._receiver.run(), name="agent-spool-commit")
             self._upload_task = self._tasks.spawn(self._uploader.run(), name="agent-upload")
             self._tasks.spawn(self._status_loop(), name="agent-status")
@@ -143,6 +152,9 @@ class AgentService:
         await self._close()
 
     async def _close(self) -> None:
+        if self._metrics is not None:
+            await self._metrics.close()
+            self._metrics = None
         if self._receiver is not None:
             self._receiver.stop_receiving()
         if self._uploader is not None:
@@ -169,11 +181,12 @@ class AgentService:
         out["spool_full"] = self._spool_full
         return out
 
-    def status(self, spool: LogStats | None = None) -> dict[str, object]:
+    def status(self, spool: LogStats | None = None, *, oldest: float | None = None) -> dict[str, object]:
         """A JSON-able snapshot: what ``status.json`` holds and ``flowtunnel status --spool`` renders.
 
-        Call it on the event loop (it reads counters the loop updates); pass ``spool`` stats read in a
-        worker thread to keep the spool's lock off the loop.
+        Call it on the event loop (it reads counters the loop updates); pass ``spool`` stats (and the
+        receive time of the oldest spooled datagram, ``oldest``) read in a worker thread to keep the spool's
+        lock off the loop.
         """
         cfg = self.config
         if spool is None:
@@ -183,6 +196,11 @@ class AgentService:
         up = self.uploader.status()
         now = time.time()
         self._update_rates(now, rec.datagrams, int(self.uploader.stats.sent_bytes))
+        drops = self.drops()
+        total = sum(drops.values())
+        if self._drops_total is not None and total > self._drops_total:
+            self._drops_changed = now
+        self._drops_total = total
         return {
             "kind": "agent",
             "agent_id": cfg.agent_id,
@@ -193,7 +211,8 @@ class AgentService:
             "rcvbuf": dict(rec.rcvbuf),
             "gateway": cfg.gateway,
             "gateway_acked": up["acked"],
-            "backlog": {"datagrams": spool.entries, "bytes": spool.bytes},
+            "backlog": {"datagrams": spool.entries, "bytes": spool.bytes,
+                        "oldest_received": oldest if spool.entries else None},
             "spool": {
                 "path": str(cfg.spool_dir / SPOOL_FILE),
                 "first_seq": spool.first_seq,
@@ -208,7 +227,8 @@ class AgentService:
             "rates": dict(self._rates),
             "upload": up,
             "compression_ratio": up["compression_ratio"],
-            "drops": self.drops(),
+            "drops": drops,
+            "drops_changed": self._drops_changed,
             # per listen address; None where the kernel's counter cannot be read (drops not countable)
             "kernel_drops": dict(rec.kernel_drops),
             "malformed": dict(rec.malformed),
@@ -232,11 +252,21 @@ class AgentService:
 
     async def write_status(self) -> None:
         """Rewrite ``status.json`` (spool stats and the file write in a worker thread)."""
-        spool = await asyncio.to_thread(self.spool.stats)
-        doc = self.status(spool)
+        spool, oldest = await asyncio.to_thread(self._spool_snapshot)
+        doc = self._last_status = self.status(spool, oldest=oldest)
         await asyncio.to_thread(
             functools.partial(write_json_atomic, self.config.spool_dir / STATUS_FILE, doc, durable=False)
         )
+
+    def _spool_snapshot(self) -> tuple[LogStats, float | None]:
+        """Spool stats and the receive time (Unix seconds) of the oldest spooled datagram (worker thread)."""
+        stats = self.spool.stats()
+        oldest = None
+        if stats.entries:
+            first = self.spool.read(after=stats.first_seq - 1, limit=1, max_bytes=1 << 17)
+            if first:
+                oldest = first[0].datagram.received_ns / 1e9
+        return stats, oldest
 
     async def _status_loop(self) -> None:
         while True:

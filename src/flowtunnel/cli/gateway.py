@@ -59,6 +59,10 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "carry agents' batches (docs/networks.md: how to delegate it); off unless given"),
     ("--dns-listen", "dns_listen", "udp://HOST:PORT", "where the DNS endpoint for --dns-zone listens, UDP "
      "and TCP on the same port (default udp://127.0.0.1:5353; a delegated zone needs port 53)"),
+    ("--health-silence", "health_silence", "DURATION", "GET /v1/health answers 503 when an enrolled agent "
+     "has been silent longer than this (default 1h)"),
+    ("--health-ignore", "health_ignore", "LIST", "agents /v1/health and 'flowtunnel status' do not watch, "
+     "comma-separated (seasonal sites, spares)"),
 )
 
 

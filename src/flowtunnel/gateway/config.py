@@ -199,6 +199,10 @@ class GatewayConfig:
     status_interval: float = duration_setting(2.0, 0.01, 86400.0)
     #: How long the running gateway trusts its cached copy of the agent registry.
     registry_ttl: float = duration_setting(2.0, 0.01, 86400.0)
+    #: ``GET /v1/health`` fails (503) when an enrolled agent has been silent longer than this.
+    health_silence: float = duration_setting(3600.0, 60.0, 30 * 86400.0)
+    #: Agents ``/v1/health`` and ``flowtunnel status`` do not watch (seasonal sites, spares), comma-separated.
+    health_ignore: tuple[str, ...] = ()
     #: Retry-After (seconds) sent with 503 answers.
     retry_after: int = count_setting(5, 1, 3600)
     #: Probes (GET /v1/probe) answered per second per source address, with bursts of ten seconds' worth

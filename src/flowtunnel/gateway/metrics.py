@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from flowtunnel.buildinfo import register_build_info
+
 __all__ = ["CONTENT_TYPE_LATEST", "AgentStats", "GatewayMetrics", "parse_dropped_header"]
 
 UNKNOWN_AGENT = "unknown"
@@ -50,6 +52,8 @@ class AgentStats:
     backlog: int | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
+    #: When a drop counter the agent reports (or its sequence gap) last grew, for ``flowtunnel status``.
+    drops_changed: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         ratio = self.datagram_bytes / self.http_bytes if self.http_bytes else None
@@ -67,6 +71,7 @@ class AgentStats:
             "backlog": self.backlog,
             "dropped": dict(self.dropped),
             "rejected": dict(self.rejected),
+            "drops_changed": self.drops_changed,
         }
 
 
@@ -150,6 +155,7 @@ class GatewayMetrics:
         self.get_expired = Counter(
             p + "get_expired_batches", "GET-only batches dropped incomplete after get_max_age", registry=r
         )
+        register_build_info(r, component="gateway")
         self.agents: dict[str, AgentStats] = {}
         self.rungs: dict[str, dict[str, int]] = {}
         self.rejects_by_cause: dict[str, int] = {}
@@ -234,6 +240,9 @@ class GatewayMetrics:
         if backlog is not None:
             st.backlog = backlog
             self.backlog.labels(agent).set(backlog)
+        # The first report after a (gateway) start is the baseline: counters the agent carried over are old.
+        if gap or (st.dropped and any(n > st.dropped.get(c, 0) for c, n in dropped.items())):
+            st.drops_changed = now
         for cause, n in dropped.items():
             if cause in st.dropped or len(st.dropped) < _MAX_DROP_CAUSES:
                 st.dropped[cause] = n

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from aiohttp import web
 
 from flowtunnel import __version__
+from flowtunnel.config import parse_duration
 from flowtunnel.errors import ConfigError, describe_os_error
 from flowtunnel.gateway.app import ADMISSION_KEY, HttpErrorLogger, build_app
 from flowtunnel.gateway.config import GatewayConfig
@@ -37,6 +38,7 @@ from flowtunnel.gateway.sinks.base import Sink
 from flowtunnel.gateway.sinks.jsonl import JsonlSink
 from flowtunnel.gateway.sinks.udp_forward import UdpForwardConfig, UdpForwardSink
 from flowtunnel.gateway.ws import WsSettings
+from flowtunnel.health import silent_agents
 from flowtunnel.log import DurableLog, FullPolicy, LogConfig, LogError
 from flowtunnel.runtime import OnceLogger, TaskSet
 from flowtunnel.statusfile import write_json_atomic
@@ -180,6 +182,7 @@ class Gateway:
                 max_age=cfg.get_max_age, retry_after=cfg.retry_after,
             ),
         )
+        app.router.add_get("/v1/health", self._health)
         self._runner = web.AppRunner(
             app, access_log=None, keepalive_timeout=cfg.keepalive_timeout, max_line_size=8190,
             max_field_size=8190, max_headers=64, shutdown_timeout=15.0, logger=HttpErrorLogger(self.metrics),
@@ -222,6 +225,37 @@ class Gateway:
         self._tasks.spawn(self._housekeeping(), name="gateway:housekeeping")
         log.info("listening on %s (data %s, sinks: %s)", ", ".join(self.urls), self.data_dir,
                  ", ".join(s.name for s in self.sinks) or "none")
+
+    async def _health(self, request: web.Request) -> web.Response:
+        """``GET /v1/health``: 200 while every watched agent was heard from within ``health_silence``, else
+        503 naming the silent ones (for a load balancer or an uptime monitor; ``/healthz`` is liveness only).
+        ``?silence=DURATION`` overrides the threshold for one request."""
+        if self.ingest is not None and self.ingest.closing:
+            return web.json_response({"status": "shutting_down"}, status=503)
+        silence = self.config.health_silence
+        if "silence" in request.query:
+            try:
+                silence = parse_duration(request.query["silence"])
+            except ValueError as exc:
+                return web.json_response({"error": "bad-silence", "detail": str(exc)}, status=400)
+        try:
+            entries = self.keys.entries() if self.keys is not None else {}
+        except RegistryError as exc:
+            return web.json_response({"status": "failing", "detail": str(exc)}, status=503)
+        agents = {
+            agent_id: {"last_seen": st.last_seen if (st := self.metrics.agents.get(agent_id)) else None,
+                       "enrolled_at": entry.created_at, "revoked": entry.revoked}
+            for agent_id, entry in entries.items()
+        }
+        ignore = self.config.health_ignore
+        silent = silent_agents(agents, now=time.time(), silence=silence, ignore=ignore)
+        doc = {
+            "status": "failing" if silent else "ok",
+            "silence_s": silence,
+            "watched": sum(1 for a, e in entries.items() if not e.revoked and a not in ignore),
+            "silent": {agent_id: round(age) for agent_id, age in sorted(silent.items())},
+        }
+        return web.json_response(doc, status=503 if silent else 200)
 
     def _restore_last_seen(self) -> None:
         """Seed "last seen" from the previous run's status.json, so a restart does not show "never"."""
@@ -327,7 +361,9 @@ class Gateway:
             doc["acked"] = hwms.get(agent_id, 0)
             entry = enrolled.get(agent_id)
             doc["enrolled"] = entry is not None
+            doc["enrolled_at"] = entry.created_at if entry is not None else None
             doc["revoked"] = entry is not None and entry.revoked
+            doc["health_ignored"] = agent_id in self.config.health_ignore
             agents[agent_id] = doc
         sinks: dict[str, object] = {}
         for sink in self.sinks:
