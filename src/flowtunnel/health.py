@@ -95,7 +95,14 @@ def _age(now: float, t: object) -> float | None:
 
 
 def _ago(seconds: float) -> str:
-    return format_duration(round(seconds)) + " ago"
+    """``42s ago``, ``20m ago``, ``2.5h ago``, ``3d ago``: rounded to what an operator reads at a glance."""
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}".removesuffix(".0") + "h ago"
+    return f"{seconds / 86400:.1f}".removesuffix(".0") + "d ago"
 
 
 def _graded(age: float, warning: float, critical: float) -> int:

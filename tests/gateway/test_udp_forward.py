@@ -398,7 +398,7 @@ def test_forward_rate_setting_from_toml_env_and_flag(tmp_path: Path) -> None:
     assert load(toml="[gateway]\nforward-rate = 500\n").forward_rate == 500
     assert load(env={"FLOWTUNNEL_GATEWAY_FORWARD_RATE": "0"}).forward_rate == 0
     assert load(env={"FLOWTUNNEL_GATEWAY_FORWARD_RATE": "0"}, forward_rate="700").forward_rate == 700
-    with pytest.raises(ConfigError, match="forward_rate -1"):
+    with pytest.raises(ConfigError, match="forward-rate -1 is outside the allowed range"):
         load(forward_rate="-1")
     with pytest.raises(ValueError, match="forward_rate -5"):
         UdpForwardConfig(data_dir=tmp_path, targets=(), source_pool=(), forward_rate=-5)

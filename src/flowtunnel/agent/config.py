@@ -116,7 +116,7 @@ class AgentConfig:
     backoff_cap: float = duration_setting(60.0, 0.01, 86400.0)
     reject_backoff: float = duration_setting(300.0, 1.0, 86400.0)
     """Wait after a response retrying cannot fix (401, 403, 400): the data stays spooled meanwhile."""
-    status_interval: float = duration_setting(2.0, 0.1, 3600.0)
+    status_interval: float = duration_setting(2.0, 0.01, 86400.0)
     metrics_listen: str | None = None
     """Serve Prometheus metrics on http://HOST:PORT/metrics (off unless given)."""
     shutdown_timeout: float = duration_setting(5.0, 0.0, 600.0, zero="no last upload")

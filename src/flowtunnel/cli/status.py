@@ -7,10 +7,13 @@ import json
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flowtunnel.config import parse_duration
 from flowtunnel.errors import ConfigError, FlowtunnelError
+from flowtunnel.health import UNKNOWN, CheckResult, Thresholds, check_agent, check_gateway
 
 __all__ = ["register"]
 
@@ -29,7 +32,41 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     group.add_argument("--data", type=Path, metavar="DIR", help="a gateway's data directory")
     group.add_argument("--gateway", metavar="URL", help="a running gateway's base URL")
     parser.add_argument("--format", choices=["text", "json"], default="text")
+    checks = parser.add_argument_group(
+        "checks",
+        "The exit status follows the Nagios plugin convention: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN "
+        "(status unreadable). CRITICAL: the agent or gateway is not running; an agent silent or a backlog "
+        "older than the critical threshold. WARNING: the same beyond the warning threshold, or drop counters "
+        "that grew within the drops window. Gateway agents in --health-ignore are not watched.",
+    )
+    checks.add_argument("--check", action="store_true",
+                        help="print only one line 'FLOWTUNNEL <STATE> - <problems>' (Nagios, Icinga, cron)")
+    for flag, dest, default, text in (
+        ("--stale-warning", "stale_warning", "15m", "gateway: agent not heard from for this long"),
+        ("--stale-critical", "stale_critical", "1h", "gateway: ... critical"),
+        ("--backlog-warning", "backlog_warning", "15m", "agent: oldest spooled datagram this old"),
+        ("--backlog-critical", "backlog_critical", "2h", "agent: ... critical"),
+        ("--drops-window", "drops_window", "1h", "drop counters that grew this recently warn (0: off)"),
+    ):
+        checks.add_argument(flag, dest=dest, type=_duration, default=parse_duration(default),
+                            metavar="DURATION", help=f"{text} (default {default})")
     parser.set_defaults(func=_run)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _thresholds(args: argparse.Namespace) -> Thresholds:
+    try:
+        return Thresholds(stale_warning=args.stale_warning, stale_critical=args.stale_critical,
+                          backlog_warning=args.backlog_warning, backlog_critical=args.backlog_critical,
+                          drops_window=args.drops_window)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _fetch(url: str) -> dict[str, Any]:
@@ -51,36 +88,40 @@ def _fetch(url: str) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    thresholds = _thresholds(args)
     try:
         if args.spool is not None:
-            return _agent(args)
+            return _agent(args, thresholds)
         from flowtunnel.gateway.status import read_status, render
 
         doc = _fetch(args.gateway) if args.gateway else read_status(args.data)
     except FlowtunnelError as exc:
         if isinstance(exc, ConfigError):
             raise
+        if args.check:
+            print(f"FLOWTUNNEL UNKNOWN - {exc}")
+            return UNKNOWN
         print(f"flowtunnel status: error: {exc}", file=sys.stderr)
         return 1
-    print(json.dumps(doc, indent=1, sort_keys=True) if args.format == "json" else render(doc))
-    return 0
+    result = check_gateway(doc, thresholds=thresholds)
+    return _report(args, doc, result, render, "gateway")
 
 
-def _agent(args: argparse.Namespace) -> int:
-    path = Path(args.spool) / "status.json"
-    try:
-        from flowtunnel.agent import status as agent_status
-    except ImportError:
-        agent_status = None  # type: ignore[assignment]
-    if agent_status is not None and hasattr(agent_status, "read_status"):
-        doc = agent_status.read_status(args.spool)
+def _report(args: argparse.Namespace, doc: dict[str, Any], result: CheckResult,
+            render: Callable[[dict[str, Any]], str], what: str) -> int:
+    if args.check:
+        print(result.line(what))
+    elif args.format == "json":
+        print(json.dumps({**doc, "check": result.as_json()}, indent=1, sort_keys=True))
     else:
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise FlowtunnelError(f"cannot read {path}: {exc}") from None
-    if args.format == "json" or agent_status is None or not hasattr(agent_status, "render"):
-        print(json.dumps(doc, indent=1, sort_keys=True))
-    else:
-        print(agent_status.render(doc))
-    return 0
+        print(render(doc))
+        print()
+        print(result.line(what))
+    return result.state
+
+
+def _agent(args: argparse.Namespace, thresholds: Thresholds) -> int:
+    from flowtunnel.agent import status as agent_status
+
+    doc = agent_status.read_status(args.spool)
+    return _report(args, doc, check_agent(doc, thresholds=thresholds), agent_status.render, "agent")
