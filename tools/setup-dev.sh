@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares a fresh Debian machine for flowtunnel's tests: the real peers the tests drive (softflowd, nfdump,
 # tshark, tinyproxy, nats-server; squid with its fake auth helpers and mitmproxy for the hostile-network zoo
-# in tests/zoo/; unbound and dnsmasq as the DNS rung's resolvers; pmacct for the benchmarks' nfacctd baseline) and a virtualenv at .venv with the project and
+# in tests/zoo/; unbound and dnsmasq as the DNS rung's resolvers; pmacct for the benchmarks' nfacctd baseline;
+# systemd for systemd-analyze, which checks contrib/systemd) and a virtualenv at .venv with the project and
 # its test/lint extras.
 # Idempotent; needs root (or sudo) for apt-get. Set SKIP_APT=1 to skip the Debian part.
 set -euo pipefail
@@ -14,8 +15,9 @@ if [ "${SKIP_APT:-0}" != "1" ]; then
     # tshark asks whether non-root users may capture; answer it up front so the install never blocks.
     echo "wireshark-common wireshark-common/install-setuid boolean false" | $SUDO debconf-set-selections
     need=""
+    # systemd-analyze (package systemd) verifies the unit files in contrib/systemd.
     for pair in softflowd:softflowd nfcapd:nfdump tshark:tshark tinyproxy:tinyproxy nats-server:nats-server nfacctd:pmacct \
-        squid:squid mitmdump:mitmproxy unbound:unbound dnsmasq:dnsmasq-base; do
+        squid:squid mitmdump:mitmproxy unbound:unbound dnsmasq:dnsmasq-base systemd-analyze:systemd; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need="$need ${pair##*:}"
     done
     if [ -n "$need" ]; then

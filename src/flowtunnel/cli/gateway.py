@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -118,6 +119,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                         help="gateway URL to put in the printed agent config (default http://HOST:PORT)")
     enroll.add_argument("--format", choices=["text", "json"], default="text",
                         help="json: one line {\"agent_id\": ..., \"key\": ...}")
+    enroll.add_argument("--key-file", type=Path, default=None, metavar="PATH",
+                        help="write the key to PATH (mode 0600, a new file; with --rotate it may exist) "
+                        "instead of printing it; copy it to the agent's /etc/flowtunnel/agent.key")
     enroll.set_defaults(func=_run_enroll)
 
     revoke = sub.add_parser(
@@ -178,41 +182,90 @@ def _default_gateway_url() -> str:
     return listen if "://" in listen else f"http://{listen}"
 
 
+# Where the printed agent config puts things: the agent box's paths of docs/operations.md and the sample
+# contrib/config/agent.toml, apart from the gateway's /var/lib/flowtunnel (both may share a test box).
+AGENT_SPOOL = "/var/lib/flowtunnel-agent"
+AGENT_KEY_FILE = "/etc/flowtunnel/agent.key"
+
+
+def _open_key_file(path: Path, *, rotate: bool) -> int:
+    """A descriptor on ``path`` for the key, mode 0600; a new file unless ``rotate`` (then truncated)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if rotate else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"key file {path} exists (use --rotate to replace the key and the file)") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write key file {path}: {exc.strerror}") from None
+    os.fchmod(fd, 0o600)  # an existing file (rotate) keeps no wider mode
+    return fd
+
+
 def _run_enroll(args: argparse.Namespace) -> int:
     from flowtunnel.gateway.registry import Registry, RegistryError
     from flowtunnel.wire.keys import format_key
 
     data = _data_dir(args)
+    key_file: Path | None = args.key_file
+    fd = _open_key_file(key_file, rotate=args.rotate) if key_file is not None else None
     try:
         with Registry(data) as reg:
             entry = reg.enroll(args.name, rotate=args.rotate)
-    except ValueError as exc:  # BadAgentId
-        raise ConfigError(str(exc)) from None
-    except RegistryError as exc:
-        print(f"flowtunnel enroll: error: {exc}", file=sys.stderr)
-        return 1
-    key = format_key(entry.key)
+        key = format_key(entry.key)
+        if fd is not None:
+            os.write(fd, f"{key}\n".encode())
+            os.fsync(fd)
+    except BaseException as exc:
+        if fd is not None:
+            os.close(fd)
+            fd = None
+            if not args.rotate and key_file is not None:
+                with contextlib.suppress(OSError):
+                    key_file.unlink()
+        if isinstance(exc, ValueError):  # BadAgentId
+            raise ConfigError(str(exc)) from None
+        if isinstance(exc, RegistryError):
+            print(f"flowtunnel enroll: error: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError):
+            raise ConfigError(f"cannot write key file {key_file}: {exc.strerror}") from None
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     if args.format == "json":
-        print(json.dumps({"agent_id": entry.agent_id, "key": key}))
+        doc = {"agent_id": entry.agent_id, "key_file": str(key_file)} if key_file else {
+            "agent_id": entry.agent_id, "key": key}
+        print(json.dumps(doc))
         return 0
     url = args.gateway_url or _default_gateway_url()
     verb = "re-keyed" if args.rotate else "enrolled"
     cmd = ["flowtunnel", "agent", "--gateway", url, "--listen", "udp://127.0.0.1:2055", "--spool",
-           "/var/lib/flowtunnel/spool", "--agent-id", entry.agent_id]
+           AGENT_SPOOL, "--agent-id", entry.agent_id]
+    if key_file is not None:
+        head = (f"agent {entry.agent_id} {verb} in {data}\n"
+                f"key written to {key_file} (mode 0600): copy it to the agent box as {AGENT_KEY_FILE}\n")
+        key_line = f"key_file = {json.dumps(AGENT_KEY_FILE)}\n"
+        private = ""
+        command = shlex.join([*cmd, "--key-file", AGENT_KEY_FILE])
+    else:
+        head = f"agent {entry.agent_id} {verb} in {data}\nkey: {key}\n"
+        key_line = f"key = {json.dumps(key)}\n"
+        private = "; keep this file private (chmod 600)"
+        command = ("# or on the command line (the key from the environment, not the argument list)\n"
+                   f"FLOWTUNNEL_AGENT_KEY={shlex.quote(key)} {shlex.join(cmd)}")
     print(
-        f"agent {entry.agent_id} {verb} in {data}\n"
-        f"key: {key}\n"
-        "\n"
-        "# agent config (TOML), e.g. /etc/flowtunnel/agent.toml; keep this file private (chmod 600)\n"
+        head
+        + "\n"
+        + f"# agent config (TOML), e.g. /etc/flowtunnel/agent.toml{private}\n"
         "[agent]\n"
         f"gateway = {json.dumps(url)}\n"
         "listen = [\"udp://127.0.0.1:2055\"]\n"
-        "spool = \"/var/lib/flowtunnel/spool\"\n"
+        f"spool = {json.dumps(AGENT_SPOOL)}\n"
         f"agent_id = {json.dumps(entry.agent_id)}\n"
-        f"key = {json.dumps(key)}\n"
-        "\n"
-        "# or on the command line (the key from the environment, not the argument list)\n"
-        f"FLOWTUNNEL_AGENT_KEY={shlex.quote(key)} {shlex.join(cmd)}"
+        + key_line
+        + "\n"
+        + (command if key_file is None else f"# or on the command line\n{command}")
     )
     return 0
 
