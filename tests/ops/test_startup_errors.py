@@ -165,7 +165,7 @@ def test_gateway_listen_port_busy(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         done = _run(["gateway", "--listen", f"127.0.0.1:{port}", "--data", str(tmp_path), "--no-store"])
-    _one_line_error(done, "gateway", f"cannot listen on 127.0.0.1:{port}", "in use")
+    _one_line_error(done, "gateway", f"cannot listen on http://127.0.0.1:{port}", "in use")
 
 
 @pytest.mark.parametrize(("cert", "message"), [
