@@ -35,6 +35,7 @@ __all__ = [
     "NTLM_443",
     "UPGRADE_ALLOWED",
     "UPGRADE_STRIPPED",
+    "LogEntry",
     "Squid",
     "SquidNetwork",
     "squid_binary",
@@ -123,6 +124,17 @@ UPGRADE_STRIPPED = SquidNetwork(name="upgrade-stripped")  # squid's default: Upg
 UPGRADE_ALLOWED = SquidNetwork(name="upgrade-allowed", deny_post=True, upgrade_websocket=True)
 
 
+@dataclass(frozen=True, kw_only=True)
+class LogEntry:
+    """One access.log line: squid's result code (TCP_DENIED...), HTTP status, method, URL and the login."""
+
+    result: str
+    status: int
+    method: str
+    url: str
+    user: str  # "-" when the request carried no accepted login
+
+
 class Squid:
     """``squid -N`` with a ``SquidNetwork``'s configuration; context manager. ``.port``, ``.url``."""
 
@@ -140,6 +152,17 @@ class Squid:
     def access_log(self) -> str:
         path = self.workdir / "access.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def requests(self) -> list[LogEntry]:
+        """The access log parsed (squid's native format), oldest first."""
+        out = []
+        for line in self.access_log().splitlines():
+            f = line.split()
+            if len(f) >= 10 and "/" in f[3]:
+                code = f[3].split("/", 1)[1]
+                out.append(LogEntry(result=f[3].split("/", 1)[0], status=int(code) if code.isdigit() else 0,
+                                    method=f[5], url=f[6], user=f[7]))
+        return out
 
     def cache_log(self) -> str:
         path = self.workdir / "cache.log"

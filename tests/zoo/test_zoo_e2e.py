@@ -60,6 +60,12 @@ def _through(sq: Squid) -> dict[int, int]:
     return {sq.port: sq.port}
 
 
+def _logged_in(sq: Squid) -> bool:
+    """squid demanded a login (407) and then forwarded requests carrying an accepted one."""
+    entries = sq.requests()
+    return any(e.status == 407 for e in entries) and any(e.status == 200 and e.user != "-" for e in entries)
+
+
 def _assert_common(status: dict[str, object], log: str) -> None:
     assert PASSWORD not in log
     assert PASSWORD not in status_text(status)
@@ -71,7 +77,7 @@ def test_ntlm_proxy_connect_only_to_443(tmp_path: Path, v9_capture: Capture) -> 
         result = run_zoo(tmp_path, "ntlm-connect-443", v9_capture, expose=_through(sq),
                          agent_flags=lambda gw: ["--proxy", f"http://{CREDS_URL}@127.0.0.1:{sq.port}"])
         assert result.rung is not None
-        assert "NTLM" in sq.access_log() or USER in sq.access_log()
+        assert _logged_in(sq)
     _assert_common(result.status, result.agent_log)
 
 
@@ -86,7 +92,7 @@ def test_negotiate_proxy_from_the_environment(tmp_path: Path, v9_capture: Captur
                                     "--proxy-password-file", str(pw)],
         )
         assert result.rung is not None
-        assert USER in sq.access_log()
+        assert _logged_in(sq)
     _assert_common(result.status, result.agent_log)
 
 
@@ -104,7 +110,7 @@ def test_octet_stream_refused(tmp_path: Path, v9_capture: Capture) -> None:
         result = run_zoo(tmp_path, "no-octet-stream", v9_capture, expose=_through(sq),
                          agent_flags=lambda gw: ["--proxy", sq.url])
         assert result.rung is not None
-        assert " 200 " in sq.access_log() or "/200 " in sq.access_log()
+        assert any(e.status == 200 and e.method == "POST" for e in sq.requests())
 
 
 @pytest.mark.xfail(strict=True, reason="needs the GET-only rung (issue 10 item 2)")
@@ -113,7 +119,9 @@ def test_post_denied(tmp_path: Path, v9_capture: Capture) -> None:
         result = run_zoo(tmp_path, "post-denied", v9_capture, expose=_through(sq),
                          agent_flags=lambda gw: ["--proxy", sq.url])
         assert result.rung is not None
-        assert "POST" not in sq.access_log().split("TCP_DENIED")[-1]  # after the refusals, no more POSTs
+        entries = sq.requests()
+        assert not any(e.method == "POST" and e.status == 200 for e in entries)
+        assert any(e.method == "GET" and e.status == 200 and "/v1/g/" in e.url for e in entries)
 
 
 @pytest.mark.xfail(strict=True, reason=NEEDS_RUNG_STATUS)
@@ -162,7 +170,7 @@ def test_pac_file_served_on_loopback(tmp_path: Path, v9_capture: Capture) -> Non
         result = run_zoo(tmp_path, "pac", v9_capture, expose={sq.port: sq.port, pacs.port: pacs.port},
                          agent_flags=lambda gw: ["--proxy", "auto", "--pac", f"{pacs.url}/proxy.pac"])
         assert result.rung is not None
-        assert "127.0.0.1" in sq.access_log()
+        assert any(e.status == 200 for e in sq.requests())
 
 
 @pytest.mark.xfail(strict=True, reason="needs --proxy auto (WPAD) and the rung in status (issue 10 item 3)")
@@ -173,10 +181,12 @@ def test_wpad_on_loopback(tmp_path: Path, v9_capture: Capture) -> None:
                          env={"FLOWTUNNEL_WPAD_URL": f"{pacs.url}/wpad.dat"},
                          agent_flags=lambda gw: ["--proxy", "auto"])
         assert result.rung is not None
-        assert sq.access_log()
+        assert any(e.status == 200 for e in sq.requests())
 
 
-@pytest.mark.xfail(strict=True, reason="needs --on-intercept, interception in status (issue 10 item 5)")
+# The agent (h5a, not yet on main) judges "a chain the box trusts" with cryptography's web-PKI verifier, which
+# rejects mitmproxy's leaf (no Authority Key Identifier) although OpenSSL, the box's own TLS, accepts it.
+@pytest.mark.xfail(strict=True, reason="needs interception seen for a chain OpenSSL trusts (issue 10 item 5)")
 def test_tls_intercepting_proxy_is_reported_and_crossed(tmp_path: Path, v9_capture: Capture) -> None:
     require_mitmproxy()
     cert = self_signed(tmp_path / "tls")
@@ -211,7 +221,7 @@ def test_basic_proxy_with_credentials_in_the_url(tmp_path: Path, v9_capture: Cap
         result = run_zoo(tmp_path, "basic", v9_capture, expose=_through(sq),
                          agent_flags=lambda gw: ["--proxy", f"http://{USER}:{PASSWORD}@127.0.0.1:{sq.port}"])
         assert result.rung is not None
-        assert USER in sq.access_log()
+        assert _logged_in(sq)
     _assert_common(result.status, result.agent_log)
 
 
