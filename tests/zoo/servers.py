@@ -13,17 +13,21 @@ connection, so nothing of the closed phase leaks into the open one.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
+import os
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
-__all__ = ["CaptivePortal", "Origin"]
+__all__ = ["CaptivePortal", "HostileProxy", "Origin"]
 
 LOGIN_PAGE = (b"<!DOCTYPE html><html><head><title>Hotel Wi-Fi - Sign in</title></head><body>"
               b"<form method=post action=/login><input name=room><input type=submit></form></body></html>")
@@ -89,24 +93,21 @@ class Origin:
         self._thread.join(5)
 
 
-class CaptivePortal:
-    """A transparent captive portal in front of ``upstream`` (host, port); runs its own loop in a thread."""
+class _Interposer:
+    """Stands between a client and ``upstream`` (host, port): answers every request itself until it opens
+    (after ``open_after`` seconds, or ``open()``), then relays bytes both ways; runs its own loop in a thread.
+    Subclasses say how to answer (``_answer_closed``)."""
 
-    def __init__(
-        self, upstream: tuple[str, int], *, open_after: float | None = None, style: str = "redirect"
-    ) -> None:
-        if style not in ("redirect", "page"):
-            raise ValueError(f"style {style!r}: not 'redirect' or 'page'")
+    def __init__(self, upstream: tuple[str, int], *, open_after: float | None = None) -> None:
         self.upstream = upstream
         self.open_after = open_after
-        self.style = style
         self.port = 0
         self.requests_while_closed: list[str] = []  # request lines answered by the portal
         self.body_bytes_while_closed = 0
         self.opened_at: float | None = None
         self._open = threading.Event()
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="captive-portal", daemon=True)
+        self._thread = threading.Thread(target=self._loop.run_forever, name=type(self).__name__, daemon=True)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._started = 0.0
@@ -123,7 +124,7 @@ class CaptivePortal:
         return self._open.is_set()
 
     def open(self) -> None:
-        """Someone signed in: from now on connections go through to the gateway."""
+        """From now on connections go through to ``upstream``."""
         if not self._open.is_set():
             self.opened_at = time.monotonic()
             self._open.set()
@@ -154,7 +155,11 @@ class CaptivePortal:
                     up_w.close()
                     self._writers.discard(up_w)
                 return
-            await self._answer_closed(reader, writer)
+            # Keep-alive: answer each request of the connection while closed; once open, end the connection
+            # so that the client's next one is relayed.
+            while not reader.at_eof() and not self.is_open:
+                if not await self._answer_closed(reader, writer):
+                    break
         except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.transport.abort()
         finally:
@@ -162,10 +167,12 @@ class CaptivePortal:
                 writer.close()
             self._writers.discard(writer)
 
-    async def _answer_closed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        if len(head) > _MAX_HEAD:
-            return
+    async def _read_request(self, reader: asyncio.StreamReader) -> list[str] | None:
+        """The request head's lines (its body read and counted); None at a clean end of the connection."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None
         lines = head.decode("latin-1").split("\r\n")
         self.requests_while_closed.append(lines[0])
         length = 0
@@ -176,13 +183,11 @@ class CaptivePortal:
         if length:
             body = await reader.read(min(length, 16 << 20))
             self.body_bytes_while_closed += len(body)
-        if self.style == "redirect" and lines[0].split(" ")[1:2] != ["/login"]:
-            status, extra, body = "302 Found", f"Location: {self.url}/login\r\n", b""
-        else:
-            status, extra, body = "200 OK", "Content-Type: text/html; charset=utf-8\r\n", LOGIN_PAGE
-        writer.write(f"HTTP/1.1 {status}\r\n{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-                     .encode() + body)
-        await writer.drain()
+        return lines
+
+    async def _answer_closed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request while closed; False ends the connection."""
+        raise NotImplementedError
 
     async def _start(self) -> None:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -198,7 +203,7 @@ class CaptivePortal:
                     await self._server.wait_closed()
             await asyncio.sleep(0.05)  # let the aborted connections' handlers finish
 
-    def __enter__(self) -> CaptivePortal:
+    def __enter__(self) -> Self:
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
         self._started = time.monotonic()
@@ -212,3 +217,84 @@ class CaptivePortal:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+
+class CaptivePortal(_Interposer):
+    """A transparent captive portal in front of ``upstream``: until it opens, a 302 to its login page
+    (``style="redirect"``) or the login page itself with 200 (``style="page"``) for every request."""
+
+    def __init__(
+        self, upstream: tuple[str, int], *, open_after: float | None = None, style: str = "redirect"
+    ) -> None:
+        if style not in ("redirect", "page"):
+            raise ValueError(f"style {style!r}: not 'redirect' or 'page'")
+        super().__init__(upstream, open_after=open_after)
+        self.style = style
+
+    async def _answer_closed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        lines = await self._read_request(reader)
+        if lines is None:
+            return False
+        if self.style == "redirect" and lines[0].split(" ")[1:2] != ["/login"]:
+            status, extra, body = "302 Found", f"Location: {self.url}/login\r\n", b""
+        else:
+            status, extra, body = "200 OK", "Content-Type: text/html; charset=utf-8\r\n", LOGIN_PAGE
+        writer.write(f"HTTP/1.1 {status}\r\n{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                     .encode() + body)
+        await writer.drain()
+        return False
+
+
+class HostileProxy(_Interposer):
+    """A broken or hostile proxy in front of the real one (``upstream``) until it heals (``open_after``):
+
+    - ``garbage-407``: 407 whose challenges are not base64, not a scheme, or control characters;
+    - ``endless-407``: 407 with a fresh, well-formed NTLM challenge every time, whatever the client answers;
+    - ``not-an-ack``: 200 with an HTML block page instead of the gateway's JSON;
+    - ``cut``: a response head and half a body, then the connection closes.
+
+    Connections are kept alive while it misbehaves (except ``cut``), so a client that loops on one
+    connection shows up in ``requests_while_closed``."""
+
+    BEHAVIOURS = ("garbage-407", "endless-407", "not-an-ack", "cut")
+
+    def __init__(self, upstream: tuple[str, int], *, behaviour: str, open_after: float | None = None) -> None:
+        if behaviour not in self.BEHAVIOURS:
+            raise ValueError(f"behaviour {behaviour!r}: not one of {', '.join(self.BEHAVIOURS)}")
+        super().__init__(upstream, open_after=open_after)
+        self.behaviour = behaviour
+
+    async def _answer_closed(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if await self._read_request(reader) is None:
+            return False
+        keep = True
+        if self.behaviour == "garbage-407":
+            head = ("HTTP/1.1 407 Proxy Authentication Required\r\n"
+                    "Proxy-Authenticate: NTLM %%%not-base64%%%\r\n"
+                    "Proxy-Authenticate: \x01\x02 realm\r\n"
+                    "Proxy-Authenticate: Basic realm=\"unterminated\r\n")
+            body = b"<html>auth</html>"
+        elif self.behaviour == "endless-407":
+            challenge = base64.b64encode(_ntlm_challenge()).decode()
+            head = f"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: NTLM {challenge}\r\n"
+            body = b""
+        elif self.behaviour == "not-an-ack":
+            head = "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n"
+            body = b"<html><body>This site is blocked by your organisation's policy.</body></html>"
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+                         b'{"acked": 99999999, "tag": "')
+            await writer.drain()
+            return False
+        writer.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode("latin-1") + body)
+        await writer.drain()
+        return keep
+
+
+def _ntlm_challenge() -> bytes:
+    """A well-formed NTLM CHALLENGE_MESSAGE (type 2) with a random server challenge and no target info."""
+    flags = 0x00000001 | 0x00000200 | 0x00008000 | 0x00080000 | 0x20000000 | 0x80000000
+    return (b"NTLMSSP\0" + struct.pack("<I", 2) + struct.pack("<HHI", 0, 0, 56) + struct.pack("<I", flags)
+            + os.urandom(8) + bytes(8) + struct.pack("<HHI", 0, 0, 56) + bytes(8))
+
+

@@ -19,7 +19,7 @@ from tests.zoo import netns
 from tests.zoo.certs import self_signed
 from tests.zoo.mitm import Mitmdump
 from tests.zoo.rawhttp import request_via_proxy
-from tests.zoo.servers import CaptivePortal, Origin
+from tests.zoo.servers import CaptivePortal, HostileProxy, Origin
 from tests.zoo.squid import (
     BASIC,
     BODY_64K,
@@ -146,6 +146,22 @@ def test_captive_portal_redirects_until_it_opens() -> None:
         assert portal.body_bytes_while_closed == len("batch")
         portal.open()
         assert curl_body(f"{portal.url}/v1/probe?nonce=x")["path"] == "/v1/probe?nonce=x"
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    # curl 47: it gave up the NTLM handshake that never ends; 18: transfer closed with data outstanding
+    [("garbage-407", (0, "407 000")), ("endless-407", (47, "407 000")), ("not-an-ack", (0, "200 000")),
+     ("cut", (18, "200 000"))],
+)
+def test_hostile_proxy_misbehaves_then_heals(behaviour: str, expected: tuple[int, str]) -> None:
+    with Origin() as origin, Squid(BASIC) as sq, \
+            HostileProxy(("127.0.0.1", sq.port), behaviour=behaviour) as hostile:
+        login = ("-U", "alice:pw", "--proxy-anyauth") if behaviour == "endless-407" else ("-U", "alice:pw")
+        assert curl("-x", hostile.url, *login, f"{origin.url}/x") == expected
+        assert hostile.requests_while_closed
+        hostile.open()
+        assert curl("-x", hostile.url, "-U", "alice:pw", f"{origin.url}/x") == (0, "200 000")
 
 
 def test_pac_served_on_loopback_names_the_proxy() -> None:

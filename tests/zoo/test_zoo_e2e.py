@@ -19,7 +19,7 @@ from tests.peers import free_tcp_port
 from tests.zoo.agentrun import ZooAgent, run_zoo, status_text
 from tests.zoo.certs import self_signed
 from tests.zoo.mitm import Mitmdump
-from tests.zoo.servers import CaptivePortal, Origin
+from tests.zoo.servers import CaptivePortal, HostileProxy, Origin
 from tests.zoo.squid import (
     BASIC,
     BODY_64K,
@@ -222,6 +222,27 @@ def test_basic_proxy_with_credentials_in_the_url(tmp_path: Path, v9_capture: Cap
                          agent_flags=lambda gw: ["--proxy", f"http://{USER}:{PASSWORD}@127.0.0.1:{sq.port}"])
         assert result.rung is not None
         assert _logged_in(sq)
+    _assert_common(result.status, result.agent_log)
+
+
+@pytest.mark.parametrize("behaviour", HostileProxy.BEHAVIOURS)
+def test_hostile_proxy_costs_log_lines_and_retries_never_a_loop_or_a_loss(
+    tmp_path: Path, v9_capture: Capture, behaviour: str
+) -> None:
+    """Bad input: for 5 s the proxy answers garbage 407s, an NTLM handshake that never ends, an HTML 200
+    instead of an ack, or a response cut mid-way; then it heals. Everything arrives exactly once (run_zoo
+    checks the journal), the agent retried with backoff (no busy loop: a bounded number of requests) and
+    said so in a bounded number of log lines, without a traceback."""
+    with Squid(BASIC) as sq, HostileProxy(("127.0.0.1", sq.port), behaviour=behaviour, open_after=5.0) as bad:
+        result = run_zoo(tmp_path, f"hostile-{behaviour}", v9_capture, expose={sq.port: bad.port},
+                         agent_flags=lambda gw: ["--proxy", f"http://{USER}:{PASSWORD}@127.0.0.1:{sq.port}",
+                                                 "--backoff-cap", "2s"])  # back soon after it heals
+        met = len(bad.requests_while_closed)
+        assert met > 0, "the agent met the hostile proxy"
+        assert met < 200, f"{met} requests in 5 s: a loop"
+    complaints = [line for line in result.agent_log.splitlines() if " WARNING " in line or " ERROR " in line]
+    assert len(complaints) < 30, "\n".join(complaints[-30:])
+    assert "Traceback" not in result.agent_log
     _assert_common(result.status, result.agent_log)
 
 
