@@ -17,7 +17,7 @@ import pytest
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway import Gateway, Registry
-from flowtunnel.wire import HEADER, AuthenticationFailed, peek_header, verify_ack
+from flowtunnel.wire import HEADER, AuthenticationFailed, peek_header, seal_batch, verify_ack
 from tests.gateway.util import (
     BATCH_CONTENT_TYPE,
     datagrams,
@@ -346,7 +346,7 @@ async def test_newly_enrolled_agent_is_accepted_without_restart(
 async def test_journal_full_gives_503_with_retry_after_and_acks_nothing(tmp_path: Path) -> None:
     data = tmp_path / "gw"
     key = enroll(data, AGENT)
-    gw = await start_gateway(data, journal_quota=1 << 20)
+    gw = await start_gateway(data, journal_quota=1 << 20, journal_agent_share=1.0)
     try:
         big = [d for d in datagrams(40)]
         big = [
@@ -566,17 +566,14 @@ async def test_agent_that_saw_more_acknowledged_than_the_journal_holds_must_resy
     try:
         async with aiohttp.ClientSession() as session:
             await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(3)), agent=AGENT)
-            # The agent last saw 8 acknowledged; this journal only holds 3.
-            batch = seal(AGENT, key, 9, datagrams(2, start=8))
-            status, doc, _ = await post_batch(
-                session, gw.url, batch, agent=AGENT, headers={"X-Flowtunnel-Acked": "8"}
-            )
+            # The agent last saw 8 acknowledged (sealed in its agent info); this journal only holds 3.
+            batch = seal_info(key, 9, datagrams(2, start=8), {"acked": 8})
+            status, doc, _ = await post_batch(session, gw.url, batch, agent=AGENT)
             assert (status, doc["error"], doc["acked"]) == (409, "resync", 3)
             assert len(journal_entries(gw)) == 3
             # Resynchronised, the agent now knows 3 is the mark and sends what it still has.
-            status, doc, _ = await post_batch(
-                session, gw.url, batch, agent=AGENT, headers={"X-Flowtunnel-Acked": "3"}
-            )
+            batch = seal_info(key, 9, datagrams(2, start=8), {"acked": 3})
+            status, doc, _ = await post_batch(session, gw.url, batch, agent=AGENT)
             assert (status, doc["acked"], doc["accepted"]) == (200, 10, 2)
             # An agent that says nothing about what it saw keeps the old behaviour.
             status, doc, _ = await post_batch(
@@ -587,6 +584,44 @@ async def test_agent_that_saw_more_acknowledged_than_the_journal_holds_must_resy
         assert (stats.lost, stats.gap) == (5, 0)
         text = gw.metrics.render().decode()
         assert 'flowtunnel_gateway_journal_lost_datagrams_total{agent="site-a"} 5.0' in text
+    finally:
+        await gw.stop()
+
+
+def seal_info(key: bytes, first_seq: int, dgs: list[Datagram], info: dict[str, int]) -> bytes:
+    """A batch of ``AGENT`` carrying sealed agent info (what the agent authenticates: acked, drops, ...)."""
+    return seal_batch(agent_id=AGENT, key=key, first_seq=first_seq, datagrams=dgs, nonce=os.urandom(12),
+                      agent_info=info)
+
+
+async def test_clear_text_acked_header_cannot_force_a_resync(tmp_path: Path) -> None:
+    """Anyone on the path can add ``X-Flowtunnel-Acked``: it must not force a 409 nor leave a lost-data hint
+    (issue 17.4); only the sealed ``acked`` can."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(3)), agent=AGENT)
+            # A batch without sealed "acked", and a forged header claiming far more was acknowledged.
+            status, doc, _ = await post_batch(
+                session, gw.url, seal(AGENT, key, 4, datagrams(2, start=3)), agent=AGENT,
+                headers={"X-Flowtunnel-Acked": "1000"},
+            )
+            assert (status, doc["acked"], doc["accepted"]) == (200, 5, 2)
+            # A header disagreeing with the sealed value loses too.
+            status, doc, _ = await post_batch(
+                session, gw.url, seal_info(key, 6, datagrams(1, start=5), {"acked": 5}), agent=AGENT,
+                headers={"X-Flowtunnel-Acked": "1000"},
+            )
+            assert (status, doc["acked"]) == (200, 6)
+            # No bogus lost-data hint left behind: a later gap is the agent's own, not "lost here".
+            status, doc, _ = await post_batch(
+                session, gw.url, seal(AGENT, key, 10, datagrams(1, start=9)), agent=AGENT
+            )
+            assert status == 200
+        stats = gw.metrics.agents[AGENT]
+        assert (stats.lost, stats.gap, stats.rejected) == (0, 3, {})
     finally:
         await gw.stop()
 

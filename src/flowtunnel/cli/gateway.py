@@ -30,7 +30,13 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--tls-cert", "tls_cert", "FILE", "serve HTTPS with this PEM certificate chain (with --tls-key)"),
     ("--tls-key", "tls_key", "FILE", "PEM private key for --tls-cert"),
     ("--max-body", "max_body", "SIZE", "largest request body accepted (default 8MiB)"),
-    ("--max-raw", "max_raw", "SIZE", "largest batch after decompression (default 32MiB)"),
+    ("--max-raw", "max_raw", "SIZE", "largest batch after decompression (default 24MiB)"),
+    ("--max-batch-datagrams", "max_batch_datagrams", "N", "most datagrams in one batch (default 20000)"),
+    ("--agent-rate", "agent_rate", "SIZE", "journal bytes/s one agent may add, beyond: 429 (default 4MiB; "
+     "0 = unlimited)"),
+    ("--agent-burst", "agent_burst", "SIZE", "burst allowed above --agent-rate (default 64MiB)"),
+    ("--journal-agent-share", "journal_agent_share", "FRACTION", "part of --journal-quota one agent may "
+     "hold before its batches get 429 (default 0.5)"),
     ("--max-inflight", "max_inflight", "N", "requests processed at once; more get 503 (default 16)"),
     ("--max-inflight-per-agent", "max_inflight_per_agent", "N", "of those, per agent id (default 2)"),
     ("--body-timeout", "body_timeout", "DURATION", "time allowed to send a body, plus length / min-body-rate "
@@ -150,6 +156,10 @@ def _data_dir(args: argparse.Namespace) -> Path:
         "FLOWTUNNEL_GATEWAY_DATA") else None)
     if data is None:
         raise ConfigError("the data directory is required (--data DIR or FLOWTUNNEL_GATEWAY_DATA)")
+    from flowtunnel.datadir import prepare_private_dir
+
+    # Created 0700 (the registry holds every agent's key); someone else's or a group-writable one is refused.
+    prepare_private_dir(Path(data), what="data directory")
     return Path(data)
 
 

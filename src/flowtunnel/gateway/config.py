@@ -17,6 +17,8 @@ from flowtunnel.config import check_bounds, count_setting, duration_setting, siz
 from flowtunnel.wire.dns import normalise_zone
 
 __all__ = [
+    "DEFAULT_AGENT_BURST",
+    "DEFAULT_AGENT_RATE",
     "DEFAULT_FORWARD_RATE",
     "DEFAULT_SOURCE_POOL",
     "ForwardTarget",
@@ -35,6 +37,13 @@ DEFAULT_SOURCE_POOL = ("127.0.0.2-127.255.255.254",)
 #: (nfcapd and goflow2 each take tens of thousands per second on one core), and a backlog of a day of a busy
 #: site (a million datagrams) still drains in under a minute.
 DEFAULT_FORWARD_RATE = 20_000
+
+#: Journal bytes/s one agent may add: above what a busy site exports (a few thousand datagrams/s, under
+#: 4 MB/s), so honest agents and their backlog drains pass; a rogue agent expanding tiny bodies into
+#: millions of datagrams is held there. The burst lets a spool's backlog start at once (and exceeds the
+#: largest batch).
+DEFAULT_AGENT_RATE = 4 << 20
+DEFAULT_AGENT_BURST = 64 << 20
 
 _AGENT_MAP_RE = re.compile(r"^([^=\s]+)=(\S+)$")
 
@@ -173,7 +182,17 @@ class GatewayConfig:
     #: Largest request body accepted (a sealed batch); bigger ones get 413 before they are read.
     max_body: int = size_setting(8 << 20, 1024, 1 << 30)
     #: Largest record block after decompression (a batch claiming more is refused before inflating it).
-    max_raw: int = size_setting(32 << 20, 1024, 1 << 30)
+    #: The agent aims its batches at 0.85 x its max_body (1 MiB) x a compression ratio it caps at 20: under
+    #: 18 MiB; an agent sending more gets 413 and halves its batches.
+    max_raw: int = size_setting(24 << 20, 1024, 1 << 30)
+    #: Most datagrams in one batch (the agent's max_batch_datagrams default; 413 beyond, before decryption).
+    max_batch_datagrams: int = count_setting(20_000, 1, 1_000_000)
+    #: Journal bytes per second one agent may add (0 = unlimited), with a burst of agent_burst: beyond, 429
+    #: with Retry-After. Journal bytes are payload + about 60 bytes per datagram (what the quota counts).
+    agent_rate: int = size_setting(DEFAULT_AGENT_RATE, 0, 1 << 40, zero="unlimited")
+    agent_burst: int = size_setting(DEFAULT_AGENT_BURST, 1 << 20, 1 << 40)
+    #: Fraction of journal_quota one agent may hold (not yet consumed by every sink); beyond, 429.
+    journal_agent_share: float = 0.5
     #: Requests processed at once; more get 503 with Retry-After. Memory stays below about
     #: (max_body + 2 * max_raw) * max_inflight whatever clients send.
     max_inflight: int = count_setting(16, 1, 10_000)
@@ -256,6 +275,11 @@ class GatewayConfig:
         check_bounds(self, error=ValueError)
         if not self.max_body <= self.max_raw <= 1 << 30:
             raise ValueError(f"max_raw {self.max_raw} is outside max_body ({self.max_body}) .. 1 GiB")
+        if not 0 < self.journal_agent_share <= 1:
+            raise ValueError(
+                f"journal_agent_share {self.journal_agent_share} is outside (0, 1] "
+                "(a fraction of journal_quota)"
+            )
         if not 1 <= self.max_inflight_per_agent <= self.max_inflight:
             raise ValueError(
                 f"max_inflight_per_agent {self.max_inflight_per_agent} is outside 1 .. max_inflight "

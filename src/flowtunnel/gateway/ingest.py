@@ -21,7 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from flowtunnel.datagram import Datagram
-from flowtunnel.gateway.metrics import GatewayMetrics, parse_dropped_header
+from flowtunnel.gateway.budget import AgentBudgets, BudgetConfig, OverBudget, journal_cost
+from flowtunnel.gateway.metrics import MAX_FIGURE, GatewayMetrics, parse_count, parse_dropped_header
+from flowtunnel.gateway.nonces import NonceWindow, Seen
 from flowtunnel.gateway.notify import JournalNotify
 from flowtunnel.gateway.registry import AgentEntry, AgentKeys, RegistryError
 from flowtunnel.log import DurableLog, LogError, LogFull
@@ -162,6 +164,7 @@ class Ingest:
         notify: JournalNotify,
         limits: WireLimits | None = None,
         retry_after: int = 5,
+        budgets: AgentBudgets | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._journal = journal
@@ -174,6 +177,8 @@ class Ingest:
         self._locks: dict[str, asyncio.Lock] = {}
         self._hwm: dict[str, int] = {}
         self._lost_hint: dict[str, int] = {}
+        self.budgets = budgets if budgets is not None else AgentBudgets(BudgetConfig())
+        self._nonces = NonceWindow()
         self.once = OnceLogger(log)
         self.closing = False
 
@@ -242,7 +247,13 @@ class Ingest:
             detail = f"header agent id is invalid: {exc}"
             raise Rejected("malformed-header", detail, agent=label) from None
         self._check_agent(agent_id, agent_header)
+        self._refuse(self.budgets.check(agent_id, default_wait=self._retry_after), agent_id)
         return agent_id
+
+    @staticmethod
+    def _refuse(refusal: OverBudget | None, agent: str) -> None:
+        if refusal is not None:
+            raise Rejected(429, refusal.code, refusal.detail, agent=agent, retry_after=refusal.retry_after)
 
     def _check_agent(self, agent_id: str, agent_header: str | None) -> AgentEntry:
         if agent_header is None:
@@ -257,9 +268,23 @@ class Ingest:
             )
         return self._entry(agent_id)
 
-    async def _open(self, body: bytes, agent_header: str | None) -> tuple[Batch, bytes]:
-        """Authenticate and open ``body``: the batch and the key that opened it (which also tags the answer);
-        re-reads the registry once if the key may have been rotated."""
+    async def _open(self, body: bytes, agent_header: str | None) -> tuple[Batch, bytes, bool]:
+        """Authenticate and open ``body``: the batch, the key that opened it (which also tags the answer),
+        and whether it is an exact copy of a recent request (a replay); re-reads the registry once if the
+        key may have been rotated. A recent nonce reused with other content is counted and logged."""
+        batch, key = await self._authenticate(body, agent_header)
+        seen = self._nonces.check(batch.agent_id, key, batch.header.nonce, body[-16:])
+        if seen is Seen.REUSED:
+            self._metrics.nonce_reuse(batch.agent_id)
+            self.once.warning(
+                f"nonce-reuse:{batch.agent_id}",
+                "agent %s reused a recent nonce with different content under the same key (a broken or "
+                "hostile client: it weakens the encryption of both batches; see docs/security.md)",
+                batch.agent_id,
+            )
+        return batch, key, seen is Seen.REPLAYED
+
+    async def _authenticate(self, body: bytes, agent_header: str | None) -> tuple[Batch, bytes]:
         try:
             header = peek_header(body, self._limits)
         except WireError as exc:
@@ -333,6 +358,11 @@ class Ingest:
         ``gapless``: refuse (409 ``out-of-order``) new datagrams that would leave a gap above the high-water
         mark the agent has not declared (``_check_gap``), instead of counting the gap as the agent's drops.
 
+        ``backlog`` and ``dropped`` are the clear-text advisory headers: used only when the batch does not
+        carry the same figures sealed, and only for a batch that brought new datagrams. ``agent_acked`` (the
+        clear-text ``X-Flowtunnel-Acked``) is ignored: anyone on the path could set it; only the sealed
+        ``acked`` can trigger a resync (409).
+
         Error handling: raises ``Rejected`` (already counted and logged) for anything not accepted; a
         journal that cannot commit (disk or quota full, I/O error) gives 503 with Retry-After, nothing acked.
         """
@@ -341,9 +371,11 @@ class Ingest:
                 raise Rejected(
                     "shutting-down", "the gateway is shutting down", retry_after=self._retry_after
                 )
-            batch, key = await self._open(body, agent_header)
+            batch, key, replayed = await self._open(body, agent_header)
+            # Only an authenticated batch spends the agent's budget (bounded decompression has been paid).
+            self.budgets.charge(batch.agent_id, journal_cost(batch.agent_id, batch.datagrams))
             return await self._commit(
-                batch, key, http_bytes=len(body), backlog=backlog, dropped=dropped, agent_acked=agent_acked,
+                batch, key, http_bytes=len(body), backlog=backlog, dropped=dropped, replayed=replayed,
                 gapless=gapless,
             )
         except Rejected as exc:
@@ -352,7 +384,7 @@ class Ingest:
 
     async def _commit(
         self, batch: Batch, key: bytes, *, http_bytes: int, backlog: str | None, dropped: str | None,
-        agent_acked: str | None, gapless: bool = False,
+        replayed: bool, gapless: bool = False,
     ) -> Ack:
         agent = batch.agent_id
         lock = self._locks.get(agent)
@@ -367,7 +399,9 @@ class Ingest:
             gap = lost = 0
             journal_first: int | None = None
             if fresh:
-                self._check_known_ack(agent, hwm, batch, agent_acked)
+                self._check_known_ack(agent, hwm, batch)
+                cost = journal_cost(agent, fresh)
+                self._refuse(self.budgets.fits_share(agent, cost, default_wait=self._retry_after), agent)
                 new_first = first + skip
                 self._check_gap(agent, hwm, new_first, batch, gapless=gapless)
                 gap = new_first - (hwm + 1)
@@ -395,6 +429,8 @@ class Ingest:
                     ) from None
                 self._hwm[agent] = hwm = last
                 journal_first = res.first_seq
+                self.budgets.journaled(agent, res.last_seq, cost)
+                self._metrics.held(agent, self.budgets.held(agent))
                 self._notify.publish(res.last_seq)
                 if gap:
                     self.once.warning(
@@ -407,20 +443,23 @@ class Ingest:
                         "journal (restored from a backup, or a torn tail) and no longer at the agent: lost",
                         agent, lost, new_first - lost, new_first - 1,
                     )
-        backlog_n = int(backlog) if backlog is not None and backlog.strip().isdigit() else None
-        self._metrics.accepted(
-            agent,
-            now=self._clock(),
-            acked=hwm,
-            accepted=len(fresh),
-            duplicates=skip,
-            gap=gap,
-            lost=lost,
-            http_bytes=http_bytes,
-            datagram_bytes=sum(len(d.payload) for d in fresh),
-            backlog=backlog_n,
-            dropped=parse_dropped_header(dropped) if dropped else {},
-        )
+        if replayed and not fresh:
+            self._metrics.replay(agent)  # an exact copy of a recent request changes no figure
+        else:
+            figures = _advisory(batch, backlog, dropped) if fresh else (None, {})
+            self._metrics.accepted(
+                agent,
+                now=self._clock(),
+                acked=hwm,
+                accepted=len(fresh),
+                duplicates=skip,
+                gap=gap,
+                lost=lost,
+                http_bytes=http_bytes,
+                datagram_bytes=sum(len(d.payload) for d in fresh),
+                backlog=figures[0],
+                dropped=figures[1],
+            )
         tag = ack_tag(key, agent_id=agent, request_nonce=batch.header.nonce, acked=hwm)
         return Ack(
             agent=agent, acked=hwm, accepted=len(fresh), duplicates=skip, gap=gap, tag=tag,
@@ -454,18 +493,17 @@ class Ingest:
             agent=agent, extra={"acked": hwm},
         )
 
-    def _check_known_ack(self, agent: str, hwm: int, batch: Batch, agent_acked: str | None) -> None:
+    def _check_known_ack(self, agent: str, hwm: int, batch: Batch) -> None:
         """Refuse new datagrams from an agent that believes more was acknowledged than the journal holds.
 
         The agent says which seq it last saw acknowledged (``acked`` in the batch's authenticated agent
-        info, else the ``X-Flowtunnel-Acked`` header). Above this gateway's mark, the journal lost
+        info; the clear-text ``X-Flowtunnel-Acked`` header is not trusted: anyone on the path could force a
+        409 and a false lost-data hint with it). Above this gateway's mark, the journal lost
         acknowledged datagrams (restored from a backup, torn tail): answer 409 with the real mark so the agent
         resynchronises, re-sends what it still has and counts the rest as lost at the gateway, instead of
         this gateway taking the hole for the agent's own drops.
         """
         claimed = batch.agent_info.get("acked")
-        if claimed is None and agent_acked is not None and agent_acked.strip().isdigit():
-            claimed = int(agent_acked)
         if claimed is None or claimed <= hwm:
             return
         self._lost_hint[agent] = max(claimed, self._lost_hint.get(agent, 0))
@@ -492,11 +530,30 @@ class Ingest:
                 raise Rejected(
                     "bad-token", "X-Flowtunnel-Token is not base64url", agent=self.enrolled(agent_id)
                 ) from None
-            batch, key = await self._open(body, agent_id)
+            batch, key, replayed = await self._open(body, agent_id)
             hwm = await asyncio.to_thread(self.hwm, batch.agent_id)
         except Rejected as exc:
             self.reject(exc)
             raise
-        self._metrics.seen(batch.agent_id, now=self._clock(), acked=hwm)
+        if replayed:
+            self._metrics.replay(batch.agent_id)
+        else:
+            self._metrics.seen(batch.agent_id, now=self._clock(), acked=hwm)
         tag = ack_tag(key, agent_id=batch.agent_id, request_nonce=batch.header.nonce, acked=hwm)
         return StateAnswer(agent=batch.agent_id, acked=hwm, tag=tag)
+
+
+def _advisory(batch: Batch, backlog: str | None, dropped: str | None) -> tuple[int | None, dict[str, int]]:
+    """The backlog and drops an agent reports with a batch of new datagrams: the sealed (authenticated)
+    values of its agent info where it sent them, else the clear-text headers, parsed strictly (ASCII digits,
+    bounded length) and clamped; never an exception (the batch is already committed)."""
+    info = batch.agent_info
+    sealed_backlog = info.get("backlog")
+    backlog_n = min(sealed_backlog, MAX_FIGURE) if sealed_backlog is not None else parse_count(backlog)
+    if "acked" in info or any(k.startswith("dropped:") for k in info):
+        # An agent that seals its figures seals every non-zero drop count: the header adds nothing.
+        drops = {k.removeprefix("dropped:"): min(v, MAX_FIGURE) for k, v in info.items()
+                 if k.startswith("dropped:")}
+    else:
+        drops = parse_dropped_header(dropped) if dropped else {}
+    return backlog_n, drops

@@ -15,22 +15,43 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from flowtunnel.buildinfo import register_build_info
 
-__all__ = ["CONTENT_TYPE_LATEST", "AgentStats", "GatewayMetrics", "parse_dropped_header"]
+__all__ = ["CONTENT_TYPE_LATEST", "AgentStats", "GatewayMetrics", "parse_count", "parse_dropped_header"]
 
 UNKNOWN_AGENT = "unknown"
 _CAUSE_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
+# ASCII digits only: str.isdigit() also accepts "²", which int() refuses
+_COUNT_RE = re.compile(r"[0-9]{1,20}")
 _MAX_DROP_CAUSES = 16
+#: Advisory figures are clamped to this (they become gauges and JSON numbers).
+MAX_FIGURE = 2**63 - 1
+#: Longest X-Flowtunnel-Dropped value parsed (16 causes of 32 characters and 20 digits fit well below it).
+MAX_DROPPED_HEADER = 1024
+
+
+def parse_count(text: str | None) -> int | None:
+    """A non-negative count from an advisory header: 1 to 20 ASCII digits (spaces around allowed), clamped
+    to ``MAX_FIGURE``; anything else is None (the header is advisory: it must never fail a batch)."""
+    if text is None or len(text) > 64:
+        return None
+    text = text.strip()
+    if not _COUNT_RE.fullmatch(text):
+        return None
+    return min(int(text), MAX_FIGURE)
 
 
 def parse_dropped_header(text: str) -> dict[str, int]:
     """``"spool_full=12,malformed=3"`` → ``{"spool_full": 12, "malformed": 3}``; malformed parts are skipped
-    (the header is advisory, it must never fail a batch), at most 16 causes."""
+    (the header is advisory, it must never fail a batch), at most 16 causes, values clamped to
+    ``MAX_FIGURE``; a value longer than ``MAX_DROPPED_HEADER`` is ignored whole."""
     out: dict[str, int] = {}
+    if len(text) > MAX_DROPPED_HEADER:
+        return out
     for part in text.split(","):
         name, sep, value = part.strip().partition("=")
-        if not sep or not _CAUSE_RE.match(name) or not value.isdigit():
+        count = parse_count(value) if sep and _CAUSE_RE.match(name) else None
+        if count is None:
             continue
-        out[name] = min(int(value), 2**63 - 1)
+        out[name] = count
         if len(out) >= _MAX_DROP_CAUSES:
             break
     return out
@@ -50,6 +71,9 @@ class AgentStats:
     last_seen: float | None = None
     acked: int = 0
     backlog: int | None = None
+    replayed: int = 0
+    nonce_reused: int = 0
+    journal_bytes: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     #: When a drop counter the agent reports (or its sequence gap) last grew, for ``flowtunnel status``.
@@ -69,6 +93,9 @@ class AgentStats:
             "compression_ratio": ratio,
             "last_seen": self.last_seen,
             "backlog": self.backlog,
+            "replayed": self.replayed,
+            "nonce_reused": self.nonce_reused,
+            "journal_bytes": self.journal_bytes,
             "dropped": dict(self.dropped),
             "rejected": dict(self.rejected),
             "drops_changed": self.drops_changed,
@@ -119,6 +146,18 @@ class GatewayMetrics:
         )
         self.rejected = Counter(
             p + "rejected_requests", "Requests rejected, by agent and cause", ["agent", "cause"], registry=r
+        )
+        self.replayed = Counter(
+            p + "replayed_requests", "Exact copies of an earlier request (same nonce and tag) seen again: "
+            "answered, but changing no figure", ["agent"], registry=r,
+        )
+        self.nonce_reused = Counter(
+            p + "nonce_reuse", "Authenticated requests reusing a recent nonce with other content under the "
+            "same key (a broken or hostile client)", ["agent"], registry=r,
+        )
+        self.agent_journal_bytes = Gauge(
+            p + "agent_journal_bytes", "Journal bytes held for the agent (not yet consumed by every sink)",
+            ["agent"], registry=r,
         )
         self.sink_lag = Gauge(
             p + "sink_lag_entries", "Journal entries a sink has not consumed yet", ["sink"], registry=r
@@ -247,6 +286,23 @@ class GatewayMetrics:
             if cause in st.dropped or len(st.dropped) < _MAX_DROP_CAUSES:
                 st.dropped[cause] = n
                 self.agent_dropped.labels(agent, cause).set(n)
+
+    def replay(self, agent: str) -> None:
+        """An exact copy of an earlier request: counted, nothing else changes."""
+        self._stats(agent).replayed += 1
+        self.replayed.labels(agent).inc()
+
+    def nonce_reuse(self, agent: str) -> None:
+        self._stats(agent).nonce_reused += 1
+        self.nonce_reused.labels(agent).inc()
+
+    def held(self, agent: str, n: int) -> None:
+        """Journal bytes held for ``agent`` now."""
+        st = self.agents.get(agent)
+        if st is None and not n:
+            return
+        self._stats(agent).journal_bytes = n
+        self.agent_journal_bytes.labels(agent).set(n)
 
     def seen(self, agent: str, *, now: float, acked: int) -> None:
         """An authenticated request that carried no data (resync, state query)."""

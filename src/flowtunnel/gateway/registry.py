@@ -77,7 +77,7 @@ class Registry:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / REGISTRY_FILE
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not self.path.exists():
             # Create it 0600 before SQLite does: the file holds every agent's key.
             fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)

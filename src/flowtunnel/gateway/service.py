@@ -25,8 +25,10 @@ from aiohttp import web
 
 from flowtunnel import __version__
 from flowtunnel.config import parse_duration
+from flowtunnel.datadir import DirLock, PrivateUmask, create_private_file, prepare_private_dir
 from flowtunnel.errors import ConfigError, describe_os_error
 from flowtunnel.gateway.app import ADMISSION_KEY, HttpErrorLogger, build_app
+from flowtunnel.gateway.budget import AgentBudgets, BudgetConfig, scan_journal_usage
 from flowtunnel.gateway.config import GatewayConfig
 from flowtunnel.gateway.dns import DnsConfig, DnsEndpoint
 from flowtunnel.gateway.ingest import Ingest
@@ -44,12 +46,14 @@ from flowtunnel.runtime import OnceLogger, TaskSet
 from flowtunnel.statusfile import write_json_atomic
 from flowtunnel.wire import WireLimits
 
-__all__ = ["JOURNAL_FILE", "STATUS_FILE", "Gateway", "run_gateway"]
+__all__ = ["JOURNAL_FILE", "LOCK_FILE", "STATUS_FILE", "Gateway", "run_gateway"]
 
 log = logging.getLogger("flowtunnel.gateway")
 
 JOURNAL_FILE = "journal.sqlite"
 STATUS_FILE = "status.json"
+#: Held (fcntl) by the gateway using the data directory: one writer, or exactly once does not hold.
+LOCK_FILE = "gateway.lock"
 
 
 def _store_sink(config: GatewayConfig) -> Sink | None:
@@ -91,6 +95,7 @@ class Gateway:
         self._extra_sinks = list(extra_sinks or [])
         self.journal: DurableLog | None = None
         self.ingest: Ingest | None = None
+        self.budgets: AgentBudgets | None = None
         self.keys: AgentKeys | None = None
         self.notify: JournalNotify | None = None
         self.urls: list[str] = []
@@ -101,6 +106,8 @@ class Gateway:
         self._sink_tasks: dict[str, asyncio.Task[None]] = {}
         self._started = time.time()
         self._trimmed = 0
+        self._lock: DirLock | None = None
+        self._umask = PrivateUmask()
         #: Pause before restarting a sink that failed.
         self.sink_restart_delay = 5.0
 
@@ -143,12 +150,28 @@ class Gateway:
             log.warning("store metrics not registered: %s", exc)
 
     async def start(self) -> None:
-        cfg = self.config
         _raise_fd_limit()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            os.chmod(self.data_dir, 0o700)
+        # Private from the start (the journal holds datagrams in clear, the registry every key), and one
+        # gateway per data directory: both refused with one line (ConfigError) before anything is written.
+        prepare_private_dir(self.data_dir, what="data directory")
+        self._lock = DirLock.acquire(self.data_dir, LOCK_FILE, what="gateway")
+        self._umask.acquire()  # what libraries create on their own (DuckDB files) is 0600 too
+        try:
+            await self._start()
+        except BaseException:
+            self._release_data_dir()
+            raise
+
+    def _release_data_dir(self) -> None:
+        self._umask.release()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    async def _start(self) -> None:
+        cfg = self.config
         Registry(self.data_dir).close()  # create it (0600) so the first lookup finds a valid file
+        create_private_file(self.data_dir / JOURNAL_FILE)  # SQLite gives -wal and -shm the same mode
         self.journal = journal = await asyncio.to_thread(
             DurableLog,
             LogConfig(path=self.data_dir / JOURNAL_FILE, quota_bytes=cfg.journal_quota,
@@ -157,9 +180,18 @@ class Gateway:
         self.notify = JournalNotify(journal.last_seq())
         self._restore_last_seen()
         self.keys = keys = AgentKeys(self.data_dir, ttl=cfg.registry_ttl)
+        # A share of 1 is the whole quota: the journal's own "journal-full" then says it better.
+        share = int(cfg.journal_quota * cfg.journal_agent_share) if cfg.journal_agent_share < 1 else 0
+        budget = BudgetConfig(rate=cfg.agent_rate, burst=cfg.agent_burst, share=share)
+        self.budgets = budgets = AgentBudgets(budget)
+        # What each agent already holds in the journal (one pass over it) counts against its share.
+        budgets.seed(await asyncio.to_thread(scan_journal_usage, self.data_dir / JOURNAL_FILE))
+        for agent_id in budgets.agents():
+            self.metrics.held(agent_id, budgets.held(agent_id))
         self.ingest = Ingest(
             journal=journal, keys=keys, metrics=self.metrics, notify=self.notify,
-            limits=WireLimits(max_body=cfg.max_body, max_raw=cfg.max_raw), retry_after=cfg.retry_after,
+            limits=WireLimits(max_body=cfg.max_body, max_raw=cfg.max_raw, max_count=cfg.max_batch_datagrams),
+            retry_after=cfg.retry_after, budgets=budgets,
         )
         self.sinks = self._build_sinks()
         if not self.sinks:
@@ -322,6 +354,10 @@ class Gateway:
         if self.journal is not None and upto > self._trimmed:
             await asyncio.to_thread(self.journal.trim, upto)
             self._trimmed = upto
+            if self.budgets is not None:
+                self.budgets.trimmed(upto)
+                for agent_id in self.budgets.agents():
+                    self.metrics.held(agent_id, self.budgets.held(agent_id))
 
     async def _housekeeping(self) -> None:
         once = OnceLogger(log)
@@ -432,6 +468,7 @@ class Gateway:
                 self.write_status()
             self.journal.close()
             self.journal = None
+        self._release_data_dir()
         log.info("stopped")
 
     async def run(self, stop: asyncio.Event) -> int:
