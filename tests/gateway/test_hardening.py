@@ -176,18 +176,23 @@ async def test_a_batch_of_more_datagrams_than_an_agent_sends_is_refused_before_o
 def test_the_agents_default_batches_fit_the_gateways_default_limits() -> None:
     """The real agent (agent/uploader.py) reads at most max_batch_datagrams and aims at its sizer's raw
     target; both must pass a gateway with default settings, or its batches would bounce with 413."""
-    agent = {f.name: f.default for f in dataclasses.fields(AgentConfig)}
-    gateway = {f.name: f.default for f in dataclasses.fields(GatewayConfig)}
-    assert isinstance(agent["max_batch_datagrams"], int)
-    assert isinstance(agent["max_body"], int)
-    assert agent["max_batch_datagrams"] <= gateway["max_batch_datagrams"]
-    sizer = BatchSizer(max_body=agent["max_body"])
+    agent_batch = _default(AgentConfig, "max_batch_datagrams")
+    agent_body = _default(AgentConfig, "max_body")
+    gateway = GatewayConfig(data=Path("x"))
+    assert agent_batch <= gateway.max_batch_datagrams
+    sizer = BatchSizer(max_body=agent_body)
     sizer.ratio = sizer.max_ratio
     # raw target plus one more datagram (the read may end on one), plus the record headers (<= 16 B each)
-    worst = sizer.raw_target() + 65_535 + 16 * agent["max_batch_datagrams"]
-    assert worst <= gateway["max_raw"]
-    assert agent["max_body"] <= gateway["max_body"]
-    assert gateway["max_body"] >= MIN_BODY
+    worst = sizer.raw_target() + 65_535 + 16 * agent_batch
+    assert worst <= gateway.max_raw
+    assert agent_body <= gateway.max_body
+    assert gateway.max_body >= MIN_BODY
+
+
+def _default(cls: type, name: str) -> int:
+    value = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    assert isinstance(value, int)
+    return value
 
 
 async def test_a_flooding_agent_is_held_back_while_another_agent_is_served(tmp_path: Path) -> None:
