@@ -440,6 +440,8 @@ class Gateway:
     # -- stop ---------------------------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        # Nothing to say when start() refused before opening anything (data directory refused or in use).
+        opened = self.journal is not None or self._runner is not None
         if self.ingest is not None:
             self.ingest.closing = True
         if self.dns is not None:
@@ -469,7 +471,8 @@ class Gateway:
             self.journal.close()
             self.journal = None
         self._release_data_dir()
-        log.info("stopped")
+        if opened:
+            log.info("stopped")
 
     async def run(self, stop: asyncio.Event) -> int:
         try:
