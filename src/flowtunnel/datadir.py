@@ -93,8 +93,14 @@ def _tighten(directory: Path, euid: int, depth: int) -> None:
 
 def create_private_file(path: Path) -> None:
     """Create ``path`` empty with mode 0600 if it does not exist (SQLite then gives its -wal, -shm and
-    -journal files the database file's mode)."""
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, FILE_MODE)
+    -journal files the database file's mode); an existing file is left as it is.
+
+    Error handling: ``ConfigError`` naming the file when it cannot be created (read-only file system, full
+    disk, no rights)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_RDONLY | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror or exc}") from None
     os.close(fd)
 
 

@@ -1,5 +1,6 @@
-"""The gateway's data directory: private from the start (0700 directories, 0600 files, whatever the umask),
-someone else's or a group-writable one refused in one line, and one gateway per directory (issue 17.5, 15.3)."""
+"""The gateway's data directory: private from the start (0700 directories, 0600 files, whatever the
+umask), someone else's or a group-writable one refused in one line, and one gateway per directory (issue
+17.5, 15.3)."""
 
 from __future__ import annotations
 
@@ -77,7 +78,9 @@ async def test_every_file_and_directory_of_a_running_gateway_is_private(tmp_path
 
 
 @pytest.mark.usefixtures("loose_umask")
-def test_enroll_creates_the_data_directory_private(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_enroll_creates_the_data_directory_private(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tmp_path / "new" / "gw"
     assert main(["enroll", AGENT, "--data", str(data), "--format", "json"]) == 0
     capsys.readouterr()
@@ -103,7 +106,8 @@ async def test_a_group_writable_data_directory_is_refused_in_one_line(
     data = tmp_path / "gw"
     data.mkdir()
     data.chmod(0o775)
-    with pytest.raises(ConfigError, match=r"is writable by group or others \(mode 0775\): refusing it") as info:
+    refused = r"is writable by group or others \(mode 0775\): refusing it"
+    with pytest.raises(ConfigError, match=refused) as info:
         await start_gateway(data)
     assert "\n" not in str(info.value)
     assert not (data / "journal.sqlite").exists()
@@ -114,7 +118,9 @@ async def test_a_group_writable_data_directory_is_refused_in_one_line(
     assert not (data / "registry.sqlite").exists()
 
 
-async def test_a_data_directory_of_another_user_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_data_directory_of_another_user_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "gw"
     data.mkdir(mode=0o700)
     owner = data.stat().st_uid

@@ -22,6 +22,7 @@ from flowtunnel.agent.config import AgentConfig, load_key, parse_host_port
 from flowtunnel.agent.metrics import AgentMetricsServer
 from flowtunnel.agent.receiver import Receiver
 from flowtunnel.agent.uploader import Uploader
+from flowtunnel.datadir import create_private_file, prepare_private_dir
 from flowtunnel.errors import ConfigError, describe_os_error
 from flowtunnel.log import DurableLog, LogConfig, LogError, LogStats
 from flowtunnel.runtime import OnceLogger, TaskSet
@@ -84,12 +85,11 @@ class AgentService:
         cfg = self.config
         key = self._key if self._key is not None else load_key(cfg)
         spool_dir = cfg.spool_dir
-        try:
-            spool_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create spool directory {spool_dir}: {exc.strerror}") from None
+        # Private (0700, datagrams in clear); someone else's or a group-writable one is refused.
+        prepare_private_dir(spool_dir, what="spool directory")
         self._lock = _lock_spool(spool_dir)
         try:
+            create_private_file(spool_dir / SPOOL_FILE)  # SQLite gives -wal and -shm the same mode
             log_config = LogConfig(
                 path=spool_dir / SPOOL_FILE, quota_bytes=cfg.spool_quota, full_policy=cfg.full_policy,
             )
