@@ -399,6 +399,7 @@ class Uploader:
                     if v and _INFO_KEY.fullmatch(f"dropped:{k}"))
         while True:
             batch = entries[:n]
+            info["backlog"] = max(0, self._last_seq - batch[-1].seq)  # sealed: the gateway prefers it
             datagrams = [e.datagram for e in batch]
             raw = sum(len(d.payload) for d in datagrams)
             seal = functools.partial(
