@@ -17,6 +17,7 @@ from flowtunnel.agent.policy import BatchSizer
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway import Gateway, GatewayConfig
 from flowtunnel.gateway.metrics import MAX_FIGURE, parse_count, parse_dropped_header
+from flowtunnel.gateway.status import render
 from flowtunnel.wire import seal_batch
 from tests.gateway.util import datagrams, enroll, journal_entries, post_batch, seal, start_gateway
 
@@ -291,3 +292,13 @@ def test_budget_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="agent-burst 10 B is outside"):
         GatewayConfig(data=Path("x"), agent_burst=10)
     assert json.dumps(dataclasses.asdict(GatewayConfig(data=Path("x"))), default=str)
+
+
+def test_status_shows_journal_share_replays_and_nonce_reuse() -> None:
+    doc = {"kind": "gateway", "agents": {AGENT: {
+        "acked": 9, "journal_bytes": 3 << 20, "rejected": {"agent-rate": 2}, "replayed": 4, "nonce_reused": 1,
+    }}}
+    text = render(doc, now=0.0)
+    assert "journal" in text
+    assert "3.0 MiB" in text
+    assert "NONCE_REUSE=1, agent-rate=2, replayed=4" in text

@@ -2,8 +2,9 @@
 
 The gateway rewrites the file atomically every few seconds (``Gateway.status`` builds it; ``GET /v1/status``
 serves the same document). This module turns it into text an operator reads at a glance: agents (last seen,
-acked sequence, datagrams, compression, backlog and drops they report, rejects), journal, sinks and their lag,
-and the udp-forward source of each (agent, exporter). It tolerates missing keys.
+acked sequence, datagrams, compression, backlog and drops they report, journal bytes held, rejects by cause,
+replayed requests and nonce reuse), journal, sinks and their lag, and the udp-forward source of each (agent,
+exporter). It tolerates missing keys.
 """
 
 from __future__ import annotations
@@ -89,13 +90,16 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
             str(a.get("datagrams", 0)), _size(a.get("http_bytes")),
             f"{ratio:.1f}x" if isinstance(ratio, int | float) else "-",
             "-" if a.get("backlog") is None else str(a.get("backlog")),
+            _size(a.get("journal_bytes")) if a.get("journal_bytes") else "-",
             _counts({**(a.get("dropped") or {}), **({"gap": a["gap"]} if a.get("gap") else {}),
                      **({"LOST_HERE": a["lost_at_gateway"]} if a.get("lost_at_gateway") else {})}),
-            _counts(a.get("rejected")),
+            _counts({**(a.get("rejected") or {}),
+                     **({"replayed": a["replayed"]} if a.get("replayed") else {}),
+                     **({"NONCE_REUSE": a["nonce_reused"]} if a.get("nonce_reused") else {})}),
         ])
     if rows:
         lines += _table(["agent", "state", "last seen", "acked", "datagrams", "http in", "ratio", "backlog",
-                         "drops", "rejected"], rows)
+                         "journal", "drops", "rejected / replayed"], rows)
     else:
         lines.append("  none enrolled (flowtunnel enroll NAME --data DIR)")
 
