@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    UNBUDGETED,
     AgentProc,
     Nfcapd,
     StoreGatewayProc,
@@ -105,7 +106,7 @@ def run_step(
     data = work / "gateway"
     key = enroll_agent(data, "bench")
     port = free_udp_port()
-    with StoreGatewayProc(data, extra=["--status-interval", "0.5"]) as gateway:
+    with StoreGatewayProc(data, extra=[*UNBUDGETED, "--status-interval", "0.5"]) as gateway:
         gateway.start()
         agent = AgentProc(
             work / "spool", gateway=gateway.url, agent_id="bench", key=key, port=port,
