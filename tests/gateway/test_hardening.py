@@ -302,3 +302,28 @@ def test_status_shows_journal_share_replays_and_nonce_reuse() -> None:
     assert "journal" in text
     assert "3.0 MiB" in text
     assert "NONCE_REUSE=1, agent-rate=2, replayed=4" in text
+
+
+async def test_a_flooding_agent_is_held_back_on_the_websocket_rung_too(tmp_path: Path) -> None:
+    """WebSocket messages do not pass through the POST handler's header check: ingest applies the budget."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    gw = await start_gateway(data, agent_rate=256 << 10, agent_burst=1 << 20)
+    try:
+        async with aiohttp.ClientSession() as session, session.ws_connect(
+            gw.url + "/v1/ws", protocols=("flowtunnel.v1",), headers={"X-Flowtunnel-Agent": AGENT},
+        ) as ws:
+            seq = 0
+            doc: dict[str, object] = {}
+            for _ in range(20):
+                await ws.send_bytes(seal(AGENT, key, seq + 1, zeros(2000)))
+                msg = await ws.receive(timeout=10)
+                doc = json.loads(msg.data)
+                if doc["status"] != 200:
+                    break
+                seq += 2000
+        assert (doc["status"], doc["error"]) == (429, "agent-rate")
+        assert isinstance(doc["retry_after"], int)
+        assert doc["retry_after"] >= 1
+    finally:
+        await gw.stop()

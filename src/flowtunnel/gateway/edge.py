@@ -49,7 +49,7 @@ HTTP_STATUS: Final[Mapping[str, int]] = MappingProxyType({
     "no-length": 411,
     "too-large": 413, "limit-exceeded": 413,
     "content-type": 415,
-    "rate-limited": 429,
+    "rate-limited": 429, "agent-rate": 429, "agent-share": 429,
     # the gateway cannot take it now: try again after retry_after
     **dict.fromkeys(("busy", "journal-full", "journal-error", "registry-unavailable", "shutting-down"), 503),
 })

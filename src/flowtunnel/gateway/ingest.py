@@ -268,11 +268,15 @@ class Ingest:
             )
         return self._entry(agent_id)
 
-    async def _open(self, body: bytes, agent_header: str | None) -> tuple[Batch, bytes, bool]:
+    async def _open(
+        self, body: bytes, agent_header: str | None, *, budget: bool = False
+    ) -> tuple[Batch, bytes, bool]:
         """Authenticate and open ``body``: the batch, the key that opened it (which also tags the answer),
         and whether it is an exact copy of a recent request (a replay); re-reads the registry once if the
-        key may have been rotated. A recent nonce reused with other content is counted and logged."""
-        batch, key = await self._authenticate(body, agent_header)
+        key may have been rotated. A recent nonce reused with other content is counted and logged.
+        ``budget``: refuse (429) an agent over its budget before decrypting (every rung: WebSocket messages
+        and GET pieces do not pass through ``admit``)."""
+        batch, key = await self._authenticate(body, agent_header, budget=budget)
         seen = self._nonces.check(batch.agent_id, key, batch.header.nonce, body[-16:])
         if seen is Seen.REUSED:
             self._metrics.nonce_reuse(batch.agent_id)
@@ -284,13 +288,17 @@ class Ingest:
             )
         return batch, key, seen is Seen.REPLAYED
 
-    async def _authenticate(self, body: bytes, agent_header: str | None) -> tuple[Batch, bytes]:
+    async def _authenticate(
+        self, body: bytes, agent_header: str | None, *, budget: bool
+    ) -> tuple[Batch, bytes]:
         try:
             header = peek_header(body, self._limits)
         except WireError as exc:
             raise Rejected(_wire_code(exc), str(exc), agent=self.enrolled(agent_header)) from None
         agent_id = header.agent_id
         entry = self._check_agent(agent_id, agent_header)
+        if budget:
+            self._refuse(self.budgets.check(agent_id, default_wait=self._retry_after), agent_id)
         for attempt in (0, 1):
             try:
                 # Decryption and bounded decompression take milliseconds per MiB: off the event loop.
@@ -371,7 +379,7 @@ class Ingest:
                 raise Rejected(
                     "shutting-down", "the gateway is shutting down", retry_after=self._retry_after
                 )
-            batch, key, replayed = await self._open(body, agent_header)
+            batch, key, replayed = await self._open(body, agent_header, budget=True)
             # Only an authenticated batch spends the agent's budget (bounded decompression has been paid).
             self.budgets.charge(batch.agent_id, journal_cost(batch.agent_id, batch.datagrams))
             return await self._commit(
