@@ -561,7 +561,7 @@ def _advisory(batch: Batch, backlog: str | None, dropped: str | None) -> tuple[i
     if "acked" in info or any(k.startswith("dropped:") for k in info):
         # An agent that seals its figures seals every non-zero drop count: the header adds nothing.
         drops = {k.removeprefix("dropped:"): min(v, MAX_FIGURE) for k, v in info.items()
-                 if k.startswith("dropped:")}
+                 if k.startswith("dropped:") and len(k) > len("dropped:")}
     else:
         drops = parse_dropped_header(dropped) if dropped else {}
     return backlog_n, drops
