@@ -253,7 +253,7 @@ class Ingest:
     @staticmethod
     def _refuse(refusal: OverBudget | None, agent: str) -> None:
         if refusal is not None:
-            raise Rejected(429, refusal.code, refusal.detail, agent=agent, retry_after=refusal.retry_after)
+            raise Rejected(refusal.code, refusal.detail, agent=agent, retry_after=refusal.retry_after)
 
     def _check_agent(self, agent_id: str, agent_header: str | None) -> AgentEntry:
         if agent_header is None:
