@@ -63,10 +63,10 @@ def prepare_private_dir(path: Path, *, what: str) -> None:
             f"(check what it holds, then chmod 700 {path})"
         )
     if mode != DIR_MODE:
-        try:
+        # Best effort: only read bits are left here (a read-only file system refuses the chmod, and then
+        # the first write names the real problem).
+        with contextlib.suppress(OSError):
             os.chmod(path, DIR_MODE)
-        except OSError as exc:
-            raise ConfigError(f"cannot make {what} {path} private (chmod 700): {exc.strerror}") from None
     _tighten(path, euid, _TIGHTEN_DEPTH)
 
 

@@ -289,7 +289,7 @@ async def test_a_restarted_gateway_counts_what_the_journal_holds_against_the_sha
 def test_budget_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="journal_agent_share 0 is outside"):
         GatewayConfig(data=Path("x"), journal_agent_share=0)
-    with pytest.raises(ValueError, match="agent-burst 10 is outside the allowed range 1MiB .. 1TiB"):
+    with pytest.raises(ValueError, match=r"agent-burst 10 is outside the allowed range 1MiB \.\. 1TiB"):
         GatewayConfig(data=Path("x"), agent_burst=10)
     assert json.dumps(dataclasses.asdict(GatewayConfig(data=Path("x"))), default=str)
 
