@@ -8,6 +8,7 @@ import base64
 import json
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 import spnego
@@ -31,6 +32,7 @@ from tests.zoo.squid import (
     UPGRADE_ALLOWED,
     UPGRADE_STRIPPED,
     Squid,
+    SquidNetwork,
     squid_binary,
 )
 from tests.zoo.zoo import SATELLITE, pac_for, require_mitmproxy, require_netns, require_squid
@@ -128,10 +130,10 @@ def test_post_denied_get_passes() -> None:
 
 
 @pytest.mark.parametrize(("network", "passed"), [(UPGRADE_STRIPPED, False), (UPGRADE_ALLOWED, True)])
-def test_upgrade_stripped_or_passed(network: object, passed: bool) -> None:
+def test_upgrade_stripped_or_passed(network: SquidNetwork, passed: bool) -> None:
     upgrade = ("-H", "Connection: Upgrade", "-H", "Upgrade: websocket", "-H", "Sec-WebSocket-Version: 13",
                "-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==")
-    with Origin() as origin, Squid(network) as sq:  # type: ignore[arg-type]
+    with Origin() as origin, Squid(network) as sq:
         echo = curl_body("-x", sq.url, *upgrade, f"{origin.url}/v1/ws")
         headers = echo["headers"]
         assert isinstance(headers, dict)
@@ -173,11 +175,9 @@ def test_pac_served_on_loopback_names_the_proxy() -> None:
         assert result.startswith(f"PROXY 127.0.0.1:{sq.port}")
 
 
-def test_tls_intercepting_proxy_resigns_with_its_own_ca(tmp_path: object) -> None:
+def test_tls_intercepting_proxy_resigns_with_its_own_ca(tmp_path: Path) -> None:
     require_mitmproxy()
-    from pathlib import Path
-
-    cert = self_signed(Path(str(tmp_path)))
+    cert = self_signed(tmp_path)
     with Origin(tls=(cert.cert, cert.key)) as origin, Mitmdump() as mitm:
         # the real certificate verifies directly, and through the proxy only with the proxy's CA
         assert curl("--cacert", str(cert.cert), f"{origin.url}/x") == (0, "200 000")
