@@ -109,3 +109,17 @@ def test_bad_log_format_is_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip() == (
         "flowtunnel gateway: error: log format 'xml' (FLOWTUNNEL_LOG_FORMAT) is not one of text, json"
     )
+
+
+def test_the_agent_logs_json_too(tmp_path: Path) -> None:
+    done = run_cli(["enroll", "site-a", "--data", str(tmp_path / "gw"), "--key-file", str(tmp_path / "k")])
+    assert done.returncode == 0, done.stderr
+    args = ["agent", "--gateway", f"http://127.0.0.1:{free_tcp_port()}", "--spool", str(tmp_path / "spool"),
+            "--agent-id", "site-a", "--key-file", str(tmp_path / "k"), "--listen", "udp://127.0.0.1:0",
+            "--log-format", "json"]
+    with Daemon(args, workdir=tmp_path, name="agent") as agent:
+        agent.wait_for("running")
+        assert agent.stop() == 0
+        lines = agent.text().strip().splitlines()
+    docs = [json.loads(line) for line in lines]
+    assert any(d["logger"] == "flowtunnel.agent.service" and "running" in d["message"] for d in docs)

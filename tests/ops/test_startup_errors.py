@@ -168,6 +168,15 @@ def test_gateway_listen_port_busy(tmp_path: Path) -> None:
     _one_line_error(done, "gateway", f"cannot listen on http://127.0.0.1:{port}", "in use")
 
 
+def test_gateway_dns_port_busy(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        done = _run(_gateway(tmp_path / "data", "--no-store", "--dns-zone", "t.example.org", "--dns-listen",
+                             f"udp://127.0.0.1:{port}"))
+    _one_line_error(done, "gateway", f"cannot listen on udp://127.0.0.1:{port} (DNS)", "in use")
+
+
 @pytest.mark.parametrize(("cert", "message"), [
     ("garbage", "cannot load TLS certificate"),
     ("dir", "is not a readable file"),

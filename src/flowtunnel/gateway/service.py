@@ -252,7 +252,10 @@ class Gateway:
             host, port = cfg.dns_host_port
             self.dns = DnsEndpoint(DnsConfig(zone=cfg.dns_zone, host=host, port=port), self.ingest,
                                    admission=app[ADMISSION_KEY])
-            await self.dns.start()
+            try:
+                await self.dns.start()
+            except OSError as exc:
+                raise ConfigError(f"cannot listen on {cfg.dns_listen} (DNS): {exc.strerror or exc}") from None
             self.urls.append(f"dns://{host}:{self.dns.port}/{cfg.dns_zone}")
         self._tasks.spawn(self._housekeeping(), name="gateway:housekeeping")
         log.info("listening on %s (data %s, sinks: %s)", ", ".join(self.urls), self.data_dir,
