@@ -68,6 +68,15 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "and TCP on the same port (default udp://127.0.0.1:5353; a delegated zone needs port 53)"),
     ("--health-silence", "health_silence", "DURATION", "GET /v1/health answers 503 when an enrolled agent "
      "has been silent longer than this (default 1h)"),
+    ("--console", "console", "on|off", "serve the operator's console at /console (default on; it needs an "
+     "operator token: --admin-token-file or DATA/admin.token)"),
+    ("--admin-token-file", "admin_token_file", "FILE", "operator token (mode 0600) for /console, /metrics "
+     "and /v1/status (default DATA/admin.token if it exists; 'flowtunnel admin-token' writes one). "
+     "Without any, the console is off and /metrics, /v1/status answer loopback only"),
+    ("--console-late", "console_late", "DURATION", "the console shows an agent late after this long without "
+     "news (default 5m)"),
+    ("--console-silent", "console_silent", "DURATION", "... and silent after this long (default 1h)"),
+    ("--console-session", "console_session", "DURATION", "a console login lasts this long (default 12h)"),
     ("--health-ignore", "health_ignore", "LIST", "agents /v1/health and 'flowtunnel status' do not watch, "
      "comma-separated (seasonal sites, spares)"),
 )
@@ -105,6 +114,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                         help="do not decode into the DuckDB store")
     parser.add_argument("--no-metrics", dest="metrics", action="store_const", const=False, default=None,
                         help="do not serve /metrics")
+    parser.add_argument("--metrics-public", dest="metrics_public", action="store_const", const=True,
+                        default=None,
+                        help="serve /metrics and /v1/status to anyone, without the operator token")
     add_config_flag(parser)
     parser.set_defaults(func=_run_gateway)
 
@@ -139,6 +151,23 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _data_flag(revoke)
     revoke.set_defaults(func=_run_revoke)
 
+    token = sub.add_parser(
+        "admin-token",
+        help="write the operator token that opens the console, /metrics and /v1/status",
+        description=(
+            "Write a new operator token (256 random bits) to DATA/admin.token (or --file), mode 0600, and "
+            "say where. A gateway started afterwards uses it (--admin-token-file overrides). The token is "
+            "not printed unless --print is given: read it from the file when you log in."
+        ),
+    )
+    _data_flag(token)
+    token.add_argument("--file", type=Path, default=None, metavar="PATH",
+                       help="write here instead of DATA/admin.token")
+    token.add_argument("--rotate", action="store_true", help="replace an existing token (sessions of the old "
+                       "one end when the gateway restarts)")
+    token.add_argument("--print", dest="show", action="store_true", help="also print the token")
+    token.set_defaults(func=_run_admin_token)
+
     agents = sub.add_parser("agents", help="list the agents enrolled at a gateway",
                             description="List enrolled agents (never their keys).")
     _data_flag(agents)
@@ -170,7 +199,7 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from flowtunnel.runtime import run_daemon
 
     flags: dict[str, Any] = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
-    for name in ("spoof", "identity_port", "store", "metrics"):
+    for name in ("spoof", "identity_port", "store", "metrics", "metrics_public"):
         flags[name] = getattr(args, name)
     flags["forward"] = tuple(args.forward) if args.forward else None
     flags["listen"] = tuple(args.listen) if args.listen else None
@@ -277,6 +306,21 @@ def _run_enroll(args: argparse.Namespace) -> int:
         + "\n"
         + (command if key_file is None else f"# or on the command line\n{command}")
     )
+    return 0
+
+
+def _run_admin_token(args: argparse.Namespace) -> int:
+    from flowtunnel.gateway.console.auth import generate_token, write_token_file
+    from flowtunnel.gateway.service import ADMIN_TOKEN_FILE
+
+    path: Path = args.file if args.file is not None else _data_dir(args) / ADMIN_TOKEN_FILE
+    if args.file is None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    token = generate_token()
+    write_token_file(path, token, replace=args.rotate)
+    print(f"operator token written to {path} (mode 0600); restart the gateway to use a new one")
+    if args.show:
+        print(token)
     return 0
 
 

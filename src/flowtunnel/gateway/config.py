@@ -214,6 +214,20 @@ class GatewayConfig:
     jsonl: str | None = None
     #: Serve Prometheus metrics on /metrics.
     metrics: bool = True
+    #: Serve the operator's console at /console (needs an operator token: admin_token_file, or
+    #: DATA/admin.token written by ``flowtunnel admin-token``; without one it stays off, with a log line).
+    console: bool = True
+    #: The operator token (one word, mode 0600) that opens /console, /metrics and /v1/status. Unset: the
+    #: gateway uses DATA/admin.token if that exists; with no token at all /metrics and /v1/status answer
+    #: loopback peers only. See docs/security.md, "Operator console".
+    admin_token_file: Path | None = None
+    #: Serve /metrics and /v1/status to anyone without a token (the behaviour before the console).
+    metrics_public: bool = False
+    #: The console shows an agent late when not heard from for this long, and silent after console_silent.
+    console_late: float = duration_setting(300.0, 1.0, 30 * 86400.0)
+    console_silent: float = duration_setting(3600.0, 2.0, 365 * 86400.0)
+    #: A console login lasts this long.
+    console_session: float = duration_setting(12 * 3600.0, 60.0, 30 * 86400.0)
     #: How often status.json is rewritten.
     status_interval: float = duration_setting(2.0, 0.01, 86400.0)
     #: How long the running gateway trusts its cached copy of the agent registry.
@@ -295,6 +309,9 @@ class GatewayConfig:
             )
         if not 0 < self.probe_rate <= 100_000:
             raise ValueError(f"probe_rate {self.probe_rate}/s is outside (0, 100000]")
+        if not self.console_late < self.console_silent:
+            raise ValueError(f"console_late ({self.console_late:g} s) must be below console_silent "
+                             f"({self.console_silent:g} s)")
         if self.dns_zone is not None:
             object.__setattr__(self, "dns_zone", normalise_zone(self.dns_zone))
             _ = self.dns_host_port

@@ -347,6 +347,8 @@ class Ingest:
             self._metrics.rung_batch(rung, "refused")
             return exc.refusal()
         self._metrics.rung_batch(rung, "acked")
+        if agent_header is not None:
+            self._metrics.agent_rung(agent_header, rung)
         return ack
 
     # -- POST /v1/batches ---------------------------------------------------------------------------------

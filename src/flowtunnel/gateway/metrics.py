@@ -78,6 +78,8 @@ class AgentStats:
     rejected: dict[str, int] = field(default_factory=dict)
     #: When a drop counter the agent reports (or its sequence gap) last grew, for ``flowtunnel status``.
     drops_changed: float | None = None
+    #: The rung (post, ws, get, dns) of the agent's last acknowledged batch (the console's "rung in use").
+    rung: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         ratio = self.datagram_bytes / self.http_bytes if self.http_bytes else None
@@ -99,6 +101,7 @@ class AgentStats:
             "dropped": dict(self.dropped),
             "rejected": dict(self.rejected),
             "drops_changed": self.drops_changed,
+            "rung": self.rung,
         }
 
 
@@ -231,6 +234,10 @@ class GatewayMetrics:
         """A sealed batch that reached ingest over ``rung``: ``outcome`` "acked" or "refused"."""
         self._rung(rung)[outcome] += 1
         self.rung_batches.labels(rung, outcome).inc()
+
+    def agent_rung(self, agent: str, rung: str) -> None:
+        """``agent``'s batch was acknowledged over ``rung`` (an enrolled id: ingest accepted it)."""
+        self._stats(agent).rung = rung
 
     def reject(self, agent: str | None, cause: str) -> None:
         """Count a rejected request. ``agent`` must already be reduced to an enrolled id or None."""

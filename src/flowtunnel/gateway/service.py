@@ -20,6 +20,7 @@ import resource
 import ssl
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from aiohttp import web
 
@@ -30,6 +31,17 @@ from flowtunnel.errors import ConfigError, describe_os_error
 from flowtunnel.gateway.app import ADMISSION_KEY, HttpErrorLogger, build_app
 from flowtunnel.gateway.budget import AgentBudgets, BudgetConfig, scan_journal_usage
 from flowtunnel.gateway.config import GatewayConfig
+from flowtunnel.gateway.console import (
+    AgentThresholds,
+    Console,
+    ConsoleData,
+    GuardSettings,
+    OperatorAuth,
+    RateHistory,
+    add_console,
+    guard_middleware,
+    read_token_file,
+)
 from flowtunnel.gateway.dns import DnsConfig, DnsEndpoint
 from flowtunnel.gateway.ingest import Ingest
 from flowtunnel.gateway.metrics import GatewayMetrics
@@ -46,7 +58,7 @@ from flowtunnel.runtime import OnceLogger, TaskSet
 from flowtunnel.statusfile import write_json_atomic
 from flowtunnel.wire import WireLimits
 
-__all__ = ["JOURNAL_FILE", "LOCK_FILE", "STATUS_FILE", "Gateway", "run_gateway"]
+__all__ = ["ADMIN_TOKEN_FILE", "JOURNAL_FILE", "LOCK_FILE", "STATUS_FILE", "Gateway", "run_gateway"]
 
 log = logging.getLogger("flowtunnel.gateway")
 
@@ -54,6 +66,8 @@ JOURNAL_FILE = "journal.sqlite"
 STATUS_FILE = "status.json"
 #: Held (fcntl) by the gateway using the data directory: one writer, or exactly once does not hold.
 LOCK_FILE = "gateway.lock"
+#: The operator token a gateway uses when --admin-token-file is not given (``flowtunnel admin-token``).
+ADMIN_TOKEN_FILE = "admin.token"
 
 
 def _store_sink(config: GatewayConfig) -> Sink | None:
@@ -108,6 +122,9 @@ class Gateway:
         self._trimmed = 0
         self._lock: DirLock | None = None
         self._umask = PrivateUmask()
+        #: Per-agent wire byte samples for the console's upload rates (fed at each status rewrite).
+        self.rates = RateHistory()
+        self.auth: OperatorAuth | None = None
         #: Pause before restarting a sink that failed.
         self.sink_restart_delay = 5.0
 
@@ -215,6 +232,7 @@ class Gateway:
             ),
         )
         app.router.add_get("/v1/health", self._health)
+        self._install_console(app)
         self._runner = web.AppRunner(
             app, access_log=None, keepalive_timeout=cfg.keepalive_timeout, max_line_size=8190,
             max_field_size=8190, max_headers=64, shutdown_timeout=15.0, logger=HttpErrorLogger(self.metrics),
@@ -260,6 +278,44 @@ class Gateway:
         self._tasks.spawn(self._housekeeping(), name="gateway:housekeeping")
         log.info("listening on %s (data %s, sinks: %s)", ", ".join(self.urls), self.data_dir,
                  ", ".join(s.name for s in self.sinks) or "none")
+
+    def _operator_token(self) -> str | None:
+        """The operator token: ``admin_token_file``, else ``DATA/admin.token`` if it exists, else None.
+        ``ConfigError`` when a configured or present file is unusable (readable by others, empty, ...)."""
+        path = self.config.admin_token_file
+        if path is None:
+            default = self.data_dir / ADMIN_TOKEN_FILE
+            if not default.exists():
+                return None
+            path = default
+        return read_token_file(Path(path))
+
+    def _install_console(self, app: web.Application) -> None:
+        """Operator access to /metrics and /v1/status, and the console (docs/console.md)."""
+        cfg = self.config
+        token = self._operator_token()
+        self.auth = auth = OperatorAuth(token, session_ttl=cfg.console_session, clock=time.monotonic)
+        app.middlewares.append(guard_middleware(auth, GuardSettings(metrics_public=cfg.metrics_public)))
+        if not cfg.metrics_public and token is None and cfg.metrics:
+            log.info("no operator token (--admin-token-file, or 'flowtunnel admin-token --data %s'): "
+                     "/metrics and /v1/status answer loopback only", self.data_dir)
+        if not cfg.console:
+            return
+        if token is None:
+            log.warning("console off: it needs an operator token (run 'flowtunnel admin-token --data %s', or "
+                        "give --admin-token-file)", self.data_dir)
+
+            async def off(request: web.Request) -> web.Response:
+                return web.Response(status=503, text="the console is off: the gateway has no operator token "
+                                    "(flowtunnel admin-token --data DIR, then restart the gateway)\n")
+
+            app.router.add_get("/console", off)
+            return
+        data = ConsoleData(
+            data_dir=self.data_dir, status=self.status, history=self.rates,
+            thresholds=AgentThresholds(late=cfg.console_late, silent=cfg.console_silent),
+        )
+        add_console(app, Console(auth=auth, data=data, session_ttl=cfg.console_session))
 
     async def _health(self, request: web.Request) -> web.Response:
         """``GET /v1/health``: 200 while every watched agent was heard from within ``health_silence``, else
@@ -373,6 +429,9 @@ class Gateway:
             try:
                 # Built on the event loop (the counters it reads change there), written in a thread.
                 doc = self.status()
+                agents = doc.get("agents")
+                if isinstance(agents, dict):
+                    self.rates.sample(agents, time.time())
                 await asyncio.to_thread(write_json_atomic, self.data_dir / STATUS_FILE, doc)
             except (OSError, ValueError, TypeError) as exc:
                 once.warning("status", "writing %s failed: %s", self.data_dir / STATUS_FILE, exc)

@@ -1,0 +1,405 @@
+"""The operator console over HTTP (no browser): who gets in (token, session cookie, bearer for scrapers), what
+is refused (forged, replayed and cross-site requests, hostile filters and SQL), and that the numbers it serves
+are the store's and the status document's."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from flowtunnel.datagram import Datagram
+from flowtunnel.errors import ConfigError
+from flowtunnel.gateway import Gateway
+from flowtunnel.gateway.console.auth import COOKIE_NAME, OperatorAuth, read_token_file, same_origin
+from flowtunnel.gateway.console.data import MAX_RANGE, AgentThresholds, agent_state, parse_range
+from flowtunnel.gateway.console.routes import CSP
+from flowtunnel.netflow import encode_v5
+from tests.gateway.util import enroll, post_batch, seal, start_gateway
+
+TOKEN = "op-token-0123456789abcdefghijklmnop"
+
+
+def v5_datagrams(n: int, *, exporter: str = "192.0.2.7") -> list[Datagram]:
+    now = int(time.time())
+    out = []
+    for k in range(n):
+        recs = [{
+            "sourceIPv4Address": f"10.0.0.{1 + j % 3}", "destinationIPv4Address": "198.51.100.9",
+            "sourceTransportPort": 40000 + j, "destinationTransportPort": 443 if j % 2 else 53,
+            "protocolIdentifier": 6 if j % 2 else 17, "octetDeltaCount": 1000 * (j + 1),
+            "packetDeltaCount": j + 1, "flowStartSysUpTime": 500_000, "flowEndSysUpTime": 590_000,
+        } for j in range(10)]
+        payload = encode_v5(recs, sys_uptime_ms=600_000, unix_secs=now, sequence=k * 10)
+        out.append(Datagram(received_ns=time.time_ns(), exporter=exporter, exporter_port=2055,
+                            local_port=2055, payload=payload))
+    return out
+
+
+def token_file(tmp_path: Path, text: str = TOKEN) -> Path:
+    path = tmp_path / "admin.token"
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+async def stored(gw: Gateway) -> None:
+    assert gw.journal is not None
+    async with asyncio.timeout(30):
+        while True:
+            store = next(s for s in gw.sinks if s.name == "store")
+            if int(str(store.status().get("cursor", 0) or 0)) >= gw.journal.last_seq():
+                return
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[tuple[Gateway, str]]:
+    data = tmp_path / "gw"
+    key = enroll(data, "site-1")
+    enroll(data, "site-2")
+    gw = await start_gateway(data, store=True, admin_token_file=token_file(tmp_path))
+    try:
+        async with aiohttp.ClientSession() as s:
+            status, doc, _ = await post_batch(s, gw.url, seal("site-1", key, 1, v5_datagrams(4)),
+                                              agent="site-1",
+                                              headers={"X-Flowtunnel-Backlog": "7",
+                                                       "X-Flowtunnel-Dropped": "spool_full=3"})
+            assert status == 200, doc
+        await stored(gw)
+        yield gw, gw.url
+    finally:
+        await gw.stop()
+
+
+async def login(s: aiohttp.ClientSession, url: str, token: str = TOKEN) -> aiohttp.ClientResponse:
+    async with s.post(url + "/console/login", data={"token": token}, allow_redirects=False,
+                      headers={"Origin": url}) as resp:
+        await resp.read()
+        return resp
+
+
+def cookie_jar() -> aiohttp.CookieJar:
+    return aiohttp.CookieJar(unsafe=True)  # keep cookies of an IP-address host
+
+
+# -- access ------------------------------------------------------------------------------------------
+
+async def test_metrics_and_status_need_the_bearer_token(world: tuple[Gateway, str]) -> None:
+    _, url = world
+    async with aiohttp.ClientSession() as s:
+        for path in ("/metrics", "/v1/status"):
+            async with s.get(url + path) as resp:
+                assert resp.status == 401
+                assert "Bearer" in resp.headers["WWW-Authenticate"]
+            bad = {"Authorization": "Bearer wrong-xxxxxxxxxxxxxxxxxxxxx"}
+            async with s.get(url + path, headers=bad) as r:
+                assert r.status == 401
+            async with s.get(url + path, headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                assert resp.status == 200
+        async with s.get(url + "/healthz") as resp:
+            assert resp.status == 200
+
+
+async def test_login_sets_a_strict_httponly_expiring_session_cookie(world: tuple[Gateway, str]) -> None:
+    _, url = world
+    async with aiohttp.ClientSession(cookie_jar=cookie_jar()) as s:
+        async with s.get(url + "/console") as resp:
+            page = await resp.text()
+            assert 'name="token"' in page
+            assert resp.headers["Content-Security-Policy"] == CSP
+            assert "script-src 'self'" in CSP
+            assert "unsafe-inline" not in CSP
+        resp = await login(s, url)
+        assert resp.status == 303
+        morsel = resp.cookies[COOKIE_NAME]
+        assert morsel["httponly"] is True
+        assert morsel["samesite"] == "Strict"
+        assert morsel["path"] == "/console"
+        assert int(morsel["max-age"]) > 0
+        assert not morsel["secure"]  # plain HTTP here; over TLS it is Secure (test below)
+        assert TOKEN not in morsel.value
+        async with s.get(url + "/console") as resp:
+            assert 'id="agents"' in await resp.text()
+        async with s.get(url + "/console/api/agents") as resp:
+            assert resp.status == 200
+        # The session also opens /v1/status (same operator), but only under /console is the cookie sent.
+        async with s.post(url + "/console/logout", headers={"Origin": url}, allow_redirects=False) as resp:
+            assert resp.status == 303
+        async with s.get(url + "/console/api/agents") as resp:
+            assert resp.status == 401
+
+
+async def test_the_cookie_is_secure_over_tls(tmp_path: Path) -> None:
+    from tests.gateway.util import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path)
+    gw = await start_gateway(tmp_path / "gw", tls_cert=cert, tls_key=key,
+                             admin_token_file=token_file(tmp_path))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as s:
+            resp = await login(s, gw.url)
+            assert resp.status == 303
+            assert resp.cookies[COOKIE_NAME]["secure"] is True
+    finally:
+        await gw.stop()
+
+
+async def test_wrong_token_forged_and_replayed_cookies_are_refused(world: tuple[Gateway, str]) -> None:
+    _, url = world
+    async with aiohttp.ClientSession(cookie_jar=cookie_jar()) as s:
+        resp = await login(s, url, token="not-the-operator-token-xxxxx")
+        assert resp.status == 303
+        assert resp.headers["Location"] == "/console?denied=1"
+        assert COOKIE_NAME not in resp.cookies
+        async with s.get(url + "/console/api/agents") as r:
+            assert r.status == 401
+    async with aiohttp.ClientSession() as s:
+        forged = {COOKIE_NAME: "A" * 43}
+        async with s.get(url + "/console/api/agents", cookies=forged) as r:
+            assert r.status == 401
+        async with s.get(url + "/console/flows", cookies=forged, allow_redirects=False) as r:
+            assert r.status == 303
+        resp = await login(s, url)
+        sid = resp.cookies[COOKIE_NAME].value
+        async with s.get(url + "/console/api/agents", cookies={COOKIE_NAME: sid}) as r:
+            assert r.status == 200
+        async with s.post(url + "/console/logout", cookies={COOKIE_NAME: sid}, headers={"Origin": url},
+                          allow_redirects=False) as r:
+            assert r.status == 303
+        async with s.get(url + "/console/api/agents", cookies={COOKIE_NAME: sid}) as r:  # replayed
+            assert r.status == 401
+
+
+async def test_cross_site_requests_are_refused(world: tuple[Gateway, str]) -> None:
+    _, url = world
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/console/login", data={"token": TOKEN}, allow_redirects=False,
+                          headers={"Origin": "https://evil.example"}) as r:
+            assert r.status == 403
+            assert "Origin" in (await r.json())["error"]
+            assert COOKIE_NAME not in r.cookies
+        async with s.post(url + "/console/login", data={"token": TOKEN}, allow_redirects=False,
+                          headers={"Sec-Fetch-Site": "cross-site"}) as r:
+            assert r.status == 403
+        resp = await login(s, url)
+        sid = resp.cookies[COOKIE_NAME].value
+        async with s.post(url + "/console/logout", cookies={COOKIE_NAME: sid}, allow_redirects=False,
+                          headers={"Origin": "http://attacker.test"}) as r:
+            assert r.status == 403
+        async with s.get(url + "/console/api/agents", cookies={COOKIE_NAME: sid},
+                         headers={"Sec-Fetch-Site": "cross-site"}) as r:
+            assert r.status == 403
+        async with s.get(url + "/console/api/agents", cookies={COOKIE_NAME: sid}) as r:
+            assert r.status == 200  # the session was not ended by the refused logout
+
+
+async def test_without_a_token_the_console_is_off_and_metrics_stay_on_loopback(tmp_path: Path) -> None:
+    gw = await start_gateway(tmp_path / "gw")
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url + "/console") as r:
+                assert r.status == 503
+                assert "admin-token" in await r.text()
+            async with s.post(gw.url + "/console/login", data={"token": "x"}) as r:
+                assert r.status in (404, 405)
+            async with s.get(gw.url + "/metrics") as r:  # loopback peer
+                assert r.status == 200
+    finally:
+        await gw.stop()
+
+
+async def test_metrics_public_opens_metrics_and_status(tmp_path: Path) -> None:
+    gw = await start_gateway(tmp_path / "gw", admin_token_file=token_file(tmp_path), metrics_public=True)
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path in ("/metrics", "/v1/status"):
+                async with s.get(gw.url + path) as r:
+                    assert r.status == 200
+    finally:
+        await gw.stop()
+
+
+def test_loose_or_short_token_files_are_refused(tmp_path: Path) -> None:
+    loose = token_file(tmp_path)
+    loose.chmod(0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        read_token_file(loose)
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    short.chmod(0o600)
+    with pytest.raises(ConfigError, match="3 characters"):
+        read_token_file(short)
+
+
+def test_sessions_expire_and_the_token_never_shows_in_the_repr() -> None:
+    now = [1000.0]
+    auth = OperatorAuth(TOKEN, session_ttl=60, clock=lambda: now[0])
+    sid = auth.sessions.create()
+    assert auth.sessions.valid(sid)
+    now[0] += 61
+    assert not auth.sessions.valid(sid)
+    assert TOKEN not in repr(auth)
+    assert auth.bearer_ok(f"Bearer {TOKEN}")
+    assert not auth.bearer_ok(TOKEN)
+    assert not auth.bearer_ok(None)
+
+
+def test_same_origin_rules() -> None:
+    assert same_origin({"Origin": "http://gw:8080"}, scheme="http", host="gw:8080") is None
+    assert same_origin({"Origin": "http://gw:8080"}, scheme="https", host="gw:8080") is not None
+    assert same_origin({"Origin": "null"}, scheme="http", host="gw:8080") is not None
+    assert same_origin({"Sec-Fetch-Site": "same-site"}, scheme="http", host="gw") is not None
+    assert same_origin({}, scheme="http", host="gw") is None  # not a browser: carries no victim's cookie
+
+
+# -- data --------------------------------------------------------------------------------------------
+
+async def session(s: aiohttp.ClientSession, url: str) -> dict[str, str]:
+    resp = await login(s, url)
+    return {COOKIE_NAME: resp.cookies[COOKIE_NAME].value}
+
+
+async def get(s: aiohttp.ClientSession, url: str, cookies: dict[str, str], **params: str) -> tuple[int, Any]:
+    async with s.get(url, params=params, cookies=cookies) as r:
+        return r.status, await r.json()
+
+
+async def test_agents_page_shows_what_status_and_the_store_hold(world: tuple[Gateway, str]) -> None:
+    gw, url = world
+    async with aiohttp.ClientSession() as s:
+        c = await session(s, url)
+        status, doc = await get(s, url + "/console/api/agents", c)
+    assert status == 200, doc
+    rows = {a["id"]: a for a in doc["agents"]}
+    assert set(rows) == {"site-1", "site-2"}
+    st = gw.status()["agents"]["site-1"]  # type: ignore[index]
+    a = rows["site-1"]
+    assert a["state"] == "alive"
+    assert rows["site-2"]["state"] == "never"
+    assert a["datagrams"] == st["datagrams"] == 4
+    assert a["wire_bytes"] == st["http_bytes"]
+    assert a["raw_bytes"] == st["datagram_bytes"]
+    assert a["backlog"] == 7
+    assert a["drops"]["agent:spool_full"] == 3
+    assert a["rung"] == "post"
+    assert a["records"] == 40
+    assert a["exporters"] == 1
+    assert sum(b for _, b in a["spark"]) == 4 * sum(1000 * (j + 1) for j in range(10))
+
+
+async def test_agent_page_series_top_and_query_agree_with_the_store(world: tuple[Gateway, str]) -> None:
+    _, url = world
+    total = 4 * sum(1000 * (j + 1) for j in range(10))
+    async with aiohttp.ClientSession() as s:
+        c = await session(s, url)
+        status, doc = await get(s, url + "/console/api/agent", c, id="site-1", range="1h")
+        assert status == 200, doc
+        assert [e["exporter"] for e in doc["exporters"]] == ["192.0.2.7"]
+        assert doc["exporters"][0]["records"] == 40
+        assert sum(doc["series"]["groups"]["192.0.2.7"]["bytes"]) == total
+        status, doc = await get(s, url + "/console/api/series", c, range="1h", group="agent")
+        assert sum(doc["groups"]["site-1"]["flows"]) == 40
+        status, doc = await get(s, url + "/console/api/series", c, range="1h", filter="proto tcp")
+        assert sum(doc["groups"][""]["flows"]) == 20
+        status, doc = await get(s, url + "/console/api/top", c, by="dst_port", filter="dst port 443",
+                                range="1h")
+        assert status == 200
+        assert doc["rows"][0][0] == 443
+        assert doc["rows"][0][3] == 20
+        assert len(doc["rows"]) == 1
+        status, doc = await get(s, url + "/console/api/query", c, mode="filter", q="src host 10.0.0.1",
+                                limit="5")
+        assert status == 200
+        assert len(doc["rows"]) == 5
+        assert doc["truncated"]
+        status, doc = await get(s, url + "/console/api/query", c, mode="sql",
+                                q="SELECT count(*) AS n, sum(bytes) AS b FROM flows")
+        assert doc["rows"] == [[40, total]]
+        async with s.get(url + "/console/api/query", cookies=c,
+                         params={"mode": "sql", "q": "SELECT agent, bytes FROM flows ORDER BY bytes LIMIT 3",
+                                 "format": "csv"}) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/csv")
+            assert "attachment" in r.headers["Content-Disposition"]
+            rows = list(csv.reader(io.StringIO(await r.text())))
+        assert rows == [["agent", "bytes"], ["site-1", "1000"], ["site-1", "1000"], ["site-1", "1000"]]
+
+
+@pytest.mark.parametrize(("params", "status", "needle"), [
+    ({"mode": "filter", "q": "prot tcp"}, 400, "did you mean 'proto'"),
+    ({"mode": "filter", "q": "(" * 5000}, 400, ""),
+    ({"mode": "sql", "q": "DELETE FROM flows"}, 400, "read-only"),
+    ({"mode": "sql", "q": "SELECT * FROM read_csv('/etc/passwd')"}, 400, ""),
+    ({"mode": "sql", "q": "COPY flows TO '/tmp/x.csv'"}, 400, "read-only"),
+    ({"mode": "sql", "q": "INSTALL httpfs"}, 400, ""),
+    ({"mode": "sql", "q": "SELECT 1; DROP TABLE flows"}, 400, "one statement"),
+    ({"mode": "sql", "q": "SELEC nonsense"}, 400, ""),
+    ({"mode": "bogus"}, 400, "filter or sql"),
+    ({"mode": "filter", "range": "forever"}, 400, "time range"),
+    ({"mode": "filter", "range": "-5m"}, 400, ""),
+    ({"mode": "filter", "limit": "lots"}, 400, "whole number"),
+])
+async def test_hostile_queries_get_a_clear_message_never_a_500(
+    world: tuple[Gateway, str], params: dict[str, str], status: int, needle: str
+) -> None:
+    _, url = world
+    async with aiohttp.ClientSession() as s:
+        c = await session(s, url)
+        got, doc = await get(s, url + "/console/api/query", c, **params)
+        assert got == status, doc
+        assert needle in doc["error"]
+        got, doc = await get(s, url + "/console/api/query", c, mode="sql", q="SELECT count(*) FROM flows")
+        assert doc["rows"] == [[40]]  # nothing changed
+
+
+async def test_huge_ranges_are_clamped(world: tuple[Gateway, str]) -> None:
+    _, url = world
+    assert parse_range("36500d") == (MAX_RANGE, True)
+    async with aiohttp.ClientSession() as s:
+        c = await session(s, url)
+        status, doc = await get(s, url + "/console/api/series", c, range="5000d")
+    assert status == 200
+    assert doc["clamped"]
+    assert doc["range_s"] == MAX_RANGE
+    assert len(doc["times"]) <= 800
+
+
+async def test_static_assets_ship_in_the_package_and_pages_carry_no_data(world: tuple[Gateway, str]) -> None:
+    _, url = world
+    async with aiohttp.ClientSession() as s:
+        c = await session(s, url)
+        for path in ("/console/static/vendor/uplot/uPlot.iife.min.js", "/console/static/agents.js",
+                     "/console/static/vendor/uplot/LICENSE"):
+            async with s.get(url + path, cookies=c) as r:
+                assert r.status == 200
+        async with s.get(url + "/console/static/../../service.py", cookies=c) as r:
+            assert r.status == 404
+        for page in ("/console", "/console/agent?id=%3Cscript%3Ealert(1)%3C/script%3E", "/console/query"):
+            async with s.get(url + page, cookies=c) as r:
+                text = await r.text()
+                assert "<script>" not in text
+                assert "alert(1)" not in text
+                assert r.headers["Content-Security-Policy"] == CSP
+                assert r.headers["X-Content-Type-Options"] == "nosniff"
+    for name in ("common.js", "agents.js", "agent.js", "flows.js", "query.js", "login.js"):
+        js = (Path(__file__).parents[2] / "src/flowtunnel/gateway/console/static" / name).read_text()
+        assert "innerHTML" not in js
+        assert "insertAdjacentHTML" not in js
+        assert "document.write" not in js
+
+
+def test_agent_states_follow_the_thresholds() -> None:
+    th = AgentThresholds(late=10, silent=60)
+    assert agent_state({"last_seen": 95.0}, now=100.0, thresholds=th) == "alive"
+    assert agent_state({"last_seen": 80.0}, now=100.0, thresholds=th) == "late"
+    assert agent_state({"last_seen": 20.0}, now=100.0, thresholds=th) == "silent"
+    assert agent_state({}, now=100.0, thresholds=th) == "never"
+    assert agent_state({"last_seen": 99.0, "revoked": True}, now=100.0, thresholds=th) == "revoked"
