@@ -1,0 +1,261 @@
+"""The operator console in a real browser: headless Chromium (Debian's, driven by its chromedriver through
+Selenium; nothing is downloaded) against a running chain: ``flowtunnel replay`` of the packaged demo capture →
+agent → gateway (store on). The page must show what ``status.json`` and the store hold.
+
+One gateway serves the whole module (the tests read like one operator's session, in order). With
+``FLOWTUNNEL_CONSOLE_SHOTS=DIR`` the tests save a PNG of each page there (docs/console/ is made that way).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent.chain import AgentProc, GatewayProc, enroll_agent, flowtunnel, wait_until
+from tests.conftest import require
+from tests.peers import free_udp_port
+
+pytestmark = pytest.mark.timeout(180)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+TOKEN = "browser-test-operator-token-0123456789"
+LATE, SILENT = 4, 9  # seconds: short, so that a stopped agent turns late, then silent, within the test
+
+
+class StoreGatewayProc(GatewayProc):
+    """``GatewayProc`` with the store sink on (the chain helper turns it off) and the console's options."""
+
+    def start(self) -> StoreGatewayProc:
+        cmd = ["gateway", "--listen", f"127.0.0.1:{self.port}", "--data", str(self.data),
+               "--status-interval", "0.2", *self.extra]
+        self._spawn(flowtunnel(*cmd))
+        wait_until(self._healthy, "gateway /healthz", timeout=30)
+        return self
+
+
+def _shot(driver: Any, name: str) -> None:
+    where = os.environ.get("FLOWTUNNEL_CONSOLE_SHOTS")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(Path(where) / f"{name}.png"))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("console")
+    data = tmp / "gw"
+    keys = {name: enroll_agent(data, name) for name in ("hotel-12", "ship-3")}
+    token_file = tmp / "admin.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    demo = resources.files("flowtunnel").joinpath("data", "demo.pcap")
+    extra = ["--admin-token-file", str(token_file), "--console-late", f"{LATE}s",
+             "--console-silent", f"{SILENT}s"]
+    with StoreGatewayProc(data, extra=extra).start() as gw:
+        agents = {}
+        try:
+            for name in keys:
+                agents[name] = AgentProc(tmp / f"spool-{name}", gateway=gw.url, agent_id=name, key=keys[name],
+                                         port=free_udp_port()).start()
+                with resources.as_file(demo) as pcap:
+                    subprocess.run(flowtunnel("replay", str(pcap), "--to",
+                                              f"udp://127.0.0.1:{agents[name].port}", "--rate", "0"),
+                                   check=True, capture_output=True, timeout=60)
+            for name, agent in agents.items():
+
+                def acked(a: AgentProc = agent, n: str = name) -> bool:
+                    return a.received() > 0 and gw.acked(n) == a.spooled_last_seq()
+
+                wait_until(acked, f"{name}'s datagrams acknowledged")
+            wait_until(gw.sinks_done, "the store caught up")
+            yield {"gw": gw, "agents": agents, "data": data}
+        finally:
+            for agent in agents.values():
+                agent.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    require("chromium", "chromedriver")
+    os.environ["SE_OFFLINE"] = "true"  # selenium-manager must not try to download a driver or a browser
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-proxy-server", "--window-size=1400,900", "--lang=en"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver: Any, cond: Any, what: str, timeout: float = 20.0) -> Any:
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    # Elements vanish while a page loads or a poll rebuilds a table: look again.
+    ignored = (IndexError, StaleElementReferenceException)
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored).until(
+            cond, message=what)
+    except TimeoutException:
+        shown = [e.text for e in css(driver, "#error")]
+        logs = driver.get_log("browser")
+        raise AssertionError(f"timed out after {timeout} s waiting for {what} on {driver.current_url}; "
+                             f"error box {shown}; browser log {logs}") from None
+
+
+def css(driver: Any, selector: str) -> list[Any]:
+    from selenium.webdriver.common.by import By
+
+    return list(driver.find_elements(By.CSS_SELECTOR, selector))
+
+
+def log_in(driver: Any, url: str, token: str = TOKEN) -> None:
+    driver.get(url + "/console")
+    driver.delete_all_cookies()  # a fresh login each time (the cookie is visible under /console only)
+    driver.get(url + "/console")
+    box = wait_for(driver, lambda d: css(d, "input[name=token]"), "the login form")[0]
+    box.send_keys(token)
+    css(driver, "#submit")[0].click()
+    wait_for(driver, lambda d: css(d, "#logout") or css(d, "#denied")[0].is_displayed(), "the login's answer")
+
+
+def query_cli(data: Path, sql: str) -> list[list[Any]]:
+    out = subprocess.run(flowtunnel("query", "--data", str(data), "--format", "json", sql),
+                         capture_output=True, text=True, check=True, timeout=60)
+    return [list(json.loads(line).values()) for line in out.stdout.splitlines() if line.strip()]
+
+
+def test_refused_without_the_token(chain: dict[str, Any], browser: Any) -> None:
+    url = chain["gw"].url
+    browser.delete_all_cookies()
+    log_in(browser, url, token="not-the-token-at-all-xxxxxxxx")
+    wait_for(browser, lambda d: css(d, "#denied") and css(d, "#denied")[0].is_displayed(), "the refusal")
+    _shot(browser, "login")
+    browser.get(url + "/console/flows")
+    assert css(browser, "input[name=token]"), "a page without a session sends the browser to the login form"
+    browser.get(url + "/console/api/agents")
+    assert "log in" in browser.page_source
+
+
+def test_agents_page_shows_the_numbers_of_status_and_the_store(chain: dict[str, Any], browser: Any) -> None:
+    gw, data = chain["gw"], chain["data"]
+    log_in(browser, gw.url)
+    rows = wait_for(browser, lambda d: len(css(d, "#agents tbody tr")) == 2 and css(d, "#agents tbody tr"),
+                    "two agent rows")
+    assert [r.get_attribute("data-agent") for r in rows] == ["hotel-12", "ship-3"]
+    status = gw.status()["agents"]
+    for row in rows:
+        agent = row.get_attribute("data-agent")
+        wire = css(row, "td[data-col=wire]")[0]
+        assert int(wire.get_attribute("data-wire")) == status[agent]["http_bytes"]
+        assert int(wire.get_attribute("data-raw")) == status[agent]["datagram_bytes"]
+        assert css(row, "td[data-col=rung]")[0].text == "post"
+        assert css(row, ".spark canvas"), "a sparkline is drawn"
+    _shot(browser, "agents")
+
+    # The agent page: its exporters, with the store's record count.
+    css(browser, "a.agent-link")[0].click()
+    wait_for(browser, lambda d: css(d, "#exporters tbody tr"), "the exporters of hotel-12")
+    assert css(browser, "#agent-id")[0].text == "hotel-12"
+    records = query_cli(data, "SELECT count(*) FROM flows WHERE agent = 'hotel-12'")[0][0]
+    exporters = css(browser, "#exporters tbody tr")
+    shown = sum(int(css(tr, "td[data-col=records]")[0].text) for tr in exporters)
+    assert shown == records > 0
+    assert css(browser, "dd[data-fact='records stored']")[0].text == str(records)
+    wait_for(browser, lambda d: css(d, "#chart canvas"), "the exporter chart")
+    _shot(browser, "agent")
+
+
+def test_flows_page_filters_top_talkers(chain: dict[str, Any], browser: Any) -> None:
+    gw, data = chain["gw"], chain["data"]
+    log_in(browser, gw.url)
+    browser.get(gw.url + "/console/flows")
+    wait_for(browser, lambda d: css(d, "#top tbody tr"), "top talkers")
+    from selenium.webdriver.support.ui import Select
+
+    Select(css(browser, "#by")[0]).select_by_value("protocol")
+    box = css(browser, "#filter")[0]
+    box.send_keys("proto udp")
+    css(browser, "#apply")[0].click()
+    expected = query_cli(data, "SELECT count(*) FROM flows WHERE protocol = 17")[0][0]
+
+    def udp_only(d: Any) -> bool:
+        rows = [[td.text for td in css(tr, "td")] for tr in css(d, "#top tbody tr")]
+        return len(rows) == 1 and rows[0][0] == "17" and rows[0][3] == str(expected)
+
+    assert expected > 0
+    wait_for(browser, udp_only, f"one protocol row: 17 with the store's {expected} UDP flows")
+    box.clear()
+    box.send_keys("prot udp")
+    css(browser, "#apply")[0].click()
+    err = wait_for(browser, lambda d: css(d, "#error") and css(d, "#error")[0].is_displayed() and
+                   css(d, "#error")[0], "the filter error")
+    assert "did you mean 'proto'" in err.text
+    box.clear()
+    box.send_keys("proto tcp")
+    css(browser, "#apply")[0].click()
+    wait_for(browser, lambda d: not css(d, "#error")[0].is_displayed(), "the error cleared")
+    wait_for(browser, lambda d: css(d, "#chart canvas"), "the series chart")
+    _shot(browser, "flows")
+
+
+def test_query_page_escapes_what_it_shows(chain: dict[str, Any], browser: Any) -> None:
+    gw = chain["gw"]
+    log_in(browser, gw.url)
+    browser.get(gw.url + "/console/query")
+    from selenium.webdriver.support.ui import Select
+
+    Select(css(browser, "#mode")[0]).select_by_value("sql")
+    hostile = '<img src=x id=pwned onerror="document.title=`pwned`">'
+    css(browser, "#q")[0].send_keys(f"SELECT '{hostile}' AS \"<b>col</b>\", count(*) AS flows FROM flows")
+    css(browser, "#run")[0].click()
+    cell = wait_for(browser, lambda d: css(d, "#result tbody td") and css(d, "#result tbody td")[0],
+                    "the query result")
+    assert cell.text == hostile
+    assert css(browser, "#result thead th")[0].text == "<b>col</b>"
+    assert not css(browser, "#pwned")
+    assert not css(browser, "#result b")
+    assert browser.title != "pwned"
+    href = css(browser, "#csv")[0].get_attribute("href")
+    assert "format=csv" in href
+    css(browser, "#q")[0].clear()
+    Select(css(browser, "#mode")[0]).select_by_value("filter")
+    css(browser, "#q")[0].send_keys("proto udp and dst port 53")
+    css(browser, "#run")[0].click()
+    wait_for(browser, lambda d: "rows" in css(d, "#note")[0].text, "the filter's rows")
+    _shot(browser, "query")
+    Select(css(browser, "#mode")[0]).select_by_value("sql")
+    css(browser, "#q")[0].clear()
+    css(browser, "#q")[0].send_keys("DELETE FROM flows")
+    css(browser, "#run")[0].click()
+    err = wait_for(browser, lambda d: css(d, "#error")[0].is_displayed() and css(d, "#error")[0], "refusal")
+    assert "read-only" in err.text
+
+
+def test_a_stopped_agent_turns_late_then_silent(chain: dict[str, Any], browser: Any) -> None:
+    gw = chain["gw"]
+    chain["agents"]["ship-3"].stop()
+    log_in(browser, gw.url)
+
+    def state(d: Any) -> str:
+        rows = css(d, "#agents tr[data-agent='ship-3']")
+        return str(rows[0].get_attribute("data-state")) if rows else ""
+
+    wait_for(browser, lambda d: state(d) == "late", "ship-3 late", timeout=SILENT + 10)
+    _shot(browser, "agents-late")
+    wait_for(browser, lambda d: state(d) == "silent", "ship-3 silent", timeout=SILENT + 10)
