@@ -3,7 +3,8 @@
 Runs, one after the other (they share the machine's two cores, so never at once), each as its own process with
 its own write flag: ``wire.py``, ``throughput.py``, ``footprint.py``, ``latency.py`` (sections "Wire
 efficiency", "Throughput", "Agent footprint", "Latency") and the codec's and store's own benches,
-``decode.py`` ("Decoding") and ``store.py`` ("Store"), when they exist. A bench that fails is reported and the
+``decode.py`` ("Decoding") and ``store.py`` ("Store"), ``ladder.py`` and ``console.py`` ("Console"), when
+they exist. A bench that fails is reported and the
 others still run; the exit status is 1 if any failed.
 
 ``python bench/run.py`` (a full run takes roughly 20-30 minutes) or ``python bench/run.py --quick`` (a few
@@ -32,6 +33,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "decode": ("decode.py", ["--write", "--profile"], ["--write", "--flows", "5000", "--repeat", "1"]),
     "store": ("store.py", ["--write"], ["--write", "--quick"]),
     "ladder": ("ladder.py", ["--write"], ["--write", "--quick"]),
+    "console": ("console.py", ["--write"], ["--write", "--quick"]),
 }
 
 

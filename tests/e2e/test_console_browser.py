@@ -85,7 +85,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     require("chromium", "chromedriver")
-    os.environ["SE_OFFLINE"] = "true"  # selenium-manager must not try to download a driver or a browser
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -94,12 +93,15 @@ def browser() -> Iterator[Any]:
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                 "--no-proxy-server", "--window-size=1400,900", "--lang=en"):
         opts.add_argument(arg)
-    driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
-    driver.implicitly_wait(0)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SE_OFFLINE", "true")  # selenium-manager must not try to download a driver or a browser
+        for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+            env.delenv(name, raising=False)  # Selenium talks to chromedriver on loopback, never via a proxy
+        driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
+        try:
+            yield driver
+        finally:
+            driver.quit()
 
 
 def wait_for(driver: Any, cond: Any, what: str, timeout: float = 20.0) -> Any:

@@ -403,3 +403,35 @@ def test_agent_states_follow_the_thresholds() -> None:
     assert agent_state({"last_seen": 20.0}, now=100.0, thresholds=th) == "silent"
     assert agent_state({}, now=100.0, thresholds=th) == "never"
     assert agent_state({"last_seen": 99.0, "revoked": True}, now=100.0, thresholds=th) == "revoked"
+
+
+def test_octet_aligned_networks_compile_to_a_plain_text_prefix() -> None:
+    """The console's "net" filters over millions of flows: a whole-octet IPv4 network is one starts_with
+    (no per-row octet parsing: 1.8x faster in bench/console.py), and still exact."""
+    from flowtunnel.store.filter import compile_filter
+
+    flt = compile_filter("src net 10.1.0.0/16")
+    assert "split_part" not in flt.where
+    assert flt.params == ("10.1.",)
+    assert "split_part" in compile_filter("src net 10.0.0.0/12").where  # not whole octets: the general form
+
+
+async def test_the_grafana_dashboard_asks_for_metrics_the_gateway_serves(world: tuple[Gateway, str]) -> None:
+    """docs/grafana/flowtunnel-gateway.json: every metric its panels query is on /metrics (with the token)."""
+    import json
+    import re
+
+    _, url = world
+    doc = json.loads((Path(__file__).parents[2] / "docs/grafana/flowtunnel-gateway.json").read_text())
+    wanted = {m for p in doc["panels"] for t in p["targets"]
+              for m in re.findall(r"flowtunnel_[a-z_]+", t["expr"])}
+    assert wanted
+    async with aiohttp.ClientSession() as s, s.get(
+        url + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+    ) as r:
+        text = await r.text()
+    # Sample lines, and the declared families (a labelled metric without samples yet has only these).
+    served = set(re.findall(r"^(flowtunnel_[a-z_]+)", text, flags=re.M))
+    for name, kind in re.findall(r"^# TYPE (flowtunnel_[a-z_]+) (\w+)", text, flags=re.M):
+        served |= {name, f"{name}_total"} if kind == "counter" else {name}
+    assert wanted <= served, f"not served: {sorted(wanted - served)}"

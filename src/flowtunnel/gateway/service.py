@@ -125,6 +125,7 @@ class Gateway:
         #: Per-agent wire byte samples for the console's upload rates (fed at each status rewrite).
         self.rates = RateHistory()
         self.auth: OperatorAuth | None = None
+        self.console_data: ConsoleData | None = None
         #: Pause before restarting a sink that failed.
         self.sink_restart_delay = 5.0
 
@@ -311,7 +312,7 @@ class Gateway:
 
             app.router.add_get("/console", off)
             return
-        data = ConsoleData(
+        self.console_data = data = ConsoleData(
             data_dir=self.data_dir, status=self.status, history=self.rates,
             thresholds=AgentThresholds(late=cfg.console_late, silent=cfg.console_silent),
         )

@@ -389,6 +389,10 @@ def _prefix_leaf(column: str, net: _Address) -> _Leaf:
         octets = [(low >> (24 - 8 * i)) & 0xFF for i in range(4)]
         if net.prefix == 0:
             return _Leaf(f"(strpos({column}, ':') = 0 AND {column} LIKE '%.%')", ())
+        if net.prefix % 8 == 0 and net.prefix < 32:
+            # Whole octets: the text prefix alone is exact (canonical dotted quads; no IPv6 text starts
+            # with digits and a dot), and skips parsing the next octet of every row.
+            return _Leaf(f"starts_with({column}, ?)", ("".join(f"{o}." for o in octets[:net.prefix // 8]),))
         fixed = (net.prefix - 1) // 8  # octets taken whole as text
         text = "".join(f"{o}." for o in octets[:fixed])
         span = 8 * (fixed + 1) - net.prefix  # bits of the next octet the prefix leaves free

@@ -143,7 +143,7 @@ def series_sql(
     in total or per agent/exporter (the ``SERIES_GROUPS`` biggest by bytes, the others as "(other)")."""
     if group not in SERIES_GROUP_BY:
         raise BadRequest(f"cannot split series by {group!r}: choose one of {', '.join(SERIES_GROUP_BY)}")
-    params: list[object] = [bucket, bucket, _since(now, range_seconds)]
+    params: list[object] = [_since(now, range_seconds)]
     where = ["received >= CAST(? AS TIMESTAMPTZ)"]
     if agent is not None:
         where.append("agent = ?")
@@ -154,22 +154,22 @@ def series_sql(
     if flow_filter is not None:
         where.append(f"({flow_filter.where})")
         params.extend(flow_filter.params)
-    key = "''" if group == "none" else group
-    base = (
-        f"SELECT {key} AS k, CAST(floor(epoch(received) / ?) AS BIGINT) * ? AS t, "
-        "CAST(coalesce(sum(bytes), 0) AS UBIGINT) AS bytes, CAST(coalesce(sum(packets), 0) AS UBIGINT) AS "
-        f"packets, count(*) AS flows FROM flows WHERE {' AND '.join(where)} GROUP BY ALL"
-    )
+    cond = " AND ".join(where)
+    bucketed = "CAST(floor(epoch(received) / ?) AS BIGINT) * ?"
+    sums = ("CAST(coalesce(sum(bytes), 0) AS UBIGINT) AS bytes, CAST(coalesce(sum(packets), 0) AS UBIGINT) "
+            "AS packets, count(*) AS flows")
     if group == "none":
-        return f"SELECT k, t, bytes, packets, flows FROM ({base}) ORDER BY t", params
+        return (f"SELECT '' AS k, {bucketed} AS t, {sums} FROM flows WHERE {cond} GROUP BY t ORDER BY t",
+                [bucket, bucket, *params])
+    # The biggest groups first (a cheap aggregate), then one pass bucketing only those and "(other)": about
+    # twice as fast as bucketing every group and ranking afterwards (1,500 exporters over 7 days).
     sql = (
-        f"WITH b AS ({base}), top AS (SELECT k FROM b GROUP BY k ORDER BY sum(bytes) DESC, k "
-        f"LIMIT {SERIES_GROUPS}) "
-        "SELECT CASE WHEN k IN (SELECT k FROM top) THEN k ELSE '(other)' END AS g, t, "
-        "CAST(sum(bytes) AS UBIGINT), CAST(sum(packets) AS UBIGINT), CAST(sum(flows) AS BIGINT) "
-        "FROM b GROUP BY ALL ORDER BY t, g"
+        f"WITH top AS (SELECT {group} AS k FROM flows WHERE {cond} GROUP BY k "
+        f"ORDER BY sum(bytes) DESC, k LIMIT {SERIES_GROUPS}) "
+        f"SELECT CASE WHEN {group} IN (SELECT k FROM top) THEN {group} ELSE '(other)' END AS g, "
+        f"{bucketed} AS t, {sums} FROM flows WHERE {cond} GROUP BY ALL ORDER BY t, g"
     )
-    return sql, params
+    return sql, [*params, bucket, bucket, *params]
 
 
 class RateHistory:
@@ -236,6 +236,11 @@ class ConsoleData:
         self._limit = asyncio.Semaphore(MAX_CONCURRENT)
         self._spark: tuple[float, dict[str, list[list[int]]]] | None = None
         self._store_totals: tuple[float, dict[str, dict[str, int]]] | None = None
+
+    def forget(self) -> None:
+        """Drop the few seconds' cache of the agents page's store figures (the benchmark times cold pages)."""
+        self._spark = None
+        self._store_totals = None
 
     # -- the store ----------------------------------------------------------------------------------------
 
