@@ -74,7 +74,7 @@ def test_env_listen_is_comma_separated() -> None:
         ({"listen": ("udp://127.0.0.1:1", "udp://127.0.0.1:1")}, "given twice"),
         ({"proxy": "socks5://p:1"}, "is not an http://"),
         ({"pin_sha256": "abcd"}, "is not 64 hex digits"),
-        ({"max_body": "1"}, "max-body 1 is outside the allowed range"),
+        ({"max_body": "1k"}, r"max-body 1k is outside the allowed range 4k \.\. 1GiB"),
         ({"latency": "0s"}, r"latency 0s is outside the allowed range 10ms \.\. 1h"),
         ({"latency": "99999999d"}, r"latency 99999999d is outside the allowed range 10ms \.\. 1h"),
         ({"bandwidth": -1}, r"bandwidth -1 is outside the allowed range 0 \.\. 10G \(0 = unlimited\)"),
@@ -91,6 +91,12 @@ def test_env_listen_is_comma_separated() -> None:
 def test_bad_values_name_the_setting(flags: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         make(**flags)
+
+
+def test_a_body_limit_below_one_datagram_is_accepted() -> None:
+    """Issue 15: a proxy capping bodies at 64 KB needs ``--max-body 60k``, which used to be refused."""
+    assert make(max_body="60k").max_body == 60_000
+    assert make(max_body="4k").max_body == 4000
 
 
 def test_unknown_file_key_is_refused(tmp_path: Path) -> None:

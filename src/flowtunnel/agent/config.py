@@ -22,8 +22,11 @@ __all__ = ["AgentConfig", "ListenAddress", "load_key", "mask_url", "parse_host_p
 
 _PIN_RE = re.compile(r"^[0-9a-fA-F:]+$")
 
-# A UDP datagram is at most 65507 bytes; a body limit below one datagram plus framing could never be met.
-MIN_BODY = 72 * 1024
+# The smallest body limit, configured or learned from a proxy (413, bodies cut mid-way): a few KB still
+# carry a typical NetFlow datagram (~1.5 KB) per batch. A datagram that seals larger than the limit in force
+# still goes alone (a gateway or proxy may take it); if the path refuses it, it is counted as oversize and
+# kept.
+MIN_BODY = 4_000  # "--max-body 4k"
 
 
 @dataclass(frozen=True, slots=True)

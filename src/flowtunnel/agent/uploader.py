@@ -36,18 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import random
 import re
-import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-
-import aiohttp
 
 from flowtunnel.agent.config import MIN_BODY, AgentConfig, mask_url
 from flowtunnel.agent.policy import (
@@ -57,29 +53,26 @@ from flowtunnel.agent.policy import (
     CodecChoice,
     DailyBudget,
     LinkEstimate,
-    Outcome,
     TokenBucket,
-    backoff_delay,
     choose_codec,
-    classify_status,
-    parse_retry_after,
 )
+from flowtunnel.agent.transport import Commit, Delivery, Hints, Note, Sent, Transport, plan_resync
+from flowtunnel.agent.transport.post import PostTransport, make_client
 from flowtunnel.datagram import Datagram
 from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
 from flowtunnel.runtime import OnceLogger
-from flowtunnel.wire import AuthenticationFailed, Codec, TemplateLengths, seal_batch, verify_ack
+from flowtunnel.wire import Codec, TemplateLengths, seal_batch
 
 __all__ = ["CURSOR", "Uploader", "UploaderStats"]
 
 logger = logging.getLogger(__name__)
 
 CURSOR = "gateway"  # spool cursor: the gateway's acknowledged seq, as last learned
-CONTENT_TYPE = "application/vnd.flowtunnel.batch"
-_MAX_RESPONSE = 64 * 1024
-_TITLE_RE = re.compile(r"<title>([^<]{1,200})</title>", re.IGNORECASE)
 _INFO_KEY = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")  # what seal_batch accepts as an agent info key
 MAX_SOURCES = 1000  # distinct (exporter, port, local port) per batch, below the gateway's default 1024
 _BUDGET_DAY, _BUDGET_USED = "budget:day", "budget:used"
+# The body limit learned from a proxy (413 or cuts mid-body), and the configured limit it was learned under.
+_LIMIT, _LIMIT_OF = "body:limit", "body:configured"
 _NONCE = slice(32, 44)  # the nonce in a sealed batch's header (docs/protocol.md, section 1.1)
 _CODEC = 6  # the codec byte in a sealed batch's header
 # Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 4 when bytes cost more than
@@ -110,6 +103,7 @@ class UploaderStats:
     resyncs: int = 0
     next_attempt: float | None = None
     codecs: Counter[int] = field(default_factory=Counter)  # acknowledged batches by codec
+    oversize: int = 0  # single datagrams too large for the path's body limit even alone (kept in the spool)
 
 
 class _Failed(Exception):
@@ -127,14 +121,15 @@ class Uploader:
     ``dropped`` returns the agent's drop counters by cause, reported to the gateway in a header.
     ``clock`` (unix seconds) and ``draw`` (uniform in [0, 1)) are injectable for tests.
 
-    Error handling: connection errors, timeouts, 5xx, 407, 408, 429 back off exponentially (or per
+    Error handling: the transport (``transport``; by default POST over the agent's HTTP/1.1 client) turns
+    every outcome into an answer, and the delivery protocol (``flowtunnel.agent.transport.delivery``)
+    decides: connection errors, timeouts, 5xx, 407, 408, 429 back off exponentially (or per
     ``Retry-After``); a 200 whose tag does not verify (``bad-ack``) too; 409 ``resync`` resynchronises at
-    once; 413 halves the body limit and retries; 400/401/403 and other 4xx are logged as errors and retried
-    after ``reject_backoff``, the data staying in the spool. Each transient cause is logged once, then
-    counted.
-    Nothing is ever dropped by the uploader.
+    once; 413 (or a body cut twice) lowers the body limit and retries; 400/401/403 and other 4xx are logged
+    as errors and retried after ``reject_backoff``, the data staying in the spool. Each transient cause is
+    logged once, then counted. Nothing is ever dropped by the uploader.
 
-    Resource handling: ``open`` creates one aiohttp session (keep-alive); ``close`` closes it.
+    Resource handling: ``open`` creates the transport (one kept-alive connection); ``close`` closes it.
     """
 
     def __init__(
@@ -146,6 +141,7 @@ class Uploader:
         dropped: Callable[[], Mapping[str, int]] = dict,
         clock: Callable[[], float] = time.time,
         draw: Callable[[], float] = random.random,
+        transport: Transport | None = None,
     ) -> None:
         self._config = config
         self._key = key
@@ -156,21 +152,24 @@ class Uploader:
         self._url = config.gateway.rstrip("/") + "/v1/batches"
         self._wake = asyncio.Event()
         self._once = OnceLogger(logger)
-        self._session: aiohttp.ClientSession | None = None
-        self._ssl: ssl.SSLContext | bool = True
+        self._transport = transport
+        self._delivery = Delivery(
+            agent_id=config.agent_id, key=key, max_body=config.max_body,
+            min_body=min(MIN_BODY, config.max_body), backoff_base=config.backoff_base,
+            backoff_cap=config.backoff_cap, reject_backoff=config.reject_backoff,
+        )
+        self._saved_limit = config.max_body
         self._sizer = BatchSizer(max_body=config.max_body)
         # One second of bandwidth may be saved up; a larger request goes when the bucket is full, into debt.
         self._bucket = TokenBucket(rate=float(config.bandwidth), burst=float(config.bandwidth))
         self._budget = DailyBudget(limit=config.daily_bytes)
         self._position = 0  # every seq <= position is at the gateway (as far as we know)
         self._last_seq = 0  # the spool's last seq when last looked at
-        self._need_resync = True
         self._last_send = float("-inf")
         # Record lengths of the templates seen in the spool, so codec 3 can cut data sets into columns even
         # when the template went in an earlier batch. Empty after a restart: unknown sets travel verbatim.
         self._templates = TemplateLengths()
         self._learned = 0  # seqs up to this one went through the template cache
-        self._resync_streak = 0  # 409 answers since the last acknowledged batch
         self._seeded = False  # whether a sealed batch has seeded the sizer's ratio yet
         self.link = LinkEstimate()  # the upload's achieved throughput, for the codec rule
         self._choice: CodecChoice = DEFAULT  # how the last batch was sealed
@@ -184,37 +183,29 @@ class Uploader:
 
     async def open(self) -> None:
         cfg = self._config
-        if cfg.ca_file is not None:
-            try:
-                self._ssl = ssl.create_default_context(cafile=str(cfg.ca_file))
-            except (OSError, ssl.SSLError) as exc:
-                from flowtunnel.errors import ConfigError
-
-                raise ConfigError(f"cannot load CA file {cfg.ca_file}: {exc}") from None
-        pin: aiohttp.Fingerprint | bool = True
-        if cfg.pin_sha256 is not None:
-            # On the connector, the pin combines with a request's CA context (both must pass); alone, it
-            # replaces CA verification (a self-signed gateway).
-            pin = aiohttp.Fingerprint(bytes.fromhex(cfg.pin_sha256.replace(":", "")))
-        connector = aiohttp.TCPConnector(limit=2, ssl=pin, keepalive_timeout=120.0)
-        timeout = aiohttp.ClientTimeout(
-            total=cfg.total_timeout, connect=cfg.connect_timeout, sock_connect=cfg.connect_timeout,
-            sock_read=cfg.read_timeout,
-        )
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True)
+        via = ""
+        if self._transport is None:
+            client = make_client(cfg)
+            self._transport = PostTransport(client, cfg.gateway, clock=self._clock)
+            via = f" ({client.route})"
+        limit, limit_of = await asyncio.to_thread(
+            lambda: (self._spool.get_state(_LIMIT), self._spool.get_state(_LIMIT_OF)))
+        if limit is not None and limit_of == cfg.max_body and self._delivery.min_body <= limit < cfg.max_body:
+            # A proxy's body limit learned before a restart: start below it rather than learn it again.
+            self._delivery.max_body = self._sizer.max_body = self._saved_limit = limit
+            logger.info("using the body limit of %d bytes learned earlier on this path (max-body %d)",
+                        limit, cfg.max_body)
         self._position = await asyncio.to_thread(self._spool.cursor, CURSOR)
         self._last_seq = await asyncio.to_thread(self._spool.last_seq)
         day = await asyncio.to_thread(self._spool.get_state, _BUDGET_DAY)
         used = await asyncio.to_thread(self._spool.get_state, _BUDGET_USED)
         if day is not None and used is not None:
             self._budget.day, self._budget.used = day, used
-        via = f" via proxy {mask_url(cfg.proxy)}" if cfg.proxy else ""
         logger.info("uploading to %s%s as agent %s", self._url, via, cfg.agent_id)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._transport is not None:
+            await self._transport.close()
 
     def notify(self) -> None:
         """New datagrams are in the spool."""
@@ -254,7 +245,7 @@ class Uploader:
         """Upload until cancelled."""
         while True:
             try:
-                if self._need_resync:
+                if self._delivery.wants_resync:
                     await self._resync()
                 if not await self._send_next(draining=False):
                     await self._wake.wait()
@@ -265,10 +256,9 @@ class Uploader:
             except (LogError, ValueError) as exc:
                 # The spool cannot be read or a datagram cannot be sealed: nothing the gateway can fix.
                 # Keep everything, say so once, and try again later rather than lose the upload task.
-                self.stats.failures[f"local:{type(exc).__name__}"] += 1
-                self.stats.last_result = f"local:{type(exc).__name__}"
+                self._delivery.local_failure(f"local:{type(exc).__name__}")
+                self._sync_stats()
                 self._once.warning(f"local-{type(exc).__name__}", "upload stalled: %s", exc)
-                self._need_resync = True
                 await asyncio.sleep(self._config.backoff_cap)
 
     async def drain(self) -> bool:
@@ -277,7 +267,7 @@ class Uploader:
         Returns True when the gateway acknowledged everything spooled. Used at shutdown, under a timeout.
         """
         try:
-            if self._need_resync:
+            if self._delivery.wants_resync:
                 await self._resync()
             while await self._send_next(draining=True):
                 pass
@@ -305,8 +295,7 @@ class Uploader:
         self._seed_ratio(batch, len(body))
         await self._throttle(len(body))
         self._last_send = time.monotonic()
-        acked = await self._post(body, batch)
-        self._resync_streak = 0
+        acked = await self._exchange(body, batch)
         raw = sum(len(e.datagram.payload) for e in batch)
         self._sizer.observe(raw, len(body))
         st = self.stats
@@ -315,14 +304,6 @@ class Uploader:
         st.raw_bytes += raw
         st.body_bytes += len(body)
         st.codecs[body[_CODEC]] += 1
-        last = batch[-1].seq
-        if acked < last:
-            # The contract says the gateway takes every datagram above its mark; if it did not, ask again.
-            self._once.warning(
-                "ack-behind", "gateway acknowledged %d after a batch ending at %d; resynchronising",
-                acked, last,
-            )
-            self._need_resync = True
         await asyncio.to_thread(self._commit, acked)
         return True
 
@@ -478,183 +459,91 @@ class Uploader:
             seal_batch, agent_id=self._config.agent_id, key=self._key, first_seq=self._position + 1,
             datagrams=[], nonce=os.urandom(12), agent_info={"acked": self._position},
         )
-        acked = await self._post(body, ())
+        acked = await self._exchange(body, ())
         self.stats.resyncs += 1
-        known, last = await asyncio.to_thread(lambda: (self._spool.cursor(CURSOR), self._spool.last_seq()))
-        if acked < known:
-            # The gateway forgot what it had acknowledged (its journal was restored from a backup, or lost).
-            first_stored = (await asyncio.to_thread(self._spool.stats)).first_seq
-            missing = max(0, min(first_stored - 1, known) - acked)
-            if missing:
-                self.stats.gateway_lost += missing
-                logger.error(
-                    "gateway acknowledged only up to seq %d, but earlier acknowledged %d: %d datagrams "
-                    "(seq %d..%d) were lost at the gateway and are no longer in the spool; re-sending the "
-                    "rest",
-                    acked, known, missing, acked + 1, acked + missing,
-                )
-            else:
-                logger.warning(
-                    "gateway acknowledged only up to seq %d, but earlier acknowledged %d: re-sending from "
-                    "the spool", acked, known,
-                )
-        if acked > last:
-            await asyncio.to_thread(self._renumber, acked, known)
+        known, last, first_stored = await asyncio.to_thread(
+            lambda: (self._spool.cursor(CURSOR), self._spool.last_seq(), self._spool.stats().first_seq))
+        plan = plan_resync(acked=acked, known=known, last=last, first_stored=first_stored,
+                           agent_id=self._config.agent_id)
+        self.stats.gateway_lost += plan.lost
+        self._emit(plan.notes)
+        if plan.renumber:
+            moved = await asyncio.to_thread(self._spool.renumber, acked + 1)
+            logger.info("%d spooled datagrams renumbered from seq %d", moved, acked + 1)
+        elif plan.advance:
+            await asyncio.to_thread(self._spool.advance_seq, acked + 1)
         await asyncio.to_thread(self._commit, acked)
-        self._need_resync = False
 
-    def _renumber(self, acked: int, known: int) -> None:
-        """The gateway holds seqs up to ``acked``, beyond anything this spool handed out (worker thread).
+    # -- one exchange ----------------------------------------------------------------------------------------
 
-        A spool that never heard from the gateway (``known == 0``) is a new one for an existing agent id: its
-        datagrams are new, so they move above the mark, all in one spool transaction (a crash leaves them all
-        at their old seqs, and the next resync moves them again, or all at their new ones). A spool that did
-        hear from it was restored from a backup: what it holds up to the mark was delivered.
-        """
-        spool = self._spool
-        last = spool.last_seq()
-        if known:
-            spool.advance_seq(acked + 1)
-            logger.warning(
-                "gateway acknowledged up to seq %d, beyond this spool's last seq %d (restored from a "
-                "backup?): its datagrams up to %d count as delivered; numbering continues at %d",
-                acked, last, acked, acked + 1,
-            )
-            return
-        moved = spool.renumber(acked + 1)
-        logger.warning(
-            "gateway already holds seqs up to %d for agent %s but this spool is new: numbering continues at "
-            "%d (%d spooled datagrams renumbered)", acked, self._config.agent_id, acked + 1, moved,
-        )
-
-    # -- HTTP ------------------------------------------------------------------------------------------------
-
-    async def _post(self, body: bytes, batch: Sequence[Entry]) -> int:
-        """POST one sealed batch; the gateway's acknowledged seq, or raise ``_Failed``."""
-        assert self._session is not None, "Uploader.open() was not called"
+    async def _exchange(self, body: bytes, batch: Sequence[Entry]) -> int:
+        """Send one sealed batch (or a resync) through the transport; the gateway's acknowledged seq, or raise
+        ``_Failed`` with the delivery protocol's wait."""
+        transport = self._transport
+        assert transport is not None, "Uploader.open() was not called"
+        if batch:
+            sent = Sent(nonce=body[_NONCE], size=len(body), first=batch[0].seq, last=batch[-1].seq,
+                        datagrams=len(batch))
+        else:
+            sent = Sent(nonce=body[_NONCE], size=len(body))
         batch_end = batch[-1].seq if batch else self._position
-        headers = {
-            "Content-Type": CONTENT_TYPE,
-            "X-Flowtunnel-Agent": self._config.agent_id,
-            # What will still wait once this batch is acknowledged.
-            "X-Flowtunnel-Backlog": str(max(0, self._last_seq - batch_end)),
-            # Also sealed in the batch (agent info "acked"), which the gateway prefers: this copy is for
-            # proxies and logs.
-            "X-Flowtunnel-Acked": str(self._position),
-        }
-        dropped = {k: v for k, v in self._dropped().items() if v}
-        if dropped:
-            headers["X-Flowtunnel-Dropped"] = ",".join(f"{k}={v}" for k, v in sorted(dropped.items()))
+        hints = Hints(
+            agent_id=self._config.agent_id, backlog=max(0, self._last_seq - batch_end), acked=self._position,
+            dropped=tuple((k, v) for k, v in sorted(self._dropped().items()) if v), what=sent.what,
+        )
         st = self.stats
         st.last_attempt = self._clock()
         st.sent_bytes += len(body)
-        what = f"batch {batch[0].seq}..{batch[-1].seq}" if batch else "resync"
         started = time.monotonic()
-        try:
-            async with self._session.post(
-                self._url, data=body, headers=headers, proxy=self._config.proxy, ssl=self._ssl,
-            ) as resp:
-                status = resp.status
-                retry_after = resp.headers.get("Retry-After")
-                proxy_auth = "Proxy-Authenticate" in resp.headers
-                payload = await resp.content.read(_MAX_RESPONSE)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            detail = str(exc) or type(exc).__name__
-            raise self._failure(f"connection:{type(exc).__name__}", f"{what}: {detail}") from None
-        if status == 401 and (proxy_auth or not _is_gateway_error(payload)):
-            # The gateway always explains a 401 in JSON; a bare 401 comes from a proxy that wants a (better)
-            # login (tinyproxy answers 401 instead of 407). That is transient from here: retry with backoff.
-            status = 407
-        outcome = classify_status(status)
-        if outcome is Outcome.OK:
-            try:
-                doc = json.loads(payload)
-                acked = doc["acked"]
-                if not isinstance(acked, int) or isinstance(acked, bool) or acked < 0:
-                    raise TypeError(f"acked {acked!r} is not a non-negative integer")
-            except (ValueError, KeyError, TypeError) as exc:
-                raise self._failure("bad-response", f"{what}: 200 with an unreadable body ({exc})") from None
-            try:
-                verify_ack(self._key, agent_id=self._config.agent_id, request_nonce=body[_NONCE],
-                           acked=acked, tag=doc.get("tag"))
-            except (AuthenticationFailed, ValueError) as exc:  # ValueError: acked beyond 2**64 - 1
-                # Not from the gateway holding this agent's key (a forgery on the path, a replayed answer, or
-                # a gateway too old to tag): trust nothing in it, keep every datagram, back off.
-                raise self._failure("bad-ack", f"{what}: 200 whose acknowledgement is not authentic ({exc})",
-                                    retry_after=None) from None
-            self._succeeded()
-            elapsed = time.monotonic() - started
-            if batch:
-                raw = sum(len(e.datagram.payload) for e in batch)
-                self.link.observe(raw, len(body), elapsed, self._choice)
-            else:  # a resync: the round trip and the gateway's fixed cost, without datagrams
-                self.link.observe_round_trip(elapsed)
-            return int(acked)
-        detail = f"{what}: HTTP {status}: {_error_text(payload)}"
-        if status == 409 and _error_code(payload) == "resync":
-            # The gateway holds less than it once acknowledged (journal restored or torn): resynchronise now
-            # (the answer's own "acked" is not authenticated; the resync's is), unless this keeps happening.
-            st.failures["resync"] += 1
-            st.last_result = "resync"
-            self._need_resync = True
-            self._once.warning("resync-409", "%s; resynchronising", detail)
-            # The resync in between succeeds, so count 409s until a batch is acknowledged: a gateway (or
-            # someone on the path) answering 409 to every batch gets backoff, not a request loop.
-            delay = 0.0
-            if self._resync_streak:
-                delay = backoff_delay(self._resync_streak - 1, base=self._config.backoff_base,
-                                      cap=self._config.backoff_cap, draw=self._draw())
-            self._resync_streak += 1
-            st.consecutive_failures += 1
-            raise _Failed("resync", delay)
-        if outcome is Outcome.TOO_LARGE and self._sizer.shrink(MIN_BODY):
-            logger.warning("%s; lowering the body limit to %d bytes", detail, self._sizer.max_body)
-            st.failures["http-413"] += 1
-            raise _Failed("http-413", 0.0)
-        if outcome is Outcome.RETRY:
-            wait = parse_retry_after(retry_after, now=self._clock())
-            raise self._failure(f"http-{status}", detail, retry_after=wait)
-        raise self._failure(f"http-{status}", detail, rejected=True)
+        answer = await transport.exchange(body, hints)
+        elapsed = time.monotonic() - started
+        action = self._delivery.answer(sent, answer, draw=self._draw())
+        self._emit(action.notes)
+        self._sync_stats()
+        if self._delivery.max_body != self._sizer.max_body:
+            self._sizer.max_body = self._delivery.max_body
+        if self._delivery.max_body != self._saved_limit:
+            self._saved_limit = self._delivery.max_body
+            await asyncio.to_thread(self._save_limit, self._saved_limit)
+        if not isinstance(action, Commit):
+            raise _Failed(action.cause, action.delay)
+        if batch:
+            raw = sum(len(e.datagram.payload) for e in batch)
+            self.link.observe(raw, len(body), elapsed, self._choice)
+        else:  # a resync: the round trip and the gateway's fixed cost, without datagrams
+            self.link.observe_round_trip(elapsed)
+        return action.acked
 
-    def _failure(
-        self, cause: str, detail: str, *, retry_after: float | None = None, rejected: bool = False
-    ) -> _Failed:
-        st = self.stats
-        cfg = self._config
-        st.failures[cause] += 1
-        st.last_result = cause
-        self._need_resync = True
-        if rejected:
-            delay = cfg.reject_backoff
-            # Not transient: an operator must act (enroll the agent, fix the key). Say so every time.
-            logger.error(
-                "gateway rejected %s; retrying in %.0f s, datagrams stay in the spool", detail, delay,
-            )
-        else:
-            delay = backoff_delay(
-                st.consecutive_failures, base=cfg.backoff_base, cap=cfg.backoff_cap, draw=self._draw()
-            )
-            if retry_after is not None:
-                delay = retry_after
-            self._once.warning(cause, "upload failed (%s); retrying with backoff", detail)
-        st.consecutive_failures += 1
-        return _Failed(cause, delay)
+    def _save_limit(self, limit: int) -> None:
+        self._spool.set_state(_LIMIT, limit)
+        self._spool.set_state(_LIMIT_OF, self._config.max_body)
 
-    def _succeeded(self) -> None:
-        st = self.stats
-        if st.consecutive_failures:
-            logger.info("gateway reachable again after %d failed attempts", st.consecutive_failures)
-        st.consecutive_failures = 0
-        st.last_success = self._clock()
-        st.last_result = "ok"
+    def _emit(self, notes: Sequence[Note]) -> None:
+        for note in notes:
+            if note.once is not None and note.level == logging.WARNING:
+                self._once.warning(note.once, "%s", note.text)
+            else:
+                logger.log(note.level, "%s", note.text)
+
+    def _sync_stats(self) -> None:
+        d, st = self._delivery, self.stats
+        st.failures = d.failures
+        st.consecutive_failures = d.consecutive_failures
+        st.last_result = d.last_result
+        st.oversize = d.oversize
+        if d.last_result == "ok":
+            st.last_success = self._clock()
 
     # -- status ----------------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, object]:
         st = self.stats
+        transport = self._transport
         return {
             "gateway": self._config.gateway,
             "proxy": mask_url(self._config.proxy),
+            "route": transport.client.route if isinstance(transport, PostTransport) else None,
+            "rung": None if transport is None else transport.name,
             "acked": st.gateway_acked,
             "batches": st.batches,
             "datagrams": st.datagrams,
@@ -671,6 +560,9 @@ class Uploader:
             "gateway_lost": st.gateway_lost,
             "resyncs": st.resyncs,
             "max_body": self._sizer.max_body,
+            "body_limit_by": self._delivery.limit_by,
+            "oversize": st.oversize,
+            "intercepted_by": transport.intercepted if isinstance(transport, PostTransport) else None,
             "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
             "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),
         }
@@ -679,37 +571,3 @@ class Uploader:
 def _source(entry: Entry) -> tuple[str, int, int]:
     d = entry.datagram
     return d.exporter, d.exporter_port, d.local_port
-
-
-def _error_code(payload: bytes) -> str | None:
-    """The ``error`` field of a JSON error body, if any."""
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        return None
-    code = doc.get("error") if isinstance(doc, dict) else None
-    return code if isinstance(code, str) else None
-
-
-def _is_gateway_error(payload: bytes) -> bool:
-    try:
-        doc = json.loads(payload)
-    except ValueError:
-        return False
-    return isinstance(doc, dict) and "error" in doc
-
-
-def _error_text(payload: bytes) -> str:
-    """The gateway's ``error``/``detail`` from a JSON error body, else a short printable excerpt."""
-    try:
-        doc = json.loads(payload)
-        if isinstance(doc, dict) and "error" in doc:
-            return f"{doc.get('error')}: {doc.get('detail', '')}".strip(": ")
-    except ValueError:
-        pass
-    text = payload[:2000].decode("utf-8", "replace")
-    title = _TITLE_RE.search(text)
-    if title:  # an HTML error page from a proxy
-        return title.group(1).strip()
-    text = " ".join("".join(c if c.isprintable() else " " for c in text[:200]).split())
-    return text or "(empty body)"

@@ -1,0 +1,583 @@
+"""The agent's own HTTP/1.1 client: asyncio streams driven by h11 (sans-I/O), for one gateway route.
+
+Why not aiohttp: proxies that want NTLM or Negotiate authenticate the *connection* (a three-message handshake
+on one keep-alive connection), which aiohttp cannot do, and the agent must know exactly which phase failed
+(CONNECT refused by the proxy, TLS, a body cut mid-way) to pick another rung. h11 keeps the HTTP framing
+correct and leaves every byte and every connection to us. Routes: direct (http or https); through a proxy
+with CONNECT (https: TLS to the gateway inside the tunnel, custom CA, pin); through a proxy with absolute-URI
+requests (plain http). One connection, kept alive; every phase (connect, proxy handshake, TLS, sending,
+waiting for the answer) under its own timeout. Proxy authentication goes through a ``ProxyAuthenticator``
+(one per connection; the handshake runs on a body-less request before any body is sent).
+
+Errors are ``HttpError`` subclasses whose messages never hold credentials (proxy URLs are masked)::
+
+    HttpError
+     ├── ConnectFailed        TCP connect / DNS to the gateway or the proxy
+     ├── ProxyRefused         the proxy answered CONNECT (or the handshake) with a refusal
+     ├── TlsFailed            TLS handshake or certificate verification
+     │    └── PinMismatch     the certificate is not the pinned one (``intercepted``: a chain the box trusts)
+     ├── PhaseTimeout         a phase took longer than its timeout
+     └── ConnectionLost       the connection closed or broke (``mid_body``: while the body was being sent)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import ssl
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import SplitResult, urlsplit
+
+import h11
+from cryptography import x509
+
+from flowtunnel.agent.config import mask_url
+
+__all__ = [
+    "BasicAuthenticator",
+    "ConnectFailed",
+    "ConnectionLost",
+    "HttpClient",
+    "HttpError",
+    "PhaseTimeout",
+    "PinMismatch",
+    "ProxyRefused",
+    "Response",
+    "Timeouts",
+    "TlsFailed",
+]
+
+MAX_RESPONSE = 64 * 1024  # answer bodies beyond this are cut (the gateway's are < 1 KB)
+_READ = 64 * 1024
+_MAX_AUTH_ROUNDS = 4  # 407s answered on one connection before the proxy counts as refusing
+
+
+class HttpError(Exception):
+    """Base of the client's errors; ``phase`` names where it failed ("connect", "proxy", "tls", ...)."""
+
+    phase = "http"
+
+
+class ConnectFailed(HttpError):
+    phase = "connect"
+
+
+class ProxyRefused(HttpError):
+    """The proxy refused to open the tunnel or to authenticate us (``status``: its HTTP status)."""
+
+    phase = "proxy"
+
+    def __init__(self, message: str, *, status: int, auth: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.auth = auth
+
+
+class TlsFailed(HttpError):
+    phase = "tls"
+
+
+class PinMismatch(TlsFailed):
+    """The gateway's certificate is not the pinned one. ``intercepted``: its chain is trusted by this box (a
+    TLS-intercepting proxy re-signing with a CA the box trusts); ``issuer`` names who signed it."""
+
+    def __init__(self, message: str, *, got: str, want: str, issuer: str, intercepted: bool) -> None:
+        super().__init__(message)
+        self.got, self.want, self.issuer, self.intercepted = got, want, issuer, intercepted
+
+
+class PhaseTimeout(HttpError):
+    phase = "timeout"
+
+
+class ConnectionLost(HttpError):
+    """The connection closed or broke; ``mid_body``: while the request body was being sent."""
+
+    phase = "connection"
+
+    def __init__(self, message: str, *, mid_body: bool = False) -> None:
+        super().__init__(message)
+        self.mid_body = mid_body
+
+
+class Authenticator(Protocol):
+    """What this client uses of ``flowtunnel.agent.proxy.auth.ProxyAuthenticator`` (one per connection)."""
+
+    scheme: str | None
+
+    def initial(self) -> str | None: ...
+
+    def respond(self, challenges: Sequence[str]) -> str: ...
+
+    def done(self) -> None: ...
+
+
+class BasicAuthenticator:
+    """Proxy Basic auth (the ``ProxyAuthenticator`` interface): the header from the start; a 407 after it
+    means the credentials are wrong."""
+
+    def __init__(self, username: str, password: str) -> None:
+        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+        self._header = f"Basic {token}"
+        self.scheme: str | None = "basic"
+
+    def __repr__(self) -> str:
+        return "BasicAuthenticator(***)"
+
+    def initial(self) -> str | None:
+        return self._header
+
+    def respond(self, challenges: Sequence[str]) -> str:
+        raise ProxyRefused("the proxy refused the Basic credentials (HTTP 407 again)", status=407, auth=True)
+
+    def done(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timeouts:
+    connect: float = 15.0  # TCP connect, proxy handshake and TLS, each
+    read: float = 60.0  # between the end of the request and the answer, and between reads
+    total: float = 180.0  # one whole exchange
+
+
+@dataclass(frozen=True, kw_only=True)
+class Response:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
+
+    def headers_named(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k == name]
+
+
+def _headers(event: h11.Response | h11.InformationalResponse) -> tuple[tuple[str, str], ...]:
+    return tuple((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in event.headers)
+
+
+class _Conn:
+    """One open connection and its h11 state."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class HttpClient:
+    """HTTP/1.1 to one gateway (``base``: http[s]://host:port), directly or through ``proxy``.
+
+    ``proxy`` is the proxy's URL without credentials; ``authenticator`` makes one authenticator per
+    connection (``None``: no proxy auth). ``ssl_context`` verifies the gateway (https only); ``pin_sha256``
+    (hex) is checked on top of it.
+
+    Resource handling: at most one connection, opened on demand and kept alive between requests; ``close``
+    closes it. A connection whose exchange failed in any way is closed, never reused.
+    """
+
+    def __init__(
+        self, base: str, *, proxy: str | None = None,
+        auth_factory: Callable[[], Authenticator | None] | None = None,
+        ssl_context: ssl.SSLContext | None = None, pin_sha256: str | None = None,
+        timeouts: Timeouts = Timeouts(),
+    ) -> None:
+        self._base: SplitResult = urlsplit(base)
+        self._tls = self._base.scheme == "https"
+        self._host = self._base.hostname or ""
+        self._port = self._base.port or (443 if self._tls else 80)
+        self._proxy = urlsplit(proxy) if proxy else None
+        self.proxy_text = mask_url(proxy)
+        self._auth_factory = auth_factory
+        self._ssl = ssl_context
+        self._pin = pin_sha256.replace(":", "").lower() if pin_sha256 else None
+        self._timeouts = timeouts
+        self._conn: _Conn | None = None
+        self._forward_auth: str | None = None  # Proxy-Authorization on each absolute-URI request (Basic)
+        self.connections = 0  # connections opened (for status and tests)
+
+    @property
+    def route(self) -> str:
+        if self._proxy is None:
+            return "direct"
+        return f"proxy {self.proxy_text} ({'CONNECT' if self._tls else 'absolute URI'})"
+
+    @property
+    def forward(self) -> bool:
+        """Requests go to the proxy with an absolute URI (plain http through a proxy)."""
+        return self._proxy is not None and not self._tls
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _authenticator(self) -> Authenticator | None:
+        return None if self._auth_factory is None else self._auth_factory()
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    async def request(
+        self, method: str, path: str, *, body: bytes = b"", headers: Sequence[tuple[str, str]] = (),
+    ) -> Response:
+        """One request on the kept-alive connection (opened first if needed); raises ``HttpError``."""
+        try:
+            async with asyncio.timeout(self._timeouts.total):
+                conn = self._conn
+                if conn is not None and (conn.reader.at_eof() or conn.writer.is_closing()):
+                    # The server (or a proxy) closed the kept-alive connection while it was idle. No request
+                    # is ever re-sent blindly: an answer lost on the way is the delivery protocol's business.
+                    self._drop(conn)
+                    conn = None
+                if conn is None:
+                    conn = await self._open()
+                try:
+                    response = await self._exchange(conn, method, path, body, headers)
+                except BaseException:
+                    self._drop(conn)
+                    raise
+                if (conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE):
+                    conn.h11.start_next_cycle()
+                else:
+                    self._drop(conn)
+                return response
+        except TimeoutError:
+            await self.close()
+            raise PhaseTimeout(
+                f"no complete answer within {self._timeouts.total:g} s (total timeout)") from None
+
+    def _drop(self, conn: _Conn) -> None:
+        conn.close()
+        if self._conn is conn:
+            self._conn = None
+
+    async def _exchange(
+        self, conn: _Conn, method: str, path: str, body: bytes, headers: Sequence[tuple[str, str]],
+        *, auth: Authenticator | None = None,
+    ) -> Response:
+        target = path
+        all_headers = [("Host", self._host_header()), *headers]
+        if self.forward:
+            target = f"http://{self._host_header()}{path}"
+            value = self._forward_auth
+            if value is not None:
+                all_headers.append(("Proxy-Authorization", value))
+        if method != "GET" or body:
+            all_headers.append(("Content-Length", str(len(body))))
+        # Headers and body in one write: a peer that answers after reading only the headers (a proxy refusing
+        # the request) would otherwise close with the body unread, and the reset destroys its answer.
+        events: list[h11.Event] = [h11.Request(method=method, target=target, headers=all_headers)]
+        if body:
+            events.append(h11.Data(data=body))
+        events.append(h11.EndOfMessage())
+        if body:
+            try:
+                await self._send(conn, *events)
+            except ConnectionLost as exc:
+                # A proxy with a body limit may answer 413 and close before reading the body: read the answer
+                # that may be waiting; if there is none, the body was cut.
+                try:
+                    return await self._receive(conn, phase="reading the answer after the body was cut")
+                except HttpError:
+                    raise ConnectionLost(
+                        f"connection closed while sending a body of {len(body)} bytes ({exc})", mid_body=True,
+                    ) from None
+        else:
+            await self._send(conn, *events)
+        return await self._receive(conn, phase="waiting for the answer")
+
+    def _host_header(self) -> str:
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        default = 443 if self._tls else 80
+        return host if self._port == default else f"{host}:{self._port}"
+
+    async def _send(self, conn: _Conn, *events: h11.Event) -> None:
+        try:
+            data = b"".join(conn.h11.send(event) or b"" for event in events)
+        except h11.LocalProtocolError as exc:
+            raise ConnectionLost(f"cannot send on this connection ({exc})") from None
+        try:
+            conn.writer.write(data)
+            async with asyncio.timeout(self._timeouts.read):
+                await conn.writer.drain()
+        except TimeoutError:
+            raise PhaseTimeout(f"sending took longer than {self._timeouts.read:g} s (read timeout)") from None
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a closed transport on some paths
+            raise ConnectionLost(f"connection broken while sending ({type(exc).__name__})") from None
+
+    async def _receive(self, conn: _Conn, *, phase: str) -> Response:
+        """Read one answer (skipping 1xx); its body up to ``MAX_RESPONSE`` bytes."""
+        response: h11.Response | None = None
+        broken: str | None = None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                event = conn.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ConnectionLost(f"malformed HTTP answer ({exc})") from None
+            if event is h11.NEED_DATA:
+                if broken is not None:
+                    if conn.h11.their_state is h11.CLOSED or response is None:
+                        raise ConnectionLost(f"{phase}: connection broken ({broken})")
+                    conn.h11.receive_data(b"")  # the reset ends a body delimited by the connection's end
+                    continue
+                try:
+                    async with asyncio.timeout(self._timeouts.read):
+                        data = await conn.reader.read(_READ)
+                except TimeoutError:
+                    raise PhaseTimeout(
+                        f"{phase}: nothing for {self._timeouts.read:g} s (read timeout)") from None
+                except (OSError, ssl.SSLError) as exc:
+                    # A peer that answers and then resets (a proxy refusing a request whose body it did not
+                    # read) leaves the answer in the stream's buffer, which the reset hides: read it anyway.
+                    broken = type(exc).__name__
+                    data = _salvage(conn.reader)
+                    if not data and (response is None or conn.h11.their_state is h11.CLOSED):
+                        raise ConnectionLost(f"{phase}: connection broken ({broken})") from None
+                if not data and response is None:
+                    raise ConnectionLost(f"{phase}: connection closed before any answer")
+                conn.h11.receive_data(data)
+                continue
+            if isinstance(event, h11.InformationalResponse):
+                continue
+            if isinstance(event, h11.Response):
+                response = event
+                if conn.h11.their_state is h11.SWITCHED_PROTOCOL or (
+                        conn.h11.our_state is h11.SWITCHED_PROTOCOL):
+                    return Response(status=event.status_code, headers=_headers(event), body=b"")
+                continue
+            if isinstance(event, h11.Data):
+                if size < MAX_RESPONSE:
+                    chunks.append(event.data[: MAX_RESPONSE - size])
+                size += len(event.data)
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                assert response is not None
+                return Response(status=response.status_code, headers=_headers(response),
+                                body=b"".join(chunks))
+            if isinstance(event, h11.ConnectionClosed):
+                raise ConnectionLost(f"{phase}: connection closed mid-answer")
+            if event is h11.PAUSED:
+                # A CONNECT answer switches protocols: the caller handles it.
+                assert response is not None
+                return Response(status=response.status_code, headers=_headers(response), body=b"")
+
+    # -- opening ---------------------------------------------------------------------------------------------
+
+    async def _open(self) -> _Conn:
+        timeouts = self._timeouts
+        if self._proxy is None:
+            host, port, what = self._host, self._port, f"gateway {self._host}:{self._port}"
+        else:
+            host, port = self._proxy.hostname or "", self._proxy.port or 3128
+            what = f"proxy {self.proxy_text}"
+        try:
+            async with asyncio.timeout(timeouts.connect):
+                reader, writer = await asyncio.open_connection(host, port, limit=_READ)
+        except TimeoutError:
+            raise PhaseTimeout(f"connecting to {what} took longer than {timeouts.connect:g} s") from None
+        except OSError as exc:
+            raise ConnectFailed(f"cannot connect to {what}: {exc.strerror or type(exc).__name__}") from None
+        conn = _Conn(reader, writer)
+        self.connections += 1
+        try:
+            if self._proxy is not None:
+                auth = self._authenticator()
+                if self._tls:
+                    conn = await self._connect_tunnel(conn, auth)
+                else:
+                    self._forward_auth = auth.initial() if auth is not None else None
+                    if auth is not None and auth.scheme != "basic":
+                        await self._forward_handshake(conn, auth)
+            if self._tls:
+                conn = await self._start_tls(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    async def _connect_tunnel(self, conn: _Conn, auth: Authenticator | None) -> _Conn:
+        """CONNECT host:port through the proxy (authenticating on the body-less CONNECT); the raw tunnel."""
+        target = f"{self._host_header()}" if self._port != 443 else f"{self._host}:443"
+        if ":" not in target.rsplit("]", 1)[-1]:
+            target = f"{target}:{self._port}"
+        value = auth.initial() if auth is not None else None
+        for _ in range(_MAX_AUTH_ROUNDS):
+            headers = [("Host", target)]
+            if value is not None:
+                headers.append(("Proxy-Authorization", value))
+            try:
+                async with asyncio.timeout(self._timeouts.connect):
+                    await self._send(conn, h11.Request(method="CONNECT", target=target, headers=headers),
+                                     h11.EndOfMessage())
+                    answer = await self._receive(conn, phase="waiting for the proxy's CONNECT answer")
+            except TimeoutError:
+                raise PhaseTimeout(
+                    f"the proxy {self.proxy_text} did not answer CONNECT within {self._timeouts.connect:g} s"
+                ) from None
+            if 200 <= answer.status < 300:
+                if auth is not None:
+                    auth.done()
+                # h11 hands the connection over: TLS runs on the same stream from here.
+                fresh = _Conn(conn.reader, conn.writer)
+                return fresh
+            if answer.status == 407 and auth is not None:
+                challenges = answer.headers_named("proxy-authenticate")
+                try:
+                    value = auth.respond(challenges)
+                except ProxyRefused:
+                    raise
+                except Exception as exc:  # the authenticator's own errors (ProxyAuthError): no secrets inside
+                    raise ProxyRefused(f"proxy authentication with {self.proxy_text} failed: {exc}",
+                                       status=407, auth=True) from None
+                if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+                    conn.h11.start_next_cycle()
+                    continue
+                raise ProxyRefused(f"the proxy {self.proxy_text} closed the connection during authentication",
+                                   status=407, auth=True)
+            if answer.status == 407:
+                raise ProxyRefused(
+                    f"the proxy {self.proxy_text} wants authentication for CONNECT to port {self._port} "
+                    "(HTTP 407) and no credentials are configured", status=407, auth=True)
+            raise ProxyRefused(
+                f"the proxy {self.proxy_text} refused CONNECT to port {self._port} (HTTP {answer.status}"
+                f"{_reason(answer)})", status=answer.status)
+        raise ProxyRefused(f"the proxy {self.proxy_text} kept answering 407 to CONNECT after "
+                           f"{_MAX_AUTH_ROUNDS} rounds", status=407, auth=True)
+
+    async def _forward_handshake(self, conn: _Conn, auth: Authenticator) -> None:
+        """Connection-bound auth (NTLM, Negotiate) for absolute-URI requests: on a body-less GET first."""
+        value = auth.initial()
+        for _ in range(_MAX_AUTH_ROUNDS):
+            headers = [("Host", self._host_header())]
+            if value is not None:
+                headers.append(("Proxy-Authorization", value))
+            target = f"http://{self._host_header()}/v1/probe"
+            request = h11.Request(method="GET", target=target, headers=headers)
+            await self._send(conn, request, h11.EndOfMessage())
+            answer = await self._receive(conn, phase="proxy authentication")
+            if not (conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE):
+                raise ProxyRefused(f"the proxy {self.proxy_text} closed the connection during authentication",
+                                   status=answer.status, auth=True)
+            conn.h11.start_next_cycle()
+            if answer.status != 407:
+                auth.done()
+                self._forward_auth = None
+                return
+            try:
+                value = auth.respond(answer.headers_named("proxy-authenticate"))
+            except ProxyRefused:
+                raise
+            except Exception as exc:
+                raise ProxyRefused(f"proxy authentication with {self.proxy_text} failed: {exc}",
+                                   status=407, auth=True) from None
+        raise ProxyRefused(f"the proxy {self.proxy_text} kept answering 407 after {_MAX_AUTH_ROUNDS} rounds",
+                           status=407, auth=True)
+
+    async def _start_tls(self, conn: _Conn) -> _Conn:
+        ctx = self._ssl or ssl.create_default_context()
+        try:
+            async with asyncio.timeout(self._timeouts.connect):
+                await conn.writer.start_tls(ctx, server_hostname=self._host)
+        except TimeoutError:
+            raise PhaseTimeout(f"TLS handshake with {self._host}:{self._port} took longer than "
+                               f"{self._timeouts.connect:g} s") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise TlsFailed(f"the gateway's certificate did not verify: {exc.verify_message}") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsFailed(f"TLS handshake with {self._host}:{self._port} failed: "
+                            f"{getattr(exc, 'reason', None) or type(exc).__name__}") from None
+        if self._pin is not None:
+            sslobj = conn.writer.get_extra_info("ssl_object")
+            der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+            got = hashlib.sha256(der or b"").hexdigest()
+            if got != self._pin:
+                raise pin_mismatch(der or b"", got, self._pin, self._host)
+        return _Conn(conn.reader, conn.writer)
+
+
+def _salvage(reader: asyncio.StreamReader) -> bytes:
+    """What ``reader`` had buffered before its connection broke (asyncio raises the error first)."""
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray):
+        return b""
+    data = bytes(buffer)
+    buffer.clear()
+    return data
+
+
+def _reason(answer: Response) -> str:
+    from flowtunnel.agent.transport.answers import error_text
+
+    text = error_text(answer.body) if answer.body else ""
+    return f": {text}" if text and text != "(empty body)" else ""
+
+
+def pin_mismatch(der: bytes, got: str, want: str, host: str) -> PinMismatch:
+    """The error for a certificate that is not the pinned one, naming its issuer, and whether this box trusts
+    its chain (then it is interception: a proxy re-signing with a CA the box's administrator installed)."""
+    issuer, trusted = _issuer_and_trust(der, host)
+    if trusted:
+        message = (f"gateway certificate sha256 {got[:4]}… does not match --pin-sha256 {want[:4]}…: TLS "
+                   f"interception by {issuer} (a CA this box trusts)")
+    else:
+        message = (f"gateway certificate sha256 {got[:4]}… does not match --pin-sha256 {want[:4]}… "
+                   f"(issuer {issuer})")
+    return PinMismatch(message, got=got, want=want, issuer=issuer, intercepted=trusted)
+
+
+def _issuer_and_trust(der: bytes, host: str) -> tuple[str, bool]:
+    import datetime
+    import ipaddress
+
+    from cryptography.x509 import verification
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError:
+        return "(unreadable certificate)", False
+    issuer = cert.issuer.rfc4514_string() or "(no issuer name)"
+    roots = _box_roots()
+    if not roots:
+        return issuer, False
+    try:
+        name: x509.IPAddress | x509.DNSName
+        try:
+            name = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            name = x509.DNSName(host)
+        verifier = (verification.PolicyBuilder().store(verification.Store(roots))
+                    .time(datetime.datetime.now(datetime.UTC)).build_server_verifier(name))
+        verifier.verify(cert, [])
+    except (verification.VerificationError, ValueError):
+        return issuer, False
+    return issuer, True
+
+
+@functools.cache
+def _box_roots() -> list[x509.Certificate]:
+    """The CAs this box trusts (the system bundle OpenSSL uses by default)."""
+    paths = ssl.get_default_verify_paths()
+    if not paths.cafile:
+        return []
+    with contextlib.suppress(OSError, ValueError), warnings.catch_warnings():
+        # Some bundled roots are old enough for cryptography to warn about their encoding.
+        warnings.simplefilter("ignore")
+        with open(paths.cafile, "rb") as f:
+            return x509.load_pem_x509_certificates(f.read())
+    return []

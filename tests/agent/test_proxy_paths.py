@@ -1,0 +1,184 @@
+"""The agent through a real squid: a body limit far below the agent's is found and lived with; a datagram
+too large for it is counted, kept and said precisely; a refused CONNECT is said as such and the proxy
+password appears nowhere (issue 15, items 1 and 2); a wrong pin is said readably (item 5)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import pytest
+
+from flowtunnel.agent.uploader import CURSOR, Uploader
+from flowtunnel.datagram import Datagram
+from tests.agent.conftest import GatewayFactory, enroll, eventually, journal_of
+from tests.agent.squid import Squid
+from tests.agent.test_uploader import (
+    AGENT,
+    assert_exactly_once,
+    config,
+    datagrams,
+    open_spool,
+    self_signed,
+    uploading,
+)
+from tests.conftest import require
+
+PASSWORD = "s3cret-Pw0rd"
+
+
+def everything_said(caplog: pytest.LogCaptureFixture, up: Uploader) -> str:
+    """Every log line of the run (formatted, with any exception text) and the status the agent writes."""
+    lines = []
+    for record in caplog.records:
+        lines.append(record.getMessage())
+        if record.exc_info:
+            lines.append(logging.Formatter().formatException(record.exc_info))
+    return "\n".join(lines) + "\n" + json.dumps(up.status(), default=str)
+
+
+async def test_a_squid_body_limit_of_64_kb_is_found_and_lived_with(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the agent halved its limit down to 73,728 bytes, then retried the same batch every 5 minutes
+    as "gateway rejected ... HTTP 413", forever."""
+    require("squid")
+    caplog.set_level(logging.INFO)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(1500, size=1000, seed=21)  # incompressible: bodies are as large as the raw data
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    with Squid(body_limit_kb=64) as squid:
+        async with gateway_factory(data) as gw:
+            cfg = config(tmp_path, gw.url, key, proxy=squid.url)
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered through squid")
+                status = up.status()
+                limit = status["max_body"]
+                assert isinstance(limit, int)
+                assert limit <= 64 * 1024
+                assert status["body_limit_by"] == f"the proxy {squid.url}"
+                assert up.stats.failures["http-413"] >= 1
+            assert_exactly_once(gw, sent)
+        assert "/v1/batches" in squid.log_text()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("gateway rejected" in m for m in messages)
+    assert any(f"HTTP 413 from the proxy {squid.url}" in m and "lowering the body limit" in m
+               for m in messages)
+    # Remembered: the next start begins under the limit learned, without a 413.
+    assert spool.get_state("body:limit") == limit
+    spool.close()
+
+
+async def test_a_datagram_larger_than_the_proxy_limit_is_counted_kept_and_said(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    require("squid")
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    before = datagrams(20, size=500, seed=22)
+    huge = Datagram(received_ns=1_800_000_000_100_000_000, exporter="127.0.0.1", exporter_port=40000,
+                    local_port=2055, payload=random.Random(23).randbytes(65_500))  # sealed: above 65,536
+    spool = open_spool(tmp_path)
+    spool.append(before)
+    with Squid(body_limit_kb=64) as squid:
+        async with gateway_factory(data) as gw:
+            # A small limit already (as learned), so everything before the huge datagram goes in batches.
+            cfg = config(tmp_path, gw.url, key, proxy=squid.url, max_body=60_000, reject_backoff=60.0)
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: spool.cursor(CURSOR) == len(before), "the small ones delivered")
+                spool.append([huge])
+                up.notify()
+                await eventually(lambda: up.stats.oversize == 1, "the huge one counted")
+                assert up.status()["oversize"] == 1
+                assert up.stats.next_attempt is not None
+            assert_exactly_once(gw, before)
+    assert spool.stats().entries == 1  # kept
+    seq = len(before) + 1
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"datagram seq {seq} seals to a body of" in m and f"the proxy {squid.url}" in m
+               and "cannot go by POST" in m and "stays in the spool" in m for m in said), said
+    spool.close()
+
+
+async def test_a_refused_connect_is_said_and_the_password_appears_nowhere(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Squid's default ``http_access deny CONNECT !SSL_ports`` and a gateway on another port than 443.
+    Before: ``upload failed (resync: 403, message='Forbidden', url='http://fieldbox:s3cret@127.0.0.1:3128')``."""
+    require("squid")
+    caplog.set_level(logging.DEBUG)
+    cert, cert_key, _ = self_signed(tmp_path)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    spool = open_spool(tmp_path)
+    spool.append(datagrams(5))
+    with Squid(auth=True) as squid:
+        async with gateway_factory(data, tls_cert=cert, tls_key=cert_key) as gw:
+            port = int(gw.url.rsplit(":", 1)[1])
+            cfg = config(tmp_path, gw.url, key, proxy=squid.url_with("fieldbox", PASSWORD), ca_file=cert,
+                         reject_backoff=0.2)
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: up.stats.failures["proxy-403"] >= 2, "CONNECT refused, twice")
+                said = everything_said(caplog, up)
+            assert journal_of(gw, AGENT) == []
+        assert "TCP_DENIED/403" in squid.log_text()
+    assert PASSWORD not in said
+    assert f"the proxy http://127.0.0.1:{squid.port} refused CONNECT to port {port} (HTTP 403" in said
+    assert "not by the gateway" in said
+    assert spool.stats().entries == 5
+    spool.close()
+
+
+async def test_wrong_password_and_dead_proxies_never_print_the_password(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every failure a proxy URL with credentials can meet: a proxy that is not there, one that refuses the
+    login (407 loops), a plain-http gateway behind it that is down."""
+    require("squid")
+    caplog.set_level(logging.DEBUG)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    spool = open_spool(tmp_path)
+    spool.append(datagrams(5))
+    from tests.peers import free_tcp_port
+
+    said = []
+    dead_proxy = f"http://fieldbox:{PASSWORD}@127.0.0.1:{free_tcp_port()}"
+    with Squid(auth=True) as squid:
+        for proxy, gateway in (
+            (dead_proxy, "http://127.0.0.1:9"),
+            (squid.url_with("fieldbox", PASSWORD), f"http://127.0.0.1:{free_tcp_port()}"),
+        ):
+            cfg = config(tmp_path, gateway, key, proxy=proxy)
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda up=up: up.stats.consecutive_failures >= 2, "failures")  # type: ignore[misc]
+                said.append(everything_said(caplog, up))
+                said.append(repr(cfg))
+    text = "\n".join(said)
+    assert PASSWORD not in text
+    assert "fieldbox:***@" in text
+    spool.close()
+
+
+async def test_a_wrong_pin_is_said_readably(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    cert, cert_key, pin = self_signed(tmp_path)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    spool = open_spool(tmp_path)
+    spool.append(datagrams(5))
+    wrong = "73cb" + "0" * 60
+    async with gateway_factory(data, tls_cert=cert, tls_key=cert_key) as gw:
+        cfg = config(tmp_path, gw.url, key, pin_sha256=wrong)
+        async with uploading(cfg, key, spool) as up:
+            await eventually(lambda: up.stats.failures["tls:pin-mismatch"] >= 1, "pin refused")
+            assert up.status()["intercepted_by"] is None  # a self-signed certificate: no CA the box trusts
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"gateway certificate sha256 {pin[:4]}… does not match --pin-sha256 73cb…" in said
+    assert "issuer CN=flowtunnel test gateway" in said
+    spool.close()
