@@ -23,7 +23,6 @@ Errors are ``HttpError`` subclasses whose messages never hold credentials (proxy
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import hashlib
@@ -31,16 +30,15 @@ import ssl
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 from urllib.parse import SplitResult, urlsplit
 
 import h11
 from cryptography import x509
 
 from flowtunnel.agent.config import mask_url
+from flowtunnel.agent.proxy.auth import ProxyAuthenticator, ProxyAuthError, ProxyCredentials
 
 __all__ = [
-    "BasicAuthenticator",
     "ConnectFailed",
     "ConnectionLost",
     "HttpClient",
@@ -106,40 +104,6 @@ class ConnectionLost(HttpError):
         self.mid_body = mid_body
 
 
-class Authenticator(Protocol):
-    """What this client uses of ``flowtunnel.agent.proxy.auth.ProxyAuthenticator`` (one per connection)."""
-
-    scheme: str | None
-
-    def initial(self) -> str | None: ...
-
-    def respond(self, challenges: Sequence[str]) -> str: ...
-
-    def done(self) -> None: ...
-
-
-class BasicAuthenticator:
-    """Proxy Basic auth (the ``ProxyAuthenticator`` interface): the header from the start; a 407 after it
-    means the credentials are wrong."""
-
-    def __init__(self, username: str, password: str) -> None:
-        token = base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
-        self._header = f"Basic {token}"
-        self.scheme: str | None = "basic"
-
-    def __repr__(self) -> str:
-        return "BasicAuthenticator(***)"
-
-    def initial(self) -> str | None:
-        return self._header
-
-    def respond(self, challenges: Sequence[str]) -> str:
-        raise ProxyRefused("the proxy refused the Basic credentials (HTTP 407 again)", status=407, auth=True)
-
-    def done(self) -> None:
-        return None
-
-
 @dataclass(frozen=True, kw_only=True)
 class Timeouts:
     connect: float = 15.0  # TCP connect, proxy handshake and TLS, each
@@ -169,9 +133,12 @@ def _headers(event: h11.Response | h11.InformationalResponse) -> tuple[tuple[str
 class _Conn:
     """One open connection and its h11 state."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 auth: ProxyAuthenticator | None = None) -> None:
         self.reader, self.writer = reader, writer
         self.h11 = h11.Connection(h11.CLIENT)
+        self.auth = auth  # absolute-URI requests: asked for each request's Proxy-Authorization (Basic)
+        self.first_auth: str | None = None  # the value ``auth.initial()`` gave for the first request
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -181,9 +148,9 @@ class _Conn:
 class HttpClient:
     """HTTP/1.1 to one gateway (``base``: http[s]://host:port), directly or through ``proxy``.
 
-    ``proxy`` is the proxy's URL without credentials; ``authenticator`` makes one authenticator per
-    connection (``None``: no proxy auth). ``ssl_context`` verifies the gateway (https only); ``pin_sha256``
-    (hex) is checked on top of it.
+    ``proxy`` is the proxy's URL without credentials; with ``credentials`` each connection gets its own
+    ``ProxyAuthenticator`` (Basic, NTLM, Negotiate; the scheme that worked is preferred on the next one).
+    ``ssl_context`` verifies the gateway (https only); ``pin_sha256`` (hex) is checked on top of it.
 
     Resource handling: at most one connection, opened on demand and kept alive between requests; ``close``
     closes it. A connection whose exchange failed in any way is closed, never reused.
@@ -191,9 +158,9 @@ class HttpClient:
 
     def __init__(
         self, base: str, *, proxy: str | None = None,
-        auth_factory: Callable[[], Authenticator | None] | None = None,
+        credentials: ProxyCredentials | None = None,
         ssl_context: ssl.SSLContext | None = None, pin_sha256: str | None = None,
-        timeouts: Timeouts = Timeouts(),
+        timeouts: Timeouts = Timeouts(), probe: Callable[[], str] = lambda: "/v1/probe",
     ) -> None:
         self._base: SplitResult = urlsplit(base)
         self._tls = self._base.scheme == "https"
@@ -201,12 +168,13 @@ class HttpClient:
         self._port = self._base.port or (443 if self._tls else 80)
         self._proxy = urlsplit(proxy) if proxy else None
         self.proxy_text = mask_url(proxy)
-        self._auth_factory = auth_factory
+        self._credentials = credentials
+        self._probe = probe  # path and query of a body-less GET for proxy auth handshakes
+        self.auth_scheme: str | None = None  # the proxy auth scheme that worked, once known
         self._ssl = ssl_context
         self._pin = pin_sha256.replace(":", "").lower() if pin_sha256 else None
         self._timeouts = timeouts
         self._conn: _Conn | None = None
-        self._forward_auth: str | None = None  # Proxy-Authorization on each absolute-URI request (Basic)
         self.connections = 0  # connections opened (for status and tests)
 
     @property
@@ -225,8 +193,11 @@ class HttpClient:
             self._conn.close()
             self._conn = None
 
-    def _authenticator(self) -> Authenticator | None:
-        return None if self._auth_factory is None else self._auth_factory()
+    def _authenticator(self) -> ProxyAuthenticator | None:
+        if self._credentials is None or self._proxy is None:
+            return None
+        return ProxyAuthenticator(self._credentials, proxy_host=self.proxy_text or "",
+                                  prefer=self.auth_scheme)
 
     # -- requests --------------------------------------------------------------------------------------------
 
@@ -266,13 +237,14 @@ class HttpClient:
 
     async def _exchange(
         self, conn: _Conn, method: str, path: str, body: bytes, headers: Sequence[tuple[str, str]],
-        *, auth: Authenticator | None = None,
     ) -> Response:
         target = path
         all_headers = [("Host", self._host_header()), *headers]
         if self.forward:
             target = f"http://{self._host_header()}{path}"
-            value = self._forward_auth
+            value = conn.first_auth
+            if value is None and conn.auth is not None:
+                value = conn.auth.initial()
             if value is not None:
                 all_headers.append(("Proxy-Authorization", value))
         if method != "GET" or body:
@@ -297,7 +269,11 @@ class HttpClient:
                     ) from None
         else:
             await self._send(conn, *events)
-        return await self._receive(conn, phase="waiting for the answer")
+        answer = await self._receive(conn, phase="waiting for the answer")
+        if self.forward and conn.auth is not None and not _challenges(answer):
+            conn.auth.done()
+            conn.first_auth = None
+        return answer
 
     def _host_header(self) -> str:
         host = f"[{self._host}]" if ":" in self._host else self._host
@@ -378,7 +354,8 @@ class HttpClient:
 
     # -- opening ---------------------------------------------------------------------------------------------
 
-    async def _open(self) -> _Conn:
+    async def _tcp(self) -> _Conn:
+        """A new TCP connection to the gateway, or to the proxy when there is one."""
         timeouts = self._timeouts
         if self._proxy is None:
             host, port, what = self._host, self._port, f"gateway {self._host}:{self._port}"
@@ -392,17 +369,22 @@ class HttpClient:
             raise PhaseTimeout(f"connecting to {what} took longer than {timeouts.connect:g} s") from None
         except OSError as exc:
             raise ConnectFailed(f"cannot connect to {what}: {exc.strerror or type(exc).__name__}") from None
-        conn = _Conn(reader, writer)
         self.connections += 1
+        return _Conn(reader, writer)
+
+    async def _open(self) -> _Conn:
+        conn = await self._tcp()
         try:
             if self._proxy is not None:
                 auth = self._authenticator()
                 if self._tls:
-                    conn = await self._connect_tunnel(conn, auth)
+                    conn = await self._handshake(conn, auth, connect=True)
                 else:
-                    self._forward_auth = auth.initial() if auth is not None else None
-                    if auth is not None and auth.scheme != "basic":
-                        await self._forward_handshake(conn, auth)
+                    conn.auth = auth
+                    if auth is not None:
+                        conn.first_auth = auth.initial()  # a scheme known to work (Basic) goes at once
+                        if conn.first_auth is None:
+                            conn = await self._handshake(conn, auth, connect=False)
             if self._tls:
                 conn = await self._start_tls(conn)
         except BaseException:
@@ -411,83 +393,91 @@ class HttpClient:
         self._conn = conn
         return conn
 
-    async def _connect_tunnel(self, conn: _Conn, auth: Authenticator | None) -> _Conn:
-        """CONNECT host:port through the proxy (authenticating on the body-less CONNECT); the raw tunnel."""
-        target = f"{self._host_header()}" if self._port != 443 else f"{self._host}:443"
-        if ":" not in target.rsplit("]", 1)[-1]:
-            target = f"{target}:{self._port}"
+    async def _handshake(self, conn: _Conn, auth: ProxyAuthenticator | None, *, connect: bool) -> _Conn:
+        box = [conn]  # the connection in use, which may be replaced by a fresh one (closed on failure)
+        try:
+            return await self._handshake_on(box, auth, connect=connect)
+        except BaseException:
+            box[0].close()
+            raise
+
+    async def _handshake_on(
+        self, box: list[_Conn], auth: ProxyAuthenticator | None, *, connect: bool
+    ) -> _Conn:
+        """With the proxy, on a body-less request so no body is ever sent twice: ``connect``: CONNECT to the
+        gateway (the open tunnel comes back); otherwise a GET of the gateway's probe with an absolute URI,
+        which authenticates this connection (NTLM, Negotiate) or learns the scheme (Basic) before any batch.
+        Raises ``ProxyRefused`` for a refusal, a login that fails, or a 407 loop."""
+        conn = box[0]
+        port = self._port
+        target = f"[{self._host}]:{port}" if ":" in self._host else f"{self._host}:{port}"
+        what = f"CONNECT to port {port}" if connect else "the request"
         value = auth.initial() if auth is not None else None
         for _ in range(_MAX_AUTH_ROUNDS):
-            headers = [("Host", target)]
+            headers = [("Host", target if connect else self._host_header())]
             if value is not None:
                 headers.append(("Proxy-Authorization", value))
+            if connect:
+                request = h11.Request(method="CONNECT", target=target, headers=headers)
+            else:
+                request = h11.Request(method="GET", target=f"http://{self._host_header()}{self._probe()}",
+                                      headers=headers)
             try:
                 async with asyncio.timeout(self._timeouts.connect):
-                    await self._send(conn, h11.Request(method="CONNECT", target=target, headers=headers),
-                                     h11.EndOfMessage())
-                    answer = await self._receive(conn, phase="waiting for the proxy's CONNECT answer")
+                    await self._send(conn, request, h11.EndOfMessage())
+                    answer = await self._receive(conn, phase="waiting for the proxy's answer")
             except TimeoutError:
-                raise PhaseTimeout(
-                    f"the proxy {self.proxy_text} did not answer CONNECT within {self._timeouts.connect:g} s"
-                ) from None
-            if 200 <= answer.status < 300:
+                raise PhaseTimeout(f"the proxy {self.proxy_text} did not answer {what} within "
+                                   f"{self._timeouts.connect:g} s") from None
+            challenges = _challenges(answer)
+            if connect and 200 <= answer.status < 300:
                 if auth is not None:
                     auth.done()
+                    self.auth_scheme = auth.scheme
                 # h11 hands the connection over: TLS runs on the same stream from here.
-                fresh = _Conn(conn.reader, conn.writer)
-                return fresh
-            if answer.status == 407 and auth is not None:
-                challenges = answer.headers_named("proxy-authenticate")
-                try:
-                    value = auth.respond(challenges)
-                except ProxyRefused:
-                    raise
-                except Exception as exc:  # the authenticator's own errors (ProxyAuthError): no secrets inside
-                    raise ProxyRefused(f"proxy authentication with {self.proxy_text} failed: {exc}",
-                                       status=407, auth=True) from None
-                if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
-                    conn.h11.start_next_cycle()
-                    continue
-                raise ProxyRefused(f"the proxy {self.proxy_text} closed the connection during authentication",
+                return _Conn(conn.reader, conn.writer)
+            if not challenges:
+                if connect:
+                    raise ProxyRefused(f"the proxy {self.proxy_text} refused {what} (HTTP {answer.status}"
+                                       f"{_reason(answer)})", status=answer.status)
+                if auth is not None:
+                    auth.done()
+                    self.auth_scheme = auth.scheme
+                if auth is not None and auth.scheme in ("ntlm", "negotiate") and self._next_cycle(conn):
+                    return conn  # this connection is the one authenticated
+                # Basic is not bound to a connection, and a proxy may close this one right after answering
+                # (tinyproxy does, despite HTTP/1.1): the batches go on a fresh one.
+                return await self._fresh(conn, auth)
+            if auth is None:
+                raise ProxyRefused(f"the proxy {self.proxy_text} wants authentication for {what} "
+                                   f"(HTTP {answer.status}) and no credentials are configured",
                                    status=407, auth=True)
-            if answer.status == 407:
-                raise ProxyRefused(
-                    f"the proxy {self.proxy_text} wants authentication for CONNECT to port {self._port} "
-                    "(HTTP 407) and no credentials are configured", status=407, auth=True)
-            raise ProxyRefused(
-                f"the proxy {self.proxy_text} refused CONNECT to port {self._port} (HTTP {answer.status}"
-                f"{_reason(answer)})", status=answer.status)
-        raise ProxyRefused(f"the proxy {self.proxy_text} kept answering 407 to CONNECT after "
+            try:
+                value = auth.respond(challenges)
+            except ProxyAuthError as exc:  # its messages name proxy, scheme and user, never the password
+                raise ProxyRefused(f"proxy authentication for {what} failed: {exc}", status=407,
+                                   auth=True) from None
+            if not self._next_cycle(conn):
+                if auth.scheme != "basic":
+                    raise ProxyRefused(f"the proxy {self.proxy_text} closed the connection during "
+                                       f"{auth.scheme} authentication", status=407, auth=True)
+                conn = box[0] = await self._fresh(conn, auth)  # Basic is not bound to a connection
+        raise ProxyRefused(f"the proxy {self.proxy_text} kept answering 407 to {what} after "
                            f"{_MAX_AUTH_ROUNDS} rounds", status=407, auth=True)
 
-    async def _forward_handshake(self, conn: _Conn, auth: Authenticator) -> None:
-        """Connection-bound auth (NTLM, Negotiate) for absolute-URI requests: on a body-less GET first."""
-        value = auth.initial()
-        for _ in range(_MAX_AUTH_ROUNDS):
-            headers = [("Host", self._host_header())]
-            if value is not None:
-                headers.append(("Proxy-Authorization", value))
-            target = f"http://{self._host_header()}/v1/probe"
-            request = h11.Request(method="GET", target=target, headers=headers)
-            await self._send(conn, request, h11.EndOfMessage())
-            answer = await self._receive(conn, phase="proxy authentication")
-            if not (conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE):
-                raise ProxyRefused(f"the proxy {self.proxy_text} closed the connection during authentication",
-                                   status=answer.status, auth=True)
+    @staticmethod
+    def _next_cycle(conn: _Conn) -> bool:
+        """Ready the connection for its next request; False when the proxy closes it."""
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
             conn.h11.start_next_cycle()
-            if answer.status != 407:
-                auth.done()
-                self._forward_auth = None
-                return
-            try:
-                value = auth.respond(answer.headers_named("proxy-authenticate"))
-            except ProxyRefused:
-                raise
-            except Exception as exc:
-                raise ProxyRefused(f"proxy authentication with {self.proxy_text} failed: {exc}",
-                                   status=407, auth=True) from None
-        raise ProxyRefused(f"the proxy {self.proxy_text} kept answering 407 after {_MAX_AUTH_ROUNDS} rounds",
-                           status=407, auth=True)
+            return True
+        return False
+
+    async def _fresh(self, old: _Conn, auth: ProxyAuthenticator | None) -> _Conn:
+        old.close()
+        conn = await self._tcp()
+        conn.auth = auth
+        return conn
 
     async def _start_tls(self, conn: _Conn) -> _Conn:
         ctx = self._ssl or ssl.create_default_context()
@@ -509,6 +499,16 @@ class HttpClient:
             if got != self._pin:
                 raise pin_mismatch(der or b"", got, self._pin, self._host)
         return _Conn(conn.reader, conn.writer)
+
+
+def _challenges(answer: Response) -> list[str]:
+    """The proxy's auth challenges: a 407's ``Proxy-Authenticate``, or a proxy's bare 401 with
+    ``WWW-Authenticate`` (tinyproxy asks that way); none for any other answer."""
+    if answer.status == 407:
+        return answer.headers_named("proxy-authenticate") or ["(none)"]
+    if answer.status == 401 and not answer.body.lstrip().startswith(b"{"):
+        return answer.headers_named("proxy-authenticate") or answer.headers_named("www-authenticate")
+    return []
 
 
 def _salvage(reader: asyncio.StreamReader) -> bytes:

@@ -8,18 +8,19 @@ CA checks, for self-signed gateways). ``PostTransport.exchange`` maps every fail
 
 from __future__ import annotations
 
+import base64
 import logging
+import os
 import ssl
 import time
 import urllib.request
 from collections.abc import Callable, Mapping
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from flowtunnel.agent.config import AgentConfig, mask_url
+from flowtunnel.agent.proxy.discover import parse_proxy_url
 from flowtunnel.agent.transport.answers import Answer, Hints, Rejected, Retry, from_http
 from flowtunnel.agent.transport.http11 import (
-    Authenticator,
-    BasicAuthenticator,
     ConnectFailed,
     ConnectionLost,
     HttpClient,
@@ -32,7 +33,7 @@ from flowtunnel.agent.transport.http11 import (
 )
 from flowtunnel.errors import ConfigError
 
-__all__ = ["CONTENT_TYPE", "PostTransport", "choose_proxy", "make_client", "split_proxy"]
+__all__ = ["CONTENT_TYPE", "PostTransport", "choose_proxy", "make_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,24 +73,6 @@ def _bypassed(host: str, no_proxy: str) -> bool:
     return False
 
 
-def split_proxy(url: str) -> tuple[str, str | None, str | None]:
-    """``http://user:pass@host:port`` → (``http://host:port``, user, password)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
-    bare = urlunsplit((parts.scheme, netloc, "", "", ""))
-    user = unquote(parts.username) if parts.username is not None else None
-    password = unquote(parts.password) if parts.password is not None else None
-    return bare, user, password
-
-
-def _auth_factory(user: str | None, password: str | None) -> Callable[[], Authenticator | None] | None:
-    if user is None:
-        return None
-    name, secret = user, password or ""
-    return lambda: BasicAuthenticator(name, secret)
-
-
 def make_client(config: AgentConfig) -> HttpClient:
     """The HTTP client for the gateway as ``config`` says; ``ConfigError`` for an unreadable CA file."""
     context: ssl.SSLContext | None = None
@@ -103,10 +86,16 @@ def make_client(config: AgentConfig) -> HttpClient:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
     proxy = choose_proxy(config.gateway, config.proxy)
-    bare, user, password = split_proxy(proxy) if proxy else (None, None, None)
+    bare, credentials = parse_proxy_url(proxy) if proxy else (None, None)
     timeouts = Timeouts(connect=config.connect_timeout, read=config.read_timeout, total=config.total_timeout)
-    return HttpClient(config.gateway, proxy=bare, auth_factory=_auth_factory(user, password),
-                      ssl_context=context, pin_sha256=config.pin_sha256, timeouts=timeouts)
+    prefix = urlsplit(config.gateway).path.rstrip("/")
+
+    def probe() -> str:  # a real probe, so the gateway counts no bad request for a proxy handshake
+        nonce = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+        return f"{prefix}/v1/probe?agent={config.agent_id}&nonce={nonce}"
+
+    return HttpClient(config.gateway, proxy=bare, credentials=credentials, ssl_context=context,
+                      pin_sha256=config.pin_sha256, timeouts=timeouts, probe=probe)
 
 
 class PostTransport:
