@@ -182,3 +182,90 @@ async def test_a_wrong_pin_is_said_readably(
     assert f"gateway certificate sha256 {pin[:4]}… does not match --pin-sha256 73cb…" in said
     assert "issuer CN=flowtunnel test gateway" in said
     spool.close()
+
+
+def intercepting_ca(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A corporate CA (PEM), and a certificate for 127.0.0.1 it signed with its key: what a TLS-intercepting
+    proxy presents instead of the gateway's."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Corp Interception CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, cert_path, key_path = tmp_path / "corp-ca.pem", tmp_path / "mitm.crt", tmp_path / "mitm.key"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+    return ca_path, cert_path, key_path
+
+
+@pytest.mark.parametrize("policy", ["allow", "refuse"])
+async def test_tls_interception_is_named_and_allowed_or_refused(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, policy: str,
+) -> None:
+    """The agent pins the gateway's own certificate; the path presents one signed by a CA this box trusts
+    (here: the only CA in SSL_CERT_FILE). Reported with the issuer either way; ``refuse`` sends nothing."""
+    from flowtunnel.agent.transport import http11
+
+    ca, mitm_cert, mitm_key = intercepting_ca(tmp_path)
+    _, _, real_pin = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))
+    http11._box_roots.cache_clear()
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(10, seed=24)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    try:
+        async with gateway_factory(data, tls_cert=mitm_cert, tls_key=mitm_key) as gw:
+            cfg = config(tmp_path, gw.url, key, pin_sha256=real_pin, on_intercept=policy)
+            async with uploading(cfg, key, spool) as up:
+                if policy == "allow":
+                    await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered, intercepted")
+                else:
+                    await eventually(lambda: up.stats.failures["tls:pin-mismatch"] >= 1, "refused")
+                issuer = up.status()["intercepted_by"]
+                assert isinstance(issuer, str)
+                assert "Corp Interception CA" in issuer
+            if policy == "allow":
+                assert_exactly_once(gw, sent)
+            else:
+                assert journal_of(gw, AGENT) == []
+    finally:
+        http11._box_roots.cache_clear()
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"does not match --pin-sha256 {real_pin[:4]}…: TLS interception by CN=Corp Interception CA" in said
+    spool.close()

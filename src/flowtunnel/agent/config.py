@@ -96,6 +96,9 @@ class AgentConfig:
     ca_file: Path | None = None
     pin_sha256: str | None = None
     """SHA-256 of the gateway's DER certificate, hex; alone it replaces CA checks (self-signed gateways)."""
+    on_intercept: str = "allow"
+    """A pinned gateway whose certificate does not match, behind a chain this box trusts (TLS interception):
+    ``allow`` (report it, keep uploading: batches are sealed end to end) or ``refuse``."""
     # Allowed ranges (refused with the range in the message): wide enough for any link from a LAN to a
     # satellite hop that is down for days, narrow enough that a typo ("99999999d", "1TB" of receive buffer)
     # cannot leave the agent holding datagrams forever or asking the kernel for the impossible.
@@ -172,6 +175,9 @@ class AgentConfig:
                 raise ConfigError(
                     f"pin-sha256 {self.pin_sha256!r} is not 64 hex digits (sha256 of the DER certificate)"
                 )
+    on_intercept: str = "allow"
+    """A pinned gateway whose certificate does not match, behind a chain this box trusts (TLS interception):
+    ``allow`` (report it, keep uploading: batches are sealed end to end) or ``refuse``."""
         check_bounds(self)
         if self.metrics_listen is not None:
             parse_host_port(self.metrics_listen, what="metrics-listen")

@@ -23,6 +23,9 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--ca-file", "ca_file", "FILE", "PEM file of CA certificates to verify an https gateway with"),
     ("--pin-sha256", "pin_sha256", "HEX", "SHA-256 of the gateway's DER certificate; alone it replaces CA "
      "verification (self-signed gateway), with --ca-file both must pass"),
+    ("--on-intercept", "on_intercept", "allow|refuse", "a pinned gateway's certificate replaced by one a "
+     "CA this box trusts (TLS interception): allow (default: reported, batches stay sealed end to end) or "
+     "refuse"),
     ("--connect-timeout", "connect_timeout", "DURATION", "limit on connecting (TCP, proxy, TLS), 15s"),
     ("--read-timeout", "read_timeout", "DURATION", "limit on each read of the response (default 60s)"),
     ("--total-timeout", "total_timeout", "DURATION", "limit on a whole request (default 180s)"),

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import logging
 import ssl
 import warnings
 from collections.abc import Callable, Sequence
@@ -50,6 +51,8 @@ __all__ = [
     "Timeouts",
     "TlsFailed",
 ]
+
+logger = logging.getLogger(__name__)
 
 MAX_RESPONSE = 64 * 1024  # answer bodies beyond this are cut (the gateway's are < 1 KB)
 _READ = 64 * 1024
@@ -161,6 +164,7 @@ class HttpClient:
         credentials: ProxyCredentials | None = None,
         ssl_context: ssl.SSLContext | None = None, pin_sha256: str | None = None,
         timeouts: Timeouts = Timeouts(), probe: Callable[[], str] = lambda: "/v1/probe",
+        on_intercept: str = "allow",
     ) -> None:
         self._base: SplitResult = urlsplit(base)
         self._tls = self._base.scheme == "https"
@@ -170,6 +174,8 @@ class HttpClient:
         self.proxy_text = mask_url(proxy)
         self._credentials = credentials
         self._probe = probe  # path and query of a body-less GET for proxy auth handshakes
+        self._on_intercept = on_intercept
+        self.intercepted: str | None = None  # the intercepting certificate's issuer, once seen
         self.auth_scheme: str | None = None  # the proxy auth scheme that worked, once known
         self._ssl = ssl_context
         self._pin = pin_sha256.replace(":", "").lower() if pin_sha256 else None
@@ -497,7 +503,13 @@ class HttpClient:
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
             got = hashlib.sha256(der or b"").hexdigest()
             if got != self._pin:
-                raise pin_mismatch(der or b"", got, self._pin, self._host)
+                error = pin_mismatch(der or b"", got, self._pin, self._host)
+                if not (error.intercepted and self._on_intercept == "allow"):
+                    raise error
+                if self.intercepted is None:
+                    logger.warning("%s; allowed (--on-intercept allow): batches stay sealed end to end, the "
+                                   "interceptor sees only the HTTP metadata", error)
+                self.intercepted = error.issuer
         return _Conn(conn.reader, conn.writer)
 
 

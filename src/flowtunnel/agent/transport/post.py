@@ -95,7 +95,8 @@ def make_client(config: AgentConfig) -> HttpClient:
         return f"{prefix}/v1/probe?agent={config.agent_id}&nonce={nonce}"
 
     return HttpClient(config.gateway, proxy=bare, credentials=credentials, ssl_context=context,
-                      pin_sha256=config.pin_sha256, timeouts=timeouts, probe=probe)
+                      pin_sha256=config.pin_sha256, timeouts=timeouts, probe=probe,
+                      on_intercept=config.on_intercept)
 
 
 class PostTransport:
@@ -107,7 +108,11 @@ class PostTransport:
         self.client = client
         self._path = (urlsplit(gateway).path.rstrip("/") or "") + "/v1/batches"
         self._clock = clock
-        self.intercepted: str | None = None  # issuer of an intercepting certificate, once seen
+
+    @property
+    def intercepted(self) -> str | None:
+        """The issuer of an intercepting certificate, once seen (allowed or refused)."""
+        return self.client.intercepted
 
     async def close(self) -> None:
         await self.client.close()
@@ -134,7 +139,7 @@ class PostTransport:
                             by=f"the proxy {self.client.proxy_text}")
         except PinMismatch as exc:
             if exc.intercepted:
-                self.intercepted = exc.issuer
+                self.client.intercepted = exc.issuer
             return Retry(cause="tls:pin-mismatch", detail=f"{what}: {exc}")
         except TlsFailed as exc:
             return Retry(cause="tls:handshake", detail=f"{what}: {exc}")
