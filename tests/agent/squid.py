@@ -22,10 +22,11 @@ FAKE_AUTH = "/usr/lib/squid/basic_fake_auth"
 
 
 class Squid:
-    """``with Squid(body_limit_kb=64, auth=True) as squid: ... squid.url ... squid.log_text()``."""
+    """``with Squid(body_limit_kb=64, auth=True, deny_post=False) as squid: ... squid.url ...``."""
 
     def __init__(
-        self, *, body_limit_kb: int | None = None, auth: bool = False, ssl_ports_only: bool = True
+        self, *, body_limit_kb: int | None = None, auth: bool = False, ssl_ports_only: bool = True,
+        deny_post: bool = False,
     ) -> None:
         self.port = free_tcp_port()
         self._dir = Path(tempfile.mkdtemp(prefix="flowtunnel-squid-"))
@@ -52,6 +53,8 @@ class Squid:
                 "acl login proxy_auth REQUIRED",
                 "http_access deny !login",
             ]
+        if deny_post:
+            lines += ["acl post method POST", "http_access deny post"]
         lines += ["http_access allow localnet", "http_access deny all"]
         if body_limit_kb is not None:
             lines.append(f"request_body_max_size {body_limit_kb} KB")

@@ -73,34 +73,83 @@ async def test_a_squid_body_limit_of_64_kb_is_found_and_lived_with(
     spool.close()
 
 
+@pytest.mark.parametrize("rungs", [("post",), ("post", "get")])
 async def test_a_datagram_larger_than_the_proxy_limit_is_counted_kept_and_said(
-    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture, rungs: tuple[str, ...]
 ) -> None:
+    """POST alone cannot carry it: counted, kept, said precisely. With the GET-only rung, it goes in pieces
+    and everything behind it follows."""
     require("squid")
     data = tmp_path / "gw"
     key = enroll(data, AGENT)
     before = datagrams(20, size=500, seed=22)
     huge = Datagram(received_ns=1_800_000_000_100_000_000, exporter="127.0.0.1", exporter_port=40000,
                     local_port=2055, payload=random.Random(23).randbytes(65_500))  # sealed: above 65,536
+    after = datagrams(10, size=500, seed=26)
     spool = open_spool(tmp_path)
     spool.append(before)
     with Squid(body_limit_kb=64) as squid:
         async with gateway_factory(data) as gw:
             # A small limit already (as learned), so everything before the huge datagram goes in batches.
-            cfg = config(tmp_path, gw.url, key, proxy=squid.url, max_body=60_000, reject_backoff=60.0)
+            cfg = config(tmp_path, gw.url, key, proxy=squid.url, max_body=60_000, reject_backoff=60.0,
+                         rungs=rungs)
             async with uploading(cfg, key, spool) as up:
                 await eventually(lambda: spool.cursor(CURSOR) == len(before), "the small ones delivered")
                 spool.append([huge])
+                spool.append(after)
                 up.notify()
                 await eventually(lambda: up.stats.oversize == 1, "the huge one counted")
                 assert up.status()["oversize"] == 1
-                assert up.stats.next_attempt is not None
-            assert_exactly_once(gw, before)
-    assert spool.stats().entries == 1  # kept
+                if rungs == ("post",):
+                    assert up.stats.next_attempt is not None
+                else:
+                    total = len(before) + 1 + len(after)
+                    await eventually(lambda: spool.cursor(CURSOR) == total, "carried by the GET-only rung")
+                    status = up.status()
+                    assert status["rung"] == "get"
+                    states = status["rungs"]
+                    assert isinstance(states, dict)
+                    assert states["get"] == "good"
+                    assert str(states["post"]).startswith("failed: a datagram too large")
+            if rungs == ("post",):
+                assert_exactly_once(gw, before)
+            else:
+                assert_exactly_once(gw, [*before, huge, *after])
+        if rungs != ("post",):
+            assert "GET http://127.0.0.1" in squid.log_text()
+    if rungs == ("post",):
+        assert spool.stats().entries == 1 + len(after)  # kept
     seq = len(before) + 1
     said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(f"datagram seq {seq} seals to a body of" in m and f"the proxy {squid.url}" in m
                and "cannot go by POST" in m and "stays in the spool" in m for m in said), said
+    spool.close()
+
+
+async def test_a_proxy_that_refuses_post_gets_get_only_pieces(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Squid denying the POST method: the agent steps down to the GET-only rung once, says so, delivers
+    everything exactly once, and its status names the rung."""
+    require("squid")
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(300, size=300, seed=27)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    with Squid(deny_post=True) as squid:
+        async with gateway_factory(data) as gw:
+            cfg = config(tmp_path, gw.url, key, proxy=squid.url)
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered by GET pieces")
+                status = up.status()
+                assert status["rung"] == "get"
+                assert status["switches"] == 1
+            assert_exactly_once(gw, sent)
+        assert "TCP_DENIED/403" in squid.log_text()
+    switches = [r.getMessage() for r in caplog.records if "upload rung post -> get" in r.getMessage()]
+    assert len(switches) == 1
+    assert f"the proxy {squid.url} refuses it (http-403)" in switches[0]
     spool.close()
 
 
@@ -268,4 +317,50 @@ async def test_tls_interception_is_named_and_allowed_or_refused(
         http11._box_roots.cache_clear()
     said = "\n".join(r.getMessage() for r in caplog.records)
     assert f"does not match --pin-sha256 {real_pin[:4]}…: TLS interception by CN=Corp Interception CA" in said
+    spool.close()
+
+
+@pytest.mark.parametrize("portal", ["login-page", "redirect"])
+async def test_a_captive_portal_gets_no_batch_and_everything_goes_once_it_opens(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture, portal: str
+) -> None:
+    """The hotel Wi-Fi answers every request itself until someone logs in. The agent reports it once (log
+    and status), sends it no batch body, keeps probing with backoff and delivers everything once it opens."""
+    from tests.linkemu import Action, Fault, LinkEmulator
+
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(40, seed=25)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    if portal == "login-page":
+        answer = Fault(action=Action.ANSWER, status=200, match="GET /v1/probe", count=None,
+                       body=b"<html><head><title>Hotel Wi-Fi login</title></head></html>",
+                       content_type="text/html")
+    else:
+        answer = Fault(action=Action.ANSWER, status=302, match="GET /v1/probe", count=None,
+                       body=b"", content_type="text/html")
+    async with gateway_factory(data) as gw:
+        host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+        async with LinkEmulator(upstream=(host, int(port))) as link:
+            link.add_fault(answer)
+            # Any batch body would be seen here (and swallowed): there must be none while the portal is up.
+            link.add_fault(Fault(action=Action.ABORT_REQUEST, match="POST", count=None))
+            cfg = config(tmp_path, link.url, key)
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: up.stats.failures["captive-portal"] >= 3, "probing with backoff")
+                shown = up.status()["captive_portal"]
+                assert isinstance(shown, str)
+                assert shown.startswith("captive portal at ")
+                if portal == "login-page":
+                    assert shown == f"captive portal at {link.url}, login page (Hotel Wi-Fi login)"
+                assert link.stats().faults.get("abort-request", 0) == 0
+                assert journal_of(gw, AGENT) == []
+                link.clear_faults()  # someone logged in
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered once it opened")
+                assert up.status()["captive_portal"] is None
+            assert_exactly_once(gw, sent)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "captive portal at" in r.getMessage()]
+    assert len(warnings) == 1, warnings
     spool.close()

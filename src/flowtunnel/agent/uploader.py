@@ -57,6 +57,8 @@ from flowtunnel.agent.policy import (
     choose_codec,
 )
 from flowtunnel.agent.transport import Commit, Delivery, Hints, Note, Sent, Transport, plan_resync
+from flowtunnel.agent.transport.get import GetTransport
+from flowtunnel.agent.transport.ladder import Ladder, Switch
 from flowtunnel.agent.transport.post import PostTransport, make_client
 from flowtunnel.datagram import Datagram
 from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
@@ -152,7 +154,10 @@ class Uploader:
         self._url = config.gateway.rstrip("/") + "/v1/batches"
         self._wake = asyncio.Event()
         self._once = OnceLogger(logger)
-        self._transport = transport
+        # The rungs by name, best first (``--rungs``), and the ladder choosing among them; a transport given
+        # by the caller is the only rung.
+        self._rungs: dict[str, Transport] = {} if transport is None else {transport.name: transport}
+        self._ladder = Ladder(rungs=tuple(config.rungs) if transport is None else (transport.name,))
         self._delivery = Delivery(
             agent_id=config.agent_id, key=key, max_body=config.max_body,
             min_body=min(MIN_BODY, config.max_body), backoff_base=config.backoff_base,
@@ -184,10 +189,13 @@ class Uploader:
     async def open(self) -> None:
         cfg = self._config
         via = ""
-        if self._transport is None:
-            client = make_client(cfg)
-            self._transport = PostTransport(client, cfg.gateway, clock=self._clock)
-            via = f" ({client.route})"
+        if not self._rungs:
+            client = make_client(cfg)  # one connection, shared by the HTTP rungs
+            kinds = {"post": PostTransport, "get": GetTransport}
+            for name in cfg.rungs:
+                self._rungs[name] = kinds[name](client, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
+                                                clock=self._clock)
+            via = f" ({client.route}; rungs {', '.join(cfg.rungs)})"
         limit, limit_of = await asyncio.to_thread(
             lambda: (self._spool.get_state(_LIMIT), self._spool.get_state(_LIMIT_OF)))
         if limit is not None and limit_of == cfg.max_body and self._delivery.min_body <= limit < cfg.max_body:
@@ -203,9 +211,13 @@ class Uploader:
             self._budget.day, self._budget.used = day, used
         logger.info("uploading to %s%s as agent %s", self._url, via, cfg.agent_id)
 
+    @property
+    def _transport(self) -> Transport | None:
+        return self._rungs.get(self._ladder.current)
+
     async def close(self) -> None:
-        if self._transport is not None:
-            await self._transport.close()
+        for transport in self._rungs.values():
+            await transport.close()
 
     def notify(self) -> None:
         """New datagrams are in the spool."""
@@ -375,7 +387,9 @@ class Uploader:
                 templates.learn(e.datagram.payload)
                 self._learned = e.seq
         # The drops also travel sealed (authenticated), as "dropped:<cause>"; the header copy is for proxies.
-        info = {"acked": self._position}
+        # spool_first: the lowest seq this agent still holds, so a gap below it (its own drops) is declared,
+        # and a batch that overtook an earlier one on another rung is told apart (409 out-of-order).
+        info = {"acked": self._position, "spool_first": entries[0].seq}
         info.update((f"dropped:{k}", v) for k, v in sorted(self._dropped().items())
                     if v and _INFO_KEY.fullmatch(f"dropped:{k}"))
         while True:
@@ -493,6 +507,13 @@ class Uploader:
         )
         st = self.stats
         st.last_attempt = self._clock()
+        up = self._ladder.before(self._clock())
+        if up is not None:
+            self._switched(up)
+            self._delivery.wants_resync = True  # a new rung starts with a resync (its own answers)
+            raise _Failed("rung-switch", 0.0)
+        transport = self._transport
+        assert transport is not None
         st.sent_bytes += len(body)
         started = time.monotonic()
         answer = await transport.exchange(body, hints)
@@ -500,6 +521,12 @@ class Uploader:
         action = self._delivery.answer(sent, answer, draw=self._draw())
         self._emit(action.notes)
         self._sync_stats()
+        switch = self._ladder.after(answer, None if isinstance(action, Commit) else action.cause,
+                                    now=self._clock())
+        if switch is not None:
+            self._switched(switch)
+            if not isinstance(action, Commit):
+                raise _Failed(action.cause, 0.0)  # the next rung may carry it: try it at once
         if self._delivery.max_body != self._sizer.max_body:
             self._sizer.max_body = self._delivery.max_body
         if self._delivery.max_body != self._saved_limit:
@@ -513,6 +540,9 @@ class Uploader:
         else:  # a resync: the round trip and the gateway's fixed cost, without datagrams
             self.link.observe_round_trip(elapsed)
         return action.acked
+
+    def _switched(self, switch: Switch) -> None:
+        logger.warning("upload rung %s -> %s: %s", switch.old, switch.new, switch.reason)
 
     def _save_limit(self, limit: int) -> None:
         self._spool.set_state(_LIMIT, limit)
@@ -543,7 +573,7 @@ class Uploader:
             "gateway": self._config.gateway,
             "proxy": mask_url(self._config.proxy),
             "route": transport.client.route if isinstance(transport, PostTransport) else None,
-            "rung": None if transport is None else transport.name,
+            **self._ladder.status(),
             "acked": st.gateway_acked,
             "batches": st.batches,
             "datagrams": st.datagrams,
@@ -563,6 +593,7 @@ class Uploader:
             "body_limit_by": self._delivery.limit_by,
             "oversize": st.oversize,
             "intercepted_by": transport.intercepted if isinstance(transport, PostTransport) else None,
+            "captive_portal": transport.portal if isinstance(transport, PostTransport) else None,
             "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
             "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),
         }

@@ -18,11 +18,13 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--key", "key", "KEY", "the agent's key (ftk1_...) from 'flowtunnel enroll'; prefer --key-file or "
      "the env var FLOWTUNNEL_AGENT_KEY, command lines are visible to other users"),
     ("--key-file", "key_file", "FILE", "file holding the agent's key"),
-    ("--proxy", "proxy", "URL", "HTTP proxy, http://[user:pass@]host:port (Basic auth; CONNECT for https "
-     "gateways); without it HTTP_PROXY/HTTPS_PROXY/NO_PROXY apply"),
+    ("--proxy", "proxy", "URL", "HTTP proxy, http://[user:pass@]host:port (Basic, NTLM or Negotiate, as "
+     "the proxy asks; CONNECT for https gateways); without it HTTP_PROXY/HTTPS_PROXY/NO_PROXY apply"),
     ("--ca-file", "ca_file", "FILE", "PEM file of CA certificates to verify an https gateway with"),
     ("--pin-sha256", "pin_sha256", "HEX", "SHA-256 of the gateway's DER certificate; alone it replaces CA "
      "verification (self-signed gateway), with --ca-file both must pass"),
+    ("--rungs", "rungs", "LIST", "transports to try, best first, comma-separated: post (a POST per batch), "
+     "get (GET-only pieces in URLs, for proxies that refuse POST or bodies) (default post,get)"),
     ("--on-intercept", "on_intercept", "allow|refuse", "a pinned gateway's certificate replaced by one a "
      "CA this box trusts (TLS interception): allow (default: reported, batches stay sealed end to end) or "
      "refuse"),
@@ -31,7 +33,8 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--total-timeout", "total_timeout", "DURATION", "limit on a whole request (default 180s)"),
     ("--latency", "latency", "DURATION", "when caught up, send at most this often (default 1s)"),
     ("--max-batch-datagrams", "max_batch_datagrams", "N", "datagrams per batch at most (default 20000)"),
-    ("--max-body", "max_body", "SIZE", "request body bytes at most, for buffering proxies (default 1MiB)"),
+    ("--max-body", "max_body", "SIZE", "request body bytes at most, for buffering proxies (default 1MiB, "
+     "at least 4k); lowered at run time when a proxy answers 413"),
     ("--bandwidth", "bandwidth", "SIZE", "cap on upload bytes per second, e.g. 20k (default 0 = unlimited)"),
     ("--daily-bytes", "daily_bytes", "SIZE", "cap on upload bytes per UTC day, e.g. 50MB (0 = unlimited)"),
     ("--spool-quota", "spool_quota", "SIZE", "disk the spool may use (default 512MiB)"),

@@ -43,7 +43,8 @@ class Acked:
 
 @dataclass(frozen=True, kw_only=True)
 class Resync:
-    """409 ``resync``: the gateway holds less than this agent saw acknowledged; learn its mark at once."""
+    """409 ``resync`` (the gateway holds less than this agent saw acknowledged) or ``out-of-order`` (an
+    earlier batch is missing there): learn the gateway's mark at once and go on from it."""
 
     detail: str
 
@@ -104,7 +105,8 @@ def from_http(
             return Retry(cause="bad-response", detail=f"{what}: 200 with an unreadable body ({exc})")
         return Acked(acked=acked, tag=doc.get("tag"))
     detail = f"{what}: HTTP {status} from {by}: {error_text(payload)}"
-    if status == 409 and _error_code(payload) == "resync":
+    if status == 409 and _error_code(payload) in ("resync", "out-of-order"):
+        # out-of-order: an earlier batch is missing at the gateway (refused, or still on another rung).
         return Resync(detail=detail)
     if status == 413:
         return TooLarge(detail=detail, by=by)

@@ -207,10 +207,18 @@ class HttpClient:
 
     # -- requests --------------------------------------------------------------------------------------------
 
+    @property
+    def live(self) -> bool:
+        """A kept-alive connection is open (as far as can be seen without using it)."""
+        conn = self._conn
+        return conn is not None and not (conn.reader.at_eof() or conn.writer.is_closing())
+
     async def request(
         self, method: str, path: str, *, body: bytes = b"", headers: Sequence[tuple[str, str]] = (),
+        reuse_only: bool = False,
     ) -> Response:
-        """One request on the kept-alive connection (opened first if needed); raises ``HttpError``."""
+        """One request on the kept-alive connection (opened first if needed; with ``reuse_only``, raise
+        ``ConnectionLost`` instead: the caller verified that connection); raises ``HttpError``."""
         try:
             async with asyncio.timeout(self._timeouts.total):
                 conn = self._conn
@@ -220,6 +228,8 @@ class HttpClient:
                     self._drop(conn)
                     conn = None
                 if conn is None:
+                    if reuse_only:
+                        raise ConnectionLost("the verified connection closed before the request")
                     conn = await self._open()
                 try:
                     response = await self._exchange(conn, method, path, body, headers)

@@ -9,6 +9,7 @@ CA checks, for self-signed gateways). ``PostTransport.exchange`` maps every fail
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import ssl
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 from flowtunnel.agent.config import AgentConfig, mask_url
 from flowtunnel.agent.proxy.discover import parse_proxy_url
-from flowtunnel.agent.transport.answers import Answer, Hints, Rejected, Retry, from_http
+from flowtunnel.agent.transport.answers import Answer, Hints, Rejected, Retry, error_text, from_http
 from flowtunnel.agent.transport.http11 import (
     ConnectFailed,
     ConnectionLost,
@@ -28,10 +29,13 @@ from flowtunnel.agent.transport.http11 import (
     PhaseTimeout,
     PinMismatch,
     ProxyRefused,
+    Response,
     Timeouts,
     TlsFailed,
 )
 from flowtunnel.errors import ConfigError
+from flowtunnel.wire import AuthenticationFailed
+from flowtunnel.wire.probe import encode_b64url, verify_probe
 
 __all__ = ["CONTENT_TYPE", "PostTransport", "choose_proxy", "make_client"]
 
@@ -100,14 +104,29 @@ def make_client(config: AgentConfig) -> HttpClient:
 
 
 class PostTransport:
-    """POST each sealed batch to ``<gateway>/v1/batches`` (see the module docstring)."""
+    """POST each sealed batch to ``<gateway>/v1/batches`` (see the module docstring).
+
+    Captive portals: before the first body on each new connection, ``GET /v1/probe`` with a fresh nonce
+    (docs/protocol.md 7.3); only an answer carrying the gateway's MAC over it lets the body go, on that same
+    connection. Anything else that is not the gateway (a redirect, a login page, a wrong MAC) is a portal:
+    ``Retry("captive-portal")`` (backoff, no body sent), logged once, shown in ``portal`` until a probe
+    passes again.
+    """
 
     name = "post"
 
-    def __init__(self, client: HttpClient, gateway: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, client: HttpClient, gateway: str, *, agent_id: str, key: bytes,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.client = client
-        self._path = (urlsplit(gateway).path.rstrip("/") or "") + "/v1/batches"
+        self._gateway = gateway
+        self._prefix = urlsplit(gateway).path.rstrip("/")
+        self._path = self._prefix + "/v1/batches"
+        self._agent_id = agent_id
+        self._key = key
         self._clock = clock
+        self.portal: str | None = None  # "captive portal at http://..., login page" while one answers
 
     @property
     def intercepted(self) -> str | None:
@@ -118,20 +137,9 @@ class PostTransport:
         await self.client.close()
 
     async def exchange(self, batch: bytes, hints: Hints) -> Answer:
-        headers = [
-            ("Content-Type", CONTENT_TYPE),
-            ("X-Flowtunnel-Agent", hints.agent_id),
-            # What will still wait once this batch is acknowledged.
-            ("X-Flowtunnel-Backlog", str(hints.backlog)),
-            # Also sealed in the batch (agent info "acked"), which the gateway prefers: this copy is for
-            # proxies and logs.
-            ("X-Flowtunnel-Acked", str(hints.acked)),
-        ]
-        if hints.dropped:
-            headers.append(("X-Flowtunnel-Dropped", ",".join(f"{k}={v}" for k, v in hints.dropped)))
         what = hints.what
         try:
-            resp = await self.client.request("POST", self._path, body=batch, headers=headers)
+            return await self._carry(batch, hints)
         except ProxyRefused as exc:
             if exc.auth:
                 return Retry(cause="http-407", detail=f"{what}: {exc}")
@@ -152,8 +160,91 @@ class PostTransport:
             return Retry(cause="connection:refused", detail=f"{what}: {exc}")
         except HttpError as exc:
             return Retry(cause=f"connection:{exc.phase}", detail=f"{what}: {exc}")
-        path = f"the proxy {mask_url(self.client.proxy_text)}" if self.client.proxy_text else (
-            "a server on the path (not the gateway: its answer has no JSON error)")
+
+    async def _verified(self, what: str) -> tuple[Answer | None, bool]:
+        """Before a body on a new connection (or route), the probe: (an answer to give instead, whether the
+        next request must go on the connection just verified)."""
+        if self.client.live:
+            return None, False
+        refused = await self._probe(what)
+        return refused, refused is None
+
+    async def _carry(self, batch: bytes, hints: Hints) -> Answer:
+        """The rung's own way to carry one batch (raises ``HttpError``)."""
+        refused, verified = await self._verified(hints.what)
+        if refused is not None:
+            return refused
+        headers = [
+            ("Content-Type", CONTENT_TYPE),
+            ("X-Flowtunnel-Agent", hints.agent_id),
+            # What will still wait once this batch is acknowledged.
+            ("X-Flowtunnel-Backlog", str(hints.backlog)),
+            # Also sealed in the batch (agent info "acked"), which the gateway prefers: this copy is for
+            # proxies and logs.
+            ("X-Flowtunnel-Acked", str(hints.acked)),
+        ]
+        if hints.dropped:
+            headers.append(("X-Flowtunnel-Dropped", ",".join(f"{k}={v}" for k, v in hints.dropped)))
+        resp = await self.client.request("POST", self._path, body=batch, headers=headers, reuse_only=verified)
+        return self._answer(resp, hints.what)
+
+    def _answer(self, resp: Response, what: str) -> Answer:
         return from_http(resp.status, resp.body, what=what, retry_after=resp.header("retry-after"),
                          proxy_auth=resp.header("proxy-authenticate") is not None, now=self._clock(),
-                         path=path)
+                         path=self._path_name())
+
+    async def _probe(self, what: str) -> Answer | None:
+        """Probe the gateway on a new connection: None when it proved itself, else the answer to give."""
+        nonce = os.urandom(16)
+        target = f"{self._prefix}/v1/probe?agent={self._agent_id}&nonce={encode_b64url(nonce)}"
+        resp = await self.client.request("GET", target)
+        portal = self._portal(resp, nonce)
+        if portal is None:
+            if resp.status != 200:
+                gateway = _gateway_error(resp.body)
+                if not gateway:  # a proxy or server on the path refused the probe: say what it answered
+                    return from_http(resp.status, resp.body, what=f"{what} (probe)",
+                                     retry_after=resp.header("retry-after"),
+                                     proxy_auth=resp.header("proxy-authenticate") is not None,
+                                     now=self._clock(), path=self._path_name())
+            if self.portal is not None:
+                logger.info("the gateway answers the probe again: %s is open", self.portal)
+                self.portal = None
+            return None
+        self.portal = portal
+        await self.client.close()  # nothing more goes on a connection that a portal answers
+        return Retry(cause="captive-portal",
+                     detail=f"{what}: {portal}; no batch is sent to it, probing with backoff")
+
+    def _portal(self, resp: Response, nonce: bytes) -> str | None:
+        """What the probe's answer says about a portal: None for the gateway (or its refusal), else a text."""
+        if 300 <= resp.status < 400:
+            location = mask_url(resp.header("location")) or "(no Location)"
+            return f"captive portal at {location}, login page (HTTP {resp.status} redirect)"
+        if resp.status != 200:
+            return None
+        try:
+            doc = json.loads(resp.body)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            try:
+                verify_probe(self._key, self._agent_id, nonce, doc.get("mac"))
+            except (AuthenticationFailed, ValueError):
+                return f"an impostor at {self._gateway}: its probe answer does not carry the gateway's MAC"
+            return None
+        title = error_text(resp.body)
+        return f"captive portal at {self._gateway}, login page ({title})"
+
+    def _path_name(self) -> str:
+        if self.client.proxy_text:
+            return f"the proxy {self.client.proxy_text}"
+        return "a server on the path (not the gateway: its answer has no JSON error)"
+
+
+def _gateway_error(payload: bytes) -> bool:
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and "error" in doc
