@@ -26,7 +26,7 @@ class Squid:
 
     def __init__(
         self, *, body_limit_kb: int | None = None, auth: bool = False, ssl_ports_only: bool = True,
-        deny_post: bool = False,
+        deny_post: bool = False, upgrade: bool = False,
     ) -> None:
         self.port = free_tcp_port()
         self._dir = Path(tempfile.mkdtemp(prefix="flowtunnel-squid-"))
@@ -56,6 +56,8 @@ class Squid:
         if deny_post:
             lines += ["acl post method POST", "http_access deny post"]
         lines += ["http_access allow localnet", "http_access deny all"]
+        if upgrade:  # squid strips Upgrade unless told (case matters: "websocket")
+            lines.append("http_upgrade_request_protocols websocket allow all")
         if body_limit_kb is not None:
             lines.append(f"request_body_max_size {body_limit_kb} KB")
         self._conf = self._dir / "squid.conf"

@@ -129,8 +129,9 @@ async def test_a_datagram_larger_than_the_proxy_limit_is_counted_kept_and_said(
 async def test_a_proxy_that_refuses_post_gets_get_only_pieces(
     tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Squid denying the POST method: the agent steps down to the GET-only rung once, says so, delivers
-    everything exactly once, and its status names the rung."""
+    """Squid denying the POST method (and, by default, stripping Upgrade): the agent steps down from POST
+    to WebSocket to GET-only, says each switch once, delivers everything exactly once, and its status
+    names the rung."""
     require("squid")
     data = tmp_path / "gw"
     key = enroll(data, AGENT)
@@ -144,12 +145,14 @@ async def test_a_proxy_that_refuses_post_gets_get_only_pieces(
                 await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered by GET pieces")
                 status = up.status()
                 assert status["rung"] == "get"
-                assert status["switches"] == 1
+                assert status["switches"] == 2
             assert_exactly_once(gw, sent)
         assert "TCP_DENIED/403" in squid.log_text()
-    switches = [r.getMessage() for r in caplog.records if "upload rung post -> get" in r.getMessage()]
-    assert len(switches) == 1
-    assert f"the proxy {squid.url} refuses it (http-403)" in switches[0]
+    switches = [r.getMessage() for r in caplog.records if "upload rung" in r.getMessage()]
+    assert len(switches) == 2, switches
+    assert f"upload rung post -> ws: the proxy {squid.url} refuses it (http-403)" in switches[0]
+    assert "upload rung ws -> get" in switches[1]
+    assert "Upgrade stripped" in switches[1]
     spool.close()
 
 
@@ -363,4 +366,38 @@ async def test_a_captive_portal_gets_no_batch_and_everything_goes_once_it_opens(
     warnings = [r.getMessage() for r in caplog.records
                 if r.levelno == logging.WARNING and "captive portal at" in r.getMessage()]
     assert len(warnings) == 1, warnings
+    spool.close()
+
+
+@pytest.mark.parametrize("via", ["direct", "squid-upgrade"])
+async def test_the_websocket_rung_delivers_exactly_once(
+    tmp_path: Path, gateway_factory: GatewayFactory, via: str
+) -> None:
+    """Batches as messages on one connection: directly, and through squid allowing the WebSocket upgrade
+    (``http_upgrade_request_protocols websocket allow all``)."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(500, size=300, seed=28)
+    spool = open_spool(tmp_path)
+    spool.append(sent[:300])
+    squid = Squid(upgrade=True) if via != "direct" else None
+    if squid is not None:
+        require("squid")
+        squid.__enter__()
+    try:
+        async with gateway_factory(data) as gw:
+            cfg = config(tmp_path, gw.url, key, rungs=("ws",), max_batch_datagrams=50,
+                         proxy=squid.url if squid is not None else None)
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: spool.cursor(CURSOR) == 300, "backlog delivered over WebSocket")
+                spool.append(sent[300:])
+                up.notify()
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent), "the rest delivered")
+                assert up.status()["rung"] == "ws"
+                assert up.stats.failures == {}
+                assert up.stats.batches >= 10
+            assert_exactly_once(gw, sent)
+    finally:
+        if squid is not None:
+            squid.__exit__(None, None, None)
     spool.close()

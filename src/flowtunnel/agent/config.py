@@ -96,8 +96,9 @@ class AgentConfig:
     ca_file: Path | None = None
     pin_sha256: str | None = None
     """SHA-256 of the gateway's DER certificate, hex; alone it replaces CA checks (self-signed gateways)."""
-    rungs: tuple[str, ...] = ("post", "get")
-    """The transports to try, best first: ``post`` (a POST per batch), ``get`` (GET-only pieces in URLs)."""
+    rungs: tuple[str, ...] = ("post", "ws", "get")
+    """The transports to try, best first: ``post`` (a POST per batch), ``ws`` (batches as WebSocket messages
+    on one connection), ``get`` (GET-only pieces in URLs)."""
     on_intercept: str = "allow"
     """A pinned gateway whose certificate does not match, behind a chain this box trusts (TLS interception):
     ``allow`` (report it, keep uploading: batches are sealed end to end) or ``refuse``."""
@@ -180,11 +181,11 @@ class AgentConfig:
         check_bounds(self)
         if self.metrics_listen is not None:
             parse_host_port(self.metrics_listen, what="metrics-listen")
-        known = ("post", "get")
+        known = ("post", "ws", "get")
         rungs = self.rungs
         if not rungs or any(r not in known for r in rungs) or len(set(rungs)) != len(rungs):
             raise ConfigError(f"rungs {','.join(self.rungs)!r} must name each of {', '.join(known)} at most "
-                              "once, best first (e.g. post,get)")
+                              "once, best first (e.g. post,ws,get)")
         if self.on_intercept not in ("allow", "refuse"):
             raise ConfigError(f"on-intercept {self.on_intercept!r} is not one of allow, refuse")
 

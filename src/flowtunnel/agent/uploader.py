@@ -60,6 +60,7 @@ from flowtunnel.agent.transport import Commit, Delivery, Hints, Note, Sent, Tran
 from flowtunnel.agent.transport.get import GetTransport
 from flowtunnel.agent.transport.ladder import Ladder, Switch
 from flowtunnel.agent.transport.post import PostTransport, make_client
+from flowtunnel.agent.transport.ws import WsTransport
 from flowtunnel.datagram import Datagram
 from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
 from flowtunnel.runtime import OnceLogger
@@ -190,10 +191,12 @@ class Uploader:
         cfg = self._config
         via = ""
         if not self._rungs:
-            client = make_client(cfg)  # one connection, shared by the HTTP rungs
-            kinds = {"post": PostTransport, "get": GetTransport}
+            client = make_client(cfg)  # one connection, shared by the per-request HTTP rungs
+            kinds = {"post": PostTransport, "get": GetTransport, "ws": WsTransport}
             for name in cfg.rungs:
-                self._rungs[name] = kinds[name](client, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
+                # The WebSocket holds its connection for itself.
+                own = make_client(cfg) if name == "ws" else client
+                self._rungs[name] = kinds[name](own, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
                                                 clock=self._clock)
             via = f" ({client.route}; rungs {', '.join(cfg.rungs)})"
         limit, limit_of = await asyncio.to_thread(

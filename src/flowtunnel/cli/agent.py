@@ -24,7 +24,8 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--pin-sha256", "pin_sha256", "HEX", "SHA-256 of the gateway's DER certificate; alone it replaces CA "
      "verification (self-signed gateway), with --ca-file both must pass"),
     ("--rungs", "rungs", "LIST", "transports to try, best first, comma-separated: post (a POST per batch), "
-     "get (GET-only pieces in URLs, for proxies that refuse POST or bodies) (default post,get)"),
+     "ws (batches as WebSocket messages), get (GET-only pieces in URLs, for proxies that refuse POST or "
+     "bodies) (default post,ws,get)"),
     ("--on-intercept", "on_intercept", "allow|refuse", "a pinned gateway's certificate replaced by one a "
      "CA this box trusts (TLS interception): allow (default: reported, batches stay sealed end to end) or "
      "refuse"),

@@ -190,6 +190,14 @@ class HttpClient:
         return f"proxy {self.proxy_text} ({'CONNECT' if self._tls else 'absolute URI'})"
 
     @property
+    def host_header(self) -> str:
+        return self._host_header()
+
+    @property
+    def timeouts(self) -> Timeouts:
+        return self._timeouts
+
+    @property
     def forward(self) -> bool:
         """Requests go to the proxy with an absolute URI (plain http through a proxy)."""
         return self._proxy is not None and not self._tls
@@ -212,6 +220,19 @@ class HttpClient:
         """A kept-alive connection is open (as far as can be seen without using it)."""
         conn = self._conn
         return conn is not None and not (conn.reader.at_eof() or conn.writer.is_closing())
+
+    def detach(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str | None]:
+        """Hand the live kept-alive connection (proxy, TLS and auth done) over for another protocol (a
+        WebSocket upgrade), with the ``Proxy-Authorization`` value an absolute-URI request on it needs (or
+        None). The client forgets it: the caller closes it."""
+        conn = self._conn
+        if conn is None or not self.live:
+            raise ConnectionLost("no live connection to hand over")
+        self._conn = None
+        value = conn.first_auth
+        if value is None and conn.auth is not None and self.forward:
+            value = conn.auth.initial()
+        return conn.reader, conn.writer, value
 
     async def request(
         self, method: str, path: str, *, body: bytes = b"", headers: Sequence[tuple[str, str]] = (),

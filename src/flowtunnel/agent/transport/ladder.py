@@ -1,6 +1,6 @@
 """Which rung carries the next batch: a pure state machine fed the outcome of each exchange.
 
-Rungs are tried best first (``--rungs``, default ``post,get``). A rung is *good* once a sealed batch was
+Rungs are tried best first (``--rungs``, default ``post,ws,get``). A rung is *good* once a sealed batch was
 acknowledged through it. The ladder steps down when the current rung shows a failure another rung may not
 have: a refusal by the path rather than by the gateway (a proxy's 403/405/415 on POST, CONNECT refused), a
 datagram too large for the rung (``oversize``), bodies cut mid-way again and again. Failures every rung would
@@ -18,7 +18,7 @@ from flowtunnel.agent.transport.answers import GATEWAY, Acked, Answer, Rejected,
 
 __all__ = ["RUNGS", "Ladder", "Switch"]
 
-RUNGS = ("post", "get")
+RUNGS = ("post", "ws", "get")
 REPROBE_AFTER = 600.0
 # The same rung failing this way this many times in a row steps down (one cut may be a bad link).
 _REPEATS = 3
