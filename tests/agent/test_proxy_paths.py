@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from flowtunnel.agent.transport.network import local_fingerprint
 from flowtunnel.agent.uploader import CURSOR, Uploader
 from flowtunnel.datagram import Datagram
 from tests.agent.conftest import GatewayFactory, enroll, eventually, journal_of
@@ -129,10 +130,12 @@ async def test_a_datagram_larger_than_the_proxy_limit_is_counted_kept_and_said(
 async def test_a_proxy_that_refuses_post_gets_get_only_pieces(
     tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Squid denying the POST method (and, by default, stripping Upgrade): the agent steps down from POST
-    to WebSocket to GET-only, says each switch once, delivers everything exactly once, and its status
-    names the rung."""
+    """Squid denying the POST method (and, by default, stripping Upgrade). On a network it does not know,
+    the agent races its rungs: GET-only wins, the log says why the others lost, everything is delivered
+    exactly once, the status names the rung. Restarted, it remembers the rung for this network. With a
+    known rung that starts failing, it steps down, saying so once per switch."""
     require("squid")
+    caplog.set_level(logging.INFO)
     data = tmp_path / "gw"
     key = enroll(data, AGENT)
     sent = datagrams(300, size=300, seed=27)
@@ -140,19 +143,39 @@ async def test_a_proxy_that_refuses_post_gets_get_only_pieces(
     spool.append(sent)
     with Squid(deny_post=True) as squid:
         async with gateway_factory(data) as gw:
-            cfg = config(tmp_path, gw.url, key, proxy=squid.url)
+            cfg = config(tmp_path, gw.url, key, proxy=squid.url, rungs=("post", "ws", "get"))
             async with uploading(cfg, key, spool) as up:
                 await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered by GET pieces")
                 status = up.status()
                 assert status["rung"] == "get"
-                assert status["switches"] == 2
-            assert_exactly_once(gw, sent)
+                states = status["rungs"]
+                assert isinstance(states, dict)
+                assert states["get"] == "good"
+                assert states["post"] == f"failed: the proxy {squid.url} refuses it (http-403)"
+                assert "Upgrade stripped" in states["ws"]
+            raced = [r.getMessage() for r in caplog.records if "the rungs raced" in r.getMessage()]
+            assert len(raced) == 1
+            assert "get answered first" in raced[0]
+            # Restarted on the same network: the rung is remembered, no race.
+            spool.append(more := datagrams(20, size=300, seed=29))
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent) + 20, "delivered again")
+                assert up.status()["rung"] == "get"
+            assert len([r for r in caplog.records if "the rungs raced" in r.getMessage()]) == 1
+            assert any("using the get rung that worked here before" in r.getMessage() for r in caplog.records)
+            # A memory saying POST worked here (the proxy changed its rules since): it steps down, once.
+            (tmp_path / "rungs.json").write_text(json.dumps({local_fingerprint(): "post"}))
+            spool.append(last := datagrams(20, size=300, seed=30))
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: spool.cursor(CURSOR) == len(sent) + 40, "delivered once more")
+                assert up.status()["rung"] == "get"
+                assert up.status()["switches"] == 2
+            switches = [r.getMessage() for r in caplog.records if "upload rung" in r.getMessage()]
+            assert switches[0] == f"upload rung post -> ws: the proxy {squid.url} refuses it (http-403)"
+            assert switches[1].startswith("upload rung ws -> get: ")
+            assert len(switches) == 2
+            assert_exactly_once(gw, [*sent, *more, *last])
         assert "TCP_DENIED/403" in squid.log_text()
-    switches = [r.getMessage() for r in caplog.records if "upload rung" in r.getMessage()]
-    assert len(switches) == 2, switches
-    assert f"upload rung post -> ws: the proxy {squid.url} refuses it (http-403)" in switches[0]
-    assert "upload rung ws -> get" in switches[1]
-    assert "Upgrade stripped" in switches[1]
     spool.close()
 
 

@@ -47,6 +47,8 @@ def config(tmp_path: Path, gateway: str, key: bytes, **overrides: Any) -> AgentC
         "gateway": gateway, "spool": tmp_path / "spool", "agent_id": AGENT, "key": format_key(key),
         "latency": 0.05, "backoff_base": 0.05, "backoff_cap": 0.3, "reject_backoff": 60.0,
         "connect_timeout": 2.0, "read_timeout": 2.0, "total_timeout": 5.0,
+        # These tests are about the POST rung; the ladder's are in test_proxy_paths.py.
+        "rungs": ("post",),
     }
     settings.update(overrides)
     return AgentConfig(**settings)

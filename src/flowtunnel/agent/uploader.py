@@ -56,15 +56,26 @@ from flowtunnel.agent.policy import (
     TokenBucket,
     choose_codec,
 )
-from flowtunnel.agent.transport import Commit, Delivery, Hints, Note, Sent, Transport, plan_resync
+from flowtunnel.agent.transport import (
+    Acked,
+    Answer,
+    Commit,
+    Delivery,
+    Hints,
+    Note,
+    Sent,
+    Transport,
+    plan_resync,
+)
 from flowtunnel.agent.transport.get import GetTransport
 from flowtunnel.agent.transport.ladder import Ladder, Switch
+from flowtunnel.agent.transport.network import RungMemory, local_fingerprint
 from flowtunnel.agent.transport.post import PostTransport, make_client
 from flowtunnel.agent.transport.ws import WsTransport
 from flowtunnel.datagram import Datagram
 from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
 from flowtunnel.runtime import OnceLogger
-from flowtunnel.wire import Codec, TemplateLengths, seal_batch
+from flowtunnel.wire import AuthenticationFailed, Codec, TemplateLengths, seal_batch, verify_ack
 
 __all__ = ["CURSOR", "Uploader", "UploaderStats"]
 
@@ -76,6 +87,8 @@ MAX_SOURCES = 1000  # distinct (exporter, port, local port) per batch, below the
 _BUDGET_DAY, _BUDGET_USED = "budget:day", "budget:used"
 # The body limit learned from a proxy (413 or cuts mid-body), and the configured limit it was learned under.
 _LIMIT, _LIMIT_OF = "body:limit", "body:configured"
+RUNG_MEMORY = "rungs.json"  # in the spool directory: {network fingerprint: rung that carried a batch}
+RACE_STAGGER = 1.0  # seconds between the starts of racing rungs, best first
 _NONCE = slice(32, 44)  # the nonce in a sealed batch's header (docs/protocol.md, section 1.1)
 _CODEC = 6  # the codec byte in a sealed batch's header
 # Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 4 when bytes cost more than
@@ -165,6 +178,9 @@ class Uploader:
             backoff_cap=config.backoff_cap, reject_backoff=config.reject_backoff,
         )
         self._saved_limit = config.max_body
+        self._memory: RungMemory | None = None  # the rung that worked per network (own transports only)
+        self._network: str | None = None
+        self._race = False  # race the rungs at the next resync (a network without a remembered rung)
         self._sizer = BatchSizer(max_body=config.max_body)
         # One second of bandwidth may be saved up; a larger request goes when the bucket is full, into debt.
         self._bucket = TokenBucket(rate=float(config.bandwidth), burst=float(config.bandwidth))
@@ -191,14 +207,16 @@ class Uploader:
         cfg = self._config
         via = ""
         if not self._rungs:
-            client = make_client(cfg)  # one connection, shared by the per-request HTTP rungs
             kinds = {"post": PostTransport, "get": GetTransport, "ws": WsTransport}
             for name in cfg.rungs:
-                # The WebSocket holds its connection for itself.
-                own = make_client(cfg) if name == "ws" else client
-                self._rungs[name] = kinds[name](own, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
+                # Each rung its own connection: rungs race when the network is new, and a WebSocket holds its
+                # connection for itself.
+                client = make_client(cfg)
+                self._rungs[name] = kinds[name](client, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
                                                 clock=self._clock)
             via = f" ({client.route}; rungs {', '.join(cfg.rungs)})"
+            self._memory = RungMemory(self._spool.path.parent / RUNG_MEMORY)
+        await self._recall_network()
         limit, limit_of = await asyncio.to_thread(
             lambda: (self._spool.get_state(_LIMIT), self._spool.get_state(_LIMIT_OF)))
         if limit is not None and limit_of == cfg.max_body and self._delivery.min_body <= limit < cfg.max_body:
@@ -470,13 +488,85 @@ class Uploader:
 
     # -- resynchronisation -----------------------------------------------------------------------------------
 
-    async def _resync(self) -> None:
-        """Learn the gateway's acknowledged seq with an empty sealed batch and align the spool to it."""
-        body = await asyncio.to_thread(
+    async def _recall_network(self) -> None:
+        """Which network is this? Start on the rung that worked here last, or race them (unknown network)."""
+        if self._memory is None:
+            return
+        network = await asyncio.to_thread(local_fingerprint)
+        if network == self._network:
+            return
+        self._network = network
+        known = self._memory.get(network)
+        if known is not None and known in self._ladder.rungs:
+            if self._ladder.current != known:
+                logger.info("network %s: using the %s rung that worked here before", network, known)
+            self._ladder.use(known, now=self._clock())
+            self._race = False
+        else:
+            self._race = len(self._rungs) > 1
+
+    async def _empty_batch(self) -> bytes:
+        return await asyncio.to_thread(
             seal_batch, agent_id=self._config.agent_id, key=self._key, first_seq=self._position + 1,
             datagrams=[], nonce=os.urandom(12), agent_info={"acked": self._position},
         )
-        acked = await self._exchange(body, ())
+
+    async def _race_resync(self) -> int:
+        """On a network without a remembered rung: the resync on every rung, starting ``RACE_STAGGER`` apart,
+        best first; the first verified acknowledgement picks the rung, the others are cancelled (their
+        connections closed). An empty batch writes nothing, so a race cannot duplicate anything."""
+        names = list(self._ladder.rungs)
+        hints = Hints(agent_id=self._config.agent_id, backlog=max(0, self._last_seq - self._position),
+                      acked=self._position, what="resync")
+
+        async def attempt(i: int, name: str) -> tuple[str, Sent, Answer]:
+            await asyncio.sleep(i * RACE_STAGGER)
+            body = await self._empty_batch()
+            sent = Sent(nonce=body[_NONCE], size=len(body))
+            self.stats.sent_bytes += len(body)
+            return name, sent, await self._rungs[name].exchange(body, hints)
+
+        self._race = False
+        self.stats.last_attempt = self._clock()
+        outcomes: dict[str, tuple[Sent, Answer]] = {}
+        tasks = [asyncio.ensure_future(attempt(i, name)) for i, name in enumerate(names)]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                name, sent, answer = await next_done
+                outcomes[name] = (sent, answer)
+                if isinstance(answer, Acked) and _verifies(self._key, self._config.agent_id, sent, answer):
+                    break
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        winner = next((n for n in names if n in outcomes and isinstance(outcomes[n][1], Acked)
+                       and _verifies(self._key, self._config.agent_id, *outcomes[n])), None)
+        chosen = winner or names[0]
+        for name, (_, answer) in outcomes.items():
+            if name != winner and not isinstance(answer, Acked):
+                self._ladder.failed[name] = _describe(answer)
+        if winner is not None:
+            lost = "; ".join(f"{n}: {self._ladder.failed[n]}" for n in names if n in self._ladder.failed)
+            logger.info("network %s is new: the rungs raced, %s answered first%s", self._network, winner,
+                        f" ({lost})" if lost else "")
+            if self._ladder.current != winner:
+                self._ladder.use(winner, now=self._clock())
+        sent, answer = outcomes.get(chosen) or outcomes[next(iter(outcomes))]
+        action = self._delivery.answer(sent, answer, draw=self._draw())
+        self._emit(action.notes)
+        self._sync_stats()
+        if not isinstance(action, Commit):
+            self._race = True  # still nothing known about this network: race again next time
+            raise _Failed(action.cause, action.delay)
+        return action.acked
+
+    async def _resync(self) -> None:
+        """Learn the gateway's acknowledged seq with an empty sealed batch and align the spool to it."""
+        if self._race:
+            acked = await self._race_resync()
+        else:
+            acked = await self._exchange(await self._empty_batch(), ())
         self.stats.resyncs += 1
         known, last, first_stored = await asyncio.to_thread(
             lambda: (self._spool.cursor(CURSOR), self._spool.last_seq(), self._spool.stats().first_seq))
@@ -536,7 +626,11 @@ class Uploader:
             self._saved_limit = self._delivery.max_body
             await asyncio.to_thread(self._save_limit, self._saved_limit)
         if not isinstance(action, Commit):
+            if self._delivery.consecutive_failures >= 2:
+                await self._recall_network()  # moved to another network meanwhile?
             raise _Failed(action.cause, action.delay)
+        if batch and self._memory is not None and self._network is not None:
+            await asyncio.to_thread(self._memory.put, self._network, self._ladder.current)
         if batch:
             raw = sum(len(e.datagram.payload) for e in batch)
             self.link.observe(raw, len(body), elapsed, self._choice)
@@ -600,6 +694,23 @@ class Uploader:
             "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
             "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),
         }
+
+
+def _describe(answer: Answer) -> str:
+    """Why a rung lost a race, for the status."""
+    by = getattr(answer, "by", None)
+    cause = getattr(answer, "cause", type(answer).__name__.lower())
+    return f"{by} refuses it ({cause})" if by not in (None, "gateway") else str(cause)
+
+
+def _verifies(key: bytes, agent_id: str, sent: Sent, answer: Answer) -> bool:
+    if not isinstance(answer, Acked):
+        return False
+    try:
+        verify_ack(key, agent_id=agent_id, request_nonce=sent.nonce, acked=answer.acked, tag=answer.tag)
+    except (AuthenticationFailed, ValueError):
+        return False
+    return True
 
 
 def _source(entry: Entry) -> tuple[str, int, int]:

@@ -51,6 +51,13 @@ class Ladder:
     def current(self) -> str:
         return self.rungs[self.index]
 
+    def use(self, rung: str, *, now: float) -> None:
+        """Start on ``rung`` (remembered for this network, or the winner of a race)."""
+        self.index = self.rungs.index(rung)
+        self._since = None if self.index == 0 else now
+        self._repeats = 0
+        self._probing_up = False
+
     def before(self, now: float) -> Switch | None:
         """Before an exchange: time to climb back to the top rung for one try?"""
         if self.index == 0 or self._since is None or now - self._since < self.reprobe_after:

@@ -8,6 +8,7 @@ CA checks, for self-signed gateways). ``PostTransport.exchange`` maps every fail
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 from flowtunnel.agent.config import AgentConfig, mask_url
 from flowtunnel.agent.proxy.discover import parse_proxy_url
-from flowtunnel.agent.transport.answers import Answer, Hints, Rejected, Retry, error_text, from_http
+from flowtunnel.agent.transport.answers import Acked, Answer, Hints, Rejected, Retry, error_text, from_http
 from flowtunnel.agent.transport.http11 import (
     ConnectFailed,
     ConnectionLost,
@@ -42,6 +43,10 @@ __all__ = ["CONTENT_TYPE", "PostTransport", "choose_proxy", "make_client"]
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "application/vnd.flowtunnel.batch"
+# After the gateway proved itself (a probe, or an acknowledgement) on a route, new connections on it go
+# without a probe for this long: proxies that close every connection would otherwise double the requests
+# (and meet the gateway's probe rate limit).
+TRUST_AFTER_ACK = 60.0
 
 
 def choose_proxy(gateway: str, explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -127,6 +132,7 @@ class PostTransport:
         self._key = key
         self._clock = clock
         self.portal: str | None = None  # "captive portal at http://..., login page" while one answers
+        self._trusted_until = 0.0  # until then a new connection on this route needs no probe
 
     @property
     def intercepted(self) -> str | None:
@@ -164,10 +170,19 @@ class PostTransport:
     async def _verified(self, what: str) -> tuple[Answer | None, bool]:
         """Before a body on a new connection (or route), the probe: (an answer to give instead, whether the
         next request must go on the connection just verified)."""
-        if self.client.live:
+        if self.client.live or self._clock() < self._trusted_until:
             return None, False
         refused = await self._probe(what)
-        return refused, refused is None
+        if refused is not None:
+            return refused, False
+        self._trusted_until = self._clock() + TRUST_AFTER_ACK
+        if self.client.forward:
+            # Through a forward proxy the gateway is reached on the proxy's own upstream connections, so
+            # this connection proves nothing more than the route; and some proxies close every connection
+            # after one answer (tinyproxy), without saying so: let that close arrive before reusing it.
+            await asyncio.sleep(0.01)
+            return None, False
+        return None, True
 
     async def _carry(self, batch: bytes, hints: Hints) -> Answer:
         """The rung's own way to carry one batch (raises ``HttpError``)."""
@@ -189,9 +204,13 @@ class PostTransport:
         return self._answer(resp, hints.what)
 
     def _answer(self, resp: Response, what: str) -> Answer:
-        return from_http(resp.status, resp.body, what=what, retry_after=resp.header("retry-after"),
-                         proxy_auth=resp.header("proxy-authenticate") is not None, now=self._clock(),
-                         path=self._path_name())
+        answer = from_http(resp.status, resp.body, what=what, retry_after=resp.header("retry-after"),
+                           proxy_auth=resp.header("proxy-authenticate") is not None, now=self._clock(),
+                           path=self._path_name())
+        # The gateway answered on this route just now: a new connection (a proxy that closes each one)
+        # need not be probed again for a while. Anything else: probe the next new connection.
+        self._trusted_until = self._clock() + TRUST_AFTER_ACK if isinstance(answer, Acked) else 0.0
+        return answer
 
     async def _probe(self, what: str) -> Answer | None:
         """Probe the gateway on a new connection: None when it proved itself, else the answer to give."""

@@ -1,0 +1,103 @@
+"""Which network the agent is on, and the rung that worked there last (remembered across restarts).
+
+The fingerprint is the default route's gateway address (``/proc/net/route``) plus the resolvers
+(``/etc/resolv.conf``): a hotel Wi-Fi, the office LAN and a GPRS modem differ in both, and a box that stays on
+one network keeps them. The parsers are pure (text in); ``RungMemory`` keeps ``{fingerprint: rung}`` in a
+small JSON file in the spool directory (written atomically; a damaged file is forgotten, never fatal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import os
+import socket
+import struct
+from pathlib import Path
+
+__all__ = ["RungMemory", "default_gateway", "fingerprint", "local_fingerprint", "resolvers"]
+
+logger = logging.getLogger(__name__)
+
+MAX_NETWORKS = 64  # networks remembered; the oldest entries go first
+
+
+def default_gateway(route_text: str) -> str | None:
+    """The IPv4 default route's gateway from the text of ``/proc/net/route`` (lowest metric), or None."""
+    best: tuple[int, str] | None = None
+    for line in route_text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8 or fields[1] != "00000000" or fields[7] != "00000000":
+            continue
+        try:
+            gateway = socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
+            metric = int(fields[6])
+        except (ValueError, struct.error, OSError):
+            continue
+        if best is None or metric < best[0]:
+            best = (metric, gateway)
+    return None if best is None else best[1]
+
+
+def resolvers(resolv_text: str) -> list[str]:
+    """The ``nameserver`` addresses of a ``resolv.conf`` text, in order."""
+    found = []
+    for line in resolv_text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            with contextlib.suppress(ValueError):
+                found.append(str(ipaddress.ip_address(fields[1].split("%", 1)[0])))
+    return found
+
+
+def fingerprint(gateway: str | None, servers: list[str]) -> str:
+    """A short stable name for the network: 16 hex characters of SHA-256 over gateway and resolvers."""
+    text = f"gw={gateway or '-'};dns={','.join(servers) or '-'}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[:1 << 20]
+    except OSError:
+        return ""
+
+
+def local_fingerprint(route: Path = Path("/proc/net/route"), resolv: Path = Path("/etc/resolv.conf")) -> str:
+    return fingerprint(default_gateway(_read(route)), resolvers(_read(resolv)))
+
+
+class RungMemory:
+    """``{network fingerprint: rung}`` in ``path`` (JSON). ``get`` / ``put``; never raises for the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._map: dict[str, str] = {}
+        text = _read(path)
+        if text:
+            try:
+                doc = json.loads(text)
+                if isinstance(doc, dict):
+                    self._map = {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str)}
+            except ValueError:
+                logger.warning("forgetting the damaged rung memory %s", path)
+
+    def get(self, network: str) -> str | None:
+        return self._map.get(network)
+
+    def put(self, network: str, rung: str) -> None:
+        if self._map.get(network) == rung:
+            return
+        self._map.pop(network, None)
+        self._map[network] = rung
+        while len(self._map) > MAX_NETWORKS:
+            self._map.pop(next(iter(self._map)))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps(self._map, indent=1, sort_keys=False))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            logger.warning("cannot remember the rung for this network in %s: %s", self.path, exc.strerror)
