@@ -232,7 +232,8 @@ class PostTransport:
             return None
         self.portal = portal
         await self.client.close()  # nothing more goes on a connection that a portal answers
-        return Retry(cause="captive-portal",
+        cause = "captive-portal" if portal.startswith("captive portal") else "probe-unauthenticated"
+        return Retry(cause=cause,
                      detail=f"{what}: {portal}; no batch is sent to it, probing with backoff")
 
     def _portal(self, resp: Response, nonce: bytes) -> str | None:
@@ -250,7 +251,8 @@ class PostTransport:
             try:
                 verify_probe(self._key, self._agent_id, nonce, doc.get("mac"))
             except (AuthenticationFailed, ValueError):
-                return f"an impostor at {self._gateway}: its probe answer does not carry the gateway's MAC"
+                return (f"an answer to the probe at {self._gateway} that fails authentication (not the MAC "
+                        "this agent's key gives): an impostor, or this agent's key is not the one enrolled")
             return None
         title = error_text(resp.body)
         return f"captive portal at {self._gateway}, login page ({title})"
