@@ -195,7 +195,7 @@ async def test_a_refused_connect_is_said_and_the_password_appears_nowhere(
         async with gateway_factory(data, tls_cert=cert, tls_key=cert_key) as gw:
             port = int(gw.url.rsplit(":", 1)[1])
             cfg = config(tmp_path, gw.url, key, proxy=squid.url_with("fieldbox", PASSWORD), ca_file=cert,
-                         reject_backoff=0.2)
+                         reject_backoff=1.0)
             async with uploading(cfg, key, spool) as up:
                 await eventually(lambda: up.stats.failures["proxy-403"] >= 2, "CONNECT refused, twice")
                 said = everything_said(caplog, up)

@@ -78,6 +78,17 @@ class StatusCollector(Collector):
                                doc.get("gateway_acked"))
         yield from self._gauge("last_upload_timestamp_seconds", "Unix time of the last acknowledged upload",
                                agent, upload.get("last_success"))
+        rungs = upload.get("rungs")
+        if isinstance(rungs, dict):
+            rung = GaugeMetricFamily(_P + "upload_rung", "The transport rung in use (1) and the others (0)",
+                                     labels=["agent", "rung"])
+            for name in rungs:
+                rung.add_metric([agent, str(name)], 1.0 if name == upload.get("rung") else 0.0)
+            yield rung
+        yield from self._counter("upload_rung_switches", "Switches between transport rungs since start",
+                                 agent, upload.get("switches"))
+        yield from self._counter("upload_oversize_datagrams", "Datagrams too large for the path's body limit "
+                                 "even alone (kept in the spool)", agent, upload.get("oversize"))
 
     @staticmethod
     def _gauge(name: str, text: str, agent: str, value: object) -> Iterator[Metric]:

@@ -65,3 +65,20 @@ def test_it_climbs_back_periodically_and_steps_down_again_if_the_top_still_fails
     ladder.after(OK, None, now=1204.0)
     assert ladder.current == "post"
     assert ladder.status()["rungs"] == {"post": "good", "get": "good"}
+
+
+def test_the_rung_and_its_switches_are_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from flowtunnel.agent.metrics import StatusCollector
+
+    ladder = Ladder(rungs=("post", "ws", "get"))
+    ladder.after(Rejected(cause="http-403", detail="x", by="the proxy"), "http-403", now=0.0)
+    doc = {"agent_id": "site-a", "upload": {**ladder.status(), "oversize": 1}}
+    registry = CollectorRegistry()
+    registry.register(StatusCollector(lambda: doc))
+    text = generate_latest(registry).decode()
+    assert 'flowtunnel_agent_upload_rung{agent="site-a",rung="ws"} 1.0' in text
+    assert 'flowtunnel_agent_upload_rung{agent="site-a",rung="post"} 0.0' in text
+    assert 'flowtunnel_agent_upload_rung_switches_total{agent="site-a"} 1.0' in text
+    assert 'flowtunnel_agent_upload_oversize_datagrams_total{agent="site-a"} 1.0' in text
