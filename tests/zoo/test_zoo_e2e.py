@@ -3,8 +3,8 @@ the proxy's URL with credentials; nothing about rungs), inside a network namespa
 network under test. Each scenario checks that the gateway's journal holds exactly every datagram sent, in
 order, that ``status`` names the rung, and records the time to the first acknowledged batch.
 
-Networks the agent cannot cross yet are marked ``xfail(strict=True)`` with the capability they wait for:
-the moment one passes, the strict marker fails the run and the marker must go.
+Every network here is crossed (a network the agent cannot cross would be marked ``xfail(strict=True)`` with
+the capability it waits for, so the marker must go the moment it passes).
 """
 
 from __future__ import annotations
@@ -38,8 +38,6 @@ Capture = tuple[Path, list[bytes]]
 USER, DOMAIN, PASSWORD = "alice", "CORP", "zoo-pass"
 CREDS_URL = f"{DOMAIN}%5C{USER}:{PASSWORD}"
 
-NEEDS_NTLM = "needs the agent's own HTTP client with NTLM/Negotiate and the POST-via-proxy rung (issue 10)"
-NEEDS_RUNG_STATUS = "needs the rung named in status (issue 10 item 6)"
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +69,6 @@ def _assert_common(status: dict[str, object], log: str) -> None:
     assert PASSWORD not in status_text(status)
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_NTLM)
 def test_ntlm_proxy_connect_only_to_443(tmp_path: Path, v9_capture: Capture) -> None:
     with Squid(NTLM_443) as sq:
         result = run_zoo(tmp_path, "ntlm-connect-443", v9_capture, expose=_through(sq),
@@ -81,7 +78,6 @@ def test_ntlm_proxy_connect_only_to_443(tmp_path: Path, v9_capture: Capture) -> 
     _assert_common(result.status, result.agent_log)
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_NTLM)
 def test_negotiate_proxy_from_the_environment(tmp_path: Path, v9_capture: Capture) -> None:
     pw = _password_file(tmp_path)
     with Squid(NEGOTIATE) as sq:
@@ -96,7 +92,6 @@ def test_negotiate_proxy_from_the_environment(tmp_path: Path, v9_capture: Captur
     _assert_common(result.status, result.agent_log)
 
 
-@pytest.mark.xfail(strict=True, reason="needs bodies below 64 KB and the rung named in status (issue 10)")
 def test_body_cap_64_kb(tmp_path: Path, v9_capture: Capture) -> None:
     with Squid(BODY_64K) as sq:
         result = run_zoo(tmp_path, "body-64k", v9_capture, expose=_through(sq),
@@ -104,7 +99,6 @@ def test_body_cap_64_kb(tmp_path: Path, v9_capture: Capture) -> None:
         assert result.rung is not None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the content type changed when refused (issue 10 item 2)")
 def test_octet_stream_refused(tmp_path: Path, v9_capture: Capture) -> None:
     with Squid(NO_OCTET) as sq:
         result = run_zoo(tmp_path, "no-octet-stream", v9_capture, expose=_through(sq),
@@ -113,7 +107,6 @@ def test_octet_stream_refused(tmp_path: Path, v9_capture: Capture) -> None:
         assert any(e.status == 200 and e.method == "POST" for e in sq.requests())
 
 
-@pytest.mark.xfail(strict=True, reason="needs the GET-only rung (issue 10 item 2)")
 def test_post_denied(tmp_path: Path, v9_capture: Capture) -> None:
     with Squid(NO_POST) as sq:
         result = run_zoo(tmp_path, "post-denied", v9_capture, expose=_through(sq),
@@ -124,7 +117,6 @@ def test_post_denied(tmp_path: Path, v9_capture: Capture) -> None:
         assert any(e.method == "GET" and e.status == 200 and "/v1/g/" in e.url for e in entries)
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_RUNG_STATUS)
 def test_upgrade_stripped(tmp_path: Path, v9_capture: Capture) -> None:
     with Squid(UPGRADE_STRIPPED) as sq:
         result = run_zoo(tmp_path, "upgrade-stripped", v9_capture, expose=_through(sq),
@@ -132,7 +124,6 @@ def test_upgrade_stripped(tmp_path: Path, v9_capture: Capture) -> None:
         assert result.rung is not None
 
 
-@pytest.mark.xfail(strict=True, reason="needs the WebSocket rung through a proxy passing Upgrade (issue 10)")
 def test_upgrade_allowed_post_denied(tmp_path: Path, v9_capture: Capture) -> None:
     with Squid(UPGRADE_ALLOWED) as sq:
         result = run_zoo(tmp_path, "upgrade-allowed", v9_capture, expose=_through(sq),
@@ -141,7 +132,6 @@ def test_upgrade_allowed_post_denied(tmp_path: Path, v9_capture: Capture) -> Non
         assert "ws" in result.rung.lower() or "websocket" in result.rung.lower()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the captive-portal probe (issue 10 item 4)")
 def test_captive_portal_opens_after_a_few_seconds(tmp_path: Path, v9_capture: Capture) -> None:
     gw_port = free_tcp_port()
     seen: list[str] = []
@@ -163,7 +153,6 @@ def test_captive_portal_opens_after_a_few_seconds(tmp_path: Path, v9_capture: Ca
     assert "portal" in result.agent_log.lower()
 
 
-@pytest.mark.xfail(strict=True, reason="needs --pac and the rung named in status (issue 10 item 3)")
 def test_pac_file_served_on_loopback(tmp_path: Path, v9_capture: Capture) -> None:
     proxy = SquidNetwork(name="pac-proxy")  # no login; CONNECT only to 443
     with Squid(proxy) as sq, Origin(pac_for(sq.port)) as pacs:
@@ -173,7 +162,6 @@ def test_pac_file_served_on_loopback(tmp_path: Path, v9_capture: Capture) -> Non
         assert any(e.status == 200 for e in sq.requests())
 
 
-@pytest.mark.xfail(strict=True, reason="needs --proxy auto (WPAD) and the rung in status (issue 10 item 3)")
 def test_wpad_on_loopback(tmp_path: Path, v9_capture: Capture) -> None:
     proxy = SquidNetwork(name="wpad-proxy")
     with Squid(proxy) as sq, Origin(pac_for(sq.port)) as pacs:
@@ -184,9 +172,6 @@ def test_wpad_on_loopback(tmp_path: Path, v9_capture: Capture) -> None:
         assert any(e.status == 200 for e in sq.requests())
 
 
-# The agent (h5a, not yet on main) judges "a chain the box trusts" with cryptography's web-PKI verifier, which
-# rejects mitmproxy's leaf (no Authority Key Identifier) although OpenSSL, the box's own TLS, accepts it.
-@pytest.mark.xfail(strict=True, reason="needs interception seen for a chain OpenSSL trusts (issue 10 item 5)")
 def test_tls_intercepting_proxy_is_reported_and_crossed(tmp_path: Path, v9_capture: Capture) -> None:
     require_mitmproxy()
     cert = self_signed(tmp_path / "tls")
@@ -205,7 +190,6 @@ def test_tls_intercepting_proxy_is_reported_and_crossed(tmp_path: Path, v9_captu
         assert result.rung is not None
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_NTLM)
 def test_satellite_link_to_an_ntlm_proxy(tmp_path: Path, v9_capture: Capture) -> None:
     with Squid(NTLM_443) as sq, ThreadedLink(upstream=("127.0.0.1", sq.port), http=False, up=SATELLITE,
                                              down=SATELLITE, seed=3) as link:
@@ -214,7 +198,6 @@ def test_satellite_link_to_an_ntlm_proxy(tmp_path: Path, v9_capture: Capture) ->
         assert result.rung is not None
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_RUNG_STATUS)
 def test_basic_proxy_with_credentials_in_the_url(tmp_path: Path, v9_capture: Capture) -> None:
     """The control: the network the agent could always cross."""
     with Squid(BASIC) as sq:

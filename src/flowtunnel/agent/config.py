@@ -92,7 +92,14 @@ class AgentConfig:
     key: str = field(default="", repr=False)
     key_file: Path | None = None
     proxy: str | None = None
-    """Explicit proxy URL (http://user:pass@host:port); without it HTTP_PROXY/HTTPS_PROXY/NO_PROXY apply."""
+    """A proxy URL (http://user:pass@host:port), ``auto`` (HTTP(S)_PROXY/NO_PROXY, then ``pac``, then WPAD,
+    then direct) or ``none`` (direct); unset: HTTP(S)_PROXY/NO_PROXY only."""
+    pac: str | None = None
+    """PAC file (path or http URL) naming the proxy for the gateway, with ``proxy = auto``."""
+    proxy_user: str | None = None
+    """Proxy login (``DOMAIN\\user`` for NTLM) when the proxy URL carries none (found by auto, PAC, WPAD)."""
+    proxy_password_file: Path | None = None
+    """File holding the proxy password for ``proxy_user`` (kept out of command lines and logs)."""
     ca_file: Path | None = None
     pin_sha256: str | None = None
     """SHA-256 of the gateway's DER certificate, hex; alone it replaces CA checks (self-signed gateways)."""
@@ -166,7 +173,12 @@ class AgentConfig:
             if addr in seen:
                 raise ConfigError(f"listen address {text!r} is given twice")
             seen.add(addr)
-        if self.proxy is not None:
+        if self.proxy_password_file is not None and self.proxy_user is None:
+            raise ConfigError("proxy-password-file needs proxy-user")
+        if self.pac is not None and self.proxy not in (None, "auto"):
+            raise ConfigError(f"pac {self.pac!r} needs proxy auto (the proxy is given as "
+                              f"{mask_url(self.proxy)!r})")
+        if self.proxy is not None and self.proxy not in ("auto", "none"):
             px = urlsplit(self.proxy)
             if px.scheme not in ("http", "https") or not px.hostname:
                 raise ConfigError(

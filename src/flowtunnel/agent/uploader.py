@@ -70,7 +70,7 @@ from flowtunnel.agent.transport import (
 from flowtunnel.agent.transport.get import GetTransport
 from flowtunnel.agent.transport.ladder import Ladder, Switch
 from flowtunnel.agent.transport.network import RungMemory, local_fingerprint
-from flowtunnel.agent.transport.post import PostTransport, make_client
+from flowtunnel.agent.transport.post import PostTransport, find_route, make_client
 from flowtunnel.agent.transport.ws import WsTransport
 from flowtunnel.datagram import Datagram
 from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
@@ -208,13 +208,14 @@ class Uploader:
         via = ""
         if not self._rungs:
             kinds = {"post": PostTransport, "get": GetTransport, "ws": WsTransport}
+            route = await find_route(cfg)
             for name in cfg.rungs:
                 # Each rung its own connection: rungs race when the network is new, and a WebSocket holds its
                 # connection for itself.
-                client = make_client(cfg)
+                client = make_client(cfg, route)
                 self._rungs[name] = kinds[name](client, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
                                                 clock=self._clock)
-            via = f" ({client.route}; rungs {', '.join(cfg.rungs)})"
+            via = f" ({client.route}, from {route.source}; rungs {', '.join(cfg.rungs)})"
             self._memory = RungMemory(self._spool.path.parent / RUNG_MEMORY)
         await self._recall_network()
         limit, limit_of = await asyncio.to_thread(

@@ -18,8 +18,12 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--key", "key", "KEY", "the agent's key (ftk1_...) from 'flowtunnel enroll'; prefer --key-file or "
      "the env var FLOWTUNNEL_AGENT_KEY, command lines are visible to other users"),
     ("--key-file", "key_file", "FILE", "file holding the agent's key"),
-    ("--proxy", "proxy", "URL", "HTTP proxy, http://[user:pass@]host:port (Basic, NTLM or Negotiate, as "
-     "the proxy asks; CONNECT for https gateways); without it HTTP_PROXY/HTTPS_PROXY/NO_PROXY apply"),
+    ("--proxy", "proxy", "URL|auto|none", "HTTP proxy, http://[user:pass@]host:port (Basic, NTLM or "
+     "Negotiate, as the proxy asks; CONNECT for https gateways); auto: HTTP(S)_PROXY/NO_PROXY, then --pac, "
+     "then WPAD, then direct; none: direct; unset: HTTP(S)_PROXY/NO_PROXY only"),
+    ("--pac", "pac", "FILE|URL", "PAC file naming the proxy (with --proxy auto)"),
+    ("--proxy-user", "proxy_user", "USER", "proxy login when the proxy URL has none (DOMAIN\\user for NTLM)"),
+    ("--proxy-password-file", "proxy_password_file", "FILE", "file holding the password for --proxy-user"),
     ("--ca-file", "ca_file", "FILE", "PEM file of CA certificates to verify an https gateway with"),
     ("--pin-sha256", "pin_sha256", "HEX", "SHA-256 of the gateway's DER certificate; alone it replaces CA "
      "verification (self-signed gateway), with --ca-file both must pass"),

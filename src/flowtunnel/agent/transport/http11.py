@@ -535,6 +535,8 @@ class HttpClient:
             got = hashlib.sha256(der or b"").hexdigest()
             if got != self._pin:
                 error = pin_mismatch(der or b"", got, self._pin, self._host)
+                if not error.intercepted and await self._box_trusts():
+                    error = pin_mismatch(der or b"", got, self._pin, self._host, trusted=True)
                 if not (error.intercepted and self._on_intercept == "allow"):
                     raise error
                 if self.intercepted is None:
@@ -542,6 +544,23 @@ class HttpClient:
                                    "interceptor sees only the HTTP metadata", error)
                 self.intercepted = error.issuer
         return _Conn(conn.reader, conn.writer)
+
+    async def _box_trusts(self) -> bool:
+        """Whether OpenSSL, with this box's CAs (the system bundle, ``SSL_CERT_FILE``), accepts the chain now
+        presented for the gateway: one more handshake on a new connection, only after a pin mismatch whose
+        leaf cryptography's stricter web-PKI checks refused (mitmproxy's leaves have no key identifiers)."""
+        try:
+            async with asyncio.timeout(self._timeouts.connect * 2):
+                conn = await self._tcp()
+                try:
+                    if self._proxy is not None:
+                        conn = await self._handshake(conn, self._authenticator(), connect=True)
+                    await conn.writer.start_tls(ssl.create_default_context(), server_hostname=self._host)
+                    return True
+                finally:
+                    conn.close()
+        except (HttpError, ssl.SSLError, OSError, TimeoutError):
+            return False
 
 
 def _challenges(answer: Response) -> list[str]:
@@ -571,10 +590,12 @@ def _reason(answer: Response) -> str:
     return f": {text}" if text and text != "(empty body)" else ""
 
 
-def pin_mismatch(der: bytes, got: str, want: str, host: str) -> PinMismatch:
+def pin_mismatch(der: bytes, got: str, want: str, host: str, *, trusted: bool = False) -> PinMismatch:
     """The error for a certificate that is not the pinned one, naming its issuer, and whether this box trusts
-    its chain (then it is interception: a proxy re-signing with a CA the box's administrator installed)."""
-    issuer, trusted = _issuer_and_trust(der, host)
+    its chain (then it is interception: a proxy re-signing with a CA the box's administrator installed).
+    ``trusted``: already known to be trusted (OpenSSL accepted the chain)."""
+    issuer, verified = _issuer_and_trust(der, host)
+    trusted = trusted or verified
     if trusted:
         message = (f"gateway certificate sha256 {got[:4]}… does not match --pin-sha256 {want[:4]}…: TLS "
                    f"interception by {issuer} (a CA this box trusts)")

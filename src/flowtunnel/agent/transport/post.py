@@ -20,7 +20,8 @@ from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 from flowtunnel.agent.config import AgentConfig, mask_url
-from flowtunnel.agent.proxy.discover import parse_proxy_url
+from flowtunnel.agent.proxy.auth import ProxyCredentials
+from flowtunnel.agent.proxy.discover import ProxyRoute, find_routes, parse_proxy_url
 from flowtunnel.agent.transport.answers import Acked, Answer, Hints, Rejected, Retry, error_text, from_http
 from flowtunnel.agent.transport.http11 import (
     ConnectFailed,
@@ -38,7 +39,7 @@ from flowtunnel.errors import ConfigError
 from flowtunnel.wire import AuthenticationFailed
 from flowtunnel.wire.probe import encode_b64url, verify_probe
 
-__all__ = ["CONTENT_TYPE", "PostTransport", "choose_proxy", "make_client"]
+__all__ = ["CONTENT_TYPE", "PostTransport", "choose_proxy", "find_route", "make_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,37 @@ def _bypassed(host: str, no_proxy: str) -> bool:
     return False
 
 
-def make_client(config: AgentConfig) -> HttpClient:
-    """The HTTP client for the gateway as ``config`` says; ``ConfigError`` for an unreadable CA file."""
+async def find_route(config: AgentConfig) -> ProxyRoute:
+    """The way out for ``config``: ``--proxy`` URL, ``none``, ``auto`` (environment, ``--pac``, WPAD, direct:
+    the first route found), or unset (the environment's ``HTTP(S)_PROXY``/``NO_PROXY`` only, no WPAD)."""
+    setting = config.proxy or "auto"
+    try:
+        routes = await find_routes(setting, config.gateway, pac=config.pac, wpad=config.proxy == "auto")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    route = routes[0] if routes else ProxyRoute(proxy=None, source="direct")
+    if route.proxy is not None and route.credentials is None and config.proxy_user is not None:
+        password = ""
+        if config.proxy_password_file is not None:
+            try:
+                password = config.proxy_password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(f"cannot read proxy-password-file {config.proxy_password_file}: "
+                                  f"{exc.strerror}") from None
+        user = config.proxy_user
+        domain, sep, name = user.partition("\\")
+        try:
+            creds = ProxyCredentials(username=name if sep else user, password=password,
+                                     domain=domain if sep else "")
+        except ValueError as exc:
+            raise ConfigError(f"proxy-user: {exc}") from None
+        route = ProxyRoute(proxy=route.proxy, source=route.source, credentials=creds)
+    return route
+
+
+def make_client(config: AgentConfig, route: ProxyRoute | None = None) -> HttpClient:
+    """The HTTP client for the gateway as ``config`` says, through ``route`` (default: the proxy setting read
+    synchronously: an explicit URL or the environment); ``ConfigError`` for an unreadable CA file."""
     context: ssl.SSLContext | None = None
     if urlsplit(config.gateway).scheme == "https":
         try:
@@ -94,8 +124,12 @@ def make_client(config: AgentConfig) -> HttpClient:
             # The pin alone replaces CA verification (a self-signed gateway); checked after the handshake.
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-    proxy = choose_proxy(config.gateway, config.proxy)
-    bare, credentials = parse_proxy_url(proxy) if proxy else (None, None)
+    if route is not None:
+        bare, credentials = route.proxy, route.credentials
+    else:
+        explicit = None if config.proxy in ("auto", "none") else config.proxy
+        proxy = None if config.proxy == "none" else choose_proxy(config.gateway, explicit)
+        bare, credentials = parse_proxy_url(proxy) if proxy else (None, None)
     timeouts = Timeouts(connect=config.connect_timeout, read=config.read_timeout, total=config.total_timeout)
     prefix = urlsplit(config.gateway).path.rstrip("/")
 
