@@ -173,11 +173,6 @@ class AgentConfig:
             if addr in seen:
                 raise ConfigError(f"listen address {text!r} is given twice")
             seen.add(addr)
-        if self.proxy_password_file is not None and self.proxy_user is None:
-            raise ConfigError("proxy-password-file needs proxy-user")
-        if self.pac is not None and self.proxy not in (None, "auto"):
-            raise ConfigError(f"pac {self.pac!r} needs proxy auto (the proxy is given as "
-                              f"{mask_url(self.proxy)!r})")
         if self.proxy is not None and self.proxy not in ("auto", "none"):
             px = urlsplit(self.proxy)
             if px.scheme not in ("http", "https") or not px.hostname:

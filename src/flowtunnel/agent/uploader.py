@@ -67,6 +67,7 @@ from flowtunnel.agent.transport import (
     Transport,
     plan_resync,
 )
+from flowtunnel.agent.transport.answers import GATEWAY, Rejected
 from flowtunnel.agent.transport.get import GetTransport
 from flowtunnel.agent.transport.ladder import Ladder, Switch
 from flowtunnel.agent.transport.network import RungMemory, local_fingerprint
@@ -543,14 +544,29 @@ class Uploader:
             await asyncio.gather(*tasks, return_exceptions=True)
         winner = next((n for n in names if n in outcomes and isinstance(outcomes[n][1], Acked)
                        and _verifies(self._key, self._config.agent_id, *outcomes[n])), None)
+        if winner is not None:
+            # A better rung that lost only to a failure every rung shares (the gateway was not up yet when
+            # its turn came) gets one more try now that the network evidently works.
+            for name in names[:names.index(winner)]:
+                outcome = outcomes.get(name)
+                if outcome is None or (isinstance(outcome[1], Rejected) and outcome[1].by != GATEWAY):
+                    continue
+                body = await self._empty_batch()
+                sent = Sent(nonce=body[_NONCE], size=len(body))
+                self.stats.sent_bytes += len(body)
+                again = await self._rungs[name].exchange(body, hints)
+                outcomes[name] = (sent, again)
+                if _verifies(self._key, self._config.agent_id, sent, again):
+                    winner = name
+                    break
         chosen = winner or names[0]
         for name, (_, answer) in outcomes.items():
-            if name != winner and not isinstance(answer, Acked):
+            if name != winner and not _verifies(self._key, self._config.agent_id, *outcomes[name]):
                 self._ladder.failed[name] = _describe(answer)
         if winner is not None:
-            lost = "; ".join(f"{n}: {self._ladder.failed[n]}" for n in names if n in self._ladder.failed)
+            why = "; ".join(f"{n}: {self._ladder.failed[n]}" for n in names if n in self._ladder.failed)
             logger.info("network %s is new: the rungs raced, %s answered first%s", self._network, winner,
-                        f" ({lost})" if lost else "")
+                        f" ({why})" if why else "")
             if self._ladder.current != winner:
                 self._ladder.use(winner, now=self._clock())
         sent, answer = outcomes.get(chosen) or outcomes[next(iter(outcomes))]

@@ -115,7 +115,8 @@ def make_client(config: AgentConfig, route: ProxyRoute | None = None) -> HttpCli
     """The HTTP client for the gateway as ``config`` says, through ``route`` (default: the proxy setting read
     synchronously: an explicit URL or the environment); ``ConfigError`` for an unreadable CA file."""
     context: ssl.SSLContext | None = None
-    if urlsplit(config.gateway).scheme == "https":
+    if urlsplit(config.gateway).scheme == "https" or config.ca_file is not None:
+        # A CA file given for an http:// gateway is still read, so a typo shows at start, not at a switch.
         try:
             context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
         except (OSError, ssl.SSLError) as exc:
