@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from flowtunnel.agent.transport import Commit
 from flowtunnel.agent.transport.network import local_fingerprint
 from flowtunnel.agent.uploader import CURSOR, Uploader
 from flowtunnel.datagram import Datagram
@@ -424,3 +425,42 @@ async def test_the_websocket_rung_delivers_exactly_once(
         if squid is not None:
             squid.__exit__(None, None, None)
     spool.close()
+
+
+async def test_one_batch_in_flight_on_three_rungs_is_stored_once(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """The same sealed batch goes at once by POST, WebSocket and GET pieces (what a switch while a batch is
+    in flight amounts to): every rung gets an authentic acknowledgement, the journal holds it once."""
+    import asyncio
+    import os
+
+    from flowtunnel.agent.transport import Delivery, Hints, Sent
+    from flowtunnel.agent.transport.get import GetTransport
+    from flowtunnel.agent.transport.post import PostTransport, make_client
+    from flowtunnel.agent.transport.ws import WsTransport
+    from flowtunnel.wire import seal_batch
+
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(50, seed=31)
+    body = seal_batch(agent_id=AGENT, key=key, first_seq=1, datagrams=sent, nonce=os.urandom(12),
+                      agent_info={"acked": 0, "spool_first": 1})
+    async with gateway_factory(data) as gw:
+        cfg = config(tmp_path, gw.url, key)
+        rungs = [kind(make_client(cfg), gw.url, agent_id=AGENT, key=key)
+                 for kind in (PostTransport, WsTransport, GetTransport)]
+        hints = Hints(agent_id=AGENT, backlog=0, acked=0, what="batch 1..50")
+        try:
+            answers = await asyncio.gather(*(rung.exchange(body, hints) for rung in rungs))
+        finally:
+            for rung in rungs:
+                await rung.close()
+        delivery = Delivery(agent_id=AGENT, key=key, max_body=1 << 20, min_body=4000, backoff_base=0.1,
+                            backoff_cap=1.0, reject_backoff=60.0, wants_resync=False)
+        for answer in answers:
+            action = delivery.answer(Sent(nonce=body[32:44], size=len(body), first=1, last=50, datagrams=50),
+                                     answer, draw=0.5)
+            assert action == Commit(acked=50, resync=False), (answer, action)
+        assert_exactly_once(gw, sent)
+        assert gw.metrics.agents[AGENT].duplicates == 100
