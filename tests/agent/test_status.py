@@ -99,3 +99,21 @@ def test_render_shows_spool_health() -> None:
         "DISK FULL (appends held until space is freed), "
         "2 torn write-ahead log tails found on open (see the log)"
     )
+
+
+def test_render_names_the_rung_why_others_failed_and_what_the_path_did() -> None:
+    doc = {
+        "agent_id": "site-a", "pid": 1, "updated": 0.0,
+        "upload": {"rung": "get", "route": "proxy http://127.0.0.1:3128 (absolute URI)",
+                   "rungs": {"post": "failed: the proxy http://127.0.0.1:3128 refuses it (http-403)",
+                             "ws": "untried", "get": "good"},
+                   "captive_portal": "captive portal at http://gw:8080, login page (Hotel Wi-Fi)",
+                   "intercepted_by": "CN=Corp CA", "body_limit_by": "the proxy http://127.0.0.1:3128",
+                   "max_body": 61440, "oversize": 1},
+    }
+    text = render(doc, now=0.0)
+    assert "get (proxy http://127.0.0.1:3128 (absolute URI)); post failed: the proxy" in text
+    assert "captive portal at http://gw:8080, login page (Hotel Wi-Fi)" in text
+    assert "by CN=Corp CA" in text
+    assert "imposed by the proxy http://127.0.0.1:3128" in text
+    assert "1 datagrams too large" in text

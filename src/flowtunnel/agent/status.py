@@ -118,6 +118,19 @@ def _get(doc: Mapping[str, Any], *path: str) -> Any:
     return cur
 
 
+def _rung(status: Mapping[str, Any]) -> str:
+    """The rung in use, its route, and why the others are not used."""
+    rung = _get(status, "upload", "rung")
+    route = _get(status, "upload", "route")
+    text = f"{rung}" + (f" ({route})" if route else "")
+    others = _get(status, "upload", "rungs")
+    if isinstance(others, Mapping):
+        notes = [f"{name} {state}" for name, state in others.items() if name != rung and state != "untried"]
+        if notes:
+            text += "; " + "; ".join(notes)
+    return text
+
+
 def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
     """A few aligned lines: identity, backlog, last upload, rates, compression, drops, exporters."""
     now = time.time() if now is None else now
@@ -131,6 +144,22 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
     rows.append(("listen", ", ".join(status.get("listen") or []) or "-"))
     rows.append(("gateway", f"{status.get('gateway', '-')}"
                  + (f" via {_get(status, 'upload', 'proxy')}" if _get(status, "upload", "proxy") else "")))
+    rung = _get(status, "upload", "rung")
+    if rung:
+        rows.append(("rung", _rung(status)))
+    for label, key in (("captive portal", "captive_portal"), ("TLS intercepted", "intercepted_by"),
+                       ("body limit", "body_limit_by")):
+        value = _get(status, "upload", key)
+        if value:
+            if key == "body_limit_by":
+                value = f"{_size(_get(status, 'upload', 'max_body'))}, imposed by {value}"
+            elif key == "intercepted_by":
+                value = f"by {value}"
+            rows.append((label, str(value)))
+    oversize = _get(status, "upload", "oversize")
+    if oversize:
+        rows.append(("oversize", f"{oversize} datagrams too large for the path's body limit even alone "
+                     "(kept)"))
     rows.append(("gateway acked", f"seq {status.get('gateway_acked')}"
                  if status.get("gateway_acked") is not None else "unknown (not reached yet)"))
     backlog_n, backlog_b = _get(status, "backlog", "datagrams"), _get(status, "backlog", "bytes")
