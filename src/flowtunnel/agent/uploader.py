@@ -1,7 +1,8 @@
 """The uploader: reads the spool from the gateway's acknowledged seq, seals batches, hands them to a transport
 (``flowtunnel.agent.transport``: POST, WebSocket or GET-only pieces, chosen by the ladder), trims on ack. The
 delivery protocol's rules (resync, backoff, body limit, oversize) are the pure
-``transport.delivery.Delivery``; this module does the I/O around it (spool, sealing, budgets, the race of rungs on a new network).
+``transport.delivery.Delivery``; this module does the I/O around it (spool, sealing, budgets, the race of
+rungs on a new network).
 
 One request is in flight at a time, so batches arrive in order and an ack covers everything before it. Batch
 size adapts: when the spool holds more than one batch (a backlog after an outage) full batches go back to
