@@ -16,10 +16,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from flowtunnel.agent.config import AgentConfig, load_key, parse_host_port
-from flowtunnel.agent.metrics import AgentMetricsServer
 from flowtunnel.agent.receiver import Receiver
 from flowtunnel.agent.uploader import Uploader
 from flowtunnel.datadir import create_private_file, prepare_private_dir
@@ -27,6 +26,9 @@ from flowtunnel.errors import ConfigError, describe_os_error
 from flowtunnel.log import DurableLog, LogConfig, LogError, LogStats
 from flowtunnel.runtime import OnceLogger, TaskSet
 from flowtunnel.statusfile import write_json_atomic
+
+if TYPE_CHECKING:  # aiohttp (its server) is imported only when --metrics-listen asks for it
+    from flowtunnel.agent.metrics import AgentMetricsServer
 
 __all__ = ["SPOOL_FILE", "STATUS_FILE", "AgentService", "run_agent"]
 
@@ -106,6 +108,8 @@ class AgentService:
                 raise ConfigError(str(exc.strerror or exc)) from None
             await self._uploader.open()
             if cfg.metrics_listen is not None:
+                from flowtunnel.agent.metrics import AgentMetricsServer
+
                 host, port = parse_host_port(cfg.metrics_listen, what="metrics-listen")
                 self._metrics = AgentMetricsServer(host, port, lambda: self._last_status)
                 await self._metrics.start()
