@@ -79,7 +79,9 @@ _MAX_RESPONSE = 64 * 1024
 _TITLE_RE = re.compile(r"<title>([^<]{1,200})</title>", re.IGNORECASE)
 _INFO_KEY = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")  # what seal_batch accepts as an agent info key
 MAX_SOURCES = 1000  # distinct (exporter, port, local port) per batch, below the gateway's default 1024
-_BUDGET_DAY, _BUDGET_USED = "budget:day", "budget:used"
+# Spool state keys of the daily budget: "budget:<UTC day number>" = bytes spent that day. (Before, one pair
+# "budget:day" / "budget:used" held the current day only; still read.)
+_BUDGET_PREFIX, _BUDGET_DAY, _BUDGET_USED = "budget:", "budget:day", "budget:used"
 _NONCE = slice(32, 44)  # the nonce in a sealed batch's header (docs/protocol.md, section 1.1)
 _CODEC = 6  # the codec byte in a sealed batch's header
 # Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 4 when bytes cost more than
@@ -204,10 +206,8 @@ class Uploader:
         self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=True)
         self._position = await asyncio.to_thread(self._spool.cursor, CURSOR)
         self._last_seq = await asyncio.to_thread(self._spool.last_seq)
-        day = await asyncio.to_thread(self._spool.get_state, _BUDGET_DAY)
-        used = await asyncio.to_thread(self._spool.get_state, _BUDGET_USED)
-        if day is not None and used is not None:
-            self._budget.day, self._budget.used = day, used
+        saved = await asyncio.to_thread(self._spool.states, _BUDGET_PREFIX)
+        self._budget.spent.update(_budget_days(saved))
         via = f" via proxy {mask_url(cfg.proxy)}" if cfg.proxy else ""
         logger.info("uploading to %s%s as agent %s", self._url, via, cfg.agent_id)
 
@@ -450,8 +450,13 @@ class Uploader:
             await asyncio.to_thread(self._save_budget)
 
     def _save_budget(self) -> None:
-        self._spool.set_state(_BUDGET_DAY, self._budget.day)
-        self._spool.set_state(_BUDGET_USED, self._budget.used)
+        spent = self._budget.spent
+        day = next(reversed(spent))  # the day just spent on
+        self._spool.set_state(f"{_BUDGET_PREFIX}{day}", spent[day])
+        for key in self._spool.states(_BUDGET_PREFIX):
+            suffix = key[len(_BUDGET_PREFIX):]
+            if not (suffix.isascii() and suffix.isdigit() and int(suffix) in spent):
+                self._spool.delete_state(key)  # a day forgotten, or the old single-day keys
 
     def _commit(self, acked: int) -> None:
         """Record the gateway's mark and trim what it holds (runs in a worker thread)."""
@@ -674,6 +679,19 @@ class Uploader:
             "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
             "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),
         }
+
+
+def _budget_days(saved: Mapping[str, int]) -> dict[int, int]:
+    """The daily budget's spend by UTC day from the spool's ``budget:*`` state keys (oldest day first)."""
+    days: dict[int, int] = {}
+    legacy = saved.get(_BUDGET_DAY), saved.get(_BUDGET_USED)
+    if legacy[0] is not None and legacy[1] is not None:
+        days[legacy[0]] = legacy[1]
+    for key, used in saved.items():
+        suffix = key[len(_BUDGET_PREFIX):]
+        if suffix.isascii() and suffix.isdigit():
+            days[int(suffix)] = max(used, days.get(int(suffix), 0))
+    return dict(sorted(days.items()))
 
 
 def _source(entry: Entry) -> tuple[str, int, int]:
