@@ -158,7 +158,8 @@ def test_daily_budget_forgets_only_the_least_recently_spent_days() -> None:
     for d in range(BUDGET_DAYS + 5):
         budget.spend(100, now=d * 86400.0)
     assert len(budget.spent) == BUDGET_DAYS
-    assert budget.used(4 * 86400.0) == 0 and budget.used(5 * 86400.0) == 100
+    assert budget.used(4 * 86400.0) == 0
+    assert budget.used(5 * 86400.0) == 100
 
 
 @settings(max_examples=300, deadline=None)

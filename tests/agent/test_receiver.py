@@ -514,7 +514,8 @@ class _CappedSocket:
     (22, "SO_RCVBUFFORCE failed: Invalid argument"),
 ])
 def test_receive_buffer_shortfall_says_what_failed(spool: DurableLog, error: int, why: str) -> None:
-    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=16 << 20, buffer_limit=10, commit_interval=0.01)
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=16 << 20, buffer_limit=10,
+                  commit_interval=0.01)
     given, short = rx._set_rcvbuf(_CappedSocket(4 << 20, error))  # type: ignore[arg-type]
     assert given == 8 << 20
     assert short == f"SO_RCVBUF capped at {8 << 20} bytes by net.core.rmem_max and {why}"

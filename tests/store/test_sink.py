@@ -12,9 +12,13 @@ import duckdb
 import pytest
 
 from flowtunnel.datagram import Datagram
+from flowtunnel.gateway.notify import JournalNotify
+from flowtunnel.gateway.status import render as render_gateway
 from flowtunnel.netflow import FieldSpec, Template, encode_v9
+from flowtunnel.runtime import TaskSet
 from flowtunnel.store import StoreSink
 from flowtunnel.store.errors import StoreError
+from tests.agent.conftest import eventually
 from tests.conftest import require
 from tests.peers import SoftflowdExport, TraceSummary, capture_softflowd
 from tests.store._support import (
@@ -254,3 +258,49 @@ async def test_ipv6_exporters_are_stored_by_address(tmp_path: Path) -> None:
     conn.close()
     assert rows == [("192.0.2.1", 1), ("2001:db8::7", 2)]
     assert set(exporter_stats(sink)) == {"192.0.2.1", "2001:db8::7"}
+
+
+async def test_a_sink_whose_every_commit_fails_says_so_in_status(tmp_path: Path) -> None:
+    """Issue 17.11: the store sink showed ``running`` while every commit failed."""
+    journal = fill_journal(tmp_path / "journal.sqlite", [_dg(_v9(0, template=True, records=3, base=0))])
+    sink = StoreSink(data_dir=tmp_path / "data", retry_delay=0.02)
+    real_open = sink._open
+    failing = True
+
+    def open_with_failing_commits() -> None:
+        real_open()
+        db = sink._db
+        assert db is not None
+        real_commit = db.commit
+
+        def commit(**kwargs: Any) -> None:
+            if failing:
+                raise StoreError("flow store: commit of cursor 1 failed: injected disk full")
+            real_commit(**kwargs)
+
+        db.commit = commit  # type: ignore[method-assign]
+
+    sink._open = open_with_failing_commits  # type: ignore[method-assign]
+    notify = JournalNotify(journal.last_seq())
+    tasks = TaskSet()
+    tasks.spawn(sink.run(journal, notify), name="store-sink")
+    try:
+        await eventually(lambda: sink.commit_failures >= 3, "three failed commits")
+        status = sink.status()
+        since = status["failing_since"]
+        assert isinstance(since, float)
+        assert "injected disk full" in str(status["last_error"])
+        text = render_gateway({"kind": "gateway", "sinks": {"store": status}}, now=since + 75)
+        [line] = [x for x in text.splitlines() if x.strip().startswith("store ") and "failing" not in x]
+        assert "FAILING" in line
+        assert "running" not in line
+        assert "store commits failing since" in text
+        assert "(75 s ago)" in text
+        failing = False
+        await eventually(
+            lambda: sink.cursor == journal.last_seq() and sink.status()["failing_since"] is None, "recovered"
+        )
+        assert "FAILING" not in render_gateway({"kind": "gateway", "sinks": {"store": sink.status()}})
+    finally:
+        await tasks.close()
+        journal.close()

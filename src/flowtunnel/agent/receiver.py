@@ -363,7 +363,8 @@ class Receiver:
                 return given, f"{capped} and SO_RCVBUFFORCE not permitted (needs CAP_NET_ADMIN)"
             return given, f"{capped} and SO_RCVBUFFORCE failed: {exc.strerror}"
         forced = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
-        logger.info("SO_RCVBUF capped at %d bytes by net.core.rmem_max; SO_RCVBUFFORCE gave %d", given, forced)
+        logger.info("SO_RCVBUF capped at %d bytes by net.core.rmem_max; SO_RCVBUFFORCE gave %d",
+                    given, forced)
         if forced < asked * _RCVBUF_FACTOR:
             return forced, f"{capped} and SO_RCVBUFFORCE gave only {forced} bytes"
         return forced, None

@@ -103,9 +103,11 @@ class UploaderStats:
     body_bytes: int = 0  # request body bytes acknowledged (the compressed, sealed form)
     sent_bytes: int = 0  # request body bytes put on the wire, failed attempts included
     failures: Counter[str] = field(default_factory=Counter)
-    consecutive_failures: int = 0
+    consecutive_failures: int = 0  # failed attempts since data was last acknowledged (or nothing was left)
     last_attempt: float | None = None
-    last_success: float | None = None
+    last_success: float | None = None  # the gateway last answered 200 (a resync or a batch)
+    last_ack: float | None = None  # the gateway last acknowledged datagrams (a batch, not a resync)
+    unacked_since: float | None = None  # the first failure since data was last acknowledged; None: no episode
     last_result: str = "none"
     gateway_acked: int | None = None
     gateway_lost: int = 0  # acknowledged earlier, then lost by the gateway, and no longer in the spool
@@ -292,6 +294,7 @@ class Uploader:
         self._wake.clear()
         entries = await self._read()
         if not entries:
+            self._caught_up()
             return False
         if not draining and entries[-1].seq >= self._last_seq:
             # Caught up: let more datagrams gather, up to the latency target since the last send.
@@ -306,6 +309,7 @@ class Uploader:
         await self._throttle(len(body))
         self._last_send = time.monotonic()
         acked = await self._post(body, batch)
+        self._acknowledged()
         self._resync_streak = 0
         raw = sum(len(e.datagram.payload) for e in batch)
         self._sizer.observe(raw, len(body))
@@ -611,6 +615,8 @@ class Uploader:
                                       cap=self._config.backoff_cap, draw=self._draw())
             self._resync_streak += 1
             st.consecutive_failures += 1
+            if st.unacked_since is None:
+                st.unacked_since = self._clock()
             raise _Failed("resync", delay)
         if outcome is Outcome.TOO_LARGE and self._sizer.shrink(MIN_BODY):
             logger.warning("%s; lowering the body limit to %d bytes", detail, self._sizer.max_body)
@@ -643,15 +649,38 @@ class Uploader:
                 delay = retry_after
             self._once.warning(cause, "upload failed (%s); retrying with backoff", detail)
         st.consecutive_failures += 1
+        if st.unacked_since is None:
+            st.unacked_since = self._clock()
         return _Failed(cause, delay)
 
     def _succeeded(self) -> None:
+        """A 200 (a resync or a batch). Only an acknowledged batch (``_acknowledged``), or finding nothing
+        left to send (``_caught_up``), ends a failure episode: a gateway that answers every resync but
+        refuses every batch (503, journal full) must not look healthy, nor reset the backoff."""
         st = self.stats
-        if st.consecutive_failures:
-            logger.info("gateway reachable again after %d failed attempts", st.consecutive_failures)
-        st.consecutive_failures = 0
         st.last_success = self._clock()
         st.last_result = "ok"
+
+    def _acknowledged(self) -> None:
+        """The gateway acknowledged a batch of datagrams."""
+        st = self.stats
+        now = self._clock()
+        if st.consecutive_failures:
+            since = "" if st.unacked_since is None else f" ({now - st.unacked_since:.0f} s without an ack)"
+            logger.info("gateway acknowledging data again after %d failed attempts%s",
+                        st.consecutive_failures, since)
+        st.consecutive_failures = 0
+        st.unacked_since = None
+        st.last_ack = now
+
+    def _caught_up(self) -> None:
+        """Nothing left to send after a successful resync: whatever failed before, nothing is waiting."""
+        st = self.stats
+        if st.consecutive_failures and not self._need_resync:
+            logger.info("gateway reachable again after %d failed attempts; nothing waiting",
+                        st.consecutive_failures)
+            st.consecutive_failures = 0
+            st.unacked_since = None
 
     # -- status ----------------------------------------------------------------------------------------------
 
@@ -669,6 +698,8 @@ class Uploader:
             "compression_ratio": round(st.raw_bytes / st.body_bytes, 2) if st.body_bytes else None,
             "last_attempt": st.last_attempt,
             "last_success": st.last_success,
+            "last_ack": st.last_ack,
+            "unacked_since": st.unacked_since,
             "last_result": st.last_result,
             "consecutive_failures": st.consecutive_failures,
             "next_attempt": st.next_attempt,

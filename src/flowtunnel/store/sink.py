@@ -174,6 +174,9 @@ class StoreSink:
         self.commits = 0
         self.commit_failures = 0
         self.last_commit: float | None = None
+        # The first failed commit since the last one that succeeded (None: commits succeed), and its error.
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
         self.retention_dropped = 0
         self.retention_last: float | None = None
         self.running = False
@@ -252,6 +255,9 @@ class StoreSink:
             await self._shielded(commit)
         except StoreError as exc:
             self.commit_failures += 1
+            self.last_error = str(exc)
+            if self.failing_since is None:
+                self.failing_since = time.time()
             # Queries share the instance's memory: one at the cap makes commits fail. Ingest comes first.
             interrupted = self._server.interrupt_all() if self._server is not None else 0
             log.error("%s; reloading the last committed state, retrying in %g s%s", exc, self.retry_delay,
@@ -259,6 +265,10 @@ class StoreSink:
             await self._work(self._load)
             await asyncio.sleep(self.retry_delay)
             return False
+        if self.failing_since is not None:
+            log.info("store: commits succeed again after %d failures since %s", self.commit_failures,
+                     dt.datetime.fromtimestamp(self.failing_since, dt.UTC).isoformat(timespec="seconds"))
+            self.failing_since = self.last_error = None
         self._after_commit(journal)
         return True
 
@@ -548,6 +558,8 @@ class StoreSink:
             "rows_added": self.rows_added,
             "commits": self.commits,
             "commit_failures": self.commit_failures,
+            "failing_since": self.failing_since,
+            "last_error": self.last_error,
             "last_commit": self.last_commit,
             "retain_seconds": self.retain_seconds,
             "retention_dropped": self.retention_dropped,
