@@ -596,3 +596,24 @@ def test_every_counter_survives_a_reopen_after_appends_that_change_some_of_them(
         st = lg.stats()
         assert dataclasses.replace(st, file_bytes=0) == dataclasses.replace(before, file_bytes=0)
         assert (st.last_seq, st.entries, st.bytes, st.dropped_oldest, st.refused) == (7, 4, 4 * one, 3, 1)
+
+
+def test_appended_time_is_stored_per_entry_and_a_version_1_log_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "log.sqlite"
+    with DurableLog(LogConfig(path=path, quota_bytes=0)) as lg:
+        lg.append([dg(1), dg(2)], stream="a", appended_ns=123)
+    # What a version 1 log looks like: no appended_ns column.
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE entries DROP COLUMN appended_ns")
+    db.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with DurableLog(LogConfig(path=path, quota_bytes=0)) as lg:
+        lg.append([dg(3)], stream="a", appended_ns=456)
+        lg.append([dg(4)], stream="a")
+        entries = lg.read(after=0)
+    assert [e.appended_ns for e in entries] == [None, None, 456, None]
+    assert [e.datagram for e in entries] == [dg(1), dg(2), dg(3), dg(4)]
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (2,)
+    db.close()

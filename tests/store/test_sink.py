@@ -14,6 +14,7 @@ import pytest
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway.notify import JournalNotify
 from flowtunnel.gateway.status import render as render_gateway
+from flowtunnel.log import DurableLog, LogConfig
 from flowtunnel.netflow import FieldSpec, Template, encode_v9
 from flowtunnel.runtime import TaskSet
 from flowtunnel.store import StoreSink
@@ -304,3 +305,34 @@ async def test_a_sink_whose_every_commit_fails_says_so_in_status(tmp_path: Path)
     finally:
         await tasks.close()
         journal.close()
+
+
+async def test_retention_and_received_use_the_gateways_clock_not_the_agents(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 17.8, with the gateway's ``--retain 300s``: an agent 1 h slow had fresh flows deleted 30 s after
+    they arrived; one 2 h fast had its flows kept 2 h too long. ``received`` is the gateway's receive time
+    (journaled with the entry), ``agent_received`` the agent's."""
+    now = time.time_ns()
+    hour = 3600 * 10**9
+    journal = DurableLog(LogConfig(path=tmp_path / "journal.sqlite", quota_bytes=0))
+    # Just arrived from an agent 1 h slow: its clock says an hour ago.
+    journal.append([_dg(_v9(0, template=True, records=3, base=0), received_ns=now - hour)],
+                   stream="slow", stream_seqs=[1], appended_ns=now)
+    # Arrived 400 s ago (beyond retention) from an agent 2 h fast: its clock says 2 h from now, less 400 s.
+    journal.append([_dg(_v9(0, template=True, records=2, base=10), received_ns=now + 2 * hour - 400 * 10**9)],
+                   stream="fast", stream_seqs=[1], appended_ns=now - 400 * 10**9)
+    sink = StoreSink(data_dir=tmp_path / "data", retain_seconds=300, retention_interval=0.05)
+    with caplog.at_level(logging.INFO, logger="flowtunnel.store"):
+        await run_sink_until(sink, journal)
+        deadline = time.monotonic() + 10
+        while sink.retention_dropped < 2 and time.monotonic() < deadline:
+            await run_sink_until(sink, journal)
+    journal.close()
+    assert sink.retention_dropped == 2  # the fast agent's two flows, received 400 s ago by the gateway
+    conn = duckdb.connect(str(sink.paths.database), read_only=True)
+    rows = conn.execute(
+        "SELECT agent, epoch_us(received), epoch_us(agent_received) FROM flows ORDER BY agent"
+    ).fetchall()
+    conn.close()
+    assert rows == [("slow", now // 1000, (now - hour) // 1000)] * 3  # fresh flows of the slow agent kept

@@ -398,7 +398,8 @@ class Uploader:
                 templates.learn(e.datagram.payload)
                 self._learned = e.seq
         # The drops also travel sealed (authenticated), as "dropped:<cause>"; the header copy is for proxies.
-        info = {"acked": self._position}
+        # "clock_ms": this agent's clock; the gateway reports how far off it is (and acts on its own).
+        info = {"acked": self._position, "clock_ms": max(0, int(self._clock() * 1000))}
         info.update((f"dropped:{k}", v) for k, v in sorted(self._dropped().items())
                     if v and _INFO_KEY.fullmatch(f"dropped:{k}"))
         while True:

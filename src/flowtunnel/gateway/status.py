@@ -57,6 +57,19 @@ def _counts(d: object) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if v)
 
 
+def _skew(value: object) -> str:
+    """An agent's clock minus the gateway's: "-" under a second (or unknown), else signed with a unit."""
+    if not isinstance(value, int | float) or abs(value) < 1:
+        return "-"
+    sign = "+" if value > 0 else "-"
+    value = abs(float(value))
+    if value < 120:
+        return f"{sign}{value:.0f} s"
+    if value < 5400:
+        return f"{sign}{value / 60:.0f} min"
+    return f"{sign}{value / 3600:.1f} h"
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     out = ["  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
@@ -106,10 +119,11 @@ def render(
             _counts({**(a.get("rejected") or {}),
                      **({"replayed": a["replayed"]} if a.get("replayed") else {}),
                      **({"NONCE_REUSE": a["nonce_reused"]} if a.get("nonce_reused") else {})}),
+            _skew(a.get("clock_skew_s")),
         ])
     if rows:
         lines += _table(["agent", "state", "last seen", "acked", "datagrams", "http in", "ratio", "backlog",
-                         "journal", "drops", "rejected / replayed"], rows)
+                         "journal", "drops", "rejected / replayed", "clock skew"], rows)
     else:
         lines.append("  none enrolled (flowtunnel enroll NAME --data DIR)")
 

@@ -46,7 +46,7 @@ _T = TypeVar("_T")
 #: integers, b-tree cell and page slack). Used for the quota, which is tracked incrementally.
 ENTRY_OVERHEAD = 48
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: entries.appended_ns (1 is migrated on open)
 _SQLITE_FULL = 13
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS entries (
     exporter TEXT NOT NULL,
     exporter_port INTEGER NOT NULL,
     local_port INTEGER NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    appended_ns INTEGER
 );
 CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -73,7 +74,7 @@ _COST_SQL = (
 )
 _INSERT = (
     "INSERT INTO entries (seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, "
-    "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "payload, appended_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT = "INSERT INTO {} VALUES (?, ?) ON CONFLICT({}) DO UPDATE SET {} = excluded.{}"
 _UPSERT_META = _UPSERT.format("meta (key, value)", "key", "value", "value")
@@ -85,7 +86,7 @@ _UPSERT_STATE = _UPSERT.format("state (key, value)", "key", "value", "value")
 _DELETE_STATE = "DELETE FROM state WHERE key = ?"
 _UPSERT_CURSOR = _UPSERT.format("cursors (name, seq)", "name", "seq", "seq")
 _SELECT = (
-    "SELECT seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, payload "
+    "SELECT seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, payload, appended_ns "
     "FROM entries WHERE seq > ? ORDER BY seq LIMIT ?"
 )
 
@@ -148,12 +149,17 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stored datagram: its log ``seq``, and the ``stream``/``stream_seq`` it was appended under."""
+    """One stored datagram: its log ``seq``, and the ``stream``/``stream_seq`` it was appended under.
+
+    ``appended_ns`` is the appender's wall clock (Unix ns) when it appended the entry, if it gave one: the
+    gateway's receive time in its journal, where ``datagram.received_ns`` is the agent's clock.
+    """
 
     seq: int
     stream: str
     stream_seq: int | None
     datagram: Datagram
+    appended_ns: int | None = None
 
 
 # ``read`` builds entries by setting the slots of this frozen dataclass through their descriptors, as
@@ -163,8 +169,8 @@ _new = object.__new__
 _GET_TIME, _GET_EXPORTER, _GET_EXPORTER_PORT, _GET_LOCAL_PORT, _GET_PAYLOAD = (
     attrgetter(name) for name in ("received_ns", "exporter", "exporter_port", "local_port", "payload")
 )
-_SET_SEQ, _SET_STREAM, _SET_STREAM_SEQ, _SET_DATAGRAM = (
-    getattr(Entry, name).__set__ for name in ("seq", "stream", "stream_seq", "datagram")
+_SET_SEQ, _SET_STREAM, _SET_STREAM_SEQ, _SET_DATAGRAM, _SET_APPENDED = (
+    getattr(Entry, name).__set__ for name in ("seq", "stream", "stream_seq", "datagram", "appended_ns")
 )
 
 
@@ -347,6 +353,12 @@ class DurableLog:
                 meta = {"schema_version": _SCHEMA_VERSION, "next_seq": 1, "bytes": 0, "entries": 0,
                         "dropped_oldest": 0, "refused": 0}
                 db.executemany(_UPSERT_META, list(meta.items()))
+            elif version == 1:
+                # 1 → 2: the appender's clock per entry; entries of a version 1 log have none (NULL).
+                columns = {r[1] for r in db.execute("PRAGMA table_info(entries)")}
+                if "appended_ns" not in columns:
+                    db.execute("ALTER TABLE entries ADD COLUMN appended_ns INTEGER")
+                db.execute(_UPSERT_META, ("schema_version", _SCHEMA_VERSION))
             elif version != _SCHEMA_VERSION:
                 raise LogError(
                     f"log {self.path} has schema version {version}, this flowtunnel reads {_SCHEMA_VERSION}",
@@ -402,8 +414,12 @@ class DurableLog:
         stream_seqs: Sequence[int] | None = None,
         state: Mapping[str, int] | None = None,
         atomic: bool = False,
+        appended_ns: int | None = None,
     ) -> AppendResult:
         """Append ``datagrams`` in order and apply ``state`` updates, all in one transaction.
+
+        ``appended_ns`` (the caller's wall clock, Unix ns) is stored with every entry of this call and read
+        back as ``Entry.appended_ns``: the gateway's receive time, which its sinks act on.
 
         ``stream_seqs`` (same length) records each datagram's number in its stream (the journal stores the
         agent's seq there). With the quota reached, FULL_POLICY applies: DROP_OLDEST deletes the oldest
@@ -435,7 +451,7 @@ class DurableLog:
                             path=str(self.path),
                         )
                     return self._append_locked(datagrams, costs, stream, stream_seqs, state, atomic,
-                                               disk_need=disk_need)
+                                               disk_need=disk_need, appended_ns=appended_ns)
             except LogFull as exc:
                 if (isinstance(exc, QuotaFull) or self.config.full_policy is not FullPolicy.DROP_OLDEST
                         or not self._entries):
@@ -449,7 +465,8 @@ class DurableLog:
                 logger.debug("log %s: disk full before the quota; dropped the %d oldest entries",
                              self.path, dropped)
                 with self._translate("append"):
-                    res = self._append_locked(datagrams, costs, stream, stream_seqs, state, atomic)
+                    res = self._append_locked(datagrams, costs, stream, stream_seqs, state, atomic,
+                                              appended_ns=appended_ns)
                 return AppendResult(first_seq=res.first_seq, last_seq=res.last_seq, appended=res.appended,
                                     dropped=res.dropped + dropped, refused=res.refused)
 
@@ -463,6 +480,7 @@ class DurableLog:
         atomic: bool,
         *,
         disk_need: int = 0,
+        appended_ns: int | None = None,
     ) -> AppendResult:
         quota = self.config.quota_bytes
         n = len(datagrams)
@@ -499,7 +517,7 @@ class DurableLog:
             first = self._next_seq
             stored_first = first + skip
             if keep > skip:
-                rows = self._rows(datagrams, skip, keep, stored_first, stream, stream_seqs)
+                rows = self._rows(datagrams, skip, keep, stored_first, stream, stream_seqs, appended_ns)
                 db.executemany(_INSERT, rows)
             stored_bytes = sum(costs[skip:keep])
             consumed = keep  # refused datagrams (the tail) take no seq
@@ -534,7 +552,7 @@ class DurableLog:
     @staticmethod
     def _rows(
         datagrams: Sequence[Datagram], start: int, stop: int, first_seq: int, stream: str,
-        stream_seqs: Sequence[int] | None,
+        stream_seqs: Sequence[int] | None, appended_ns: int | None,
     ) -> Iterator[tuple[object, ...]]:
         """The INSERT parameters of ``datagrams[start:stop]``, assembled by C iterators: no Python frame per
         row (this runs for every datagram the gateway journals and the agent spools)."""
@@ -544,7 +562,7 @@ class DurableLog:
             repeat(stream),
             repeat(None) if stream_seqs is None else map(int, stream_seqs[start:stop]),
             map(_GET_TIME, part), map(_GET_EXPORTER, part), map(_GET_EXPORTER_PORT, part),
-            map(_GET_LOCAL_PORT, part), map(_GET_PAYLOAD, part),
+            map(_GET_LOCAL_PORT, part), map(_GET_PAYLOAD, part), repeat(appended_ns),
         )
 
     def _drop_oldest(self, need: int) -> tuple[int, int]:
@@ -866,19 +884,19 @@ class DurableLog:
             self._check_open()
             total = 0
             add = out.append
-            for seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, payload in (
-                self._db.execute(_SELECT, (int(after), int(limit)))
-            ):
+            rows = self._db.execute(_SELECT, (int(after), int(limit)))
+            for seq, stream, stream_seq, received_ns, exporter, exp_port, local_port, payload, added in rows:
                 total += len(payload)
                 if out and total > max_bytes:
                     break
                 # Entry(seq, stream, stream_seq, Datagram(...)) without the frozen dataclasses' __init__
-                d = make_datagram(received_ns, exporter, exporter_port, local_port, payload)
+                d = make_datagram(received_ns, exporter, exp_port, local_port, payload)
                 e = _new(Entry)
                 _SET_SEQ(e, seq)
                 _SET_STREAM(e, stream)
                 _SET_STREAM_SEQ(e, stream_seq)
                 _SET_DATAGRAM(e, d)
+                _SET_APPENDED(e, added)
                 add(e)
         return out
 

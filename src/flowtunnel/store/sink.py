@@ -433,7 +433,9 @@ class StoreSink:
         key = (agent, host)
         touched_exporters.add(key)
         counters = self._exporters.get(key)
-        received = dt.datetime.fromtimestamp(d.received_ns / 1e9, dt.UTC)
+        # The gateway's receive time (journaled with the entry); entries journaled before it was, the agent's.
+        received_ns = d.received_ns if entry.appended_ns is None else entry.appended_ns
+        received = dt.datetime.fromtimestamp(received_ns / 1e9, dt.UTC)
         if counters is None:
             counters = _ExporterCounters(agent=agent, exporter=host, first_seen=received)
             self._exporters[key] = counters
@@ -476,13 +478,15 @@ class StoreSink:
             init_ms = agent_decoder.init_ms.get((host, msg.domain))
             counters.records += cols.add(
                 msg.records, agent=agent, exporter=host, version=msg.version, domain=msg.domain,
-                received_us=d.received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
+                received_us=received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
+                agent_received_us=d.received_ns // 1000,
             )
         if msg.blocks:  # fixed-length data sets, normalised as arrays per batch
             init_ms = agent_decoder.init_ms.get((host, msg.domain))
             counters.records += cols.add_blocks(
                 msg.blocks, agent=agent, exporter=host, version=msg.version, domain=msg.domain,
-                received_us=d.received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
+                received_us=received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
+                agent_received_us=d.received_ns // 1000,
             )
 
     def _account_sequences(

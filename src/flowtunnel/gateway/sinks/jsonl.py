@@ -133,12 +133,15 @@ class JsonlSink(CursorSink):
                 continue
             if msg.templates or msg.withdrawn:
                 templates_changed = True
-            received = dt.datetime.fromtimestamp(d.received_ns / 1e9, tz=dt.UTC).isoformat()
+            # _received: the gateway's receive time (journaled with the entry); _agent_received: the agent's.
+            agent_received = dt.datetime.fromtimestamp(d.received_ns / 1e9, tz=dt.UTC).isoformat()
+            received = agent_received if entry.appended_ns is None else dt.datetime.fromtimestamp(
+                entry.appended_ns / 1e9, tz=dt.UTC).isoformat()
             for record in msg.records:
                 meta = {
                     "_agent": entry.stream, "_exporter": d.exporter, "_version": msg.version,
                     "_domain": msg.domain, "_template": getattr(record, "template_id", None),
-                    "_received": received, "_seq": entry.seq,
+                    "_received": received, "_agent_received": agent_received, "_seq": entry.seq,
                 }
                 lines.append(record_line(record, meta))
         if lines:
