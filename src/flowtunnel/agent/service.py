@@ -91,7 +91,8 @@ class AgentService:
         try:
             create_private_file(spool_dir / SPOOL_FILE)  # SQLite gives -wal and -shm the same mode
             log_config = LogConfig(
-                path=spool_dir / SPOOL_FILE, quota_bytes=cfg.spool_quota, full_policy=cfg.full_policy,
+                path=spool_dir / SPOOL_FILE, quota_bytes=0, disk_quota_bytes=cfg.spool_quota,
+                full_policy=cfg.full_policy,
             )
             self._spool = await asyncio.to_thread(DurableLog, log_config)
             self._uploader = Uploader(cfg, key, self._spool, dropped=self.drops)

@@ -192,7 +192,7 @@ class Gateway:
         create_private_file(self.data_dir / JOURNAL_FILE)  # SQLite gives -wal and -shm the same mode
         self.journal = journal = await asyncio.to_thread(
             DurableLog,
-            LogConfig(path=self.data_dir / JOURNAL_FILE, quota_bytes=cfg.journal_quota,
+            LogConfig(path=self.data_dir / JOURNAL_FILE, quota_bytes=0, disk_quota_bytes=cfg.journal_quota,
                       full_policy=FullPolicy.REFUSE_NEW),
         )
         self.notify = JournalNotify(journal.last_seq())

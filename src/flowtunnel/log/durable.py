@@ -30,6 +30,7 @@ from flowtunnel.log.wal import inspect_wal
 
 __all__ = [
     "ENTRY_OVERHEAD",
+    "MIN_DISK_QUOTA",
     "AppendResult",
     "DurableLog",
     "Entry",
@@ -47,6 +48,11 @@ _T = TypeVar("_T")
 ENTRY_OVERHEAD = 48
 
 _SCHEMA_VERSION = 2  # 2: entries.appended_ns (1 is migrated on open)
+#: The smallest ``disk_quota_bytes``: the pages of an empty log, the reserve, a WAL and its index need this.
+MIN_DISK_QUOTA = 512 << 10
+_SHM_BYTES = 32768  # the WAL index (-shm) grows by this per 4062 WAL frames
+_SHM_FRAMES = 4062
+_PRIOR_RATIO = 1.0  # disk bytes per tracked byte until the log holds enough to measure it
 _SQLITE_FULL = 13
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
@@ -116,6 +122,16 @@ class LogConfig:
     eleven 1.4 KB datagrams where 4 KiB pages hold two, so a large commit writes fewer, fuller WAL frames
     (measured: 40 % less commit CPU per datagram, 20 % less disk; small commits cost the same). On a
     filesystem of fewer than 4096 such pages it is lowered, down to 4 KiB.
+
+    ``disk_quota_bytes`` (0 = none) bounds the disk the log's files take, all of them: the database (pages
+    in use and free), the WAL, its index (``-shm``) and the reserve file. With it, the reserve, the
+    checkpoint interval, the WAL limit and the page size are scaled down to it as to a filesystem of that
+    size; what is left for the database is enforced by converting it to tracked bytes at the ratio of pages
+    to tracked bytes measured after each commit; and an append that is neither ``atomic`` nor carries
+    ``state`` is committed in pieces of at most half a checkpoint interval, so the WAL stays within its
+    limit. An atomic append is one commit whatever its size: the WAL may exceed its share by that commit's
+    size until the checkpoint that follows it. At least ``MIN_DISK_QUOTA``. It applies on top of
+    ``quota_bytes``.
     """
 
     path: Path
@@ -129,10 +145,16 @@ class LogConfig:
     reserve_bytes: int = 1 << 20
     checkpoint_pages: int = 1000
     page_size: int = 16384
+    disk_quota_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.quota_bytes < 0:
             raise ValueError(f"log quota_bytes {self.quota_bytes} must be >= 0 (0 = unbounded)")
+        if self.disk_quota_bytes and self.disk_quota_bytes < MIN_DISK_QUOTA:
+            raise ValueError(
+                f"log disk_quota_bytes {self.disk_quota_bytes} is below the minimum of {MIN_DISK_QUOTA} (the "
+                "pages of an empty log, its reserve file, WAL and WAL index need that much; 0 = none)"
+            )
         if self.synchronous not in ("full", "normal"):
             raise ValueError(f"log synchronous {self.synchronous!r} must be 'full' or 'normal'")
         if self.busy_timeout < 0:
@@ -208,6 +230,9 @@ class LogStats:
     torn_tails: int = 0
     #: Whether the filesystem is (nearly) full right now: appends are held below the free-space floor.
     disk_full: bool = False
+    #: Every file of the log on disk (database, WAL, WAL index, reserve), and what bounds them (0: nothing).
+    disk_bytes: int = 0
+    disk_quota_bytes: int = 0
 
 
 class QuotaFull(LogFull):
@@ -297,6 +322,9 @@ class DurableLog:
         page = 4096
         if fs_bytes <= 0:
             fs_bytes = 1 << 62
+        if cfg.disk_quota_bytes:
+            # The log's own share of a disk is sized like a filesystem of that size.
+            fs_bytes = min(fs_bytes, cfg.disk_quota_bytes)
         self._reserve_size = min(cfg.reserve_bytes, max(16 * page, fs_bytes // 16 // page * page))
         self._checkpoint_pages = max(16, min(cfg.checkpoint_pages, fs_bytes // page // 16))
         self._wal_limit = max(16 * page, min(cfg.wal_limit_bytes, fs_bytes // 8))
@@ -309,6 +337,12 @@ class DurableLog:
         while new_page > page and fs_bytes < 4096 * new_page:
             new_page //= 2
         self._new_page_size = new_page
+        # With a disk quota: appends that may be split go in pieces of this many tracked bytes (half a
+        # checkpoint interval), and the WAL's share of the quota is its size limit or a checkpoint interval
+        # plus one such piece, whichever is larger.
+        self._piece_bytes = self._checkpoint_pages * page // 2
+        self._wal_share = max(self._wal_limit, self._checkpoint_pages * page + 2 * self._piece_bytes)
+        self._disk_ratio = _PRIOR_RATIO  # database bytes per tracked byte, measured after commits
 
     def _setup(self, *, torn: bool = False) -> None:
         db = self._db
@@ -373,6 +407,70 @@ class DurableLog:
         self._load_meta()
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._make_reserve()
+        if self.config.disk_quota_bytes:
+            self._size_to_disk_quota()
+
+    def _size_to_disk_quota(self) -> None:
+        """What the database file may take of the disk quota, once the reserve, the WAL and its index have
+        their share, and the pages an empty log needs (one per b-tree, plus the header)."""
+        page = self._page_size
+        frames = self._wal_share // page + 1
+        shm = _SHM_BYTES * -(-frames // _SHM_FRAMES)
+        self._db_budget = self.config.disk_quota_bytes - self._reserve_size - self._wal_share - shm - 2 * page
+        roots = int(self._db.execute("SELECT count(*) FROM sqlite_master WHERE rootpage > 0").fetchone()[0])
+        self._fixed_pages = roots + 1
+        if self._db_budget < (self._fixed_pages + 16) * page:
+            raise LogError(
+                f"log {self.path}: disk quota of {self.config.disk_quota_bytes} bytes leaves "
+                f"{self._db_budget} for the database after the reserve ({self._reserve_size}), WAL "
+                f"({self._wal_share}) and WAL index ({shm}); it needs {(self._fixed_pages + 16) * page}",
+                path=str(self.path),
+            )
+        self._measure_disk_ratio()
+
+    def _measure_disk_ratio(self) -> None:
+        """Database bytes per tracked byte as the pages in use say (a few PRAGMAs: cheap next to a commit)."""
+        page = self._page_size
+        count = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        used = (count - free - self._fixed_pages) * page
+        if self._bytes >= 16 * page and used > 0:
+            # A little over what was measured: the next commit may add pages of a new interior level. It only
+            # rises (until the log is emptied): the room it leaves must not grow by itself, or REFUSE_NEW
+            # would store datagrams after refusing earlier ones, with no trim in between.
+            self._disk_ratio = max(self._disk_ratio, min(8.0, max(0.5, used / self._bytes * 1.02)))
+        elif not self._entries:
+            self._disk_ratio = _PRIOR_RATIO
+
+    def _quota(self) -> int:
+        """The tracked bytes the log may hold: ``quota_bytes`` and the disk quota's share for the database,
+        whichever is smaller (0: unbounded)."""
+        quota = self.config.quota_bytes
+        if not self.config.disk_quota_bytes:
+            return quota
+        room = self._db_budget - self._fixed_pages * self._page_size
+        disk = max(1, int(room / self._disk_ratio))
+        return min(quota, disk) if quota else disk
+
+    def _after_disk_commit(self) -> None:
+        """With a disk quota, after a commit: measure the page ratio, and fold the WAL back into the database
+        (truncating it) when it outgrew its share."""
+        with suppress(sqlite3.Error):
+            self._measure_disk_ratio()
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return
+        if wal > self._wal_limit:
+            self._checkpoint()
+
+    def disk_bytes(self) -> int:
+        """What every file of the log takes on disk now (database, WAL, WAL index, reserve)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm", ".reserve"):
+            with suppress(OSError):
+                total += os.stat(f"{self.path}{suffix}").st_blocks * 512
+        return total
 
     def _load_meta(self) -> None:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -438,6 +536,9 @@ class DurableLog:
             + stream_bytes + ENTRY_OVERHEAD
             for d in datagrams
         ]
+        if (self.config.disk_quota_bytes and not atomic and not state
+                and sum(costs) > self._piece_bytes and len(datagrams) > 1):
+            return self._append_in_pieces(datagrams, costs, stream, stream_seqs, appended_ns)
         with self._lock:
             self._check_open()
             try:
@@ -470,6 +571,58 @@ class DurableLog:
                 return AppendResult(first_seq=res.first_seq, last_seq=res.last_seq, appended=res.appended,
                                     dropped=res.dropped + dropped, refused=res.refused)
 
+    def _append_in_pieces(
+        self, datagrams: Sequence[Datagram], costs: list[int], stream: str,
+        stream_seqs: Sequence[int] | None, appended_ns: int | None,
+    ) -> AppendResult:
+        """A large non-atomic append under a disk quota: one commit per piece of at most ``_piece_bytes``, so
+        that no commit grows the WAL beyond its share. The result is the one a single commit would give: the
+        pieces' seqs are consecutive, and once a piece is refused (REFUSE_NEW) or fails for a full disk, the
+        rest of the group is refused too (counted), so what is stored stays a prefix."""
+        first_seq: int | None = None
+        last_seq = appended = dropped = refused = 0
+        start = 0
+        n = len(datagrams)
+        while start < n:
+            stop, size = start, 0
+            while stop < n and (stop == start or size + costs[stop] <= self._piece_bytes):
+                size += costs[stop]
+                stop += 1
+            if refused:
+                self._count_refused(n - start)
+                refused += n - start
+                break
+            try:
+                res = self.append(
+                    datagrams[start:stop], stream=stream, appended_ns=appended_ns,
+                    stream_seqs=None if stream_seqs is None else stream_seqs[start:stop],
+                )
+            except LogFull:
+                if first_seq is None:
+                    raise  # nothing written: as a single commit would have
+                self._count_refused(n - start)
+                refused += n - start
+                break
+            if first_seq is None:
+                first_seq = res.first_seq
+            if res.last_seq >= res.first_seq:
+                last_seq = res.last_seq
+            appended += res.appended
+            dropped += res.dropped
+            refused += res.refused
+            start = stop
+        assert first_seq is not None
+        return AppendResult(first_seq=first_seq, last_seq=max(last_seq, first_seq - 1), appended=appended,
+                            dropped=dropped, refused=refused)
+
+    def _count_refused(self, n: int) -> None:
+        """Count ``n`` datagrams refused without trying to store them (the tail of a group in pieces)."""
+        with self._lock:
+            self._check_open()
+            total = self._refused + n
+            self._small_write("append", lambda: self._db.execute(_UPSERT_META, ("refused", total)))
+            self._refused = total
+
     def _append_locked(
         self,
         datagrams: Sequence[Datagram],
@@ -482,7 +635,7 @@ class DurableLog:
         disk_need: int = 0,
         appended_ns: int | None = None,
     ) -> AppendResult:
-        quota = self.config.quota_bytes
+        quota = self._quota()
         n = len(datagrams)
         skip = 0  # leading datagrams of this group dropped at once (they consume seqs)
         keep = n  # datagrams [skip:keep] get stored
@@ -544,6 +697,8 @@ class DurableLog:
         if dropped_old:
             with suppress(sqlite3.Error):  # the append is committed; reclaiming space may wait
                 self._maybe_vacuum()
+        if self.config.disk_quota_bytes:
+            self._after_disk_commit()
         return AppendResult(
             first_seq=first, last_seq=first + consumed - 1, appended=keep - skip,
             dropped=dropped_old + skip, refused=n - keep,
@@ -656,6 +811,8 @@ class DurableLog:
                     with suppress(sqlite3.Error):  # reclaiming space is an optimisation; never fail the trim
                         self._maybe_vacuum()
             self._make_reserve()
+            if self.config.disk_quota_bytes and count:
+                self._after_disk_commit()
             return count
 
     def _drop_oldest_when_full(self, need: int) -> int:
@@ -848,8 +1005,9 @@ class DurableLog:
         # would only shrink and regrow the file: do it once they exceed the threshold or 1/8 of the quota.
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
         threshold = self.config.vacuum_threshold_pages
-        if self.config.quota_bytes:
-            threshold = max(1, min(threshold, self.config.quota_bytes // (8 * self._page_size)))
+        quota = self._quota()
+        if quota:
+            threshold = max(1, min(threshold, quota // (8 * self._page_size)))
         if free >= threshold:
             # execute() steps this pragma once (one page); executescript() runs it to completion.
             self._db.executescript("PRAGMA incremental_vacuum;")
@@ -955,7 +1113,8 @@ class DurableLog:
                 first_seq=first, last_seq=self._next_seq - 1, entries=self._entries, bytes=self._bytes,
                 dropped_oldest=self._dropped_oldest, refused=self._refused,
                 quota_bytes=self.config.quota_bytes, file_bytes=file_bytes, torn_tails=self._torn_tails,
-                disk_full=self._disk_full,
+                disk_full=self._disk_full, disk_bytes=self.disk_bytes(),
+                disk_quota_bytes=self.config.disk_quota_bytes,
             )
 
     # -- plumbing --------------------------------------------------------------------------------------------
