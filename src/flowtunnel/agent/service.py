@@ -218,8 +218,10 @@ class AgentService:
                 "path": str(cfg.spool_dir / SPOOL_FILE),
                 "first_seq": spool.first_seq,
                 "last_seq": spool.last_seq,
-                "quota_bytes": spool.quota_bytes,
+                # The spool quota bounds every file of the spool (disk_bytes), not only the data (backlog).
+                "quota_bytes": spool.disk_quota_bytes or spool.quota_bytes,
                 "file_bytes": spool.file_bytes,
+                "disk_bytes": spool.disk_bytes,
                 "policy": cfg.full_policy.value,
                 "torn_tails": spool.torn_tails,
                 "disk_full": spool.disk_full,

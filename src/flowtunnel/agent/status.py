@@ -153,8 +153,14 @@ def render(
                  if status.get("gateway_acked") is not None else "unknown (not reached yet)"))
     backlog_n, backlog_b = _get(status, "backlog", "datagrams"), _get(status, "backlog", "bytes")
     quota = _get(status, "spool", "quota_bytes")
+    disk = _get(status, "spool", "disk_bytes")
+    policy = _get(status, "spool", "policy")
+    if quota and isinstance(disk, int | float):
+        of_quota = f" (spool {_size(disk)} on disk of {_size(quota)} quota, {policy})"
+    else:
+        of_quota = f" of {_size(quota)} quota ({policy})" if quota else ""
     rows.append(("backlog", f"{backlog_n if backlog_n is not None else '-'} datagrams, {_size(backlog_b)}"
-                 + (f" of {_size(quota)} quota ({_get(status, 'spool', 'policy')})" if quota else "")))
+                 + of_quota))
     rows.append(("spool", _spool_health(status.get("spool"))))
     result = _get(status, "upload", "last_result") or "none"
     failures = _get(status, "upload", "consecutive_failures") or 0

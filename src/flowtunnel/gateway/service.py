@@ -479,7 +479,8 @@ class Gateway:
             sdoc["running"] = task is not None and not task.done()
             sinks[sink.name] = sdoc
         if journal_doc:
-            self.metrics.journal_bytes.set(float(str(journal_doc.get("file_bytes", 0))))
+            on_disk = journal_doc.get("disk_bytes") or journal_doc.get("file_bytes", 0)
+            self.metrics.journal_bytes.set(float(str(on_disk)))
             self.metrics.journal_entries.set(float(str(journal_doc.get("entries", 0))))
         return {
             "kind": "gateway",

@@ -133,9 +133,10 @@ def render(
         f"seq {j.get('first_seq', '-')}..{j.get('last_seq', '-')}" if j.get("entries")
         else f"all consumed, last seq {j.get('last_seq', '-')}"
     )
+    on_disk = j.get("disk_bytes") or j.get("file_bytes")
     lines.append(
-        f"journal  {j.get('entries', '-')} entries, {_size(j.get('file_bytes'))} on disk "
-        f"(quota {_size(j.get('quota_bytes'))}), {held}"
+        f"journal  {j.get('entries', '-')} entries, {_size(on_disk)} on disk "
+        f"(quota {_size(j.get('disk_quota_bytes') or j.get('quota_bytes'))}), {held}"
         + (f", refused {j['refused']}" if j.get("refused") else "")
     )
 
