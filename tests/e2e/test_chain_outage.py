@@ -59,6 +59,9 @@ def test_spool_quota_drops_oldest_and_counts_them(tmp_path: Path) -> None:
         assert status["backlog"]["datagrams"] == total - dropped
         with gw.start():
             wait_until(lambda: gw.acked(AGENT) == total, "what the quota kept is delivered")
+            # status.json may be built between the journal commit and the metrics update of one batch (the
+            # hwm comes from the journal, the gap from the metrics): wait for the write that has both.
+            wait_until(lambda: bool(gw.status()["agents"][AGENT].get("gap")), "the gap reported")
             agent_doc = gw.status()["agents"][AGENT]
             assert agent.stop() == 0
             assert gw.stop() == 0
