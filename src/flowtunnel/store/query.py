@@ -242,7 +242,7 @@ def top_sql(
     """The SQL (and parameters) ranking ``by`` values by bytes, packets and flow count.
 
     ``clock`` says which time ``since_seconds`` goes by: ``flow`` (the exporter's flow end, else start, else
-    the receive time) or ``received`` (when the flow reached flowtunnel). ``flow_filter`` (an nfdump-style
+    the receive time) or ``received`` (when the flow reached the gateway, by its clock). ``flow_filter`` (an nfdump-style
     filter, see ``flowtunnel.store.filter``) keeps only the flows it selects.
     """
     if by not in TOP_KEYS:
