@@ -2,8 +2,9 @@
 
 One line per data record: IANA element names as keys (addresses as text, unknown fields as hex), plus
 ``_agent``, ``_exporter``, ``_version``, ``_domain``, ``_template``, ``_received`` (the gateway's receive
-time, ISO 8601 UTC), ``_agent_received`` (the agent's, by its own clock) and ``_seq`` (the journal sequence number, so a consumer can drop the repeats a crash may cause:
-delivery is at-least-once, at most one batch repeated). Appends to a file, fsync once per batch; or stdout.
+time, ISO 8601 UTC), ``_agent_received`` (the agent's, by its own clock) and ``_seq`` (the journal sequence
+number, so a consumer can drop the repeats a crash may cause: delivery is at-least-once, at most one batch
+repeated). Appends to a file, fsync once per batch; or stdout.
 A ``Decoder`` per agent keeps templates, persisted in ``DATA/jsonl-templates.json`` across restarts.
 """
 
