@@ -15,7 +15,7 @@ from typing import Any
 
 from flowtunnel.errors import FlowtunnelError
 
-__all__ = ["read_status_file", "write_json_atomic"]
+__all__ = ["process_running", "read_status_file", "stale_note", "write_json_atomic"]
 
 
 def write_json_atomic(path: Path, doc: object, *, durable: bool = True) -> None:
@@ -59,3 +59,38 @@ def read_status_file(directory: Path, *, kind: str, missing: str) -> dict[str, A
         raise FlowtunnelError(f"{path} is not an {kind} status file" if kind[0] in "aeiou"
                               else f"{path} is not a {kind} status file")
     return doc
+
+
+def process_running(pid: object) -> bool | None:
+    """Whether process ``pid`` exists on this host (None: not a pid, or it cannot be told)."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return None
+    return True
+
+
+def stale_note(
+    doc: dict[str, Any] | Any, *, now: float, stale_after: float, pid_running: bool | None
+) -> str | None:
+    """Why a status document should not be trusted, or None.
+
+    A process rewrites its status file every few seconds; the file is stale when it was not rewritten for
+    ``stale_after`` seconds, or when the process that wrote it is gone (``pid_running`` False: a restarted
+    process that cannot write the file, on a full disk, leaves the dead one's figures behind).
+    """
+    updated = doc.get("updated") if isinstance(doc, dict) else None
+    age = f"updated {max(0.0, now - float(updated)):.0f} s ago" if isinstance(updated, int | float) else (
+        "no update time")
+    pid = doc.get("pid") if isinstance(doc, dict) else None
+    if pid_running is False:
+        return f"status file stale ({age}; pid {pid} not running)"
+    if not isinstance(updated, int | float) or now - float(updated) > stale_after:
+        return f"status file stale ({age}; the process is probably not running)"
+    return None

@@ -79,7 +79,7 @@ def test_env_listen_is_comma_separated() -> None:
         ({"latency": "99999999d"}, r"latency 99999999d is outside the allowed range 10ms \.\. 1h"),
         ({"bandwidth": -1}, r"bandwidth -1 is outside the allowed range 0 \.\. 10G \(0 = unlimited\)"),
         ({"rcvbuf": "2TiB"}, r"rcvbuf 2TiB is outside the allowed range 4KiB \.\. 1GiB"),
-        ({"spool_quota": "1k"}, r"spool-quota 1k is outside the allowed range 16KiB \.\. 16TiB"),
+        ({"spool_quota": "1k"}, r"spool-quota 1k is outside the allowed range 512KiB \.\. 16TiB"),
         ({"max_batch_datagrams": 0}, r"max-batch-datagrams 0 is outside the allowed range 1 \.\. 1000000"),
         ({"shutdown_timeout": "1d"}, r"shutdown-timeout 1d is outside the allowed range 0s \.\. 10m"),
         ({"spool_quota": "9" * 400}, "too large a size"),

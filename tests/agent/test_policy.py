@@ -6,8 +6,11 @@ from __future__ import annotations
 import email.utils
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowtunnel.agent.policy import (
+    BUDGET_DAYS,
     DEFAULT,
     FAST,
     MAX_RETRY_AFTER,
@@ -133,8 +136,59 @@ def test_daily_budget_first_request_of_a_day_always_goes() -> None:
 
 def test_daily_budget_resumes_from_persisted_numbers() -> None:
     day = 20_000
-    budget = DailyBudget(limit=1000, day=day, used=1000)
+    budget = DailyBudget(limit=1000, spent={day: 1000})
     assert budget.delay(1, now=day * 86400.0 + 3600) == pytest.approx(86400 - 3600)
+
+
+def test_daily_budget_survives_a_clock_that_goes_forward_a_day_and_back() -> None:
+    """Issue 17.10: day D sent 75.4 KiB against 60k after the clock went to D+1 and back."""
+    day = 20_000 * 86400.0
+    budget = DailyBudget(limit=60_000)
+    budget.spend(55_000, now=day + 3600)
+    assert budget.delay(10_000, now=day + 3700) > 0  # day D is spent
+    budget.spend(10_000, now=day + 86400 + 10)  # the clock jumps to D+1: a new day, this goes
+    # ... and back to D: what D already spent still counts.
+    assert budget.delay(10_000, now=day + 3800) == pytest.approx(86400 - 3800)
+    assert budget.used(day + 3800) == 55_000
+    assert budget.used(day + 86400 + 20) == 10_000
+
+
+def test_daily_budget_forgets_only_the_least_recently_spent_days() -> None:
+    budget = DailyBudget(limit=100)
+    for d in range(BUDGET_DAYS + 5):
+        budget.spend(100, now=d * 86400.0)
+    assert len(budget.spent) == BUDGET_DAYS
+    assert budget.used(4 * 86400.0) == 0
+    assert budget.used(5 * 86400.0) == 100
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    limit=st.integers(min_value=1_000, max_value=60_000),
+    walk=st.lists(
+        st.tuples(
+            st.integers(min_value=-3 * 86400, max_value=3 * 86400),  # clock step, seconds (either way)
+            st.integers(min_value=1, max_value=1_000),  # request size as a fraction of the limit, per mille
+        ),
+        min_size=1, max_size=80,
+    ),
+)
+def test_daily_budget_never_exceeds_the_cap_of_any_day_whatever_the_clock_does(
+    limit: int, walk: list[tuple[int, int]]
+) -> None:
+    """A random walk of the clock (jumps forward and back by up to three days) with requests of up to the
+    limit: every request that ``delay`` lets go is spent on its day, and no day ever totals more than the
+    limit."""
+    budget = DailyBudget(limit=limit)
+    now = 20_000 * 86400.0
+    per_day: dict[int, int] = {}
+    for step, permille in walk:
+        now += step
+        n = max(1, limit * permille // 1000)
+        if budget.delay(n, now) == 0.0:
+            budget.spend(n, now)
+            per_day[int(now // 86400)] = per_day.get(int(now // 86400), 0) + n
+    assert all(total <= limit for total in per_day.values()), per_day
 
 
 def test_batch_sizer_starts_without_assuming_compression() -> None:

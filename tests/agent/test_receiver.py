@@ -468,3 +468,55 @@ async def test_kernel_drops_reach_status_render_and_the_gateway(
     text = render(status)
     assert f"kernel_rcvbuf={dropped}" in text
     assert "raise --rcvbuf and net.core.rmem_max" in text
+
+
+def _rmem_max() -> int:
+    try:
+        return int(Path("/proc/sys/net/core/rmem_max").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not _rmem_max(), reason="needs root on Linux (SO_RCVBUFFORCE)")
+async def test_receive_buffer_beyond_rmem_max_is_forced_as_root(
+    spool: DurableLog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 17.12: as root the agent stayed at 2 x rmem_max although more was asked."""
+    asked = 4 * _rmem_max()  # well beyond what SO_RCVBUF may give
+    caplog.set_level(logging.INFO, logger="flowtunnel.agent.receiver")
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=asked, buffer_limit=10, commit_interval=0.01)
+    await rx.start()
+    try:
+        assert rx.stats.rcvbuf["udp://127.0.0.1:0"] >= asked
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        rx.stop_receiving()
+
+
+class _CappedSocket:
+    """A socket whose SO_RCVBUF stops at a cap and whose SO_RCVBUFFORCE is refused (no CAP_NET_ADMIN)."""
+
+    def __init__(self, cap: int, error: int) -> None:
+        self.cap, self.error, self.value = cap, error, 0
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if option == socket.SO_RCVBUF:
+            self.value = min(value, self.cap)
+        else:
+            raise OSError(self.error, os.strerror(self.error))
+
+    def getsockopt(self, level: int, option: int) -> int:
+        return 2 * self.value
+
+
+@pytest.mark.parametrize(("error", "why"), [
+    (1, "SO_RCVBUFFORCE not permitted (needs CAP_NET_ADMIN)"),  # EPERM
+    (22, "SO_RCVBUFFORCE failed: Invalid argument"),
+])
+def test_receive_buffer_shortfall_says_what_failed(spool: DurableLog, error: int, why: str) -> None:
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=16 << 20, buffer_limit=10,
+                  commit_interval=0.01)
+    given, short = rx._set_rcvbuf(_CappedSocket(4 << 20, error))  # type: ignore[arg-type]
+    assert given == 8 << 20
+    assert short == f"SO_RCVBUF capped at {8 << 20} bytes by net.core.rmem_max and {why}"
+    assert "root" not in short

@@ -17,8 +17,8 @@ from flowtunnel.agent.service import STATUS_FILE, AgentService
 from flowtunnel.agent.status import read_status, render
 from flowtunnel.agent.uploader import CURSOR
 from flowtunnel.errors import ConfigError
-from flowtunnel.log import FullPolicy
-from flowtunnel.wire.keys import format_key
+from flowtunnel.log import MIN_DISK_QUOTA, FullPolicy
+from flowtunnel.wire.keys import format_key, generate_key
 from tests.agent.conftest import GatewayFactory, enroll, eventually, journal_of
 from tests.peers import free_tcp_port
 
@@ -132,8 +132,8 @@ async def test_spool_quota_applies_its_policy_and_counts_every_drop(
     data = tmp_path / "gw"
     key = enroll(data, AGENT)
     port = free_tcp_port()
-    payloads = [v9(i, size=480) for i in range(400)]
-    cfg = config(tmp_path, f"http://127.0.0.1:{port}", key, spool_quota=50_000,
+    payloads = [v9(i, size=1200) for i in range(400)]
+    cfg = config(tmp_path, f"http://127.0.0.1:{port}", key, spool_quota=MIN_DISK_QUOTA,
                  full_policy=FullPolicy(policy))
     async with running(cfg) as agent:
         for i in range(50, len(payloads) + 1, 50):  # in steps, so the spool takes several commits
@@ -154,3 +154,29 @@ async def test_spool_quota_applies_its_policy_and_counts_every_drop(
         status = agent.status()
         assert status["drops"] == {"spool_full": dropped}
         assert f"spool_full={dropped}" in render(status)
+
+
+@pytest.mark.parametrize("policy", ["drop-oldest", "refuse-new"])
+async def test_spool_quota_bounds_the_spool_directory_on_disk(
+    tmp_path: Path, gateway_factory: GatewayFactory, policy: str
+) -> None:
+    """Issue 17.9: with ``--spool-quota 2MiB`` and the gateway down the spool directory peaked at 7,356 KiB.
+    Its files (database, WAL, WAL index, reserve) now stay within the quota; the directory also holds
+    status.json and the lock file, a few KiB (the documented slack)."""
+    key = generate_key()
+    port = free_tcp_port()  # no gateway there
+    quota = 2 << 20
+    cfg = config(tmp_path, f"http://127.0.0.1:{port}", key, spool_quota=quota, full_policy=FullPolicy(policy))
+    spool_dir = tmp_path / "spool"
+    peak = 0
+    async with running(cfg) as agent:
+        for i in range(0, 4000, 250):  # 5.6 MB of datagrams, in several group commits
+            send(agent, [v9(n, size=1400) for n in range(i, i + 250)])
+            await eventually(functools.partial(spooled, agent, i + 250), "spooled")
+            peak = max(peak, sum(f.stat().st_blocks * 512 for f in spool_dir.iterdir()))
+        agent.status()
+        assert agent.drops()["spool_full"] > 0
+        stats = agent.spool.stats()
+        assert stats.disk_bytes <= quota
+        assert stats.bytes > quota // 3  # the quota is used for data, not only overhead
+    assert peak <= quota + (16 << 10), f"spool directory peaked at {peak} bytes for a {quota}-byte quota"

@@ -4,6 +4,7 @@ every spooled datagram reaches the journal exactly once and in order, whatever h
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -15,10 +16,11 @@ from typing import Any
 import pytest
 
 from flowtunnel.agent.config import AgentConfig
+from flowtunnel.agent.status import render as render_status
 from flowtunnel.agent.uploader import CURSOR, Uploader
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway.service import Gateway
-from flowtunnel.log import DurableLog, LogConfig
+from flowtunnel.log import DurableLog, LogConfig, LogFull
 from flowtunnel.netflow import FieldSpec, Template, encode_v9
 from flowtunnel.runtime import TaskSet
 from flowtunnel.wire import Codec, ack_tag, open_batch, peek_header
@@ -792,7 +794,49 @@ async def test_daily_budget_stops_uploads_until_midnight_and_persists(
             assert spool.cursor(CURSOR) == 10
             assert up.stats.next_attempt is not None
         assert [seq for seq, _ in journal_of(gw, AGENT)] == list(range(1, 11))
-    used = spool.get_state("budget:used")
-    assert used is not None
-    assert used > 5000
+    days = spool.states("budget:")
+    assert len(days) == 1
+    assert next(iter(days.values())) > 5000
+    spool.close()
+
+
+async def test_a_gateway_that_answers_resyncs_but_refuses_every_batch_is_not_reported_healthy(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 17.11: after each 503 the resync succeeded, which reset the failure streak (and the backoff),
+    set "last success" and logged "reachable again" every cycle, while nothing was acknowledged."""
+    caplog.set_level(logging.INFO, logger="flowtunnel.agent.uploader")
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(20, seed=21)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    async with gateway_factory(data, retry_after=1) as gw:
+        journal = gw.journal
+        assert journal is not None
+        real_append = journal.append
+
+        def full(*args: Any, **kwargs: Any) -> Any:
+            raise LogFull("journal full (test)", path=str(journal.path))
+
+        journal.append = full  # type: ignore[method-assign]
+        async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
+            await eventually(lambda: up.stats.failures["http-503"] >= 3, "several 503s")
+            assert up.stats.resyncs >= 3  # every one of them answered 200
+            assert up.stats.consecutive_failures >= 3  # ... and none ended the episode
+            assert up.stats.last_ack is None
+            assert up.stats.unacked_since is not None
+            assert not any("reachable again" in r.getMessage() or "acknowledging data again" in r.getMessage()
+                           for r in caplog.records)
+            doc = {"kind": "agent", "upload": up.status(), "backlog": {"datagrams": len(sent)}}
+            text = render_status(doc, now=up.stats.unacked_since + 42)
+            assert "NOT ACKNOWLEDGED for 42 s" in text
+            journal.append = real_append  # type: ignore[method-assign]
+            await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered once the journal has room")
+            assert up.stats.consecutive_failures == 0
+            assert up.stats.unacked_since is None
+            assert up.stats.last_ack is not None
+            again = [r for r in caplog.records if "acknowledging data again" in r.getMessage()]
+            assert len(again) == 1  # once per episode
+        assert_exactly_once(gw, sent)
     spool.close()

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -132,3 +137,28 @@ def test_status_of_a_missing_directory_is_one_line(
     err = capsys.readouterr().err
     assert "status.json does not exist" in err
     assert err.count("\n") == 1
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("kind", ["gateway", "agent"])
+def test_status_of_a_file_left_by_a_dead_process_says_it_is_stale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str
+) -> None:
+    """Issue 17.11: a gateway that cannot write status.json (disk full) left ``status --data`` showing the
+    dead process's figures as if they were current (the file was recent, so the age test did not fire)."""
+    pid = _dead_pid()
+    (tmp_path / "status.json").write_text(json.dumps({"kind": kind, "pid": pid, "updated": time.time()}))
+    flag = "--data" if kind == "gateway" else "--spool"
+    assert main(["status", flag, str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(rf"status file stale \(updated \d+ s ago; pid {pid} not running\)", text), text
+    # The same file from a live process is not stale.
+    live = {"kind": kind, "pid": os.getpid(), "updated": time.time()}
+    (tmp_path / "status.json").write_text(json.dumps(live))
+    assert main(["status", flag, str(tmp_path)]) == 0
+    assert "stale" not in capsys.readouterr().out.lower()

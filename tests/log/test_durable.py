@@ -22,6 +22,7 @@ import pytest
 from flowtunnel.datagram import Datagram
 from flowtunnel.log import (
     ENTRY_OVERHEAD,
+    MIN_DISK_QUOTA,
     DurableLog,
     Entry,
     FullPolicy,
@@ -594,5 +595,72 @@ def test_every_counter_survives_a_reopen_after_appends_that_change_some_of_them(
         before = lg.stats()
     with DurableLog(LogConfig(path=path, quota_bytes=4 * one, full_policy=FullPolicy.REFUSE_NEW)) as lg:
         st = lg.stats()
-        assert dataclasses.replace(st, file_bytes=0) == dataclasses.replace(before, file_bytes=0)
+        assert dataclasses.replace(st, file_bytes=0, disk_bytes=0) == dataclasses.replace(
+            before, file_bytes=0, disk_bytes=0
+        )
         assert (st.last_seq, st.entries, st.bytes, st.dropped_oldest, st.refused) == (7, 4, 4 * one, 3, 1)
+
+
+def test_appended_time_is_stored_per_entry_and_a_version_1_log_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "log.sqlite"
+    with DurableLog(LogConfig(path=path, quota_bytes=0)) as lg:
+        lg.append([dg(1), dg(2)], stream="a", appended_ns=123)
+    # What a version 1 log looks like: no appended_ns column.
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE entries DROP COLUMN appended_ns")
+    db.execute("UPDATE meta SET value = 1 WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    with DurableLog(LogConfig(path=path, quota_bytes=0)) as lg:
+        lg.append([dg(3)], stream="a", appended_ns=456)
+        lg.append([dg(4)], stream="a")
+        entries = lg.read(after=0)
+    assert [e.appended_ns for e in entries] == [None, None, 456, None]
+    assert [e.datagram for e in entries] == [dg(1), dg(2), dg(3), dg(4)]
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() == (2,)
+    db.close()
+
+
+def _du(directory: Path) -> int:
+    return sum(f.stat().st_blocks * 512 for f in directory.iterdir())
+
+
+@pytest.mark.parametrize(("quota", "size", "group", "policy"), [
+    (2 << 20, 1400, 50, FullPolicy.DROP_OLDEST),
+    (2 << 20, 1400, 2000, FullPolicy.DROP_OLDEST),  # groups larger than the quota
+    (2 << 20, 300, 200, FullPolicy.REFUSE_NEW),
+    (MIN_DISK_QUOTA, 1400, 20, FullPolicy.DROP_OLDEST),
+    (8 << 20, 9000, 40, FullPolicy.DROP_OLDEST),  # overflow pages
+])
+def test_disk_quota_bounds_every_file_of_the_log(
+    tmp_path: Path, quota: int, size: int, group: int, policy: FullPolicy
+) -> None:
+    """Issue 17.9: with a 2 MiB quota the spool directory peaked at 7,356 KiB (database 2.26 MB, WAL
+    4.17 MB, reserve 1 MB): the quota counted payload bytes only. Now it bounds them all."""
+    directory = tmp_path / "spool"
+    rng = random.Random(size)
+    peak = 0
+    with DurableLog(LogConfig(path=directory / "spool.sqlite", quota_bytes=0, disk_quota_bytes=quota,
+                              full_policy=policy)) as lg:
+        for _ in range(3 * quota // (size * group) + 20):
+            batch = [Datagram(received_ns=1, exporter="127.0.0.1", exporter_port=1, local_port=2,
+                              payload=rng.randbytes(size)) for _ in range(group)]
+            res = lg.append(batch)
+            assert res.appended + res.dropped + res.refused >= len(batch) or res.appended == 0
+            peak = max(peak, _du(directory))
+        stats = lg.stats()
+        assert stats.disk_bytes <= quota
+        assert stats.disk_quota_bytes == quota
+        # ... and the quota is used: the data kept is at least a third of it.
+        assert stats.bytes >= quota // 3
+        if policy is FullPolicy.DROP_OLDEST:
+            assert stats.dropped_oldest > 0
+        else:
+            assert stats.refused > 0
+    assert peak <= quota, f"peak {peak} bytes over the {quota}-byte disk quota"
+
+
+def test_disk_quota_refuses_settings_it_cannot_keep(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"disk_quota_bytes 100000 is below the minimum of 524288"):
+        LogConfig(path=tmp_path / "log.sqlite", disk_quota_bytes=100_000)

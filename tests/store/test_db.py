@@ -113,3 +113,21 @@ def test_rows_deleted_behind_the_writers_back_fail_the_commit_until_reloaded(tmp
         assert conn.execute("SELECT count(*) FROM agent_stats").fetchone() == (1,)
     finally:
         conn.close()
+
+
+def test_a_version_1_store_is_migrated_keeping_the_agents_time_in_agent_received(tmp_path: Path) -> None:
+    path = tmp_path / "flows.duckdb"
+    FlowDatabase(path).close()
+    # What a version 1 store looks like: ``received`` held the agent's time, there was no agent_received.
+    conn = duckdb.connect(str(path))
+    conn.execute("ALTER TABLE flows DROP COLUMN agent_received")
+    conn.execute("INSERT INTO flows (agent, exporter, version, received) VALUES ('a', '192.0.2.1', 9, ?)",
+                 [_T0])
+    conn.execute("UPDATE store_meta SET value = 1 WHERE key = 'schema_version'")
+    conn.close()
+    db = FlowDatabase(path)
+    db.close()
+    conn = duckdb.connect(str(path), read_only=True)
+    assert conn.execute("SELECT received, agent_received FROM flows").fetchall() == [(_T0, _T0)]
+    assert conn.execute("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone() == (2,)
+    conn.close()

@@ -12,9 +12,14 @@ import duckdb
 import pytest
 
 from flowtunnel.datagram import Datagram
+from flowtunnel.gateway.notify import JournalNotify
+from flowtunnel.gateway.status import render as render_gateway
+from flowtunnel.log import DurableLog, LogConfig
 from flowtunnel.netflow import FieldSpec, Template, encode_v9
+from flowtunnel.runtime import TaskSet
 from flowtunnel.store import StoreSink
 from flowtunnel.store.errors import StoreError
+from tests.agent.conftest import eventually
 from tests.conftest import require
 from tests.peers import SoftflowdExport, TraceSummary, capture_softflowd
 from tests.store._support import (
@@ -254,3 +259,80 @@ async def test_ipv6_exporters_are_stored_by_address(tmp_path: Path) -> None:
     conn.close()
     assert rows == [("192.0.2.1", 1), ("2001:db8::7", 2)]
     assert set(exporter_stats(sink)) == {"192.0.2.1", "2001:db8::7"}
+
+
+async def test_a_sink_whose_every_commit_fails_says_so_in_status(tmp_path: Path) -> None:
+    """Issue 17.11: the store sink showed ``running`` while every commit failed."""
+    journal = fill_journal(tmp_path / "journal.sqlite", [_dg(_v9(0, template=True, records=3, base=0))])
+    sink = StoreSink(data_dir=tmp_path / "data", retry_delay=0.02)
+    real_open = sink._open
+    failing = True
+
+    def open_with_failing_commits() -> None:
+        real_open()
+        db = sink._db
+        assert db is not None
+        real_commit = db.commit
+
+        def commit(**kwargs: Any) -> None:
+            if failing:
+                raise StoreError("flow store: commit of cursor 1 failed: injected disk full")
+            real_commit(**kwargs)
+
+        db.commit = commit  # type: ignore[method-assign]
+
+    sink._open = open_with_failing_commits  # type: ignore[method-assign]
+    notify = JournalNotify(journal.last_seq())
+    tasks = TaskSet()
+    tasks.spawn(sink.run(journal, notify), name="store-sink")
+    try:
+        await eventually(lambda: sink.commit_failures >= 3, "three failed commits")
+        status = sink.status()
+        since = status["failing_since"]
+        assert isinstance(since, float)
+        assert "injected disk full" in str(status["last_error"])
+        text = render_gateway({"kind": "gateway", "sinks": {"store": status}}, now=since + 75)
+        [line] = [x for x in text.splitlines() if x.strip().startswith("store ") and "failing" not in x]
+        assert "FAILING" in line
+        assert "running" not in line
+        assert "store commits failing since" in text
+        assert "(75 s ago)" in text
+        failing = False
+        await eventually(
+            lambda: sink.cursor == journal.last_seq() and sink.status()["failing_since"] is None, "recovered"
+        )
+        assert "FAILING" not in render_gateway({"kind": "gateway", "sinks": {"store": sink.status()}})
+    finally:
+        await tasks.close()
+        journal.close()
+
+
+async def test_retention_and_received_use_the_gateways_clock_not_the_agents(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 17.8, with the gateway's ``--retain 300s``: an agent 1 h slow had fresh flows deleted 30 s after
+    they arrived; one 2 h fast had its flows kept 2 h too long. ``received`` is the gateway's receive time
+    (journaled with the entry), ``agent_received`` the agent's."""
+    now = time.time_ns()
+    hour = 3600 * 10**9
+    journal = DurableLog(LogConfig(path=tmp_path / "journal.sqlite", quota_bytes=0))
+    # Just arrived from an agent 1 h slow: its clock says an hour ago.
+    journal.append([_dg(_v9(0, template=True, records=3, base=0), received_ns=now - hour)],
+                   stream="slow", stream_seqs=[1], appended_ns=now)
+    # Arrived 400 s ago (beyond retention) from an agent 2 h fast: its clock says 2 h from now, less 400 s.
+    journal.append([_dg(_v9(0, template=True, records=2, base=10), received_ns=now + 2 * hour - 400 * 10**9)],
+                   stream="fast", stream_seqs=[1], appended_ns=now - 400 * 10**9)
+    sink = StoreSink(data_dir=tmp_path / "data", retain_seconds=300, retention_interval=0.05)
+    with caplog.at_level(logging.INFO, logger="flowtunnel.store"):
+        await run_sink_until(sink, journal)
+        deadline = time.monotonic() + 10
+        while sink.retention_dropped < 2 and time.monotonic() < deadline:
+            await run_sink_until(sink, journal)
+    journal.close()
+    assert sink.retention_dropped == 2  # the fast agent's two flows, received 400 s ago by the gateway
+    conn = duckdb.connect(str(sink.paths.database), read_only=True)
+    rows = conn.execute(
+        "SELECT agent, epoch_us(received), epoch_us(agent_received) FROM flows ORDER BY agent"
+    ).fetchall()
+    conn.close()
+    assert rows == [("slow", now // 1000, (now - hour) // 1000)] * 3  # fresh flows of the slow agent kept

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from flowtunnel.config import check_bounds, count_setting, duration_setting, size_setting
 from flowtunnel.errors import ConfigError
-from flowtunnel.log import FullPolicy
+from flowtunnel.log import MIN_DISK_QUOTA, FullPolicy
 from flowtunnel.wire.keys import parse_key, validate_agent_id
 
 __all__ = ["AgentConfig", "ListenAddress", "load_key", "mask_url", "parse_host_port", "parse_listen"]
@@ -122,7 +122,9 @@ class AgentConfig:
     """Cap on request body bytes per second; 0 = unlimited."""
     daily_bytes: int = size_setting(0, 0, 1000**5, zero="unlimited")
     """Cap on request body bytes per UTC day; 0 = unlimited."""
-    spool_quota: int = size_setting(512 * 1024 * 1024, 16 << 10, 16 << 40)
+    #: Disk the spool's log may take, all its files included (database, WAL, WAL index, reserve): at least
+    #: MIN_DISK_QUOTA (512 KiB), which the pages of an empty log, its reserve and WAL need.
+    spool_quota: int = size_setting(512 * 1024 * 1024, MIN_DISK_QUOTA, 16 << 40)
     full_policy: FullPolicy = FullPolicy.DROP_OLDEST
     rcvbuf: int = size_setting(16 * 1024 * 1024, 4096, 1 << 30)
     buffer_datagrams: int = count_setting(20000, 1, 10_000_000)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import email.utils
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "DEFAULT",
@@ -127,37 +127,51 @@ class TokenBucket:
         self.level -= n
 
 
+#: Days a ``DailyBudget`` remembers what was spent on (the most recently spent-on ones).
+BUDGET_DAYS = 32
+
+
 @dataclass(slots=True)
 class DailyBudget:
     """A cap in bytes per UTC day for metered links; ``limit <= 0`` means unlimited.
 
-    ``day`` and ``used`` are plain numbers so the caller can persist them across restarts.
+    What was spent is kept per day number (``spent``: UTC day → bytes), not as one running count for "the
+    current day": a clock that jumps forward a day and back (NTP on a box that booted with a wrong clock, a
+    battery-less RTC) finds the earlier day's spend where it left it, so no calendar day ever gets more than
+    ``limit`` (but for the first request of a day, which always goes). The ``BUDGET_DAYS`` most recently
+    spent-on days are remembered; ``spent`` is a plain dict so the caller can persist it across restarts.
     """
 
     limit: int
-    day: int = -1
-    used: int = 0
+    spent: dict[int, int] = field(default_factory=dict)
 
-    def _roll(self, now: float) -> None:
-        today = int(now // 86400)
-        if today != self.day:
-            self.day, self.used = today, 0
+    @staticmethod
+    def day_of(now: float) -> int:
+        return int(now // 86400)
+
+    def used(self, now: float) -> int:
+        """Bytes spent on the UTC day of ``now``."""
+        return self.spent.get(self.day_of(now), 0)
 
     def delay(self, n: int, now: float) -> float:
         """0 if ``n`` more bytes fit today (or none went yet today), else seconds to the next UTC midnight."""
         if self.limit <= 0:
             return 0.0
-        self._roll(now)
+        day = self.day_of(now)
+        used = self.spent.get(day, 0)
         # The first request of a day always goes, whatever its size, or a too-small limit would stall forever.
-        if self.used == 0 or self.used + n <= self.limit:
+        if used == 0 or used + n <= self.limit:
             return 0.0
-        return (self.day + 1) * 86400 - now
+        return (day + 1) * 86400 - now
 
     def spend(self, n: int, now: float) -> None:
         if self.limit <= 0:
             return
-        self._roll(now)
-        self.used += n
+        day = self.day_of(now)
+        used = self.spent.pop(day, 0) + n
+        self.spent[day] = used  # re-inserted: the dict's order is the order days were last spent on
+        while len(self.spent) > BUDGET_DAYS:
+            del self.spent[next(iter(self.spent))]
 
 
 @dataclass(slots=True)

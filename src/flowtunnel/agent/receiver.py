@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import platform
 import socket
 import struct
 import sys
@@ -78,6 +80,14 @@ _MEMINFO_DROPS = 8
 KERNEL_DROP_QUIET = 60.0
 # Linux reports (and uses) twice the value set with SO_RCVBUF, for its bookkeeping overhead.
 _RCVBUF_FACTOR = 2 if sys.platform.startswith("linux") else 1
+# SO_RCVBUFFORCE sets the buffer past net.core.rmem_max (with CAP_NET_ADMIN). Python's socket module does not
+# export it, so this is Linux's value from asm-generic/socket.h (alpha, mips, parisc and sparc differ: there
+# the agent does without).
+_SO_RCVBUFFORCE: int | None = getattr(socket, "SO_RCVBUFFORCE", None)
+if _SO_RCVBUFFORCE is None and sys.platform.startswith("linux") and not platform.machine().startswith(
+    ("alpha", "mips", "parisc", "sparc")
+):
+    _SO_RCVBUFFORCE = 33
 # Socket reading (see the module docstring): poll every POLL_INTERVAL seconds while each poll finds at least
 # POLL_MIN datagrams; read at most MAX_DRAIN per callback, so other callbacks get their turn in a flood.
 POLL_INTERVAL = 0.005
@@ -297,7 +307,7 @@ class Receiver:
             if family == socket.AF_INET6:
                 # "::" must not swallow IPv4: a separate udp://0.0.0.0 listener can then coexist.
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            given = self._set_rcvbuf(sock)
+            given, short = self._set_rcvbuf(sock)
             try:
                 sock.bind((addr.host, addr.port))
             except OSError as exc:
@@ -310,11 +320,12 @@ class Receiver:
         self.bound.append((host, port))
         self.stats.rcvbuf[str(addr)] = given
         # What the kernel reports (Linux doubles the value set, for its bookkeeping) is what we report.
-        if given < self._rcvbuf * _RCVBUF_FACTOR:
+        if short is not None:
             logger.warning(
                 "listening on %s with a receive buffer of %d bytes (as the kernel counts it), below the %d "
-                "asked for: raise net.core.rmem_max (as root: sysctl -w net.core.rmem_max=%d) or run as root "
-                "to absorb exporter bursts", addr, given, self._rcvbuf, self._rcvbuf,
+                "asked for: %s; to absorb exporter bursts raise net.core.rmem_max (sysctl -w "
+                "net.core.rmem_max=%d) or give the agent CAP_NET_ADMIN", addr, given, self._rcvbuf, short,
+                self._rcvbuf,
             )
         else:
             logger.info("listening on %s (receive buffer %d bytes)", addr, given)
@@ -332,25 +343,31 @@ class Receiver:
             self._kernel_seen[str(addr)] = baseline
         return sock
 
-    def _set_rcvbuf(self, sock: socket.socket) -> int:
-        """Ask for ``rcvbuf``; if ``net.core.rmem_max`` caps it, try ``SO_RCVBUFFORCE`` (root only)."""
+    def _set_rcvbuf(self, sock: socket.socket) -> tuple[int, str | None]:
+        """Ask for ``rcvbuf``; if ``net.core.rmem_max`` caps it, force it with ``SO_RCVBUFFORCE`` (which needs
+        CAP_NET_ADMIN, i.e. root). Returns the size the kernel reports and, when that is short of what was
+        asked, why (for the warning)."""
+        asked = self._rcvbuf
         with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._rcvbuf)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, asked)
         given = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
-        force = getattr(socket, "SO_RCVBUFFORCE", None)
-        if given < self._rcvbuf * _RCVBUF_FACTOR and force is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, self._rcvbuf)
-            except OSError as exc:  # not root (CAP_NET_ADMIN): the warning in _open_socket says what to do
-                logger.debug("SO_RCVBUFFORCE refused: %s", exc)
-            else:
-                forced = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
-                logger.info(
-                    "SO_RCVBUF gave %d bytes (capped by net.core.rmem_max); SO_RCVBUFFORCE (root) gave %d",
-                    given, forced,
-                )
-                given = forced
-        return given
+        if given >= asked * _RCVBUF_FACTOR:
+            return given, None
+        capped = f"SO_RCVBUF capped at {given} bytes by net.core.rmem_max"
+        if _SO_RCVBUFFORCE is None:
+            return given, f"{capped} and SO_RCVBUFFORCE does not exist on this system"
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, asked)
+        except OSError as exc:
+            if exc.errno == errno.EPERM:
+                return given, f"{capped} and SO_RCVBUFFORCE not permitted (needs CAP_NET_ADMIN)"
+            return given, f"{capped} and SO_RCVBUFFORCE failed: {exc.strerror}"
+        forced = int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        logger.info("SO_RCVBUF capped at %d bytes by net.core.rmem_max; SO_RCVBUFFORCE gave %d",
+                    given, forced)
+        if forced < asked * _RCVBUF_FACTOR:
+            return forced, f"{capped} and SO_RCVBUFFORCE gave only {forced} bytes"
+        return forced, None
 
     def poll_kernel_drops(self) -> int:
         """Read each socket's kernel drop counter; add what is new to ``kernel_rcvbuf``; return how many.

@@ -93,7 +93,8 @@ class AgentService:
         try:
             create_private_file(spool_dir / SPOOL_FILE)  # SQLite gives -wal and -shm the same mode
             log_config = LogConfig(
-                path=spool_dir / SPOOL_FILE, quota_bytes=cfg.spool_quota, full_policy=cfg.full_policy,
+                path=spool_dir / SPOOL_FILE, quota_bytes=0, disk_quota_bytes=cfg.spool_quota,
+                full_policy=cfg.full_policy,
             )
             self._spool = await asyncio.to_thread(DurableLog, log_config)
             self._uploader = Uploader(cfg, key, self._spool, dropped=self.drops)
@@ -221,8 +222,10 @@ class AgentService:
                 "path": str(cfg.spool_dir / SPOOL_FILE),
                 "first_seq": spool.first_seq,
                 "last_seq": spool.last_seq,
-                "quota_bytes": spool.quota_bytes,
+                # The spool quota bounds every file of the spool (disk_bytes), not only the data (backlog).
+                "quota_bytes": spool.disk_quota_bytes or spool.quota_bytes,
                 "file_bytes": spool.file_bytes,
+                "disk_bytes": spool.disk_bytes,
                 "policy": cfg.full_policy.value,
                 "torn_tails": spool.torn_tails,
                 "disk_full": spool.disk_full,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flowtunnel.statusfile import read_status_file
+from flowtunnel.statusfile import read_status_file, stale_note
 
 __all__ = ["read_status", "render"]
 
@@ -109,6 +109,16 @@ def _drops(status: Mapping[str, Any]) -> str:
     return text
 
 
+def _acknowledged(status: Mapping[str, Any], now: float) -> str:
+    """When data was last acknowledged; while uploads fail (even if resyncs succeed), for how long not."""
+    since = _get(status, "upload", "unacked_since")
+    last = _ago(_get(status, "upload", "last_ack"), now)
+    if isinstance(since, int | float):
+        waited = max(0.0, now - float(since))
+        return f"NOT ACKNOWLEDGED for {waited:.0f} s (failing since {_ago(since, now)}; last ack {last})"
+    return last
+
+
 def _get(doc: Mapping[str, Any], *path: str) -> Any:
     cur: Any = doc
     for key in path:
@@ -131,14 +141,22 @@ def _rung(status: Mapping[str, Any]) -> str:
     return text
 
 
-def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
-    """A few aligned lines: identity, backlog, last upload, rates, compression, drops, exporters."""
+def render(
+    status: Mapping[str, Any], *, now: float | None = None, pid_running: bool | None = None
+) -> str:
+    """A few aligned lines: identity, backlog, last upload, rates, compression, drops, exporters.
+
+    ``pid_running``: whether the agent named in the file still runs (None: not known); a file older than
+    ``STALE_AFTER`` or written by a dead agent is marked stale.
+    """
     now = time.time() if now is None else now
     rows: list[tuple[str, str]] = []
     updated = status.get("updated")
     state = ""
-    if isinstance(updated, int | float) and now - updated > STALE_AFTER:
-        state = "  (stale: the agent is probably not running)"
+    if updated is not None or pid_running is not None:
+        note = stale_note(dict(status), now=now, stale_after=STALE_AFTER, pid_running=pid_running)
+        if note:
+            state = f"  (STALE: {note})"
     rows.append(("agent", f"{status.get('agent_id', '?')} (pid {status.get('pid', '?')}){state}"))
     rows.append(("updated", _ago(updated, now)))
     rows.append(("listen", ", ".join(status.get("listen") or []) or "-"))
@@ -164,8 +182,14 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
                  if status.get("gateway_acked") is not None else "unknown (not reached yet)"))
     backlog_n, backlog_b = _get(status, "backlog", "datagrams"), _get(status, "backlog", "bytes")
     quota = _get(status, "spool", "quota_bytes")
+    disk = _get(status, "spool", "disk_bytes")
+    policy = _get(status, "spool", "policy")
+    if quota and isinstance(disk, int | float):
+        of_quota = f" (spool {_size(disk)} on disk of {_size(quota)} quota, {policy})"
+    else:
+        of_quota = f" of {_size(quota)} quota ({policy})" if quota else ""
     rows.append(("backlog", f"{backlog_n if backlog_n is not None else '-'} datagrams, {_size(backlog_b)}"
-                 + (f" of {_size(quota)} quota ({_get(status, 'spool', 'policy')})" if quota else "")))
+                 + of_quota))
     rows.append(("spool", _spool_health(status.get("spool"))))
     result = _get(status, "upload", "last_result") or "none"
     failures = _get(status, "upload", "consecutive_failures") or 0
@@ -175,7 +199,8 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
         nxt = _get(status, "upload", "next_attempt")
         last += f", next try in {max(0.0, float(nxt) - now):.0f} s)" if isinstance(nxt, int | float) else ")"
     rows.append(("last upload", last))
-    rows.append(("last success", _ago(_get(status, "upload", "last_success"), now)))
+    rows.append(("last success", _ago(_get(status, "upload", "last_success"), now) + " (gateway answered)"))
+    rows.append(("last ack", _acknowledged(status, now)))
     rin = _get(status, "rates", "datagrams_in_per_s")
     rout = _get(status, "rates", "bytes_out_per_s")
     rows.append(("rates", f"{rin if rin is not None else '-'} datagrams/s in, "

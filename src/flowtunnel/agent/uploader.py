@@ -89,7 +89,9 @@ logger = logging.getLogger(__name__)
 CURSOR = "gateway"  # spool cursor: the gateway's acknowledged seq, as last learned
 _INFO_KEY = re.compile(r"[a-z0-9][a-z0-9_.:-]{0,31}")  # what seal_batch accepts as an agent info key
 MAX_SOURCES = 1000  # distinct (exporter, port, local port) per batch, below the gateway's default 1024
-_BUDGET_DAY, _BUDGET_USED = "budget:day", "budget:used"
+# Spool state keys of the daily budget: "budget:<UTC day number>" = bytes spent that day. (Before, one pair
+# "budget:day" / "budget:used" held the current day only; still read.)
+_BUDGET_PREFIX, _BUDGET_DAY, _BUDGET_USED = "budget:", "budget:day", "budget:used"
 # The body limit learned from a proxy (413 or cuts mid-body), and the configured limit it was learned under.
 _LIMIT, _LIMIT_OF = "body:limit", "body:configured"
 RUNG_MEMORY = "rungs.json"  # in the spool directory: {network fingerprint: rung that carried a batch}
@@ -115,9 +117,11 @@ class UploaderStats:
     body_bytes: int = 0  # request body bytes acknowledged (the compressed, sealed form)
     sent_bytes: int = 0  # request body bytes put on the wire, failed attempts included
     failures: Counter[str] = field(default_factory=Counter)
-    consecutive_failures: int = 0
+    consecutive_failures: int = 0  # failed attempts since data was last acknowledged (or nothing was left)
     last_attempt: float | None = None
-    last_success: float | None = None
+    last_success: float | None = None  # the gateway last answered 200 (a resync or a batch)
+    last_ack: float | None = None  # the gateway last acknowledged datagrams (a batch, not a resync)
+    unacked_since: float | None = None  # the first failure since data was last acknowledged; None: no episode
     last_result: str = "none"
     gateway_acked: int | None = None
     gateway_lost: int = 0  # acknowledged earlier, then lost by the gateway, and no longer in the spool
@@ -232,10 +236,8 @@ class Uploader:
                         limit, cfg.max_body)
         self._position = await asyncio.to_thread(self._spool.cursor, CURSOR)
         self._last_seq = await asyncio.to_thread(self._spool.last_seq)
-        day = await asyncio.to_thread(self._spool.get_state, _BUDGET_DAY)
-        used = await asyncio.to_thread(self._spool.get_state, _BUDGET_USED)
-        if day is not None and used is not None:
-            self._budget.day, self._budget.used = day, used
+        saved = await asyncio.to_thread(self._spool.states, _BUDGET_PREFIX)
+        self._budget.spent.update(_budget_days(saved))
         logger.info("uploading to %s%s as agent %s", self._url, via, cfg.agent_id)
 
     @property
@@ -321,6 +323,7 @@ class Uploader:
         self._wake.clear()
         entries = await self._read()
         if not entries:
+            self._caught_up()
             return False
         if not draining and entries[-1].seq >= self._last_seq:
             # Caught up: let more datagrams gather, up to the latency target since the last send.
@@ -416,7 +419,9 @@ class Uploader:
         # The drops also travel sealed (authenticated), as "dropped:<cause>"; the header copy is for proxies.
         # spool_first: the lowest seq this agent still holds, so a gap below it (its own drops) is declared,
         # and a batch that overtook an earlier one on another rung is told apart (409 out-of-order).
-        info = {"acked": self._position, "spool_first": entries[0].seq}
+        # "clock_ms": this agent's clock; the gateway reports how far off it is (and acts on its own).
+        info = {"acked": self._position, "spool_first": entries[0].seq,
+                "clock_ms": max(0, int(self._clock() * 1000))}
         info.update((f"dropped:{k}", v) for k, v in sorted(self._dropped().items())
                     if v and _INFO_KEY.fullmatch(f"dropped:{k}"))
         while True:
@@ -472,8 +477,13 @@ class Uploader:
             await asyncio.to_thread(self._save_budget)
 
     def _save_budget(self) -> None:
-        self._spool.set_state(_BUDGET_DAY, self._budget.day)
-        self._spool.set_state(_BUDGET_USED, self._budget.used)
+        spent = self._budget.spent
+        day = next(reversed(spent))  # the day just spent on
+        self._spool.set_state(f"{_BUDGET_PREFIX}{day}", spent[day])
+        for key in self._spool.states(_BUDGET_PREFIX):
+            suffix = key[len(_BUDGET_PREFIX):]
+            if not (suffix.isascii() and suffix.isdigit() and int(suffix) in spent):
+                self._spool.delete_state(key)  # a day forgotten, or the old single-day keys
 
     def _commit(self, acked: int) -> None:
         """Record the gateway's mark and trim what it holds (runs in a worker thread)."""
@@ -574,7 +584,7 @@ class Uploader:
             if self._ladder.current != winner:
                 self._ladder.use(winner, now=self._clock())
         sent, answer = outcomes.get(chosen) or outcomes[next(iter(outcomes))]
-        action = self._delivery.answer(sent, answer, draw=self._draw())
+        action = self._delivery.answer(sent, answer, draw=self._draw(), now=self._clock())
         self._emit(action.notes)
         self._sync_stats()
         if not isinstance(action, Commit):
@@ -632,7 +642,7 @@ class Uploader:
         started = time.monotonic()
         answer = await transport.exchange(body, hints)
         elapsed = time.monotonic() - started
-        action = self._delivery.answer(sent, answer, draw=self._draw())
+        action = self._delivery.answer(sent, answer, draw=self._draw(), now=self._clock())
         self._emit(action.notes)
         self._sync_stats()
         switch = self._ladder.after(answer, None if isinstance(action, Commit) else action.cause,
@@ -679,8 +689,15 @@ class Uploader:
         st.consecutive_failures = d.consecutive_failures
         st.last_result = d.last_result
         st.oversize = d.oversize
+        st.unacked_since = d.unacked_since
+        st.last_ack = d.last_ack
         if d.last_result == "ok":
             st.last_success = self._clock()
+
+    def _caught_up(self) -> None:
+        """Nothing left to send after a successful resync: whatever failed before, nothing is waiting."""
+        self._emit(self._delivery.caught_up(now=self._clock()))
+        self._sync_stats()
 
     # -- status ----------------------------------------------------------------------------------------------
 
@@ -701,6 +718,8 @@ class Uploader:
             "compression_ratio": round(st.raw_bytes / st.body_bytes, 2) if st.body_bytes else None,
             "last_attempt": st.last_attempt,
             "last_success": st.last_success,
+            "last_ack": st.last_ack,
+            "unacked_since": st.unacked_since,
             "last_result": st.last_result,
             "consecutive_failures": st.consecutive_failures,
             "next_attempt": st.next_attempt,
@@ -732,6 +751,19 @@ def _verifies(key: bytes, agent_id: str, sent: Sent, answer: Answer) -> bool:
     except (AuthenticationFailed, ValueError):
         return False
     return True
+
+
+def _budget_days(saved: Mapping[str, int]) -> dict[int, int]:
+    """The daily budget's spend by UTC day from the spool's ``budget:*`` state keys (oldest day first)."""
+    days: dict[int, int] = {}
+    legacy = saved.get(_BUDGET_DAY), saved.get(_BUDGET_USED)
+    if legacy[0] is not None and legacy[1] is not None:
+        days[legacy[0]] = legacy[1]
+    for key, used in saved.items():
+        suffix = key[len(_BUDGET_PREFIX):]
+        if suffix.isascii() and suffix.isdigit():
+            days[int(suffix)] = max(used, days.get(int(suffix), 0))
+    return dict(sorted(days.items()))
 
 
 def _source(entry: Entry) -> tuple[str, int, int]:

@@ -42,11 +42,13 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "at least 4k); lowered at run time when a proxy answers 413"),
     ("--bandwidth", "bandwidth", "SIZE", "cap on upload bytes per second, e.g. 20k (default 0 = unlimited)"),
     ("--daily-bytes", "daily_bytes", "SIZE", "cap on upload bytes per UTC day, e.g. 50MB (0 = unlimited)"),
-    ("--spool-quota", "spool_quota", "SIZE", "disk the spool may use (default 512MiB)"),
+    ("--spool-quota", "spool_quota", "SIZE", "disk the spool may use, all its files included: database, "
+     "write-ahead log, reserve (default 512MiB, at least 512KiB)"),
     ("--full-policy", "full_policy", "POLICY", "when the spool is full: drop-oldest (default) or refuse-new; "
      "either way every dropped datagram is counted"),
     ("--rcvbuf", "rcvbuf", "SIZE", "UDP receive buffer asked of the kernel (default 16MiB; capped by "
-     "net.core.rmem_max unless run as root); what a full buffer drops is counted as kernel_rcvbuf"),
+     "net.core.rmem_max unless the agent has CAP_NET_ADMIN, as root); what a full buffer drops is counted "
+     "as kernel_rcvbuf"),
     ("--buffer-datagrams", "buffer_datagrams", "N", "datagrams held in memory before the spool (20000)"),
     ("--commit-interval", "commit_interval", "DURATION", "group-commit interval of the spool (default 50ms)"),
     ("--backoff-base", "backoff_base", "DURATION", "first retry delay after a failure (default 0.5s)"),

@@ -43,7 +43,8 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "(default 60s)"),
     ("--min-body-rate", "min_body_rate", "SIZE", "slowest body transfer accepted, bytes/s (default 1KiB)"),
     ("--keepalive-timeout", "keepalive_timeout", "DURATION", "close idle keep-alive connections after (75s)"),
-    ("--journal-quota", "journal_quota", "SIZE", "journal disk quota; when full, batches get 503 (2GiB)"),
+    ("--journal-quota", "journal_quota", "SIZE", "disk the journal may use, all its files included "
+     "(database, write-ahead log, reserve); when full, batches get 503 (2GiB)"),
     ("--retain", "retain", "DURATION", "store retention, e.g. 30d (default: keep everything)"),
     ("--jsonl", "jsonl", "FILE", "also write decoded records as JSON lines to FILE ('-' for stdout)"),
     ("--status-interval", "status_interval", "DURATION", "how often status.json is rewritten (default 2s)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import urllib.error
@@ -14,6 +15,7 @@ from typing import Any
 from flowtunnel.config import parse_duration
 from flowtunnel.errors import ConfigError, FlowtunnelError
 from flowtunnel.health import UNKNOWN, CheckResult, Thresholds, check_agent, check_gateway
+from flowtunnel.statusfile import process_running
 
 __all__ = ["register"]
 
@@ -104,7 +106,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"flowtunnel status: error: {exc}", file=sys.stderr)
         return 1
     result = check_gateway(doc, thresholds=thresholds)
-    return _report(args, doc, result, render, "gateway")
+    # A file on this host: whether the gateway that wrote it still runs (a running gateway's own answer over
+    # HTTP is live by definition).
+    alive = None if args.gateway else process_running(doc.get("pid"))
+    return _report(args, doc, result, functools.partial(render, pid_running=alive), "gateway")
 
 
 def _report(args: argparse.Namespace, doc: dict[str, Any], result: CheckResult,
@@ -124,4 +129,5 @@ def _agent(args: argparse.Namespace, thresholds: Thresholds) -> int:
     from flowtunnel.agent import status as agent_status
 
     doc = agent_status.read_status(args.spool)
-    return _report(args, doc, check_agent(doc, thresholds=thresholds), agent_status.render, "agent")
+    render = functools.partial(agent_status.render, pid_running=process_running(doc.get("pid")))
+    return _report(args, doc, check_agent(doc, thresholds=thresholds), render, "agent")

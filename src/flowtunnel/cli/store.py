@@ -86,7 +86,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "gateway runs (through its query socket) and when it is stopped (opening the store read-only). "
             "Columns: agent, exporter, version, domain_id, flow_start, flow_end, src_addr, dst_addr, "
             "src_port, dst_port, protocol, tcp_flags, packets, bytes, in_if, out_if, src_as, dst_as, "
-            "next_hop, tos, sampling_interval, extra (JSON: every other field), received."
+            "next_hop, tos, sampling_interval, extra (JSON: every other field), received (the gateway's "
+            "receive time, by its clock), agent_received (the agent's, by the agent's clock)."
         ),
     )
     query.add_argument(

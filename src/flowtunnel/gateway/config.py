@@ -204,7 +204,8 @@ class GatewayConfig:
     min_body_rate: int = size_setting(1024, 1, 1000**3)
     #: Idle keep-alive connections are closed after this long.
     keepalive_timeout: float = duration_setting(75.0, 0.1, 86400.0)
-    #: Journal disk quota; when reached, new batches get 503 (nothing acknowledged is ever dropped).
+    #: Journal disk quota, all its files included (database, WAL, WAL index, reserve); when reached, new
+    #: batches get 503 (nothing acknowledged is ever dropped).
     journal_quota: int = size_setting(2 << 30, 1 << 20, 16 << 40)
     #: Decode into the embedded DuckDB store (``flowtunnel query``).
     store: bool = True

@@ -41,12 +41,26 @@ from flowtunnel.wire import (
     validate_agent_id,
 )
 
-__all__ = ["Ack", "Ingest", "Outcome", "Refusal", "Rejected", "StateAnswer", "hwm_key"]
+__all__ = ["Ack", "Ingest", "Outcome", "Refusal", "Rejected", "StateAnswer", "clock_skew", "hwm_key"]
 
 log = logging.getLogger("flowtunnel.gateway.ingest")
 
 
 _AGENT_LEN_OFFSET = 7  # in the batch header: magic (4), version, flags, codec, then the agent id length
+
+
+def clock_skew(batch: Batch, fresh: list[Datagram], now: float) -> float:
+    """One batch's estimate of its agent's clock minus the gateway's ``now``, in seconds.
+
+    Both clues the batch carries are lower bounds, late by however long the data waited: the agent's clock
+    when it sealed the batch (agent info ``clock_ms``, sealed and authenticated) and the agent's receive time
+    of the newest datagram. The larger is the tighter. Only batches with new datagrams are sampled: a
+    replayed batch must not move the figure.
+    """
+    newest = max(d.received_ns for d in fresh) / 1e9
+    sealed = batch.agent_info.get("clock_ms")
+    agent_now = newest if sealed is None else max(newest, sealed / 1000)
+    return agent_now - now
 
 
 def hwm_key(agent_id: str) -> str:
@@ -419,6 +433,9 @@ class Ingest:
                 lost = min(gap, max(0, self._lost_hint.pop(agent, hwm) - hwm))
                 gap -= lost
                 last = new_first + len(fresh) - 1
+                # The gateway's own receive time, journaled with every entry: retention and every "received"
+                # the sinks act on use it; the datagrams keep the agent's (whose clock may be hours off).
+                now = self._clock()
                 try:
                     res = await asyncio.to_thread(
                         self._journal.append,
@@ -427,6 +444,7 @@ class Ingest:
                         stream_seqs=range(new_first, last + 1),
                         state={hwm_key(agent): last},
                         atomic=True,
+                        appended_ns=int(now * 1e9),
                     )
                 except LogFull as exc:
                     raise Rejected(
@@ -441,6 +459,7 @@ class Ingest:
                 journal_first = res.first_seq
                 self.budgets.journaled(agent, res.last_seq, cost)
                 self._metrics.held(agent, self.budgets.held(agent))
+                self._metrics.clock_sample(agent, clock_skew(batch, fresh, now))
                 self._notify.publish(res.last_seq)
                 if gap:
                     self.once.warning(

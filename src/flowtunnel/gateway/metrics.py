@@ -8,6 +8,8 @@ shape. The same numbers feed ``status.json`` through ``snapshot()``.
 from __future__ import annotations
 
 import re
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -37,6 +39,10 @@ def parse_count(text: str | None) -> int | None:
     if not _COUNT_RE.fullmatch(text):
         return None
     return min(int(text), MAX_FIGURE)
+
+
+#: Batches whose clock samples make an agent's clock skew (their median).
+SKEW_SAMPLES = 16
 
 
 def parse_dropped_header(text: str) -> dict[str, int]:
@@ -80,6 +86,13 @@ class AgentStats:
     drops_changed: float | None = None
     #: The rung (post, ws, get, dns) of the agent's last acknowledged batch (the console's "rung in use").
     rung: str | None = None
+    # agent clock minus gateway clock, seconds, per recent batch (see GatewayMetrics.clock_sample)
+    skew_samples: deque[float] = field(default_factory=lambda: deque(maxlen=SKEW_SAMPLES))
+
+    @property
+    def clock_skew(self) -> float | None:
+        """The agent's clock minus the gateway's, in seconds (median of recent batches), or None."""
+        return statistics.median(self.skew_samples) if self.skew_samples else None
 
     def as_dict(self) -> dict[str, object]:
         ratio = self.datagram_bytes / self.http_bytes if self.http_bytes else None
@@ -102,6 +115,7 @@ class AgentStats:
             "rejected": dict(self.rejected),
             "drops_changed": self.drops_changed,
             "rung": self.rung,
+            "clock_skew_s": None if self.clock_skew is None else round(self.clock_skew, 3),
         }
 
 
@@ -146,6 +160,11 @@ class GatewayMetrics:
         )
         self.acked = Gauge(
             p + "agent_acked_seq", "High-water mark acknowledged to the agent", ["agent"], registry=r
+        )
+        self.clock_skew = Gauge(
+            p + "agent_clock_skew_seconds",
+            "The agent's clock minus the gateway's (median of recent batches; the gateway acts on its own "
+            "receive time)", ["agent"], registry=r,
         )
         self.rejected = Counter(
             p + "rejected_requests", "Requests rejected, by agent and cause", ["agent", "cause"], registry=r
@@ -310,6 +329,14 @@ class GatewayMetrics:
             return
         self._stats(agent).journal_bytes = n
         self.agent_journal_bytes.labels(agent).set(n)
+
+    def clock_sample(self, agent: str, skew: float) -> None:
+        """One batch's estimate of the agent's clock minus the gateway's, in seconds."""
+        st = self._stats(agent)
+        st.skew_samples.append(skew)
+        median = st.clock_skew
+        if median is not None:
+            self.clock_skew.labels(agent).set(median)
 
     def seen(self, agent: str, *, now: float, acked: int) -> None:
         """An authenticated request that carried no data (resync, state query)."""

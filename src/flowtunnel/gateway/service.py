@@ -192,7 +192,7 @@ class Gateway:
         create_private_file(self.data_dir / JOURNAL_FILE)  # SQLite gives -wal and -shm the same mode
         self.journal = journal = await asyncio.to_thread(
             DurableLog,
-            LogConfig(path=self.data_dir / JOURNAL_FILE, quota_bytes=cfg.journal_quota,
+            LogConfig(path=self.data_dir / JOURNAL_FILE, quota_bytes=0, disk_quota_bytes=cfg.journal_quota,
                       full_policy=FullPolicy.REFUSE_NEW),
         )
         self.notify = JournalNotify(journal.last_seq())
@@ -479,7 +479,8 @@ class Gateway:
             sdoc["running"] = task is not None and not task.done()
             sinks[sink.name] = sdoc
         if journal_doc:
-            self.metrics.journal_bytes.set(float(str(journal_doc.get("file_bytes", 0))))
+            on_disk = journal_doc.get("disk_bytes") or journal_doc.get("file_bytes", 0)
+            self.metrics.journal_bytes.set(float(str(on_disk)))
             self.metrics.journal_entries.set(float(str(journal_doc.get("entries", 0))))
         return {
             "kind": "gateway",

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from flowtunnel.statusfile import read_status_file
+from flowtunnel.statusfile import read_status_file, stale_note
 
 __all__ = ["STALE_AFTER", "read_status", "render"]
 
@@ -57,6 +57,19 @@ def _counts(d: object) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if v)
 
 
+def _skew(value: object) -> str:
+    """An agent's clock minus the gateway's: "-" under a second (or unknown), else signed with a unit."""
+    if not isinstance(value, int | float) or abs(value) < 1:
+        return "-"
+    sign = "+" if value > 0 else "-"
+    value = abs(float(value))
+    if value < 120:
+        return f"{sign}{value:.0f} s"
+    if value < 5400:
+        return f"{sign}{value / 60:.0f} min"
+    return f"{sign}{value / 3600:.1f} h"
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     out = ["  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
@@ -65,15 +78,25 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
-def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
-    """The status document as a few aligned sections of plain text."""
+def render(
+    status: Mapping[str, Any], *, now: float | None = None, pid_running: bool | None = None
+) -> str:
+    """The status document as a few aligned sections of plain text.
+
+    ``pid_running`` says whether the process named in the document still runs (None: not known, e.g. the
+    document came from a running gateway over HTTP); a file older than ``STALE_AFTER`` or written by a dead
+    process is marked stale first thing.
+    """
     now = time.time() if now is None else now
     lines: list[str] = []
     updated = status.get("updated")
-    stale = isinstance(updated, int | float) and now - updated > STALE_AFTER
+    stale = None
+    if updated is not None or pid_running is not None:
+        stale = stale_note(dict(status), now=now, stale_after=STALE_AFTER, pid_running=pid_running)
+    if stale:
+        lines.append(f"STALE: {stale}: the figures below are the last ones it wrote")
     listen = ", ".join(str(u) for u in status.get("listen") or []) or "-"
-    lines.append(f"gateway  {listen}  (pid {status.get('pid', '?')}, data {status.get('data', '?')})"
-                 + ("  STALE: the gateway is probably not running" if stale else ""))
+    lines.append(f"gateway  {listen}  (pid {status.get('pid', '?')}, data {status.get('data', '?')})")
     lines.append(f"updated  {_ago(updated, now)}")
 
     agents = status.get("agents") or {}
@@ -96,10 +119,11 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
             _counts({**(a.get("rejected") or {}),
                      **({"replayed": a["replayed"]} if a.get("replayed") else {}),
                      **({"NONCE_REUSE": a["nonce_reused"]} if a.get("nonce_reused") else {})}),
+            _skew(a.get("clock_skew_s")),
         ])
     if rows:
         lines += _table(["agent", "state", "last seen", "acked", "datagrams", "http in", "ratio", "backlog",
-                         "journal", "drops", "rejected / replayed"], rows)
+                         "journal", "drops", "rejected / replayed", "clock skew"], rows)
     else:
         lines.append("  none enrolled (flowtunnel enroll NAME --data DIR)")
 
@@ -109,9 +133,10 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
         f"seq {j.get('first_seq', '-')}..{j.get('last_seq', '-')}" if j.get("entries")
         else f"all consumed, last seq {j.get('last_seq', '-')}"
     )
+    on_disk = j.get("disk_bytes") or j.get("file_bytes")
     lines.append(
-        f"journal  {j.get('entries', '-')} entries, {_size(j.get('file_bytes'))} on disk "
-        f"(quota {_size(j.get('quota_bytes'))}), {held}"
+        f"journal  {j.get('entries', '-')} entries, {_size(on_disk)} on disk "
+        f"(quota {_size(j.get('disk_quota_bytes') or j.get('quota_bytes'))}), {held}"
         + (f", refused {j['refused']}" if j.get("refused") else "")
     )
 
@@ -128,14 +153,20 @@ def render(status: Mapping[str, Any], *, now: float | None = None) -> str:
                 extra.append(f"{key}={s[key]}")
         if s.get("errors"):
             extra.append(f"errors: {_counts(s['errors'])}")
-        srows.append([
-            str(name), "running" if s.get("running", True) else "STOPPED", str(s.get("cursor", "-")),
-            str(s.get("lag", "-")), " ".join(extra),
-        ])
+        state = "running" if s.get("running", True) else "STOPPED"
+        if isinstance(s.get("failing_since"), int | float):
+            state = "FAILING"
+        srows.append([str(name), state, str(s.get("cursor", "-")), str(s.get("lag", "-")), " ".join(extra)])
     if srows:
         lines += _table(["sink", "state", "cursor", "lag", "details"], srows)
     else:
         lines.append("  none")
+    for name, s in sorted(sinks.items()):
+        since = s.get("failing_since") if isinstance(s, Mapping) else None
+        if isinstance(since, int | float):
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(since)))
+            lines.append(f"  {name} commits failing since {stamp} ({_ago(since, now)}): "
+                         f"{s.get('commit_failures', '?')} failures, last: {s.get('last_error') or '?'}")
 
     fwd = sinks.get("udp-forward") if isinstance(sinks, Mapping) else None
     mappings = fwd.get("mappings") if isinstance(fwd, Mapping) else None

@@ -2,6 +2,7 @@
 
 from flowtunnel.log.durable import (
     ENTRY_OVERHEAD,
+    MIN_DISK_QUOTA,
     AppendResult,
     DurableLog,
     Entry,
@@ -15,6 +16,7 @@ from flowtunnel.log.wal import WalTail, inspect_wal
 
 __all__ = [
     "ENTRY_OVERHEAD",
+    "MIN_DISK_QUOTA",
     "AppendResult",
     "DurableLog",
     "Entry",

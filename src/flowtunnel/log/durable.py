@@ -30,6 +30,7 @@ from flowtunnel.log.wal import inspect_wal
 
 __all__ = [
     "ENTRY_OVERHEAD",
+    "MIN_DISK_QUOTA",
     "AppendResult",
     "DurableLog",
     "Entry",
@@ -46,7 +47,12 @@ _T = TypeVar("_T")
 #: integers, b-tree cell and page slack). Used for the quota, which is tracked incrementally.
 ENTRY_OVERHEAD = 48
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: entries.appended_ns (1 is migrated on open)
+#: The smallest ``disk_quota_bytes``: the pages of an empty log, the reserve, a WAL and its index need this.
+MIN_DISK_QUOTA = 512 << 10
+_SHM_BYTES = 32768  # the WAL index (-shm) grows by this per 4062 WAL frames
+_SHM_FRAMES = 4062
+_PRIOR_RATIO = 1.0  # disk bytes per tracked byte until the log holds enough to measure it
 _SQLITE_FULL = 13
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
@@ -62,7 +68,8 @@ CREATE TABLE IF NOT EXISTS entries (
     exporter TEXT NOT NULL,
     exporter_port INTEGER NOT NULL,
     local_port INTEGER NOT NULL,
-    payload BLOB NOT NULL
+    payload BLOB NOT NULL,
+    appended_ns INTEGER
 );
 CREATE TABLE IF NOT EXISTS cursors (name TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
@@ -73,7 +80,7 @@ _COST_SQL = (
 )
 _INSERT = (
     "INSERT INTO entries (seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, "
-    "payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "payload, appended_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT = "INSERT INTO {} VALUES (?, ?) ON CONFLICT({}) DO UPDATE SET {} = excluded.{}"
 _UPSERT_META = _UPSERT.format("meta (key, value)", "key", "value", "value")
@@ -85,7 +92,7 @@ _UPSERT_STATE = _UPSERT.format("state (key, value)", "key", "value", "value")
 _DELETE_STATE = "DELETE FROM state WHERE key = ?"
 _UPSERT_CURSOR = _UPSERT.format("cursors (name, seq)", "name", "seq", "seq")
 _SELECT = (
-    "SELECT seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, payload "
+    "SELECT seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, payload, appended_ns "
     "FROM entries WHERE seq > ? ORDER BY seq LIMIT ?"
 )
 
@@ -115,6 +122,16 @@ class LogConfig:
     eleven 1.4 KB datagrams where 4 KiB pages hold two, so a large commit writes fewer, fuller WAL frames
     (measured: 40 % less commit CPU per datagram, 20 % less disk; small commits cost the same). On a
     filesystem of fewer than 4096 such pages it is lowered, down to 4 KiB.
+
+    ``disk_quota_bytes`` (0 = none) bounds the disk the log's files take, all of them: the database (pages
+    in use and free), the WAL, its index (``-shm``) and the reserve file. With it, the reserve, the
+    checkpoint interval, the WAL limit and the page size are scaled down to it as to a filesystem of that
+    size; what is left for the database is enforced by converting it to tracked bytes at the ratio of pages
+    to tracked bytes measured after each commit; and an append that is neither ``atomic`` nor carries
+    ``state`` is committed in pieces of at most half a checkpoint interval, so the WAL stays within its
+    limit. An atomic append is one commit whatever its size: the WAL may exceed its share by that commit's
+    size until the checkpoint that follows it. At least ``MIN_DISK_QUOTA``. It applies on top of
+    ``quota_bytes``.
     """
 
     path: Path
@@ -128,10 +145,16 @@ class LogConfig:
     reserve_bytes: int = 1 << 20
     checkpoint_pages: int = 1000
     page_size: int = 16384
+    disk_quota_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.quota_bytes < 0:
             raise ValueError(f"log quota_bytes {self.quota_bytes} must be >= 0 (0 = unbounded)")
+        if self.disk_quota_bytes and self.disk_quota_bytes < MIN_DISK_QUOTA:
+            raise ValueError(
+                f"log disk_quota_bytes {self.disk_quota_bytes} is below the minimum of {MIN_DISK_QUOTA} (the "
+                "pages of an empty log, its reserve file, WAL and WAL index need that much; 0 = none)"
+            )
         if self.synchronous not in ("full", "normal"):
             raise ValueError(f"log synchronous {self.synchronous!r} must be 'full' or 'normal'")
         if self.busy_timeout < 0:
@@ -148,12 +171,17 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One stored datagram: its log ``seq``, and the ``stream``/``stream_seq`` it was appended under."""
+    """One stored datagram: its log ``seq``, and the ``stream``/``stream_seq`` it was appended under.
+
+    ``appended_ns`` is the appender's wall clock (Unix ns) when it appended the entry, if it gave one: the
+    gateway's receive time in its journal, where ``datagram.received_ns`` is the agent's clock.
+    """
 
     seq: int
     stream: str
     stream_seq: int | None
     datagram: Datagram
+    appended_ns: int | None = None
 
 
 # ``read`` builds entries by setting the slots of this frozen dataclass through their descriptors, as
@@ -163,8 +191,8 @@ _new = object.__new__
 _GET_TIME, _GET_EXPORTER, _GET_EXPORTER_PORT, _GET_LOCAL_PORT, _GET_PAYLOAD = (
     attrgetter(name) for name in ("received_ns", "exporter", "exporter_port", "local_port", "payload")
 )
-_SET_SEQ, _SET_STREAM, _SET_STREAM_SEQ, _SET_DATAGRAM = (
-    getattr(Entry, name).__set__ for name in ("seq", "stream", "stream_seq", "datagram")
+_SET_SEQ, _SET_STREAM, _SET_STREAM_SEQ, _SET_DATAGRAM, _SET_APPENDED = (
+    getattr(Entry, name).__set__ for name in ("seq", "stream", "stream_seq", "datagram", "appended_ns")
 )
 
 
@@ -202,6 +230,9 @@ class LogStats:
     torn_tails: int = 0
     #: Whether the filesystem is (nearly) full right now: appends are held below the free-space floor.
     disk_full: bool = False
+    #: Every file of the log on disk (database, WAL, WAL index, reserve), and what bounds them (0: nothing).
+    disk_bytes: int = 0
+    disk_quota_bytes: int = 0
 
 
 class QuotaFull(LogFull):
@@ -291,6 +322,9 @@ class DurableLog:
         page = 4096
         if fs_bytes <= 0:
             fs_bytes = 1 << 62
+        if cfg.disk_quota_bytes:
+            # The log's own share of a disk is sized like a filesystem of that size.
+            fs_bytes = min(fs_bytes, cfg.disk_quota_bytes)
         self._reserve_size = min(cfg.reserve_bytes, max(16 * page, fs_bytes // 16 // page * page))
         self._checkpoint_pages = max(16, min(cfg.checkpoint_pages, fs_bytes // page // 16))
         self._wal_limit = max(16 * page, min(cfg.wal_limit_bytes, fs_bytes // 8))
@@ -303,6 +337,12 @@ class DurableLog:
         while new_page > page and fs_bytes < 4096 * new_page:
             new_page //= 2
         self._new_page_size = new_page
+        # With a disk quota: appends that may be split go in pieces of this many tracked bytes (half a
+        # checkpoint interval), and the WAL's share of the quota is its size limit or a checkpoint interval
+        # plus one such piece, whichever is larger.
+        self._piece_bytes = self._checkpoint_pages * page // 2
+        self._wal_share = max(self._wal_limit, self._checkpoint_pages * page + 2 * self._piece_bytes)
+        self._disk_ratio = _PRIOR_RATIO  # database bytes per tracked byte, measured after commits
 
     def _setup(self, *, torn: bool = False) -> None:
         db = self._db
@@ -347,6 +387,12 @@ class DurableLog:
                 meta = {"schema_version": _SCHEMA_VERSION, "next_seq": 1, "bytes": 0, "entries": 0,
                         "dropped_oldest": 0, "refused": 0}
                 db.executemany(_UPSERT_META, list(meta.items()))
+            elif version == 1:
+                # 1 → 2: the appender's clock per entry; entries of a version 1 log have none (NULL).
+                columns = {r[1] for r in db.execute("PRAGMA table_info(entries)")}
+                if "appended_ns" not in columns:
+                    db.execute("ALTER TABLE entries ADD COLUMN appended_ns INTEGER")
+                db.execute(_UPSERT_META, ("schema_version", _SCHEMA_VERSION))
             elif version != _SCHEMA_VERSION:
                 raise LogError(
                     f"log {self.path} has schema version {version}, this flowtunnel reads {_SCHEMA_VERSION}",
@@ -361,6 +407,70 @@ class DurableLog:
         self._load_meta()
         self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._make_reserve()
+        if self.config.disk_quota_bytes:
+            self._size_to_disk_quota()
+
+    def _size_to_disk_quota(self) -> None:
+        """What the database file may take of the disk quota, once the reserve, the WAL and its index have
+        their share, and the pages an empty log needs (one per b-tree, plus the header)."""
+        page = self._page_size
+        frames = self._wal_share // page + 1
+        shm = _SHM_BYTES * -(-frames // _SHM_FRAMES)
+        self._db_budget = self.config.disk_quota_bytes - self._reserve_size - self._wal_share - shm - 2 * page
+        roots = int(self._db.execute("SELECT count(*) FROM sqlite_master WHERE rootpage > 0").fetchone()[0])
+        self._fixed_pages = roots + 1
+        if self._db_budget < (self._fixed_pages + 16) * page:
+            raise LogError(
+                f"log {self.path}: disk quota of {self.config.disk_quota_bytes} bytes leaves "
+                f"{self._db_budget} for the database after the reserve ({self._reserve_size}), WAL "
+                f"({self._wal_share}) and WAL index ({shm}); it needs {(self._fixed_pages + 16) * page}",
+                path=str(self.path),
+            )
+        self._measure_disk_ratio()
+
+    def _measure_disk_ratio(self) -> None:
+        """Database bytes per tracked byte as the pages in use say (a few PRAGMAs: cheap next to a commit)."""
+        page = self._page_size
+        count = int(self._db.execute("PRAGMA page_count").fetchone()[0])
+        free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0])
+        used = (count - free - self._fixed_pages) * page
+        if self._bytes >= 16 * page and used > 0:
+            # A little over what was measured: the next commit may add pages of a new interior level. It only
+            # rises (until the log is emptied): the room it leaves must not grow by itself, or REFUSE_NEW
+            # would store datagrams after refusing earlier ones, with no trim in between.
+            self._disk_ratio = max(self._disk_ratio, min(8.0, max(0.5, used / self._bytes * 1.02)))
+        elif not self._entries:
+            self._disk_ratio = _PRIOR_RATIO
+
+    def _quota(self) -> int:
+        """The tracked bytes the log may hold: ``quota_bytes`` and the disk quota's share for the database,
+        whichever is smaller (0: unbounded)."""
+        quota = self.config.quota_bytes
+        if not self.config.disk_quota_bytes:
+            return quota
+        room = self._db_budget - self._fixed_pages * self._page_size
+        disk = max(1, int(room / self._disk_ratio))
+        return min(quota, disk) if quota else disk
+
+    def _after_disk_commit(self) -> None:
+        """With a disk quota, after a commit: measure the page ratio, and fold the WAL back into the database
+        (truncating it) when it outgrew its share."""
+        with suppress(sqlite3.Error):
+            self._measure_disk_ratio()
+        try:
+            wal = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return
+        if wal > self._wal_limit:
+            self._checkpoint()
+
+    def disk_bytes(self) -> int:
+        """What every file of the log takes on disk now (database, WAL, WAL index, reserve)."""
+        total = 0
+        for suffix in ("", "-wal", "-shm", ".reserve"):
+            with suppress(OSError):
+                total += os.stat(f"{self.path}{suffix}").st_blocks * 512
+        return total
 
     def _load_meta(self) -> None:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -402,8 +512,12 @@ class DurableLog:
         stream_seqs: Sequence[int] | None = None,
         state: Mapping[str, int] | None = None,
         atomic: bool = False,
+        appended_ns: int | None = None,
     ) -> AppendResult:
         """Append ``datagrams`` in order and apply ``state`` updates, all in one transaction.
+
+        ``appended_ns`` (the caller's wall clock, Unix ns) is stored with every entry of this call and read
+        back as ``Entry.appended_ns``: the gateway's receive time, which its sinks act on.
 
         ``stream_seqs`` (same length) records each datagram's number in its stream (the journal stores the
         agent's seq there). With the quota reached, FULL_POLICY applies: DROP_OLDEST deletes the oldest
@@ -422,6 +536,9 @@ class DurableLog:
             + stream_bytes + ENTRY_OVERHEAD
             for d in datagrams
         ]
+        if (self.config.disk_quota_bytes and not atomic and not state
+                and sum(costs) > self._piece_bytes and len(datagrams) > 1):
+            return self._append_in_pieces(datagrams, costs, stream, stream_seqs, appended_ns)
         with self._lock:
             self._check_open()
             try:
@@ -435,7 +552,7 @@ class DurableLog:
                             path=str(self.path),
                         )
                     return self._append_locked(datagrams, costs, stream, stream_seqs, state, atomic,
-                                               disk_need=disk_need)
+                                               disk_need=disk_need, appended_ns=appended_ns)
             except LogFull as exc:
                 if (isinstance(exc, QuotaFull) or self.config.full_policy is not FullPolicy.DROP_OLDEST
                         or not self._entries):
@@ -449,9 +566,62 @@ class DurableLog:
                 logger.debug("log %s: disk full before the quota; dropped the %d oldest entries",
                              self.path, dropped)
                 with self._translate("append"):
-                    res = self._append_locked(datagrams, costs, stream, stream_seqs, state, atomic)
+                    res = self._append_locked(datagrams, costs, stream, stream_seqs, state, atomic,
+                                              appended_ns=appended_ns)
                 return AppendResult(first_seq=res.first_seq, last_seq=res.last_seq, appended=res.appended,
                                     dropped=res.dropped + dropped, refused=res.refused)
+
+    def _append_in_pieces(
+        self, datagrams: Sequence[Datagram], costs: list[int], stream: str,
+        stream_seqs: Sequence[int] | None, appended_ns: int | None,
+    ) -> AppendResult:
+        """A large non-atomic append under a disk quota: one commit per piece of at most ``_piece_bytes``, so
+        that no commit grows the WAL beyond its share. The result is the one a single commit would give: the
+        pieces' seqs are consecutive, and once a piece is refused (REFUSE_NEW) or fails for a full disk, the
+        rest of the group is refused too (counted), so what is stored stays a prefix."""
+        first_seq: int | None = None
+        last_seq = appended = dropped = refused = 0
+        start = 0
+        n = len(datagrams)
+        while start < n:
+            stop, size = start, 0
+            while stop < n and (stop == start or size + costs[stop] <= self._piece_bytes):
+                size += costs[stop]
+                stop += 1
+            if refused:
+                self._count_refused(n - start)
+                refused += n - start
+                break
+            try:
+                res = self.append(
+                    datagrams[start:stop], stream=stream, appended_ns=appended_ns,
+                    stream_seqs=None if stream_seqs is None else stream_seqs[start:stop],
+                )
+            except LogFull:
+                if first_seq is None:
+                    raise  # nothing written: as a single commit would have
+                self._count_refused(n - start)
+                refused += n - start
+                break
+            if first_seq is None:
+                first_seq = res.first_seq
+            if res.last_seq >= res.first_seq:
+                last_seq = res.last_seq
+            appended += res.appended
+            dropped += res.dropped
+            refused += res.refused
+            start = stop
+        assert first_seq is not None
+        return AppendResult(first_seq=first_seq, last_seq=max(last_seq, first_seq - 1), appended=appended,
+                            dropped=dropped, refused=refused)
+
+    def _count_refused(self, n: int) -> None:
+        """Count ``n`` datagrams refused without trying to store them (the tail of a group in pieces)."""
+        with self._lock:
+            self._check_open()
+            total = self._refused + n
+            self._small_write("append", lambda: self._db.execute(_UPSERT_META, ("refused", total)))
+            self._refused = total
 
     def _append_locked(
         self,
@@ -463,8 +633,9 @@ class DurableLog:
         atomic: bool,
         *,
         disk_need: int = 0,
+        appended_ns: int | None = None,
     ) -> AppendResult:
-        quota = self.config.quota_bytes
+        quota = self._quota()
         n = len(datagrams)
         skip = 0  # leading datagrams of this group dropped at once (they consume seqs)
         keep = n  # datagrams [skip:keep] get stored
@@ -499,7 +670,7 @@ class DurableLog:
             first = self._next_seq
             stored_first = first + skip
             if keep > skip:
-                rows = self._rows(datagrams, skip, keep, stored_first, stream, stream_seqs)
+                rows = self._rows(datagrams, skip, keep, stored_first, stream, stream_seqs, appended_ns)
                 db.executemany(_INSERT, rows)
             stored_bytes = sum(costs[skip:keep])
             consumed = keep  # refused datagrams (the tail) take no seq
@@ -526,6 +697,8 @@ class DurableLog:
         if dropped_old:
             with suppress(sqlite3.Error):  # the append is committed; reclaiming space may wait
                 self._maybe_vacuum()
+        if self.config.disk_quota_bytes:
+            self._after_disk_commit()
         return AppendResult(
             first_seq=first, last_seq=first + consumed - 1, appended=keep - skip,
             dropped=dropped_old + skip, refused=n - keep,
@@ -534,7 +707,7 @@ class DurableLog:
     @staticmethod
     def _rows(
         datagrams: Sequence[Datagram], start: int, stop: int, first_seq: int, stream: str,
-        stream_seqs: Sequence[int] | None,
+        stream_seqs: Sequence[int] | None, appended_ns: int | None,
     ) -> Iterator[tuple[object, ...]]:
         """The INSERT parameters of ``datagrams[start:stop]``, assembled by C iterators: no Python frame per
         row (this runs for every datagram the gateway journals and the agent spools)."""
@@ -544,7 +717,7 @@ class DurableLog:
             repeat(stream),
             repeat(None) if stream_seqs is None else map(int, stream_seqs[start:stop]),
             map(_GET_TIME, part), map(_GET_EXPORTER, part), map(_GET_EXPORTER_PORT, part),
-            map(_GET_LOCAL_PORT, part), map(_GET_PAYLOAD, part),
+            map(_GET_LOCAL_PORT, part), map(_GET_PAYLOAD, part), repeat(appended_ns),
         )
 
     def _drop_oldest(self, need: int) -> tuple[int, int]:
@@ -638,6 +811,8 @@ class DurableLog:
                     with suppress(sqlite3.Error):  # reclaiming space is an optimisation; never fail the trim
                         self._maybe_vacuum()
             self._make_reserve()
+            if self.config.disk_quota_bytes and count:
+                self._after_disk_commit()
             return count
 
     def _drop_oldest_when_full(self, need: int) -> int:
@@ -830,8 +1005,9 @@ class DurableLog:
         # would only shrink and regrow the file: do it once they exceed the threshold or 1/8 of the quota.
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
         threshold = self.config.vacuum_threshold_pages
-        if self.config.quota_bytes:
-            threshold = max(1, min(threshold, self.config.quota_bytes // (8 * self._page_size)))
+        quota = self._quota()
+        if quota:
+            threshold = max(1, min(threshold, quota // (8 * self._page_size)))
         if free >= threshold:
             # execute() steps this pragma once (one page); executescript() runs it to completion.
             self._db.executescript("PRAGMA incremental_vacuum;")
@@ -866,19 +1042,19 @@ class DurableLog:
             self._check_open()
             total = 0
             add = out.append
-            for seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, payload in (
-                self._db.execute(_SELECT, (int(after), int(limit)))
-            ):
+            rows = self._db.execute(_SELECT, (int(after), int(limit)))
+            for seq, stream, stream_seq, received_ns, exporter, exp_port, local_port, payload, added in rows:
                 total += len(payload)
                 if out and total > max_bytes:
                     break
                 # Entry(seq, stream, stream_seq, Datagram(...)) without the frozen dataclasses' __init__
-                d = make_datagram(received_ns, exporter, exporter_port, local_port, payload)
+                d = make_datagram(received_ns, exporter, exp_port, local_port, payload)
                 e = _new(Entry)
                 _SET_SEQ(e, seq)
                 _SET_STREAM(e, stream)
                 _SET_STREAM_SEQ(e, stream_seq)
                 _SET_DATAGRAM(e, d)
+                _SET_APPENDED(e, added)
                 add(e)
         return out
 
@@ -937,7 +1113,8 @@ class DurableLog:
                 first_seq=first, last_seq=self._next_seq - 1, entries=self._entries, bytes=self._bytes,
                 dropped_oldest=self._dropped_oldest, refused=self._refused,
                 quota_bytes=self.config.quota_bytes, file_bytes=file_bytes, torn_tails=self._torn_tails,
-                disk_full=self._disk_full,
+                disk_full=self._disk_full, disk_bytes=self.disk_bytes(),
+                disk_quota_bytes=self.config.disk_quota_bytes,
             )
 
     # -- plumbing --------------------------------------------------------------------------------------------

@@ -182,6 +182,8 @@ class FlowDatabase:
             row = self._conn.execute("SELECT value FROM store_meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 self._conn.execute("INSERT INTO store_meta VALUES ('schema_version', ?)", [SCHEMA_VERSION])
+            elif int(row[0]) == 1:
+                self._migrate_1_to_2()
             elif int(row[0]) != SCHEMA_VERSION:
                 raise StoreError(
                     f"flow store {path} has schema version {row[0]}, this flowtunnel knows {SCHEMA_VERSION}"
@@ -191,6 +193,25 @@ class FlowDatabase:
         except duckdb.Error as exc:
             self.close()
             raise StoreError(f"cannot set up flow store {path}: {exc}") from None
+
+    def _migrate_1_to_2(self) -> None:
+        """Version 1 kept the agent's receive time in ``received``: it moves to the new ``agent_received``
+        too (``received`` keeps it: the gateway's time of those rows is not known). One transaction."""
+        conn = self._conn
+        conn.begin()
+        try:
+            columns = {r[0] for r in conn.execute(
+                "SELECT column_name FROM duckdb_columns() WHERE table_name = 'flows'"
+            ).fetchall()}
+            if "agent_received" not in columns:
+                conn.execute("ALTER TABLE flows ADD COLUMN agent_received TIMESTAMPTZ")
+            conn.execute("UPDATE flows SET agent_received = received WHERE agent_received IS NULL")
+            conn.execute("UPDATE store_meta SET value = ? WHERE key = 'schema_version'", [SCHEMA_VERSION])
+            conn.commit()
+        except BaseException:
+            with contextlib.suppress(duckdb.Error):
+                conn.rollback()
+            raise
 
     def close(self) -> None:
         with contextlib.suppress(duckdb.Error):

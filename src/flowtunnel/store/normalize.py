@@ -58,7 +58,7 @@ _INT_DTYPES: Final[dict[str, str]] = {
     "tcp_flags": "int64", "packets": "uint64", "bytes": "uint64", "in_if": "int64", "out_if": "int64",
     "src_as": "int64", "dst_as": "int64", "tos": "int64", "sampling_interval": "int64",
 }
-_TIME_COLUMNS: Final = ("flow_start", "flow_end", "received")
+_TIME_COLUMNS: Final = ("flow_start", "flow_end", "received", "agent_received")
 _TEXT_COLUMNS: Final = ("agent", "exporter", "src_addr", "dst_addr", "next_hop", "extra")
 _WRAP: Final = 1 << 32
 _HALF_WRAP: Final = 1 << 31
@@ -177,6 +177,7 @@ class _Group:
     version: list[int] = field(default_factory=list)
     domain: list[int | None] = field(default_factory=list)
     received: list[int] = field(default_factory=list)
+    agent_received: list[int] = field(default_factory=list)
     export_ms: list[int] = field(default_factory=list)
     init_ms: list[int | None] = field(default_factory=list)
 
@@ -214,6 +215,7 @@ class _Datagrams:
     version: list[int] = field(default_factory=list)
     domain: list[int | None] = field(default_factory=list)
     received: list[int] = field(default_factory=list)
+    agent_received: list[int] = field(default_factory=list)
     export_ms: list[int] = field(default_factory=list)  # the sink's (for unresolved uptimes)
     init_ms: list[int | None] = field(default_factory=list)  # the sink's
 
@@ -256,12 +258,16 @@ class FlowColumns:
         received_us: int,
         export_ms: int = 0,
         init_ms: int | None = None,
+        agent_received_us: int | None = None,
     ) -> int:
         """Add one row per record; returns how many.
 
-        ``export_ms`` is the datagram header's export time, ``init_ms`` the exporter's systemInitTime (from an
-        options record), used to resolve uptime-relative times the codec left unresolved.
+        ``received_us`` is the gateway's receive time (``received``), ``agent_received_us`` the agent's
+        (``agent_received``; default: the same). ``export_ms`` is the datagram header's export time,
+        ``init_ms`` the exporter's systemInitTime (from an options record), used to resolve uptime-relative
+        times the codec left unresolved.
         """
+        agent_us = received_us if agent_received_us is None else agent_received_us
         n = 0
         for keys, rows in _runs(records):
             group = self._groups.get(keys)
@@ -274,6 +280,7 @@ class FlowColumns:
             group.version.extend([version] * m)
             group.domain.extend([domain] * m)
             group.received.extend([received_us] * m)
+            group.agent_received.extend([agent_us] * m)
             group.export_ms.extend([export_ms] * m)
             group.init_ms.extend([init_ms] * m)
             n += m
@@ -291,8 +298,10 @@ class FlowColumns:
         received_us: int,
         export_ms: int = 0,
         init_ms: int | None = None,
+        agent_received_us: int | None = None,
     ) -> int:
         """One row per record of each block (``Message.blocks``): the rows ``add`` gives for their records."""
+        agent_us = received_us if agent_received_us is None else agent_received_us
         n = 0
         dg = self._datagrams
         index = -1
@@ -306,7 +315,8 @@ class FlowColumns:
                 group = groups[key] = _BlockGroup(layout, mode, _plan(block.keys), _columnar(layout))
             if not group.columnar:
                 n += self.add(block.records(), agent=agent, exporter=exporter, version=version, domain=domain,
-                              received_us=received_us, export_ms=export_ms, init_ms=init_ms)
+                              received_us=received_us, export_ms=export_ms, init_ms=init_ms,
+                              agent_received_us=agent_us)
                 continue
             if index < 0:
                 index = len(dg.agent)
@@ -315,6 +325,7 @@ class FlowColumns:
                 dg.version.append(version)
                 dg.domain.append(domain)
                 dg.received.append(received_us)
+                dg.agent_received.append(agent_us)
                 dg.export_ms.append(export_ms)
                 dg.init_ms.append(init_ms)
             group.blocks.append(block)
@@ -518,6 +529,7 @@ def _block_chunks(group: _BlockGroup, dg: _Datagrams) -> dict[str, Chunk]:
     else:
         out["domain_id"] = (of_datagram(dg.domain), None)
     out["received"] = (of_datagram(dg.received), None)
+    out["agent_received"] = (of_datagram(dg.agent_received), None)
     return out
 
 
@@ -635,6 +647,7 @@ def _transpose(group: _Group, out: dict[str, list[Any]]) -> None:
     out["version"].extend(group.version)
     out["domain_id"].extend(group.domain)
     out["received"].extend(group.received)
+    out["agent_received"].extend(group.agent_received)
 
 
 def _ints(values: list[Any], dtype: str) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_]]:

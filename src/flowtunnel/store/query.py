@@ -242,8 +242,8 @@ def top_sql(
     """The SQL (and parameters) ranking ``by`` values by bytes, packets and flow count.
 
     ``clock`` says which time ``since_seconds`` goes by: ``flow`` (the exporter's flow end, else start, else
-    the receive time) or ``received`` (when the flow reached flowtunnel). ``flow_filter`` (an nfdump-style
-    filter, see ``flowtunnel.store.filter``) keeps only the flows it selects.
+    the receive time) or ``received`` (when the flow reached the gateway, by its clock). ``flow_filter`` (an
+    nfdump-style filter, see ``flowtunnel.store.filter``) keeps only the flows it selects.
     """
     if by not in TOP_KEYS:
         raise ValueError(f"cannot rank by {by!r}: choose one of {', '.join(TOP_KEYS)}")

@@ -17,11 +17,16 @@ __all__ = [
     "SCHEMA_VERSION",
 ]
 
-SCHEMA_VERSION: Final = 1
+#: 2: ``received`` is the gateway's receive time, ``agent_received`` (new) the agent's. A version 1 store is
+#: migrated on open: its rows get ``agent_received = received`` (version 1 stored the agent's time there).
+SCHEMA_VERSION: Final = 2
 
-# (name, DuckDB type). The order is the table's column order; ``received`` (the agent's receive time of the
-# datagram) comes last because it is ours, not the exporter's: retention and "--since" fall back to it when an
-# exporter's clock is wrong (a Raspberry Pi without RTC exports 1970 timestamps until NTP syncs).
+# (name, DuckDB type). The order is the table's column order; the receive times come last because they are
+# ours, not the exporter's. ``received`` is when the gateway journaled the datagram, by the gateway's own
+# clock: retention and "--since" act on it (falling back to it when an exporter's clock is wrong: a
+# Raspberry Pi without RTC exports 1970 timestamps until NTP syncs), so an agent whose clock is hours off
+# neither loses fresh flows to retention nor keeps old ones too long. ``agent_received`` is when the agent
+# received the datagram, by the agent's clock (its skew is in the gateway's status).
 FLOW_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("agent", "VARCHAR NOT NULL"),
     ("exporter", "VARCHAR NOT NULL"),
@@ -46,6 +51,7 @@ FLOW_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
     ("sampling_interval", "BIGINT"),
     ("extra", "JSON"),
     ("received", "TIMESTAMPTZ NOT NULL"),
+    ("agent_received", "TIMESTAMPTZ"),
 )
 
 # Per (agent, exporter): what the sink saw. Sequence figures are the decoder's (RFC semantics: v5 counts

@@ -174,6 +174,9 @@ class StoreSink:
         self.commits = 0
         self.commit_failures = 0
         self.last_commit: float | None = None
+        # The first failed commit since the last one that succeeded (None: commits succeed), and its error.
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
         self.retention_dropped = 0
         self.retention_last: float | None = None
         self.running = False
@@ -252,6 +255,9 @@ class StoreSink:
             await self._shielded(commit)
         except StoreError as exc:
             self.commit_failures += 1
+            self.last_error = str(exc)
+            if self.failing_since is None:
+                self.failing_since = time.time()
             # Queries share the instance's memory: one at the cap makes commits fail. Ingest comes first.
             interrupted = self._server.interrupt_all() if self._server is not None else 0
             log.error("%s; reloading the last committed state, retrying in %g s%s", exc, self.retry_delay,
@@ -259,6 +265,10 @@ class StoreSink:
             await self._work(self._load)
             await asyncio.sleep(self.retry_delay)
             return False
+        if self.failing_since is not None:
+            log.info("store: commits succeed again after %d failures since %s", self.commit_failures,
+                     dt.datetime.fromtimestamp(self.failing_since, dt.UTC).isoformat(timespec="seconds"))
+            self.failing_since = self.last_error = None
         self._after_commit(journal)
         return True
 
@@ -423,7 +433,9 @@ class StoreSink:
         key = (agent, host)
         touched_exporters.add(key)
         counters = self._exporters.get(key)
-        received = dt.datetime.fromtimestamp(d.received_ns / 1e9, dt.UTC)
+        # The gateway's receive time (journaled with the entry); entries journaled before it was, the agent's.
+        received_ns = d.received_ns if entry.appended_ns is None else entry.appended_ns
+        received = dt.datetime.fromtimestamp(received_ns / 1e9, dt.UTC)
         if counters is None:
             counters = _ExporterCounters(agent=agent, exporter=host, first_seen=received)
             self._exporters[key] = counters
@@ -466,13 +478,15 @@ class StoreSink:
             init_ms = agent_decoder.init_ms.get((host, msg.domain))
             counters.records += cols.add(
                 msg.records, agent=agent, exporter=host, version=msg.version, domain=msg.domain,
-                received_us=d.received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
+                received_us=received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
+                agent_received_us=d.received_ns // 1000,
             )
         if msg.blocks:  # fixed-length data sets, normalised as arrays per batch
             init_ms = agent_decoder.init_ms.get((host, msg.domain))
             counters.records += cols.add_blocks(
                 msg.blocks, agent=agent, exporter=host, version=msg.version, domain=msg.domain,
-                received_us=d.received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
+                received_us=received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
+                agent_received_us=d.received_ns // 1000,
             )
 
     def _account_sequences(
@@ -548,6 +562,8 @@ class StoreSink:
             "rows_added": self.rows_added,
             "commits": self.commits,
             "commit_failures": self.commit_failures,
+            "failing_since": self.failing_since,
+            "last_error": self.last_error,
             "last_commit": self.last_commit,
             "retain_seconds": self.retain_seconds,
             "retention_dropped": self.retention_dropped,

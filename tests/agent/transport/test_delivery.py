@@ -110,11 +110,18 @@ def test_transient_failures_back_off_exponentially_or_as_told() -> None:
     assert isinstance(told, Wait)
     assert told.delay == 7.0
     assert d.failures["http-503"] == 5
-    # Back: one line says so, the streak ends.
+    # A resync that succeeds does not end the episode (nor reset the backoff); an acknowledged batch does,
+    # and one line says so.
     r = resync()
-    action = d.answer(r, ack(r, 0), draw=1.0)
-    assert [n.text for n in action.notes] == ["gateway reachable again after 5 failed attempts"]
+    assert d.answer(r, ack(r, 0), draw=1.0, now=50.0).notes == ()
+    assert d.consecutive_failures == 5
+    sent = batch(1, 10, 5000)
+    action = d.answer(sent, ack(sent, 10), draw=1.0, now=60.0)
+    assert [n.text for n in action.notes] == [
+        "gateway acknowledging data again after 5 failed attempts (60 s without an ack)"]
     assert d.consecutive_failures == 0
+    assert d.unacked_since is None
+    assert d.last_ack == 60.0
 
 
 def test_a_refusal_waits_reject_backoff_and_names_who_refused() -> None:

@@ -153,6 +153,21 @@ class Delivery:
     oversize_seqs: set[int] = field(default_factory=set, repr=False)
     failures: Counter[str] = field(default_factory=Counter)
     last_result: str = "none"
+    # A failure episode lasts from the first failure until data is acknowledged again (or nothing is left to
+    # send): a successful resync does not end it, so a gateway that answers every resync but refuses every
+    # batch neither looks healthy nor resets the backoff.
+    unacked_since: float | None = None
+    last_ack: float | None = None
+
+    def caught_up(self, *, now: float) -> tuple[Note, ...]:
+        """Nothing is left to send after a successful resync: whatever failed before, nothing waits."""
+        if not self.consecutive_failures or self.wants_resync:
+            return ()
+        note = Note(level=logging.INFO, text=(
+            f"gateway reachable again after {self.consecutive_failures} failed attempts; nothing waiting"))
+        self.consecutive_failures = 0
+        self.unacked_since = None
+        return (note,)
 
     def local_failure(self, cause: str) -> None:
         """Something on this side failed (the spool, sealing): resynchronise before the next batch."""
@@ -160,8 +175,14 @@ class Delivery:
         self.last_result = cause
         self.wants_resync = True
 
-    def answer(self, sent: Sent, answer: Answer, *, draw: float) -> Action:
-        """What to do after ``answer`` to ``sent``."""
+    def answer(self, sent: Sent, answer: Answer, *, draw: float, now: float = 0.0) -> Action:
+        """What to do after ``answer`` to ``sent`` (``now``: seconds, for the failure episode's start)."""
+        action = self._answer(sent, answer, draw=draw, now=now)
+        if isinstance(action, Wait) and self.unacked_since is None:
+            self.unacked_since = now
+        return action
+
+    def _answer(self, sent: Sent, answer: Answer, *, draw: float, now: float) -> Action:
         if isinstance(answer, Acked):
             try:
                 verify_ack(self.key, agent_id=self.agent_id, request_nonce=sent.nonce, acked=answer.acked,
@@ -171,7 +192,7 @@ class Delivery:
                 # a gateway too old to tag): trust nothing in it, keep every datagram, back off.
                 return self._failed("bad-ack", f"{sent.what}: 200 whose acknowledgement is not authentic "
                                     f"({exc})", draw=draw)
-            return self._acked(sent, answer.acked)
+            return self._acked(sent, answer.acked, now=now)
         if isinstance(answer, Resync):
             return self._resync(answer, draw=draw)
         if isinstance(answer, TooLarge):
@@ -192,17 +213,22 @@ class Delivery:
 
     # -- rules -----------------------------------------------------------------------------------------------
 
-    def _acked(self, sent: Sent, acked: int) -> Commit:
+    def _acked(self, sent: Sent, acked: int, *, now: float) -> Commit:
         notes: list[Note] = []
-        if self.consecutive_failures:
-            notes.append(Note(level=logging.INFO, text=(
-                f"gateway reachable again after {self.consecutive_failures} failed attempts")))
-        self.consecutive_failures = 0
         self.last_result = "ok"
         self.cuts = 0
         if sent.resync:
             self.wants_resync = False
-            return Commit(acked=acked, resync=True, notes=tuple(notes))
+            return Commit(acked=acked, resync=True)
+        if self.consecutive_failures:
+            since = ""
+            if self.unacked_since is not None:
+                since = f" ({now - self.unacked_since:.0f} s without an ack)"
+            text = f"gateway acknowledging data again after {self.consecutive_failures} failed attempts{since}"
+            notes.append(Note(level=logging.INFO, text=text))
+        self.consecutive_failures = 0
+        self.unacked_since = None
+        self.last_ack = now
         self.resync_streak = 0
         if sent.last is not None and acked < sent.last:
             # The contract says the gateway takes every datagram above its mark; if it did not, ask again.

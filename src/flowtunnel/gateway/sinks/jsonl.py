@@ -1,9 +1,10 @@
 """The jsonl sink: decoded flow records as JSON lines, for SIEM shippers (Filebeat, Vector, Fluent Bit).
 
 One line per data record: IANA element names as keys (addresses as text, unknown fields as hex), plus
-``_agent``, ``_exporter``, ``_version``, ``_domain``, ``_template``, ``_received`` (the agent's receive time,
-ISO 8601 UTC) and ``_seq`` (the journal sequence number, so a consumer can drop the repeats a crash may cause:
-delivery is at-least-once, at most one batch repeated). Appends to a file, fsync once per batch; or stdout.
+``_agent``, ``_exporter``, ``_version``, ``_domain``, ``_template``, ``_received`` (the gateway's receive
+time, ISO 8601 UTC), ``_agent_received`` (the agent's, by its own clock) and ``_seq`` (the journal sequence
+number, so a consumer can drop the repeats a crash may cause: delivery is at-least-once, at most one batch
+repeated). Appends to a file, fsync once per batch; or stdout.
 A ``Decoder`` per agent keeps templates, persisted in ``DATA/jsonl-templates.json`` across restarts.
 """
 
@@ -133,12 +134,15 @@ class JsonlSink(CursorSink):
                 continue
             if msg.templates or msg.withdrawn:
                 templates_changed = True
-            received = dt.datetime.fromtimestamp(d.received_ns / 1e9, tz=dt.UTC).isoformat()
+            # _received: the gateway's receive time (journaled with the entry); _agent_received: the agent's.
+            agent_received = dt.datetime.fromtimestamp(d.received_ns / 1e9, tz=dt.UTC).isoformat()
+            received = agent_received if entry.appended_ns is None else dt.datetime.fromtimestamp(
+                entry.appended_ns / 1e9, tz=dt.UTC).isoformat()
             for record in msg.records:
                 meta = {
                     "_agent": entry.stream, "_exporter": d.exporter, "_version": msg.version,
                     "_domain": msg.domain, "_template": getattr(record, "template_id", None),
-                    "_received": received, "_seq": entry.seq,
+                    "_received": received, "_agent_received": agent_received, "_seq": entry.seq,
                 }
                 lines.append(record_line(record, meta))
         if lines:
