@@ -224,7 +224,8 @@ class Delivery:
             since = ""
             if self.unacked_since is not None:
                 since = f" ({now - self.unacked_since:.0f} s without an ack)"
-            text = f"gateway acknowledging data again after {self.consecutive_failures} failed attempts{since}"
+            n = self.consecutive_failures
+            text = f"gateway acknowledging data again after {n} failed attempts{since}"
             notes.append(Note(level=logging.INFO, text=text))
         self.consecutive_failures = 0
         self.unacked_since = None
