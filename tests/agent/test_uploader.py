@@ -547,6 +547,7 @@ def test_the_newest_committed_datagrams_are_batched_from_memory_as_the_spool_hol
     key = generate_key()
     spool = open_spool(tmp_path)
     up = Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool)
+    up._delivery.wants_resync = False  # resynchronised: commits are kept in memory from here
     sent = datagrams(30)
 
     def commit(chunk: list[Datagram]) -> None:
@@ -588,6 +589,7 @@ def test_a_commit_that_dropped_old_entries_empties_the_memory(tmp_path: Path) ->
     key = generate_key()
     spool = DurableLog(LogConfig(path=tmp_path / "spool.sqlite", quota_bytes=20 * (300 + 9 + 48)))
     up = Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool)
+    up._delivery.wants_resync = False  # resynchronised: commits are kept in memory from here
     sent = datagrams(30)
     first = spool.append(sent[:10])
     up.spooled(first, sent[:10])

@@ -255,18 +255,19 @@ class Uploader:
     def spooled(self, result: AppendResult, datagrams: Sequence[Datagram]) -> None:
         """The receiver committed ``datagrams`` to the spool as ``result`` (called in the loop).
 
-        They are kept in memory (the newest ``TAIL_BYTES``; none while uploads fail) so the next batch need
-        not read them back. The kept entries stay one run of consecutive seqs, as the spool holds them: a
-        commit that did not store all its datagrams under consecutive seqs, or whose quota policy dropped
-        older entries, starts the run afresh (and batches come from the spool until they reach it). Entries
-        at or below the gateway's mark are discarded as batches are read. That covers resynchronisation too:
+        They are kept in memory (the newest ``TAIL_BYTES``; none while uploads fail or before the first
+        resynchronisation: on a new network the rungs race for seconds, while the quota may drop) so the next
+        batch need not read them back. The kept entries stay one run of consecutive seqs, as the spool holds
+        them: a commit that did not store all its datagrams under consecutive seqs, or whose quota policy
+        dropped older entries, starts the run afresh (and batches come from the spool until they reach it).
+        Entries at or below the gateway's mark are discarded as batches are read. That covers resynchronisation too:
         the spool renumbers or advances its seqs only when the gateway's mark is beyond its last seq, so
         every kept entry is then at or below the new mark, and later commits start a new run above it.
         """
         tail = self._tail
         n = len(datagrams)
         whole = (n > 0 and result.appended == n and result.last_seq - result.first_seq + 1 == n
-                 and not self.stats.consecutive_failures)
+                 and not self.stats.consecutive_failures and not self._delivery.wants_resync)
         if not whole or result.dropped or result.refused or (tail and tail[-1].seq + 1 != result.first_seq):
             tail.clear()
             self._tail_bytes = 0
