@@ -260,9 +260,10 @@ class Uploader:
         batch need not read them back. The kept entries stay one run of consecutive seqs, as the spool holds
         them: a commit that did not store all its datagrams under consecutive seqs, or whose quota policy
         dropped older entries, starts the run afresh (and batches come from the spool until they reach it).
-        Entries at or below the gateway's mark are discarded as batches are read. That covers resynchronisation too:
-        the spool renumbers or advances its seqs only when the gateway's mark is beyond its last seq, so
-        every kept entry is then at or below the new mark, and later commits start a new run above it.
+        Entries at or below the gateway's mark are discarded as batches are read. That covers
+        resynchronisation too: the spool renumbers or advances its seqs only when the gateway's mark is beyond
+        its last seq, so every kept entry is then at or below the new mark, and later commits start a new run
+        above it.
         """
         tail = self._tail
         n = len(datagrams)
