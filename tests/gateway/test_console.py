@@ -435,3 +435,62 @@ async def test_the_grafana_dashboard_asks_for_metrics_the_gateway_serves(world: 
     for name, kind in re.findall(r"^# TYPE (flowtunnel_[a-z_]+) (\w+)", text, flags=re.M):
         served |= {name, f"{name}_total"} if kind == "counter" else {name}
     assert wanted <= served, f"not served: {sorted(wanted - served)}"
+
+
+async def test_admin_token_command_writes_a_private_token_the_gateway_uses_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowtunnel.cli import main
+
+    data = tmp_path / "gw"
+    assert main(["admin-token", "--data", str(data)]) == 0
+    path = data / "admin.token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text().strip()
+    assert token not in capsys.readouterr().out  # not printed unless --print
+    assert main(["admin-token", "--data", str(data)]) == 2  # exists: refused without --rotate
+    assert path.read_text().strip() == token
+    assert main(["admin-token", "--data", str(data), "--rotate", "--print"]) == 0
+    rotated = path.read_text().strip()
+    assert rotated != token
+    assert rotated in capsys.readouterr().out
+    gw = await start_gateway(data)  # no --admin-token-file: DATA/admin.token
+    try:
+        async with aiohttp.ClientSession() as s:
+            resp = await login(s, gw.url, token=rotated)
+            assert resp.status == 303
+            assert COOKIE_NAME in resp.cookies
+    finally:
+        await gw.stop()
+
+
+async def test_console_off_serves_no_console_but_guards_metrics(tmp_path: Path) -> None:
+    from flowtunnel.config import load_settings
+    from flowtunnel.gateway import GatewayConfig
+
+    cfg = load_settings(GatewayConfig, section="gateway", env={
+        "FLOWTUNNEL_GATEWAY_CONSOLE": "off", "FLOWTUNNEL_GATEWAY_DATA": str(tmp_path / "gw"),
+        "FLOWTUNNEL_GATEWAY_LISTEN": "127.0.0.1:0", "FLOWTUNNEL_GATEWAY_STORE": "false",
+        "FLOWTUNNEL_GATEWAY_ADMIN_TOKEN_FILE": str(token_file(tmp_path)),
+    })
+    assert cfg.console is False
+    gw = Gateway(cfg)
+    await gw.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url + "/console") as r:
+                assert r.status == 404
+            async with s.get(gw.url + "/metrics") as r:
+                assert r.status == 401
+            async with s.get(gw.url + "/v1/status", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert r.status == 200
+    finally:
+        await gw.stop()
+
+
+async def test_a_token_file_others_can_read_stops_the_gateway(tmp_path: Path) -> None:
+    loose = token_file(tmp_path)
+    loose.chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        await start_gateway(tmp_path / "gw", admin_token_file=loose)
+    assert not (tmp_path / "gw" / "journal.sqlite").exists()  # refused before the journal or a sink started
