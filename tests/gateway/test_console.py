@@ -17,7 +17,7 @@ import pytest
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.errors import ConfigError
-from flowtunnel.gateway import Gateway
+from flowtunnel.gateway import Gateway, Registry
 from flowtunnel.gateway.console.auth import COOKIE_NAME, OperatorAuth, read_token_file, same_origin
 from flowtunnel.gateway.console.data import MAX_RANGE, AgentThresholds, agent_state, parse_range
 from flowtunnel.gateway.console.routes import CSP
@@ -494,3 +494,46 @@ async def test_a_token_file_others_can_read_stops_the_gateway(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="chmod 600"):
         await start_gateway(tmp_path / "gw", admin_token_file=loose)
     assert not (tmp_path / "gw" / "journal.sqlite").exists()  # refused before the journal or a sink started
+
+
+def test_the_agent_seals_the_age_of_its_oldest_unacknowledged_datagram(tmp_path: Path) -> None:
+    from flowtunnel.agent.uploader import Uploader
+    from flowtunnel.wire import open_batch
+    from flowtunnel.wire.keys import generate_key
+    from tests.agent.test_uploader import config, open_spool
+
+    key = generate_key()
+    spool = open_spool(tmp_path)
+    try:
+        spool.append([Datagram(received_ns=1_800_000_000_000_000_000 + i * 10**9, exporter="127.0.0.1",
+                               exporter_port=4000, local_port=2055, payload=b"x" * 40) for i in range(5)])
+        entries = spool.read(after=0, limit=100)
+        cfg = config(tmp_path, "http://127.0.0.1:9", key)
+        up = Uploader(cfg, key, spool, clock=lambda: 1_800_000_090.5)
+        body, _ = up._seal(entries[2:])
+        assert open_batch(body, key=key).agent_info["backlog_age"] == 88  # the first: +2 s
+    finally:
+        spool.close()
+
+
+async def test_agents_page_shows_the_age_of_the_backlog(world: tuple[Gateway, str]) -> None:
+    import os
+
+    from flowtunnel.wire import seal_batch
+
+    gw, url = world
+    with Registry(gw.data_dir) as reg:
+        entry = reg.get("site-2")
+    assert entry is not None
+    key = entry.key
+    body = seal_batch(agent_id="site-2", key=key, first_seq=1, datagrams=v5_datagrams(1),
+                      nonce=os.urandom(12), agent_info={"backlog": 50, "backlog_age": 600})
+    async with aiohttp.ClientSession() as s:
+        status, doc, _ = await post_batch(s, url, body, agent="site-2")
+        assert status == 200, doc
+        c = await session(s, url)
+        _, doc = await get(s, url + "/console/api/agents", c)
+    row = next(a for a in doc["agents"] if a["id"] == "site-2")
+    assert row["backlog"] == 50
+    assert 600 <= row["backlog_age"] < 660
+    assert next(a for a in doc["agents"] if a["id"] == "site-1")["backlog_age"] is None  # never reported

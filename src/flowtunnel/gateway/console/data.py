@@ -208,6 +208,14 @@ class RateHistory:
         return max(0.0, (last[1] - first[1]) / dt_) if dt_ > 0 else None
 
 
+def _age(doc: Mapping[str, Any], now: float) -> float | None:
+    """Age of the agent's oldest unacknowledged datagram now (None when unknown or nothing waits)."""
+    oldest = doc.get("backlog_oldest")
+    if not isinstance(oldest, int | float) or not doc.get("backlog"):
+        return None
+    return max(0.0, now - float(oldest))
+
+
 def _row_dicts(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[dict[str, object]]:
     return [dict(zip(columns, r, strict=True)) for r in rows]
 
@@ -317,7 +325,7 @@ class ConsoleData:
             "last_seen": doc.get("last_seen"),
             "enrolled": doc.get("enrolled", False),
             "backlog": doc.get("backlog"),
-            "backlog_age": doc.get("backlog_age"),
+            "backlog_age": _age(doc, now),
             "upload_bps": self.history.rate(agent_id),
             "wire_bytes": doc.get("http_bytes", 0),
             "raw_bytes": doc.get("datagram_bytes", 0),
