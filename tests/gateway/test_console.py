@@ -537,3 +537,34 @@ async def test_agents_page_shows_the_age_of_the_backlog(world: tuple[Gateway, st
     assert row["backlog"] == 50
     assert 600 <= row["backlog_age"] < 660
     assert next(a for a in doc["agents"] if a["id"] == "site-1")["backlog_age"] is None  # never reported
+
+
+async def test_slow_console_queries_do_not_stall_ingest(world: tuple[Gateway, str]) -> None:
+    """Console queries (and the store's query server under them) run on threads of their own: three
+    queries running to their timeout used to hold every thread of the event loop's default pool, which
+    ingest needs for each batch, so agents' uploads waited for the queries."""
+    gw, url = world
+    with Registry(gw.data_dir) as reg:
+        entry = reg.get("site-2")
+    assert entry is not None
+    slow = "SELECT sum(i * i % 7) FROM range(100000000000) t(i)"
+    async with aiohttp.ClientSession() as s:
+        c = await session(s, url)
+
+        async def ask() -> int:
+            async with s.get(url + "/console/api/query", params={"mode": "sql", "q": slow}, cookies=c) as r:
+                return r.status
+
+        queries = [asyncio.create_task(ask()) for _ in range(3)]
+        try:
+            async with asyncio.timeout(10):
+                while gw.console_data is None or len(gw.console_data.running) < 3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            status, doc, _ = await post_batch(s, url, seal("site-2", entry.key, 1, v5_datagrams(1)),
+                                              agent="site-2")
+            assert status == 200, doc
+            assert not any(q.done() for q in queries)  # the batch was taken while all three still ran
+        finally:
+            for q in queries:
+                q.cancel()
+            await asyncio.gather(*queries, return_exceptions=True)

@@ -521,6 +521,8 @@ class Gateway:
             except Exception as exc:
                 log.warning("stopping site %s: %s", site.name, exc)
         self._sites.clear()
+        if self.console_data is not None:
+            self.console_data.close()  # console queries in flight answer now, not at their timeout
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
