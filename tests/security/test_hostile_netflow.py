@@ -11,8 +11,10 @@ import asyncio
 import contextlib
 import json
 import random
+import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,6 +33,19 @@ def rss_mib(pid: int) -> float:
     raise AssertionError("no VmRSS")
 
 
+async def agent_status(spool: Path, *, received: int, within: float = 30.0) -> dict[str, Any]:
+    """The agent's status.json once it counts ``received`` datagrams."""
+    deadline = time.monotonic() + within
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            doc: dict[str, Any] = json.loads((spool / "status.json").read_text())
+            if doc.get("received", {}).get("datagrams", 0) >= received:
+                return doc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"agent status.json never counted {received} datagrams")
+        await asyncio.sleep(0.05)
+
+
 async def test_hostile_datagrams_from_many_exporters_are_carried_raw_and_counted(tmp_path: Path) -> None:
     require("softflowd")
     genuine, _ = await asyncio.to_thread(exported, 9, 2000)
@@ -47,7 +62,8 @@ async def test_hostile_datagrams_from_many_exporters_are_carried_raw_and_counted
             sent.extend((source, d) for d in batch)
         await st.drained(len(sent), within=120)
         assert rss_mib(st.agent.proc.pid) - base < 64
-        status = json.loads((st.agent.spool / "status.json").read_text())
+        # Drained can come sooner than the next status write (every 200 ms): wait for one that saw them all.
+        status = await agent_status(st.agent.spool, received=len(sent))
         assert st.gateway.running, st.gateway.log_text()[-2000:]
         await st.stop()
         journal = await asyncio.to_thread(st.journal)
