@@ -74,7 +74,9 @@ def build_store(data: Path, *, agents: int, flows: int, days: float) -> float:
     try:
         span_us = int(days * 86400 * 1e6)
         conn.execute(f"""
-            INSERT INTO flows
+            INSERT INTO flows (agent, exporter, version, domain_id, flow_start, flow_end, src_addr, dst_addr,
+                               src_port, dst_port, protocol, tcp_flags, packets, bytes, in_if, out_if, src_as,
+                               dst_as, next_hop, tos, sampling_interval, extra, received)
             SELECT 'agent-' || (i % {agents}) AS agent,
                    '192.0.' || ((i % {agents}) // 250) || '.' || ((i % {agents}) % 250) || '-' || (i % 3)
                        AS exporter,

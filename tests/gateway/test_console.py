@@ -17,7 +17,7 @@ import pytest
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.errors import ConfigError
-from flowtunnel.gateway import Gateway
+from flowtunnel.gateway import Gateway, Registry
 from flowtunnel.gateway.console.auth import COOKIE_NAME, OperatorAuth, read_token_file, same_origin
 from flowtunnel.gateway.console.data import MAX_RANGE, AgentThresholds, agent_state, parse_range
 from flowtunnel.gateway.console.routes import CSP
@@ -435,3 +435,136 @@ async def test_the_grafana_dashboard_asks_for_metrics_the_gateway_serves(world: 
     for name, kind in re.findall(r"^# TYPE (flowtunnel_[a-z_]+) (\w+)", text, flags=re.M):
         served |= {name, f"{name}_total"} if kind == "counter" else {name}
     assert wanted <= served, f"not served: {sorted(wanted - served)}"
+
+
+async def test_admin_token_command_writes_a_private_token_the_gateway_uses_by_default(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flowtunnel.cli import main
+
+    data = tmp_path / "gw"
+    assert main(["admin-token", "--data", str(data)]) == 0
+    path = data / "admin.token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    token = path.read_text().strip()
+    assert token not in capsys.readouterr().out  # not printed unless --print
+    assert main(["admin-token", "--data", str(data)]) == 2  # exists: refused without --rotate
+    assert path.read_text().strip() == token
+    assert main(["admin-token", "--data", str(data), "--rotate", "--print"]) == 0
+    rotated = path.read_text().strip()
+    assert rotated != token
+    assert rotated in capsys.readouterr().out
+    gw = await start_gateway(data)  # no --admin-token-file: DATA/admin.token
+    try:
+        async with aiohttp.ClientSession() as s:
+            resp = await login(s, gw.url, token=rotated)
+            assert resp.status == 303
+            assert COOKIE_NAME in resp.cookies
+    finally:
+        await gw.stop()
+
+
+async def test_console_off_serves_no_console_but_guards_metrics(tmp_path: Path) -> None:
+    from flowtunnel.config import load_settings
+    from flowtunnel.gateway import GatewayConfig
+
+    cfg = load_settings(GatewayConfig, section="gateway", env={
+        "FLOWTUNNEL_GATEWAY_CONSOLE": "off", "FLOWTUNNEL_GATEWAY_DATA": str(tmp_path / "gw"),
+        "FLOWTUNNEL_GATEWAY_LISTEN": "127.0.0.1:0", "FLOWTUNNEL_GATEWAY_STORE": "false",
+        "FLOWTUNNEL_GATEWAY_ADMIN_TOKEN_FILE": str(token_file(tmp_path)),
+    })
+    assert cfg.console is False
+    gw = Gateway(cfg)
+    await gw.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url + "/console") as r:
+                assert r.status == 404
+            async with s.get(gw.url + "/metrics") as r:
+                assert r.status == 401
+            async with s.get(gw.url + "/v1/status", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                assert r.status == 200
+    finally:
+        await gw.stop()
+
+
+async def test_a_token_file_others_can_read_stops_the_gateway(tmp_path: Path) -> None:
+    loose = token_file(tmp_path)
+    loose.chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        await start_gateway(tmp_path / "gw", admin_token_file=loose)
+    assert not (tmp_path / "gw" / "journal.sqlite").exists()  # refused before the journal or a sink started
+
+
+def test_the_agent_seals_the_age_of_its_oldest_unacknowledged_datagram(tmp_path: Path) -> None:
+    from flowtunnel.agent.uploader import Uploader
+    from flowtunnel.wire import open_batch
+    from flowtunnel.wire.keys import generate_key
+    from tests.agent.test_uploader import config, open_spool
+
+    key = generate_key()
+    spool = open_spool(tmp_path)
+    try:
+        spool.append([Datagram(received_ns=1_800_000_000_000_000_000 + i * 10**9, exporter="127.0.0.1",
+                               exporter_port=4000, local_port=2055, payload=b"x" * 40) for i in range(5)])
+        entries = spool.read(after=0, limit=100)
+        cfg = config(tmp_path, "http://127.0.0.1:9", key)
+        up = Uploader(cfg, key, spool, clock=lambda: 1_800_000_090.5)
+        body, _ = up._seal(entries[2:])
+        assert open_batch(body, key=key).agent_info["backlog_age"] == 88  # the first: +2 s
+    finally:
+        spool.close()
+
+
+async def test_agents_page_shows_the_age_of_the_backlog(world: tuple[Gateway, str]) -> None:
+    import os
+
+    from flowtunnel.wire import seal_batch
+
+    gw, url = world
+    with Registry(gw.data_dir) as reg:
+        entry = reg.get("site-2")
+    assert entry is not None
+    key = entry.key
+    body = seal_batch(agent_id="site-2", key=key, first_seq=1, datagrams=v5_datagrams(1),
+                      nonce=os.urandom(12), agent_info={"backlog": 50, "backlog_age": 600})
+    async with aiohttp.ClientSession() as s:
+        status, doc, _ = await post_batch(s, url, body, agent="site-2")
+        assert status == 200, doc
+        c = await session(s, url)
+        _, doc = await get(s, url + "/console/api/agents", c)
+    row = next(a for a in doc["agents"] if a["id"] == "site-2")
+    assert row["backlog"] == 50
+    assert 600 <= row["backlog_age"] < 660
+    assert next(a for a in doc["agents"] if a["id"] == "site-1")["backlog_age"] is None  # never reported
+
+
+async def test_slow_console_queries_do_not_stall_ingest(world: tuple[Gateway, str]) -> None:
+    """Console queries (and the store's query server under them) run on threads of their own: three
+    queries running to their timeout used to hold every thread of the event loop's default pool, which
+    ingest needs for each batch, so agents' uploads waited for the queries."""
+    gw, url = world
+    with Registry(gw.data_dir) as reg:
+        entry = reg.get("site-2")
+    assert entry is not None
+    slow = "SELECT sum(i * i % 7) FROM range(100000000000) t(i)"
+    async with aiohttp.ClientSession() as s:
+        c = await session(s, url)
+
+        async def ask() -> int:
+            async with s.get(url + "/console/api/query", params={"mode": "sql", "q": slow}, cookies=c) as r:
+                return r.status
+
+        queries = [asyncio.create_task(ask()) for _ in range(3)]
+        try:
+            async with asyncio.timeout(10):
+                while gw.console_data is None or len(gw.console_data.running) < 3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            status, doc, _ = await post_batch(s, url, seal("site-2", entry.key, 1, v5_datagrams(1)),
+                                              agent="site-2")
+            assert status == 200, doc
+            assert not any(q.done() for q in queries)  # the batch was taken while all three still ran
+        finally:
+            for q in queries:
+                q.cancel()
+            await asyncio.gather(*queries, return_exceptions=True)

@@ -402,3 +402,43 @@ def test_forward_rate_setting_from_toml_env_and_flag(tmp_path: Path) -> None:
         load(forward_rate="-1")
     with pytest.raises(ValueError, match="forward_rate -5"):
         UdpForwardConfig(data_dir=tmp_path, targets=(), source_pool=(), forward_rate=-5)
+
+
+async def test_stop_waits_for_a_cancelled_send_still_running_in_its_thread(tmp_path: Path) -> None:
+    """A gateway stopping cancels the sink's handle() while its worker thread still sends (to_thread cannot
+    stop a thread); stop() used to save the template cache at the same time and fail with "dictionary changed
+    size during iteration". It now waits for that thread under the sink's work lock."""
+    import threading
+
+    templates = Template(template_id=256, fields=(FieldSpec(8, 4), FieldSpec(12, 4)))
+    payloads = [encode_v9(templates=(templates,), source_id=i, sequence=i) for i in range(50)]
+    inside = threading.Event()
+    release = threading.Event()
+    with DurableLog(LogConfig(path=tmp_path / "journal.sqlite", quota_bytes=0)) as journal:
+        journal.append(wrap(payloads), stream="site-a")
+        with UdpCapture() as cap:
+            sink = UdpForwardSink(UdpForwardConfig(
+                data_dir=tmp_path, targets=(ForwardTarget(host="127.0.0.1", port=cap.port),),
+                source_pool=("127.0.0.2-127.0.0.9",), forward_rate=0,
+            ))
+            await sink.start(journal)
+            send = sink._send
+
+            def slow_send(*args: object, **kwargs: object) -> None:
+                inside.set()
+                release.wait(5)
+                send(*args, **kwargs)  # type: ignore[arg-type]
+
+            sink._send = slow_send  # type: ignore[method-assign]
+            task = asyncio.create_task(sink.handle(journal.read(after=0, limit=100)))
+            assert await asyncio.to_thread(inside.wait, 5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            stopping = asyncio.create_task(sink.stop())
+            await asyncio.sleep(0.2)
+            assert not stopping.done()  # waits for the thread still sending
+            release.set()
+            await stopping
+    saved = json.loads((tmp_path / UdpForwardSink.TEMPLATES_FILE).read_text())
+    assert "site-a" in saved["agents"]

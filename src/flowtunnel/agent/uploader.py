@@ -429,6 +429,9 @@ class Uploader:
         while True:
             batch = entries[:n]
             info["backlog"] = max(0, self._last_seq - batch[-1].seq)  # sealed: the gateway prefers it
+            # How long the oldest datagram not yet acknowledged (this batch's first) has waited, in whole
+            # seconds of this box's clock: the gateway's console shows how far behind the box is.
+            info["backlog_age"] = max(0, int(self._clock() - batch[0].datagram.received_ns / 1e9))
             datagrams = [e.datagram for e in batch]
             raw = sum(len(d.payload) for d in datagrams)
             seal = functools.partial(

@@ -488,6 +488,7 @@ class Ingest:
                 datagram_bytes=sum(len(d.payload) for d in fresh),
                 backlog=figures[0],
                 dropped=figures[1],
+                backlog_age=_info_figure(batch, "backlog_age") if fresh else None,
             )
         tag = ack_tag(key, agent_id=agent, request_nonce=batch.header.nonce, acked=hwm)
         return Ack(
@@ -570,6 +571,12 @@ class Ingest:
             self._metrics.seen(batch.agent_id, now=self._clock(), acked=hwm)
         tag = ack_tag(key, agent_id=batch.agent_id, request_nonce=batch.header.nonce, acked=hwm)
         return StateAnswer(agent=batch.agent_id, acked=hwm, tag=tag)
+
+
+def _info_figure(batch: Batch, key: str) -> int | None:
+    """A whole number the agent sealed in its agent info under ``key`` (clamped), or None."""
+    value = batch.agent_info.get(key)
+    return min(value, MAX_FIGURE) if isinstance(value, int) and value >= 0 else None
 
 
 def _advisory(batch: Batch, backlog: str | None, dropped: str | None) -> tuple[int | None, dict[str, int]]:

@@ -86,6 +86,9 @@ class AgentStats:
     drops_changed: float | None = None
     #: The rung (post, ws, get, dns) of the agent's last acknowledged batch (the console's "rung in use").
     rung: str | None = None
+    #: When (unix time, gateway clock) the oldest datagram the agent had not yet had acknowledged, at its last
+    #: batch, was received: the agent seals that datagram's age (``backlog_age``) in its agent info.
+    backlog_oldest: float | None = None
     # agent clock minus gateway clock, seconds, per recent batch (see GatewayMetrics.clock_sample)
     skew_samples: deque[float] = field(default_factory=lambda: deque(maxlen=SKEW_SAMPLES))
 
@@ -116,6 +119,7 @@ class AgentStats:
             "drops_changed": self.drops_changed,
             "rung": self.rung,
             "clock_skew_s": None if self.clock_skew is None else round(self.clock_skew, 3),
+            "backlog_oldest": self.backlog_oldest,
         }
 
 
@@ -281,8 +285,13 @@ class GatewayMetrics:
         datagram_bytes: int,
         backlog: int | None,
         dropped: dict[str, int],
+        backlog_age: int | None = None,
     ) -> None:
         st = self._stats(agent)
+        if backlog_age is not None:
+            # Kept as the time (gateway clock) the oldest unacknowledged datagram was received: its age keeps
+            # growing while the agent stays silent, and the two clocks need not agree.
+            st.backlog_oldest = now - backlog_age
         st.batches += 1
         st.datagrams += accepted
         st.duplicates += duplicates

@@ -126,6 +126,7 @@ class Gateway:
         self.rates = RateHistory()
         self.auth: OperatorAuth | None = None
         self.console_data: ConsoleData | None = None
+        self._token: str | None = None
         #: Pause before restarting a sink that failed.
         self.sink_restart_delay = 5.0
 
@@ -169,6 +170,8 @@ class Gateway:
 
     async def start(self) -> None:
         _raise_fd_limit()
+        # An unusable operator token file (readable by others, empty) refuses the start before anything runs.
+        self._token = self._operator_token()
         # Private from the start (the journal holds datagrams in clear, the registry every key), and one
         # gateway per data directory: both refused with one line (ConfigError) before anything is written.
         prepare_private_dir(self.data_dir, what="data directory")
@@ -294,7 +297,7 @@ class Gateway:
     def _install_console(self, app: web.Application) -> None:
         """Operator access to /metrics and /v1/status, and the console (docs/console.md)."""
         cfg = self.config
-        token = self._operator_token()
+        token = self._token
         self.auth = auth = OperatorAuth(token, session_ttl=cfg.console_session, clock=time.monotonic)
         app.middlewares.append(guard_middleware(auth, GuardSettings(metrics_public=cfg.metrics_public)))
         if not cfg.metrics_public and token is None and cfg.metrics:
@@ -518,6 +521,8 @@ class Gateway:
             except Exception as exc:
                 log.warning("stopping site %s: %s", site.name, exc)
         self._sites.clear()
+        if self.console_data is not None:
+            self.console_data.close()  # console queries in flight answer now, not at their timeout
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -19,6 +19,7 @@ Response to a query: ``{"columns": [...], "types": [...]}``, then one JSON array
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import datetime as dt
 import json
@@ -28,7 +29,7 @@ import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import duckdb
 
@@ -42,6 +43,7 @@ from flowtunnel.store.sandbox import QueryLimits, check_read_only
 __all__ = ["QueryClient", "QueryServer"]
 
 log = logging.getLogger("flowtunnel.store.server")
+T = TypeVar("T")
 
 MAX_REQUEST: Final = 1 << 20
 MAX_CONCURRENT: Final = 4
@@ -105,6 +107,9 @@ class QueryServer:
         self._running: set[duckdb.DuckDBPyConnection] = set()
         self._evicted: set[duckdb.DuckDBPyConnection] = set()  # interrupted by ``interrupt_all``
         self._limit = asyncio.Semaphore(MAX_CONCURRENT)
+        # Queries block a thread until they end or time out: threads of their own, so that they never take
+        # the event loop's default pool, where the gateway's ingest opens batches and writes the journal.
+        self._pool = concurrent.futures.ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="store-query")
         self.queries = 0
         self.rejected = 0
         self.failed = 0
@@ -131,6 +136,7 @@ class QueryServer:
             await asyncio.gather(*sessions, return_exceptions=True)
             await self._server.wait_closed()
             self._server = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
 
@@ -143,6 +149,9 @@ class QueryServer:
                 cur.interrupt()
         self.interrupted += len(running)
         return len(running)
+
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -208,7 +217,7 @@ class QueryServer:
 
     async def _begin(self, writer: asyncio.StreamWriter) -> duckdb.DuckDBPyConnection | None:
         try:
-            return await asyncio.to_thread(self._open)
+            return await self._thread(self._open)
         except duckdb.Error as exc:  # FatalException: the database was invalidated; the sink reopens it
             self.failed += 1
             log.warning("store query refused: the database cannot start a query: %s", exc)
@@ -241,11 +250,11 @@ class QueryServer:
         cap = self._limits.max_result_bytes
         try:
             try:
-                await asyncio.to_thread(cur.execute, sql, params)
+                await self._thread(cur.execute, sql, params)
                 columns, types = describe(cur)
                 await self._send(writer, {"columns": columns, "types": types})
                 while True:
-                    chunk = await asyncio.to_thread(cur.fetchmany, FETCH_ROWS)
+                    chunk = await self._thread(cur.fetchmany, FETCH_ROWS)
                     if not chunk:
                         break
                     rows += len(chunk)
@@ -279,7 +288,7 @@ class QueryServer:
             await self._send(writer, {"end": rows})
         finally:
             timer.cancel()
-            await asyncio.to_thread(self._close, cur)
+            await self._thread(self._close, cur)
 
     async def _export(self, request: dict[str, Any], writer: asyncio.StreamWriter) -> None:
         self.queries += 1
@@ -306,7 +315,7 @@ class QueryServer:
                                       "kind": "query"})
             return
         timeout = float(request.get("timeout") or 3600.0)
-        staging = await asyncio.to_thread(new_staging, self._staging)
+        staging = await self._thread(new_staging, self._staging)
         try:
             sql, params = export_sql(
                 staging / "parts", since_seconds=since_seconds, now=now, flow_filter=flow_filter
@@ -316,23 +325,23 @@ class QueryServer:
                 return
             timer = asyncio.get_running_loop().call_later(timeout, cur.interrupt)
             try:
-                row = await asyncio.to_thread(lambda: cur.execute(sql, params).fetchone())
+                row = await self._thread(lambda: cur.execute(sql, params).fetchone())
             except duckdb.Error as exc:
                 self.failed += 1
                 await self._send(writer, {"error": f"export to {target} failed: {exc}", "kind": "query"})
                 return
             finally:
                 timer.cancel()
-                await asyncio.to_thread(self._close, cur)
+                await self._thread(self._close, cur)
             try:
-                await asyncio.to_thread(install_partitions, staging / "parts", target)
+                await self._thread(install_partitions, staging / "parts", target)
             except OSError as exc:
                 self.failed += 1
                 text = f"export to {target} failed while moving files into place: {exc}"
                 await self._send(writer, {"error": text, "kind": "query"})
                 return
         finally:
-            await asyncio.to_thread(remove_staging, staging)
+            await self._thread(remove_staging, staging)
         await self._send(writer, {"rows": int(row[0]) if row else 0})
 
 
@@ -370,6 +379,12 @@ class QueryClient:
     def close(self) -> None:
         self._file.close()
         self._sock.close()
+
+    def abort(self) -> None:
+        """End the connection from another thread: a read blocked in it returns at once (the query's reader
+        then raises ``QueryError``); the server ends the query when it next writes. Safe to call twice."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def _request(self, obj: dict[str, object], timeout: float) -> None:
         self._sock.settimeout(timeout + 30.0)

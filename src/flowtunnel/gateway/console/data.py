@@ -1,10 +1,11 @@
 """What the console shows, as JSON-ready dicts: agents (gateway counters, store loss), series, top, queries.
 
-Every flow figure is aggregated in DuckDB by the store's own query path
-(``flowtunnel.store.query.open_query``: the query socket of the store sink in this process, in the read-only
-sandbox), the same path ``flowtunnel query`` takes, so the page and the CLI cannot disagree. Every query is
-bounded: a time range clamped to ``MAX_RANGE``, a row limit clamped to ``MAX_ROWS``, a timeout, and at most
-``MAX_CONCURRENT`` console queries at once (the CLI keeps a slot of the store's four).
+Every flow figure is aggregated in DuckDB by the store's own query path: the query socket of the store sink
+in this process (``QueryClient``), in the read-only sandbox, as ``flowtunnel query`` reaches it, so the page
+and the CLI cannot disagree. Every query is bounded: a time range clamped to ``MAX_RANGE``, a row limit
+clamped to ``MAX_ROWS``, a timeout, and at most ``MAX_CONCURRENT`` console queries at once (the CLI keeps a
+slot of the store's four), on threads of their own (never the event loop's default pool, which ingest uses);
+stopping the gateway ends them at once.
 
 Gateway figures (last seen, backlog, bytes on the wire, rung, drops) come from ``Gateway.status()``, the
 document ``flowtunnel status`` reads; upload rates from ``RateHistory``, sampled at each status rewrite.
@@ -13,8 +14,11 @@ document ``flowtunnel status`` reads; upload rates from ``RateHistory``, sampled
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
 import datetime as dt
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +29,8 @@ from typing import Any, Final
 from flowtunnel.config import parse_duration
 from flowtunnel.store.errors import QueryError, StoreError
 from flowtunnel.store.filter import CompiledFilter, compile_filter
-from flowtunnel.store.query import TOP_KEYS, open_query, top_sql
+from flowtunnel.store.query import TOP_KEYS, StorePaths, check_read_only, top_sql
+from flowtunnel.store.server import QueryClient
 
 __all__ = [
     "MAX_RANGE",
@@ -208,6 +213,18 @@ class RateHistory:
         return max(0.0, (last[1] - first[1]) / dt_) if dt_ > 0 else None
 
 
+def _param(value: object) -> object:
+    return base64.b64encode(value).decode() if isinstance(value, bytes) else value
+
+
+def _age(doc: Mapping[str, Any], now: float) -> float | None:
+    """Age of the agent's oldest unacknowledged datagram now (None when unknown or nothing waits)."""
+    oldest = doc.get("backlog_oldest")
+    if not isinstance(oldest, int | float) or not doc.get("backlog"):
+        return None
+    return max(0.0, now - float(oldest))
+
+
 def _row_dicts(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[dict[str, object]]:
     return [dict(zip(columns, r, strict=True)) for r in rows]
 
@@ -234,8 +251,25 @@ class ConsoleData:
         self.clock = clock
         self.timeout = timeout
         self._limit = asyncio.Semaphore(MAX_CONCURRENT)
+        #: Queries running now (one token each).
+        self.running: set[object] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(MAX_CONCURRENT, thread_name_prefix="console-query")
+        self._socket = StorePaths(data_dir=data_dir).socket
+        self._lock = threading.Lock()
+        self._clients: set[QueryClient] = set()
+        self._closed = False
         self._spark: tuple[float, dict[str, list[list[int]]]] | None = None
         self._store_totals: tuple[float, dict[str, dict[str, int]]] | None = None
+
+    def close(self) -> None:
+        """End running queries' connections (their requests answer at once) and stop the query threads.
+        Called before the HTTP server stops, which waits for requests in flight."""
+        with self._lock:
+            self._closed = True
+            clients = list(self._clients)
+        for client in clients:
+            client.abort()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def forget(self) -> None:
         """Drop the few seconds' cache of the agents page's store figures (the benchmark times cold pages)."""
@@ -245,20 +279,47 @@ class ConsoleData:
     # -- the store ----------------------------------------------------------------------------------------
 
     def _run_sync(self, sql: str, params: Sequence[object], limit: int) -> Table:
-        with open_query(self.data_dir, sql, params, timeout=self.timeout) as result:
-            rows: list[list[object]] = []
-            truncated = False
-            for row in result.rows:
-                if len(rows) >= limit:
-                    truncated = True
-                    break
-                rows.append(row)
-            return Table(columns=result.columns, types=result.types, rows=rows, truncated=truncated)
+        check_read_only(sql)  # refused here already: the answer names the statement
+        client = QueryClient.connect(self._socket)
+        if client is None:
+            raise StoreError(
+                "the flow store is not answering queries: it is off (--no-store), still starting, or failed "
+                "(see the gateway's log)"
+            )
+        with self._lock:
+            if self._closed:
+                client.close()
+                raise StoreError("the gateway is stopping")
+            self._clients.add(client)
+        try:
+            with client:
+                result = client.query(sql, [_param(p) for p in params], timeout=self.timeout)
+                rows: list[list[object]] = []
+                truncated = False
+                for row in result.rows:
+                    if len(rows) >= limit:
+                        truncated = True
+                        break
+                    rows.append(row)
+                return Table(columns=result.columns, types=result.types, rows=rows, truncated=truncated)
+        except OSError as exc:
+            raise StoreError(f"the store's query server went away: {exc.strerror or exc}") from None
+        finally:
+            with self._lock:
+                self._clients.discard(client)
 
     async def run(self, sql: str, params: Sequence[object] = (), *, limit: int = MAX_ROWS) -> Table:
         """Run read-only ``sql`` through the store's query path ; raises ``QueryError``, ``StoreError``."""
         async with self._limit:
-            return await asyncio.to_thread(self._run_sync, sql, list(params), limit)
+            token = object()
+            self.running.add(token)
+            try:
+                # Threads of its own: a query blocks its thread up to its timeout, and the event loop's
+                # default pool is where ingest opens batches and writes the journal.
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._pool, self._run_sync, sql, list(params), limit)
+            finally:
+                self.running.discard(token)
 
     @staticmethod
     def compile(text: str | None) -> CompiledFilter | None:
@@ -317,7 +378,7 @@ class ConsoleData:
             "last_seen": doc.get("last_seen"),
             "enrolled": doc.get("enrolled", False),
             "backlog": doc.get("backlog"),
-            "backlog_age": doc.get("backlog_age"),
+            "backlog_age": _age(doc, now),
             "upload_bps": self.history.rate(agent_id),
             "wire_bytes": doc.get("http_bytes", 0),
             "raw_bytes": doc.get("datagram_bytes", 0),

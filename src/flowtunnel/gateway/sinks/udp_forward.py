@@ -31,6 +31,7 @@ import json
 import logging
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -194,6 +195,9 @@ class UdpForwardSink(CursorSink):
         self._clock: Callable[[], float] = time.monotonic
         self._sndbuf_logged = False
         self.paced_waits = 0
+        # Worker threads (handle) and stop() take turns on the caches and sockets; re-entrant because a batch
+        # sends then persists under one hold.
+        self._work_lock = threading.RLock()
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -233,6 +237,15 @@ class UdpForwardSink(CursorSink):
         self._map.save()
 
     async def stop(self) -> None:
+        # A cancelled handle() leaves its worker thread running (to_thread cannot stop it): wait for it under
+        # the work lock before saving, so the save never iterates the caches while that thread changes them.
+        await asyncio.to_thread(self._stop)
+
+    def _stop(self) -> None:
+        with self._work_lock:
+            self._close()
+
+    def _close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             self._save_templates()
             self._map.save()
@@ -423,14 +436,20 @@ class UdpForwardSink(CursorSink):
             self._metrics.forwarded.labels(str(target)).inc()
 
     def _send_batch(self, entries: Sequence[Entry]) -> None:
-        self._send_entries(entries)
-        self._persist()
+        with self._work_lock:
+            self._send_entries(entries)
+            self._persist()
 
     def _persist(self) -> None:
-        self._save_templates()
-        self._map.save()
+        with self._work_lock:
+            self._save_templates()
+            self._map.save()
 
     def _send_entries(self, entries: Sequence[Entry]) -> None:
+        with self._work_lock:
+            self._send_entries_locked(entries)
+
+    def _send_entries_locked(self, entries: Sequence[Entry]) -> None:
         from flowtunnel.netflow import ProtocolError
 
         for entry in entries:

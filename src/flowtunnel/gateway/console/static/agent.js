@@ -22,7 +22,8 @@
     fact(dl, "acked datagrams", a.acked);
     fact(dl, "datagrams", a.datagrams);
     fact(dl, "records stored", a.records === null ? "-" : a.records);
-    fact(dl, "backlog", a.backlog === null ? "-" : a.backlog);
+    fact(dl, "backlog", a.backlog === null ? "-" : a.backlog +
+      (typeof a.backlog_age === "number" ? " (oldest waiting " + ft.age(a.backlog_age) + ")" : ""));
     fact(dl, "upload", typeof a.upload_bps === "number" ? ft.bytes(a.upload_bps) + "/s" : "-");
     fact(dl, "wire / raw", ft.bytes(a.wire_bytes) + " / " + ft.bytes(a.raw_bytes));
     fact(dl, "rung", a.rung || "-");

@@ -25,7 +25,7 @@
       tr.appendChild(st);
       tr.appendChild(ft.el("td", { "data-col": "last_seen" }, ft.ago(a.last_seen, doc.now)));
       const backlog = a.backlog === null || a.backlog === undefined ? "-" :
-        String(a.backlog) + (typeof a.backlog_age === "number" ? " (oldest " + ft.ago(doc.now - a.backlog_age, doc.now) + ")" : "");
+        String(a.backlog) + (typeof a.backlog_age === "number" ? " (oldest " + ft.age(a.backlog_age) + ")" : "");
       tr.appendChild(ft.el("td", { "data-col": "backlog", "class": "num" }, backlog));
       tr.appendChild(ft.el("td", { "data-col": "upload", "class": "num" },
         typeof a.upload_bps === "number" ? ft.bytes(a.upload_bps) + "/s" : "-"));

@@ -40,6 +40,14 @@ const ft = (() => {
     return new Date(t * 1000).toISOString().slice(0, 16) + "Z";
   }
 
+  function age(seconds) {
+    if (typeof seconds !== "number") return "-";
+    if (seconds < 120) return seconds.toFixed(0) + " s";
+    if (seconds < 7200) return (seconds / 60).toFixed(0) + " min";
+    if (seconds < 172800) return (seconds / 3600).toFixed(1) + " h";
+    return (seconds / 86400).toFixed(1) + " d";
+  }
+
   function showError(text) {
     const box = document.getElementById("error");
     if (!box) return;
@@ -134,5 +142,5 @@ const ft = (() => {
   }
 
   navCurrent();
-  return { el, bytes, count, ago, getJSON, poll, chart, spark, showError, fillTable };
+  return { el, bytes, count, ago, age, getJSON, poll, chart, spark, showError, fillTable };
 })();
