@@ -54,18 +54,13 @@ from flowtunnel.agent.config import ListenAddress
 from flowtunnel.datagram import Datagram
 from flowtunnel.log import AppendResult, DurableLog, LogError, LogFull
 from flowtunnel.netflow.sequence import SequenceTracker
+from flowtunnel.netflow.sniff import check_datagram, export_sequence
 from flowtunnel.runtime import OnceLogger
 
 __all__ = ["Receiver", "ReceiverStats", "check_datagram", "kernel_drops"]
 
 logger = logging.getLogger(__name__)
 
-_VERSION = struct.Struct("!H")
-_V5_COUNT = struct.Struct("!HH")
-_IPFIX_LEN = struct.Struct("!HH")
-_U32 = struct.Struct("!I")
-_V9_SEQ_SOURCE = struct.Struct("!II")
-_V5_HEADER, _V5_RECORD, _V9_HEADER, _IPFIX_HEADER = 24, 48, 20, 16
 # As the gateway's decoder: a backward jump this small is reordering, a forward jump this large a restart.
 _REORDER_WINDOW, _MAX_GAP = 4096, 1 << 30
 # Distinct exporters remembered for the status; beyond, new ones are only counted (a spoofing flood must not
@@ -107,28 +102,6 @@ def kernel_drops(sock: socket.socket) -> int | None:
     if len(raw) < _MEMINFO.size:
         return None
     return int(_MEMINFO.unpack_from(raw)[_MEMINFO_DROPS])
-
-
-def check_datagram(payload: bytes) -> str | None:
-    """``None`` if ``payload`` looks like a NetFlow v5/v9 or IPFIX datagram, else the malformation cause.
-
-    A header check only, cheap enough for every datagram; malformed datagrams are still carried (the
-    collector may understand them), only counted.
-    """
-    if len(payload) < 4:
-        return "short"
-    (version,) = _VERSION.unpack_from(payload)
-    if version == 5:
-        _, count = _V5_COUNT.unpack_from(payload)
-        if len(payload) < _V5_HEADER or len(payload) != _V5_HEADER + count * _V5_RECORD:
-            return "v5_length"
-        return None
-    if version == 9:
-        return None if len(payload) >= _V9_HEADER else "v9_length"
-    if version == 10:
-        _, length = _IPFIX_LEN.unpack_from(payload)
-        return None if len(payload) >= _IPFIX_HEADER and length == len(payload) else "ipfix_length"
-    return "not_netflow"
 
 
 @dataclass(slots=True)
@@ -466,16 +439,10 @@ class Receiver:
 
     def _track_sequence(self, data: bytes, host: str, port: int) -> None:
         """Account the export sequence number of a (well-formed) v5 or v9 datagram."""
-        (version,) = _VERSION.unpack_from(data)
-        if version == 5:
-            _, units = _V5_COUNT.unpack_from(data)
-            (sequence,) = _U32.unpack_from(data, 16)
-            domain = (data[20] << 8) | data[21]  # engine type and id
-        elif version == 9:
-            units = 1
-            sequence, domain = _V9_SEQ_SOURCE.unpack_from(data, 12)
-        else:
+        fields = export_sequence(data)
+        if fields is None:
             return
+        version, units, sequence, domain, uptime = fields
         key = f"[{host}]:{port}/v{version}/{domain}" if ":" in host else f"{host}:{port}/v{version}/{domain}"
         tracker = self.stats.sequences.get(key)
         if tracker is None:
@@ -483,7 +450,6 @@ class Receiver:
                 return
             tracker = SequenceTracker(reorder_window=_REORDER_WINDOW, max_gap=_MAX_GAP)
             self.stats.sequences[key] = tracker
-        (uptime,) = _U32.unpack_from(data, 4)
         lost, _ = tracker.update(sequence, units, uptime)
         if lost:
             self._once.warning(

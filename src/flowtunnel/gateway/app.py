@@ -38,16 +38,14 @@ from flowtunnel.gateway.pieces import PieceEndpoint, PieceSettings
 from flowtunnel.gateway.probe import probe_handler
 from flowtunnel.gateway.ws import WsHub, WsSettings
 from flowtunnel.runtime import OnceLogger
-from flowtunnel.wire import HEADER
+from flowtunnel.wire import CONTENT_TYPE, HEADER, header_length
 
 __all__ = ["BATCH_CONTENT_TYPE", "HttpErrorLogger", "build_app"]
 
-BATCH_CONTENT_TYPE = "application/vnd.flowtunnel.batch"
+BATCH_CONTENT_TYPE = CONTENT_TYPE  # the wire module owns it; kept under this name for callers
 
 INGEST_KEY: web.AppKey[Ingest] = web.AppKey("ingest", Ingest)
 ADMISSION_KEY: web.AppKey[Admission] = web.AppKey("admission", Admission)
-
-_AGENT_LEN_OFFSET = 7  # magic (4), version, flags, codec, then the agent id length
 
 
 class HttpErrorLogger(logging.Logger):
@@ -236,8 +234,9 @@ async def _read_head(request: web.Request, length: int) -> bytes:
         head = await request.content.readexactly(min(length, HEADER.size))
     except asyncio.IncompleteReadError as exc:
         return exc.partial
-    if len(head) > _AGENT_LEN_OFFSET:
-        more = min(head[_AGENT_LEN_OFFSET], length - len(head))
+    full = header_length(head)
+    if full is not None:
+        more = min(full - len(head), length - len(head))
         try:
             head += await request.content.readexactly(more)
         except asyncio.IncompleteReadError as exc:

@@ -33,7 +33,7 @@ from flowtunnel.gateway.admission import Admission
 from flowtunnel.gateway.edge import http_status
 from flowtunnel.gateway.ingest import Ingest, Refusal
 from flowtunnel.runtime import OnceLogger, TaskSet
-from flowtunnel.wire import HEADER
+from flowtunnel.wire import HEADER, header_length
 from flowtunnel.wire.dns import (
     Answer,
     DnsNameError,
@@ -50,7 +50,6 @@ __all__ = ["DnsConfig", "DnsEndpoint"]
 
 log = logging.getLogger("flowtunnel.gateway.dns")
 
-_AGENT_LEN_OFFSET = 7  # batch header: magic (4), version, flags, codec, agent id length (id after HEADER)
 _TCP_LEN = struct.Struct(">H")
 EDNS_PAYLOAD = 1232  # the DNS flag day 2020 size: no IP fragmentation on any common path
 MAX_QUERY = 512 + 255  # a query with one question and an OPT record never needs more
@@ -359,10 +358,8 @@ class DnsEndpoint:
 
 def _header_agent(data: bytes) -> str | None:
     """The agent id a batch header names, or ``None`` when ``data`` does not hold the whole header."""
-    if len(data) <= _AGENT_LEN_OFFSET:
-        return None
-    end = HEADER.size + data[_AGENT_LEN_OFFSET]
-    if len(data) < end:
+    end = header_length(data)
+    if end is None or len(data) < end:
         return None
     return data[HEADER.size : end].decode("ascii", "replace")
 

@@ -36,6 +36,7 @@ from flowtunnel.wire import (
     WireError,
     WireLimits,
     ack_tag,
+    header_length,
     open_batch,
     peek_header,
     validate_agent_id,
@@ -44,9 +45,6 @@ from flowtunnel.wire import (
 __all__ = ["Ack", "Ingest", "Outcome", "Refusal", "Rejected", "StateAnswer", "clock_skew", "hwm_key"]
 
 log = logging.getLogger("flowtunnel.gateway.ingest")
-
-
-_AGENT_LEN_OFFSET = 7  # in the batch header: magic (4), version, flags, codec, then the agent id length
 
 
 def clock_skew(batch: Batch, fresh: list[Datagram], now: float) -> float:
@@ -251,7 +249,7 @@ class Ingest:
         if head[:4] != MAGIC[: len(head[:4])]:
             detail = f"body does not start with the batch magic {MAGIC!r} (got {bytes(head[:4])!r})"
             raise Rejected("bad-magic", detail, agent=label)
-        header_len = HEADER.size + head[_AGENT_LEN_OFFSET] if len(head) > _AGENT_LEN_OFFSET else HEADER.size
+        header_len = header_length(head) or HEADER.size
         if len(head) < header_len:
             detail = f"body of {len(head)} bytes ends inside the {header_len}-byte batch header"
             raise Rejected("truncated", detail, agent=label)

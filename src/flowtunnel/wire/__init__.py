@@ -5,7 +5,9 @@ Byte layout and test vectors: docs/protocol.md.
 
 from flowtunnel.wire.ack import ack_tag, verify_ack
 from flowtunnel.wire.batch import (
+    AGENT_LEN_OFFSET,
     AUTO_COLUMNAR_BYTES,
+    CONTENT_TYPE,
     HEADER,
     MAGIC,
     NONCE_BYTES,
@@ -15,6 +17,7 @@ from flowtunnel.wire.batch import (
     BatchHeader,
     RecordLength,
     WireLimits,
+    header_length,
     open_batch,
     peek_header,
     seal_batch,
@@ -38,7 +41,9 @@ from flowtunnel.wire.keys import Key, format_key, generate_key, parse_key, valid
 from flowtunnel.wire.probe import decode_probe_nonce, probe_mac, probe_mac_text, verify_probe
 
 __all__ = [
+    "AGENT_LEN_OFFSET",
     "AUTO_COLUMNAR_BYTES",
+    "CONTENT_TYPE",
     "HEADER",
     "MAGIC",
     "NONCE_BYTES",
@@ -68,6 +73,7 @@ __all__ = [
     "default_dictionary_id",
     "format_key",
     "generate_key",
+    "header_length",
     "open_batch",
     "parse_key",
     "peek_header",

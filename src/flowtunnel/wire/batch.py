@@ -32,7 +32,9 @@ from flowtunnel.wire.keys import Key, key_bytes, validate_agent_id
 from flowtunnel.wire.records import decode_block, encode_block
 
 __all__ = [
+    "AGENT_LEN_OFFSET",
     "AUTO_COLUMNAR_BYTES",
+    "CONTENT_TYPE",
     "HEADER",
     "MAGIC",
     "NONCE_BYTES",
@@ -42,6 +44,7 @@ __all__ = [
     "BatchHeader",
     "RecordLength",
     "WireLimits",
+    "header_length",
     "open_batch",
     "peek_header",
     "seal_batch",
@@ -53,6 +56,10 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 #: magic, version, flags, codec, agent id length, dict id, first seq, count, raw length, sealed length, nonce
 HEADER = struct.Struct(">4sBBBBIQIII12s")
+#: offset of the agent id length byte in ``HEADER`` (magic 4, version, flags, codec); the id follows it
+AGENT_LEN_OFFSET = 7
+#: the HTTP Content-Type of a sealed batch body
+CONTENT_TYPE = "application/vnd.flowtunnel.batch"
 _U64 = (1 << 64) - 1
 #: with ``codec=None``, smaller record blocks are sealed both ways (codec 2 and 3) and the smaller kept;
 #: larger ones (backlog batches) go columnar only, which wins there on flow data and halves the CPU
@@ -193,6 +200,12 @@ def seal_batch(
 
 def _pack(raw: bytes, codec: Codec, level: int, dict_id: int) -> tuple[tuple[Codec, int], bytes]:
     return (codec, dict_id), compress(raw, codec, level=level, dict_id=dict_id)
+
+
+def header_length(head: bytes) -> int | None:
+    """The whole header's length (fixed part plus agent id) that the start of a body announces, or ``None``
+    while ``head`` is too short to hold the agent id length byte."""
+    return HEADER.size + head[AGENT_LEN_OFFSET] if len(head) > AGENT_LEN_OFFSET else None
 
 
 def peek_header(body: bytes, limits: WireLimits | None = None) -> BatchHeader:

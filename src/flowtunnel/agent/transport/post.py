@@ -36,14 +36,13 @@ from flowtunnel.agent.transport.http11 import (
     TlsFailed,
 )
 from flowtunnel.errors import ConfigError
-from flowtunnel.wire import AuthenticationFailed
+from flowtunnel.wire import CONTENT_TYPE, AuthenticationFailed
 from flowtunnel.wire.probe import encode_b64url, verify_probe
 
 __all__ = ["CONTENT_TYPE", "PostTransport", "choose_proxy", "find_route", "make_client"]
 
 logger = logging.getLogger(__name__)
 
-CONTENT_TYPE = "application/vnd.flowtunnel.batch"
 # After the gateway proved itself (a probe, or an acknowledgement) on a route, new connections on it go
 # without a probe for this long: proxies that close every connection would otherwise double the requests
 # (and meet the gateway's probe rate limit).

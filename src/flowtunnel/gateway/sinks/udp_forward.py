@@ -42,6 +42,7 @@ from flowtunnel.gateway.config import DEFAULT_FORWARD_RATE, ForwardTarget
 from flowtunnel.gateway.metrics import GatewayMetrics
 from flowtunnel.gateway.pool import AddressPool, ForwardMap, Mapping, PoolExhausted
 from flowtunnel.gateway.sinks.base import CursorSink
+from flowtunnel.netflow.sniff import has_templates
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.statusfile import write_json_atomic
 
@@ -53,38 +54,12 @@ __all__ = ["Pacer", "UdpForwardConfig", "UdpForwardSink", "build_ipv4_udp", "has
 
 log = logging.getLogger("flowtunnel.gateway.udp_forward")
 
-_V9_HEADER = 20
-_IPFIX_HEADER = 16
-_SET_HEADER = struct.Struct("!HH")
-_VERSION = struct.Struct("!H")
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
 _SNDBUF = 4 << 20
 #: A burst is this many seconds' worth of datagrams at ``forward_rate`` (at most _MAX_BURST, at least 1).
 _BURST_SECONDS = 0.005
 _MAX_BURST = 256
-
-
-def has_templates(payload: bytes) -> bool:
-    """True if a v9 or IPFIX datagram holds a template or options-template set (cheap walk of set headers)."""
-    if len(payload) < 4:
-        return False
-    version = _VERSION.unpack_from(payload)[0]
-    if version == 9:
-        pos, tpl = _V9_HEADER, (0, 1)
-    elif version == 10:
-        pos, tpl = _IPFIX_HEADER, (2, 3)
-    else:
-        return False
-    end = len(payload)
-    while pos + 4 <= end:
-        set_id, length = _SET_HEADER.unpack_from(payload, pos)
-        if set_id in tpl:
-            return True
-        if length < 4:
-            return False
-        pos += length
-    return False
 
 
 def _checksum(data: bytes) -> int:
