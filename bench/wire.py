@@ -211,8 +211,8 @@ class ChainResult:
 
 
 # The link between agent and gateway: a field uplink (3G/4G-class: 2 Mbit/s up, 25 ms each way), not
-# loopback. The agent picks its codec by the link it measures (``agent.policy.choose_codec``): on loopback it
-# would rightly spend bytes to save CPU when draining a backlog, which is not what a field box sees.
+# loopback (a latency-bound link changes how batches form). The codec no longer depends on the measured link
+# while the agent keeps up within its CPU share (``agent.policy.choose_codec``, issue 14).
 UPLINK_BPS = 2_000_000
 UPLINK = Shape(latency=0.025, rate_bps=UPLINK_BPS)
 DOWNLINK = Shape(latency=0.025)

@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from flowtunnel.agent.policy import (
     BUDGET_DAYS,
+    CPU_SHARE,
     DEFAULT,
     FAST,
     MAX_RETRY_AFTER,
     SMALL,
+    ArrivalRate,
     BatchSizer,
     CodecChoice,
     DailyBudget,
@@ -277,37 +279,65 @@ def _measured(body_rate: float | None, ratio: float = 0.2) -> LinkEstimate:
 
 
 @pytest.mark.parametrize(
-    ("body_rate", "ratio", "big", "bandwidth", "daily", "expected"),
+    ("body_rate", "arrival", "big", "bandwidth", "daily", "expected"),
     [
-        (None, 0.2, True, 0, 0, DEFAULT),  # unmeasured, no cap: CPU is the sure cost, the saving a guess
-        (None, 0.2, False, 0, 0, DEFAULT),
-        (50e6, 0.2, True, 0, 0, FAST),  # loopback: bytes are free, CPU is not
-        (50e6, 0.2, False, 0, 0, DEFAULT),  # caught up: not throughput-bound, bytes count
-        (3e6, 0.2, True, 0, 0, DEFAULT),
-        (200e3, 0.2, True, 0, 0, SMALL),  # a slow link: codec 4's saving outweighs its CPU
-        (200e3, 0.2, False, 0, 0, DEFAULT),  # but not on the steady path
-        (200e3, 0.02, True, 0, 0, DEFAULT),  # data compressing 50x: little body left to save
-        (50e6, 0.2, True, 100_000, 0, SMALL),  # the cap, not the loopback-fast link, is what bytes wait for
-        (None, 0.2, True, 100_000, 0, SMALL),
-        (50e6, 0.2, False, 100_000, 0, DEFAULT),
-        (50e6, 0.2, True, 3_000_000, 0, DEFAULT),
-        (50e6, 0.2, True, 0, 1, SMALL),  # a daily budget: bytes count whatever the link
-        (50e6, 0.2, False, 0, 1, DEFAULT),
+        (None, 0.0, True, 0, 0, SMALL),  # nothing measured yet: bytes-lean
+        (None, 0.0, False, 0, 0, DEFAULT),
+        # issue 14: a fast measured link no longer picks FAST while the CPU share allows a leaner seal
+        (50e6, 350_000.0, True, 0, 0, SMALL),  # 250 datagrams/s, something spooled behind: 13 % of a core
+        (50e6, 350_000.0, False, 0, 0, DEFAULT),
+        (50e6, 3_000.0, False, 0, 0, DEFAULT),  # a quiet site
+        (200e3, 350_000.0, True, 0, 0, SMALL),  # a slow link: the same
+        (50e6, 2e6, True, 0, 0, DEFAULT),  # SMALL would take 76 % of a core to drain the backlog as fast
+        (50e6, 5e6, False, 0, 0, DEFAULT),  # 18 % for DEFAULT
+        (50e6, 10e6, False, 0, 0, FAST),  # DEFAULT over the share, FAST within
+        (50e6, 40e6, False, 0, 0, FAST),  # nothing within the share, the link decides: loopback-fast
+        (200e3, 40e6, True, 0, 0, SMALL),  # ... a slow link: bytes are the bottleneck
+        (50e6, 40e6, True, 100_000, 0, SMALL),  # the cap, not the measured link, is what bytes wait for
+        (None, 40e6, True, 0, 0, FAST),  # CPU-bound, link unknown: the cheapest seal
+        (50e6, 40e6, True, 0, 1, SMALL),  # a daily budget: bytes count whatever the CPU and link
+        (50e6, 40e6, False, 0, 1, DEFAULT),
     ],
 )
-def test_the_codec_is_the_least_cpu_plus_upload_time(
-    body_rate: float | None, ratio: float, big: bool, bandwidth: int, daily: int, expected: CodecChoice
+def test_the_codec_is_the_leanest_within_the_cpu_share(
+    body_rate: float | None, arrival: float, big: bool, bandwidth: int, daily: int,
+    expected: CodecChoice,
 ) -> None:
-    got = choose_codec(_measured(body_rate, ratio), big=big, bandwidth=bandwidth, daily_bytes=daily)
+    got = choose_codec(_measured(body_rate, 0.2), big=big, bandwidth=bandwidth, daily_bytes=daily,
+                       arrival=arrival)
     assert got is expected
 
 
-def test_the_break_even_rates_are_where_the_module_says() -> None:
-    """FAST above ~6 MB/s of body, SMALL below ~330 kB/s (softflowd's compressibility)."""
-    def pick(rate: float) -> CodecChoice:
-        return choose_codec(_measured(rate, DEFAULT.body), big=True, bandwidth=0, daily_bytes=0)
+def test_the_cpu_share_thresholds_are_where_the_docstring_says() -> None:
+    """SMALL for big batches up to ~0.65 MB/s arriving, DEFAULT up to ~7 MB/s, FAST up to 25 MB/s: each the
+    point where its sealing CPU reaches CPU_SHARE of a core; then the race (FAST above ~6 MB/s of body)."""
+    def pick(rate: float, big: bool, body_rate: float = 50e6) -> CodecChoice:
+        return choose_codec(_measured(body_rate, DEFAULT.body), big=big, bandwidth=0, daily_bytes=0,
+                            arrival=rate)
 
-    assert pick(7e6) is FAST
-    assert pick(5e6) is DEFAULT
-    assert pick(360e3) is DEFAULT
-    assert pick(300e3) is SMALL
+    assert CPU_SHARE == 0.25
+    assert pick(0.6e6, big=True) is SMALL
+    assert pick(0.7e6, big=True) is DEFAULT
+    assert pick(3.4e6, big=True) is DEFAULT
+    assert pick(3.7e6, big=True) is FAST
+    assert pick(7.0e6, big=False) is DEFAULT
+    assert pick(7.3e6, big=False) is FAST
+    assert pick(30e6, big=True, body_rate=7e6) is FAST
+    assert pick(30e6, big=True, body_rate=5e6) is DEFAULT
+    assert pick(30e6, big=True, body_rate=300e3) is SMALL
+
+
+def test_the_arrival_rate_follows_the_spool_and_fades() -> None:
+    rate = ArrivalRate(tau=10.0)
+    rate.observe(last_seq=5000, raw_bytes=100_000, count=100, now=0.0)  # a backlog found at start: no rate
+    assert rate.bytes_per_second == 0
+    for t in range(1, 200):
+        rate.observe(last_seq=5000 + 10 * t, raw_bytes=10_000, count=10, now=float(t))  # 10 datagrams/s
+    assert 9_000 < rate.bytes_per_second < 11_000
+    rate.observe(last_seq=6990, raw_bytes=0, count=0, now=300.0)
+    faded = rate.bytes_per_second
+    assert faded < 1
+    rate.observe(last_seq=7000, raw_bytes=0, count=0, now=250.0)  # a clock stepping back: no time passed
+    assert rate.bytes_per_second == pytest.approx(faded + 1000)
+    rate.observe(last_seq=3, raw_bytes=0, count=0, now=301.0)  # the spool renumbered: nothing arrived
+    assert rate.bytes_per_second <= faded + 1000

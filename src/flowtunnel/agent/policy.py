@@ -1,5 +1,5 @@
 """Pure decisions of the uploader: backoff, Retry-After, bandwidth budgets, batch sizing, response classes,
-the link's throughput and the codec rule that follows from it.
+the link's throughput, the rate of data to seal and the bytes-lean codec rule that follows from them.
 
 Nothing here reads a clock, a socket or a random source: callers pass ``now`` (seconds) and random draws in,
 so every rule is unit-tested exactly and the asyncio uploader stays a thin loop around these functions.
@@ -13,9 +13,11 @@ import math
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CPU_SHARE",
     "DEFAULT",
     "FAST",
     "SMALL",
+    "ArrivalRate",
     "BatchSizer",
     "CodecChoice",
     "DailyBudget",
@@ -280,31 +282,77 @@ class LinkEstimate:
         return self.default_body / self.raw if self.raw > 0 else None
 
 
-def choose_codec(link: LinkEstimate, *, big: bool, bandwidth: int, daily_bytes: int) -> CodecChoice:
-    """How to seal the next batch: the choice with the least sealing CPU plus upload time per raw byte. One
-    request is in flight at a time and each batch is sealed before it goes, so a busy agent moves one batch
-    per (seal CPU + upload time). Upload time per raw byte is the choice's body (``body``, scaled to this
-    data's compressibility as measured, ``link.default_ratio``) over the link's body rate (as measured, or as
-    capped by ``bandwidth``, whichever is slower). That race only matters for ``big`` batches (a backlog, or
-    above ``BIG_BATCH_BYTES``: the agent is throughput-bound); the steady path's small batches go as
-    ``DEFAULT``, the bytes-lean choice that costs a small box little CPU at its rates. With a daily byte
-    budget (``daily_bytes > 0``) bytes count whatever the link: ``SMALL`` for big batches, ``DEFAULT``
-    otherwise. Without a measurement or a cap: ``DEFAULT``. With the figures above the break-even body rates
-    are ~6 MB/s (``FAST`` above) and ~330 KB/s (``SMALL`` below, for big batches) at softflowd's
-    compressibility.
+#: The share of one core the agent's sealing may take before it trades bytes for CPU (issue 14): below it the
+#: agent seals as small as it can, whatever link it measured, since bytes may be metered on any link.
+CPU_SHARE = 0.25
+
+
+@dataclass(slots=True)
+class ArrivalRate:
+    """Raw payload bytes per second arriving in the spool: what the agent must seal to keep up.
+
+    ``observe(last_seq=, raw_bytes=, count=, now=)`` per sealed batch: the spool's last seq at ``now`` gives
+    the datagrams that arrived since the previous call (an exponentially decayed rate with time constant
+    ``tau`` seconds: ``rate <- rate * exp(-dt / tau) + arrived / tau``, so a steady ``R`` reads ``R`` after
+    a few ``tau`` and a burst fades); the batch gives the mean datagram size. A clock stepping back counts
+    as no time passing; a spool renumbered downwards counts as nothing arrived. 0 before two observations.
+    """
+
+    tau: float = 10.0
+    datagrams: float = 0.0
+    mean_size: float = 0.0
+    last_seq: int | None = None
+    stamp: float | None = None
+
+    def observe(self, *, last_seq: int, raw_bytes: int, count: int, now: float) -> None:
+        if not math.isfinite(now):
+            return
+        if count > 0 and raw_bytes >= 0:
+            size = raw_bytes / count
+            self.mean_size = size if self.mean_size == 0 else 0.8 * self.mean_size + 0.2 * size
+        if self.stamp is not None and self.last_seq is not None:
+            self.datagrams *= math.exp(-max(0.0, now - self.stamp) / self.tau)
+            self.datagrams += max(0, last_seq - self.last_seq) / self.tau
+        self.stamp = now if self.stamp is None else max(self.stamp, now)
+        self.last_seq = last_seq
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.datagrams * self.mean_size
+
+
+def choose_codec(
+    link: LinkEstimate, *, big: bool, bandwidth: int, daily_bytes: int, arrival: float = 0.0,
+) -> CodecChoice:
+    """How to seal the next batch, bytes-lean: the smallest-body choice whose sealing CPU at ``arrival``
+    (raw bytes/s arriving, ``ArrivalRate``; doubled for a ``big`` batch, so a backlog drains at least as fast
+    as data arrives) stays within ``CPU_SHARE`` of a core, whatever link was measured. ``SMALL`` (columnar
+    + LZMA) only for ``big`` batches (a backlog, or above ``BIG_BATCH_BYTES``): on small ones zstd with the
+    bundled dictionaries wins. With a daily byte budget (``daily_bytes > 0``) bytes count more than CPU:
+    ``SMALL`` for big batches, ``DEFAULT`` otherwise.
+
+    Only when no choice keeps within the share (the agent cannot keep up otherwise) does the link decide:
+    the choice with the least sealing CPU plus upload time per raw byte, since one request is in flight at a
+    time and each batch is sealed before it goes, so a busy agent moves one batch per (seal CPU + upload
+    time). Upload time per raw byte is the choice's body (scaled to this data's compressibility as measured,
+    ``link.default_ratio``) over the link's body rate (as measured, or as capped by ``bandwidth``, whichever
+    is slower). With the figures above, at softflowd's compressibility: ``SMALL`` for big batches up to
+    ~0.65 MB/s arriving (~470 datagrams/s of 1,400 bytes), ``DEFAULT`` up to ~7 MB/s (3.5 MB/s for big
+    batches), then ``FAST`` up to 25 MB/s, then the race, where
+    ``FAST`` wins above ~6 MB/s of body and ``SMALL`` below ~330 KB/s.
     """
     if daily_bytes > 0:
         return SMALL if big else DEFAULT
-    if not big:
-        # Caught up, with a small batch: the agent is not throughput-bound, so trading bytes for CPU buys
-        # nothing, and on our users' links bytes are what is metered (a fast hotel Wi-Fi may be too).
-        return DEFAULT
+    need = max(0.0, arrival) * (2.0 if big else 1.0)
+    leanest_first = (SMALL, DEFAULT, FAST) if big else (DEFAULT, FAST)
+    for choice in leanest_first:
+        if choice.cpu * need <= CPU_SHARE:
+            return choice
     per_byte = [link.seconds / link.body] if link.body > 0 else []  # link seconds per body byte
     if bandwidth > 0:
         per_byte.append(1.0 / bandwidth)
     if not per_byte:
-        return DEFAULT
+        return FAST  # CPU-bound and nothing known about the link: the cheapest seal keeps up best
     link_s = max(per_byte)
     ratio = link.default_ratio or DEFAULT.body
-    candidates = (FAST, DEFAULT, SMALL) if big else (FAST, DEFAULT)
-    return min(candidates, key=lambda c: c.cpu + ratio * c.body / DEFAULT.body * link_s)
+    return min(leanest_first, key=lambda c: c.cpu + ratio * c.body / DEFAULT.body * link_s)

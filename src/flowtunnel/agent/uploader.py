@@ -17,23 +17,21 @@ the backlog. Every batch tells the gateway the last seq this agent saw acknowled
 agent info): a gateway that lost acknowledged datagrams answers 409 and the agent resynchronises at once,
 counting what it can no longer re-send as ``gateway_lost``.
 
-Codec choice (CPU against bytes, ``policy.choose_codec``): a throughput-bound batch (a backlog: more spooled
-behind it, or above ``BIG_BATCH_BYTES`` of payload) goes the way that costs the least sealing CPU plus upload
-time per raw byte, since with one request in flight a busy agent moves one batch per (seal + upload); other
-batches go as ``DEFAULT`` (bytes count on metered links, and CPU is cheap at the rates of the steady path).
-Three ways, measured on softflowd v9 (CPU per raw MB / body per raw byte): ``FAST`` codec 2 at zstd level 3
-(~10 ms / 0.36), ``DEFAULT`` the sealer's choice of codec 3 or 2 at level 6 (~35 ms / 0.21), ``SMALL`` codec
-4, columnar + LZMA2 (~190 ms / 0.16). Upload time comes from the uploads themselves (``policy.LinkEstimate``:
-body bytes over request time less the round trip of an empty request, decaying, weighted by bytes; the
-gateway's work per datagram counts in, so it errs towards fewer bytes) or from the ``bandwidth`` cap,
-whichever is slower; a daily byte budget means bytes always count (``SMALL`` for big batches). Break-even at
-softflowd's compressibility: ``FAST`` above ~6 MB/s of body (a loopback or LAN gateway: ~0.1 CPU-s less per
-100k flows at 3,500 datagrams/s), ``SMALL`` below ~330 KB/s. Before the rule, every backlog batch went as
-codec 4: on a fast link that made the agent CPU-bound (55 % of its CPU in ``lzma.compress`` at 2,000
-datagrams/s), so it fell behind and every batch became a backlog batch. Until a batch was measured,
-``DEFAULT``. A codec 4 batch up to ``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT`` and the smaller kept:
-below ~100 KB codec 4 (no dictionary) loses to zstd with the bundled dictionaries on some exports (Cisco
-IPFIX: up to 1.9x).
+Codec choice (bytes against CPU, ``policy.choose_codec``): bytes-lean by default, whatever link was measured
+(any link may be metered). The batch goes the way with the smallest body whose sealing CPU, at the rate of
+raw data arriving (``policy.ArrivalRate``, doubled for a backlog so it drains at least as fast), stays within
+``policy.CPU_SHARE`` (25 %) of a core. Three ways, measured on softflowd v9 (CPU per raw MB / body per raw
+byte): ``SMALL`` codec 4, columnar + LZMA2 (~190 ms / 0.16), only for throughput-bound batches (a backlog:
+more spooled behind it, or above ``BIG_BATCH_BYTES`` of payload); ``DEFAULT`` the sealer's choice of codec 3
+or 2 at level 6 (~35 ms / 0.21); ``FAST`` codec 2 at zstd level 3 (~10 ms / 0.36). Only when no way keeps
+within the share does the link decide: the least sealing CPU plus upload time per raw byte, since with one
+request in flight a busy agent moves one batch per (seal + upload); upload time comes from the uploads
+themselves (``policy.LinkEstimate``) or from the ``bandwidth`` cap, whichever is slower. A daily byte
+budget means bytes always count (``SMALL`` for big batches). Before
+this rule (issue 14) a measured fast link picked ``FAST`` for every batch with anything spooled behind it:
+at 500 datagrams/s on a fast link that cost 0.34 of raw UDP instead of ~0.2. A codec 4 batch up to
+``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT`` and the smaller kept: below ~100 KB codec 4 (no
+dictionary) loses to zstd with the bundled dictionaries on some exports (Cisco IPFIX: up to 1.9x).
 """
 
 from __future__ import annotations
@@ -53,6 +51,7 @@ from flowtunnel.agent.config import MIN_BODY, AgentConfig, mask_url
 from flowtunnel.agent.policy import (
     DEFAULT,
     SMALL,
+    ArrivalRate,
     BatchSizer,
     CodecChoice,
     DailyBudget,
@@ -204,6 +203,7 @@ class Uploader:
         self._seeded = False  # whether a sealed batch has seeded the sizer's ratio yet
         self.link = LinkEstimate()  # the upload's achieved throughput, for the codec rule
         self._choice: CodecChoice = DEFAULT  # how the last batch was sealed
+        self.arrival = ArrivalRate()  # raw bytes/s arriving, for the codec rule's CPU share
         # The newest datagrams the receiver committed, as entries with contiguous seqs, exactly as the spool
         # holds them (see ``spooled``).
         self._tail: deque[Entry] = deque()
@@ -449,13 +449,16 @@ class Uploader:
                     body, choice = other, DEFAULT
             if len(body) <= self._sizer.max_body or n == 1:
                 self._choice = choice
+                self.arrival.observe(last_seq=self._last_seq, raw_bytes=raw, count=len(batch),
+                                     now=self._clock())
                 return body, batch
             n = max(1, n // 2)
 
     def codec_choice(self, *, big: bool) -> CodecChoice:
         """How a batch is sealed now (see the module docstring); ``big``: a backlog or big batch."""
         cfg = self._config
-        return choose_codec(self.link, big=big, bandwidth=cfg.bandwidth, daily_bytes=cfg.daily_bytes)
+        return choose_codec(self.link, big=big, bandwidth=cfg.bandwidth, daily_bytes=cfg.daily_bytes,
+                            arrival=self.arrival.bytes_per_second)
 
     async def _throttle(self, size: int) -> None:
         """Wait until ``size`` body bytes fit the bandwidth cap and the daily budget, then spend them."""
