@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 from flowtunnel.config import check_bounds, count_setting, duration_setting, size_setting
 from flowtunnel.errors import ConfigError
 from flowtunnel.log import MIN_DISK_QUOTA, FullPolicy
+from flowtunnel.wire.dns import normalise_zone
 from flowtunnel.wire.keys import parse_key, validate_agent_id
 
 __all__ = ["AgentConfig", "ListenAddress", "load_key", "mask_url", "parse_host_port", "parse_listen"]
@@ -79,6 +80,9 @@ def mask_url(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+DEFAULT_RUNGS = ("post", "ws", "get")
+
+
 @dataclass(frozen=True, kw_only=True, repr=False)
 class AgentConfig:
     """Everything ``flowtunnel agent`` needs; each field is a TOML key in ``[agent]``, an env var
@@ -103,9 +107,16 @@ class AgentConfig:
     ca_file: Path | None = None
     pin_sha256: str | None = None
     """SHA-256 of the gateway's DER certificate, hex; alone it replaces CA checks (self-signed gateways)."""
-    rungs: tuple[str, ...] = ("post", "ws", "get")
+    rungs: tuple[str, ...] = DEFAULT_RUNGS
     """The transports to try, best first: ``post`` (a POST per batch), ``ws`` (batches as WebSocket messages
-    on one connection), ``get`` (GET-only pieces in URLs)."""
+    on one connection), ``get`` (GET-only pieces in URLs), ``dns`` (query names through the network's
+    resolver; with ``dns_zone`` it ends the default ladder)."""
+    dns_zone: str | None = None
+    """The zone delegated to the gateway's DNS endpoint (``gateway --dns-zone``): enables the ``dns`` rung."""
+    dns_resolver: str | None = None
+    """HOST:PORT of the resolver the dns rung asks (default: the first nameserver of /etc/resolv.conf)."""
+    dns_qps: float = 20.0
+    """DNS queries per second at most on the dns rung (the gateway's answers may slow it further)."""
     on_intercept: str = "allow"
     """A pinned gateway whose certificate does not match, behind a chain this box trusts (TLS interception):
     ``allow`` (report it, keep uploading: batches are sealed end to end) or ``refuse``."""
@@ -190,7 +201,20 @@ class AgentConfig:
         check_bounds(self)
         if self.metrics_listen is not None:
             parse_host_port(self.metrics_listen, what="metrics-listen")
-        known = ("post", "ws", "get")
+        known = (*DEFAULT_RUNGS, "dns")
+        if self.dns_zone is not None:
+            try:
+                object.__setattr__(self, "dns_zone", normalise_zone(self.dns_zone))
+            except ValueError as exc:
+                raise ConfigError(f"dns-zone: {exc}") from None
+            if self.rungs == DEFAULT_RUNGS:
+                object.__setattr__(self, "rungs", (*DEFAULT_RUNGS, "dns"))
+        elif "dns" in self.rungs:
+            raise ConfigError("the dns rung needs the gateway's zone: --dns-zone ZONE")
+        if self.dns_resolver is not None:
+            parse_host_port(self.dns_resolver, what="dns-resolver")
+        if not 0.1 <= self.dns_qps <= 10_000:
+            raise ConfigError(f"dns-qps {self.dns_qps} is outside the allowed range 0.1 .. 10000 queries/s")
         rungs = self.rungs
         if not rungs or any(r not in known for r in rungs) or len(set(rungs)) != len(rungs):
             raise ConfigError(f"rungs {','.join(self.rungs)!r} must name each of {', '.join(known)} at most "

@@ -47,7 +47,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from flowtunnel.agent.config import MIN_BODY, AgentConfig, mask_url
+from flowtunnel.agent.config import MIN_BODY, AgentConfig, mask_url, parse_host_port
 from flowtunnel.agent.policy import (
     DEFAULT,
     SMALL,
@@ -71,6 +71,7 @@ from flowtunnel.agent.transport import (
     plan_resync,
 )
 from flowtunnel.agent.transport.answers import GATEWAY, Rejected
+from flowtunnel.agent.transport.dns import DnsTransport
 from flowtunnel.agent.transport.get import GetTransport
 from flowtunnel.agent.transport.ladder import Ladder, Switch
 from flowtunnel.agent.transport.network import RungMemory, local_fingerprint
@@ -218,13 +219,22 @@ class Uploader:
         if not self._rungs:
             kinds = {"post": PostTransport, "get": GetTransport, "ws": WsTransport}
             route = await find_route(cfg)
+            client = None
             for name in cfg.rungs:
+                if name == "dns":
+                    # The last rung: query names through the resolver, no HTTP client (docs/protocol.md 9).
+                    assert cfg.dns_zone is not None  # AgentConfig refuses the dns rung without a zone
+                    resolver = (parse_host_port(cfg.dns_resolver, what="dns-resolver")
+                                if cfg.dns_resolver else None)
+                    self._rungs[name] = DnsTransport(zone=cfg.dns_zone, resolver=resolver, qps=cfg.dns_qps)
+                    continue
                 # Each rung its own connection: rungs race when the network is new, and a WebSocket holds its
                 # connection for itself.
                 client = make_client(cfg, route)
                 self._rungs[name] = kinds[name](client, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
                                                 clock=self._clock)
-            via = f" ({client.route}, from {route.source}; rungs {', '.join(cfg.rungs)})"
+            shown = client.route if client is not None else "dns only"
+            via = f" ({shown}, from {route.source}; rungs {', '.join(cfg.rungs)})"
             self._memory = RungMemory(self._spool.path.parent / RUNG_MEMORY)
         await self._recall_network()
         limit, limit_of = await asyncio.to_thread(
@@ -715,7 +725,8 @@ class Uploader:
         return {
             "gateway": self._config.gateway,
             "proxy": mask_url(self._config.proxy),
-            "route": transport.client.route if isinstance(transport, PostTransport) else None,
+            "route": (transport.client.route if isinstance(transport, PostTransport)
+                      else transport.route if isinstance(transport, DnsTransport) else None),
             **self._ladder.status(),
             "acked": st.gateway_acked,
             "batches": st.batches,
@@ -741,6 +752,7 @@ class Uploader:
             "captive_portal": transport.portal if isinstance(transport, PostTransport) else None,
             "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
             "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),
+            "dns": dns.stats if isinstance(dns := self._rungs.get("dns"), DnsTransport) else None,
         }
 
 

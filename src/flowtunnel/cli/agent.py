@@ -29,7 +29,13 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "verification (self-signed gateway), with --ca-file both must pass"),
     ("--rungs", "rungs", "LIST", "transports to try, best first, comma-separated: post (a POST per batch), "
      "ws (batches as WebSocket messages), get (GET-only pieces in URLs, for proxies that refuse POST or "
-     "bodies) (default post,ws,get)"),
+     "bodies), dns (query names through the resolver, needs --dns-zone) (default post,ws,get, and dns "
+     "last with --dns-zone)"),
+    ("--dns-zone", "dns_zone", "ZONE", "the gateway's DNS zone (gateway --dns-zone): adds the dns rung, for "
+     "networks where only the resolver answers"),
+    ("--dns-resolver", "dns_resolver", "HOST:PORT", "resolver for the dns rung (default: the first "
+     "nameserver of /etc/resolv.conf)"),
+    ("--dns-qps", "dns_qps", "N", "DNS queries per second at most on the dns rung (default 20)"),
     ("--on-intercept", "on_intercept", "allow|refuse", "a pinned gateway's certificate replaced by one a "
      "CA this box trusts (TLS interception): allow (default: reported, batches stay sealed end to end) or "
      "refuse"),
