@@ -35,7 +35,7 @@ class _Resolver:
     def __init__(self, workdir: Path, *, zone: str, upstream_port: int) -> None:
         self.zone = zone
         self.upstream_port = upstream_port
-        self.port = free_udp_port()
+        self.port = free_dns_port()  # resolvers listen on TCP too
         self.dir = Path(workdir) / f"{self.name}-{self.port}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.dir / f"{self.name}.log"

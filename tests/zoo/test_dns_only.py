@@ -58,7 +58,7 @@ def test_only_dns_gets_out(tmp_path: Path, v9_capture: tuple[Path, list[bytes]])
     dns_port = free_dns_port()
     gw = GatewayProc(data, extra=["--dns-zone", ZONE, "--dns-listen", f"udp://127.0.0.1:{dns_port}"])
     inside_upstream = free_tcp_port()
-    resolver_port = free_udp_port()
+    resolver_port = free_dns_port()  # unbound listens on UDP and TCP
     # The gateway's HTTP port is not exposed: inside, only the resolver's upstream (the DNS endpoint, TCP).
     with gw.start(), IsolatedNet(expose={inside_upstream: dns_port}) as net:
         workdir = tmp_path / "unbound"

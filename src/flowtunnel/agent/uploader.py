@@ -338,8 +338,10 @@ class Uploader:
             self._caught_up()
             return False
         if not draining and entries[-1].seq >= self._last_seq:
-            # Caught up: let more datagrams gather, up to the latency target since the last send.
-            wait = self._last_send + self._config.latency - time.monotonic()
+            # Caught up: let more datagrams gather, up to the latency target since the last send (a rung may
+            # ask for more: on DNS every query costs ~300 bytes both ways and larger batches compress better).
+            latency = max(self._config.latency, getattr(self._transport, "min_latency", 0.0))
+            wait = self._last_send + latency - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
                 entries = await self._read()

@@ -44,6 +44,9 @@ class DnsTransport:
     """``exchange`` one sealed batch over DNS (see the module docstring)."""
 
     name = "dns"
+    #: Caught up, batches gather at least this long on this rung (``--latency`` longer wins): a 10-datagram
+    #: softflowd batch costs 2.8 queries per 1,400 bytes, a 50-datagram one about 2.2 (bench/dns.py).
+    min_latency = 5.0
 
     def __init__(self, *, zone: str, resolver: tuple[str, int] | None = None, qps: float = 20.0,
                  max_body: int = MAX_DNS_BODY, query_timeout: float = 2.0, retries: int = 5) -> None:
