@@ -17,7 +17,7 @@ from flowtunnel.errors import ConfigError, FlowtunnelError, describe_os_error
 __all__ = ["main"]
 
 # Order is the order of ``flowtunnel --help``.
-_MODULES = ("demo", "decode", "replay", "agent", "gateway", "store", "status", "sources")
+_MODULES = ("demo", "decode", "replay", "agent", "gateway", "sink", "store", "status", "sources")
 # Which module registers each command: only that module is imported when the command is known, so that
 # ``flowtunnel decode`` does not pay for importing duckdb and aiohttp (start-up time matters in scripts).
 _COMMANDS = {
@@ -29,6 +29,7 @@ _COMMANDS = {
     "enroll": "gateway",
     "revoke": "gateway",
     "agents": "gateway",
+    "sink": "sink",
     "query": "store",
     "top": "store",
     "export": "store",

@@ -45,6 +45,17 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--keepalive-timeout", "keepalive_timeout", "DURATION", "close idle keep-alive connections after (75s)"),
     ("--journal-quota", "journal_quota", "SIZE", "disk the journal may use, all its files included "
      "(database, write-ahead log, reserve); when full, batches get 503 (2GiB)"),
+    ("--journal", "journal", "nats://HOST:PORT[,...]", "scale-out: journal on this NATS JetStream cluster "
+     "(shared by every gateway; registry in a KV bucket; sinks as 'flowtunnel sink' processes; "
+     "docs/scale-out.md). Default: the embedded SQLite journal in --data"),
+    ("--journal-replicas", "journal_replicas", "N", "with --journal: stream replicas (default: 3 with three "
+     "or more servers, else 1)"),
+    ("--journal-max-age", "journal_max_age", "DURATION", "with --journal: age limit of stream messages "
+     "(default: kept until consumed)"),
+    ("--journal-agent-messages", "journal_agent_messages", "N", "with --journal: accepted batches one agent "
+     "may hold in the stream, beyond: 429 (default 0 = unlimited)"),
+    ("--journal-timeout", "journal_timeout", "DURATION", "with --journal: wait this long for the stream to "
+     "acknowledge an append before retrying it; three tries, then 503 (default 5s)"),
     ("--retain", "retain", "DURATION", "store retention, e.g. 30d (default: keep everything)"),
     ("--jsonl", "jsonl", "FILE", "also write decoded records as JSON lines to FILE ('-' for stdout)"),
     ("--status-interval", "status_interval", "DURATION", "how often status.json is rewritten (default 2s)"),

@@ -207,6 +207,20 @@ class GatewayConfig:
     #: Journal disk quota, all its files included (database, WAL, WAL index, reserve); when reached, new
     #: batches get 503 (nothing acknowledged is ever dropped).
     journal_quota: int = size_setting(2 << 30, 1 << 20, 16 << 40)
+    #: Scale-out: the journal is a NATS JetStream stream shared by every gateway, ``nats://[USER:PASSWORD@]
+    #: HOST:PORT[,HOST:PORT...]`` (docs/scale-out.md); the data directory then keeps only this gateway's
+    #: status and lock, the registry is a KV bucket and sinks run as ``flowtunnel sink`` processes.
+    #: journal_quota is then the stream's byte limit.
+    journal: str | None = None
+    #: Stream replicas (0: 3 when three or more servers are listed, else 1).
+    journal_replicas: int = count_setting(0, 0, 5, zero="automatic")
+    #: Age limit of the stream's messages (unset: kept until every sink consumed them).
+    journal_max_age: float | None = duration_setting(None, 1.0, 36500 * 86400.0)
+    #: Messages (accepted batches) one agent may hold in the stream (0 = no per-agent quota); beyond, 429.
+    journal_agent_messages: int = count_setting(0, 0, 100_000_000, zero="unlimited")
+    #: How long one append waits for the stream's acknowledgement (replicated) before it is retried with the
+    #: same message id; after three tries the batch gets 503.
+    journal_timeout: float = duration_setting(5.0, 0.1, 600.0)
     #: Decode into the embedded DuckDB store (``flowtunnel query``).
     store: bool = True
     #: Store retention (e.g. 30d); unset keeps everything.

@@ -24,9 +24,9 @@ from flowtunnel.datagram import Datagram
 from flowtunnel.gateway.budget import AgentBudgets, BudgetConfig, OverBudget, journal_cost
 from flowtunnel.gateway.metrics import MAX_FIGURE, GatewayMetrics, parse_count, parse_dropped_header
 from flowtunnel.gateway.nonces import NonceWindow, Seen
-from flowtunnel.gateway.notify import JournalNotify
 from flowtunnel.gateway.registry import AgentEntry, AgentKeys, RegistryError
-from flowtunnel.log import DurableLog, LogError, LogFull
+from flowtunnel.journal import AgentJournal, JournalConflict, hwm_key
+from flowtunnel.log import LogError, LogFull
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import (
     HEADER,
@@ -59,11 +59,6 @@ def clock_skew(batch: Batch, fresh: list[Datagram], now: float) -> float:
     sealed = batch.agent_info.get("clock_ms")
     agent_now = newest if sealed is None else max(newest, sealed / 1000)
     return agent_now - now
-
-
-def hwm_key(agent_id: str) -> str:
-    """The journal state key holding an agent's high-water mark."""
-    return f"hwm:{agent_id}"
 
 
 class Rejected(Exception):
@@ -150,6 +145,9 @@ class StateAnswer:
         return {"agent": self.agent, "acked": self.acked, "tag": self.tag}
 
 
+#: Lost races for one batch (a shared journal) before ingest gives up with 503.
+_CONFLICT_ATTEMPTS = 8
+
 #: Rungs on which batches can overtake each other: a gap must be declared (``Ingest._check_gap``).
 GAPLESS_RUNGS = frozenset({"ws", "get"})
 
@@ -170,10 +168,9 @@ class Ingest:
     def __init__(
         self,
         *,
-        journal: DurableLog,
+        journal: AgentJournal,
         keys: AgentKeys,
         metrics: GatewayMetrics,
-        notify: JournalNotify,
         limits: WireLimits | None = None,
         retry_after: int = 5,
         budgets: AgentBudgets | None = None,
@@ -182,7 +179,6 @@ class Ingest:
         self._journal = journal
         self._keys = keys
         self._metrics = metrics
-        self._notify = notify
         self._limits = limits if limits is not None else WireLimits()
         self._retry_after = retry_after
         self._clock = clock
@@ -219,10 +215,16 @@ class Ingest:
             return None
         return agent_id if entry is not None else None
 
-    def hwm(self, agent_id: str) -> int:
+    async def hwm(self, agent_id: str) -> int:
+        """The agent's high-water mark (cached; a shared journal's append checks it, see ``_commit``)."""
         value = self._hwm.get(agent_id)
         if value is None:
-            value = self._journal.get_state(hwm_key(agent_id)) or 0
+            try:
+                value = await self._journal.hwm(agent_id)
+            except LogError as exc:
+                raise Rejected(
+                    "journal-error", str(exc), agent=agent_id, retry_after=self._retry_after
+                ) from None
             self._hwm[agent_id] = value
         return value
 
@@ -413,63 +415,22 @@ class Ingest:
         if lock is None:
             lock = self._locks[agent] = asyncio.Lock()
         async with lock:
-            hwm = await asyncio.to_thread(self.hwm, agent)
-            datagrams: list[Datagram] = list(batch.datagrams)
-            first = batch.first_seq
-            skip = min(len(datagrams), max(0, hwm + 1 - first))
-            fresh = datagrams[skip:]
-            gap = lost = 0
-            journal_first: int | None = None
-            if fresh:
-                self._check_known_ack(agent, hwm, batch)
-                cost = journal_cost(agent, fresh)
-                self._refuse(self.budgets.fits_share(agent, cost, default_wait=self._retry_after), agent)
-                new_first = first + skip
-                self._check_gap(agent, hwm, new_first, batch, gapless=gapless)
-                gap = new_first - (hwm + 1)
-                # The part of the gap this gateway lost itself (reported at the resync), not the agent.
-                lost = min(gap, max(0, self._lost_hint.pop(agent, hwm) - hwm))
-                gap -= lost
-                last = new_first + len(fresh) - 1
-                # The gateway's own receive time, journaled with every entry: retention and every "received"
-                # the sinks act on use it; the datagrams keep the agent's (whose clock may be hours off).
-                now = self._clock()
+            # A journal shared by several gateways: the append succeeds only while the mark is the one
+            # decided on; a lost race re-reads the mark and decides again (the batch may now be a duplicate).
+            for attempt in range(_CONFLICT_ATTEMPTS):
                 try:
-                    res = await asyncio.to_thread(
-                        self._journal.append,
-                        fresh,
-                        stream=agent,
-                        stream_seqs=range(new_first, last + 1),
-                        state={hwm_key(agent): last},
-                        atomic=True,
-                        appended_ns=int(now * 1e9),
+                    hwm, fresh, skip, gap, lost, journal_first = await self._decide_and_append(
+                        agent, batch, replayed=replayed, gapless=gapless
                     )
-                except LogFull as exc:
-                    raise Rejected(
-                        "journal-full", f"journal cannot take {len(fresh)} datagrams: {exc}",
-                        agent=agent, retry_after=self._retry_after,
-                    ) from None
-                except LogError as exc:
-                    raise Rejected(
-                        "journal-error", str(exc), agent=agent, retry_after=self._retry_after
-                    ) from None
-                self._hwm[agent] = hwm = last
-                journal_first = res.first_seq
-                self.budgets.journaled(agent, res.last_seq, cost)
-                self._metrics.held(agent, self.budgets.held(agent))
-                self._metrics.clock_sample(agent, clock_skew(batch, fresh, now))
-                self._notify.publish(res.last_seq)
-                if gap:
-                    self.once.warning(
-                        f"gap:{agent}", "agent %s skipped %d sequence numbers (its drops) before %d",
-                        agent, gap, new_first,
-                    )
-                if lost:
-                    log.error(
-                        "agent %s: %d datagrams (seq %d..%d) acknowledged earlier are missing from the "
-                        "journal (restored from a backup, or a torn tail) and no longer at the agent: lost",
-                        agent, lost, new_first - lost, new_first - 1,
-                    )
+                    break
+                except JournalConflict as exc:
+                    self._hwm.pop(agent, None)
+                    self._journal.forget(agent)
+                    if attempt == _CONFLICT_ATTEMPTS - 1:
+                        raise Rejected(
+                            "journal-error", f"agent {agent}: the mark kept moving: {exc}", agent=agent,
+                            retry_after=self._retry_after,
+                        ) from None
         if replayed and not fresh:
             self._metrics.replay(agent)  # an exact copy of a recent request changes no figure
         else:
@@ -493,6 +454,75 @@ class Ingest:
             agent=agent, acked=hwm, accepted=len(fresh), duplicates=skip, gap=gap, tag=tag,
             first_journal_seq=journal_first,
         )
+
+    async def _decide_and_append(
+        self, agent: str, batch: Batch, *, replayed: bool, gapless: bool
+    ) -> tuple[int, list[Datagram], int, int, int, int | None]:
+        """Under the agent's lock: the part of ``batch`` above the mark, journaled (raises
+        ``JournalConflict`` when another gateway moved the mark meanwhile); (mark, fresh, skipped, gap, lost,
+        first journal seq)."""
+        # A mark cached by a gateway that shares its journal may be stale: refusals based on it are decided
+        # again on a fresh read (appends are checked by the journal itself).
+        cached = self._journal.shared and agent in self._hwm
+        hwm = await self.hwm(agent)
+        datagrams: list[Datagram] = list(batch.datagrams)
+        first = batch.first_seq
+        skip = min(len(datagrams), max(0, hwm + 1 - first))
+        fresh = datagrams[skip:]
+        gap = lost = 0
+        journal_first: int | None = None
+        if not fresh:
+            return hwm, fresh, skip, gap, lost, journal_first
+        new_first = first + skip
+        try:
+            self._check_known_ack(agent, hwm, batch)
+            self._check_gap(agent, hwm, new_first, batch, gapless=gapless)
+        except Rejected as exc:
+            if cached:
+                raise JournalConflict(f"agent {agent}: {exc.code} against a cached mark", path="") from None
+            raise
+        cost = journal_cost(agent, fresh)
+        self._refuse(self.budgets.fits_share(agent, cost, default_wait=self._retry_after), agent)
+        gap = new_first - (hwm + 1)
+        # The part of the gap this gateway lost itself (reported at the resync), not the agent.
+        hint = self._lost_hint.get(agent, hwm)
+        lost = min(gap, max(0, hint - hwm))
+        gap -= lost
+        # The gateway's own receive time, journaled with every entry: retention and every "received"
+        # the sinks act on use it; the datagrams keep the agent's (whose clock may be hours off).
+        now = self._clock()
+        try:
+            res = await self._journal.append(agent, new_first, fresh, hwm=hwm, appended_ns=int(now * 1e9))
+        except JournalConflict:
+            raise
+        except LogFull as exc:
+            code = "agent-share" if type(exc).__name__ == "AgentQuotaFull" else "journal-full"
+            raise Rejected(
+                code, f"journal cannot take {len(fresh)} datagrams: {exc}",
+                agent=agent, retry_after=self._retry_after,
+            ) from None
+        except LogError as exc:
+            raise Rejected(
+                "journal-error", str(exc), agent=agent, retry_after=self._retry_after
+            ) from None
+        self._lost_hint.pop(agent, None)
+        self._hwm[agent] = hwm = new_first + len(fresh) - 1
+        journal_first = res.first_seq
+        self.budgets.journaled(agent, res.last_seq, cost)
+        self._metrics.held(agent, self.budgets.held(agent))
+        self._metrics.clock_sample(agent, clock_skew(batch, fresh, now))
+        if gap:
+            self.once.warning(
+                f"gap:{agent}", "agent %s skipped %d sequence numbers (its drops) before %d",
+                agent, gap, new_first,
+            )
+        if lost:
+            log.error(
+                "agent %s: %d datagrams (seq %d..%d) acknowledged earlier are missing from the "
+                "journal (restored from a backup, or a torn tail) and no longer at the agent: lost",
+                agent, lost, new_first - lost, new_first - 1,
+            )
+        return hwm, fresh, skip, gap, lost, journal_first
 
     def _check_gap(self, agent: str, hwm: int, new_first: int, batch: Batch, *, gapless: bool) -> None:
         """Refuse new datagrams that would skip sequence numbers the agent still holds.
@@ -559,7 +589,10 @@ class Ingest:
                     "bad-token", "X-Flowtunnel-Token is not base64url", agent=self.enrolled(agent_id)
                 ) from None
             batch, key, replayed = await self._open(body, agent_id)
-            hwm = await asyncio.to_thread(self.hwm, batch.agent_id)
+            if self._journal.shared:  # another gateway may have moved it
+                self._hwm.pop(batch.agent_id, None)
+                self._journal.forget(batch.agent_id)
+            hwm = await self.hwm(batch.agent_id)
         except Rejected as exc:
             self.reject(exc)
             raise

@@ -21,6 +21,7 @@ import ssl
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -53,10 +54,15 @@ from flowtunnel.gateway.sinks.jsonl import JsonlSink
 from flowtunnel.gateway.sinks.udp_forward import UdpForwardConfig, UdpForwardSink
 from flowtunnel.gateway.ws import WsSettings
 from flowtunnel.health import silent_agents
+from flowtunnel.journal import AgentJournal, SqliteAgentJournal
 from flowtunnel.log import DurableLog, FullPolicy, LogConfig, LogError
 from flowtunnel.runtime import OnceLogger, TaskSet
 from flowtunnel.statusfile import write_json_atomic
 from flowtunnel.wire import WireLimits
+
+if TYPE_CHECKING:
+    from flowtunnel.gateway.kvregistry import KvAgentKeys, KvRegistry
+    from flowtunnel.journal.jetstream import JetStreamJournal
 
 __all__ = ["ADMIN_TOKEN_FILE", "JOURNAL_FILE", "LOCK_FILE", "STATUS_FILE", "Gateway", "run_gateway"]
 
@@ -108,6 +114,12 @@ class Gateway:
         self.sinks: list[Sink] = []
         self._extra_sinks = list(extra_sinks or [])
         self.journal: DurableLog | None = None
+        #: What ingest appends to: the SQLite journal's async face, or the shared JetStream journal.
+        self.agent_journal: AgentJournal | None = None
+        self.shared_journal: JetStreamJournal | None = None
+        self._kv_registry: KvRegistry | None = None
+        self._kv_keys: KvAgentKeys | None = None
+        self._shared_stats: dict[str, object] = {}
         self.ingest: Ingest | None = None
         self.budgets: AgentBudgets | None = None
         self.keys: AgentKeys | None = None
@@ -191,36 +203,27 @@ class Gateway:
 
     async def _start(self) -> None:
         cfg = self.config
-        Registry(self.data_dir).close()  # create it (0600) so the first lookup finds a valid file
-        create_private_file(self.data_dir / JOURNAL_FILE)  # SQLite gives -wal and -shm the same mode
-        self.journal = journal = await asyncio.to_thread(
-            DurableLog,
-            LogConfig(path=self.data_dir / JOURNAL_FILE, quota_bytes=0, disk_quota_bytes=cfg.journal_quota,
-                      full_policy=FullPolicy.REFUSE_NEW),
-        )
-        self.notify = JournalNotify(journal.last_seq())
-        self._restore_last_seen()
-        self.keys = keys = AgentKeys(self.data_dir, ttl=cfg.registry_ttl)
-        # A share of 1 is the whole quota: the journal's own "journal-full" then says it better.
-        share = int(cfg.journal_quota * cfg.journal_agent_share) if cfg.journal_agent_share < 1 else 0
-        budget = BudgetConfig(rate=cfg.agent_rate, burst=cfg.agent_burst, share=share)
-        self.budgets = budgets = AgentBudgets(budget)
-        # What each agent already holds in the journal (one pass over it) counts against its share.
-        budgets.seed(await asyncio.to_thread(scan_journal_usage, self.data_dir / JOURNAL_FILE))
-        for agent_id in budgets.agents():
-            self.metrics.held(agent_id, budgets.held(agent_id))
-        self.ingest = Ingest(
-            journal=journal, keys=keys, metrics=self.metrics, notify=self.notify,
+        if cfg.journal:
+            await self._start_shared_journal()
+        else:
+            await self._start_local_journal()
+        assert self.budgets is not None
+        assert self.keys is not None
+        assert self.agent_journal is not None
+        self.ingest = ingest = Ingest(
+            journal=self.agent_journal, keys=self.keys, metrics=self.metrics,
             limits=WireLimits(max_body=cfg.max_body, max_raw=cfg.max_raw, max_count=cfg.max_batch_datagrams),
-            retry_after=cfg.retry_after, budgets=budgets,
+            retry_after=cfg.retry_after, budgets=self.budgets,
         )
-        self.sinks = self._build_sinks()
-        if not self.sinks:
+        self.sinks = [] if cfg.journal else self._build_sinks()
+        if cfg.journal:
+            log.info("sinks run as separate processes on the shared journal ('flowtunnel sink ...')")
+        elif not self.sinks:
             log.warning("no sinks configured (no --forward, --jsonl or store): the journal keeps everything")
         for sink in self.sinks:
             self._sink_tasks[sink.name] = self._tasks.spawn(self._supervise(sink), name=f"sink:{sink.name}")
         app = build_app(
-            ingest=self.ingest, metrics=self.metrics, serve_metrics=cfg.metrics, max_body=cfg.max_body,
+            ingest=ingest, metrics=self.metrics, serve_metrics=cfg.metrics, max_body=cfg.max_body,
             max_inflight=cfg.max_inflight, max_inflight_per_agent=cfg.max_inflight_per_agent,
             body_timeout=cfg.body_timeout, min_body_rate=cfg.min_body_rate, retry_after=cfg.retry_after,
             status=self.status if cfg.metrics else None, probe_rate=cfg.probe_rate,
@@ -272,7 +275,7 @@ class Gateway:
                 self.urls.append(f"{where.scheme}://[{h}]:{p}" if ":" in str(h) else f"{where.scheme}://{h}:{p}")
         if cfg.dns_zone is not None:
             host, port = cfg.dns_host_port
-            self.dns = DnsEndpoint(DnsConfig(zone=cfg.dns_zone, host=host, port=port), self.ingest,
+            self.dns = DnsEndpoint(DnsConfig(zone=cfg.dns_zone, host=host, port=port), ingest,
                                    admission=app[ADMISSION_KEY])
             try:
                 await self.dns.start()
@@ -320,6 +323,59 @@ class Gateway:
             thresholds=AgentThresholds(late=cfg.console_late, silent=cfg.console_silent),
         )
         add_console(app, Console(auth=auth, data=data, session_ttl=cfg.console_session))
+
+    async def _start_local_journal(self) -> None:
+        """The embedded default: the SQLite journal and the file registry in the data directory."""
+        cfg = self.config
+        Registry(self.data_dir).close()  # create it (0600) so the first lookup finds a valid file
+        create_private_file(self.data_dir / JOURNAL_FILE)  # SQLite gives -wal and -shm the same mode
+        self.journal = journal = await asyncio.to_thread(
+            DurableLog,
+            LogConfig(path=self.data_dir / JOURNAL_FILE, quota_bytes=0, disk_quota_bytes=cfg.journal_quota,
+                      full_policy=FullPolicy.REFUSE_NEW),
+        )
+        self.notify = JournalNotify(journal.last_seq())
+        self._restore_last_seen()
+        self.keys = AgentKeys(self.data_dir, ttl=cfg.registry_ttl)
+        # A share of 1 is the whole quota: the journal's own "journal-full" then says it better.
+        share = int(cfg.journal_quota * cfg.journal_agent_share) if cfg.journal_agent_share < 1 else 0
+        budget = BudgetConfig(rate=cfg.agent_rate, burst=cfg.agent_burst, share=share)
+        self.budgets = budgets = AgentBudgets(budget)
+        # What each agent already holds in the journal (one pass over it) counts against its share.
+        budgets.seed(await asyncio.to_thread(scan_journal_usage, self.data_dir / JOURNAL_FILE))
+        for agent_id in budgets.agents():
+            self.metrics.held(agent_id, budgets.held(agent_id))
+        self.agent_journal = SqliteAgentJournal(journal, self.notify)
+
+    async def _start_shared_journal(self) -> None:
+        """Scale-out: the journal is a JetStream stream and the registry a KV bucket, shared by every gateway;
+        this gateway keeps only its status (and lock) in the data directory, and runs no sink (sinks are
+        ``flowtunnel sink ...`` processes on the stream)."""
+        from flowtunnel.gateway.kvregistry import KvAgentKeys, KvRegistry
+        from flowtunnel.journal.jetstream import JetStreamJournal, parse_journal_url
+
+        cfg = self.config
+        try:
+            jcfg = parse_journal_url(
+                cfg.journal or "", replicas=cfg.journal_replicas, max_bytes=cfg.journal_quota,
+                max_age=cfg.journal_max_age or 0.0, agent_max_msgs=cfg.journal_agent_messages,
+                publish_timeout=cfg.journal_timeout,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        shared = JetStreamJournal(jcfg)
+        await shared.open(name=f"flowtunnel-gateway-{os.getpid()}")
+        self.shared_journal = self.agent_journal = shared
+        self._kv_registry = KvRegistry(jcfg)
+        await self._kv_registry.open()
+        kv_keys = KvAgentKeys(self._kv_registry)
+        await kv_keys.start()
+        self._kv_keys = kv_keys
+        self.keys = kv_keys  # type: ignore[assignment]
+        self._restore_last_seen()
+        # The stream enforces each agent's quota (journal_agent_messages); the rate budget stays local.
+        self.budgets = AgentBudgets(BudgetConfig(rate=cfg.agent_rate, burst=cfg.agent_burst, share=0))
+        log.info("journal: JetStream %s, %d replicas", jcfg.describe(), jcfg.effective_replicas)
 
     async def _health(self, request: web.Request) -> web.Response:
         """``GET /v1/health``: 200 while every watched agent was heard from within ``health_silence``, else
@@ -413,6 +469,16 @@ class Gateway:
         return min(positions)
 
     async def _trim(self) -> None:
+        if self.shared_journal is not None:
+            # Every gateway trims what every durable consumer acknowledged (idempotent), and refreshes the
+            # stream figures for its status.
+            try:
+                await self.shared_journal.trim()
+                self._shared_stats = await self.shared_journal.stats()
+            except Exception as exc:
+                raise LogError(f"journal {self.shared_journal.config.describe()}: {exc}", path="jetstream") \
+                    from None
+            return
         upto = self._trim_point()  # on the event loop: it reads the sinks' state
         if self.journal is not None and upto > self._trimmed:
             await asyncio.to_thread(self.journal.trim, upto)
@@ -446,6 +512,9 @@ class Gateway:
         journal_doc: dict[str, object] = {}
         hwms: dict[str, int] = {}
         last = 0
+        if self.shared_journal is not None:
+            journal_doc = dict(self._shared_stats)
+            last = int(str(journal_doc.get("last_seq") or 0))
         if journal is not None:
             with contextlib.suppress(LogError):
                 stats = journal.stats()
@@ -508,7 +577,7 @@ class Gateway:
 
     async def stop(self) -> None:
         # Nothing to say when start() refused before opening anything (data directory refused or in use).
-        opened = self.journal is not None or self._runner is not None
+        opened = self.journal is not None or self._runner is not None or self.shared_journal is not None
         if self.ingest is not None:
             self.ingest.closing = True
         if self.dns is not None:
@@ -539,6 +608,17 @@ class Gateway:
                 self.write_status()
             self.journal.close()
             self.journal = None
+        if self._kv_keys is not None:
+            await self._kv_keys.close()
+            self._kv_keys = None
+        if self._kv_registry is not None:
+            await self._kv_registry.close()
+            self._kv_registry = None
+        if self.shared_journal is not None:
+            with contextlib.suppress(OSError, LogError):
+                self.write_status()
+            await self.shared_journal.close()
+            self.shared_journal = None
         self._release_data_dir()
         if opened:
             log.info("stopped")

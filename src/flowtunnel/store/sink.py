@@ -39,8 +39,8 @@ from flowtunnel.store.query import StorePaths
 from flowtunnel.store.server import QueryServer
 
 if TYPE_CHECKING:
-    from flowtunnel.gateway.notify import JournalNotify
-    from flowtunnel.log import DurableLog, Entry
+    from flowtunnel.journal import JournalReader, JournalWaiter
+    from flowtunnel.log import Entry
 
 __all__ = ["StoreSink"]
 
@@ -183,7 +183,7 @@ class StoreSink:
 
     # --- the asyncio layer ------------------------------------------------------------------------------
 
-    async def run(self, journal: DurableLog, notify: JournalNotify) -> None:
+    async def run(self, journal: JournalReader, notify: JournalWaiter) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._decoder_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-decoder")
         commit: asyncio.Future[None] | None = None
@@ -249,7 +249,7 @@ class StoreSink:
             self._decoder_executor.shutdown(wait=True)
             self._decoder_executor = None
 
-    async def _committed(self, commit: asyncio.Future[None], journal: DurableLog) -> bool:
+    async def _committed(self, commit: asyncio.Future[None], journal: JournalReader) -> bool:
         """Wait for a commit; on failure reload the committed state (the batch decoded since is dropped)."""
         try:
             await self._shielded(commit)
@@ -272,7 +272,7 @@ class StoreSink:
         self._after_commit(journal)
         return True
 
-    def _after_commit(self, journal: DurableLog) -> None:
+    def _after_commit(self, journal: JournalReader) -> None:
         try:
             journal.commit_cursor(self.name, self.cursor)
         except LogError as exc:
@@ -343,7 +343,7 @@ class StoreSink:
                 transit_lost=rec["transit_lost"],
             )
 
-    def _prepare(self, journal: DurableLog) -> _Prepared | None:
+    def _prepare(self, journal: JournalReader) -> _Prepared | None:
         """Read and decode one batch past the read cursor (decoder thread); None when nothing is new."""
         cols = FlowColumns()
         cursor = self._read_cursor

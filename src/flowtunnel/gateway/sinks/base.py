@@ -13,10 +13,11 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from flowtunnel.gateway.notify import JournalNotify
+from flowtunnel.journal.notify import JournalNotify
 
 if TYPE_CHECKING:
-    from flowtunnel.log import DurableLog, Entry
+    from flowtunnel.journal import JournalReader, JournalWaiter
+    from flowtunnel.log import Entry
 
 __all__ = ["CursorSink", "JournalNotify", "Sink"]
 
@@ -29,7 +30,7 @@ class Sink(Protocol):
 
     name: str
 
-    async def run(self, journal: DurableLog, notify: JournalNotify) -> None: ...
+    async def run(self, journal: JournalReader, notify: JournalWaiter) -> None: ...
 
     def status(self) -> dict[str, object]: ...
 
@@ -53,7 +54,7 @@ class CursorSink:
         self.last_seq = 0
         self.handled = 0
 
-    async def start(self, journal: DurableLog) -> None:
+    async def start(self, journal: JournalReader) -> None:
         """Called once before the first entry is handled."""
 
     async def handle(self, entries: Sequence[Entry]) -> None:
@@ -65,7 +66,7 @@ class CursorSink:
     def status(self) -> dict[str, object]:
         return {"cursor": self.cursor, "lag": max(0, self.last_seq - self.cursor), "handled": self.handled}
 
-    async def run(self, journal: DurableLog, notify: JournalNotify) -> None:
+    async def run(self, journal: JournalReader, notify: JournalWaiter) -> None:
         self.cursor = journal.cursor(self.name)
         try:
             await self.start(journal)
@@ -91,7 +92,7 @@ class CursorSink:
         finally:
             await self.stop()
 
-    async def _step(self, journal: DurableLog, entries: Sequence[Entry]) -> None:
+    async def _step(self, journal: JournalReader, entries: Sequence[Entry]) -> None:
         await self.handle(entries)
         last = entries[-1].seq
         await asyncio.to_thread(journal.commit_cursor, self.name, last)

@@ -27,7 +27,8 @@ from flowtunnel.runtime import OnceLogger
 from flowtunnel.statusfile import write_json_atomic
 
 if TYPE_CHECKING:
-    from flowtunnel.log import DurableLog, Entry
+    from flowtunnel.journal import JournalReader
+    from flowtunnel.log import Entry
     from flowtunnel.netflow import Decoder
 
 __all__ = ["JsonlSink", "json_value", "record_line"]
@@ -81,7 +82,7 @@ class JsonlSink(CursorSink):
         self.records = 0
         self.errors: dict[str, int] = {}
 
-    async def start(self, journal: DurableLog) -> None:
+    async def start(self, journal: JournalReader) -> None:
         await asyncio.to_thread(self._open)
 
     def _open(self) -> None:

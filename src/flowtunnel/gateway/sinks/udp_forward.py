@@ -47,7 +47,8 @@ from flowtunnel.runtime import OnceLogger
 from flowtunnel.statusfile import write_json_atomic
 
 if TYPE_CHECKING:
-    from flowtunnel.log import DurableLog, Entry
+    from flowtunnel.journal import JournalReader
+    from flowtunnel.log import Entry
     from flowtunnel.netflow import Decoder
 
 __all__ = ["Pacer", "UdpForwardConfig", "UdpForwardSink", "build_ipv4_udp", "has_templates"]
@@ -176,7 +177,7 @@ class UdpForwardSink(CursorSink):
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
-    async def start(self, journal: DurableLog) -> None:
+    async def start(self, journal: JournalReader) -> None:
         await asyncio.to_thread(self._start)
 
     def _start(self) -> None:

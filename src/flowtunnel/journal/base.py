@@ -1,0 +1,139 @@
+"""The journal interface: what ingest and the sinks need from the gateway's journal, whatever holds it.
+
+Two faces, two implementations (the embedded SQLite ``DurableLog``, and a NATS JetStream stream):
+
+* ``AgentJournal`` (async, ingest's side): the agent's high-water mark, and an idempotent append keyed by
+  agent and agent sequence that succeeds only while the mark is still the one the caller decided on (a lost
+  race with another gateway raises ``JournalConflict``: re-read the mark and decide again).
+* ``JournalReader`` (sync, called from a sink's worker thread) and ``JournalWaiter`` (async): read entries
+  past a position, a durable position per consumer, and a way to wait for entries past a position.
+
+``SqliteAgentJournal`` is the thread hop for the SQLite log in one place: every blocking call goes through
+``asyncio.to_thread`` here, not in ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from flowtunnel.log import LogError, LogFull
+
+if TYPE_CHECKING:
+    from flowtunnel.datagram import Datagram
+    from flowtunnel.journal.notify import JournalNotify
+    from flowtunnel.log import DurableLog, Entry
+
+__all__ = [
+    "AgentJournal",
+    "Appended",
+    "JournalConflict",
+    "JournalFull",
+    "JournalReader",
+    "JournalUnavailable",
+    "JournalWaiter",
+    "SqliteAgentJournal",
+    "hwm_key",
+]
+
+
+def hwm_key(agent_id: str) -> str:
+    """The SQLite journal's state key holding an agent's high-water mark."""
+    return f"hwm:{agent_id}"
+
+
+class JournalConflict(LogError):
+    """The agent's mark moved since the caller read it (another gateway appended): re-read and re-decide."""
+
+
+class JournalFull(LogFull):
+    """The journal (or the agent's share of it) cannot take the append now; nothing was written."""
+
+
+class JournalUnavailable(LogError):
+    """The journal cannot be reached or did not confirm the append in time; nothing is acknowledged."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Appended:
+    """Journal positions ``first_seq .. last_seq`` of one append (a JetStream message holds many datagrams,
+    so there the range is the messages' stream sequences)."""
+
+    first_seq: int
+    last_seq: int
+
+
+class AgentJournal(Protocol):
+    """Ingest's face of the journal (async: each implementation does its own waiting)."""
+
+    #: Whether several gateways share this journal (then ingest must not trust a cached mark alone).
+    shared: bool
+
+    async def hwm(self, agent: str) -> int:
+        """The agent's high-water mark: the highest agent seq journaled (0 if none)."""
+        ...
+
+    async def append(
+        self, agent: str, first_seq: int, datagrams: Sequence[Datagram], *, hwm: int,
+        appended_ns: int | None = None,
+    ) -> Appended:
+        """Journal ``datagrams`` as the agent's ``first_seq ..`` and make the mark their last seq, only if the
+        mark is still ``hwm``; ``appended_ns`` is the gateway's receive time (kept with each entry). Raises ``JournalConflict`` (the mark moved), ``JournalFull``/``LogFull`` (no
+        room, nothing written), ``LogError`` (anything else; nothing acknowledged)."""
+        ...
+
+    def forget(self, agent: str) -> None:
+        """Drop whatever the journal caches about ``agent`` (its mark may have moved elsewhere)."""
+        ...
+
+
+class JournalReader(Protocol):
+    """A sink's face of the journal: entries past a position, and durable positions per consumer name.
+
+    Blocking: call from a worker thread (``DurableLog`` is one)."""
+
+    def read(self, after: int = 0, limit: int = 1000, max_bytes: int = 4 << 20) -> list[Entry]: ...
+
+    def cursor(self, name: str) -> int: ...
+
+    def commit_cursor(self, name: str, seq: int) -> None: ...
+
+
+class JournalWaiter(Protocol):
+    """The journal's last position, and a way to wait until it passes a value (``JournalNotify``)."""
+
+    @property
+    def last_seq(self) -> int: ...
+
+    async def wait(self, after_seq: int) -> None: ...
+
+
+class SqliteAgentJournal:
+    """``AgentJournal`` over the embedded ``DurableLog``: one gateway per journal (its data-dir lock), so
+    the per-agent lock in ingest is enough and a conflict cannot happen."""
+
+    shared = False
+
+    def __init__(self, log: DurableLog, notify: JournalNotify) -> None:
+        self.log = log
+        self.notify = notify
+
+    def forget(self, agent: str) -> None:
+        return None
+
+    async def hwm(self, agent: str) -> int:
+        return await asyncio.to_thread(lambda: self.log.get_state(hwm_key(agent)) or 0)
+
+    async def append(
+        self, agent: str, first_seq: int, datagrams: Sequence[Datagram], *, hwm: int,
+        appended_ns: int | None = None,
+    ) -> Appended:
+        last = first_seq + len(datagrams) - 1
+        res = await asyncio.to_thread(
+            self.log.append, datagrams, stream=agent, stream_seqs=range(first_seq, last + 1),
+            state={hwm_key(agent): last}, atomic=True, appended_ns=appended_ns,
+        )
+        self.notify.publish(res.last_seq)
+        return Appended(first_seq=res.first_seq, last_seq=res.last_seq)

@@ -1,0 +1,133 @@
+"""The store sink as its own process on the shared journal: every record stored once, also after a sink was
+stopped between its DuckDB commit and its acknowledgement to the stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from flowtunnel.journal.jetstream import JetStreamReader, parse_journal_url
+from flowtunnel.store import StoreSink
+from tests.gateway.util import post_batch, seal
+from tests.natscluster import NatsCluster
+from tests.scaleout.util import (
+    demo_datagrams,
+    enroll_kv,
+    reference_rows,
+    start_shared_gateway,
+    store_rows,
+)
+
+
+async def _feed(url: str, tmp: Path, agents: dict[str, list]) -> int:  # type: ignore[type-arg]
+    """Post each agent's datagrams in batches of 20 alternately to two gateways; the stream's last seq."""
+    keys = {a: await enroll_kv(url, a) for a in agents}
+    gws = [await start_shared_gateway(url, tmp / f"g{i}") for i in (1, 2)]
+    try:
+        async with aiohttp.ClientSession() as http:
+            for agent, dgs in agents.items():
+                for n, start in enumerate(range(0, len(dgs), 20)):
+                    body = seal(agent, keys[agent], start + 1, dgs[start : start + 20])
+                    status, doc, _ = await post_batch(http, gws[n % 2].url, body, agent=agent)
+                    assert status == 200, doc
+        assert gws[0].shared_journal is not None
+        stats = await gws[0].shared_journal.stats()
+        return int(str(stats["last_seq"]))
+    finally:
+        for gw in gws:
+            await gw.stop()
+
+
+def _position(status: Path, pid: int) -> int:
+    """The store's committed position in the status file written by process ``pid`` (0 before)."""
+    try:
+        doc = json.loads(status.read_text())
+    except (OSError, ValueError):
+        return 0
+    if doc.get("pid") != pid:
+        return 0
+    return int(doc.get("sink_status", {}).get("cursor", 0))
+
+
+async def test_store_sink_process_stores_every_record_once(cluster: NatsCluster, tmp_path: Path) -> None:
+    dgs = demo_datagrams()
+    agents = {"site-a": dgs, "site-b": dgs[:60]}
+    last = await _feed(cluster.url, tmp_path, agents)
+    data = tmp_path / "store"
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "flowtunnel", "sink", "store", "--journal", cluster.url, "--data", str(data)]
+    # Run, stop (SIGTERM) mid-way, run again: the second run resumes from DuckDB's position.
+    for _ in range(2):
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)  # noqa: ASYNC220
+        try:
+            deadline = time.monotonic() + 60
+            while _position(data / "sink-store.json", proc.pid) < last:
+                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+                assert time.monotonic() < deadline, "store sink did not catch up"
+                await asyncio.sleep(0.1)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err.decode()
+    got = store_rows(data / "store" / "flows.duckdb")
+    assert got == await reference_rows(tmp_path, agents)
+    assert sum(got.values()) > 0
+
+
+async def test_a_sink_stopped_between_commit_and_ack_stores_nothing_twice(
+    cluster: NatsCluster, tmp_path: Path
+) -> None:
+    dgs = demo_datagrams()
+    agents = {"site-a": dgs[:80]}
+    last = await _feed(cluster.url, tmp_path, agents)
+    cfg = parse_journal_url(cluster.url, create=False)
+    data = tmp_path / "store"
+
+    async def run(*, ack: bool) -> StoreSink:
+        reader = JetStreamReader(cfg, "store")
+        await reader.open()
+        if not ack:
+            async def no_ack() -> None:  # the process dies after DuckDB's commit, before the ack
+                return None
+            reader._ack_now = no_ack  # type: ignore[method-assign]
+        sink = StoreSink(data_dir=data, query_socket=False, batch_interval=0.0)
+        task = asyncio.get_running_loop().create_task(sink.run(reader, reader))
+        try:
+            deadline = time.monotonic() + 60
+            while sink.cursor < last or (ack and reader.status()["acked"] != last):
+                assert not task.done(), task
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await reader.close()
+        return sink
+
+    first = await run(ack=False)
+    assert first.rows_added > 0
+    ci = await _consumer_floor(cfg)
+    assert ci == 0  # nothing was acknowledged: the whole stream is delivered again
+    second = await run(ack=True)
+    assert second.rows_added == 0  # all skipped by DuckDB's position
+    assert await _consumer_floor(cfg) == last
+    assert store_rows(data / "store" / "flows.duckdb") == await reference_rows(tmp_path, agents)
+
+
+async def _consumer_floor(cfg) -> int:  # type: ignore[no-untyped-def]
+    reader = JetStreamReader(cfg, "store")
+    await reader.open()
+    try:
+        return reader.cursor("store")
+    finally:
+        await reader.close()
