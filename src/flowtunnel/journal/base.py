@@ -80,8 +80,9 @@ class AgentJournal(Protocol):
         appended_ns: int | None = None,
     ) -> Appended:
         """Journal ``datagrams`` as the agent's ``first_seq ..`` and make the mark their last seq, only if the
-        mark is still ``hwm``; ``appended_ns`` is the gateway's receive time (kept with each entry). Raises ``JournalConflict`` (the mark moved), ``JournalFull``/``LogFull`` (no
-        room, nothing written), ``LogError`` (anything else; nothing acknowledged)."""
+        mark is still ``hwm``; ``appended_ns`` is the gateway's receive time (kept with each entry).
+        Raises ``JournalConflict`` (the mark moved), ``JournalFull``/``LogFull`` (no room, nothing written),
+        ``LogError`` (anything else; nothing acknowledged)."""
         ...
 
     def forget(self, agent: str) -> None:
