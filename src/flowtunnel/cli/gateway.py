@@ -172,7 +172,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "not printed unless --print is given: read it from the file when you log in."
         ),
     )
-    _data_flag(token)
+    _data_flag(token, journal=False)
     token.add_argument("--file", type=Path, default=None, metavar="PATH",
                        help="write here instead of DATA/admin.token")
     token.add_argument("--rotate", action="store_true", help="replace an existing token (sessions of the old "
@@ -187,9 +187,67 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     agents.set_defaults(func=_run_agents)
 
 
-def _data_flag(parser: argparse.ArgumentParser) -> None:
+def _data_flag(parser: argparse.ArgumentParser, *, journal: bool = True) -> None:
     parser.add_argument("--data", type=Path, default=None, metavar="DIR",
                         help="the gateway's data directory (env FLOWTUNNEL_GATEWAY_DATA)")
+    if not journal:
+        return
+    parser.add_argument("--journal", default=None, metavar="nats://HOST:PORT[,...]",
+                        help="scale-out: the registry in the KV bucket of this JetStream cluster, shared by "
+                        "every gateway started with --journal (env FLOWTUNNEL_GATEWAY_JOURNAL)")
+
+
+class _KvRegistrySync:
+    """The KV bucket registry with the file registry's blocking face, for the one-shot commands."""
+
+    def __init__(self, url: str) -> None:
+        import asyncio
+
+        from flowtunnel.gateway.kvregistry import REGISTRY_BUCKET, KvRegistry
+        from flowtunnel.journal.jetstream import parse_journal_url
+
+        try:
+            config = parse_journal_url(url)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.where = f"bucket {REGISTRY_BUCKET} at {config.describe()}"
+        self._runner = asyncio.Runner()
+        self._reg = KvRegistry(config)
+        try:
+            self._runner.run(self._reg.open())
+        except BaseException:
+            self._runner.close()
+            raise
+
+    def __enter__(self) -> _KvRegistrySync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._runner.run(self._reg.close())
+        finally:
+            self._runner.close()
+
+    def enroll(self, name: str, *, rotate: bool = False) -> Any:
+        return self._runner.run(self._reg.enroll(name, rotate=rotate))
+
+    def revoke(self, name: str) -> Any:
+        return self._runner.run(self._reg.revoke(name))
+
+    def list(self) -> Any:
+        return self._runner.run(self._reg.list())
+
+
+def _registry(args: argparse.Namespace) -> tuple[Any, str]:
+    """The registry the command works on (file in --data, or the KV bucket of --journal) and its name."""
+    url = getattr(args, "journal", None) or os.environ.get("FLOWTUNNEL_GATEWAY_JOURNAL")
+    if url:
+        reg = _KvRegistrySync(url)
+        return reg, reg.where
+    from flowtunnel.gateway.registry import Registry
+
+    data = _data_dir(args)
+    return Registry(data), str(data)
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -253,14 +311,14 @@ def _open_key_file(path: Path, *, rotate: bool) -> int:
 
 
 def _run_enroll(args: argparse.Namespace) -> int:
-    from flowtunnel.gateway.registry import Registry, RegistryError
+    from flowtunnel.gateway.registry import RegistryError
     from flowtunnel.wire.keys import format_key
 
-    data = _data_dir(args)
+    registry, data = _registry(args)
     key_file: Path | None = args.key_file
     fd = _open_key_file(key_file, rotate=args.rotate) if key_file is not None else None
     try:
-        with Registry(data) as reg:
+        with registry as reg:
             entry = reg.enroll(args.name, rotate=args.rotate)
         key = format_key(entry.key)
         if fd is not None:
@@ -337,11 +395,11 @@ def _run_admin_token(args: argparse.Namespace) -> int:
 
 
 def _run_revoke(args: argparse.Namespace) -> int:
-    from flowtunnel.gateway.registry import Registry, RegistryError
+    from flowtunnel.gateway.registry import RegistryError
 
-    data = _data_dir(args)
+    registry, data = _registry(args)
     try:
-        with Registry(data) as reg:
+        with registry as reg:
             entry = reg.revoke(args.name)
     except RegistryError as exc:
         print(f"flowtunnel revoke: error: {exc}", file=sys.stderr)
@@ -351,11 +409,11 @@ def _run_revoke(args: argparse.Namespace) -> int:
 
 
 def _run_agents(args: argparse.Namespace) -> int:
-    from flowtunnel.gateway.registry import Registry, RegistryError
+    from flowtunnel.gateway.registry import RegistryError
 
-    data = _data_dir(args)
+    registry, data = _registry(args)
     try:
-        with Registry(data) as reg:
+        with registry as reg:
             entries = reg.list()
     except RegistryError as exc:
         print(f"flowtunnel agents: error: {exc}", file=sys.stderr)

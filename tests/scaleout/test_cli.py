@@ -1,0 +1,55 @@
+"""``enroll|revoke|agents --journal nats://...``: the registry in the cluster, seen by every gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from flowtunnel.wire.keys import parse_key
+from tests.gateway.util import datagrams, post_batch, seal
+from tests.natscluster import NatsCluster
+from tests.scaleout.util import start_shared_gateway
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flowtunnel", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+async def test_enroll_and_revoke_in_the_cluster_reach_every_gateway(
+    cluster: NatsCluster, tmp_path: Path
+) -> None:
+    gws = [await start_shared_gateway(cluster.url, tmp_path / f"g{i}") for i in (1, 2)]
+    try:
+        out = await asyncio.to_thread(_cli, "enroll", "site-9", "--journal", cluster.url, "--format", "json")
+        assert out.returncode == 0, out.stderr
+        key = parse_key(json.loads(out.stdout)["key"])
+        listed = await asyncio.to_thread(_cli, "agents", "--journal", cluster.url, "--format", "json")
+        assert [json.loads(line)["agent_id"] for line in listed.stdout.splitlines()] == ["site-9"]
+        async with aiohttp.ClientSession() as http:
+            for n, gw in enumerate(gws):
+                for _ in range(50):  # the watch delivers the enrolment within moments
+                    status, doc, _ = await post_batch(http, gw.url, seal("site-9", key, n + 1,
+                                                      datagrams(1, start=n + 1)), agent="site-9")
+                    if status == 200:
+                        break
+                    await asyncio.sleep(0.1)
+                assert (status, doc["acked"]) == (200, n + 1), doc
+            out = await asyncio.to_thread(_cli, "revoke", "site-9", "--journal", cluster.url)
+            assert out.returncode == 0, out.stderr
+            for gw in gws:
+                for _ in range(50):
+                    body = seal("site-9", key, 3, datagrams(1, start=3))
+                    status, doc, _ = await post_batch(http, gw.url, body, agent="site-9")
+                    if status == 403:
+                        break
+                    await asyncio.sleep(0.1)
+                assert (status, doc["error"]) == (403, "revoked")
+    finally:
+        for gw in gws:
+            await gw.stop()
