@@ -432,14 +432,20 @@ class JetStreamJournal:
 
     async def _flush_marks(self) -> None:
         """Copy new marks to the bucket (monotonic), at most a few times a second."""
+        failing = False
         while True:
             await self._flush_wake.wait()
             self._flush_wake.clear()
             try:
                 await self._write_marks()
+                if failing:
+                    log.info("journal: marks copied to bucket %s again", self.config.marks_bucket)
+                failing = False
             except Exception as exc:  # the stream holds the marks meanwhile; retried on the next wake
-                log.warning("journal: copying marks to bucket %s failed: %s", self.config.marks_bucket,
-                            _reason(exc))
+                if not failing:  # once per episode
+                    log.warning("journal: copying marks to bucket %s failed (retrying): %s",
+                                self.config.marks_bucket, _reason(exc))
+                failing = True
                 self._flush_wake.set()
                 await asyncio.sleep(1.0)
             await asyncio.sleep(0.2)
@@ -684,13 +690,17 @@ class JetStreamReader:
                 raise ConfigError(f"journal stream {cfg.stream} does not exist at {cfg.describe()} "
                                   "(a gateway with --journal creates it)")
             self._last_seq = int(info.state.last_seq or 0)
-            try:
-                ci = await self._restart_consumer()
-            except ConfigError:
-                raise
-            except Exception as exc:
-                raise ConfigError(f"cannot open consumer {self.name} on {cfg.describe()}: {_reason(exc)}") \
-                    from None
+            for attempt in range(5):  # a cluster just (re)started may still be electing leaders
+                try:
+                    ci = await self._restart_consumer()
+                    break
+                except ConfigError:
+                    raise
+                except Exception as exc:
+                    if attempt == 4 or "timeout" not in str(exc).lower():
+                        raise ConfigError(f"cannot open consumer {self.name} on {cfg.describe()}: "
+                                          f"{_reason(exc)}") from None
+                    await asyncio.sleep(1.0)
             self._start_floor = self._acked = self._position = int(ci.ack_floor.stream_seq or 0)
         except BaseException:
             await self._conn.close()
