@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowtunnel.datagram import Datagram
-from flowtunnel.wire import Codec, peek_header, seal_batch
+from flowtunnel.wire import Codec, context_of, peek_header, seal_batch
 from flowtunnel.wire.columnar import payload_encoder
 from flowtunnel.wire.records import encode_block
 
@@ -37,6 +37,7 @@ class Vector:
     first_seq: int
     agent_info: dict[str, int]
     datagrams: list[Datagram]
+    context_of_vector: int | None = None  # compressed against the context vector N's block leaves (1-based)
 
 
 def _v5(seq: int, src: str, dst: str, packets: int, octets: int) -> bytes:
@@ -75,6 +76,10 @@ def vectors() -> list[Vector]:
         Vector(title="codec 4 (columnar + raw LZMA2, preset 6): the same three datagrams",
                codec=Codec.COLUMNAR_LZMA, nonce=bytes.fromhex("2425262728292a2b2c2d2e2f"), first_seq=101,
                agent_info={"backlog": 2}, datagrams=three),
+        Vector(title="codec 1 + context (flags 01, section 3.3): the same three datagrams as seqs 104-106, "
+                     "against the context vector 1 leaves once acknowledged",
+               codec=Codec.ZSTD, nonce=bytes.fromhex("303132333435363738393a3b"), first_seq=104,
+               agent_info={"backlog": 0}, datagrams=three, context_of_vector=1),
     ]
 
 
@@ -83,27 +88,36 @@ def _wrap(name: str, hexstr: str, width: int = 64) -> list[str]:
     return [f"{name:<11}{chunks[0]}"] + [" " * 11 + c for c in chunks[1:]]
 
 
+def _block(v: Vector) -> bytes:
+    if v.codec in (Codec.COLUMNAR, Codec.COLUMNAR_LZMA):
+        return encode_block(v.datagrams, v.agent_info, payload_encoder(None))
+    return encode_block(v.datagrams, v.agent_info)
+
+
 def render() -> str:
     out: list[str] = [BEGIN, ""]
-    for n, v in enumerate(vectors(), 1):
+    all_vectors = vectors()
+    for n, v in enumerate(all_vectors, 1):
+        context = None
+        if v.context_of_vector is not None:
+            context = context_of(_block(all_vectors[v.context_of_vector - 1]))
         body = seal_batch(agent_id="site-a", key=KEY, first_seq=v.first_seq, datagrams=v.datagrams,
-                          nonce=v.nonce, agent_info=v.agent_info, codec=v.codec)
+                          nonce=v.nonce, agent_info=v.agent_info, codec=v.codec, context=context)
         hdr = peek_header(body)
         out += [f"### Vector {n}: {v.title}", "", "```text"]
         out += _wrap("key", KEY.hex())
         out += [f"{'nonce':<11}{v.nonce.hex()}", f"{'agent_id':<11}site-a", f"{'first_seq':<11}{v.first_seq}",
                 f"{'codec':<11}{int(v.codec)}", f"{'dict_id':<11}{hdr.dict_id:#010x}"]
+        if context is not None:
+            out.append(f"{'flags':<11}{hdr.flags:02x}")
+            out += _wrap("context", context.hex())
         info = ",".join(f"{k}={val}" for k, val in v.agent_info.items())
         out.append(f"{'agent_info':<11}{info}".rstrip())
         for d in v.datagrams:
             out.append(f"{'datagram':<11}received_ns={d.received_ns} exporter={d.exporter} "
                        f"exporter_port={d.exporter_port} local_port={d.local_port}")
             out += _wrap("payload", d.payload.hex())
-        if v.codec in (Codec.COLUMNAR, Codec.COLUMNAR_LZMA):
-            block = encode_block(v.datagrams, v.agent_info, payload_encoder(None))
-        else:
-            block = encode_block(v.datagrams, v.agent_info)
-        out += _wrap("block", block.hex())
+        out += _wrap("block", _block(v).hex())
         out += _wrap("header", body[: hdr.header_len].hex())
         out += _wrap("sealed", body.hex())
         out += ["```", ""]

@@ -25,7 +25,7 @@ def _subclasses(cls: type[wire.WireError]) -> list[type[wire.WireError]]:
 
 def test_every_wire_error_code_has_its_status_in_the_edge_table() -> None:
     classes: list[type[wire.WireError]] = [wire.WireError, *_subclasses(wire.WireError)]
-    want = {"authentication-failed": 401, "limit-exceeded": 413}
+    want = {"authentication-failed": 401, "limit-exceeded": 413, "unknown-context": 409}
     for cls in classes:
         assert HTTP_STATUS[cls.code] == want.get(cls.code, 400), cls
         assert not hasattr(cls, "http_status")  # no transport status inside wire/

@@ -325,3 +325,45 @@ def test_a_receive_time_needing_a_ten_byte_varint_still_decodes() -> None:
     datagrams = [dg(1), Datagram(received_ns=(1 << 63) - 1, exporter="192.0.2.1", exporter_port=1,
                                  local_port=2, payload=b"x"), dg(2)]
     assert open_batch(seal(datagrams), key=KEY).datagrams == tuple(datagrams)
+
+
+def test_a_context_batch_names_its_context_and_opens_only_against_it() -> None:
+    """docs/protocol.md section 3.3: flag 0x01, the context id in dict_id, the frame's checksum guarding
+    against a different context under the same id; a refusal before anything is decoded."""
+    from flowtunnel.wire import FLAG_CONTEXT, UnknownContext, context_id, seal_batch_and_context
+
+    key = bytes(range(32))
+    first = [Datagram(received_ns=10**18, exporter="192.0.2.1", exporter_port=2055, local_port=2055,
+                      payload=b"\x00\x09" + bytes(range(200)))]
+    second = [Datagram(received_ns=10**18 + 1, exporter="192.0.2.1", exporter_port=2055, local_port=2055,
+                       payload=b"\x00\x09" + bytes(range(1, 201)))]
+    body1, context = seal_batch_and_context(agent_id="a", key=key, first_seq=1, datagrams=first,
+                                            nonce=bytes(12))
+    assert open_batch(body1, key=key).context == context
+    for codec in (None, Codec.ZSTD, Codec.COLUMNAR):
+        body = seal_batch(agent_id="a", key=key, first_seq=2, datagrams=second, nonce=bytes(12),
+                          codec=codec, context=context)
+        hdr = peek_header(body)
+        assert (hdr.flags, hdr.dict_id) == (FLAG_CONTEXT, context_id(context))
+        assert hdr.codec == (codec or Codec.COLUMNAR)
+        assert open_batch(body, key=key, contexts={hdr.dict_id: context}).datagrams == tuple(second)
+        with pytest.raises(UnknownContext, match="does not hold"):
+            open_batch(body, key=key, contexts={hdr.dict_id + 1: context})
+        with pytest.raises(UnknownContext, match="not the context"):
+            open_batch(body, key=key, contexts={hdr.dict_id: bytes(b ^ 1 for b in context)})
+    with pytest.raises(ValueError, match="context"):
+        seal_batch(agent_id="a", key=key, first_seq=2, datagrams=second, nonce=bytes(12),
+                   codec=Codec.ZSTD_DICT, context=context)
+    with pytest.raises(ValueError, match="context"):
+        seal_batch(agent_id="a", key=key, first_seq=2, datagrams=second, nonce=bytes(12), context=b"")
+
+
+def test_the_context_flag_is_refused_with_other_codecs_and_unknown_flags_are_refused() -> None:
+    key = bytes(range(32))
+    body = bytearray(seal_batch(agent_id="a", key=key, first_seq=1, datagrams=[], nonce=bytes(12)))
+    body[5] = 0x02
+    with pytest.raises(MalformedHeader, match="0x02"):
+        peek_header(bytes(body))
+    body[5] = 0x01  # codec 0 with the context flag
+    with pytest.raises(MalformedHeader, match="context batch needs codec 1 or 3"):
+        peek_header(bytes(body))

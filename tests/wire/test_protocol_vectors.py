@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 
 from flowtunnel.datagram import Datagram
-from flowtunnel.wire import HEADER, Codec, open_batch, peek_header, seal_batch
+from flowtunnel.wire import (
+    FLAG_CONTEXT,
+    HEADER,
+    Codec,
+    UnknownContext,
+    context_id,
+    context_of,
+    open_batch,
+    peek_header,
+    seal_batch,
+)
 from flowtunnel.wire.columnar import payload_encoder
 from flowtunnel.wire.records import encode_block, verbatim_payloads
 
@@ -63,7 +73,8 @@ VECTORS = parse_vectors()
 
 def test_the_document_has_the_vectors() -> None:
     assert len(VECTORS) >= 3
-    assert {int(v.fields["codec"]) for v in VECTORS} >= {0, 2, 3, 4}
+    assert {int(v.fields["codec"]) for v in VECTORS} >= {0, 1, 2, 3, 4}
+    assert any("context" in v.fields for v in VECTORS)
 
 
 @pytest.mark.parametrize("vec", VECTORS, ids=[v.title.split(":")[0] for v in VECTORS])
@@ -76,7 +87,19 @@ def test_vector_opens_to_its_datagrams(vec: DocVector) -> None:
     assert sealed[: hdr.header_len] == bytes.fromhex(f["header"])
     assert hdr.header_len == HEADER.size + len(f["agent_id"])
     assert hdr.dict_id == int(f["dict_id"], 16)
-    batch = open_batch(sealed, key=key)
+    contexts = None
+    if "context" in f:
+        context = bytes.fromhex(f["context"])
+        # the context the documented vector 1 leaves, named by its id
+        assert context == context_of(bytes.fromhex(VECTORS[0].fields["block"]))
+        assert hdr.flags == int(f["flags"], 16) == FLAG_CONTEXT
+        assert hdr.dict_id == context_id(context)
+        with pytest.raises(UnknownContext):
+            open_batch(sealed, key=key)
+        with pytest.raises(UnknownContext):
+            open_batch(sealed, key=key, contexts={hdr.dict_id: context[:-1] + bytes([context[-1] ^ 0xFF])})
+        contexts = {hdr.dict_id: context}
+    batch = open_batch(sealed, key=key, contexts=contexts)
     assert batch.agent_id == f["agent_id"]
     assert batch.first_seq == int(f["first_seq"])
     assert batch.header.codec == int(f["codec"])

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from flowtunnel.agent.config import MIN_BODY, AgentConfig, mask_url, parse_host_port
 from flowtunnel.agent.policy import (
     DEFAULT,
+    FAST,
     SMALL,
     ArrivalRate,
     BatchSizer,
@@ -80,7 +81,15 @@ from flowtunnel.agent.transport.ws import WsTransport
 from flowtunnel.datagram import Datagram
 from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
 from flowtunnel.runtime import OnceLogger
-from flowtunnel.wire import AuthenticationFailed, Codec, TemplateLengths, seal_batch, verify_ack
+from flowtunnel.wire import (
+    FLAG_CONTEXT,
+    AuthenticationFailed,
+    Codec,
+    TemplateLengths,
+    seal_batch,
+    seal_batch_and_context,
+    verify_ack,
+)
 
 __all__ = ["CURSOR", "Uploader", "UploaderStats"]
 
@@ -97,7 +106,7 @@ _LIMIT, _LIMIT_OF = "body:limit", "body:configured"
 RUNG_MEMORY = "rungs.json"  # in the spool directory: {network fingerprint: rung that carried a batch}
 RACE_STAGGER = 1.0  # seconds between the starts of racing rungs, best first
 _NONCE = slice(32, 44)  # the nonce in a sealed batch's header (docs/protocol.md, section 1.1)
-_CODEC = 6  # the codec byte in a sealed batch's header
+_FLAGS, _CODEC = 5, 6  # the flags and codec bytes in a sealed batch's header
 # Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 4 when bytes cost more than
 # CPU: see the module docstring.
 BIG_BATCH_BYTES = 1 << 20
@@ -128,6 +137,7 @@ class UploaderStats:
     resyncs: int = 0
     next_attempt: float | None = None
     codecs: Counter[int] = field(default_factory=Counter)  # acknowledged batches by codec
+    context_batches: int = 0  # acknowledged batches sealed against a compression context
     oversize: int = 0  # single datagrams too large for the path's body limit even alone (kept in the spool)
 
 
@@ -205,6 +215,10 @@ class Uploader:
         self.link = LinkEstimate()  # the upload's achieved throughput, for the codec rule
         self._choice: CodecChoice = DEFAULT  # how the last batch was sealed
         self.arrival = ArrivalRate()  # raw bytes/s arriving, for the codec rule's CPU share
+        # The compression context the gateway holds from this agent: the last acknowledged batch's payloads
+        # (docs/protocol.md section 3.3); None after a start or an ``unknown-context`` answer.
+        self._context: bytes | None = None
+        self._leaves = b""  # the context the last sealed batch leaves once acknowledged
         # The newest datagrams the receiver committed, as entries with contiguous seqs, exactly as the spool
         # holds them (see ``spooled``).
         self._tail: deque[Entry] = deque()
@@ -352,6 +366,7 @@ class Uploader:
         await self._throttle(len(body))
         self._last_send = time.monotonic()
         acked = await self._exchange(body, batch)
+        self._context = self._leaves or None  # what the gateway now holds
         raw = sum(len(e.datagram.payload) for e in batch)
         self._sizer.observe(raw, len(body))
         st = self.stats
@@ -360,6 +375,7 @@ class Uploader:
         st.raw_bytes += raw
         st.body_bytes += len(body)
         st.codecs[body[_CODEC]] += 1
+        st.context_batches += bool(body[_FLAGS] & FLAG_CONTEXT)
         await asyncio.to_thread(self._commit, acked)
         return True
 
@@ -425,6 +441,9 @@ class Uploader:
             if len(sources) > MAX_SOURCES:
                 break
             n += 1
+        if self._delivery.fresh_context:  # the gateway lacks our context: seal without until the next ack
+            self._context = None
+            self._delivery.fresh_context = False
         templates = self._templates
         for e in entries[:n]:
             if e.seq > self._learned:  # a batch re-read after a failure was learned already
@@ -447,20 +466,26 @@ class Uploader:
             datagrams = [e.datagram for e in batch]
             raw = sum(len(d.payload) for d in datagrams)
             seal = functools.partial(
-                seal_batch, agent_id=self._config.agent_id, key=self._key, first_seq=batch[0].seq,
+                seal_batch_and_context, agent_id=self._config.agent_id, key=self._key, first_seq=batch[0].seq,
                 datagrams=datagrams, agent_info=info, record_length=templates.record_length,
             )
             choice = self.codec_choice(big=raw > BIG_BATCH_BYTES or batch[-1].seq < self._last_seq)
             codec = None if choice.codec is None else Codec(choice.codec)
-            body = seal(nonce=os.urandom(12), codec=codec, level=choice.level)
+            body, leaves = seal(nonce=os.urandom(12), codec=codec, level=choice.level)
             if choice is SMALL and raw <= BIG_BATCH_BYTES:
                 # Below ~100 KB, codec 4 (no dictionary) loses to zstd with the bundled dictionaries on some
                 # exports (Cisco IPFIX: up to 1.9x larger); zstd costs a fraction of LZMA's CPU.
-                other = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
+                other, left = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
                 if len(other) < len(body):
-                    body, choice = other, DEFAULT
+                    body, leaves, choice = other, left, DEFAULT
+            if self._context is not None and choice is not FAST and raw <= BIG_BATCH_BYTES:
+                # Against what the gateway already holds from this agent: a quiet site's batch of a few
+                # datagrams repeats much of the previous one (headers, templates, addresses, ports).
+                other, left = seal(nonce=os.urandom(12), context=self._context, level=DEFAULT.level)
+                if len(other) < len(body):
+                    body, leaves, choice = other, left, DEFAULT
             if len(body) <= self._sizer.max_body or n == 1:
-                self._choice = choice
+                self._choice, self._leaves = choice, leaves
                 self.arrival.observe(last_seq=self._last_seq, raw_bytes=raw, count=len(batch),
                                      now=self._clock())
                 return body, batch
@@ -641,7 +666,7 @@ class Uploader:
         assert transport is not None, "Uploader.open() was not called"
         if batch:
             sent = Sent(nonce=body[_NONCE], size=len(body), first=batch[0].seq, last=batch[-1].seq,
-                        datagrams=len(batch))
+                        datagrams=len(batch), context=bool(body[_FLAGS] & FLAG_CONTEXT))
         else:
             sent = Sent(nonce=body[_NONCE], size=len(body))
         batch_end = batch[-1].seq if batch else self._position
@@ -753,6 +778,7 @@ class Uploader:
             "intercepted_by": transport.intercepted if isinstance(transport, PostTransport) else None,
             "captive_portal": transport.portal if isinstance(transport, PostTransport) else None,
             "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
+            "context_batches": st.context_batches,
             "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),
             "dns": dns.stats if isinstance(dns := self._rungs.get("dns"), DnsTransport) else None,
         }

@@ -45,7 +45,7 @@ HTTP_STATUS: Final[Mapping[str, int]] = MappingProxyType({
     "unknown-agent": 401, "authentication-failed": 401, "no-token": 401,
     "revoked": 403,
     "slow-body": 408, "ws-unauthenticated": 408,
-    "resync": 409, "out-of-order": 409,
+    "resync": 409, "out-of-order": 409, "unknown-context": 409,
     "no-length": 411,
     "too-large": 413, "limit-exceeded": 413,
     "content-type": 415,

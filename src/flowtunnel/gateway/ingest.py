@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway.budget import AgentBudgets, BudgetConfig, OverBudget, journal_cost
+from flowtunnel.gateway.contexts import ContextCache
 from flowtunnel.gateway.metrics import MAX_FIGURE, GatewayMetrics, parse_count, parse_dropped_header
 from flowtunnel.gateway.nonces import NonceWindow, Seen
 from flowtunnel.gateway.registry import AgentEntry, AgentKeys, RegistryError
@@ -188,6 +189,7 @@ class Ingest:
         self.budgets = budgets if budgets is not None else AgentBudgets(BudgetConfig())
         self._nonces = NonceWindow()
         self.once = OnceLogger(log)
+        self.contexts = ContextCache()  # compression contexts per agent (docs/protocol.md section 3.3)
         self.closing = False
 
     # -- shared by the handlers --------------------------------------------------------------------------
@@ -316,7 +318,8 @@ class Ingest:
         for attempt in (0, 1):
             try:
                 # Decryption and bounded decompression take milliseconds per MiB: off the event loop.
-                batch = await asyncio.to_thread(open_batch, body, key=entry.key, limits=self._limits)
+                batch = await asyncio.to_thread(open_batch, body, key=entry.key, limits=self._limits,
+                                                contexts=self.contexts.of(agent_id))
                 return batch, entry.key
             except WireError as exc:
                 if isinstance(exc, AuthenticationFailed) and attempt == 0 and self._keys.refresh_if_stale():
@@ -398,10 +401,13 @@ class Ingest:
             batch, key, replayed = await self._open(body, agent_header, budget=True)
             # Only an authenticated batch spends the agent's budget (bounded decompression has been paid).
             self.budgets.charge(batch.agent_id, journal_cost(batch.agent_id, batch.datagrams))
-            return await self._commit(
+            ack = await self._commit(
                 batch, key, http_bytes=len(body), backlog=backlog, dropped=dropped, replayed=replayed,
                 gapless=gapless,
             )
+            if batch.datagrams:  # the agent's next batch may be compressed against this one
+                self.contexts.remember(batch.agent_id, batch.context)
+            return ack
         except Rejected as exc:
             self.reject(exc)
             raise

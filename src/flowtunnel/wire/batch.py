@@ -8,6 +8,7 @@ decryption or decompression work. Byte layout: docs/protocol.md.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,14 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.wire import columnar
-from flowtunnel.wire.codec import DEFAULT_LEVEL, Codec, check_dictionary, compress, decompress
+from flowtunnel.wire.codec import (
+    DEFAULT_LEVEL,
+    Codec,
+    check_dictionary,
+    compress,
+    compress_with_context,
+    decompress,
+)
 from flowtunnel.wire.codec import default_dictionary_id as _default_dict_id
 from flowtunnel.wire.errors import (
     AuthenticationFailed,
@@ -26,6 +34,7 @@ from flowtunnel.wire.errors import (
     LimitExceeded,
     MalformedHeader,
     Truncated,
+    UnknownContext,
     UnsupportedVersion,
 )
 from flowtunnel.wire.keys import Key, key_bytes, validate_agent_id
@@ -35,6 +44,8 @@ __all__ = [
     "AGENT_LEN_OFFSET",
     "AUTO_COLUMNAR_BYTES",
     "CONTENT_TYPE",
+    "CONTEXT_BYTES",
+    "FLAG_CONTEXT",
     "HEADER",
     "MAGIC",
     "NONCE_BYTES",
@@ -44,10 +55,13 @@ __all__ = [
     "BatchHeader",
     "RecordLength",
     "WireLimits",
+    "context_id",
+    "context_of",
     "header_length",
     "open_batch",
     "peek_header",
     "seal_batch",
+    "seal_batch_and_context",
 ]
 
 MAGIC = b"FTNB"
@@ -60,6 +74,11 @@ HEADER = struct.Struct(">4sBBBBIQIII12s")
 AGENT_LEN_OFFSET = 7
 #: the HTTP Content-Type of a sealed batch body
 CONTENT_TYPE = "application/vnd.flowtunnel.batch"
+#: header flag: codec 1 or 3's frame is compressed against a context (docs/protocol.md section 3.3) that the
+#: header's dict id names (``context_id``)
+FLAG_CONTEXT = 0x01
+#: a context is at most the last this many bytes of the previous acknowledged batch's record block
+CONTEXT_BYTES = 32 << 10
 _U64 = (1 << 64) - 1
 #: with ``codec=None``, smaller record blocks are sealed both ways (codec 2 and 3) and the smaller kept;
 #: larger ones (backlog batches) go columnar only, which wins there on flow data and halves the CPU
@@ -126,6 +145,8 @@ class Batch:
     datagrams: tuple[Datagram, ...]
     agent_info: Mapping[str, int]
     header: BatchHeader
+    #: the context this batch leaves for the agent's next one (``context_of`` its record block)
+    context: bytes = field(default=b"", repr=False)
 
     @property
     def last_seq(self) -> int:
@@ -144,7 +165,30 @@ def seal_batch(
     level: int = DEFAULT_LEVEL,
     dict_id: int | None = None,
     record_length: RecordLength | None = None,
+    context: bytes | None = None,
 ) -> bytes:
+    """``seal_batch_and_context``'s body alone."""
+    return seal_batch_and_context(
+        agent_id=agent_id, key=key, first_seq=first_seq, datagrams=datagrams, nonce=nonce,
+        agent_info=agent_info, codec=codec, level=level, dict_id=dict_id, record_length=record_length,
+        context=context,
+    )[0]
+
+
+def seal_batch_and_context(
+    *,
+    agent_id: str,
+    key: bytes | Key,
+    first_seq: int,
+    datagrams: Sequence[Datagram],
+    nonce: bytes,
+    agent_info: Mapping[str, int] | None = None,
+    codec: Codec | None = None,
+    level: int = DEFAULT_LEVEL,
+    dict_id: int | None = None,
+    record_length: RecordLength | None = None,
+    context: bytes | None = None,
+) -> tuple[bytes, bytes]:
     """Frame, compress and seal ``datagrams`` (sequence numbers ``first_seq ..``) for ``agent_id``.
 
     ``codec=None`` (the default) seals record blocks under ``AUTO_COLUMNAR_BYTES`` (1 MiB) with codecs 2 and 3
@@ -154,6 +198,10 @@ def seal_batch(
     codec 3 cut v9/IPFIX data sets into records (e.g. ``wire.columnar.TemplateLengths().record_length``).
     ``codec=Codec.COLUMNAR_LZMA`` (4) takes the same record block as codec 3 through LZMA2, ``level`` being
     the LZMA preset (0-9): for large backlog batches, where bytes matter more than CPU.
+    ``context`` (non-empty; ``codec`` None, ``Codec.ZSTD`` or ``Codec.COLUMNAR``, None meaning columnar):
+    the record block compressed against that context, named in the header by ``FLAG_CONTEXT`` and
+    ``context_id`` (docs/protocol.md section 3.3). Returns the body and the context it leaves once
+    acknowledged (``context_of`` its record block).
     Caller mistakes (bad agent id, key or nonce length, unknown dictionary, values the format cannot carry)
     raise ``ValueError`` (``BadKey``/``BadAgentId`` are ValueErrors too).
     """
@@ -164,7 +212,18 @@ def seal_batch(
     count = len(datagrams)
     if (count and not first_seq >= 1) or first_seq < 0 or first_seq + count - 1 > _U64:
         raise ValueError(f"first_seq {first_seq} with {count} datagrams is outside 1..2**64-1")
-    if codec is None:
+    flags = 0
+    if context is not None:
+        if not context or codec not in (None, Codec.ZSTD, Codec.COLUMNAR) or dict_id is not None:
+            raise ValueError("a context must be non-empty, with codec 1, 3 or None and no dict_id")
+        codec = Codec.COLUMNAR if codec is None else Codec(codec)
+        if codec is Codec.COLUMNAR:
+            raw = encode_block(datagrams, agent_info, columnar.payload_encoder(record_length))
+        else:
+            raw = encode_block(datagrams, agent_info)
+        best = (codec, context_id(context)), compress_with_context(raw, context, level=level)
+        flags = FLAG_CONTEXT
+    elif codec is None:
         if dict_id is not None:
             raise ValueError("dict_id needs an explicit codec")
         raw = encode_block(datagrams, agent_info, columnar.payload_encoder(record_length))
@@ -192,14 +251,26 @@ def seal_batch(
         raise ValueError(f"record block of {len(raw)} bytes exceeds the format's 4 GiB limit")
     agent = agent_id.encode("ascii")
     header = HEADER.pack(
-        MAGIC, VERSION, 0, int(codec), len(agent), dict_id, first_seq, count, len(raw),
+        MAGIC, VERSION, flags, int(codec), len(agent), dict_id, first_seq, count, len(raw),
         len(packed) + TAG_BYTES, nonce,
     ) + agent
-    return header + ChaCha20Poly1305(secret).encrypt(nonce, packed, header)
+    return header + ChaCha20Poly1305(secret).encrypt(nonce, packed, header), context_of(raw)
 
 
 def _pack(raw: bytes, codec: Codec, level: int, dict_id: int) -> tuple[tuple[Codec, int], bytes]:
     return (codec, dict_id), compress(raw, codec, level=level, dict_id=dict_id)
+
+
+def context_of(record_block: bytes) -> bytes:
+    """The context an acknowledged batch leaves: the last ``CONTEXT_BYTES`` of its record block as sealed
+    (before compression; the opener has exactly these bytes after decompression)."""
+    return bytes(record_block[-CONTEXT_BYTES:])
+
+
+def context_id(context: bytes) -> int:
+    """The header's name for ``context``: the first 4 bytes of its BLAKE2b-256 digest, big-endian (never 0:
+    a digest starting with 4 zero bytes names itself 1)."""
+    return int.from_bytes(hashlib.blake2b(context, digest_size=32).digest()[:4], "big") or 1
 
 
 def header_length(head: bytes) -> int | None:
@@ -232,8 +303,8 @@ def peek_header(body: bytes, limits: WireLimits | None = None) -> BatchHeader:
     (_, version, flags, codec_id, agent_len, dict_id, first_seq, count, raw_len, sealed_len, nonce) = (
         HEADER.unpack_from(body)
     )
-    if flags:
-        raise MalformedHeader(f"header flags 0x{flags:02x} has unknown bits set (none are defined)")
+    if flags & ~FLAG_CONTEXT:
+        raise MalformedHeader(f"header flags 0x{flags:02x} has unknown bits set (only 0x01 is defined)")
     try:
         codec = Codec(codec_id)
     except ValueError:
@@ -257,7 +328,12 @@ def peek_header(body: bytes, limits: WireLimits | None = None) -> BatchHeader:
         raise MalformedHeader(f"first_seq {first_seq} with count {count} is outside 1..2**64-1")
     if raw_len < 2 + _MIN_RECORD_BYTES * count:
         raise MalformedHeader(f"raw length {raw_len} is too small for {count} records")
-    check_dictionary(codec, dict_id)
+    if flags & FLAG_CONTEXT:
+        if codec not in (Codec.ZSTD, Codec.COLUMNAR) or not dict_id:
+            raise MalformedHeader(f"a context batch needs codec 1 or 3 and a context id, header has codec "
+                                  f"{int(codec)} and id {dict_id}")
+    else:
+        check_dictionary(codec, dict_id)
     if sealed_len < TAG_BYTES:
         raise MalformedHeader(f"sealed length {sealed_len} is shorter than the {TAG_BYTES}-byte tag")
     if codec is Codec.NONE and sealed_len != raw_len + TAG_BYTES:
@@ -273,8 +349,14 @@ def peek_header(body: bytes, limits: WireLimits | None = None) -> BatchHeader:
     )
 
 
-def open_batch(body: bytes, *, key: bytes | Key, limits: WireLimits | None = None) -> Batch:
+def open_batch(
+    body: bytes, *, key: bytes | Key, limits: WireLimits | None = None,
+    contexts: Mapping[int, bytes] | None = None,
+) -> Batch:
     """Verify, decrypt, decompress (bounded) and parse a sealed batch.
+
+    ``contexts``: the compression contexts held for this agent, by ``context_id``; a batch naming one not
+    there (or one that does not reproduce it) raises ``UnknownContext`` after authentication.
 
     Error handling: every problem with ``body`` raises a ``WireError`` subclass (``AuthenticationFailed``
     for a wrong key or any altered byte; ``LimitExceeded`` before the work for sizes over ``limits``);
@@ -292,7 +374,15 @@ def open_batch(body: bytes, *, key: bytes | Key, limits: WireLimits | None = Non
             f"batch of agent {hdr.agent_id!r} (seq {hdr.first_seq}, {hdr.count} datagrams) does not "
             "authenticate: wrong key, or altered in transit"
         ) from None
-    raw = decompress(packed, hdr.codec, dict_id=hdr.dict_id, raw_len=hdr.raw_len)
+    context = None
+    if hdr.flags & FLAG_CONTEXT:
+        context = (contexts or {}).get(hdr.dict_id)
+        if context is None:
+            raise UnknownContext(
+                f"batch of agent {hdr.agent_id!r} (seq {hdr.first_seq}, {hdr.count} datagrams) is compressed "
+                f"against context {hdr.dict_id:#010x}, which this side does not hold; seal it afresh"
+            )
+    raw = decompress(packed, hdr.codec, dict_id=hdr.dict_id, raw_len=hdr.raw_len, context=context)
     decoder = columnar.payload_decoder(lim.max_raw) if hdr.codec in _COLUMNAR_CODECS else None
     if decoder is None:
         datagrams, info = decode_block(
@@ -305,5 +395,5 @@ def open_batch(body: bytes, *, key: bytes | Key, limits: WireLimits | None = Non
         )
     return Batch(
         agent_id=hdr.agent_id, first_seq=hdr.first_seq, datagrams=tuple(datagrams), agent_info=info,
-        header=hdr,
+        header=hdr, context=context_of(raw),
     )

@@ -19,7 +19,7 @@ import threading
 
 import zstandard
 
-from flowtunnel.wire.errors import MalformedHeader, MalformedRecords, UnknownDictionary
+from flowtunnel.wire.errors import MalformedHeader, MalformedRecords, UnknownContext, UnknownDictionary
 
 __all__ = [
     "BUNDLED_DICTIONARY",
@@ -29,6 +29,7 @@ __all__ = [
     "Codec",
     "bundled_dictionaries",
     "compress",
+    "compress_with_context",
     "decompress",
     "default_dictionary_id",
 ]
@@ -137,6 +138,20 @@ def compress(raw: bytes, codec: Codec, *, level: int = DEFAULT_LEVEL, dict_id: i
 _local = threading.local()
 
 
+def _context_dict(context: bytes) -> zstandard.ZstdCompressionDict:
+    return zstandard.ZstdCompressionDict(context, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+
+
+def compress_with_context(raw: bytes, context: bytes, *, level: int = DEFAULT_LEVEL) -> bytes:
+    """Codec 1 with a context (docs/protocol.md section 3.3): a zstd frame whose dictionary is ``context``
+    as raw content, with content size and the frame checksum (so a different context on the other side is
+    detected, not decoded into other bytes)."""
+    cctx = zstandard.ZstdCompressor(level=level, dict_data=_context_dict(context), write_checksum=True,
+                                    write_dict_id=False, write_content_size=True)
+    out: bytes = cctx.compress(raw)
+    return out
+
+
 def check_dictionary(codec: int, dict_id: int) -> None:
     """Header check before any work: the dictionary named must be known (and absent for codecs 0 and 1)."""
     if codec in (Codec.NONE, Codec.ZSTD, Codec.COLUMNAR_LZMA):
@@ -151,9 +166,13 @@ def check_dictionary(codec: int, dict_id: int) -> None:
         raise MalformedHeader("codec zstd-dict needs a dictionary id, header has 0")
 
 
-def decompress(data: bytes, codec: Codec, *, dict_id: int, raw_len: int) -> bytes:
+def decompress(
+    data: bytes, codec: Codec, *, dict_id: int, raw_len: int, context: bytes | None = None
+) -> bytes:
     """Decompress exactly ``raw_len`` bytes. The frame must declare that content size (checked before any
-    output is allocated, so a decompression bomb is refused by its frame header) and nothing may follow it."""
+    output is allocated, so a decompression bomb is refused by its frame header) and nothing may follow it.
+    ``context``: codec 1 against that raw-content dictionary (then the frame must carry its checksum, and a
+    mismatch raises ``UnknownContext``: the context is not the one the sender used)."""
     if codec is Codec.NONE:
         if len(data) != raw_len:
             raise MalformedRecords(f"uncompressed block is {len(data)} bytes, header says {raw_len}")
@@ -175,14 +194,23 @@ def decompress(data: bytes, codec: Codec, *, dict_id: int, raw_len: int) -> byte
         raise MalformedRecords(
             f"zstd frame asks for a {params.window_size}-byte window, the limit is {MAX_WINDOW}"
         )
-    dctx = (
-        zstandard.ZstdDecompressor(dict_data=bundled_dictionaries()[dict_id], max_window_size=MAX_WINDOW)
-        if dict_id
-        else zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
-    )
+    if context is not None:
+        if not params.has_checksum:
+            raise MalformedRecords("zstd frame compressed against a context carries no checksum")
+        dctx = zstandard.ZstdDecompressor(dict_data=_context_dict(context), max_window_size=MAX_WINDOW)
+    elif dict_id:
+        dctx = zstandard.ZstdDecompressor(dict_data=bundled_dictionaries()[dict_id],
+                                          max_window_size=MAX_WINDOW)
+    else:
+        dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
     try:
         out = dctx.decompress(data, max_output_size=raw_len, allow_extra_data=False)
     except zstandard.ZstdError as exc:
+        if context is not None:
+            raise UnknownContext(
+                f"zstd frame does not decode against the context {dict_id:#010x} held here ({exc}): it is "
+                "not the context the agent compressed against (corrupted or replaced)"
+            ) from None
         raise MalformedRecords(f"zstd decompression failed: {exc}") from None
     if len(out) != raw_len:
         raise MalformedRecords(f"zstd frame inflated to {len(out)} bytes, header says raw length {raw_len}")

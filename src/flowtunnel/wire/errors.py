@@ -6,6 +6,7 @@
     ├── Truncated                truncated              the body ends inside the header or ciphertext
     ├── MalformedHeader          malformed-header       a header field out of range (flags, codec, id, sizes)
     ├── UnknownDictionary        unknown-dictionary     the compression dictionary id is not one this side has
+    ├── UnknownContext           unknown-context        the compression context named is not held (or bad)
     ├── AuthenticationFailed     authentication-failed  the AEAD tag fails: wrong key, or bytes changed
     ├── LimitExceeded            limit-exceeded         a declared or actual size is over a WireLimits bound
     ├── MalformedRecords         malformed-records      authenticated, but the record block is inconsistent
@@ -30,6 +31,7 @@ __all__ = [
     "MalformedHeader",
     "MalformedRecords",
     "Truncated",
+    "UnknownContext",
     "UnknownDictionary",
     "UnsupportedVersion",
     "WireError",
@@ -60,6 +62,13 @@ class MalformedHeader(WireError):
 
 class UnknownDictionary(WireError):
     code = "unknown-dictionary"
+
+
+class UnknownContext(WireError):
+    """A batch compressed against a context (docs/protocol.md section 3.3) this side does not hold, or
+    whose context does not reproduce it (a corrupted dictionary): the sender falls back to a fresh one."""
+
+    code = "unknown-context"
 
 
 class AuthenticationFailed(WireError):

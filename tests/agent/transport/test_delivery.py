@@ -12,6 +12,7 @@ from flowtunnel.agent.transport import (
     Acked,
     Commit,
     Delivery,
+    NoContext,
     Rejected,
     Resync,
     Retry,
@@ -217,6 +218,8 @@ def test_a_resync_cut_mid_way_is_only_a_transient_failure() -> None:
         (403, b'{"error": "revoked"}', Rejected, "gateway"),
         (403, b"<html><title>Access Denied</title>", Rejected, "proxy"),
         (409, b'{"error": "resync", "acked": 4}', Resync, None),
+        (409, b'{"error": "unknown-context", "detail": "context 0x1 not held"}', NoContext, None),
+        (409, b"<html>conflict</html>", Rejected, "proxy"),
         (401, b"<html>login</html>", Retry, None),  # a proxy wanting a login, in 401's clothing
         (503, b"", Retry, None),
         (200, b"<html>portal</html>", Retry, None),
@@ -229,6 +232,24 @@ def test_http_answers_say_who_answered(status: int, payload: bytes, kind: type, 
         assert isinstance(answer, TooLarge | Rejected)
         assert answer.by == by
         assert (f"from {by}" in answer.detail) or by == "gateway"
+
+
+def test_unknown_context_seals_afresh_at_once_and_only_for_a_context_batch() -> None:
+    """409 unknown-context (docs/protocol.md section 3.3): the next batch goes without a context, at once and
+    without backoff; the same answer to a batch sealed without a context is an ordinary failure."""
+    d = machine(wants_resync=False)
+    sent = Sent(nonce=os.urandom(12), size=900, first=5, last=7, datagrams=3, context=True)
+    action = d.answer(sent, NoContext(detail="batch 5..7: context 0x1 not held"), draw=0.5)
+    assert isinstance(action, Wait)
+    assert (action.delay, action.cause) == (0.0, "unknown-context")
+    assert d.fresh_context
+    assert not d.wants_resync
+    assert d.consecutive_failures == 0
+    again = Sent(nonce=os.urandom(12), size=1100, first=5, last=7, datagrams=3)
+    action = d.answer(again, NoContext(detail="batch 5..7: context 0x1 not held"), draw=0.5)
+    assert isinstance(action, Wait)
+    assert action.delay > 0
+    assert d.wants_resync
 
 
 def test_plan_resync_covers_loss_restore_and_new_spools() -> None:

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 from flowtunnel.agent.policy import parse_retry_after
 
-__all__ = ["Acked", "Answer", "Hints", "Rejected", "Resync", "Retry", "TooLarge", "error_text", "from_http"]
+__all__ = [
+    "Acked", "Answer", "Hints", "NoContext", "Rejected", "Resync", "Retry", "TooLarge", "error_text",
+    "from_http",
+]
 
 GATEWAY = "gateway"
 _TITLE_RE = re.compile(r"<title>([^<]{1,200})</title>", re.IGNORECASE)
@@ -50,6 +53,15 @@ class Resync:
 
 
 @dataclass(frozen=True, kw_only=True)
+class NoContext:
+    """409 ``unknown-context``: the gateway does not hold the compression context the batch was sealed
+    against (it restarted, evicted it, or holds a different one): seal it again without a context, at once
+    (docs/protocol.md section 3.3)."""
+
+    detail: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Retry:
     """Transient: back off (``after`` seconds when the answer said so) and try again. ``cause`` is a counter
     name ("http-503", "connection:TimeoutError", "bad-ack", "cut-mid-body"); ``cut`` is True when the
@@ -79,7 +91,7 @@ class Rejected:
     by: str
 
 
-Answer = Acked | Resync | Retry | TooLarge | Rejected
+Answer = Acked | Resync | NoContext | Retry | TooLarge | Rejected
 
 
 def from_http(
@@ -108,6 +120,8 @@ def from_http(
     if status == 409 and _error_code(payload) in ("resync", "out-of-order"):
         # out-of-order: an earlier batch is missing at the gateway (refused, or still on another rung).
         return Resync(detail=detail)
+    if status == 409 and gateway and _error_code(payload) == "unknown-context":
+        return NoContext(detail=detail)
     if status == 413:
         return TooLarge(detail=detail, by=by)
     if status in (407, 408, 425, 429) or status >= 500:

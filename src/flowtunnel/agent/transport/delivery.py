@@ -6,10 +6,12 @@ feeds the ``Answer`` to ``Delivery.answer``, which returns one action: ``Commit`
 record and trim to; after a resync, ``plan_resync`` says how to align the spool), or ``Wait`` (back off, then
 go on). Every rule lives here, tested without sockets (tests/agent/transport/test_delivery.py reads like a
 transcript): the ack's tag must verify; 409 resynchronises at once, with backoff if it keeps happening; 413
-lowers the body limit (down to ``min_body``) and retries at once; a connection cut twice in a row while the
-body was being sent counts as a body limit on the path; a single datagram that is too large even alone is
-counted as ``oversize`` and kept (POST cannot carry it); transient failures back off exponentially with full
-jitter or per ``Retry-After``; refusals back off ``reject_backoff`` and are logged every time.
+lowers the body limit (down to ``min_body``) and retries at once; 409 ``unknown-context`` to a batch sealed
+against a compression context sets ``fresh_context`` (the next batch is sealed without) and retries at once;
+a connection cut twice in a row while the body was being sent counts as a body limit on the path; a single
+datagram that is too large even alone is counted as ``oversize`` and kept (POST cannot carry it); transient
+failures back off exponentially with full jitter or per ``Retry-After``; refusals back off
+``reject_backoff`` and are logged every time.
 
 Nothing here reads a clock, a socket or a random source: the caller passes ``draw`` (uniform in [0, 1)).
 Log lines come back as ``Note`` values on the action (``once``: a cause logged once, then counted).
@@ -22,7 +24,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from flowtunnel.agent.policy import backoff_delay
-from flowtunnel.agent.transport.answers import GATEWAY, Acked, Answer, Rejected, Resync, Retry, TooLarge
+from flowtunnel.agent.transport.answers import (
+    GATEWAY,
+    Acked,
+    Answer,
+    NoContext,
+    Rejected,
+    Resync,
+    Retry,
+    TooLarge,
+)
 from flowtunnel.wire import AuthenticationFailed, verify_ack
 
 __all__ = ["Commit", "Delivery", "Note", "ResyncPlan", "Sent", "Wait", "plan_resync"]
@@ -52,6 +63,7 @@ class Sent:
     first: int | None = None
     last: int | None = None
     datagrams: int = 0
+    context: bool = False  # sealed against a compression context (docs/protocol.md section 3.3)
 
     @property
     def resync(self) -> bool:
@@ -153,6 +165,9 @@ class Delivery:
     oversize_seqs: set[int] = field(default_factory=set, repr=False)
     failures: Counter[str] = field(default_factory=Counter)
     last_result: str = "none"
+    # The gateway lacks the compression context batches were sealed against: seal the next one without
+    # (the uploader clears it once it dropped its context).
+    fresh_context: bool = False
     # A failure episode lasts from the first failure until data is acknowledged again (or nothing is left to
     # send): a successful resync does not end it, so a gateway that answers every resync but refuses every
     # batch neither looks healthy nor resets the backoff.
@@ -195,6 +210,16 @@ class Delivery:
             return self._acked(sent, answer.acked, now=now)
         if isinstance(answer, Resync):
             return self._resync(answer, draw=draw)
+        if isinstance(answer, NoContext):
+            if not sent.context:
+                # A batch sealed without a context cannot lack one: the answer is not the gateway's truth.
+                return self._failed("unknown-context", answer.detail, draw=draw)
+            self.fresh_context = True
+            self.failures["unknown-context"] += 1
+            note = Note(level=logging.WARNING, once="unknown-context", text=(
+                f"{answer.detail}; sealing it again without a compression context (the gateway restarted or "
+                "dropped it: nothing is lost)"))
+            return Wait(delay=0.0, cause="unknown-context", notes=(note,))
         if isinstance(answer, TooLarge):
             self.cuts = 0
             return self._too_large(sent, answer.detail, answer.by, draw=draw)
