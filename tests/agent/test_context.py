@@ -204,3 +204,49 @@ async def test_a_corrupted_context_at_the_gateway_is_refused_and_the_agent_resen
 def _ingest(gw: Gateway) -> ingest_module.Ingest:
     assert gw.ingest is not None
     return gw.ingest
+
+
+async def test_requests_and_answers_carry_the_smallest_heads(
+    tmp_path: Path, gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 14: a batch's POST carries only Content-Type and the agent id besides what the client adds
+    (Host, Content-Length): backlog, acked mark and drops travel sealed; the gateway answers compact JSON
+    as ``application/json`` with ``Server: flowtunnel``."""
+    import json
+
+    import aiohttp
+
+    from flowtunnel.agent.transport.http11 import HttpClient
+    from flowtunnel.wire import CONTENT_TYPE, seal_batch
+
+    sent_heads: list[tuple[str, list[tuple[str, str]]]] = []
+    real = HttpClient.request
+
+    async def spy(self: HttpClient, method: str, path: str, **kwargs: Any) -> Any:
+        sent_heads.append((path, list(kwargs.get("headers") or [])))
+        return await real(self, method, path, **kwargs)
+
+    monkeypatch.setattr(HttpClient, "request", spy)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    spool = open_spool(tmp_path)
+    async with gateway_factory(data) as gw:
+        async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
+            await _trickle(up, spool, _chunks(v9_export(6)))
+        posts = [headers for path, headers in sent_heads if path == "/v1/batches"]
+        assert posts
+        assert all(headers == [("Content-Type", CONTENT_TYPE), ("X-Flowtunnel-Agent", AGENT)]
+                   for headers in posts)
+        body = seal_batch(agent_id=AGENT, key=key, first_seq=7, datagrams=[], nonce=bytes(12),
+                          agent_info={"acked": 6})
+        async with aiohttp.ClientSession() as session, session.post(
+            f"{gw.url}/v1/batches", data=body,
+            headers={"Content-Type": CONTENT_TYPE, "X-Flowtunnel-Agent": AGENT},
+        ) as resp:
+            raw = await resp.read()
+            assert resp.status == 200
+            assert resp.headers["Content-Type"] == "application/json"
+            assert resp.headers["Server"] == "flowtunnel"
+            assert b" " not in raw
+            assert json.loads(raw)["acked"] == 6
+    spool.close()

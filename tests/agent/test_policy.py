@@ -341,3 +341,24 @@ def test_the_arrival_rate_follows_the_spool_and_fades() -> None:
     assert rate.bytes_per_second == pytest.approx(faded + 1000)
     rate.observe(last_seq=3, raw_bytes=0, count=0, now=301.0)  # the spool renumbered: nothing arrived
     assert rate.bytes_per_second <= faded + 1000
+
+
+def test_a_daily_budget_lengthens_the_latency_so_the_request_overhead_fits() -> None:
+    """issue 14: with ``--daily-bytes`` the agent batches longer when ~600 bytes per request would not fit."""
+    from flowtunnel.agent.policy import MAX_BUDGET_LATENCY, REQUEST_OVERHEAD, budget_latency
+
+    day = 86400.0 * 20_000
+    # 10 MB/day with 60 body bytes/s (5.2 MB/day of data): 56 bytes/s left for overhead → 600/56 ≈ 10.7 s
+    got = budget_latency(daily_bytes=10_000_000, used_today=0, now=day, body_rate=60.0, configured=1.0)
+    assert got == pytest.approx(REQUEST_OVERHEAD / (10_000_000 / 86400 - 60), rel=1e-6)
+    assert 10 < got < 11
+    # a generous budget: the user's latency
+    assert budget_latency(daily_bytes=10**9, used_today=0, now=day, body_rate=60.0, configured=1.0) == 1.0
+    # the user's longer latency is honoured as is
+    assert budget_latency(daily_bytes=10_000_000, used_today=0, now=day, body_rate=60.0,
+                          configured=120.0) == 120.0
+    # the data alone exceeds what is left: the longest latency, and the budget stops uploads
+    assert budget_latency(daily_bytes=10_000_000, used_today=9_999_000, now=day + 3600, body_rate=60.0,
+                          configured=1.0) == MAX_BUDGET_LATENCY
+    # no budget
+    assert budget_latency(daily_bytes=0, used_today=0, now=day, body_rate=1e9, configured=2.0) == 2.0

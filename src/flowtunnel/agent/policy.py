@@ -25,6 +25,7 @@ __all__ = [
     "Outcome",
     "TokenBucket",
     "backoff_delay",
+    "budget_latency",
     "choose_codec",
     "classify_status",
     "parse_retry_after",
@@ -280,6 +281,33 @@ class LinkEstimate:
     def default_ratio(self) -> float | None:
         """Body bytes per raw byte this data gets with ``DEFAULT``."""
         return self.default_body / self.raw if self.raw > 0 else None
+
+
+#: Bytes one request costs beyond its body, both ways (request head ~145 B, answer ~215 B, TCP/IP headers of
+#: its segments and ACKs ~240 B on an established connection): what a longer latency saves per request.
+REQUEST_OVERHEAD = 600
+#: The longest latency a daily byte budget may impose (the user's own ``--latency`` may be longer).
+MAX_BUDGET_LATENCY = 3600.0
+
+
+def budget_latency(
+    *, daily_bytes: int, used_today: int, now: float, body_rate: float, configured: float,
+    overhead: int = REQUEST_OVERHEAD,
+) -> float:
+    """The latency target that keeps the rest of today's uploads within ``daily_bytes``: with ``body_rate``
+    body bytes/s to send and ``overhead`` bytes per request, a latency ``L`` costs ``body_rate + overhead /
+    L`` bytes/s, which must not exceed what is left of the budget over what is left of the UTC day. Never
+    below ``configured`` (the user's ``--latency``), never above ``MAX_BUDGET_LATENCY`` unless configured so;
+    without a budget, ``configured``. If even the longest latency cannot fit (the data alone exceeds the
+    budget), the longest: the budget itself then stops uploads until midnight (``DailyBudget``).
+    """
+    if daily_bytes <= 0:
+        return configured
+    day_end = (math.floor(now / 86400) + 1) * 86400
+    allowed = max(0, daily_bytes - used_today) / max(1.0, day_end - now)  # bytes/s left for today
+    spare = allowed - max(0.0, body_rate)
+    needed = overhead / spare if spare > 0 else math.inf
+    return max(configured, min(MAX_BUDGET_LATENCY, needed))
 
 
 #: The share of one core the agent's sealing may take before it trades bytes for CPU (issue 14): below it the

@@ -58,6 +58,7 @@ from flowtunnel.agent.policy import (
     DailyBudget,
     LinkEstimate,
     TokenBucket,
+    budget_latency,
     choose_codec,
 )
 from flowtunnel.agent.transport import (
@@ -354,7 +355,7 @@ class Uploader:
         if not draining and entries[-1].seq >= self._last_seq:
             # Caught up: let more datagrams gather, up to the latency target since the last send (a rung may
             # ask for more: on DNS every query costs ~300 bytes both ways and larger batches compress better).
-            latency = max(self._config.latency, getattr(self._transport, "min_latency", 0.0))
+            latency = max(self.latency_target(), getattr(self._transport, "min_latency", 0.0))
             wait = self._last_send + latency - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
@@ -490,6 +491,17 @@ class Uploader:
                                      now=self._clock())
                 return body, batch
             n = max(1, n // 2)
+
+    def latency_target(self) -> float:
+        """``--latency``, lengthened when a daily byte budget needs fewer requests (``policy.budget_latency``:
+        each request costs ~600 bytes beyond its body)."""
+        cfg = self._config
+        if cfg.daily_bytes <= 0:
+            return cfg.latency
+        now = self._clock()
+        body_rate = self.arrival.bytes_per_second / max(self._sizer.ratio, 1e-3)
+        return budget_latency(daily_bytes=cfg.daily_bytes, used_today=self._budget.used(now), now=now,
+                              body_rate=body_rate, configured=cfg.latency)
 
     def codec_choice(self, *, big: bool) -> CodecChoice:
         """How a batch is sealed now (see the module docstring); ``big``: a backlog or big batch."""

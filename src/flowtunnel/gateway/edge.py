@@ -10,6 +10,7 @@ It also counts, per rung, requests and the bytes each way (``rung_traffic``), so
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
@@ -80,8 +81,15 @@ def http_response(
     if isinstance(outcome, Refusal):
         if outcome.retry_after is not None:
             extra["Retry-After"] = str(outcome.retry_after)
-        return web.json_response(outcome.as_json(), status=http_status(outcome.code), headers=extra or None)
-    return web.json_response(outcome.as_json(), headers=extra or None)
+        return _json(outcome.as_json(), status=http_status(outcome.code), headers=extra)
+    return _json(outcome.as_json(), headers=extra)
+
+
+def _json(doc: dict[str, object], *, status: int = 200, headers: dict[str, str]) -> web.Response:
+    """A compact JSON answer: no spaces, and ``application/json`` without a charset (JSON is UTF-8, RFC
+    8259): every answer to an agent costs bytes on a metered link (issue 14)."""
+    return web.Response(body=json.dumps(doc, separators=(",", ":")).encode(), status=status,
+                        headers={"Content-Type": "application/json", **headers})
 
 
 def ws_answer(outcome: Outcome) -> dict[str, object]:
