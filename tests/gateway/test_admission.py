@@ -3,6 +3,8 @@ whatever happens in the ``with`` block; per-source token buckets with a bounded 
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from flowtunnel.gateway.admission import Admission, Busy, SourceRate
@@ -53,3 +55,62 @@ def test_source_rate_allows_bursts_then_the_rate_and_keeps_a_bounded_table() -> 
     assert rate.take("y") == 0.0
     assert rate.take("z") == 0.0
     assert len(rate) == 2  # "x" (least recently used) dropped
+
+
+async def test_when_every_slot_is_taken_requests_wait_in_arrival_order_instead_of_a_503() -> None:
+    # A fleet of thousands against a journal that is the bottleneck: refusing at once made admission a
+    # lottery some agents lost for minutes in a row (bench/fleet.py); waiting in line serves them in turn.
+    adm = Admission(max_inflight=1, max_inflight_per_agent=1, max_waiting=2)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def request(agent: str) -> Busy | None:
+        async with adm.queued(agent, wait=5.0) as busy:
+            if busy is None:
+                order.append(agent)
+                await release.wait()
+            return busy
+
+    first = asyncio.create_task(request("a"))
+    await asyncio.sleep(0)
+    waiting = [asyncio.create_task(request(agent)) for agent in ("b", "c")]
+    await asyncio.sleep(0)
+    assert adm.waiting == 2
+    async with adm.queued("d", wait=5.0) as busy:  # the line is full: refused at once
+        assert busy == Busy(total=1, for_agent=0, agent="d")
+    async with adm.queued("a", wait=5.0) as busy:  # the per-agent bound still refuses at once
+        assert busy is not None
+        assert busy.for_agent == 1
+    with adm.slot("e") as busy:  # the synchronous edges do not overtake the line either
+        assert busy is not None
+    release.set()
+    assert await asyncio.gather(first, *waiting) == [None, None, None]
+    assert order == ["a", "b", "c"]
+    assert (adm.busy, adm.waiting, adm.in_use("b")) == (0, 0, 0)
+
+
+async def test_a_wait_that_times_out_or_is_cancelled_holds_nothing() -> None:
+    seen: list[int] = []
+    adm = Admission(max_inflight=1, max_inflight_per_agent=1, max_waiting=4, on_change=seen.append)
+    async with adm.queued("a", wait=5.0) as held:
+        assert held is None
+        async with adm.queued("b", wait=0.05) as busy:
+            assert busy == Busy(total=1, for_agent=0, agent="b")
+        assert (adm.waiting, adm.in_use("b")) == (0, 0)
+        async with adm.queued("c", wait=0) as busy:  # no wait allowed: the old immediate 503
+            assert busy is not None
+
+        async def wait_for_c() -> None:
+            async with adm.queued("c", wait=5.0):
+                raise AssertionError("never granted")
+
+        task = asyncio.create_task(wait_for_c())
+        await asyncio.sleep(0.01)
+        assert adm.waiting == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert (adm.waiting, adm.in_use("c")) == (0, 0)
+    assert (adm.busy, seen[-1]) == (0, 0)
+    async with adm.queued("d", wait=0) as free:  # a freed slot with nobody waiting is simply free
+        assert free is None

@@ -651,3 +651,40 @@ async def test_a_stalled_body_loses_its_slot_after_one_window(tmp_path: Path) ->
         assert (status, doc["accepted"]) == (200, 1)
     finally:
         await gw.stop()
+
+
+async def test_a_batch_finding_every_slot_taken_waits_its_turn_instead_of_a_503(tmp_path: Path) -> None:
+    # Thousands of agents against one gateway (bench/fleet.py): with an immediate 503 busy, admission was a
+    # lottery that some agents lost for minutes in a row; now a batch waits (up to slot_wait) in line.
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    key_b = enroll(data, "site-b")
+    gw = await start_gateway(data, max_inflight=1, max_inflight_per_agent=1, slot_wait=10.0)
+    try:
+        host, port = gw.url.removeprefix("http://").split(":")
+        body = seal(AGENT, key, 1, datagrams(2))
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
+            f"X-Flowtunnel-Agent: {AGENT}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        held = HEADER.size + len(AGENT)
+        writer.write(head + body[:held])  # takes the only slot, its body still to come
+        await writer.drain()
+        async with asyncio.timeout(10):
+            while not gw.metrics.registry.get_sample_value("flowtunnel_gateway_inflight_requests"):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as session:
+            other = asyncio.create_task(post_batch(session, gw.url, seal("site-b", key_b, 1, datagrams(2)),
+                                                   agent="site-b"))
+            await asyncio.sleep(0.3)
+            assert not other.done()  # waiting for the slot, not refused
+            writer.write(body[held:])
+            await writer.drain()
+            assert (await reader.read(4096)).startswith(b"HTTP/1.1 200")
+            status, doc, _ = await other
+            assert (status, doc["accepted"]) == (200, 2)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await gw.stop()

@@ -96,6 +96,8 @@ def build_app(
     max_body: int,
     max_inflight: int = 16,
     max_inflight_per_agent: int = 2,
+    max_waiting: int = 0,
+    slot_wait: float = 0.0,
     body_timeout: float = 60.0,
     min_body_rate: int = 1024,
     retry_after: int = 5,
@@ -110,7 +112,7 @@ def build_app(
     app.on_response_prepare.append(_short_server_header)
     app[INGEST_KEY] = ingest
     admission = Admission(
-        max_inflight=max_inflight, max_inflight_per_agent=max_inflight_per_agent,
+        max_inflight=max_inflight, max_inflight_per_agent=max_inflight_per_agent, max_waiting=max_waiting,
         on_change=metrics.inflight.set,
     )
     app[ADMISSION_KEY] = admission
@@ -142,7 +144,7 @@ def build_app(
             agent_id = ingest.admit(head, agent_header)
         except Rejected as exc:
             return fail(exc)
-        with admission.slot(agent_id) as busy:
+        async with admission.queued(agent_id, wait=slot_wait) as busy:
             if busy is not None:
                 return fail(Rejected("busy", busy.detail(), agent=agent_id, retry_after=retry_after))
             return await _ingest(request, head, length, deadline, agent_id, agent_header)

@@ -198,6 +198,10 @@ class GatewayConfig:
     max_inflight: int = count_setting(16, 1, 10_000)
     #: Of those, at most this many for one agent id (a sender impersonating one id cannot take them all).
     max_inflight_per_agent: int = 2
+    #: When every slot is taken, up to this many batches wait for one in arrival order (their body not yet
+    #: read), each at most slot_wait; beyond, or after, 503 busy. 0: refuse at once (the old behaviour).
+    max_waiting: int = count_setting(4096, 0, 1_000_000, zero="refuse at once")
+    slot_wait: float = duration_setting(10.0, 0.0, 3600.0, zero="refuse at once")
     #: Time allowed to receive one request body, plus its length / min_body_rate (then 408).
     body_timeout: float = duration_setting(60.0, 0.1, 86400.0)
     #: Slowest body transfer still accepted, in bytes/s (beyond body_timeout); GPRS manages ~2500.
