@@ -45,6 +45,7 @@ from flowtunnel.agent.transport import (
     Commit,
     Delivery,
     Hints,
+    Rejected,
     Sent,
     Wait,
     plan_resync,
@@ -118,6 +119,7 @@ class AgentResult:
     bad_sent: int = 0
     recovered: list[float] = field(default_factory=list)  # backlog delivered after a failure episode
     back: list[float] = field(default_factory=list)  # first acknowledgement after a failure episode
+    rejected_at: float | None = None  # the gateway's first refusal (a revocation taking effect)
     drained: bool = True
 
 
@@ -258,6 +260,8 @@ class SimAgent:
             self.result.exchanges += 1
             self.result.latencies.append(elapsed)
             now = time.time()
+            if isinstance(answer, Rejected) and self.result.rejected_at is None:
+                self.result.rejected_at = now
             action = self.delivery.answer(sent, answer, draw=self.rng.random(), now=now)
             if isinstance(action, Commit):
                 if self.failing_since is not None:
@@ -394,6 +398,7 @@ class FleetReport:
     failures: dict[str, int]
     gateway_rss_mb: float
     gateway_fds: int
+    revocation_effect_s: float | None  # churn: from the revocation to the agent's first refusal
     restart_backlog_s: float | None  # restart to the last agent's backlog acknowledged
     back_spread_s: list[float] | None  # restart to each agent's first ack: p50, p90, p99, max
     elapsed_s: float
@@ -456,6 +461,7 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
     rss_peak, fds_peak = 0.0, 0
     restart_at: float | None = None
     churned: list[str] = []
+    churn_at: float | None = None
     with ctx.Pool(config.processes) as mp:
         pending = mp.starmap_async(_worker, [(c, config, gw.url, pool, t0, flood_rate) for c in chunks])
         killed = False
@@ -475,11 +481,12 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
                 log(f"t={time.time() - t0:.1f} s: gateway back")
             if config.churn and not churned and t >= config.seconds / 2:
                 churned = _churn(data, plans)
+                churn_at = time.time()
                 log(f"t={t:.1f} s: churn {churned}")
         results = [r for chunk in pending.get() for r in chunk]
     gw.stop()
     journal = read_journal(data)
-    return _report(config, plans, results, journal, pool, rss_peak, fds_peak, restart_at, churned,
+    return _report(config, plans, results, journal, pool, rss_peak, fds_peak, restart_at, churned, churn_at,
                    time.monotonic() - started)
 
 
@@ -505,7 +512,8 @@ def _pct(values: list[float], q: float) -> float:
 
 def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResult],
             journal: dict[str, list[tuple[int, bytes]]], pool: list[bytes], rss: float, fds: int,
-            restart_at: float | None, churned: list[str], elapsed: float) -> FleetReport:
+            restart_at: float | None, churned: list[str], churn_at: float | None,
+            elapsed: float) -> FleetReport:
     revoked_live = {c.split()[1] for c in churned if c.startswith("revoked ")}
     lost = dups = wrong = journaled = generated = 0
     undrained = []
@@ -514,6 +522,10 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
     failures: Counter[str] = Counter()
     max_refused = 0.0
     over30 = 0
+    effect: float | None = None
+    for r in results:
+        if r.agent_id in revoked_live and r.rejected_at is not None and churn_at is not None:
+            effect = round(r.rejected_at - churn_at, 2)
     backlog_s: float | None = None
     spread: list[float] | None = None
     if restart_at is not None:
@@ -556,14 +568,15 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
         p99_flooder_ms=round(_pct(flood_lat, 0.99), 1) if flood_lat else None,
         exchanges=sum(r.exchanges for r in results), max_refused_s=round(max_refused, 1),
         refused_over_30s=over30, failures=dict(failures), gateway_rss_mb=round(rss, 1), gateway_fds=fds,
-        restart_backlog_s=backlog_s, back_spread_s=spread, elapsed_s=round(elapsed, 1),
+        revocation_effect_s=effect, restart_backlog_s=backlog_s, back_spread_s=spread,
+        elapsed_s=round(elapsed, 1),
     )
 
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "steady": {},
     "herd": {"kill_at": 20.0, "down": 15.0, "outage_share": 0.0},
-    "flood": {"flood": True, "agent_rate": 100_000, "outage_share": 0.0},
+    "flood": {"flood": True, "agent_rate": 100_000, "outage_share": 0.0, "fast_share": 0.0},
     "churn": {"churn": True},
 }
 
