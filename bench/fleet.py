@@ -116,6 +116,7 @@ class AgentResult:
     latencies: list[float] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)
     max_refused: float = 0.0  # longest time from a failed attempt to the next acknowledgement, seconds
+    max_refused_gw: float = 0.0  # the same from the gateway's first refusal (503, 429...), not a lost link
     bad_sent: int = 0
     recovered: list[float] = field(default_factory=list)  # backlog delivered after a failure episode
     back: list[float] = field(default_factory=list)  # first acknowledgement after a failure episode
@@ -185,6 +186,7 @@ class SimAgent:
         self.generating = True
         self.sent_bodies: list[bytes] = []
         self.failing_since: float | None = None
+        self.refused_since: float | None = None
         self.recover_target: int | None = None
 
     def link_down(self, now: float) -> float:
@@ -268,6 +270,9 @@ class SimAgent:
                     self.result.max_refused = max(self.result.max_refused, now - self.failing_since)
                     self.failing_since = None
                     self.result.back.append(now)
+                if self.refused_since is not None:
+                    self.result.max_refused_gw = max(self.result.max_refused_gw, now - self.refused_since)
+                    self.refused_since = None
                     self.recover_target = self.last_seq  # the backlog gathered while failing
                 acked = action.acked
                 if action.resync:
@@ -288,6 +293,8 @@ class SimAgent:
                 assert isinstance(action, Wait)
                 if self.failing_since is None:
                     self.failing_since = now
+                if self.refused_since is None and not action.cause.startswith("connection:"):
+                    self.refused_since = now
                 await asyncio.sleep(min(action.delay, max(0.0, deadline - now)))
         if self.failing_since is not None:
             self.result.max_refused = max(self.result.max_refused, time.time() - self.failing_since)
@@ -394,6 +401,7 @@ class FleetReport:
     p99_flooder_ms: float | None
     exchanges: int
     max_refused_s: float
+    max_refused_by_gateway_s: float
     refused_over_30s: int
     failures: dict[str, int]
     gateway_rss_mb: float
@@ -521,6 +529,7 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
     flood_lat: list[float] = []
     failures: Counter[str] = Counter()
     max_refused = 0.0
+    max_gw = 0.0
     over30 = 0
     effect: float | None = None
     for r in results:
@@ -559,7 +568,8 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
             lat += r.latencies
             failures.update(r.failures)
             max_refused = max(max_refused, r.max_refused)
-            over30 += r.max_refused > 30
+            max_gw = max(max_gw, r.max_refused_gw)
+            over30 += r.max_refused_gw > 30
     return FleetReport(
         config={k: v for k, v in asdict(config).items() if k != "gateway_args"},
         agents=len(plans), by_kind=dict(Counter(p.kind for p in plans)), generated=generated,
@@ -567,6 +577,7 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
         p50_ms=round(_pct(lat, 0.5), 1), p99_ms=round(_pct(lat, 0.99), 1),
         p99_flooder_ms=round(_pct(flood_lat, 0.99), 1) if flood_lat else None,
         exchanges=sum(r.exchanges for r in results), max_refused_s=round(max_refused, 1),
+        max_refused_by_gateway_s=round(max_gw, 1),
         refused_over_30s=over30, failures=dict(failures), gateway_rss_mb=round(rss, 1), gateway_fds=fds,
         revocation_effect_s=effect, restart_backlog_s=backlog_s, back_spread_s=spread,
         elapsed_s=round(elapsed, 1),
