@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import os
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -688,3 +689,25 @@ async def test_a_batch_finding_every_slot_taken_waits_its_turn_instead_of_a_503(
         await writer.wait_closed()
     finally:
         await gw.stop()
+
+
+async def test_metrics_render_off_the_event_loop(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With 2,000 agents /metrics is ~36,000 series and ~0.5 s to render (bench/fleet.py): rendered on the
+    # event loop, every scrape stalled every agent's request.
+    gw, _, session = env
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+    render = gw.metrics.render
+
+    def spy() -> bytes:
+        threads.append(threading.get_ident())
+        return render()
+
+    monkeypatch.setattr(gw.metrics, "render", spy)
+    async with session.get(gw.url + "/metrics") as resp:
+        assert resp.status == 200
+        assert b"flowtunnel_gateway" in await resp.read()
+    assert len(threads) == 1
+    assert threads[0] != loop_thread
