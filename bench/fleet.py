@@ -599,11 +599,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--bad-share", type=float, default=0.05)
+    ap.add_argument("--latency", type=float, default=1.0, help="the agents' --latency (batching delay), s")
+    ap.add_argument("--backoff-cap", type=float, default=60.0, help="the agents' --backoff-cap, s")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra gateway argument (repeat)")
     ns = ap.parse_args(argv)
     extra = dict(SCENARIOS[ns.scenario])
     config = FleetConfig(agents=ns.agents, seconds=ns.seconds, processes=ns.processes, bad_share=ns.bad_share,
+                         latency=ns.latency, backoff_cap=ns.backoff_cap,
                          gateway_args=tuple(ns.gateway_arg), **extra)
     import tempfile
 
