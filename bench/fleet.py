@@ -270,10 +270,10 @@ class SimAgent:
                     self.result.max_refused = max(self.result.max_refused, now - self.failing_since)
                     self.failing_since = None
                     self.result.back.append(now)
+                    self.recover_target = self.last_seq  # the backlog gathered while failing
                 if self.refused_since is not None:
                     self.result.max_refused_gw = max(self.result.max_refused_gw, now - self.refused_since)
                     self.refused_since = None
-                    self.recover_target = self.last_seq  # the backlog gathered while failing
                 acked = action.acked
                 if action.resync:
                     first = self.spool[0][0] if self.spool else self.last_seq + 1
