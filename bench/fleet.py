@@ -588,6 +588,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "steady": {},
     "herd": {"kill_at": 20.0, "down": 15.0, "outage_share": 0.0},
     "flood": {"flood": True, "agent_rate": 100_000, "outage_share": 0.0, "fast_share": 0.0},
+    # The same fleet without the flooder: the baseline its p99 is compared with.
+    "flood-baseline": {"agent_rate": 100_000, "outage_share": 0.0, "fast_share": 0.0},
     "churn": {"churn": True},
 }
 
