@@ -399,6 +399,7 @@ class FleetReport:
     p50_ms: float
     p99_ms: float
     p99_flooder_ms: float | None
+    flooder: dict[str, Any] | None  # the flooding agent: datagrams generated, acked, failures by cause
     exchanges: int
     max_refused_s: float
     max_refused_by_gateway_s: float
@@ -527,6 +528,7 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
     undrained = []
     lat: list[float] = []
     flood_lat: list[float] = []
+    flooder: dict[str, Any] | None = None
     failures: Counter[str] = Counter()
     max_refused = 0.0
     max_gw = 0.0
@@ -555,6 +557,8 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
         journaled += len(entries)
         if r.kind == "flood":
             flood_lat += r.latencies
+            flooder = {"rate": round(r.rate), "generated": r.generated, "acked": r.acked,
+                       "failures": r.failures}
         if r.kind not in ("good", "flood") or r.agent_id in revoked_live:
             continue
         generated += r.generated
@@ -575,7 +579,7 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
         agents=len(plans), by_kind=dict(Counter(p.kind for p in plans)), generated=generated,
         journaled=journaled, lost=lost, duplicates=dups, wrong_payload=wrong, undrained=undrained[:20],
         p50_ms=round(_pct(lat, 0.5), 1), p99_ms=round(_pct(lat, 0.99), 1),
-        p99_flooder_ms=round(_pct(flood_lat, 0.99), 1) if flood_lat else None,
+        p99_flooder_ms=round(_pct(flood_lat, 0.99), 1) if flood_lat else None, flooder=flooder,
         exchanges=sum(r.exchanges for r in results), max_refused_s=round(max_refused, 1),
         max_refused_by_gateway_s=round(max_gw, 1),
         refused_over_30s=over30, failures=dict(failures), gateway_rss_mb=round(rss, 1), gateway_fds=fds,
