@@ -350,7 +350,8 @@ class _DeltaEncoder(columnar._Encoder):
     stored as byte-wise differences from the previous record (mod 256) before the transposition: exactly
     reversible by a running sum per column."""
 
-    def columns(self, rows: npt.NDArray[np.uint8]) -> bytes:
+    def columns(self, data: bytes, n: int) -> bytes:
+        rows: npt.NDArray[np.uint8] = np.frombuffer(data, dtype=np.uint8).reshape(-1, n)
         delta = rows.copy()
         delta[1:] -= rows[:-1]
         return delta.T.tobytes()

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-
-import numpy as np
-import numpy.typing as npt
-from numpy.lib.stride_tricks import sliding_window_view
+from typing import TYPE_CHECKING
 
 from flowtunnel.wire.errors import LimitExceeded, MalformedRecords
+
+if TYPE_CHECKING:  # numpy only for decoding (the gateway): the agent's encoder needs none (issue 14)
+    import numpy as np
+    import numpy.typing as npt
 from flowtunnel.wire.records import (
     PayloadDecoder,
     PayloadEncoder,
@@ -149,6 +150,7 @@ class TemplateLengths:
     ``record_length`` callback: ``learn(payload)`` every datagram, ``record_length(payload, set_id)``."""
 
     def __init__(self, *, max_entries: int = 4096) -> None:
+
         self._lengths: dict[tuple[int, int, int], int] = {}
         self._max = max_entries
 
@@ -170,6 +172,7 @@ class TemplateLengths:
 
 class _Encoder:
     def __init__(self, record_length: RecordLengthFn | None, payloads: Sequence[bytes]) -> None:
+
         self.groups: dict[tuple[object, ...], int] = {}
         self.lengths: list[int] = []
         self.chunks: list[list[bytes]] = []
@@ -249,12 +252,13 @@ class _Encoder:
         write_uvarint(len(resid), out)
         out += resid
         for n, chunks in zip(self.lengths, self.chunks, strict=True):
-            out += self.columns(np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(-1, n))
+            out += self.columns(b"".join(chunks), n)
         return bytes(out)
 
-    def columns(self, rows: npt.NDArray[np.uint8]) -> bytes:
-        """One record group (a row per record) as stored: transposed, byte column after byte column."""
-        return rows.T.tobytes()
+    def columns(self, rows: bytes, n: int) -> bytes:
+        """One record group (``n``-byte records back to back) as stored: transposed, byte column after byte
+        column (byte ``i`` of every record is ``rows[i::n]``: a strided copy in C, no numpy)."""
+        return b"".join(rows[i::n] for i in range(n))
 
 
 def payload_encoder(record_length: RecordLengthFn | None) -> PayloadEncoder:
@@ -271,6 +275,8 @@ def payload_encoder(record_length: RecordLengthFn | None) -> PayloadEncoder:
 
 def _uvarint_array(buf: memoryview, budget: int) -> npt.NDArray[np.uint64]:
     """Every LEB128 varint of ``buf`` (which must end at a varint's last byte), at most ``budget`` of them."""
+    import numpy as np
+
     arr = np.frombuffer(buf, dtype=np.uint8)
     ends = np.flatnonzero(arr < 0x80)
     if len(ends) > budget:
@@ -296,6 +302,8 @@ def payload_decoder(max_raw: int) -> PayloadDecoder:
     bounded) record block, and every count is checked against the bytes that remain before use."""
 
     def decode(block: memoryview, pos: int, lengths: Sequence[int]) -> tuple[list[bytes], int]:
+        import numpy as np
+
         end = len(block)
         n_groups, pos = read_uvarint(block, pos, "columnar group count")
         if n_groups > MAX_GROUPS:
@@ -345,6 +353,7 @@ class _Layout:
         self, *, need: list[int], glen: list[int], col_bytes: int, row_at: npt.NDArray[np.int32],
         verbatim: list[tuple[int, int, int]], lengths: npt.NDArray[np.int64],
     ) -> None:
+
         self.need = need  # records per group
         self.glen = glen  # record length per group
         self.col_bytes = col_bytes
@@ -359,6 +368,8 @@ class _Layout:
     ) -> _Layout | None:
         """The layout, or None if anything in it is wrong (the step-by-step checks then say what) or it is not
         worth vectorising (records of under 4 bytes on average; an output of 2 GiB or more)."""
+        import numpy as np
+
         # A step is (verbatim length, group + 1, records) or, ending a datagram, (verbatim length, 0): where
         # one starts depends on the previous one, so this walk is the one loop over steps. It records each
         # step's size (2 or 3 values) in a bytearray, which numpy reads without converting anything.
@@ -442,6 +453,9 @@ class _Layout:
 
     def rebuild(self, block: memoryview, pos: int, resid: bytes) -> list[bytes]:
         """Scatter each group's records (stored column after column) and the verbatim bytes into place."""
+        import numpy as np
+        from numpy.lib.stride_tricks import sliding_window_view
+
         out = np.empty(int(self.lengths.sum()), dtype=np.uint8)
         first = 0
         for k, n in zip(self.need, self.glen, strict=True):
@@ -467,6 +481,8 @@ def _rebuild_steps(
     resid: bytes,
 ) -> tuple[list[bytes], int]:
     """Rebuild the datagrams of a checked layout one step at a time (cheaper than numpy for a few)."""
+    import numpy as np
+
     rows: list[bytes] = []
     for k, n in zip(need, glen, strict=True):
         col = np.frombuffer(block, dtype=np.uint8, count=k * n, offset=pos)

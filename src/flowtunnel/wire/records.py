@@ -18,12 +18,14 @@ import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from itertools import accumulate
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING
 
 from flowtunnel.datagram import Datagram, make_datagram
 from flowtunnel.wire.errors import LimitExceeded, MalformedRecords
+
+if TYPE_CHECKING:  # numpy only for decoding (the gateway): sealing needs none (issue 14)
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "FAST_MIN_RECORDS",
@@ -88,6 +90,8 @@ def uvarint_values(
 ) -> npt.NDArray[np.uint64] | None:
     """The LEB128 varints of ``arr`` whose last bytes are at ``ends`` (ascending; the first starts at 0), or
     None if one is longer than 9 bytes. Vectorised: a pass per byte position, not per value."""
+    import numpy as np
+
     values = np.zeros(len(ends), dtype=np.uint64)
     if not len(ends):
         return values
@@ -128,7 +132,8 @@ def verbatim_decode(block: memoryview, pos: int, lengths: Sequence[int]) -> tupl
 
 def split_payloads(data: bytes, lengths: Sequence[int] | npt.NDArray[np.int64]) -> list[bytes]:
     """``data`` cut into consecutive pieces of ``lengths``."""
-    ends = np.cumsum(lengths).tolist() if isinstance(lengths, np.ndarray) else list(accumulate(lengths))
+    tolist = getattr(lengths, "tolist", None)  # a numpy array (the vectorised decoder's)
+    ends = list(accumulate(tolist() if tolist is not None else lengths))
     return [data[a:b] for a, b in zip([0, *ends], ends, strict=False)]
 
 
@@ -286,6 +291,8 @@ def _fast_columns(
     """The receive times, source indexes and lengths of ``count`` records at ``pos`` (and the position after
     them), vectorised; None when anything would be an error (or a varint is over 9 bytes): the caller then
     runs the reference parser, which names the problem. Work is bounded by 27 bytes per declared record."""
+    import numpy as np
+
     if not count:
         return [], [], [], pos
     arr = np.frombuffer(buf, dtype=np.uint8, count=min(len(buf) - pos, 3 * _FAST_VARINT_BYTES * count),
