@@ -74,7 +74,7 @@ VENDOR = ROOT / "tests" / "data" / "vendor"
 UDP_IP_OVERHEAD = 28  # IPv4 (20) + UDP (8) header bytes per datagram
 #: order of the sections in docs/benchmarks.md; a missing section is inserted before the next one listed here
 SECTION_ORDER = ("Wire efficiency", "Throughput", "Agent footprint", "Latency", "Decoding", "Store",
-                 "Transport ladder", "Console")
+                 "Transport ladder", "Console", "Scale-out")
 _DOC_INTRO = """\
 # Benchmarks
 

@@ -214,3 +214,30 @@ def test_wrong_credentials_and_a_missing_stream_are_one_line_errors(tmp_path: Pa
     last = sink.stderr.strip().splitlines()[-1]
     assert last.startswith("flowtunnel sink: error: journal stream FLOWTUNNEL does not exist"), sink.stderr
     assert "right-pw" not in sink.stderr
+
+
+async def test_one_agent_cannot_fill_the_stream_for_all(single: NatsCluster, tmp_path: Path) -> None:
+    """``journal_agent_messages``: the stream refuses a subject past its quota (429 agent-share, counted);
+    another agent still gets in."""
+    keys = {a: await enroll_kv(single.url, a) for a in ("greedy", "modest")}
+    gw = await start_shared_gateway(single.url, tmp_path / "g", journal_agent_messages=3)
+    try:
+        async with aiohttp.ClientSession() as http:
+            seq = 1
+            for _ in range(3):
+                body = seal("greedy", keys["greedy"], seq, _dgs(5, seq))
+                status, doc, _ = await post_batch(http, gw.url, body, agent="greedy")
+                assert status == 200, doc
+                seq += 5
+            status, doc, headers = await post_batch(http, gw.url, seal("greedy", keys["greedy"], seq,
+                                                                       _dgs(5, seq)), agent="greedy")
+            assert (status, doc["error"]) == (429, "agent-share"), doc
+            assert int(headers["Retry-After"]) > 0
+            status, doc, _ = await post_batch(http, gw.url, seal("modest", keys["modest"], 1, _dgs(5, 1)),
+                                              agent="modest")
+            assert (status, doc["acked"]) == (200, 5)
+        assert gw.shared_journal is not None
+        assert gw.shared_journal.refused_quota == 1
+        assert gw.metrics.rejects_by_cause.get("agent-share") == 1
+    finally:
+        await gw.stop()
