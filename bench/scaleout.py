@@ -24,11 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.gateway.util import post_batch, seal
-from tests.natscluster import NatsCluster
-from tests.scaleout.util import demo_datagrams
-
 from _common import add_common_args, command_line, cpu_seconds, machine, md_table, replace_section, utc_now
+
+# The test suite's helpers are imported where used: _common puts the repository root on sys.path first.
 
 SECTION = "Scale-out"
 
@@ -74,6 +72,7 @@ def _start_gateway(data: Path, port: int, journal: str | None) -> subprocess.Pop
 
 async def _load(url: str, bodies: dict[str, list[bytes]]) -> float:
     import aiohttp
+    from tests.gateway.util import post_batch
 
     async def agent(http: aiohttp.ClientSession, name: str) -> None:
         for body in bodies[name]:
@@ -92,6 +91,9 @@ async def _load(url: str, bodies: dict[str, list[bytes]]) -> float:
 
 
 def _bodies(agents: int, batches: int, batch: int, keys: dict[str, bytes]) -> dict[str, list[bytes]]:
+    from tests.gateway.util import seal
+    from tests.scaleout.util import demo_datagrams
+
     dgs = demo_datagrams()
     pool = (dgs * (batch // len(dgs) + 1))[:batch]
     out: dict[str, list[bytes]] = {}
@@ -102,6 +104,8 @@ def _bodies(agents: int, batches: int, batch: int, keys: dict[str, bytes]) -> di
 
 
 def run_case(kind: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from tests.natscluster import NatsCluster
+
     cluster: NatsCluster | None = None
     journal: str | None = None
     if kind != "sqlite":

@@ -17,7 +17,14 @@ from typing import Any
 
 from flowtunnel.errors import ConfigError
 from flowtunnel.gateway.registry import AgentEntry, AgentExists, AgentNotFound, RegistryError
-from flowtunnel.journal.jetstream import JetStreamConfig, _Connection, _reason, agent_of, subject_token
+from flowtunnel.journal.jetstream import (
+    JetStreamConfig,
+    _Connection,
+    _reason,
+    agent_of,
+    create_retrying,
+    subject_token,
+)
 from flowtunnel.wire.keys import format_key, generate_key, parse_key, validate_agent_id
 
 __all__ = ["REGISTRY_BUCKET", "KvAgentKeys", "KvRegistry"]
@@ -64,10 +71,9 @@ class KvRegistry:
                     raise ConfigError(f"agent registry bucket {self.bucket} does not exist at "
                                       f"{self.config.describe()}") from None
                 try:
-                    self.kv = await self._conn.js.create_key_value(KeyValueConfig(
-                        bucket=self.bucket, history=1, replicas=self.config.effective_replicas,
-                        storage=StorageType.FILE,
-                    ))
+                    kvc = KeyValueConfig(bucket=self.bucket, history=1,
+                                         replicas=self.config.effective_replicas, storage=StorageType.FILE)
+                    self.kv = await create_retrying(lambda: self._conn.js.create_key_value(kvc))
                 except Exception as exc:
                     raise ConfigError(f"cannot create agent registry bucket {self.bucket} at "
                                       f"{self.config.describe()}: {_reason(exc)}") from None

@@ -26,7 +26,7 @@ import logging
 import struct
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,8 @@ ERR_MSG_ID_IN_PROCESS = 10158  # duplicate message id is in process
 
 #: Per datagram in a message: received_ns, exporter_port, local_port, exporter length, payload length.
 _DG = struct.Struct("<qHHHI")
+#: How long a sink's fetch may wait for messages (it returns at once when some are there).
+FETCH_WAIT = 1.0
 #: Room left in a message for headers and the protocol line.
 _HEADER_ROOM = 1024
 
@@ -268,6 +270,19 @@ class _Connection:
         return None
 
 
+async def create_retrying(make: Callable[[], Awaitable[Any]], *, attempts: int = 4) -> Any:
+    """Create a stream or bucket, retrying a few times: a cluster just started, or busy electing leaders,
+    answers "timeout" or "error creating store" for a moment. The last error propagates."""
+    for attempt in range(attempts):
+        try:
+            return await make()
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
 async def _quiet(exc: Exception) -> None:
     return None
 
@@ -344,7 +359,7 @@ class JetStreamJournal:
                 discard_new_per_subject=bool(cfg.agent_max_msgs),
             )
             try:
-                await self._conn.js.add_stream(sc)
+                await create_retrying(lambda: self._conn.js.add_stream(sc))
             except Exception as exc:
                 raise ConfigError(f"cannot create journal stream {cfg.stream} at {cfg.describe()}: "
                                   f"{_reason(exc)}") from None
@@ -357,10 +372,9 @@ class JetStreamJournal:
                 raise ConfigError(f"journal mark bucket {cfg.marks_bucket} does not exist at "
                                   f"{cfg.describe()}") from None
             try:
-                self._kv = await self._conn.js.create_key_value(KeyValueConfig(
-                    bucket=cfg.marks_bucket, history=1, replicas=cfg.effective_replicas,
-                    storage=StorageType.FILE,
-                ))
+                kvc = KeyValueConfig(bucket=cfg.marks_bucket, history=1, replicas=cfg.effective_replicas,
+                                     storage=StorageType.FILE)
+                self._kv = await create_retrying(lambda: self._conn.js.create_key_value(kvc))
             except Exception as exc:
                 raise ConfigError(f"cannot create bucket {cfg.marks_bucket} at {cfg.describe()}: "
                                   f"{_reason(exc)}") from None
@@ -662,7 +676,7 @@ class JetStreamReader:
     already has: a sink killed between its commit and its ack sees those messages again and drops them.
     """
 
-    def __init__(self, config: JetStreamConfig, name: str, *, ack_wait: float = 300.0) -> None:
+    def __init__(self, config: JetStreamConfig, name: str, *, ack_wait: float = 30.0) -> None:
         self.config = config
         self.name = name
         self.ack_wait = ack_wait
@@ -796,7 +810,9 @@ class JetStreamReader:
             self._want_ack = after  # the sink holds these already (its own position): acknowledge them
             self._ack_wake.set()
         if not any(seq > after for seq in self._held):
-            await self._fetch(min(256, max(1, limit)), 0.05)
+            # The fetch returns at once with what is there; its expiry must leave time for large messages to
+            # arrive (delivered to an expired pull, they would come again only after ack_wait).
+            await self._fetch(64, FETCH_WAIT)
         out: list[Entry] = []
         size = 0
         prefix = len(self.config.prefix) + 1
@@ -835,7 +851,7 @@ class JetStreamReader:
             if any(s >= target for s in self._held):
                 break
             before = len(self._held)
-            await self._fetch(256, 0.2)
+            await self._fetch(64, FETCH_WAIT)
             if len(self._held) == before:
                 break
         seqs = [s for s in self._held if s <= target]
