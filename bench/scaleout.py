@@ -190,10 +190,11 @@ def bench(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         "budget. Sink: `flowtunnel sink store` draining the JetStream stream afterwards.\n\n"
         f"{table}\n\n"
         "Goals (issue 12): 1 node ≥ 50 % of the SQLite rate, 3 nodes ≥ 25 %. Read the ratios with their "
-        "durability: the SQLite journal fsyncs every commit (`synchronous=FULL`), while JetStream's file store "
-        "flushes to disk on its `sync_interval` (2 min by default) and relies on replication; a 1-node stream can "
-        "lose the last acknowledged batches on a power cut (set `jetstream { sync_interval: always }` to trade "
-        "rate for that). The sink column includes decoding into DuckDB (the store sink's whole cost).\n"
+        "durability: the SQLite journal fsyncs every commit (`synchronous=FULL`), while JetStream's file "
+        "store flushes to disk on its `sync_interval` (2 min by default) and relies on replication; a 1-node "
+        "stream can lose the last acknowledged batches on a power cut (set `jetstream { sync_interval: "
+        "always }` to trade rate for that). The sink column includes decoding into DuckDB (the store sink's "
+        "whole cost).\n"
     )
     return body, {"rows": rows}
 
