@@ -72,7 +72,11 @@ RATE = 500.0  # datagrams/s sent to the agent (issue 6)
 GOALS = {  # (stream kind, mode) -> ratio of raw UDP bytes not to exceed
     ("softflowd v9", "1 s"): 0.30,
     ("softflowd v9", "drain"): 0.20,
-    ("Cisco IPFIX", "1 s"): 0.10,
+    # issue 14: default settings (--latency 1s) at a quiet site's rates, and on an unshaped fast link
+    ("softflowd v9", "2/s"): 0.30,
+    ("softflowd v9", "10/s"): 0.18,
+    ("softflowd v9", "fast"): 0.20,
+    ("Cisco IPFIX", "1 s"): 0.05,
     ("Cisco IPFIX", "10 s"): 0.10,
     ("Cisco IPFIX", "drain"): 0.10,
 }
@@ -218,13 +222,37 @@ UPLINK = Shape(latency=0.025, rate_bps=UPLINK_BPS)
 DOWNLINK = Shape(latency=0.025)
 
 
+#: mode -> (--latency, datagrams/s (None: --rate), shaped link, datagrams sent (None: the whole stream)).
+#: ``2/s`` and ``10/s``: a quiet site at default settings; ``fast``: an unshaped (loopback) link at --rate.
+MODES: dict[str, tuple[str, float | None, bool, int | None]] = {
+    "1 s": ("1s", None, True, None),
+    "10 s": ("10s", None, True, None),
+    "drain": ("1s", None, True, None),
+    "2/s": ("1s", 2.0, True, 60),
+    "10/s": ("1s", 10.0, True, 300),
+    "fast": ("1s", None, False, None),
+}
+#: modes run on a part of the stream at their own rate: not in the offline comparison
+QUIET_MODES = ("2/s", "10/s")
+
+
+def mode_stream(stream: Stream, mode: str) -> Stream:
+    """The part of ``stream`` a mode sends."""
+    limit = MODES[mode][3]
+    if limit is None or limit >= len(stream.payloads):
+        return stream
+    return Stream(name=stream.name, version=stream.version, payloads=stream.payloads[:limit], records=0)
+
+
 def run_chain(stream: Stream, mode: str, work: Path, rate: float) -> ChainResult:
-    """Send ``stream`` through agent → link → gateway in ``mode`` (``1 s``, ``10 s`` or ``drain``)."""
+    """Send ``stream`` through agent → link → gateway in ``mode`` (a key of ``MODES``)."""
     n = len(stream.payloads)
-    latency = {"1 s": "1s", "10 s": "10s", "drain": "1s"}[mode]
+    latency, mode_rate, shaped, _ = MODES[mode]
+    rate = mode_rate or rate
     drain = mode == "drain"
     with Chain(
-        work, agent_args=["--latency", latency], link_down=drain, link_up=UPLINK, link_down_shape=DOWNLINK
+        work, agent_args=["--latency", latency], link_down=drain, link_up=UPLINK if shaped else None,
+        link_down_shape=DOWNLINK if shaped else None,
     ) as chain:
         before, up0 = chain.link_stats(), chain.agent_status().get("upload", {})
         started = time.monotonic()
@@ -413,7 +441,8 @@ def _verdict(ratio: float, goal: float | None, stretch: float | None = None) -> 
 
 def bench(args: argparse.Namespace) -> str:
     flows = 4_000 if args.quick else 100_000
-    modes = ["1 s", "drain"] if args.quick else ["1 s", "10 s", "drain"]
+    extra = ["2/s", "10/s", "fast"]
+    modes = ["1 s", "drain", *extra] if args.quick else ["1 s", "10 s", "drain", *extra]
     streams = softflowd_streams(flows)
     if not args.quick:
         streams += vendor_streams()
@@ -423,7 +452,7 @@ def bench(args: argparse.Namespace) -> str:
         wanted = [w.strip().lower() for w in args.streams.split(",") if w.strip()]
         streams = [s for s in streams if any(w in s.name.lower() for w in wanted)]
     if args.modes:
-        names = {"1s": "1 s", "10s": "10 s", "drain": "drain"}
+        names = {"1s": "1 s", "10s": "10 s", "drain": "drain", **{m: m for m in extra}}
         modes = [names[m.strip()] for m in args.modes.split(",") if m.strip() in names]
     rows: list[list[object]] = []
     alt_rows: list[list[object]] = []
@@ -446,26 +475,31 @@ def bench(args: argparse.Namespace) -> str:
             )
             results: list[ChainResult] = []
             for mi, mode in enumerate(modes):
-                res = run_chain(stream, mode, tmp / f"s{si}-m{mi}", args.rate)
-                results.append(res)
-                ratio = res.http_bytes / raw
+                if mode in (*QUIET_MODES, "fast") and stream.name != "softflowd v9":
+                    continue  # the issue-14 rows: softflowd v9 only
+                part = mode_stream(stream, mode)
+                res = run_chain(part, mode, tmp / f"s{si}-m{mi}", args.rate)
+                if mode not in QUIET_MODES:
+                    results.append(res)
+                raw_m, n_m = part.raw_bytes, len(part.payloads)
+                ratio = res.http_bytes / raw_m
                 goal = _goal(stream, mode)
                 stretch = STRETCH.get(("softflowd v9", mode)) if stream.name == "softflowd v9" else None
                 verdict = _verdict(ratio, goal, stretch)
                 if "missed" in verdict.split("(")[0]:
                     misses.append(f"{stream.name} at {mode}: {ratio:.3f} (goal {goal})")
-                loss = "none" if res.delivered >= n else f"{n - res.delivered} missing"
+                loss = "none" if res.delivered >= n_m else f"{n_m - res.delivered} missing"
                 rows.append(
                     [
                         stream.name,
                         mode,
-                        f"{n:,}",
-                        f"{raw:,}",
+                        f"{n_m:,}",
+                        f"{raw_m:,}",
                         f"{res.http_bytes:,}",
                         f"{res.up:,} / {res.down:,}",
                         f"{res.requests}",
                         f"**{ratio:.3f}**",
-                        f"{(res.http_bytes + res.tcpip_estimate) / raw:.3f}",
+                        f"{(res.http_bytes + res.tcpip_estimate) / raw_m:.3f}",
                         f"{fp / raw:.2f}",
                         f"{dns / raw:.2f}",
                         verdict,
@@ -494,10 +528,12 @@ def bench(args: argparse.Namespace) -> str:
         "conversations (captured from softflowd), and the Cisco captures of `tests/data/vendor` "
         f"concatenated per version. Each is sent to a real agent at {args.rate:g} datagrams/s (`--latency "
         "1s`, `--latency 10s`), or spooled whole while the link refuses connections and then drained "
-        "(`drain`). flowtunnel's bytes are every HTTP byte both ways (request and response heads and "
-        "bodies) counted by the link emulator between the agent and the gateway, shaped like a field "
-        f"uplink ({UPLINK_BPS / 1e6:g} Mbit/s up, {UPLINK.latency * 1000:g} ms each way: the agent "
-        "picks its codec by the link it measures); **ratio** = flowtunnel's "
+        "(`drain`); issue 14's rows: softflowd v9 at default settings at 2 and 10 datagrams/s (`2/s`, "
+        "`10/s`: the stream's first 60 and 300 datagrams), and at the rate above over an unshaped link "
+        "(`fast`, loopback). flowtunnel's bytes are every HTTP byte both ways (request and response heads "
+        "and bodies) counted by the link emulator between the agent and the gateway, shaped like a field "
+        f"uplink ({UPLINK_BPS / 1e6:g} Mbit/s up, {UPLINK.latency * 1000:g} ms each way) but in `fast`; "
+        "**ratio** = flowtunnel's "
         "HTTP bytes / raw UDP bytes (payload + 28 per datagram). Zero loss is checked on every run (the "
         "gateway acknowledged every datagram). **with TCP/IP (est.)** adds the TCP/IPv4 headers the relay "
         "cannot see: 52 bytes per data segment (1448-byte segments, one part-filled segment per request "
@@ -622,7 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--streams", default="", help="comma-separated name filters, e.g. 'softflowd v9,cisco' (default: all)"
     )
     parser.add_argument(
-        "--modes", default="", help="comma-separated subset of: 1s, 10s, drain (default: all)"
+        "--modes", default="", help="subset of: 1s, 10s, drain, 2/s, 10/s, fast (default: all)"
     )
     args = parser.parse_args(argv)
     body = bench(args)

@@ -63,7 +63,7 @@ def test_footprint_quick(tmp_path: Path) -> None:
     rows = [line for line in text.splitlines() if line.startswith(("| 1,000 |", "| 100 |"))]
     assert len(rows) == 2
     assert all(row.rstrip(" |").endswith("none") for row in rows)
-    assert "Start-up share" in text
+    assert "Start-up: the `flowtunnel agent` process" in text
 
 
 def test_latency_quick(tmp_path: Path) -> None:
