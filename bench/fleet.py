@@ -564,7 +564,10 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
         generated += r.generated
         seqs = Counter(s for s, _ in entries)
         dups += sum(n - 1 for n in seqs.values() if n > 1)
-        lost += sum(1 for s in range(1, r.generated + 1) if s not in seqs)
+        # An agent still holding data at the end (a flooder held back by its budget) has not lost it: its
+        # spool keeps it. Lost is what the gateway acknowledged and the journal does not hold, or, for an
+        # agent that drained, anything it generated.
+        lost += sum(1 for s in range(1, (r.generated if r.drained else r.acked) + 1) if s not in seqs)
         wrong += sum(1 for s, p in entries if p != payload_for(pool, r.agent_id, s))
         if not r.drained:
             undrained.append(r.agent_id)
