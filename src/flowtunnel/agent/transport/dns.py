@@ -16,8 +16,8 @@ sends smaller ones.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
-from flowtunnel.agent.dnsclient import DnsClient, DnsClientConfig, DnsTransportError, system_resolver
 from flowtunnel.agent.transport.answers import (
     GATEWAY,
     Acked,
@@ -30,6 +30,9 @@ from flowtunnel.agent.transport.answers import (
 )
 from flowtunnel.wire.dns import Answer as TxtAnswer
 from flowtunnel.wire.dns import DnsNameError, ReassemblyLimits
+
+if TYPE_CHECKING:
+    from flowtunnel.agent.dnsclient import DnsClient
 
 __all__ = ["MAX_DNS_BODY", "DnsTransport"]
 
@@ -69,6 +72,9 @@ class DnsTransport:
                 "bytes_in": st.bytes_in, "bad_answers": st.bad_answers, "tcp_fallbacks": st.tcp_fallbacks}
 
     def _open(self) -> DnsClient:
+        # Imported here: dnslib loads only on an agent that uses the dns rung.
+        from flowtunnel.agent.dnsclient import DnsClient, DnsClientConfig, system_resolver
+
         if self._client is None:
             resolver = self._resolver or system_resolver()
             self.route = f"dns via {resolver[0]}:{resolver[1]}, zone {self._zone}"
@@ -78,6 +84,8 @@ class DnsTransport:
         return self._client
 
     async def exchange(self, batch: bytes, hints: Hints) -> Answer:
+        from flowtunnel.agent.dnsclient import DnsTransportError
+
         what = hints.what
         if len(batch) > self._max_body:
             return TooLarge(detail=f"{what}: {len(batch)} bytes exceed the {self._max_body} bytes one batch "
