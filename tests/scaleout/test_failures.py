@@ -241,3 +241,14 @@ async def test_one_agent_cannot_fill_the_stream_for_all(single: NatsCluster, tmp
         assert gw.metrics.rejects_by_cause.get("agent-share") == 1
     finally:
         await gw.stop()
+
+
+def test_a_server_max_payload_below_one_datagram_is_refused_at_start(tmp_path: Path) -> None:
+    import pytest
+
+    from flowtunnel.errors import ConfigError
+    from tests.scaleout.conftest import _binary
+
+    with NatsCluster(tmp_path / "small", size=1, binary=_binary(), max_payload=32768) as c, \
+            pytest.raises(ConfigError, match="max_payload 32768 is below"):
+        asyncio.run(start_shared_gateway(c.url, tmp_path / "g"))

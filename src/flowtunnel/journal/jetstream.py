@@ -339,6 +339,12 @@ class JetStreamJournal:
             await self._conn.close()
             raise
         self.max_payload = int(self._conn.nc.max_payload)
+        need = 65535 + _DG.size + 255 + _HEADER_ROOM  # the largest UDP datagram with its exporter and headers
+        if self.max_payload < need:
+            await self._conn.close()
+            raise ConfigError(f"journal at {self.config.describe()}: the server's max_payload "
+                              f"{self.max_payload} is below {need} bytes, the largest datagram with its "
+                              "headers: raise max_payload in the server's configuration")
         self._flusher = asyncio.get_running_loop().create_task(self._flush_marks(), name="journal:marks")
 
     async def _ensure(self) -> None:
