@@ -218,6 +218,9 @@ class Gateway:
         self.sinks = [] if cfg.journal else self._build_sinks()
         if cfg.journal:
             log.info("sinks run as separate processes on the shared journal ('flowtunnel sink ...')")
+            if cfg.forward or cfg.jsonl:
+                log.warning("--forward and --jsonl are ignored with --journal: run 'flowtunnel sink forward' "
+                            "and 'flowtunnel sink jsonl' instead")
         elif not self.sinks:
             log.warning("no sinks configured (no --forward, --jsonl or store): the journal keeps everything")
         for sink in self.sinks:
