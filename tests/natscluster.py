@@ -212,8 +212,12 @@ class NatsCluster:
             node.proc = None
 
     def __enter__(self) -> NatsCluster:
-        self.start()
-        self.wait_placement()
+        try:
+            self.start()
+            self.wait_placement()
+        except BaseException:
+            self.stop()  # no server left behind when the cluster never became usable
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
