@@ -5,15 +5,37 @@ to put in front of either."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import subprocess
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from tests.peers import _stop_process, _wait_udp_bound, free_udp_port, require
 
-__all__ = ["Dnsmasq", "LossyRelay", "Unbound", "free_dns_port"]
+__all__ = ["Dnsmasq", "LossyRelay", "Unbound", "dns_gateway", "free_dns_port"]
+
+
+@contextlib.asynccontextmanager
+async def dns_gateway(data: Path, *, agent: str, zone: str) -> AsyncIterator[tuple[Any, Any, bytes]]:
+    """An in-process gateway with ``agent`` enrolled and a DNS endpoint for ``zone`` on a free port:
+    ``(Gateway, DnsEndpoint, the agent's key)``."""
+    from flowtunnel.gateway.dns import DnsConfig, DnsEndpoint
+    from tests.gateway.util import enroll, start_gateway
+
+    key = enroll(data, agent)
+    gw = await start_gateway(data)
+    assert gw.ingest is not None
+    dns = DnsEndpoint(DnsConfig(zone=zone, host="127.0.0.1", port=0), gw.ingest)
+    await dns.start()
+    try:
+        yield gw, dns, key
+    finally:
+        await dns.stop()
+        await gw.stop()
 
 
 def free_dns_port() -> int:

@@ -11,10 +11,10 @@ import pytest
 
 from flowtunnel.agent.dnsclient import DnsClient, DnsClientConfig
 from flowtunnel.gateway import Gateway
-from flowtunnel.gateway.dns import DnsConfig, DnsEndpoint
+from flowtunnel.gateway.dns import DnsEndpoint
 from flowtunnel.wire import peek_header, verify_ack
-from tests.gateway.util import datagrams, enroll, journal_entries, seal, start_gateway
-from tests.resolvers import Dnsmasq, LossyRelay, Unbound, free_dns_port
+from tests.gateway.util import datagrams, journal_entries, seal
+from tests.resolvers import Dnsmasq, LossyRelay, Unbound, dns_gateway, free_dns_port
 
 AGENT = "site-dns"
 ZONE = "t.example.org"
@@ -22,15 +22,8 @@ ZONE = "t.example.org"
 
 @pytest.fixture
 async def gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, DnsEndpoint, bytes]]:
-    data = tmp_path / "gw"
-    key = enroll(data, AGENT)
-    gw = await start_gateway(data)
-    assert gw.ingest is not None
-    dns = DnsEndpoint(DnsConfig(zone=ZONE, host="127.0.0.1", port=0), gw.ingest)
-    await dns.start()
-    yield gw, dns, key
-    await dns.stop()
-    await gw.stop()
+    async with dns_gateway(tmp_path / "gw", agent=AGENT, zone=ZONE) as env:
+        yield env
 
 
 async def deliver(client: DnsClient, key: bytes, batches: int, per_batch: int) -> list[bytes]:

@@ -14,10 +14,11 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from flowtunnel.gateway import Gateway
-from flowtunnel.gateway.dns import DnsConfig, DnsEndpoint
+from flowtunnel.gateway.dns import DnsEndpoint
 from flowtunnel.wire import peek_header, verify_ack
 from flowtunnel.wire.dns import Answer, FragmentQuery, Kind, decode_answer, encode_name, split_batch
-from tests.gateway.util import datagrams, enroll, journal_entries, seal, start_gateway
+from tests.gateway.util import datagrams, journal_entries, seal
+from tests.resolvers import dns_gateway
 
 AGENT = "site-dns"
 ZONE = "t.example.org"
@@ -25,15 +26,8 @@ ZONE = "t.example.org"
 
 @pytest.fixture
 async def env(tmp_path: Path) -> AsyncIterator[tuple[Gateway, DnsEndpoint, bytes]]:
-    data = tmp_path / "gw"
-    key = enroll(data, AGENT)
-    gw = await start_gateway(data)
-    assert gw.ingest is not None
-    dns = DnsEndpoint(DnsConfig(zone=ZONE, host="127.0.0.1", port=0), gw.ingest)
-    await dns.start()
-    yield gw, dns, key
-    await dns.stop()
-    await gw.stop()
+    async with dns_gateway(tmp_path / "gw", agent=AGENT, zone=ZONE) as env:
+        yield env
 
 
 async def ask(port: int, name: str, qtype: str = "TXT", *, tcp: bool = False) -> DNSRecord:
