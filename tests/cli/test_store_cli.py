@@ -12,59 +12,13 @@ import io
 import json
 import socket
 import subprocess
-import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import duckdb
-import pytest
 
-from flowtunnel.gateway.notify import JournalNotify
-from flowtunnel.runtime import TaskSet
-from flowtunnel.store import StoreSink
+from tests.cli._support import aflowtunnel
 from tests.conftest import require
-from tests.peers import Nfcapd, SoftflowdExport, TraceSummary, capture_softflowd
-from tests.store._support import fill_journal, run_sink_until, to_datagrams, wait_caught_up
-
-
-def flowtunnel(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowtunnel", *args], capture_output=True, text=True, timeout=120, check=False
-    )
-
-
-async def aflowtunnel(*args: str) -> subprocess.CompletedProcess[str]:
-    return await asyncio.to_thread(flowtunnel, *args)
-
-
-@pytest.fixture(scope="module")
-def export(trace: TraceSummary) -> SoftflowdExport:
-    require("softflowd")
-    return capture_softflowd(trace.path, 9)
-
-
-@pytest.fixture
-async def stopped_store(tmp_path: Path, export: SoftflowdExport) -> Path:
-    journal = fill_journal(tmp_path / "journal.sqlite", to_datagrams(export.datagrams))
-    await run_sink_until(StoreSink(data_dir=tmp_path / "data"), journal)
-    journal.close()
-    return tmp_path / "data"
-
-
-@pytest.fixture
-async def running_store(tmp_path: Path, export: SoftflowdExport) -> AsyncIterator[Path]:
-    """A sink that has stored the whole capture and keeps running (holding the database) meanwhile."""
-    journal = fill_journal(tmp_path / "journal.sqlite", to_datagrams(export.datagrams))
-    sink = StoreSink(data_dir=tmp_path / "data")
-    tasks = TaskSet()
-    tasks.spawn(sink.run(journal, JournalNotify(journal.last_seq())), name="store-sink")
-    try:
-        async with asyncio.timeout(60):
-            await wait_caught_up(sink, journal.last_seq())
-        yield tmp_path / "data"
-    finally:
-        await tasks.close()
-        journal.close()
+from tests.peers import Nfcapd, SoftflowdExport
 
 
 async def test_query_prints_csv_by_default(stopped_store: Path, export: SoftflowdExport) -> None:
