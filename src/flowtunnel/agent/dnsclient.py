@@ -253,10 +253,10 @@ class DnsClient:
             qid = self._rng.getrandbits(16)
         request.header.id = qid
         packet = request.pack()
-        future: asyncio.Future[DNSRecord] = loop.create_future()
-        self._waiting[qid] = (name, future)
         if self._transport is None:
             raise DnsTransportError("DNS client is closed")
+        future: asyncio.Future[DNSRecord] = loop.create_future()
+        self._waiting[qid] = (name, future)
         self._transport.sendto(packet)
         self.stats.queries += 1
         self.stats.udp_packets_out += 1
