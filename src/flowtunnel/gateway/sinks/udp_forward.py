@@ -223,8 +223,7 @@ class UdpForwardSink(CursorSink):
 
     def _close(self) -> None:
         with contextlib.suppress(OSError, ValueError):
-            self._save_templates()
-            self._map.save()
+            self._persist()
         for src in [*self._sources.values(), *self._fallback.values()]:
             if src.sock is not None:
                 src.sock.close()  # idempotent: shared sockets appear more than once
@@ -422,26 +421,23 @@ class UdpForwardSink(CursorSink):
             self._map.save()
 
     def _send_entries(self, entries: Sequence[Entry]) -> None:
-        with self._work_lock:
-            self._send_entries_locked(entries)
-
-    def _send_entries_locked(self, entries: Sequence[Entry]) -> None:
         from flowtunnel.netflow import ProtocolError
 
-        for entry in entries:
-            d = entry.datagram
-            exporter = self._identity(entry)
-            payload = d.payload
-            if has_templates(payload):
-                try:
-                    self._decoder(entry.stream).decode(payload, exporter=exporter)
-                except ProtocolError as exc:
-                    self._count("undecodable_template", "template datagram from %s/%s: %s", entry.stream,
-                                exporter, exc)
-                self._templates_dirty.add(entry.stream)
-            for target, version, sockaddr in self._addrs:
-                src = self._source(entry.stream, exporter, version)
-                self._send(src, target, sockaddr, payload, sport=d.exporter_port)
+        with self._work_lock:
+            for entry in entries:
+                d = entry.datagram
+                exporter = self._identity(entry)
+                payload = d.payload
+                if has_templates(payload):
+                    try:
+                        self._decoder(entry.stream).decode(payload, exporter=exporter)
+                    except ProtocolError as exc:
+                        self._count("undecodable_template", "template datagram from %s/%s: %s", entry.stream,
+                                    exporter, exc)
+                    self._templates_dirty.add(entry.stream)
+                for target, version, sockaddr in self._addrs:
+                    src = self._source(entry.stream, exporter, version)
+                    self._send(src, target, sockaddr, payload, sport=d.exporter_port)
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         pacer = self._pacer
