@@ -3,7 +3,8 @@
 # tshark, tinyproxy, nats-server; squid with its fake auth helpers and mitmproxy for the hostile-network zoo
 # in tests/zoo/; unbound and dnsmasq as the DNS rung's resolvers; pmacct for the benchmarks' nfacctd baseline;
 # systemd for systemd-analyze, which checks contrib/systemd; chromium and chromium-driver for the console's
-# browser tests in tests/e2e/test_console_browser.py) and a virtualenv at .venv with the project and
+# browser tests in tests/e2e/test_console_browser.py; haproxy, the load balancer in front of two gateways in
+# tests/scaleout/test_failover.py) and a virtualenv at .venv with the project and
 # its test/lint extras.
 # Idempotent; needs root (or sudo) for apt-get. Set SKIP_APT=1 to skip the Debian part.
 set -euo pipefail
@@ -19,7 +20,7 @@ if [ "${SKIP_APT:-0}" != "1" ]; then
     # systemd-analyze (package systemd) verifies the unit files in contrib/systemd.
     for pair in softflowd:softflowd nfcapd:nfdump tshark:tshark tinyproxy:tinyproxy nats-server:nats-server nfacctd:pmacct \
         squid:squid mitmdump:mitmproxy unbound:unbound dnsmasq:dnsmasq-base systemd-analyze:systemd \
-        chromium:chromium chromedriver:chromium-driver; do
+        chromium:chromium chromedriver:chromium-driver haproxy:haproxy; do
         command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need="$need ${pair##*:}"
     done
     if [ -n "$need" ]; then

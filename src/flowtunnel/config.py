@@ -250,6 +250,10 @@ def load_settings(
         raw[name] = (value, f"--{name.replace('_', '-')}")
     kwargs: dict[str, Any] = {}
     for name, (value, where) in raw.items():
+        joiner = fields[name].metadata.get("join")
+        if joiner is not None and isinstance(value, list | tuple):
+            # A text setting that holds a list (``gateway``): a TOML array or a repeated flag, joined.
+            value = joiner.join(str(v) for v in value)
         parse = fields[name].metadata.get("parse")
         if parse is not None and isinstance(value, str | int | float) and not isinstance(value, bool):
             try:

@@ -57,10 +57,36 @@ def test_env_listen_is_comma_separated() -> None:
     assert [str(a) for a in cfg.listen_addresses] == ["udp://0.0.0.0:2055", "udp://[::]:2055"]
 
 
+def test_several_gateways_from_flags_env_and_a_toml_array(tmp_path: Path) -> None:
+    """Issue 12: ``--gateway`` repeated, a comma list (env) or a TOML array; each transport sees one URL."""
+    cfg = make(gateway=("https://gw1.example:8443", "https://gw2.example:8443/ft/"))
+    assert cfg.gateways == ("https://gw1.example:8443", "https://gw2.example:8443/ft/")
+    one = cfg.for_gateway("https://gw2.example:8443/ft/")
+    assert (one.gateway, one.gateways, one.agent_id) == ("https://gw2.example:8443/ft/",
+                                                         ("https://gw2.example:8443/ft/",), "site-a")
+    with pytest.raises(ValueError, match="is not one of"):
+        cfg.for_gateway("https://gw3.example")
+    env = {"FLOWTUNNEL_AGENT_GATEWAY": "http://127.0.0.1:1, http://127.0.0.1:2"}
+    cfg = load_settings(AgentConfig, section="agent", env=env,
+                        flags={k: v for k, v in BASE.items() if k != "gateway"})
+    assert cfg.gateways == ("http://127.0.0.1:1", "http://127.0.0.1:2")
+    conf = tmp_path / "agent.toml"
+    conf.write_text('[agent]\ngateway = ["http://gw1.example", "http://gw2.example"]\n')
+    cfg = load_settings(AgentConfig, section="agent", config_file=conf,
+                        flags={k: v for k, v in BASE.items() if k != "gateway"})
+    assert cfg.gateways == ("http://gw1.example", "http://gw2.example")
+    assert make().gateways == ("http://127.0.0.1:8080",)  # the single-URL form, unchanged
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         ({"gateway": None}, "gateway URL is required"),
+        ({"gateway": " , "}, "gateway URL is required"),
+        ({"gateway": ("http://gw1", "ftp://gw2")}, "'ftp://gw2' is not an http:// or https:// URL"),
+        ({"gateway": ("http://gw1", "http://gw1/")}, "names the same URL twice"),
+        ({"gateway": "http://gw1:99999"}, "is not an http:// or https:// URL"),
+        ({"gateway": ",".join(f"http://gw{i}" for i in range(33))}, "33 gateway URLs given, at most 32"),
         ({"gateway": "ftp://x"}, "is not an http:// or https:// URL"),
         ({"gateway": "http://u:p@gw"}, "must not carry credentials"),
         ({"spool": None}, "spool directory is required"),

@@ -81,6 +81,7 @@ def mask_url(url: str | None) -> str | None:
 
 
 DEFAULT_RUNGS = ("post", "ws", "get")
+MAX_GATEWAYS = 32  # gateway URLs one agent may list (a cluster's gateways, not a fleet's)
 
 
 @dataclass(frozen=True, kw_only=True, repr=False)
@@ -88,8 +89,11 @@ class AgentConfig:
     """Everything ``flowtunnel agent`` needs; each field is a TOML key in ``[agent]``, an env var
     ``FLOWTUNNEL_AGENT_<KEY>`` and a flag ``--<key>``."""
 
-    gateway: str = ""
-    """Gateway base URL, e.g. https://gw.example.net:8443 (the agent POSTs to <gateway>/v1/batches)."""
+    gateway: str = field(default="", metadata={"join": ","})
+    """Gateway base URL, e.g. https://gw.example.net:8443 (the agent POSTs to <gateway>/v1/batches); several
+    gateways of one cluster (a shared journal) separated by commas, or as a TOML array, best first: the agent
+    uses one at a time and moves to the next when it fails (``gateways``; ``for_gateway`` gives the settings
+    for one of them, which is what every transport sees)."""
     listen: tuple[str, ...] = ("udp://127.0.0.1:2055",)
     spool: Path | None = None
     agent_id: str = ""
@@ -151,15 +155,26 @@ class AgentConfig:
     shutdown_timeout: float = duration_setting(5.0, 0.0, 600.0, zero="no last upload")
 
     def __post_init__(self) -> None:
-        if not self.gateway:
+        if not self.gateways:
             raise ConfigError(
                 "gateway URL is required (--gateway URL, [agent] gateway, FLOWTUNNEL_AGENT_GATEWAY)"
             )
-        gw = urlsplit(self.gateway)
-        if gw.scheme not in ("http", "https") or not gw.hostname:
-            raise ConfigError(f"gateway {self.gateway!r} is not an http:// or https:// URL")
-        if gw.password is not None or gw.username is not None:
-            raise ConfigError("gateway URL must not carry credentials (the agent authenticates with its key)")
+        urls = self.gateways
+        if len(urls) > MAX_GATEWAYS:
+            raise ConfigError(f"{len(urls)} gateway URLs given, at most {MAX_GATEWAYS}")
+        for url in urls:
+            try:
+                gw = urlsplit(url)
+                gw.port  # noqa: B018  (raises ValueError for a port out of range)
+            except ValueError:
+                gw = urlsplit("")
+            if gw.scheme not in ("http", "https") or not gw.hostname:
+                raise ConfigError(f"gateway {url!r} is not an http:// or https:// URL")
+            if gw.password is not None or gw.username is not None:
+                raise ConfigError("gateway URL must not carry credentials (the agent authenticates with its "
+                                  "key)")
+        if len({url.rstrip("/") for url in urls}) != len(urls):
+            raise ConfigError(f"gateway {self.gateway!r} names the same URL twice")
         if self.spool is None:
             raise ConfigError(
                 "spool directory is required (--spool DIR, [agent] spool, FLOWTUNNEL_AGENT_SPOOL)"
@@ -221,6 +236,17 @@ class AgentConfig:
                               "once, best first (e.g. post,ws,get)")
         if self.on_intercept not in ("allow", "refuse"):
             raise ConfigError(f"on-intercept {self.on_intercept!r} is not one of allow, refuse")
+
+    @property
+    def gateways(self) -> tuple[str, ...]:
+        """The gateway URLs, best first (``gateway`` split at commas)."""
+        return tuple(url.strip() for url in self.gateway.split(",") if url.strip())
+
+    def for_gateway(self, url: str) -> AgentConfig:
+        """These settings for one gateway ``url`` (one of ``gateways``): what a transport is built from."""
+        if url not in self.gateways:
+            raise ValueError(f"gateway {url!r} is not one of {', '.join(self.gateways)}")
+        return dataclasses.replace(self, gateway=url)
 
     @property
     def listen_addresses(self) -> tuple[ListenAddress, ...]:

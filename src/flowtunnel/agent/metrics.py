@@ -2,7 +2,8 @@
 
 Values come from the status snapshot the agent writes every ``status_interval`` (so a scrape never touches the
 spool's lock): backlog (datagrams, bytes, age of the oldest), drops by cause, datagrams received, upload
-bytes on the wire and their rate, the acknowledged sequence, and ``flowtunnel_build_info``. Its own registry,
+bytes on the wire and their rate, the acknowledged sequence, the gateway in use and the moves between
+gateways, and ``flowtunnel_build_info``. Its own registry,
 so several agents can run in one test process.
 
 Resource handling: one aiohttp server bound from ``start`` until ``close``; a listen address that cannot be
@@ -85,6 +86,15 @@ class StatusCollector(Collector):
             for name in rungs:
                 rung.add_metric([agent, str(name)], 1.0 if name == upload.get("rung") else 0.0)
             yield rung
+        gateways = upload.get("gateways")
+        if isinstance(gateways, dict):
+            gateway = GaugeMetricFamily(_P + "gateway", "The gateway in use (1) and the other gateways "
+                                        "listed (0), by URL", labels=["agent", "url"])
+            for url in gateways:
+                gateway.add_metric([agent, str(url)], 1.0 if url == upload.get("gateway") else 0.0)
+            yield gateway
+        yield from self._counter("gateway_moves", "Moves from one gateway to another since start (failover)",
+                                 agent, upload.get("gateway_moves"))
         yield from self._counter("upload_rung_switches", "Switches between transport rungs since start",
                                  agent, upload.get("switches"))
         yield from self._counter("upload_oversize_datagrams", "Datagrams too large for the path's body limit "

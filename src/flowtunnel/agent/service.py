@@ -214,7 +214,7 @@ class AgentService:
             "updated": now,
             "listen": [f"udp://[{h}]:{p}" if ":" in h else f"udp://{h}:{p}" for h, p in self.receiver.bound],
             "rcvbuf": dict(rec.rcvbuf),
-            "gateway": cfg.gateway,
+            "gateway": up["gateway"],  # the one in use (of --gateway's list)
             "gateway_acked": up["acked"],
             "backlog": {"datagrams": spool.entries, "bytes": spool.bytes,
                         "oldest_received": oldest if spool.entries else None},

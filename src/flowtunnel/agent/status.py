@@ -141,6 +141,16 @@ def _rung(status: Mapping[str, Any]) -> str:
     return text
 
 
+def _gateways(status: Mapping[str, Any], gateways: Mapping[str, Any]) -> str:
+    """Which of several gateways is in use, how often the agent moved, and why it left the others."""
+    names = list(gateways)
+    current = status.get("gateway")
+    place = f"{names.index(current) + 1} of {len(names)} in use" if current in names else f"{len(names)}"
+    text = f"{place}, {_get(status, 'upload', 'gateway_moves') or 0} moves"
+    notes = [f"{url} {state}" for url, state in gateways.items() if url != current and state != "untried"]
+    return text + ("; " + "; ".join(notes) if notes else "")
+
+
 def render(
     status: Mapping[str, Any], *, now: float | None = None, pid_running: bool | None = None
 ) -> str:
@@ -162,6 +172,9 @@ def render(
     rows.append(("listen", ", ".join(status.get("listen") or []) or "-"))
     rows.append(("gateway", f"{status.get('gateway', '-')}"
                  + (f" via {_get(status, 'upload', 'proxy')}" if _get(status, "upload", "proxy") else "")))
+    gateways = _get(status, "upload", "gateways")
+    if isinstance(gateways, Mapping) and len(gateways) > 1:
+        rows.append(("gateways", _gateways(status, gateways)))
     rung = _get(status, "upload", "rung")
     if rung:
         rows.append(("rung", _rung(status)))

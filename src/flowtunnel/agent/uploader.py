@@ -73,13 +73,16 @@ from flowtunnel.agent.transport import (
     plan_resync,
 )
 from flowtunnel.agent.transport.answers import GATEWAY, Rejected
+from flowtunnel.agent.transport.delivery import Wait
 from flowtunnel.agent.transport.dns import DnsTransport
+from flowtunnel.agent.transport.failover import Failover, Move
 from flowtunnel.agent.transport.get import GetTransport
 from flowtunnel.agent.transport.ladder import Ladder, Switch
 from flowtunnel.agent.transport.network import RungMemory, local_fingerprint
 from flowtunnel.agent.transport.post import PostTransport, find_route, make_client
 from flowtunnel.agent.transport.ws import WsTransport
 from flowtunnel.datagram import Datagram
+from flowtunnel.errors import ConfigError
 from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import (
@@ -185,12 +188,17 @@ class Uploader:
         self._dropped = dropped
         self._clock = clock
         self._draw = draw
-        self._url = config.gateway.rstrip("/") + "/v1/batches"
         self._wake = asyncio.Event()
         self._once = OnceLogger(logger)
-        # The rungs by name, best first (``--rungs``), and the ladder choosing among them; a transport given
-        # by the caller is the only rung.
-        self._rungs: dict[str, Transport] = {} if transport is None else {transport.name: transport}
+        # The gateways (``--gateway``, several of one cluster) and which one is in use; for each gateway used
+        # so far its rungs by name, best first (``--rungs``), each with its own connections, probe and pin
+        # state; the ladder choosing among the rungs (the path's property, shared by the gateways). A
+        # transport given by the caller is the only rung of the only gateway.
+        gateways = config.gateways if transport is None else config.gateways[:1]
+        self._failover = Failover(gateways=gateways)
+        self._stacks: dict[str, dict[str, Transport]] = (
+            {} if transport is None else {gateways[0]: {transport.name: transport}})
+        self._dns: DnsTransport | None = None  # the dns rung, one for every gateway (it goes by the zone)
         self._ladder = Ladder(rungs=tuple(config.rungs) if transport is None else (transport.name,))
         self._delivery = Delivery(
             agent_id=config.agent_id, key=key, max_body=config.max_body,
@@ -228,28 +236,37 @@ class Uploader:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
-    async def open(self) -> None:
-        cfg = self._config
-        via = ""
-        if not self._rungs:
-            kinds = {"post": PostTransport, "get": GetTransport, "ws": WsTransport}
-            route = await find_route(cfg)
-            client = None
-            for name in cfg.rungs:
-                if name == "dns":
-                    # The last rung: query names through the resolver, no HTTP client (docs/protocol.md 9).
+    async def _build(self, url: str) -> str:
+        """The rungs for gateway ``url``, with their own connections; says which route they take."""
+        cfg = self._config.for_gateway(url)
+        kinds = {"post": PostTransport, "get": GetTransport, "ws": WsTransport}
+        route = await find_route(cfg)  # per gateway: a PAC file may name another proxy for another host
+        client = None
+        rungs: dict[str, Transport] = {}
+        for name in cfg.rungs:
+            if name == "dns":
+                # The last rung: query names through the resolver, no HTTP client (docs/protocol.md 9).
+                if self._dns is None:
                     assert cfg.dns_zone is not None  # AgentConfig refuses the dns rung without a zone
                     resolver = (parse_host_port(cfg.dns_resolver, what="dns-resolver")
                                 if cfg.dns_resolver else None)
-                    self._rungs[name] = DnsTransport(zone=cfg.dns_zone, resolver=resolver, qps=cfg.dns_qps)
-                    continue
-                # Each rung its own connection: rungs race when the network is new, and a WebSocket holds its
-                # connection for itself.
-                client = make_client(cfg, route)
-                self._rungs[name] = kinds[name](client, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
-                                                clock=self._clock)
-            shown = client.route if client is not None else "dns only"
-            via = f" ({shown}, from {route.source}; rungs {', '.join(cfg.rungs)})"
+                    self._dns = DnsTransport(zone=cfg.dns_zone, resolver=resolver, qps=cfg.dns_qps)
+                rungs[name] = self._dns
+                continue
+            # Each rung its own connection: rungs race when the network is new, and a WebSocket holds its
+            # connection for itself.
+            client = make_client(cfg, route)
+            rungs[name] = kinds[name](client, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
+                                      clock=self._clock)
+        self._stacks[url] = rungs
+        shown = client.route if client is not None else "dns only"
+        return f"{shown}, from {route.source}; rungs {', '.join(cfg.rungs)}"
+
+    async def open(self) -> None:
+        cfg = self._config
+        via = ""
+        if not self._stacks:
+            via = f" ({await self._build(self._failover.current)})"
             self._memory = RungMemory(self._spool.path.parent / RUNG_MEMORY)
         await self._recall_network()
         limit, limit_of = await asyncio.to_thread(
@@ -263,15 +280,26 @@ class Uploader:
         self._last_seq = await asyncio.to_thread(self._spool.last_seq)
         saved = await asyncio.to_thread(self._spool.states, _BUDGET_PREFIX)
         self._budget.spent.update(_budget_days(saved))
-        logger.info("uploading to %s%s as agent %s", self._url, via, cfg.agent_id)
+        others = self._failover.gateways[1:]
+        logger.info("uploading to %s/v1/batches%s as agent %s%s", self._failover.current.rstrip("/"), via,
+                    cfg.agent_id, f"; on failure to {', '.join(others)}" if others else "")
+
+    @property
+    def _rungs(self) -> dict[str, Transport]:
+        """The rungs of the gateway in use."""
+        return self._stacks.get(self._failover.current, {})
 
     @property
     def _transport(self) -> Transport | None:
         return self._rungs.get(self._ladder.current)
 
     async def close(self) -> None:
-        for transport in self._rungs.values():
-            await transport.close()
+        closed: set[int] = set()
+        for rungs in self._stacks.values():
+            for transport in rungs.values():
+                if id(transport) not in closed:  # the dns rung is shared
+                    closed.add(id(transport))
+                    await transport.close()
 
     def notify(self) -> None:
         """New datagrams are in the spool."""
@@ -644,9 +672,11 @@ class Uploader:
         action = self._delivery.answer(sent, answer, draw=self._draw(), now=self._clock())
         self._emit(action.notes)
         self._sync_stats()
+        if isinstance(action, Commit):
+            self._failover.after(answer, None, now=self._clock())
         if not isinstance(action, Commit):
             self._race = True  # still nothing known about this network: race again next time
-            raise _Failed(action.cause, action.delay)
+            raise _Failed(action.cause, await self._failover_after(answer, action))
         return action.acked
 
     async def _resync(self) -> None:
@@ -693,6 +723,9 @@ class Uploader:
             self._switched(up)
             self._delivery.wants_resync = True  # a new rung starts with a resync (its own answers)
             raise _Failed("rung-switch", 0.0)
+        back = self._failover.before(self._clock()) if self._ladder.current != "dns" else None
+        if back is not None and await self._move(back):
+            raise _Failed("gateway-move", 0.0)
         transport = self._transport
         assert transport is not None
         st.sent_bytes += len(body)
@@ -714,9 +747,11 @@ class Uploader:
             self._saved_limit = self._delivery.max_body
             await asyncio.to_thread(self._save_limit, self._saved_limit)
         if not isinstance(action, Commit):
+            delay = await self._failover_after(answer, action)
             if self._delivery.consecutive_failures >= 2:
                 await self._recall_network()  # moved to another network meanwhile?
-            raise _Failed(action.cause, action.delay)
+            raise _Failed(action.cause, delay)
+        self._failover.after(answer, None, now=self._clock())
         if batch and self._memory is not None and self._network is not None:
             await asyncio.to_thread(self._memory.put, self._network, self._ladder.current)
         if batch:
@@ -728,6 +763,39 @@ class Uploader:
 
     def _switched(self, switch: Switch) -> None:
         logger.warning("upload rung %s -> %s: %s", switch.old, switch.new, switch.reason)
+
+    async def _failover_after(self, answer: Answer, action: Wait) -> float:
+        """After a failed exchange: move to another gateway if the failure was the gateway's; the wait
+        before the next attempt (none when the next gateway has not failed since the last ack)."""
+        if self._ladder.current == "dns":
+            return action.delay  # the dns rung reaches the cluster by the zone, whatever the gateway URL
+        move = self._failover.after(answer, action.cause, now=self._clock())
+        if move is None or not await self._move(move):
+            return action.delay
+        return 0.0 if move.at_once else action.delay
+
+    async def _move(self, move: Move) -> bool:
+        """Use gateway ``move.new`` from now on (building its rungs the first time); False when its rungs
+        cannot be built (its proxy setting fails), and the agent stays where it was."""
+        if move.new not in self._stacks:
+            try:
+                await self._build(move.new)
+            except ConfigError as exc:
+                self._once.warning(f"gateway-build:{move.new}", "cannot use gateway %s: %s", move.new, exc)
+                self._failover.index = self._failover.gateways.index(move.old)
+                return False
+        # Each move is logged once, with its reason; while every gateway keeps failing (the cluster is
+        # down, or this network reaches none), the rounds after the first are counted, not logged.
+        if move.round == 0:
+            logger.warning("gateway %s -> %s: %s", move.old, move.new, move.reason)
+        elif move.round == 1 and not move.at_once:
+            logger.warning("every gateway failed since the last acknowledgement (%s: %s): trying them in "
+                           "turn, one per backoff", move.old, move.reason)
+        else:
+            logger.debug("gateway %s -> %s: %s", move.old, move.new, move.reason)
+        self._delivery.wants_resync = True  # the new gateway's mark, from the shared journal
+        self._delivery.fresh_context = True  # it does not hold the compression context the old one held
+        return True
 
     def _save_limit(self, limit: int) -> None:
         self._spool.set_state(_LIMIT, limit)
@@ -762,7 +830,7 @@ class Uploader:
         st = self.stats
         transport = self._transport
         return {
-            "gateway": self._config.gateway,
+            **self._failover.status(),
             "proxy": mask_url(self._config.proxy),
             "route": (transport.client.route if isinstance(transport, PostTransport)
                       else transport.route if isinstance(transport, DnsTransport) else None),

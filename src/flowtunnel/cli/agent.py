@@ -12,7 +12,6 @@ __all__ = ["register"]
 
 # (flag, field, metavar, help). Every flag is also a key in [agent] and an env var FLOWTUNNEL_AGENT_<KEY>.
 _FLAGS: tuple[tuple[str, str, str, str], ...] = (
-    ("--gateway", "gateway", "URL", "gateway base URL, e.g. https://gw.example.net:8443 (required)"),
     ("--spool", "spool", "DIR", "spool directory: durable queue, status.json (required)"),
     ("--agent-id", "agent_id", "ID", "this agent's id, as enrolled at the gateway (required)"),
     ("--key", "key", "KEY", "the agent's key (ftk1_...) from 'flowtunnel enroll'; prefer --key-file or "
@@ -84,6 +83,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "--listen", action="append", default=None, metavar="udp://HOST:PORT",
         help="address to receive exports on, repeatable; IPv6 as udp://[::1]:2055 (default udp://127.0.0.1:2055)",
     )
+    parser.add_argument(
+        "--gateway", action="append", default=None, metavar="URL",
+        help="gateway base URL, e.g. https://gw.example.net:8443 (required); repeatable (or comma-separated) "
+        "for the gateways of one cluster: the agent uses the first, moves to the next when one cannot be "
+        "reached, times out or answers 5xx (never on a 4xx refusal), logs each move and goes back to the "
+        "first after 10 minutes; exactly once holds across them (they share the journal)",
+    )
     for flag, dest, metavar, text in _FLAGS:
         parser.add_argument(flag, dest=dest, default=None, metavar=metavar, help=text)
     add_config_flag(parser)
@@ -98,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
 
     flags: dict[str, Any] = {dest: getattr(args, dest) for _, dest, _, _ in _FLAGS}
     flags["listen"] = tuple(args.listen) if args.listen else None
+    flags["gateway"] = tuple(args.gateway) if args.gateway else None  # joined with commas by load_settings
     config = load_settings(AgentConfig, section="agent", config_file=args.config, env=os.environ, flags=flags)
     load_key(config)  # a bad key is a usage error: report it before anything starts
     init_logging(args)
