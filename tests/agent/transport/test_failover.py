@@ -101,6 +101,7 @@ def test_back_to_the_first_gateway_after_a_while() -> None:
     assert fo.before(599.0) is None
     fo.after(fail("http-502"), "http-502", now=300.0)  # B -> C: still away from the first since 0
     assert fo.current == C
+    assert fo.after(OK, None, now=301.0) is None
     assert fo.before(599.0) is None
     back = fo.before(600.0)
     assert back == Move(old=C, new=A, reason="back to the first gateway after 600 s on https://gw-c",
