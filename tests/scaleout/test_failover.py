@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,9 @@ frontend flowtunnel
 backend gateways
     balance roundrobin
     option httpchk GET /healthz
-    server g1 127.0.0.1:{g1} check inter 200ms fall 1 rise 2
-    server g2 127.0.0.1:{g2} check inter 200ms fall 1 rise 2
+    timeout check 1s
+    server g1 127.0.0.1:{g1} check inter 1s fall 2 rise 2
+    server g2 127.0.0.1:{g2} check inter 1s fall 2 rise 2
 """
 
 
@@ -137,7 +138,9 @@ def _agent_process(*args: str) -> subprocess.Popen[bytes]:
                             stderr=subprocess.PIPE, start_new_session=True)
 
 
-async def _replay(address: tuple[str, int], payloads: list[bytes], *, kill_at: int, kill: int) -> None:
+async def _replay(
+    address: tuple[str, int], payloads: list[bytes], *, kill_at: int = -1, kill: int = 0
+) -> None:
     """Send ``payloads`` to the agent like an exporter (paced), killing process group ``kill`` (-9) after
     ``kill_at`` of them."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
@@ -147,6 +150,21 @@ async def _replay(address: tuple[str, int], payloads: list[bytes], *, kill_at: i
             tx.sendto(payload, address)
             if i % 20 == 19:
                 await asyncio.sleep(0.02)
+
+
+class Stuck:
+    """True once the acknowledged seq has not moved for ``quiet`` seconds while more is spooled."""
+
+    def __init__(self, acked: Callable[[], int], spooled: Callable[[], int], quiet: float = 0.5) -> None:
+        self._acked, self._spooled, self._quiet = acked, spooled, quiet
+        self._last = (-1, time.monotonic())
+
+    def __call__(self) -> bool:
+        acked, now = self._acked(), time.monotonic()
+        if acked != self._last[0]:
+            self._last = (acked, now)
+            return False
+        return self._spooled() > acked and now - self._last[1] >= self._quiet
 
 
 def _assert_exactly_once(entries: list, payloads: list[bytes]) -> None:  # type: ignore[type-arg]
@@ -165,11 +183,25 @@ async def test_two_gateways_behind_haproxy_one_killed_mid_run(single: NatsCluste
         balancer = _haproxy(procs, tmp_path, (int(g1.rsplit(":", 1)[1]), int(g2.rsplit(":", 1)[1])))
         agent = AgentService(AgentConfig(**_agent_settings(tmp_path, balancer, key)))  # type: ignore[arg-type]
         await agent.start()
+        half = len(payloads) // 2
         try:
-            await _replay(agent.receiver.bound[0], payloads, kill_at=len(payloads) // 2, kill=g1_pid)
+            await _replay(agent.receiver.bound[0], payloads[:half])
+            await eventually(lambda: agent.spool.cursor(CURSOR) == half, "the first half acknowledged")
+            # Freeze g1, so that the next request haproxy gives it hangs there; once the agent waits on one
+            # (its acknowledged seq stuck while datagrams wait), kill g1 mid-request.
+            os.killpg(g1_pid, signal.SIGSTOP)
+            replay = asyncio.ensure_future(_replay(agent.receiver.bound[0], payloads[half:]))
+            stuck = Stuck(lambda: agent.spool.cursor(CURSOR), lambda: agent.receiver.stats.spooled)
+            await eventually(stuck, "a request hanging on the frozen gateway", within=30)
+            _kill(g1_pid)
+            await replay
             await eventually(lambda: agent.receiver.stats.spooled == len(payloads), "everything spooled")
             await eventually(lambda: agent.spool.cursor(CURSOR) == len(payloads), "everything acknowledged",
                              within=60)
+            # The request g1 held failed (haproxy closes the agent's connection, or answers 502), and the
+            # retry after a resync went to g2.
+            failures = agent.uploader.stats.failures
+            assert any(cause.startswith(("http-5", "connection:")) for cause in failures), failures
         finally:
             await agent.shutdown()
     _assert_exactly_once(await read_stream(parse_journal_url(single.url)), payloads)
