@@ -8,7 +8,10 @@ import logging
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
+from flowtunnel.agent.metrics import StatusCollector
+from flowtunnel.agent.status import render as render_status
 from flowtunnel.agent.transport.post import PostTransport
 from flowtunnel.agent.uploader import CURSOR
 from tests.agent.conftest import GatewayFactory, enroll, eventually
@@ -37,6 +40,17 @@ async def test_a_dead_first_gateway_moves_the_agent_to_the_next_once(
             assert isinstance(gateways, dict)
             assert gateways[gw.url] == "current"
             assert gateways[dead].startswith("failed: resync: ")
+            # Shown in `flowtunnel status` and on /metrics.
+            doc = {"agent_id": AGENT, "gateway": status["gateway"], "upload": status}
+            text = render_status(doc)
+            assert f"gateway        {gw.url}\n" in text
+            assert f"gateways       2 of 2 in use, 1 moves; {dead} failed: resync: " in text
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(StatusCollector(lambda: doc))
+            metrics = generate_latest(registry).decode()
+            assert f'flowtunnel_agent_gateway{{agent="{AGENT}",url="{gw.url}"}} 1.0' in metrics
+            assert f'flowtunnel_agent_gateway{{agent="{AGENT}",url="{dead}"}} 0.0' in metrics
+            assert f'flowtunnel_agent_gateway_moves_total{{agent="{AGENT}"}} 1.0' in metrics
             # Each gateway its own transports (connections, probe trust, pin and portal state).
             rungs = [up._stacks[url]["post"] for url in (dead, gw.url)]
             assert all(isinstance(r, PostTransport) for r in rungs)
