@@ -62,6 +62,14 @@ class _Node:
     conf: Path
     log: Path
     proc: subprocess.Popen[bytes] | None = None
+    #: Where this run's lines start in ``log`` (a restarted node appends to the log of its earlier runs).
+    log_from: int = 0
+
+    def run_log(self) -> str:
+        """The log lines this node wrote since it was last started."""
+        with open(self.log, "rb") as f:
+            f.seek(self.log_from)
+            return f.read().decode(errors="replace")
 
 
 @dataclass
@@ -133,6 +141,7 @@ class NatsCluster:
 
     def start_node(self, name: str) -> None:
         node = self._node(name)
+        node.log_from = node.log.stat().st_size if node.log.exists() else 0
         with open(node.log, "ab") as out:
             node.proc = subprocess.Popen(
                 [self.binary, "-c", str(node.conf)], stdout=out, stderr=subprocess.STDOUT,
@@ -154,16 +163,24 @@ class NatsCluster:
                         log = node.log.read_text()[-2000:]
                         raise RuntimeError(f"nats node {node.name} not up: {log}") from None
                     time.sleep(0.05)
-        # JetStream ready: a meta leader is elected (healthz?js-enabled-only is not in every version).
+        # JetStream ready: a meta leader is elected (healthz?js-enabled-only is not in every version). Only
+        # this run's lines count: after a restart the earlier run's "new metadata leader" is stale.
         while True:
-            if all("JetStream" in n.log.read_text(errors="replace") for n in self.nodes if n.proc):
-                text = "".join(n.log.read_text(errors="replace") for n in self.nodes if n.proc)
+            running = [n for n in self.nodes if n.proc]
+            logs = [n.run_log() for n in running]
+            if all("JetStream" in text for text in logs):
+                text = "".join(logs)
                 if self.size == 1 or "JetStream cluster new metadata leader" in text \
                         or "Self is new JetStream cluster metadata leader" in text:
                     return
             if time.monotonic() > deadline:
-                raise RuntimeError("nats cluster has no JetStream meta leader")
+                raise RuntimeError(f"nats cluster has no JetStream meta leader:\n{self.log_tails()}")
             time.sleep(0.05)
+
+    def log_tails(self, chars: int = 1500) -> str:
+        """The end of every node's log, for a failure message."""
+        return "\n".join(f"--- {n.name}: ...{n.log.read_text(errors='replace')[-chars:]}"
+                         for n in self.nodes if n.log.exists())
 
     def wait_placement(self, timeout: float = 30.0) -> None:
         """Until a stream with as many replicas as nodes can be placed (every peer known to the leader)."""

@@ -86,8 +86,11 @@ async def test_nats_down_answers_503_with_retry_after_and_nothing_is_lost(
 ) -> None:
     key = await enroll_kv(cluster.url, "a1")
     gw = await start_shared_gateway(cluster.url, tmp_path / "g", journal_timeout=1.0)
+    # Every request is bounded: a gateway that never answers fails here with the nodes' logs, not at the
+    # suite's timeout.
+    limit = aiohttp.ClientTimeout(total=30)
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(timeout=limit) as http:
             status, doc, _ = await post_batch(http, gw.url, seal("a1", key, 1, _dgs(10, 1)), agent="a1")
             assert (status, doc.get("acked")) == (200, 10), doc
             for node in cluster.nodes:
@@ -99,18 +102,38 @@ async def test_nats_down_answers_503_with_retry_after_and_nothing_is_lost(
             assert int(headers["Retry-After"]) > 0
             for node in cluster.nodes:
                 cluster.start_node(node.name)
-            cluster.wait_ready()
-            for _ in range(200):
-                status, doc, _ = await post_batch(http, gw.url, seal("a1", key, 11, _dgs(10, 11)),
-                                                  agent="a1")
+            await asyncio.to_thread(cluster.wait_ready, 60.0)
+            deadline = asyncio.get_running_loop().time() + 120
+            answers: Counter[int] = Counter()
+            while True:
+                try:
+                    status, doc, _ = await post_batch(http, gw.url, seal("a1", key, 11, _dgs(10, 11)),
+                                                      agent="a1")
+                except TimeoutError:
+                    raise AssertionError(f"the gateway did not answer within 30 s after the cluster came "
+                                         f"back (answers so far {dict(answers)}):\n{cluster.log_tails()}") \
+                        from None
+                answers[status] += 1
                 if status == 200:
                     break
                 assert status == 503, doc
+                assert asyncio.get_running_loop().time() < deadline, \
+                    f"still 503 two minutes after the cluster came back ({doc}):\n{cluster.log_tails()}"
                 await asyncio.sleep(0.2)
             assert (status, doc.get("acked")) == (200, 20), doc
+            # The registry's watch outlived the cluster restart: an agent enrolled now is let in.
+            key2 = await enroll_kv(cluster.url, "a2")
+            while True:
+                status, doc, _ = await post_batch(http, gw.url, seal("a2", key2, 1, _dgs(3, 1)), agent="a2")
+                if status == 200:
+                    break
+                assert asyncio.get_running_loop().time() < deadline + 30, \
+                    f"an agent enrolled after the restart is still refused ({status} {doc})"
+                await asyncio.sleep(0.2)
     finally:
-        await gw.stop()
-    _exactly_once(await read_stream(parse_journal_url(cluster.url)), {"a1": 20})
+        async with asyncio.timeout(60):
+            await gw.stop()
+    _exactly_once(await read_stream(parse_journal_url(cluster.url)), {"a1": 20, "a2": 3})
 
 
 async def test_agent_silent_longer_than_the_stream_keeps_its_messages(

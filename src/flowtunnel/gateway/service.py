@@ -477,8 +477,10 @@ class Gateway:
             # Every gateway trims what every durable consumer acknowledged (idempotent), and refreshes the
             # stream figures for its status.
             try:
-                await self.shared_journal.trim()
-                self._shared_stats = await self.shared_journal.stats()
+                # Bounded: a cluster that answers nothing must not stall the housekeeping loop for good.
+                async with asyncio.timeout(30):
+                    await self.shared_journal.trim()
+                    self._shared_stats = await self.shared_journal.stats()
             except Exception as exc:
                 raise LogError(f"journal {self.shared_journal.config.describe()}: {exc}", path="jetstream") \
                     from None

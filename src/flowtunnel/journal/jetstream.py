@@ -568,7 +568,11 @@ class JetStreamJournal:
                 await asyncio.sleep(min(1.0, 0.2 * attempt))
             attempt += 1
             try:
-                ack = await self.js.publish(subject, payload, timeout=cfg.publish_timeout, headers=headers)
+                # Our own bound besides the library's: while it reconnects, nats-py can queue the publish
+                # behind a flush that never completes, and the request would wait with no timer at all.
+                async with asyncio.timeout(cfg.publish_timeout + 1.0):
+                    ack = await self.js.publish(subject, payload, timeout=cfg.publish_timeout,
+                                                headers=headers)
             except APIError as exc:
                 code = getattr(exc, "err_code", None)
                 if code == ERR_WRONG_LAST_SEQ:
