@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -18,7 +19,7 @@ import pytest
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway import Gateway, Registry
-from flowtunnel.wire import HEADER, AuthenticationFailed, peek_header, seal_batch, verify_ack
+from flowtunnel.wire import CONTENT_TYPES, HEADER, AuthenticationFailed, peek_header, seal_batch, verify_ack
 from tests.gateway.util import (
     BATCH_CONTENT_TYPE,
     datagrams,
@@ -73,6 +74,25 @@ async def test_batch_is_journaled_with_agent_seqs_and_acked(
     assert gw.journal.get_state(f"hwm:{AGENT}") == 5
     stats = gw.metrics.agents[AGENT]
     assert (stats.backlog, stats.dropped) == (7, {"spool_full": 3})
+
+
+async def test_every_listed_content_type_carries_a_batch_read_as_sealed_whatever_the_label(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    """A proxy may refuse the batch type (squid's ``req_mime_type``): the agent then labels the same sealed
+    body with another type from the short list (docs/protocol.md 7). The label is never parsed as its
+    format: a form-urlencoded label with a body of binary and ``%`` bytes is still read as a sealed batch."""
+    gw, key, session = env
+    odd = b"%zz&=%" + bytes(range(256))
+    dgs = [dataclasses.replace(d, payload=odd) for d in datagrams(len(CONTENT_TYPES))]
+    for i, ctype in enumerate(CONTENT_TYPES):
+        body = seal(AGENT, key, i + 1, [dgs[i]])
+        label = ctype + ("; charset=utf-8" if ctype.endswith("urlencoded") else "")
+        status, doc, _ = await post_batch(session, gw.url, body, agent=AGENT, headers={"Content-Type": label})
+        assert status == 200, (ctype, doc)
+        assert verified(doc, key, body)["accepted"] == 1
+    assert [e.datagram for e in journal_entries(gw)] == dgs
+    assert CONTENT_TYPES[0] == BATCH_CONTENT_TYPE
 
 
 async def test_exact_replay_is_acknowledged_without_effect(

@@ -2,7 +2,7 @@
 
 Each profile is the squid.conf of a network users meet: NTLM with CONNECT only to 443, Negotiate (squid's
 ``negotiate_wrapper_auth`` over ``ntlm_fake_auth``, as sites without Kerberos run it), a 64 KB body cap, a
-refused content type, POST denied, Upgrade stripped (squid's default) or allowed for websocket. The fake auth
+refused content type (octet-stream; or the batch type too), POST denied, Upgrade stripped (squid's default) or allowed for websocket. The fake auth
 helpers accept any user and password: the zoo tests the handshakes, not a user database.
 
 Squid listens on 127.0.0.1 on a free port, keeps nothing on disk (``cache deny all``), never resolves names
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,7 @@ __all__ = [
     "BODY_64K",
     "HELPERS",
     "NEGOTIATE",
+    "NO_BATCH_TYPE",
     "NO_OCTET",
     "NO_POST",
     "NTLM_443",
@@ -57,7 +59,7 @@ class SquidNetwork:
     auth: str | None = None  # "basic" | "ntlm" | "negotiate"
     connect_ports: tuple[int, ...] | None = (443,)
     body_max_kb: int | None = None
-    deny_mime: str | None = None
+    deny_mime: tuple[str, ...] = ()  # request bodies of these types refused (403)
     deny_post: bool = False
     upgrade_websocket: bool = False
 
@@ -104,7 +106,8 @@ class SquidNetwork:
         if self.deny_post:
             lines += ["acl post method POST", "http_access deny post"]
         if self.deny_mime:
-            lines += [f"acl refused_mime req_mime_type -i ^{self.deny_mime}$",
+            patterns = " ".join(f"^{re.escape(mime)}$" for mime in self.deny_mime)
+            lines += [f"acl refused_mime req_mime_type -i {patterns}",
                       "http_access deny refused_mime"]
         if self.body_max_kb is not None:
             lines.append(f"request_body_max_size {self.body_max_kb} KB")
@@ -118,7 +121,10 @@ BASIC = SquidNetwork(name="basic", auth="basic", connect_ports=None)
 NTLM_443 = SquidNetwork(name="ntlm-443", auth="ntlm")
 NEGOTIATE = SquidNetwork(name="negotiate", auth="negotiate")
 BODY_64K = SquidNetwork(name="body-64k", body_max_kb=64)
-NO_OCTET = SquidNetwork(name="no-octet", deny_mime="application/octet-stream")
+NO_OCTET = SquidNetwork(name="no-octet", deny_mime=("application/octet-stream",))
+# A filter that lets through only the types it knows browsers send: the batch type and octet-stream refused.
+NO_BATCH_TYPE = SquidNetwork(name="no-batch-type",
+                             deny_mime=("application/vnd.flowtunnel.batch", "application/octet-stream"))
 NO_POST = SquidNetwork(name="no-post", deny_post=True)
 UPGRADE_STRIPPED = SquidNetwork(name="upgrade-stripped")  # squid's default: Upgrade removed
 UPGRADE_ALLOWED = SquidNetwork(name="upgrade-allowed", deny_post=True, upgrade_websocket=True)

@@ -26,6 +26,7 @@ from tests.zoo.squid import (
     BODY_64K,
     HELPERS,
     NEGOTIATE,
+    NO_BATCH_TYPE,
     NO_OCTET,
     NO_POST,
     NTLM_443,
@@ -121,6 +122,15 @@ def test_octet_stream_refused_other_types_pass() -> None:
         octet = ("-H", "Content-Type: application/octet-stream")
         assert curl("-x", sq.url, *octet, "--data-binary", "abc", f"{origin.url}/p") == (0, "403 000")
         assert curl("-x", sq.url, "--data-binary", "abc", f"{origin.url}/p") == (0, "200 000")
+
+
+def test_batch_type_and_octet_stream_refused_a_form_passes() -> None:
+    with Origin() as origin, Squid(NO_BATCH_TYPE) as sq:
+        for ctype in ("application/vnd.flowtunnel.batch", "application/octet-stream"):
+            label = ("-H", f"Content-Type: {ctype}")
+            assert curl("-x", sq.url, *label, "--data-binary", "abc", f"{origin.url}/p") == (0, "403 000")
+        assert curl("-x", sq.url, "--data-binary", "abc", f"{origin.url}/p") == (0, "200 000")  # a form
+        assert curl("-x", sq.url, f"{origin.url}/g") == (0, "200 000")
 
 
 def test_post_denied_get_passes() -> None:

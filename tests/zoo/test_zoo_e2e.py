@@ -24,6 +24,7 @@ from tests.zoo.squid import (
     BASIC,
     BODY_64K,
     NEGOTIATE,
+    NO_BATCH_TYPE,
     NO_OCTET,
     NO_POST,
     NTLM_443,
@@ -105,6 +106,24 @@ def test_octet_stream_refused(tmp_path: Path, v9_capture: Capture) -> None:
                          agent_flags=lambda gw: ["--proxy", sq.url])
         assert result.rung is not None
         assert any(e.status == 200 and e.method == "POST" for e in sq.requests())
+
+
+def test_batch_type_refused_the_agent_relabels_its_posts(tmp_path: Path, v9_capture: Capture) -> None:
+    """squid refuses the batch type and octet-stream (``req_mime_type``) but passes GETs: the agent keeps the
+    POST rung and labels its batches with the next type the gateway takes, says so once, shows it in status,
+    and remembers it for this network."""
+    with Squid(NO_BATCH_TYPE) as sq:
+        result = run_zoo(tmp_path, "batch-type-refused", v9_capture, expose=_through(sq),
+                         agent_flags=lambda gw: ["--proxy", sq.url])
+        entries = sq.requests()
+    form = "application/x-www-form-urlencoded"
+    assert result.rung == "post"
+    assert result.status["upload"]["content_type"] == form
+    assert sum(e.method == "POST" and e.status == 403 for e in entries) >= 2  # each refused type, once
+    assert any(e.method == "POST" and e.status == 200 for e in entries)
+    assert result.agent_log.count(f"batches go as Content-Type {form}") == 1
+    memory = json.loads((tmp_path / "spool" / "rungs.json").read_text())
+    assert [v["content_type"] for v in memory.values()] == [form]
 
 
 def test_post_denied(tmp_path: Path, v9_capture: Capture) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flowtunnel.statusfile import read_status_file, stale_note
+from flowtunnel.wire import CONTENT_TYPE
 
 __all__ = ["read_status", "render"]
 
@@ -178,6 +179,9 @@ def render(
     rung = _get(status, "upload", "rung")
     if rung:
         rows.append(("rung", _rung(status)))
+    label = _get(status, "upload", "content_type")
+    if label and label != CONTENT_TYPE:  # the POST rung's batches go under another label: a proxy refused it
+        rows.append(("content type", f"{label} (not {CONTENT_TYPE}: refused on this network)"))
     for label, key in (("captive portal", "captive_portal"), ("TLS intercepted", "intercepted_by"),
                        ("body limit", "body_limit_by")):
         value = _get(status, "upload", key)

@@ -107,7 +107,7 @@ MAX_SOURCES = 1000  # distinct (exporter, port, local port) per batch, below the
 _BUDGET_PREFIX, _BUDGET_DAY, _BUDGET_USED = "budget:", "budget:day", "budget:used"
 # The body limit learned from a proxy (413 or cuts mid-body), and the configured limit it was learned under.
 _LIMIT, _LIMIT_OF = "body:limit", "body:configured"
-RUNG_MEMORY = "rungs.json"  # in the spool directory: {network fingerprint: rung that carried a batch}
+RUNG_MEMORY = "rungs.json"  # in the spool directory: per network, the rung (and POST label) that worked
 RACE_STAGGER = 1.0  # seconds between the starts of racing rungs, best first
 _NONCE = slice(32, 44)  # the nonce in a sealed batch's header (docs/protocol.md, section 1.1)
 _FLAGS, _CODEC = 5, 6  # the flags and codec bytes in a sealed batch's header
@@ -598,6 +598,8 @@ class Uploader:
             return
         self._network = network
         known = self._memory.get(network)
+        if isinstance(post := self._rungs.get("post"), PostTransport):
+            post.types.use(self._memory.content_type(network))  # the label that passed here, else the first
         if known is not None and known in self._ladder.rungs:
             if self._ladder.current != known:
                 logger.info("network %s: using the %s rung that worked here before", network, known)
@@ -753,7 +755,10 @@ class Uploader:
             raise _Failed(action.cause, delay)
         self._failover.after(answer, None, now=self._clock())
         if batch and self._memory is not None and self._network is not None:
-            await asyncio.to_thread(self._memory.put, self._network, self._ladder.current)
+            label = transport.types.status() if transport.name == "post" and isinstance(
+                transport, PostTransport) else None
+            await asyncio.to_thread(functools.partial(self._memory.put, self._network, self._ladder.current,
+                                                      content_type=label))
         if batch:
             raw = sum(len(e.datagram.payload) for e in batch)
             self.link.observe(raw, len(body), elapsed, self._choice)
@@ -857,6 +862,9 @@ class Uploader:
             "oversize": st.oversize,
             "intercepted_by": transport.intercepted if isinstance(transport, PostTransport) else None,
             "captive_portal": transport.portal if isinstance(transport, PostTransport) else None,
+            # The POST rung's label for batches: another than the first when a proxy refused it (``labels``).
+            "content_type": (transport.types.status() if isinstance(transport, PostTransport)
+                             and transport.name == "post" else None),
             "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
             "context_batches": st.context_batches,
             "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),

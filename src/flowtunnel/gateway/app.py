@@ -38,7 +38,7 @@ from flowtunnel.gateway.pieces import PieceEndpoint, PieceSettings
 from flowtunnel.gateway.probe import probe_handler
 from flowtunnel.gateway.ws import WsHub, WsSettings
 from flowtunnel.runtime import OnceLogger
-from flowtunnel.wire import CONTENT_TYPE, HEADER, header_length
+from flowtunnel.wire import CONTENT_TYPE, CONTENT_TYPES, HEADER, header_length
 
 __all__ = ["BATCH_CONTENT_TYPE", "HttpErrorLogger", "build_app"]
 
@@ -125,8 +125,8 @@ def build_app(
         agent_header = request.headers.get("X-Flowtunnel-Agent")
         agent = ingest.enrolled(agent_header)
         ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        if ctype != BATCH_CONTENT_TYPE:
-            detail = f"Content-Type {ctype!r} is not {BATCH_CONTENT_TYPE}"
+        if ctype not in CONTENT_TYPES:  # a label only: the body is read as a sealed batch whatever it says
+            detail = f"Content-Type {ctype!r} is not one of {', '.join(CONTENT_TYPES)}"
             return fail(Rejected("content-type", detail, agent=agent))
         length = request.content_length
         if length is None:

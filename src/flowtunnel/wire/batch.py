@@ -44,6 +44,7 @@ __all__ = [
     "AGENT_LEN_OFFSET",
     "AUTO_COLUMNAR_BYTES",
     "CONTENT_TYPE",
+    "CONTENT_TYPES",
     "CONTEXT_BYTES",
     "FLAG_CONTEXT",
     "HEADER",
@@ -74,6 +75,12 @@ HEADER = struct.Struct(">4sBBBBIQIII12s")
 AGENT_LEN_OFFSET = 7
 #: the HTTP Content-Type of a sealed batch body
 CONTENT_TYPE = "application/vnd.flowtunnel.batch"
+#: every Content-Type the gateway takes for a sealed batch body, in the order the agent tries them when a
+#: proxy refuses one (docs/protocol.md section 7): the body is a sealed batch whatever the label, which only
+#: has to pass proxies' ``req_mime_type``-style rules. ``application/octet-stream`` is what generic uploads
+#: use (the one such rules refuse most often, to stop executables); ``application/x-www-form-urlencoded`` is
+#: what every HTML form posts, so no proxy that lets people use the web refuses it.
+CONTENT_TYPES = (CONTENT_TYPE, "application/octet-stream", "application/x-www-form-urlencoded")
 #: header flag: codec 1 or 3's frame is compressed against a context (docs/protocol.md section 3.3) that the
 #: header's dict id names (``context_id``)
 FLAG_CONTEXT = 0x01

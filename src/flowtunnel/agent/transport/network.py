@@ -2,8 +2,9 @@
 
 The fingerprint is the default route's gateway address (``/proc/net/route``) plus the resolvers
 (``/etc/resolv.conf``): a hotel Wi-Fi, the office LAN and a GPRS modem differ in both, and a box that stays on
-one network keeps them. The parsers are pure (text in); ``RungMemory`` keeps ``{fingerprint: rung}`` in a
-small JSON file in the spool directory (written atomically; a damaged file is forgotten, never fatal).
+one network keeps them. The parsers are pure (text in); ``RungMemory`` keeps, per fingerprint, the rung and
+the POST rung's Content-Type that worked, in a small JSON file in the spool directory (written atomically; a
+damaged file is forgotten, never fatal).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = ["RungMemory", "default_gateway", "fingerprint", "local_fingerprint", 
 logger = logging.getLogger(__name__)
 
 MAX_NETWORKS = 64  # networks remembered; the oldest entries go first
+_FIELDS = ("rung", "content_type")
 
 
 def default_gateway(route_text: str) -> str | None:
@@ -71,28 +73,44 @@ def local_fingerprint(route: Path = Path("/proc/net/route"), resolv: Path = Path
 
 
 class RungMemory:
-    """``{network fingerprint: rung}`` in ``path`` (JSON). ``get`` / ``put``; never raises for the file."""
+    """``{network fingerprint: {"rung": name, "content_type": label}}`` in ``path`` (JSON): the rung that
+    carried a batch on each network, and the label the POST rung's batches passed with there (``labels``).
+    ``get`` / ``content_type`` / ``put``; never raises for the file. A file of an older version (plain
+    ``{fingerprint: rung}``) is read as rungs without labels."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._map: dict[str, str] = {}
+        self._map: dict[str, dict[str, str]] = {}
         text = _read(path)
         if text:
             try:
                 doc = json.loads(text)
                 if isinstance(doc, dict):
-                    self._map = {k: v for k, v in doc.items() if isinstance(k, str) and isinstance(v, str)}
+                    for k, v in doc.items():
+                        if isinstance(v, str):
+                            v = {"rung": v}
+                        if isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("rung"), str):
+                            self._map[k] = {f: x for f, x in v.items() if f in _FIELDS and isinstance(x, str)}
             except ValueError:
                 logger.warning("forgetting the damaged rung memory %s", path)
 
     def get(self, network: str) -> str | None:
-        return self._map.get(network)
+        """The rung that worked on ``network`` last, or None."""
+        return self._map.get(network, {}).get("rung")
 
-    def put(self, network: str, rung: str) -> None:
-        if self._map.get(network) == rung:
+    def content_type(self, network: str) -> str | None:
+        """The Content-Type the POST rung's batches passed with on ``network`` last, or None."""
+        return self._map.get(network, {}).get("content_type")
+
+    def put(self, network: str, rung: str, *, content_type: str | None = None) -> None:
+        """``rung`` carried a batch on ``network`` (labelled ``content_type`` when given: a POST)."""
+        entry = dict(self._map.get(network, {}), rung=rung)
+        if content_type is not None:
+            entry["content_type"] = content_type
+        if self._map.get(network) == entry:
             return
         self._map.pop(network, None)
-        self._map[network] = rung
+        self._map[network] = entry
         while len(self._map) > MAX_NETWORKS:
             self._map.pop(next(iter(self._map)))
         tmp = self.path.with_name(self.path.name + ".tmp")
