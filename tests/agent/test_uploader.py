@@ -694,6 +694,54 @@ async def test_no_proxy_bypasses_the_environment_proxy(
     spool.close()
 
 
+@pytest.mark.parametrize(("no_proxy", "bypassed"), [
+    ("127.0.0.1", True), ("*", True), (".example.net,127.0.0.1", True),
+    ("127.0.0.1:8080", True),  # that port only: the gateway's
+    ("127.0.0.1:9", False),  # before: ports were ignored, so another port's entry bypassed the proxy too
+    ("127.0.0.0/8", True),  # before: CIDR blocks were not read, so the proxy was used
+    ("10.0.0.0/8 example.net", False),  # blank-separated, none matching
+])
+def test_no_proxy_is_read_one_way_for_every_route(no_proxy: str, bypassed: bool) -> None:
+    """The environment's NO_PROXY means the same to the client as to proxy discovery (ports, CIDR blocks,
+    blanks), so a proxy is not skipped by one and used by the other."""
+    from flowtunnel.agent.transport.post import choose_proxy
+
+    proxy = "http://proxy.example:3128"
+    env = {"http_proxy": proxy, "no_proxy": no_proxy}
+    assert choose_proxy("http://127.0.0.1:8080", None, env) == (None if bypassed else proxy)
+
+
+async def test_pac_routes_are_tried_in_order_when_one_cannot_be_connected_to(
+    tmp_path: Path, gateway_factory: GatewayFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``PROXY a; PROXY b; DIRECT`` with neither proxy there: the batches go DIRECT, the third route, which
+    stays in use; the change is logged once. Before: only the first route was used, and nothing arrived."""
+    pytest.importorskip("dukpy")
+    caplog.set_level(logging.INFO)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(30, seed=12)
+    spool = open_spool(tmp_path)
+    spool.append(sent[:10])
+    dead = [free_tcp_port(), free_tcp_port()]
+    pac = tmp_path / "proxy.pac"
+    pac.write_text("function FindProxyForURL(url, host) {\n"
+                   f"  return 'PROXY 127.0.0.1:{dead[0]}; PROXY 127.0.0.1:{dead[1]}; DIRECT';\n}}\n")
+    async with gateway_factory(data) as gw:
+        cfg = config(tmp_path, gw.url, key, proxy="auto", pac=str(pac))
+        async with uploading(cfg, key, spool) as up:
+            await eventually(lambda: spool.cursor(CURSOR) == 10, "delivered on the third route")
+            spool.append(sent[10:])
+            up.notify()
+            await eventually(lambda: spool.cursor(CURSOR) == len(sent), "the rest on the same route")
+            assert up.status()["route"] == "direct"
+        assert_exactly_once(gw, sent)
+    changes = [r.getMessage() for r in caplog.records if "now going direct (from pac)" in r.getMessage()]
+    assert len(changes) == 1, changes
+    assert f"127.0.0.1:{dead[0]}" in changes[0]
+    spool.close()
+
+
 def self_signed(tmp_path: Path) -> tuple[Path, Path, str]:
     """A certificate for 127.0.0.1 (its own CA), its key, and the SHA-256 of its DER form."""
     import datetime

@@ -2,8 +2,9 @@
 
 Each profile is the squid.conf of a network users meet: NTLM with CONNECT only to 443, Negotiate (squid's
 ``negotiate_wrapper_auth`` over ``ntlm_fake_auth``, as sites without Kerberos run it), a 64 KB body cap, a
-refused content type (octet-stream; or the batch type too), POST denied, Upgrade stripped (squid's default) or allowed for websocket. The fake auth
-helpers accept any user and password: the zoo tests the handshakes, not a user database.
+refused content type (octet-stream; or the batch type too), POST denied, Upgrade stripped (squid's default)
+or allowed for websocket. The fake auth helpers accept any user and password: the zoo tests the handshakes,
+not a user database.
 
 Squid listens on 127.0.0.1 on a free port, keeps nothing on disk (``cache deny all``), never resolves names
 (no DNS beyond 127.0.0.1) and writes its logs into a private directory readable by the test

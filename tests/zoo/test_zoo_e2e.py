@@ -181,6 +181,20 @@ def test_pac_file_served_on_loopback(tmp_path: Path, v9_capture: Capture) -> Non
         assert any(e.status == 200 for e in sq.requests())
 
 
+def test_pac_file_whose_first_proxy_is_down(tmp_path: Path, v9_capture: Capture) -> None:
+    """``PROXY down; PROXY squid; DIRECT``: the first proxy cannot be connected to, the agent goes through
+    the second (before: it used only the first route and never got out)."""
+    proxy = SquidNetwork(name="pac-second")
+    down = free_tcp_port()
+    with Squid(proxy) as sq, Origin(pac_for(sq.port, down=(down,))) as pacs:
+        result = run_zoo(tmp_path, "pac-first-down", v9_capture,
+                         expose={sq.port: sq.port, pacs.port: pacs.port},
+                         agent_flags=lambda gw: ["--proxy", "auto", "--pac", f"{pacs.url}/proxy.pac"])
+        assert any(e.status == 200 for e in sq.requests())
+    assert f"127.0.0.1:{sq.port}" in str(result.status["upload"]["route"])
+    assert f"cannot connect to proxy http://127.0.0.1:{down}" in result.agent_log
+
+
 def test_wpad_on_loopback(tmp_path: Path, v9_capture: Capture) -> None:
     proxy = SquidNetwork(name="wpad-proxy")
     with Squid(proxy) as sq, Origin(pac_for(sq.port)) as pacs:

@@ -32,13 +32,15 @@ def require_netns() -> None:
         pytest.skip(f"the zoo's isolated networks need network namespaces: {why}")
 
 
-def pac_for(proxy_port: int) -> dict[str, tuple[str, bytes]]:
+def pac_for(proxy_port: int, *, down: tuple[int, ...] = ()) -> dict[str, tuple[str, bytes]]:
     """Files for ``Origin``: /proxy.pac and /wpad.dat sending everything through 127.0.0.1:``proxy_port``
-    (plain host names and the PAC server itself direct, as corporate PAC files do)."""
+    (plain host names and the PAC server itself direct, as corporate PAC files do); ``down``: proxies named
+    before it, on ports where nothing listens."""
+    first = "".join(f"PROXY 127.0.0.1:{port}; " for port in down)
     pac = (
         "function FindProxyForURL(url, host) {\n"
         "  if (isPlainHostName(host) || dnsDomainIs(host, '.corp.invalid')) return 'DIRECT';\n"
-        f"  return 'PROXY 127.0.0.1:{proxy_port}; DIRECT';\n"
+        f"  return '{first}PROXY 127.0.0.1:{proxy_port}; DIRECT';\n"
         "}\n"
     ).encode()
     ctype = "application/x-ns-proxy-autoconfig"

@@ -77,6 +77,7 @@ from flowtunnel.agent.transport.delivery import Wait
 from flowtunnel.agent.transport.dns import DnsTransport
 from flowtunnel.agent.transport.failover import Failover, Move
 from flowtunnel.agent.transport.get import GetTransport
+from flowtunnel.agent.transport.http11 import Routes
 from flowtunnel.agent.transport.ladder import Ladder, Switch
 from flowtunnel.agent.transport.network import RungMemory, local_fingerprint
 from flowtunnel.agent.transport.post import PostTransport, find_route, make_client
@@ -240,7 +241,9 @@ class Uploader:
         """The rungs for gateway ``url``, with their own connections; says which route they take."""
         cfg = self._config.for_gateway(url)
         kinds = {"post": PostTransport, "get": GetTransport, "ws": WsTransport}
-        route = await find_route(cfg)  # per gateway: a PAC file may name another proxy for another host
+        routes = await find_route(cfg)  # per gateway: a PAC file may name another proxy for another host
+        # One choice of route for every rung: a proxy one finds dead, the others skip.
+        shared = Routes(items=tuple((r.proxy, r.credentials, r.source) for r in routes))
         client = None
         rungs: dict[str, Transport] = {}
         for name in cfg.rungs:
@@ -255,12 +258,14 @@ class Uploader:
                 continue
             # Each rung its own connection: rungs race when the network is new, and a WebSocket holds its
             # connection for itself.
-            client = make_client(cfg, route)
+            client = make_client(cfg, shared)
             rungs[name] = kinds[name](client, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
                                       clock=self._clock)
         self._stacks[url] = rungs
+        self._recall_label()
         shown = client.route if client is not None else "dns only"
-        return f"{shown}, from {route.source}; rungs {', '.join(cfg.rungs)}"
+        then = "".join(f", then {r}" for r in routes[1:])  # tried when the first cannot be connected to
+        return f"{shown}, from {routes[0].source}{then}; rungs {', '.join(cfg.rungs)}"
 
     async def open(self) -> None:
         cfg = self._config
@@ -598,8 +603,7 @@ class Uploader:
             return
         self._network = network
         known = self._memory.get(network)
-        if isinstance(post := self._rungs.get("post"), PostTransport):
-            post.types.use(self._memory.content_type(network))  # the label that passed here, else the first
+        self._recall_label()
         if known is not None and known in self._ladder.rungs:
             if self._ladder.current != known:
                 logger.info("network %s: using the %s rung that worked here before", network, known)
@@ -607,6 +611,15 @@ class Uploader:
             self._race = False
         else:
             self._race = len(self._rungs) > 1
+
+    def _recall_label(self) -> None:
+        """The POST rungs start with the content type that passed on this network last, else the first."""
+        if self._memory is None or self._network is None:
+            return
+        label = self._memory.content_type(self._network)
+        for rungs in self._stacks.values():
+            if isinstance(post := rungs.get("post"), PostTransport) and post.types.confirmed is None:
+                post.types.use(label)
 
     async def _empty_batch(self) -> bytes:
         return await asyncio.to_thread(

@@ -27,7 +27,9 @@ def test_a_refused_type_moves_to_the_next_and_the_one_acknowledged_is_logged_onc
     assert types.refused_by_path(415, why="HTTP 415 from the proxy") == FORM
     note = types.acked()
     assert note is not None
-    assert FORM in note and f"{VND}: {BY}" in note and OCTET in note
+    assert FORM in note
+    assert f"{VND}: {BY}" in note
+    assert OCTET in note
     assert (types.current, types.confirmed, types.status()) == (FORM, FORM, FORM)
     assert types.acked() is None  # logged once: later batches under the same type say nothing
 
@@ -42,7 +44,8 @@ def test_other_statuses_are_not_about_the_type() -> None:
     types = ContentTypes()
     for status in (401, 404, 405, 407, 413, 500, 502):
         assert types.refused_by_path(status, why="x") is None
-    assert types.current == VND and not types.refused
+    assert types.current == VND
+    assert not types.refused
 
 
 def test_every_type_refused_means_the_path_refuses_post_and_the_next_round_starts_over() -> None:
@@ -51,7 +54,8 @@ def test_every_type_refused_means_the_path_refuses_post_and_the_next_round_start
     assert types.refused_by_path(403, why=BY) == OCTET
     assert types.refused_by_path(403, why=BY) == FORM
     assert types.refused_by_path(403, why=BY) is None  # not the type: the ladder steps down
-    assert types.current == VND and not types.refused  # the next try (a re-probe) starts from what worked
+    assert types.current == VND
+    assert not types.refused
 
 
 def test_a_remembered_type_is_used_first_and_the_list_wraps_from_it() -> None:
@@ -59,7 +63,8 @@ def test_a_remembered_type_is_used_first_and_the_list_wraps_from_it() -> None:
     types.use(FORM)
     assert types.current == FORM
     note = types.acked()
-    assert note is not None and "before" in note  # said once at start: not the first type, and why
+    assert note is not None
+    assert "before" in note
     types.use(OCTET)
     assert types.refused_by_path(403, why=BY) == VND  # the others, best first
     assert types.refused_by_path(403, why=BY) == FORM
@@ -81,7 +86,8 @@ def test_the_memory_keeps_the_label_with_the_rung_and_reads_the_older_file(tmp_p
     memory = RungMemory(path)
     assert (memory.get("aaaa"), memory.content_type("aaaa")) == ("ws", None)
     assert (memory.get("bbbb"), memory.content_type("bbbb")) == ("post", OCTET)
-    assert memory.get("cccc") is None and memory.get("dddd") is None
+    assert memory.get("cccc") is None
+    assert memory.get("dddd") is None
     memory.put("eeee", "post", content_type=FORM)
     memory.put("bbbb", "get")  # another rung there now: the label learned for POST stays
     again = RungMemory(path)

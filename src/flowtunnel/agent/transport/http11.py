@@ -48,6 +48,7 @@ __all__ = [
     "PinMismatch",
     "ProxyRefused",
     "Response",
+    "Routes",
     "Timeouts",
     "TlsFailed",
 ]
@@ -148,12 +149,26 @@ class _Conn:
             self.writer.close()
 
 
+@dataclass(kw_only=True)
+class Routes:
+    """The ways to the gateway, best first, each ``(proxy URL without credentials or None for DIRECT,
+    credentials, where it came from)``, and the one in use (``index``): shared by the clients of every rung,
+    so a route one found dead is skipped by the others and each change is logged once."""
+
+    items: tuple[tuple[str | None, ProxyCredentials | None, str], ...]
+    index: int = 0
+
+
 class HttpClient:
     """HTTP/1.1 to one gateway (``base``: http[s]://host:port), directly or through ``proxy``.
 
     ``proxy`` is the proxy's URL without credentials; with ``credentials`` each connection gets its own
     ``ProxyAuthenticator`` (Basic, NTLM, Negotiate; the scheme that worked is preferred on the next one).
     ``ssl_context`` verifies the gateway (https only); ``pin_sha256`` (hex) is checked on top of it.
+    ``routes``: instead of ``proxy`` and ``credentials``, several routes (``Routes``), tried in order when the
+    route in use cannot be connected to (refused, unreachable, timed out: a PAC's ``PROXY a; PROXY b;
+    DIRECT``); the route that connected stays in use for every client sharing ``routes``, and each change is
+    logged once. A proxy that answers, even with a refusal, is not a connection failure: its answer stands.
 
     Resource handling: at most one connection, opened on demand and kept alive between requests; ``close``
     closes it. A connection whose exchange failed in any way is closed, never reused.
@@ -165,23 +180,35 @@ class HttpClient:
         ssl_context: ssl.SSLContext | None = None, pin_sha256: str | None = None,
         timeouts: Timeouts = Timeouts(), probe: Callable[[], str] = lambda: "/v1/probe",
         on_intercept: str = "allow",
+        routes: Routes | None = None,
     ) -> None:
         self._base: SplitResult = urlsplit(base)
         self._tls = self._base.scheme == "https"
         self._host = self._base.hostname or ""
         self._port = self._base.port or (443 if self._tls else 80)
-        self._proxy = urlsplit(proxy) if proxy else None
-        self.proxy_text = mask_url(proxy)
-        self._credentials = credentials
+        self.auth_scheme: str | None = None  # the proxy auth scheme that worked, once known
+        self._routes = routes or Routes(items=((proxy, credentials, "given"),))
+        self._route_index = self._routes.index
+        self._proxy: SplitResult | None = None
+        self.proxy_text: str | None = None
+        self._credentials: ProxyCredentials | None = None
+        self._use_route(self._route_index)
         self._probe = probe  # path and query of a body-less GET for proxy auth handshakes
         self._on_intercept = on_intercept
         self.intercepted: str | None = None  # the intercepting certificate's issuer, once seen
-        self.auth_scheme: str | None = None  # the proxy auth scheme that worked, once known
         self._ssl = ssl_context
         self._pin = pin_sha256.replace(":", "").lower() if pin_sha256 else None
         self._timeouts = timeouts
         self._conn: _Conn | None = None
         self.connections = 0  # connections opened (for status and tests)
+
+    def _use_route(self, index: int) -> None:
+        proxy, credentials, _ = self._routes.items[index]
+        self._route_index = index
+        self._proxy = urlsplit(proxy) if proxy else None
+        self.proxy_text = mask_url(proxy)
+        self._credentials = credentials
+        self.auth_scheme = None
 
     @property
     def route(self) -> str:
@@ -392,6 +419,30 @@ class HttpClient:
     # -- opening ---------------------------------------------------------------------------------------------
 
     async def _tcp(self) -> _Conn:
+        """A new TCP connection on the route in use, else on the next route that connects (``fallbacks``,
+        in order, wrapping round); the route in use's error when none does."""
+        shared = self._routes
+        start = shared.index  # another rung's client may have moved on already
+        first: HttpError | None = None
+        for step in range(len(shared.items)):
+            index = (start + step) % len(shared.items)
+            if index != self._route_index:
+                self._use_route(index)
+            try:
+                conn = await self._tcp_once()
+            except (ConnectFailed, PhaseTimeout) as exc:
+                first = first or exc
+                continue
+            if index != shared.index:
+                shared.index = index
+                logger.warning("%s; now going %s (from %s)", first, self.route, shared.items[index][2])
+            return conn
+        if self._route_index != start:
+            self._use_route(start)
+        assert first is not None
+        raise first
+
+    async def _tcp_once(self) -> _Conn:
         """A new TCP connection to the gateway, or to the proxy when there is one."""
         timeouts = self._timeouts
         if self._proxy is None:

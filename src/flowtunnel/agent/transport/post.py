@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from flowtunnel.agent.config import AgentConfig, mask_url
 from flowtunnel.agent.proxy.auth import ProxyCredentials
-from flowtunnel.agent.proxy.discover import ProxyRoute, find_routes, parse_proxy_url
+from flowtunnel.agent.proxy.discover import ProxyRoute, find_routes, no_proxy_matches, parse_proxy_url
 from flowtunnel.agent.transport.answers import Acked, Answer, Hints, Rejected, Retry, error_text, from_http
 from flowtunnel.agent.transport.http11 import (
     ConnectFailed,
@@ -32,6 +32,7 @@ from flowtunnel.agent.transport.http11 import (
     PinMismatch,
     ProxyRefused,
     Response,
+    Routes,
     Timeouts,
     TlsFailed,
 )
@@ -61,59 +62,60 @@ def choose_proxy(gateway: str, explicit: str | None, env: Mapping[str, str] | No
     proxy = proxies.get(parts.scheme) or proxies.get("all")
     if not proxy:
         return None
-    if _bypassed(parts.hostname or "", proxies.get("no", "")):
+    # One reading of NO_PROXY for every route search (discover's: domains, addresses, CIDR blocks, ports).
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if no_proxy_matches(proxies.get("no", ""), parts.hostname or "",
+                        port or (443 if parts.scheme == "https" else 80)):
         return None
     return proxy
 
 
-def _bypassed(host: str, no_proxy: str) -> bool:
-    """``NO_PROXY`` as curl reads it: ``*``, or host names / domain suffixes, ports ignored."""
-    host = host.lower().strip("[]")
-    for entry in no_proxy.split(","):
-        name = entry.strip().lower()
-        if not name:
-            continue
-        if name == "*":
-            return True
-        if name.startswith("[") or name.count(":") == 1:
-            name = name.rsplit(":", 1)[0] if not name.startswith("[") else name[1:].split("]")[0]
-        name = name.lstrip(".")
-        if host == name or host.endswith("." + name):
-            return True
-    return False
-
-
-async def find_route(config: AgentConfig) -> ProxyRoute:
-    """The way out for ``config``: ``--proxy`` URL, ``none``, ``auto`` (environment, ``--pac``, WPAD, direct:
-    the first route found), or unset (the environment's ``HTTP(S)_PROXY``/``NO_PROXY`` only, no WPAD)."""
+async def find_route(config: AgentConfig) -> list[ProxyRoute]:
+    """The ways out for ``config``, best first (the client falls back along them when one cannot be connected
+    to): ``--proxy`` URL, ``none``, ``auto`` (environment, ``--pac`` (each of its routes, in order), WPAD,
+    direct), or unset (the environment's ``HTTP(S)_PROXY``/``NO_PROXY``, then direct; no WPAD). Proxies
+    without credentials of their own get ``--proxy-user``'s."""
     setting = config.proxy or "auto"
     try:
         routes = await find_routes(setting, config.gateway, pac=config.pac, wpad=config.proxy == "auto")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    route = routes[0] if routes else ProxyRoute(proxy=None, source="direct")
-    if route.proxy is not None and route.credentials is None and config.proxy_user is not None:
-        password = ""
-        if config.proxy_password_file is not None:
-            try:
-                password = config.proxy_password_file.read_text(encoding="utf-8").rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(f"cannot read proxy-password-file {config.proxy_password_file}: "
-                                  f"{exc.strerror}") from None
-        user = config.proxy_user
-        domain, sep, name = user.partition("\\")
+    if not routes:
+        routes = [ProxyRoute(proxy=None, source="direct")]
+    if config.proxy_user is None or all(r.proxy is None or r.credentials is not None for r in routes):
+        return routes
+    creds = _credentials(config)
+    return [ProxyRoute(proxy=r.proxy, source=r.source, credentials=creds)
+            if r.proxy is not None and r.credentials is None else r for r in routes]
+
+
+def _credentials(config: AgentConfig) -> ProxyCredentials:
+    """``--proxy-user`` and ``--proxy-password-file`` (``ConfigError`` when unreadable or invalid)."""
+    assert config.proxy_user is not None
+    password = ""
+    if config.proxy_password_file is not None:
         try:
-            creds = ProxyCredentials(username=name if sep else user, password=password,
-                                     domain=domain if sep else "")
-        except ValueError as exc:
-            raise ConfigError(f"proxy-user: {exc}") from None
-        route = ProxyRoute(proxy=route.proxy, source=route.source, credentials=creds)
-    return route
+            password = config.proxy_password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read proxy-password-file {config.proxy_password_file}: "
+                              f"{exc.strerror}") from None
+    user = config.proxy_user
+    domain, sep, name = user.partition("\\")
+    try:
+        return ProxyCredentials(username=name if sep else user, password=password,
+                                domain=domain if sep else "")
+    except ValueError as exc:
+        raise ConfigError(f"proxy-user: {exc}") from None
 
 
-def make_client(config: AgentConfig, route: ProxyRoute | None = None) -> HttpClient:
-    """The HTTP client for the gateway as ``config`` says, through ``route`` (default: the proxy setting read
-    synchronously: an explicit URL or the environment); ``ConfigError`` for an unreadable CA file."""
+def make_client(config: AgentConfig, route: ProxyRoute | Routes | None = None) -> HttpClient:
+    """The HTTP client for the gateway as ``config`` says, through ``route`` (``Routes``: the one in use,
+    then the others when it cannot be connected to, shared with the other rungs' clients; default: the proxy
+    setting read synchronously: an explicit URL or the environment); ``ConfigError`` for an unreadable CA
+    file."""
     context: ssl.SSLContext | None = None
     if urlsplit(config.gateway).scheme == "https" or config.ca_file is not None:
         # A CA file given for an http:// gateway is still read, so a typo shows at start, not at a switch.
@@ -125,8 +127,11 @@ def make_client(config: AgentConfig, route: ProxyRoute | None = None) -> HttpCli
             # The pin alone replaces CA verification (a self-signed gateway); checked after the handshake.
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
-    if route is not None:
+    routes = route if isinstance(route, Routes) else None
+    if isinstance(route, ProxyRoute):
         bare, credentials = route.proxy, route.credentials
+    elif routes is not None:
+        bare, credentials = None, None
     else:
         explicit = None if config.proxy in ("auto", "none") else config.proxy
         proxy = None if config.proxy == "none" else choose_proxy(config.gateway, explicit)
@@ -140,7 +145,7 @@ def make_client(config: AgentConfig, route: ProxyRoute | None = None) -> HttpCli
 
     return HttpClient(config.gateway, proxy=bare, credentials=credentials, ssl_context=context,
                       pin_sha256=config.pin_sha256, timeouts=timeouts, probe=probe,
-                      on_intercept=config.on_intercept)
+                      on_intercept=config.on_intercept, routes=routes)
 
 
 class PostTransport:
