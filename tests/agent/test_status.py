@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -117,3 +118,11 @@ def test_render_names_the_rung_why_others_failed_and_what_the_path_did() -> None
     assert "by CN=Corp CA" in text
     assert "imposed by the proxy http://127.0.0.1:3128" in text
     assert "1 datagrams too large" in text
+
+
+def test_render_names_the_content_type_only_when_a_proxy_refused_the_first() -> None:
+    doc: dict[str, Any] = {"agent_id": "site-a", "pid": 1, "updated": 0.0,
+                           "upload": {"rung": "post", "content_type": "application/x-www-form-urlencoded"}}
+    assert "content type   application/x-www-form-urlencoded (not application/vnd" in render(doc, now=0.0)
+    doc["upload"]["content_type"] = "application/vnd.flowtunnel.batch"
+    assert "content type" not in render(doc, now=0.0)

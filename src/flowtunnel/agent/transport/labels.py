@@ -25,7 +25,8 @@ REFUSAL_STATUSES = (403, 415)
 
 @dataclass(kw_only=True)
 class ContentTypes:
-    """The POST rung's choice of label (see the module docstring).
+    """The POST rung's choice of label (see the module docstring). A type ``""`` in ``types`` means no
+    ``Content-Type`` header at all, for a gateway route that reads none.
 
     ``current`` is the type to send next; ``confirmed`` the last type a batch was acknowledged with (None
     before the first); ``refused`` the types refused in this round, each with why, in the order refused.

@@ -236,7 +236,9 @@ class PostTransport:
         # The label changes when the path refuses one (``labels``): the same sealed body goes again at once
         # under the next type, until one passes or every type was refused (then the path refuses POST).
         while True:
-            headers = [("Content-Type", self.types.current), ("X-Flowtunnel-Agent", hints.agent_id)]
+            label = self.types.current  # "": no Content-Type at all (``labels.ContentTypes``)
+            headers = [("Content-Type", label)] if label else []
+            headers.append(("X-Flowtunnel-Agent", hints.agent_id))
             resp = await self.client.request("POST", self._path, body=batch, headers=headers,
                                              reuse_only=verified)
             verified = False
