@@ -44,7 +44,7 @@ import random
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flowtunnel.agent.config import MIN_BODY, AgentConfig, mask_url, parse_host_port
@@ -262,7 +262,7 @@ class Uploader:
             rungs[name] = kinds[name](client, cfg.gateway, agent_id=cfg.agent_id, key=self._key,
                                       clock=self._clock)
         self._stacks[url] = rungs
-        self._recall_label()
+        self._recall_label([rungs])
         shown = client.route if client is not None else "dns only"
         then = "".join(f", then {r}" for r in routes[1:])  # tried when the first cannot be connected to
         return f"{shown}, from {routes[0].source}{then}; rungs {', '.join(cfg.rungs)}"
@@ -603,7 +603,7 @@ class Uploader:
             return
         self._network = network
         known = self._memory.get(network)
-        self._recall_label()
+        self._recall_label(self._stacks.values())
         if known is not None and known in self._ladder.rungs:
             if self._ladder.current != known:
                 logger.info("network %s: using the %s rung that worked here before", network, known)
@@ -612,13 +612,14 @@ class Uploader:
         else:
             self._race = len(self._rungs) > 1
 
-    def _recall_label(self) -> None:
-        """The POST rungs start with the content type that passed on this network last, else the first."""
+    def _recall_label(self, stacks: Iterable[dict[str, Transport]]) -> None:
+        """The POST rungs of ``stacks`` start with the content type that passed on this network last, else
+        the first."""
         if self._memory is None or self._network is None:
             return
         label = self._memory.content_type(self._network)
-        for rungs in self._stacks.values():
-            if isinstance(post := rungs.get("post"), PostTransport) and post.types.confirmed is None:
+        for rungs in stacks:
+            if isinstance(post := rungs.get("post"), PostTransport):
                 post.types.use(label)
 
     async def _empty_batch(self) -> bytes:
