@@ -16,7 +16,12 @@ from hypothesis import strategies as st
 from flowtunnel.datagram import Datagram
 from flowtunnel.wire import (
     AUTO_COLUMNAR_BYTES,
+    CODEC_OFFSET,
+    FLAG_CONTEXT,
+    FLAGS_OFFSET,
     HEADER,
+    NONCE_BYTES,
+    NONCE_OFFSET,
     MAGIC,
     AuthenticationFailed,
     BadMagic,
@@ -168,6 +173,17 @@ def test_random_bytes_raise_only_wire_errors() -> None:
         for junk in candidates:
             with pytest.raises(WireError):
                 open_batch(junk, key=KEY)
+
+
+@pytest.mark.parametrize("context", [None, b"the previous block"])
+def test_header_offsets_are_where_peek_header_reads_them(context: bytes | None) -> None:
+    """The agent reads a sealed body's flags, codec and nonce at these offsets (one home: issue 14)."""
+    body = seal([dg(i) for i in range(3)], nonce=bytes(range(12)), codec=Codec.ZSTD, context=context)
+    head = peek_header(body)
+    assert body[FLAGS_OFFSET] == head.flags
+    assert bool(body[FLAGS_OFFSET] & FLAG_CONTEXT) == (context is not None)
+    assert body[CODEC_OFFSET] == head.codec
+    assert body[NONCE_OFFSET:NONCE_OFFSET + NONCE_BYTES] == head.nonce == bytes(range(12))
 
 
 def test_header_errors_name_the_field() -> None:

@@ -87,7 +87,11 @@ from flowtunnel.errors import ConfigError
 from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import (
+    CODEC_OFFSET,
     FLAG_CONTEXT,
+    FLAGS_OFFSET,
+    NONCE_BYTES,
+    NONCE_OFFSET,
     AuthenticationFailed,
     Codec,
     TemplateLengths,
@@ -110,8 +114,7 @@ _BUDGET_PREFIX, _BUDGET_DAY, _BUDGET_USED = "budget:", "budget:day", "budget:use
 _LIMIT, _LIMIT_OF = "body:limit", "body:configured"
 RUNG_MEMORY = "rungs.json"  # in the spool directory: per network, the rung (and POST label) that worked
 RACE_STAGGER = 1.0  # seconds between the starts of racing rungs, best first
-_NONCE = slice(32, 44)  # the nonce in a sealed batch's header (docs/protocol.md, section 1.1)
-_FLAGS, _CODEC = 5, 6  # the flags and codec bytes in a sealed batch's header
+_NONCE = slice(NONCE_OFFSET, NONCE_OFFSET + NONCE_BYTES)  # the nonce in a sealed batch's header
 # Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 4 when bytes cost more than
 # CPU: see the module docstring.
 BIG_BATCH_BYTES = 1 << 20
@@ -408,8 +411,8 @@ class Uploader:
         st.datagrams += len(batch)
         st.raw_bytes += raw
         st.body_bytes += len(body)
-        st.codecs[body[_CODEC]] += 1
-        st.context_batches += bool(body[_FLAGS] & FLAG_CONTEXT)
+        st.codecs[body[CODEC_OFFSET]] += 1
+        st.context_batches += bool(body[FLAGS_OFFSET] & FLAG_CONTEXT)
         await asyncio.to_thread(self._commit, acked)
         return True
 
@@ -724,7 +727,7 @@ class Uploader:
         assert transport is not None, "Uploader.open() was not called"
         if batch:
             sent = Sent(nonce=body[_NONCE], size=len(body), first=batch[0].seq, last=batch[-1].seq,
-                        datagrams=len(batch), context=bool(body[_FLAGS] & FLAG_CONTEXT))
+                        datagrams=len(batch), context=bool(body[FLAGS_OFFSET] & FLAG_CONTEXT))
         else:
             sent = Sent(nonce=body[_NONCE], size=len(body))
         batch_end = batch[-1].seq if batch else self._position

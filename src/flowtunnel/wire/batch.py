@@ -43,13 +43,16 @@ from flowtunnel.wire.records import decode_block, encode_block
 __all__ = [
     "AGENT_LEN_OFFSET",
     "AUTO_COLUMNAR_BYTES",
+    "CODEC_OFFSET",
     "CONTENT_TYPE",
     "CONTENT_TYPES",
     "CONTEXT_BYTES",
+    "FLAGS_OFFSET",
     "FLAG_CONTEXT",
     "HEADER",
     "MAGIC",
     "NONCE_BYTES",
+    "NONCE_OFFSET",
     "TAG_BYTES",
     "VERSION",
     "Batch",
@@ -71,8 +74,11 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 #: magic, version, flags, codec, agent id length, dict id, first seq, count, raw length, sealed length, nonce
 HEADER = struct.Struct(">4sBBBBIQIII12s")
-#: offset of the agent id length byte in ``HEADER`` (magic 4, version, flags, codec); the id follows it
-AGENT_LEN_OFFSET = 7
+#: offsets in ``HEADER`` of the flags byte, the codec byte and the agent id length byte (after magic 4 and
+#: version); the agent id follows the fixed part
+FLAGS_OFFSET, CODEC_OFFSET, AGENT_LEN_OFFSET = 5, 6, 7
+#: where the nonce sits in a sealed batch: the last field of the fixed part
+NONCE_OFFSET = HEADER.size - NONCE_BYTES
 #: the HTTP Content-Type of a sealed batch body
 CONTENT_TYPE = "application/vnd.flowtunnel.batch"
 #: every Content-Type the gateway takes for a sealed batch body, in the order the agent tries them when a
