@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import flowtunnel.agent.service as service_mod
 from flowtunnel.agent.config import AgentConfig
 from flowtunnel.agent.service import STATUS_FILE, AgentService
 from flowtunnel.agent.status import read_status, render
@@ -180,3 +183,39 @@ async def test_spool_quota_bounds_the_spool_directory_on_disk(
         assert stats.disk_bytes <= quota
         assert stats.bytes > quota // 3  # the quota is used for data, not only overhead
     assert peak <= quota + (16 << 10), f"spool directory peaked at {peak} bytes for a {quota}-byte quota"
+
+
+async def test_status_file_is_rewritten_only_when_something_changed(
+    tmp_path: Path, gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quiet site's status costs no disk write (issue 14): between heartbeats the file is rewritten only
+    when what it says changes; a change (a datagram) is written at the next tick, and the heartbeat keeps an
+    unchanged file fresh for readers."""
+    writes: list[float] = []
+    real = service_mod.write_json_atomic
+
+    def counting(path: Path, doc: object, *, durable: bool = True) -> None:
+        if path.name == STATUS_FILE:
+            writes.append(time.monotonic())
+        real(path, doc, durable=durable)
+
+    monkeypatch.setattr(service_mod, "write_json_atomic", counting)
+    monkeypatch.setattr(service_mod, "STATUS_HEARTBEAT", 1.0)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    cfg = functools.partial(config, tmp_path, key=key, status_interval=0.05)
+    async with gateway_factory(data) as gw, running(cfg(gateway=gw.url)) as agent:
+        # the first resync and the rates' first readings change the status a few times
+        await eventually(lambda: agent.uploader.stats.resyncs >= 1, "first resync")
+        await asyncio.sleep(0.3)
+        before = len(writes)
+        await asyncio.sleep(0.9)  # ~18 ticks; two heartbeats are 1 s apart: at most one of them
+        assert len(writes) - before <= 1
+        send(agent, [v9(1)])
+        await eventually(
+            lambda: read_status(tmp_path / "spool").get("gateway_acked") == 1, "the datagram in the status"
+        )
+        quiet = len(writes)
+        await asyncio.sleep(2.5)  # ~50 ticks: the rates falling back to zero, then heartbeats only
+        assert 2 <= len(writes) - quiet <= 5
+        assert read_status(tmp_path / "spool")["received"]["datagrams"] == 1

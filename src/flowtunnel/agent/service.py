@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 SPOOL_FILE = "spool.sqlite"
 STATUS_FILE = "status.json"
 LOCK_FILE = "agent.lock"
+#: An unchanged status is rewritten this often anyway, so that readers tell a running agent from a dead one
+#: (``flowtunnel status`` calls a file older than ``agent.status.STALE_AFTER``, 30 s, stale). Between
+#: heartbeats a quiet site's status costs no worker thread and no disk write (issue 14).
+STATUS_HEARTBEAT = 10.0
 
 
 class AgentService:
@@ -66,6 +70,10 @@ class AgentService:
         self._drops_total: int | None = None  # at the last status; the first one is the baseline
         self._drops_changed: float | None = None
         self._last_status: dict[str, object] | None = None  # what /metrics serves
+        # The spool snapshot of the last status written, what that status said (but its time) and when
+        # (monotonic): the status loop skips a rewrite that would only change the time.
+        self._spool_seen: tuple[LogStats, float | None] | None = None
+        self._written: tuple[object, float] | None = None
         self._metrics: AgentMetricsServer | None = None
 
     @property
@@ -257,13 +265,34 @@ class AgentService:
             "bytes_out_per_s": round((bytes_out - prev[2]) / span, 1),
         }
 
-    async def write_status(self) -> None:
-        """Rewrite ``status.json`` (spool stats and the file write in a worker thread)."""
+    async def write_status(self, *, only_if_changed: bool = False) -> bool:
+        """Rewrite ``status.json`` (spool stats and the file write in a worker thread); True if written.
+
+        ``only_if_changed`` (the status loop): when the status, rebuilt on the loop from the last spool
+        snapshot, says what the file says but for its time, and the file is younger than
+        ``STATUS_HEARTBEAT``, nothing is done. Every change to the spool comes with one the loop sees
+        (datagrams received or committed, an acknowledgement), so a skipped rewrite misses nothing.
+        """
+        if only_if_changed and self._written is not None and self._spool_seen is not None:
+            spool_seen, oldest_seen = self._spool_seen
+            doc = self.status(spool_seen, oldest=oldest_seen)
+            if self._status_key(doc) == self._written[0] and (
+                    time.monotonic() - self._written[1] < STATUS_HEARTBEAT):
+                self._last_status = doc  # the same figures, as of now
+                return False
         spool, oldest = await asyncio.to_thread(self._spool_snapshot)
         doc = self._last_status = self.status(spool, oldest=oldest)
         await asyncio.to_thread(
             functools.partial(write_json_atomic, self.config.spool_dir / STATUS_FILE, doc, durable=False)
         )
+        self._spool_seen = (spool, oldest)
+        self._written = (self._status_key(doc), time.monotonic())
+        return True
+
+    def _status_key(self, doc: dict[str, object]) -> object:
+        """What a status says, but when: its contents without ``updated``, and the datagrams committed to
+        the spool so far (a commit after a write changes the spool's figures, which the loop cannot see)."""
+        return {k: v for k, v in doc.items() if k != "updated"}, self.receiver.stats.spooled
 
     def _spool_snapshot(self) -> tuple[LogStats, float | None]:
         """Spool stats and the receive time (Unix seconds) of the oldest spooled datagram (worker thread)."""
@@ -279,7 +308,7 @@ class AgentService:
         while True:
             await asyncio.sleep(self.config.status_interval)
             try:
-                await self.write_status()
+                await self.write_status(only_if_changed=True)
             except (OSError, LogError) as exc:
                 self._once.warning(f"status-{type(exc).__name__}", "cannot write %s: %s",
                                    self.config.spool_dir / STATUS_FILE, exc)

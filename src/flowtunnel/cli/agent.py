@@ -60,7 +60,8 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--backoff-cap", "backoff_cap", "DURATION", "longest retry delay (default 60s)"),
     ("--reject-backoff", "reject_backoff", "DURATION", "retry delay after a refusal retrying cannot fix "
      "(401, 403, 400) (default 5m)"),
-    ("--status-interval", "status_interval", "DURATION", "how often status.json is rewritten (default 2s)"),
+    ("--status-interval", "status_interval", "DURATION", "how often status.json is rewritten if anything in "
+     "it changed (unchanged: every 10 s) (default 2s)"),
     ("--metrics-listen", "metrics_listen", "HOST:PORT", "serve Prometheus metrics on "
      "http://HOST:PORT/metrics (backlog, drops by cause, upload rate, bytes on the wire; default off)"),
     ("--shutdown-timeout", "shutdown_timeout", "DURATION", "on SIGTERM, time allowed for a last upload "
