@@ -21,6 +21,7 @@ from flowtunnel.agent.status import read_status, render
 from flowtunnel.agent.uploader import CURSOR
 from flowtunnel.errors import ConfigError
 from flowtunnel.log import MIN_DISK_QUOTA, FullPolicy
+from flowtunnel.statusfile import write_json_atomic
 from flowtunnel.wire.keys import format_key, generate_key
 from tests.agent.conftest import GatewayFactory, enroll, eventually, journal_of
 from tests.peers import free_tcp_port
@@ -192,7 +193,7 @@ async def test_status_file_is_rewritten_only_when_something_changed(
     when what it says changes; a change (a datagram) is written at the next tick, and the heartbeat keeps an
     unchanged file fresh for readers."""
     writes: list[float] = []
-    real = service_mod.write_json_atomic
+    real = write_json_atomic
 
     def counting(path: Path, doc: object, *, durable: bool = True) -> None:
         if path.name == STATUS_FILE:

@@ -108,9 +108,11 @@ class AgentService:
             self._uploader = Uploader(cfg, key, self._spool, dropped=self.drops)
             self._receiver = Receiver(
                 cfg.listen_addresses, self._spool, rcvbuf=cfg.rcvbuf, buffer_limit=cfg.buffer_datagrams,
-                commit_interval=cfg.commit_interval, on_spooled=self._uploader.notify,
+                commit_interval=cfg.commit_interval, commit_bytes=cfg.commit_bytes, commit_wait=cfg.latency,
+                on_spooled=self._uploader.notify,
                 on_committed=self._uploader.spooled,
             )
+            self._uploader.before_batch = self._commit_buffered
             try:
                 await self._receiver.start()
             except OSError as exc:
@@ -178,6 +180,12 @@ class AgentService:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+    async def _commit_buffered(self) -> None:
+        """Commit what the receiver buffers, before the uploader reads a batch. A spool that cannot be
+        written must not stall the uploader (its trims free the space): the committer retries and reports."""
+        with contextlib.suppress(LogError):
+            await self.receiver.flush()
 
     # -- status ----------------------------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ import random
 import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flowtunnel.agent.config import MIN_BODY, AgentConfig, mask_url, parse_host_port
@@ -193,6 +193,9 @@ class Uploader:
         self._clock = clock
         self._draw = draw
         self._wake = asyncio.Event()
+        #: awaited before a caught-up batch is read, once its latency wait is over: the agent commits what
+        #: its receiver still buffers (commits wait for ``commit_bytes``), so that goes in this batch
+        self.before_batch: Callable[[], Awaitable[None]] | None = None
         self._once = OnceLogger(logger)
         # The gateways (``--gateway``, several of one cluster) and which one is in use; for each gateway used
         # so far its rungs by name, best first (``--rungs``), each with its own connections, probe and pin
@@ -395,6 +398,8 @@ class Uploader:
             wait = self._last_send + latency - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+                if self.before_batch is not None:
+                    await self.before_batch()
                 entries = await self._read()
                 if not entries:  # the quota policy dropped them meanwhile
                     return False
