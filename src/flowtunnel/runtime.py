@@ -21,6 +21,7 @@ __all__ = [
     "JsonFormatter",
     "OnceLogger",
     "TaskSet",
+    "limit_malloc_arenas",
     "run_daemon",
     "setup_logging",
     "stderr_is_journal",
@@ -98,6 +99,33 @@ def setup_logging(level: str = "info", fmt: str = "text", *, journal: bool | Non
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+#: glibc's ``mallopt`` parameter number of M_ARENA_MAX (malloc.h)
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(arenas: int = 1) -> bool:
+    """Let glibc's malloc keep at most ``arenas`` arenas, as ``MALLOC_ARENA_MAX`` in the environment would;
+    True if it took. Call it before threads start.
+
+    glibc gives each thread that allocates its own arena, and memory freed in one is not reused by another:
+    the agent's worker threads (spool commits, sealing with zstd contexts of a few MB) each kept their own
+    peak, ~2 MB of resident memory for nothing on a box with 128 MB (measured at 1,000 flows/s: 50.5 MB
+    peak RSS, 48.3 MB with one arena; issue 14). The threads mostly take turns under the GIL, so sharing an
+    arena costs no measurable CPU. An explicit ``MALLOC_ARENA_MAX`` wins; elsewhere than glibc, nothing.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # ~0.3 MB, only here
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 class OnceLogger:

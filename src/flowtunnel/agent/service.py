@@ -24,7 +24,7 @@ from flowtunnel.agent.uploader import Uploader
 from flowtunnel.datadir import create_private_file, prepare_private_dir
 from flowtunnel.errors import ConfigError, describe_os_error
 from flowtunnel.log import DurableLog, LogConfig, LogError, LogStats
-from flowtunnel.runtime import OnceLogger, TaskSet
+from flowtunnel.runtime import OnceLogger, TaskSet, limit_malloc_arenas
 from flowtunnel.statusfile import write_json_atomic
 
 if TYPE_CHECKING:  # aiohttp (its server) is imported only when --metrics-listen asks for it
@@ -350,6 +350,7 @@ def _lock_spool(spool_dir: Path) -> IO[str]:
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> int:
     """Run the agent until ``stop`` is set; 0 on a clean stop. Raises ``ConfigError`` for startup problems."""
+    limit_malloc_arenas()  # before the first worker thread
     service = AgentService(config)
     await service.start()
     try:

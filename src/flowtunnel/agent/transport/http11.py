@@ -31,13 +31,16 @@ import ssl
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import SplitResult, urlsplit
 
 import h11
-from cryptography import x509
 
 from flowtunnel.agent.config import mask_url
 from flowtunnel.agent.proxy.auth import ProxyAuthenticator, ProxyAuthError, ProxyCredentials
+
+if TYPE_CHECKING:  # x509 (~3 MB) is loaded only after a pin mismatch, to name the issuer
+    from cryptography import x509
 
 __all__ = [
     "ConnectFailed",
@@ -660,6 +663,7 @@ def _issuer_and_trust(der: bytes, host: str) -> tuple[str, bool]:
     import datetime
     import ipaddress
 
+    from cryptography import x509
     from cryptography.x509 import verification
 
     try:
@@ -687,6 +691,8 @@ def _issuer_and_trust(der: bytes, host: str) -> tuple[str, bool]:
 @functools.cache
 def _box_roots() -> list[x509.Certificate]:
     """The CAs this box trusts (the system bundle OpenSSL uses by default)."""
+    from cryptography import x509
+
     paths = ssl.get_default_verify_paths()
     if not paths.cafile:
         return []
