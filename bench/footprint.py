@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import shutil
 import subprocess
 import sys
@@ -198,7 +199,18 @@ def summarise_profile(path: Path, top: int = 15) -> str:
     return "\n".join(lines)
 
 
+def use_bytecode() -> None:
+    """Compile flowtunnel to bytecode and let every process measured here load it, as an installed package
+    does (pip compiles at install). A Python under ``PYTHONDONTWRITEBYTECODE`` (set in this project's shells)
+    compiles each module from source at every start: measured, 0.20 s CPU and 39.3 MB peak RSS to import
+    the agent, against 0.13 s and 37.9 MB from bytecode."""
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    package = Path(__file__).resolve().parent.parent / "src" / "flowtunnel"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True, timeout=300)
+
+
 def bench(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    use_bytecode()
     flows = 2_000 if args.quick else 25_000
     warmup, interval = (1.0, 2.0) if args.quick else (3.0, 20.0)
     rates = (100, 1_000) if args.quick else FLOW_RATES

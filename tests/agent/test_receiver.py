@@ -520,3 +520,58 @@ def test_receive_buffer_shortfall_says_what_failed(spool: DurableLog, error: int
     assert given == 8 << 20
     assert short == f"SO_RCVBUF capped at {8 << 20} bytes by net.core.rmem_max and {why}"
     assert "root" not in short
+
+
+async def test_a_quiet_site_commits_once_per_commit_bytes_not_per_interval(spool: DurableLog) -> None:
+    """A commit costs the same for one datagram as for many (issue 14): with ``commit_bytes``, datagrams
+    arriving slower than ``commit_interval`` wait for each other, until that much is buffered; ``flush``
+    commits the rest at once; ``commit_wait`` bounds the wait."""
+    appends: list[int] = []
+    real = spool.append
+
+    def counting(datagrams: Sequence[Datagram], **kw: Any) -> AppendResult:
+        appends.append(len(datagrams))
+        return real(datagrams, **kw)
+
+    spool.append = counting  # type: ignore[method-assign]
+    tasks = TaskSet()
+    payload = v5(6)  # 24 + 6 * 48 = 312 bytes
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=1 << 20, buffer_limit=10_000,
+                  commit_interval=0.01, commit_bytes=4 * len(payload), commit_wait=60.0)
+    await rx.start()
+    try:
+        tasks.spawn(rx.run(), name="commit")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for i in range(4):
+                tx.sendto(v5(6, seq=i), rx.bound[0])
+                await asyncio.sleep(0.03)  # three commit intervals apart
+        await eventually(lambda: rx.stats.spooled == 4, "a commit's worth spooled")
+        assert appends == [4]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.sendto(v5(6, seq=4), rx.bound[0])
+        await eventually(lambda: rx.stats.datagrams == 5, "the fifth received")
+        await asyncio.sleep(0.1)
+        assert rx.stats.spooled == 4
+        assert rx.buffered == 1
+        await rx.flush()  # what the uploader does before it reads a batch
+        assert rx.stats.spooled == 5
+        assert appends == [4, 1]
+        assert [e.datagram.payload for e in spool.read(after=0, limit=10)] == [v5(6, seq=i) for i in range(5)]
+    finally:
+        rx.stop_receiving()
+        await tasks.close()
+
+
+async def test_commit_wait_bounds_how_long_a_lone_datagram_waits(spool: DurableLog) -> None:
+    tasks = TaskSet()
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=1 << 20, buffer_limit=10_000,
+                  commit_interval=0.01, commit_bytes=1 << 20, commit_wait=0.2)
+    await rx.start()
+    try:
+        tasks.spawn(rx.run(), name="commit")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.sendto(v9(1), rx.bound[0])
+        await eventually(lambda: rx.stats.spooled == 1, "the lone datagram committed after commit_wait")
+    finally:
+        rx.stop_receiving()
+        await tasks.close()

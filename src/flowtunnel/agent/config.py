@@ -145,7 +145,7 @@ class AgentConfig:
     buffer_datagrams: int = count_setting(20000, 1, 10_000_000)
     """Datagrams held in memory between the socket and the spool; beyond it they drop as receiver_overflow."""
     commit_interval: float = duration_setting(0.05, 0.001, 10.0)
-    commit_bytes: int = size_setting(16 * 1024, 0, 64 << 20, zero="every commit interval")
+    commit_bytes: int = size_setting(64 * 1024, 0, 64 << 20, zero="every commit interval")
     """A spool commit waits until this much datagram payload has arrived, at most ``latency`` (a commit
     costs the same for one datagram as for a hundred); 0: every ``commit_interval``."""
     backoff_base: float = duration_setting(0.5, 0.01, 3600.0)

@@ -9,17 +9,20 @@ commits/s of ~40 datagrams, their GIL hand-offs and fsyncs costing more CPU than
 
 With ``commit_bytes``, a commit also waits until that much payload is buffered, for at most
 ``commit_wait``: at a quiet site a commit of one or two datagrams costs as much as one of a hundred (a
-transaction rewrites five or six 16 KiB spool pages and fsyncs them, ~0.5 ms of CPU; measured at 1,000
-flows/s, 36 datagrams/s: 20 commits/s were the agent's largest cost). ``flush`` commits at once (the
-uploader calls it before it reads a batch, so the wait adds no latency). The price: a ``kill -9`` loses what
-is buffered, up to ``commit_bytes`` or ``commit_wait`` of datagrams instead of ``commit_interval``.
+transaction rewrites five or six 16 KiB spool pages and fsyncs them, ~0.5-0.8 ms of CPU; measured at 1,000
+flows/s, 36 datagrams/s: 20 commits/s were the agent's largest cost, 1.1 % of a core). ``flush`` commits
+at once (the uploader calls it before it reads a batch, so the wait adds no latency). The price: a
+``kill -9`` loses what is buffered, up to ``commit_bytes`` or ``commit_wait`` of datagrams instead of
+``commit_interval``.
 
 Each socket is read with non-blocking ``recvfrom`` in a loop until it is empty, not one datagram per
 callback. While datagrams come slowly (an exporter or two, the footprint case) the loop wakes on readiness
 as usual; when readiness events follow each other closer than ``POLL_INTERVAL`` / 2, the socket is taken off
 the selector and read every ``POLL_INTERVAL`` instead, until a read finds fewer than ``POLL_MIN``: one wake
-then reads a dozen or more datagrams, instead of one wake (selector round, callback) per datagram. The
-kernel's receive buffer holds them meanwhile: 5 ms of 100k flows/s is ~18 datagrams, ~40 KB of buffer.
+then reads several datagrams, instead of one wake (selector round, callback) per datagram. The
+kernel's receive buffer holds them meanwhile: 20 ms of 100k flows/s is ~70 datagrams, ~100 KB of buffer.
+(20 ms since issue 14, 5 ms before: at 10k flows/s, 357 datagrams/s, readiness events came 2.8 ms apart,
+above the 2.5 ms threshold, so every datagram cost a wake of its own.)
 
 If the disk falls behind long enough to fill the buffer, the newest datagrams are dropped and counted as
 ``receiver_overflow``: memory stays bounded whatever happens.
@@ -92,7 +95,7 @@ if _SO_RCVBUFFORCE is None and sys.platform.startswith("linux") and not platform
     _SO_RCVBUFFORCE = 33
 # Socket reading (see the module docstring): poll every POLL_INTERVAL seconds while each poll finds at least
 # POLL_MIN datagrams; read at most MAX_DRAIN per callback, so other callbacks get their turn in a flood.
-POLL_INTERVAL = 0.005
+POLL_INTERVAL = 0.02
 POLL_MIN = 2
 MAX_DRAIN = 512
 MAX_DATAGRAM = 65535  # the largest UDP payload (IPv4)
