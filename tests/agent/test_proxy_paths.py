@@ -393,12 +393,17 @@ async def test_a_captive_portal_gets_no_batch_and_everything_goes_once_it_opens(
     spool.close()
 
 
-@pytest.mark.parametrize("via", ["direct", "squid-upgrade"])
+@pytest.mark.parametrize("via", ["direct", "squid-upgrade", "older-gateway"])
 async def test_the_websocket_rung_delivers_exactly_once(
-    tmp_path: Path, gateway_factory: GatewayFactory, via: str
+    tmp_path: Path, gateway_factory: GatewayFactory, via: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Batches as messages on one connection: directly, and through squid allowing the WebSocket upgrade
-    (``http_upgrade_request_protocols websocket allow all``)."""
+    (``http_upgrade_request_protocols websocket allow all``), acknowledged in 26 bytes each (``flowtunnel.v2``);
+    a gateway that knows only ``flowtunnel.v1`` answers in JSON, which the agent reads as before."""
+    if via == "older-gateway":
+        import flowtunnel.gateway.ws as gateway_ws
+
+        monkeypatch.setattr(gateway_ws, "_PROTOCOLS", ("flowtunnel.v1",))
     data = tmp_path / "gw"
     key = enroll(data, AGENT)
     sent = datagrams(500, size=300, seed=28)
@@ -420,6 +425,12 @@ async def test_the_websocket_rung_delivers_exactly_once(
                 assert up.status()["rung"] == "ws"
                 assert up.stats.failures == {}
                 assert up.stats.batches >= 10
+            ws = gw.metrics.rungs["ws"]
+            answers = ws["requests"] - 1  # the upgrade's 101 (< 300 bytes) and one answer per batch
+            if via == "older-gateway":
+                assert ws["bytes_out"] > 90 * answers, ws
+            else:
+                assert ws["bytes_out"] <= 300 + 26 * answers, ws
             assert_exactly_once(gw, sent)
     finally:
         if squid is not None:

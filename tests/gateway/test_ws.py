@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from flowtunnel.gateway import Gateway, Registry
-from flowtunnel.wire import peek_header, seal_batch, verify_ack
+from flowtunnel.wire import COMPACT_ACK_BYTES, parse_compact_ack, peek_header, seal_batch, verify_ack
 from tests.gateway.util import datagrams, enroll, journal_entries, post_batch, seal, start_gateway
 
 AGENT = "site-a"
@@ -71,6 +71,34 @@ async def test_batches_are_acked_in_order_with_tags_and_journaled_once(gw: Gatew
     assert ws_rung["requests"] == 4  # the upgrade and three messages
     assert ws_rung["bytes_in"] > sum(map(len, bodies))
     assert ws_rung["bytes_out"] > 3 * 60
+
+
+async def test_flowtunnel_v2_acknowledges_with_24_binary_bytes_and_refuses_in_json(gw: Gateway) -> None:
+    """An agent offering ``flowtunnel.v2`` first gets it: each acknowledgement is one binary message of 24
+    bytes (``wire.compact_ack``: acked u64 and the tag), 26 bytes on the wire where the JSON text took ~105;
+    a refusal is still the JSON text. Offered only ``flowtunnel.v1`` (older agents), the JSON answers stay."""
+    key = key_of(gw)
+    first, second = seal(AGENT, key, 1, datagrams(3)), seal(AGENT, key, 4, datagrams(2, start=3))
+    async with aiohttp.ClientSession() as session, connect(
+            session, gw, protocols=("flowtunnel.v2", "flowtunnel.v1")) as ws:
+        assert ws.protocol == "flowtunnel.v2"
+        upgrade = gw.metrics.rungs["ws"]["bytes_out"]  # the 101 answer
+        await ws.send_bytes(first)
+        msg = await ws.receive(timeout=10)
+        assert msg.type is aiohttp.WSMsgType.BINARY
+        assert len(msg.data) == COMPACT_ACK_BYTES == 24
+        acked, tag = parse_compact_ack(msg.data)
+        verify_ack(key, agent_id=AGENT, request_nonce=peek_header(first).nonce, acked=acked, tag=tag)
+        assert acked == 3
+        assert gw.metrics.rungs["ws"]["bytes_out"] - upgrade == 26  # the whole answer, frame head included
+        await ws.send_bytes(b"garbage")
+        assert (await answer(ws))["status"] == 400
+    async with aiohttp.ClientSession() as session, connect(session, gw) as ws:
+        assert ws.protocol == "flowtunnel.v1"
+        await ws.send_bytes(second)
+        doc = await answer(ws)
+        assert (doc["status"], doc["acked"]) == (200, 5)
+    assert [e.datagram for e in journal_entries(gw)] == datagrams(5)
 
 
 async def test_refusals_come_in_order_with_the_post_status_and_code(gw: Gateway) -> None:

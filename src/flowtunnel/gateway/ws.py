@@ -2,8 +2,10 @@
 
 For networks whose proxy passes ``Upgrade`` (or ``wss://`` through CONNECT): no HTTP headers per batch. One
 binary message is one sealed batch, exactly a POST body; the gateway answers each with one text message, in
-order: the POST answer's JSON plus ``"status"`` (``edge.ws_answer``). Every batch goes through the same
-``Admission`` slot and ``Ingest.deliver`` as a POST.
+order: the POST answer's JSON plus ``"status"`` (``edge.ws_answer``), or, on a connection that chose the
+subprotocol ``flowtunnel.v2``, an acknowledgement as one binary message of 24 bytes (``wire.compact_ack``:
+~26 bytes on the wire instead of ~105, the largest per-batch cost of this rung beside the batch itself).
+Every batch goes through the same ``Admission`` slot and ``Ingest.deliver`` as a POST.
 
 Resource handling (a sender that only knows an agent id must not hold more than a POST sender could):
 - the upgrade is refused (plain JSON HTTP errors) unless it names an enrolled, non-revoked agent and offers
@@ -31,13 +33,17 @@ from flowtunnel.gateway.admission import Admission
 from flowtunnel.gateway.edge import http_response, ws_answer
 from flowtunnel.gateway.ingest import Ack, Ingest, Outcome, Rejected
 from flowtunnel.gateway.metrics import GatewayMetrics
-from flowtunnel.wire import BadAgentId, validate_agent_id
+from flowtunnel.wire import BadAgentId, compact_ack, validate_agent_id
 
-__all__ = ["WS_PROTOCOL", "WsHub", "WsSettings"]
+__all__ = ["WS_PROTOCOL", "WS_PROTOCOL_COMPACT", "WsHub", "WsSettings"]
 
 log = logging.getLogger("flowtunnel.gateway.ws")
 
 WS_PROTOCOL = "flowtunnel.v1"
+#: ``flowtunnel.v1`` with acknowledgements as binary ``wire.compact_ack`` messages (docs/protocol.md 7.4);
+#: preferred when the agent offers it (the client's order decides, and the agent offers it first)
+WS_PROTOCOL_COMPACT = "flowtunnel.v2"
+_PROTOCOLS = (WS_PROTOCOL_COMPACT, WS_PROTOCOL)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,12 +68,13 @@ def _frame_overhead(n: int, *, masked: bool) -> int:
 
 
 class _Conn:
-    __slots__ = ("agent", "authenticated", "ws")
+    __slots__ = ("agent", "authenticated", "compact", "ws")
 
-    def __init__(self, ws: web.WebSocketResponse, agent: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, agent: str, *, compact: bool) -> None:
         self.ws = ws
         self.agent = agent
         self.authenticated = False
+        self.compact = compact  # acknowledgements as binary compact answers (flowtunnel.v2)
 
 
 class WsHub:
@@ -99,11 +106,11 @@ class WsHub:
                 "no-agent-header", "X-Flowtunnel-Agent (or ?agent=) is missing"
             ))
         ws = web.WebSocketResponse(
-            protocols=(WS_PROTOCOL,), max_msg_size=s.max_body, heartbeat=s.heartbeat, compress=False,
+            protocols=_PROTOCOLS, max_msg_size=s.max_body, heartbeat=s.heartbeat, compress=False,
             timeout=s.close_timeout,
         )
         ready = ws.can_prepare(request)
-        if not ready.ok or ready.protocol != WS_PROTOCOL:
+        if not ready.ok or ready.protocol not in _PROTOCOLS:
             offered = request.headers.get("Sec-WebSocket-Protocol", "")
             why = ("not a WebSocket upgrade" if not ready.ok
                    else f"subprotocol {WS_PROTOCOL!r} not offered (offered: {offered[:80]!r})")
@@ -118,7 +125,7 @@ class WsHub:
         busy = await self._make_room(agent)
         if busy is not None:
             return self._refuse(Rejected("busy", busy, agent=agent, retry_after=s.retry_after))
-        conn = _Conn(ws, agent)
+        conn = _Conn(ws, agent, compact=ready.protocol == WS_PROTOCOL_COMPACT)
         self._conns.append(conn)
         self._metrics.ws_connections.set(len(self._conns))
         try:
@@ -188,12 +195,19 @@ class WsHub:
                 outcome = await self._deliver(conn, data)
                 if isinstance(outcome, Ack):
                     conn.authenticated = True
-                text = json.dumps(ws_answer(outcome), separators=(",", ":"))
+                answer: bytes | str
+                if conn.compact and isinstance(outcome, Ack) and outcome.tag:
+                    answer = compact_ack(outcome.acked, outcome.tag)
+                else:
+                    answer = json.dumps(ws_answer(outcome), separators=(",", ":"))
                 try:
-                    await ws.send_str(text)
+                    if isinstance(answer, bytes):
+                        await ws.send_bytes(answer)
+                    else:
+                        await ws.send_str(answer)
                 except ConnectionError:
                     return  # the client went away; an unanswered batch is re-sent, dedup makes it harmless
-                out = len(text) + _frame_overhead(len(text), masked=False)
+                out = len(answer) + _frame_overhead(len(answer), masked=False)
                 self._metrics.rung_traffic("ws", bytes_out=out)
             elif msg.type is WSMsgType.TEXT:
                 self._ingest.reject(Rejected(

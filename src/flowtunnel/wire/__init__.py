@@ -3,7 +3,7 @@
 Byte layout and test vectors: docs/protocol.md.
 """
 
-from flowtunnel.wire.ack import ack_tag, verify_ack
+from flowtunnel.wire.ack import COMPACT_ACK_BYTES, ack_tag, compact_ack, parse_compact_ack, verify_ack
 from flowtunnel.wire.batch import (
     AGENT_LEN_OFFSET,
     AUTO_COLUMNAR_BYTES,
@@ -54,6 +54,7 @@ __all__ = [
     "AGENT_LEN_OFFSET",
     "AUTO_COLUMNAR_BYTES",
     "CODEC_OFFSET",
+    "COMPACT_ACK_BYTES",
     "CONTENT_TYPE",
     "CONTENT_TYPES",
     "CONTEXT_BYTES",
@@ -86,6 +87,7 @@ __all__ = [
     "WireLimits",
     "ack_tag",
     "bundled_dictionaries",
+    "compact_ack",
     "context_id",
     "context_of",
     "decode_probe_nonce",
@@ -94,6 +96,7 @@ __all__ = [
     "generate_key",
     "header_length",
     "open_batch",
+    "parse_compact_ack",
     "parse_key",
     "peek_header",
     "probe_mac",

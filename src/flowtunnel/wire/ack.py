@@ -9,6 +9,10 @@ the nonce of the batch being answered (so an old answer cannot be replayed for a
 Tag = first 16 bytes of HMAC-SHA256(K_ack, "flowtunnel-ack-v1" || len(agent) || agent || nonce || acked u64),
 with K_ack = HMAC-SHA256(agent key, "flowtunnel ack key v1") so the MAC key differs from the AEAD key;
 written as 22 base64url characters without padding. Byte layout: docs/protocol.md, section 7.1.
+
+The compact answer (``POST /v1/b``, docs/protocol.md section 7; a WebSocket ``flowtunnel.v2`` acknowledgement,
+section 7.4) carries the same two values in 24 bytes
+instead of a JSON object: ``acked`` as a u64, big-endian, then the tag's 16 raw bytes.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import struct
 from flowtunnel.wire.errors import AuthenticationFailed
 from flowtunnel.wire.keys import Key, key_bytes, validate_agent_id
 
-__all__ = ["ACK_TAG_BYTES", "ack_tag", "verify_ack"]
+__all__ = ["ACK_TAG_BYTES", "COMPACT_ACK_BYTES", "ack_tag", "compact_ack", "parse_compact_ack", "verify_ack"]
 
 ACK_TAG_BYTES = 16
 _KEY_LABEL = b"flowtunnel ack key v1"
 _MSG_LABEL = b"flowtunnel-ack-v1"
 _U64 = struct.Struct(">Q")
+_COMPACT = struct.Struct(">Q16s")
+#: the length of a compact answer: acked (u64) and the tag's raw bytes
+COMPACT_ACK_BYTES = _COMPACT.size
 
 
 def _message(agent_id: str, request_nonce: bytes, acked: int) -> bytes:
@@ -66,3 +73,23 @@ def verify_ack(key: bytes | Key, *, agent_id: str, request_nonce: bytes, acked: 
             f"acknowledgement of seq {acked} for agent {agent_id!r} does not authenticate: not from the "
             "gateway holding this agent's key, or not an answer to this request"
         )
+
+
+def compact_ack(acked: int, tag: str) -> bytes:
+    """The compact answer's body for ``acked`` and its ``tag`` (as ``ack_tag`` writes it): 24 bytes."""
+    if not 0 <= acked < 1 << 64:
+        raise ValueError(f"acked {acked} is outside 0..2**64-1")
+    raw = base64.urlsafe_b64decode(tag + "==")
+    if len(tag) != 22 or len(raw) != ACK_TAG_BYTES:
+        raise ValueError(f"tag {tag!r} is not {ACK_TAG_BYTES} bytes in 22 base64url characters")
+    return _COMPACT.pack(acked, raw)
+
+
+def parse_compact_ack(body: bytes) -> tuple[int, str]:
+    """``(acked, tag)`` from a compact answer's body, the tag written as ``ack_tag`` does (for
+    ``verify_ack``); ``ValueError`` unless ``body`` is exactly ``COMPACT_ACK_BYTES`` long. Nothing is trusted
+    before ``verify_ack``."""
+    if len(body) != COMPACT_ACK_BYTES:
+        raise ValueError(f"compact answer of {len(body)} bytes, expected {COMPACT_ACK_BYTES}")
+    acked, raw = _COMPACT.unpack(body)
+    return acked, base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
