@@ -398,8 +398,8 @@ async def test_the_websocket_rung_delivers_exactly_once(
     tmp_path: Path, gateway_factory: GatewayFactory, via: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Batches as messages on one connection: directly, and through squid allowing the WebSocket upgrade
-    (``http_upgrade_request_protocols websocket allow all``), acknowledged in 26 bytes each (``flowtunnel.v2``);
-    a gateway that knows only ``flowtunnel.v1`` answers in JSON, which the agent reads as before."""
+    (``http_upgrade_request_protocols websocket allow all``), acknowledged in 26 bytes each
+    (``flowtunnel.v2``); a gateway that knows only ``flowtunnel.v1`` answers in JSON, read as before."""
     if via == "older-gateway":
         import flowtunnel.gateway.ws as gateway_ws
 
@@ -435,6 +435,62 @@ async def test_the_websocket_rung_delivers_exactly_once(
     finally:
         if squid is not None:
             squid.__exit__(None, None, None)
+    spool.close()
+
+
+async def test_the_websocket_reconnects_at_once_after_the_gateway_closed_an_idle_one(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """The gateway closes a connection idle for ``ws_idle_timeout``; the next batch opens a new one at once.
+    Before: within 60 s of the last probe the route counted as proven, no probe opened a connection, and the
+    upgrade failed with "no live connection to hand over" until that trust ran out."""
+    import asyncio
+
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(40, size=300, seed=30)
+    spool = open_spool(tmp_path)
+    spool.append(sent[:20])
+    async with gateway_factory(data, ws_idle_timeout=1.0) as gw:
+        cfg = config(tmp_path, gw.url, key, rungs=("ws",))
+        async with uploading(cfg, key, spool) as up:
+            await eventually(lambda: spool.cursor(CURSOR) == 20, "first part delivered")
+            await asyncio.sleep(1.5)  # the gateway closes the idle connection
+            spool.append(sent[20:])
+            up.notify()
+            await eventually(lambda: spool.cursor(CURSOR) == len(sent), "second part on a new connection",
+                             within=10.0)
+        assert_exactly_once(gw, sent)
+    spool.close()
+
+
+async def test_a_binary_websocket_answer_that_is_not_an_ack_costs_a_retry_on_a_new_connection(
+    tmp_path: Path, gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A binary answer of the wrong length (something on the path, or a broken gateway) is not trusted: the
+    connection is dropped (later answers could not be matched to batches), the batch goes again on a new one,
+    and everything arrives once."""
+    import flowtunnel.gateway.ws as gateway_ws
+
+    real = gateway_ws.compact_ack
+    calls = []
+
+    def garbled(acked: int, tag: str) -> bytes:
+        calls.append(acked)
+        return real(acked, tag) + b"??" if len(calls) == 2 else real(acked, tag)
+
+    monkeypatch.setattr(gateway_ws, "compact_ack", garbled)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(200, size=300, seed=29)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    async with gateway_factory(data) as gw:
+        cfg = config(tmp_path, gw.url, key, rungs=("ws",), max_batch_datagrams=50)
+        async with uploading(cfg, key, spool) as up:
+            await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered after the bad answer")
+            assert up.stats.failures == {"bad-response": 1}
+        assert_exactly_once(gw, sent)
     spool.close()
 
 

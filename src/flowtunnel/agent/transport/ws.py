@@ -91,6 +91,11 @@ class WsTransport(PostTransport):
 
     async def _upgrade(self, hints: Hints) -> _Socket | Answer:
         refused, _ = await self._verified(hints.what)  # the probe, on plain HTTP, on this connection
+        if refused is None and not self.client.live:
+            # The route was trusted without a probe (the gateway answered on it lately), but the upgrade
+            # needs an open connection: the probe opens one (before, a new connection within 60 s of the
+            # last probe failed with "no live connection to hand over" until the trust ran out).
+            refused = await self._probe(hints.what)
         if refused is not None:
             return refused
         reader, writer, proxy_auth = self.client.detach()
