@@ -471,8 +471,9 @@ async def test_a_binary_websocket_answer_that_is_not_an_ack_costs_a_retry_on_a_n
     connection is dropped (later answers could not be matched to batches), the batch goes again on a new one,
     and everything arrives once."""
     import flowtunnel.gateway.ws as gateway_ws
+    from flowtunnel.wire import compact_ack
 
-    real = gateway_ws.compact_ack
+    real = compact_ack
     calls = []
 
     def garbled(acked: int, tag: str) -> bytes:
