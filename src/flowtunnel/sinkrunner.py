@@ -1,13 +1,14 @@
 """Sinks as their own processes on a shared JetStream journal (``flowtunnel sink KIND --journal nats://...``).
 
-The registry of sink kinds: each has a factory (from the command's options to a ``Sink``), the options it
-takes and where its position lives (``position``: ``own`` when the sink commits the stream sequence with its
-side effect, ``consumer`` when the durable consumer's acknowledgement is its position). ``run_sink`` opens a
-durable pull consumer named after the sink, runs the sink on it until SIGTERM/SIGINT and restarts it after a
-failure; every ``status_interval`` it writes ``DATA/sink-<name>.json``.
+The kinds, their factories, options and positions are the gateway's registry
+(``flowtunnel.gateway.sinks.registry``): the same sink code runs in a gateway on the embedded journal and
+here on a durable pull consumer. ``run_sink`` opens a durable pull consumer named after the sink, runs the
+sink on it until SIGTERM/SIGINT and restarts it after a failure; every ``status_interval`` it writes
+``DATA/sink-<name>.json``.
 
 Delivery: ``store`` commits the stream sequence in the DuckDB transaction of its rows (exactly once);
-``jsonl`` writes the sequence in each line (``_seq``: a reader drops a repeated one after a crash);
+``parquet`` names each file by the sequence range it holds and recovers its position from the names (exactly
+once); ``jsonl`` writes the sequence in each line (``_seq``: a reader drops a repeated one after a crash);
 ``forward`` is at least once (a crash between sending and acknowledging repeats that batch to the collectors).
 """
 
@@ -18,12 +19,11 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from flowtunnel.errors import ConfigError
+from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkKind, SinkSettings, build_sink
 from flowtunnel.statusfile import write_json_atomic
 
 __all__ = ["SINK_KINDS", "SinkKind", "SinkOptions", "run_sink"]
@@ -33,7 +33,8 @@ log = logging.getLogger("flowtunnel.sink")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SinkOptions:
-    """What ``flowtunnel sink`` was told: the journal, the sink's own directory, its kind's options."""
+    """What ``flowtunnel sink`` was told: the journal, the sink's own directory and name, its kind's options
+    (``out``: parquet's directory; ``shard``: (I, N), this process's share of the agents)."""
 
     journal: str
     data: Path
@@ -41,68 +42,23 @@ class SinkOptions:
     retain: float | None = None
     jsonl: str | None = None
     forward: tuple[str, ...] = ()
+    out: Path | None = None
+    shard: tuple[int, int] = (1, 1)
     status_interval: float = 2.0
     restart_delay: float = 5.0
 
+    def settings(self) -> SinkSettings:
+        """The registry's settings for the sink these options describe."""
+        from flowtunnel.gateway.config import GatewayConfig
+        from flowtunnel.gateway.metrics import GatewayMetrics
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SinkKind:
-    """One kind of sink: ``factory`` builds it from the options; ``position`` says where its position is."""
-
-    name: str
-    factory: Callable[[SinkOptions], Any]
-    options: tuple[str, ...] = ()
-    position: str = "consumer"
-    delivery: str = "at-least-once"
-    description: str = field(default="")
-
-
-def _store(opts: SinkOptions) -> Any:
-    from flowtunnel.store.sink import StoreSink
-
-    return StoreSink(data_dir=opts.data, retain_seconds=opts.retain, name=opts.name)
-
-
-def _jsonl(opts: SinkOptions) -> Any:
-    from flowtunnel.gateway.sinks.jsonl import JsonlSink
-
-    if not opts.jsonl:
-        raise ConfigError("sink jsonl needs --output FILE ('-' for stdout)")
-    sink = JsonlSink(data_dir=opts.data, path=opts.jsonl)
-    sink.name = opts.name
-    return sink
-
-
-def _forward(opts: SinkOptions) -> Any:
-    from flowtunnel.gateway.config import GatewayConfig
-    from flowtunnel.gateway.metrics import GatewayMetrics
-    from flowtunnel.gateway.sinks.udp_forward import UdpForwardConfig, UdpForwardSink
-
-    if not opts.forward:
-        raise ConfigError("sink forward needs --forward udp://HOST:PORT (repeatable)")
-    cfg = GatewayConfig(data=opts.data, forward=opts.forward)
-    sink = UdpForwardSink(
-        UdpForwardConfig(
-            data_dir=opts.data, targets=cfg.targets, source_pool=cfg.source_pool,
-            source_ports=cfg.source_port_range, identity_port=cfg.identity_port, spoof=cfg.spoof,
-            spoof_map=cfg.spoof_addresses, max_sources=cfg.max_sources, forward_rate=cfg.forward_rate,
-        ),
-        metrics=GatewayMetrics(),
-    )
-    sink.name = opts.name
-    return sink
-
-
-#: The sink kinds ``flowtunnel sink`` runs (and the way to add one).
-SINK_KINDS: dict[str, SinkKind] = {
-    "store": SinkKind(name="store", factory=_store, options=("retain",), position="own",
-                      delivery="exactly-once", description="decode into DuckDB (query --data DIR)"),
-    "jsonl": SinkKind(name="jsonl", factory=_jsonl, options=("jsonl",), position="consumer",
-                      delivery="at-least-once, _seq in each line",
-                      description="decoded records as JSON lines"),
-    "forward": SinkKind(name="forward", factory=_forward, options=("forward",), position="consumer",
-                        delivery="at-least-once", description="re-emit datagrams to UDP collectors"),
-}
+        try:
+            config = GatewayConfig(data=self.data, forward=self.forward, jsonl=self.jsonl, retain=self.retain,
+                                   parquet=self.out)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return SinkSettings(config=config, data_dir=self.data, metrics=GatewayMetrics(), name=self.name,
+                            shard=self.shard)
 
 
 async def run_sink(kind: str, opts: SinkOptions, stop: asyncio.Event) -> int:
@@ -117,7 +73,7 @@ async def run_sink(kind: str, opts: SinkOptions, stop: asyncio.Event) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     opts.data.mkdir(parents=True, exist_ok=True)
-    sink = spec.factory(opts)
+    sink = build_sink(spec, opts.settings())
     reader = JetStreamReader(jcfg, opts.name)
     await reader.open()
     log.info("sink %s (%s, %s) on %s, consumer %s from stream seq %d", opts.name, kind, spec.delivery,

@@ -61,6 +61,8 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "acknowledge an append before retrying it; three tries, then 503 (default 5s)"),
     ("--retain", "retain", "DURATION", "store retention, e.g. 30d (default: keep everything)"),
     ("--jsonl", "jsonl", "FILE", "also write decoded records as JSON lines to FILE ('-' for stdout)"),
+    ("--parquet", "parquet", "DIR", "also write decoded flows as Parquet files under DIR, hive-partitioned "
+     "by day and hour ('flowtunnel query --parquet DIR')"),
     ("--status-interval", "status_interval", "DURATION", "how often status.json is rewritten (default 2s)"),
     ("--registry-ttl", "registry_ttl", "DURATION", "how long the agent registry is cached (default 2s)"),
     ("--probe-rate", "probe_rate", "N", "captive-portal probes (GET /v1/probe) answered per second per "
@@ -105,8 +107,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "Accept sealed batches from enrolled agents over HTTP(S), journal them durably exactly once, and "
             "feed the sinks: udp-forward (--forward) re-emits every datagram to existing collectors with "
             "one source address per (agent, exporter); store (on unless --no-store) decodes into DuckDB for "
-            "'flowtunnel query'; jsonl (--jsonl) writes decoded records. Every flag is also a key in the "
-            "[gateway] section of --config and an environment variable FLOWTUNNEL_GATEWAY_<KEY>."
+            "'flowtunnel query'; jsonl (--jsonl) writes decoded records; parquet (--parquet DIR) writes "
+            "decoded flows as Parquet files. Every flag is also a key in the [gateway] section of --config "
+            "and an environment variable FLOWTUNNEL_GATEWAY_<KEY>."
         ),
     )
     parser.add_argument(

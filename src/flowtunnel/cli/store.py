@@ -11,6 +11,9 @@ import datetime as dt
 import os
 import sys
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +34,7 @@ from flowtunnel.store import (
 )
 from flowtunnel.store.filter import STAT_KEYS
 from flowtunnel.store.output import FORMATS, write_result
-from flowtunnel.store.query import CLOCKS, count_sql
+from flowtunnel.store.query import CLOCKS, QueryResult, count_sql, open_parquet_query
 
 __all__ = ["register"]
 
@@ -47,6 +50,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=300.0, metavar="SECONDS",
         help="give up on a query running longer than this (default 300)",
+    )
+
+
+def _add_parquet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--parquet", type=Path, default=None, metavar="DIR",
+        help="ask the Parquet store in DIR instead (the --out of 'flowtunnel sink parquet', or a gateway's "
+        "--parquet): the same columns and SQL, over every writer's files",
     )
 
 
@@ -87,7 +98,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
             "Columns: agent, exporter, version, domain_id, flow_start, flow_end, src_addr, dst_addr, "
             "src_port, dst_port, protocol, tcp_flags, packets, bytes, in_if, out_if, src_as, dst_as, "
             "next_hop, tos, sampling_interval, extra (JSON: every other field), received (the gateway's "
-            "receive time, by its clock), agent_received (the agent's, by the agent's clock)."
+            "receive time, by its clock), agent_received (the agent's, by the agent's clock). With "
+            "--parquet DIR, 'flows' is the Parquet store in DIR (same columns, same SQL)."
         ),
     )
     query.add_argument(
@@ -96,6 +108,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     query.add_argument("--format", choices=FORMATS, default="csv", help="output format (default csv)")
     _add_filter(query, "'flows' holds")
+    _add_parquet(query)
     _add_common(query)
     query.set_defaults(func=_run_query)
 
@@ -130,6 +143,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                      help="rank by (default bytes)")
     _add_filter(top, "rank")
     top.add_argument("--format", choices=FORMATS, default="table", help="output format (default table)")
+    _add_parquet(top)
     _add_common(top)
     top.set_defaults(func=_run_top)
 
@@ -149,6 +163,34 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _add_filter(export, "write")
     _add_common(export)
     export.set_defaults(func=_run_export)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Source:
+    """Where a query goes: a gateway's (or store sink's) data directory, or a Parquet store."""
+
+    data: Path | None = None
+    parquet: Path | None = None
+
+
+def _source(args: argparse.Namespace) -> _Source:
+    parquet = getattr(args, "parquet", None)
+    if parquet is not None:
+        if args.data is not None:
+            raise ConfigError("give --data DIR (the DuckDB store) or --parquet DIR, not both")
+        return _Source(parquet=Path(parquet))
+    return _Source(data=_data_dir(args))
+
+
+@contextmanager
+def _open(source: _Source, sql: str, params: list[object], timeout: float) -> Iterator[QueryResult]:
+    if source.parquet is not None:
+        with open_parquet_query(source.parquet, sql, params, timeout=timeout) as result:
+            yield result
+        return
+    assert source.data is not None
+    with open_query(source.data, sql, params, timeout=timeout) as result:
+        yield result
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -176,16 +218,16 @@ def _fail(command: str, exc: Exception) -> int:
 
 
 def _print(
-    data_dir: Path, sql: str, params: list[object], fmt: str, timeout: float, title: str | None
+    source: _Source, sql: str, params: list[object], fmt: str, timeout: float, title: str | None
 ) -> int:
-    with open_query(data_dir, sql, params, timeout=timeout) as result:
+    with _open(source, sql, params, timeout) as result:
         rows = write_result(result, fmt, sys.stdout, title=title)
     sys.stdout.flush()
     return rows
 
 
 def _run_query(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
+    source = _source(args)
     if args.sql is None and args.flow_filter is None:
         raise ConfigError("give SQL, or --filter FILTER, or both")
     try:
@@ -198,7 +240,7 @@ def _run_query(args: argparse.Namespace) -> int:
             sql, params = flt.select_sql()
         else:
             sql, params = restrict_sql(args.sql, flt)
-        _print(data_dir, sql, params, args.format, args.timeout, None)
+        _print(source, sql, params, args.format, args.timeout, None)
     except StoreError as exc:
         return _fail("query", exc)
     except BrokenPipeError:
@@ -224,7 +266,7 @@ def _ranking(args: argparse.Namespace) -> tuple[str, str]:
 
 
 def _run_top(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
+    source = _source(args)
     since = _since(args.since)
     now = dt.datetime.now(dt.UTC)
     by, order = _ranking(args)
@@ -245,9 +287,9 @@ def _run_top(args: argparse.Namespace) -> int:
     if flt is not None:
         title += f", filter {escape(args.flow_filter)}"
     try:
-        rows = _print(data_dir, sql, params, args.format, args.timeout, title)
+        rows = _print(source, sql, params, args.format, args.timeout, title)
         if rows == 0 and since is not None:
-            _hint_other_clock(data_dir, args, since, now, flt)
+            _hint_other_clock(source, args, since, now, flt)
     except StoreError as exc:
         return _fail("top", exc)
     except BrokenPipeError:
@@ -259,12 +301,12 @@ _CLOCK_WORDS = {"flow": "flow end time (exporter's clock)", "received": "receive
 
 
 def _hint_other_clock(
-    data_dir: Path, args: argparse.Namespace, since: float, now: dt.datetime, flt: CompiledFilter | None
+    source: _Source, args: argparse.Namespace, since: float, now: dt.datetime, flt: CompiledFilter | None
 ) -> None:
     """An empty ``top --since``: say so on stderr when the other clock has flows in that window."""
     other = "received" if args.clock == "flow" else "flow"
     sql, params = count_sql(since_seconds=since, agent=args.agent, now=now, clock=other, flow_filter=flt)
-    with open_query(data_dir, sql, params, timeout=args.timeout) as result:
+    with _open(source, sql, params, args.timeout) as result:
         [[count]] = list(result.rows)
     if not isinstance(count, int) or count == 0:
         return

@@ -231,6 +231,9 @@ class GatewayConfig:
     retain: float | None = duration_setting(None, 60.0, 36500 * 86400.0)
     #: Write decoded records as JSON lines to this file ("-" for stdout).
     jsonl: str | None = None
+    #: Write decoded flows as Parquet files under this directory (``flowtunnel query --parquet DIR``), one
+    #: file per committed sequence range, hive-partitioned by day and hour (docs/scale-out.md).
+    parquet: Path | None = None
     #: Serve Prometheus metrics on /metrics.
     metrics: bool = True
     #: Serve the operator's console at /console (needs an operator token: admin_token_file, or

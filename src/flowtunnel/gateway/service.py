@@ -50,8 +50,7 @@ from flowtunnel.gateway.notify import JournalNotify
 from flowtunnel.gateway.pieces import PieceSettings
 from flowtunnel.gateway.registry import AgentKeys, Registry, RegistryError
 from flowtunnel.gateway.sinks.base import Sink
-from flowtunnel.gateway.sinks.jsonl import JsonlSink
-from flowtunnel.gateway.sinks.udp_forward import UdpForwardConfig, UdpForwardSink
+from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkSettings, build_sink
 from flowtunnel.gateway.ws import WsSettings
 from flowtunnel.health import silent_agents
 from flowtunnel.journal import AgentJournal, SqliteAgentJournal
@@ -76,22 +75,6 @@ LOCK_FILE = "gateway.lock"
 ADMIN_TOKEN_FILE = "admin.token"
 
 
-def _store_sink(config: GatewayConfig) -> Sink | None:
-    """The store sink if the store package provides it (guarded: the gateway runs without it)."""
-    try:
-        from flowtunnel.store.sink import StoreSink
-    except ImportError as exc:
-        log.warning("store sink unavailable (%s); running without the flow store", exc)
-        return None
-    try:
-        sink: Sink = StoreSink(data_dir=config.data_dir, retain_seconds=config.retain)
-    except Exception as exc:
-        # The journal keeps everything for the store to catch up on after a restart that fixes this.
-        log.error("store sink cannot start (%s); running without the flow store", exc)
-        return None
-    return sink
-
-
 def _raise_fd_limit() -> None:
     """udp-forward holds a socket per (agent, exporter): lift the soft descriptor limit to the hard one."""
     with contextlib.suppress(ValueError, OSError):
@@ -113,6 +96,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.sinks: list[Sink] = []
         self._extra_sinks = list(extra_sinks or [])
+        #: Position names of wanted sinks that could not be built: the journal keeps what they have not read.
+        self._missing: list[str] = []
         self.journal: DurableLog | None = None
         #: What ingest appends to: the SQLite journal's async face, or the shared JetStream journal.
         self.agent_journal: AgentJournal | None = None
@@ -145,40 +130,24 @@ class Gateway:
     # -- start --------------------------------------------------------------------------------------------
 
     def _build_sinks(self) -> list[Sink]:
-        cfg = self.config
+        """The in-process sinks the config asks for, from the registry (``gateway/sinks/registry.py``)."""
         sinks: list[Sink] = []
-        if cfg.forward:
-            sinks.append(UdpForwardSink(
-                UdpForwardConfig(
-                    data_dir=self.data_dir, targets=cfg.targets, source_pool=cfg.source_pool,
-                    source_ports=cfg.source_port_range, identity_port=cfg.identity_port, spoof=cfg.spoof,
-                    spoof_map=cfg.spoof_addresses, max_sources=cfg.max_sources, forward_rate=cfg.forward_rate,
-                ),
-                metrics=self.metrics,
-            ))
-        if cfg.jsonl:
-            sinks.append(JsonlSink(data_dir=self.data_dir, path=cfg.jsonl))
-        if cfg.store:
-            store = _store_sink(cfg)
-            if store is not None:
-                sinks.append(store)
-                self._register_store_metrics(store)
+        self._missing = []
+        for kind in SINK_KINDS.values():
+            if not kind.wanted(self.config):
+                continue
+            settings = SinkSettings(config=self.config, data_dir=self.data_dir, metrics=self.metrics)
+            if not kind.optional:
+                sinks.append(build_sink(kind, settings))
+                continue
+            try:
+                sinks.append(build_sink(kind, settings))
+            except Exception as exc:
+                # The journal keeps everything for this sink to catch up on after a restart that fixes this.
+                log.error("%s sink cannot start (%s); running without it", kind.name, exc)
+                self._missing.append(kind.position_name)
         sinks.extend(self._extra_sinks)
         return sinks
-
-    def _register_store_metrics(self, store: Sink) -> None:
-        """Per-exporter rows, decode errors and loss (the store's collector) on /metrics, if it has one."""
-        try:
-            from flowtunnel.store.metrics import StoreCollector
-            from flowtunnel.store.sink import StoreSink
-        except ImportError:
-            return
-        if not isinstance(store, StoreSink):
-            return
-        try:
-            self.metrics.registry.register(StoreCollector(store))
-        except (ValueError, TypeError) as exc:  # duplicate names: a bug, but not worth refusing to start
-            log.warning("store metrics not registered: %s", exc)
 
     async def start(self) -> None:
         _raise_fd_limit()
@@ -218,11 +187,14 @@ class Gateway:
         self.sinks = [] if cfg.journal else self._build_sinks()
         if cfg.journal:
             log.info("sinks run as separate processes on the shared journal ('flowtunnel sink ...')")
-            if cfg.forward or cfg.jsonl:
-                log.warning("--forward and --jsonl are ignored with --journal: run 'flowtunnel sink forward' "
-                            "and 'flowtunnel sink jsonl' instead")
+            ignored = [k.name for k in SINK_KINDS.values() if k.name != "store" and k.wanted(cfg)]
+            if ignored:
+                log.warning("%s ignored with --journal: run %s instead",
+                            ", ".join(f"--{k}" for k in ignored),
+                            ", ".join(f"'flowtunnel sink {k}'" for k in ignored))
         elif not self.sinks:
-            log.warning("no sinks configured (no --forward, --jsonl or store): the journal keeps everything")
+            log.warning("no sinks configured (no --forward, --jsonl, --parquet or store): the journal keeps "
+                        "everything")
         for sink in self.sinks:
             self._sink_tasks[sink.name] = self._tasks.spawn(self._supervise(sink), name=f"sink:{sink.name}")
         app = build_app(
@@ -467,9 +439,8 @@ class Gateway:
         if journal is None or not self.sinks:
             return 0
         positions = [self._position(s) for s in self.sinks]
-        if self.config.store and not any(s.name == "store" for s in self.sinks):
-            # The store is wanted but could not start: keep what it has not stored yet for when it can.
-            positions.append(journal.cursor("store"))
+        # Sinks wanted that could not start: keep what they have not consumed yet for when they can.
+        positions.extend(journal.cursor(name) for name in self._missing)
         return min(positions)
 
     async def _trim(self) -> None:

@@ -816,9 +816,10 @@ class JetStreamReader:
         return fut.result()
 
     async def _read(self, after: int, limit: int, max_bytes: int) -> list[Entry]:
-        if after > self._want_ack:
-            self._want_ack = after  # the sink holds these already (its own position): acknowledge them
-            self._ack_wake.set()
+        # ``after`` is not acknowledged here: a sink reads ahead of what it committed (the store decodes the
+        # next batch while the last one commits; parquet gathers several reads into one file), and only
+        # ``commit_cursor`` says what is done. A sink whose own position is ahead of the consumer's at start
+        # commits that position (``commit_cursor``) before it reads.
         if not any(seq > after for seq in self._held):
             # The fetch returns at once with what is there; its expiry must leave time for large messages to
             # arrive (delivered to an expired pull, they would come again only after ack_wait).

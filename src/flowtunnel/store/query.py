@@ -41,6 +41,7 @@ from flowtunnel.store.export import (
 )
 from flowtunnel.store.filter import CompiledFilter
 from flowtunnel.store.sandbox import QueryLimits, check_read_only
+from flowtunnel.store.schema import FLOW_COLUMNS
 
 __all__ = [
     "CLOCKS",
@@ -52,7 +53,9 @@ __all__ = [
     "count_sql",
     "export_sql",
     "jsonable",
+    "open_parquet_query",
     "open_query",
+    "parquet_view_sql",
     "run_export",
     "top_sql",
 ]
@@ -225,6 +228,74 @@ def open_query(
         yield QueryResult(columns=columns, types=types, rows=iterate(cursor, timeout, limits))
     finally:
         timer.cancel()
+        conn.close()
+
+
+#: The files of a Parquet store (``flowtunnel sink parquet``, ``gateway --parquet``) under its directory.
+PARQUET_GLOB: Final = "day=*/hour=*/flows-*.parquet"
+
+
+def parquet_view_sql(directory: Path) -> str:
+    """``CREATE VIEW flows`` over the Parquet store in ``directory``: the DuckDB store's columns, in its order
+    (the hive partition columns day and hour are not in it: filter on ``received``, whose per-file
+    statistics let DuckDB skip files). An empty store is an empty view of the same columns."""
+    names = ", ".join(name for name, _ in FLOW_COLUMNS)
+    if not any(directory.glob(PARQUET_GLOB)):
+        nulls = ", ".join(f"CAST(NULL AS {t.replace(' NOT NULL', '')}) AS {n}" for n, t in FLOW_COLUMNS)
+        return f"CREATE VIEW flows AS SELECT {nulls} WHERE false"
+    pattern = str(directory / PARQUET_GLOB).replace("'", "''")
+    return (f"CREATE VIEW flows AS SELECT {names} FROM read_parquet('{pattern}', hive_partitioning = true, "
+            "union_by_name = true)")
+
+
+@contextmanager
+def open_parquet_query(
+    directory: Path,
+    sql: str,
+    params: Sequence[object] = (),
+    *,
+    timeout: float = 300.0,
+    limits: QueryLimits | None = None,
+) -> Iterator[QueryResult]:
+    """Run the read-only ``sql`` on the Parquet store in ``directory`` (view ``flows``): the same sandbox as
+    ``open_query`` (one SELECT, read-only transaction, no external access but ``directory``, no SET, memory
+    and time limits), on an in-memory DuckDB instance of this process. Files written meanwhile by the
+    sinks appear in the next query (each one is complete: written under another name, then renamed).
+
+    Error handling: as ``open_query``; ``StoreNotFound`` when ``directory`` is not a directory.
+    """
+    check_read_only(sql)
+    directory = directory.resolve()
+    if not directory.is_dir():
+        raise StoreNotFound(f"no Parquet store at {directory} (the --out of 'flowtunnel sink parquet')")
+    limits = limits or QueryLimits()
+    try:
+        conn = duckdb.connect(":memory:", config=sandbox.instance_config(limits))
+    except duckdb.Error as exc:
+        raise StoreError(f"cannot start a query engine for {directory}: {exc}") from None
+    try:
+        try:
+            conn.execute(parquet_view_sql(directory))
+            sandbox.lock(conn, allowed_directories=[directory])
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot read the Parquet store at {directory}: {exc}") from None
+        cursor = conn.cursor()
+        timer = threading.Timer(timeout, cursor.interrupt)
+        timer.daemon = True
+        try:
+            sandbox.begin(cursor, limits)
+            timer.start()
+            try:
+                cursor.execute(sql, list(params))
+            except duckdb.InterruptException:
+                raise QueryError(_interrupted(timeout)) from None
+            except duckdb.Error as exc:
+                raise QueryError(sandbox.error_text(exc, limits)) from None
+            columns, types = describe(cursor)
+            yield QueryResult(columns=columns, types=types, rows=iterate(cursor, timeout, limits))
+        finally:
+            timer.cancel()
+    finally:
         conn.close()
 
 

@@ -23,16 +23,15 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from flowtunnel.log import LogError
-from flowtunnel.netflow import Decoder, DecoderConfig, ProtocolError
-from flowtunnel.netflow.decoder import exporter_host
-from flowtunnel.netflow.errors import LimitExceeded, UnknownTemplate
+from flowtunnel.netflow import DecoderConfig
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.store.db import FlowDatabase, StoredState
+from flowtunnel.store.decoding import FlowDecoding
 from flowtunnel.store.errors import StoreError
 from flowtunnel.store.normalize import FlowColumns
 from flowtunnel.store.query import StorePaths
@@ -40,59 +39,11 @@ from flowtunnel.store.server import QueryServer
 
 if TYPE_CHECKING:
     from flowtunnel.journal import JournalReader, JournalWaiter
-    from flowtunnel.log import Entry
 
 __all__ = ["StoreSink"]
 
 log = logging.getLogger("flowtunnel.store")
 T = TypeVar("T")
-
-_SEQ_FIELDS = ("expected", "received", "lost", "resets")
-_INIT_TIME = "systemInitTimeMilliseconds"
-
-
-@dataclass(slots=True)
-class _ExporterCounters:
-    agent: str
-    exporter: str
-    datagrams: int = 0
-    records: int = 0
-    options_records: int = 0
-    undecodable: int = 0
-    set_errors: int = 0
-    no_template_sets: int = 0
-    seq_expected: int = 0
-    seq_received: int = 0
-    seq_lost: int = 0
-    seq_resets: int = 0
-    last_version: int | None = None
-    first_seen: dt.datetime | None = None
-    last_seen: dt.datetime | None = None
-
-    def row(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(slots=True)
-class _AgentCounters:
-    agent: str
-    last_stream_seq: int | None = None
-    datagrams: int = 0
-    transit_lost: int = 0
-
-    def row(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(slots=True)
-class _AgentDecoder:
-    decoder: Decoder
-    # Last sequence_stats() seen per (exporter, domain): counters in DuckDB grow by the difference, so they
-    # survive restarts although a restored decoder's trackers start from zero.
-    seq_seen: dict[tuple[str, int], tuple[int, int, int, int]] = field(default_factory=dict)
-    # systemInitTimeMilliseconds per (exporter, domain), from options records: resolves IPFIX uptime times.
-    init_ms: dict[tuple[str, int], int] = field(default_factory=dict)
-
 
 @dataclass(slots=True, kw_only=True)
 class _Prepared:
@@ -163,9 +114,7 @@ class StoreSink:
         self._server: QueryServer | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None  # DuckDB: the writer thread
         self._decoder_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._decoders: dict[str, _AgentDecoder] = {}
-        self._exporters: dict[tuple[str, str], _ExporterCounters] = {}
-        self._agents: dict[str, _AgentCounters] = {}
+        self._decoding = FlowDecoding(self.decoder_config, log=log)
         self.cursor = 0  # committed in DuckDB
         self._read_cursor = 0  # decoded up to (runs ahead of ``cursor`` by the batch being committed)
         self.last_seq = 0
@@ -322,26 +271,7 @@ class StoreSink:
 
     def _restore(self, state: StoredState) -> None:
         self.cursor = self._read_cursor = state.cursor
-        self._decoders = {}
-        for agent, blob in state.decoder_states.items():
-            try:
-                decoder = Decoder.from_state(blob, self.decoder_config)
-            except ValueError as exc:
-                log.warning("store: template cache of agent %s not restored (%s); starting empty", agent, exc)
-                decoder = Decoder(self.decoder_config)
-            self._decoders[agent] = _AgentDecoder(decoder)
-        self._exporters = {}
-        for key, rec in state.exporter_stats.items():
-            counters = _ExporterCounters(agent=key[0], exporter=key[1])
-            for name, value in rec.items():
-                setattr(counters, name, value)
-            self._exporters[key] = counters
-        self._agents = {}
-        for agent, rec in state.agent_stats.items():
-            self._agents[agent] = _AgentCounters(
-                agent=agent, last_stream_seq=rec["last_stream_seq"], datagrams=rec["datagrams"],
-                transit_lost=rec["transit_lost"],
-            )
+        self._decoding.restore(state.decoder_states, state.exporter_stats, state.agent_stats)
 
     def _prepare(self, journal: JournalReader) -> _Prepared | None:
         """Read and decode one batch past the read cursor (decoder thread); None when nothing is new."""
@@ -351,12 +281,13 @@ class StoreSink:
         touched_agents: set[str] = set()
         touched_exporters: set[tuple[str, str]] = set()
         full = False
+        ingest = self._decoding.ingest
         while True:
             entries = journal.read(after=cursor, limit=self.read_limit, max_bytes=self.read_bytes)
             if not entries:
                 break
             for entry in entries:
-                self._ingest(entry, cols, touched_agents, touched_exporters)
+                ingest(entry, cols, touched_agents, touched_exporters)
             cursor = entries[-1].seq
             consumed += len(entries)
             if cols.rows >= self.batch_records:
@@ -366,11 +297,9 @@ class StoreSink:
                 break
         if consumed == 0:
             return None
-        decoder_states: dict[str, bytes] = {}
-        for agent in touched_agents:
-            agent_decoder = self._decoders[agent]
-            self._account_sequences(agent, agent_decoder, touched_exporters)
-            decoder_states[agent] = agent_decoder.decoder.export_state()
+        decoder_states, exporter_stats, agent_stats = self._decoding.snapshot(
+            touched_agents, touched_exporters
+        )
         self._read_cursor = cursor
         return _Prepared(
             arrays=cols.arrays() if cols.rows else None,
@@ -378,8 +307,8 @@ class StoreSink:
             cursor=cursor,
             full=full or consumed >= self.read_limit,
             decoder_states=decoder_states,
-            exporter_stats=[self._exporters[k].row() for k in touched_exporters],
-            agent_stats=[self._agents[a].row() for a in touched_agents],
+            exporter_stats=exporter_stats,
+            agent_stats=agent_stats,
         )
 
     def _commit(self, batch: _Prepared) -> None:
@@ -398,119 +327,6 @@ class StoreSink:
         self.rows_added += batch.rows
         self.commits += 1
         self.last_commit = time.time()
-
-    def _ingest(
-        self,
-        entry: Entry,
-        cols: FlowColumns,
-        touched_agents: set[str],
-        touched_exporters: set[tuple[str, str]],
-    ) -> None:
-        agent = entry.stream
-        d = entry.datagram
-        touched_agents.add(agent)
-        agent_counters = self._agents.get(agent)
-        if agent_counters is None:
-            agent_counters = self._agents[agent] = _AgentCounters(agent=agent)
-        agent_counters.datagrams += 1
-        if entry.stream_seq is not None:
-            last = agent_counters.last_stream_seq
-            if last is not None and entry.stream_seq > last + 1:
-                gap = entry.stream_seq - last - 1
-                agent_counters.transit_lost += gap
-                self._once.warning(
-                    f"transit:{agent}",
-                    "store: agent %s sequence jumps from %d to %d: %d datagrams never reached the gateway "
-                    "(dropped by the agent's spool quota?)",
-                    agent, last, entry.stream_seq, gap,
-                )
-            if last is None or entry.stream_seq > last:
-                agent_counters.last_stream_seq = entry.stream_seq
-        agent_decoder = self._decoders.get(agent)
-        if agent_decoder is None:
-            agent_decoder = self._decoders[agent] = _AgentDecoder(Decoder(self.decoder_config))
-        host = d.exporter
-        key = (agent, host)
-        touched_exporters.add(key)
-        counters = self._exporters.get(key)
-        # The gateway's receive time (journaled with the entry); entries journaled before it was, the agent's.
-        received_ns = d.received_ns if entry.appended_ns is None else entry.appended_ns
-        received = dt.datetime.fromtimestamp(received_ns / 1e9, dt.UTC)
-        if counters is None:
-            counters = _ExporterCounters(agent=agent, exporter=host, first_seen=received)
-            self._exporters[key] = counters
-        counters.datagrams += 1
-        counters.last_seen = received
-        exporter = f"[{host}]:{d.exporter_port}" if ":" in host else f"{host}:{d.exporter_port}"
-        try:
-            msg = agent_decoder.decoder.decode_columns(d.payload, exporter)
-        except ProtocolError as exc:
-            counters.undecodable += 1
-            self._once.warning(
-                f"undecodable:{agent}:{host}:{type(exc).__name__}",
-                "store: undecodable datagram from agent %s exporter %s (%d bytes): %s",
-                agent, host, len(d.payload), exc,
-            )
-            return
-        except Exception as exc:
-            # A codec bug must not wedge the store on one datagram forever: count it like bad input.
-            counters.undecodable += 1
-            self._once.warning(
-                f"codec:{type(exc).__name__}",
-                "store: the decoder failed on a datagram from agent %s exporter %s (%d bytes): %r",
-                agent, host, len(d.payload), exc,
-            )
-            return
-        counters.last_version = msg.version
-        counters.no_template_sets += msg.held
-        for err in msg.errors:
-            counters.set_errors += 1
-            kind = "held" if isinstance(err, UnknownTemplate | LimitExceeded) else type(err).__name__
-            self._once.warning(
-                f"set:{agent}:{host}:{kind}", "store: agent %s exporter %s: %s", agent, host, err
-            )
-        for opt in msg.options_records:
-            init = opt.get(_INIT_TIME)
-            if isinstance(init, int):
-                agent_decoder.init_ms[(host, opt.domain)] = init
-        counters.options_records += len(msg.options_records)
-        if msg.records:
-            init_ms = agent_decoder.init_ms.get((host, msg.domain))
-            counters.records += cols.add(
-                msg.records, agent=agent, exporter=host, version=msg.version, domain=msg.domain,
-                received_us=received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
-                agent_received_us=d.received_ns // 1000,
-            )
-        if msg.blocks:  # fixed-length data sets, normalised as arrays per batch
-            init_ms = agent_decoder.init_ms.get((host, msg.domain))
-            counters.records += cols.add_blocks(
-                msg.blocks, agent=agent, exporter=host, version=msg.version, domain=msg.domain,
-                received_us=received_ns // 1000, export_ms=msg.export_time * 1000, init_ms=init_ms,
-                agent_received_us=d.received_ns // 1000,
-            )
-
-    def _account_sequences(
-        self, agent: str, agent_decoder: _AgentDecoder, touched: set[tuple[str, str]]
-    ) -> None:
-        for (scope, domain), stats in agent_decoder.decoder.sequence_stats().items():
-            now = (stats.expected, stats.received, stats.lost, stats.resets)
-            before = agent_decoder.seq_seen.get((scope, domain), (0, 0, 0, 0))
-            if now == before:
-                continue
-            # A tracker that went backwards was replaced (domain evicted): count it from zero.
-            delta = now if any(n < b for n, b in zip(now, before, strict=True)) else tuple(
-                n - b for n, b in zip(now, before, strict=True)
-            )
-            agent_decoder.seq_seen[(scope, domain)] = now
-            host = exporter_host(scope)
-            counters = self._exporters.get((agent, host))
-            if counters is None:
-                continue
-            counters.seq_expected += delta[0]
-            counters.seq_received += delta[1]
-            counters.seq_lost += delta[2]
-            counters.seq_resets += delta[3]
-            touched.add((agent, host))
 
     def _retain(self) -> None:
         assert self._db is not None
@@ -532,26 +348,7 @@ class StoreSink:
     # --- reporting --------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, object]:
-        exporters = []
-        for c in list(self._exporters.values()):
-            exporters.append({
-                "agent": c.agent, "exporter": c.exporter, "version": c.last_version,
-                "datagrams": c.datagrams, "records": c.records, "options_records": c.options_records,
-                "undecodable": c.undecodable, "set_errors": c.set_errors,
-                "no_template_sets": c.no_template_sets,
-                "sequence_expected": c.seq_expected, "sequence_lost": c.seq_lost,
-                "sequence_resets": c.seq_resets,
-                "last_seen": c.last_seen.isoformat() if c.last_seen else None,
-            })
-        agents = [
-            {"agent": a.agent, "datagrams": a.datagrams, "transit_lost": a.transit_lost,
-             "last_stream_seq": a.last_stream_seq}
-            for a in list(self._agents.values())
-        ]
-        decoder: dict[str, int] = {}
-        for agent_decoder in list(self._decoders.values()):
-            for k, v in agent_decoder.decoder.counters.items():
-                decoder[k] = decoder.get(k, 0) + v
+        decoding = self._decoding.status()
         server = self._server
         return {
             "database": str(self.paths.database),
@@ -569,7 +366,5 @@ class StoreSink:
             "retention_dropped": self.retention_dropped,
             "query_socket": str(server.path) if server is not None else None,
             "queries": server.queries if server is not None else 0,
-            "exporters": exporters,
-            "agents": agents,
-            "decoder": decoder,
+            **decoding,
         }
