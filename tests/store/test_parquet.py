@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import pytest
@@ -238,7 +238,8 @@ async def test_a_crash_between_the_rename_and_the_state_writes_nothing_twice(tmp
     assert counts == [[0, 3], [1, 4], [2, 5], [3, 6]]
     state = json.loads((out / "_flowtunnel" / "parquet.json").read_text())
     assert state["seq"] == 4
-    [exporter] = again.status()["exporters"]  # type: ignore[misc]
+    exporters = cast(list[dict[str, Any]], again.status()["exporters"])
+    [exporter] = exporters
     assert exporter["records"] == 3 + 4 + 5 + 6  # the replayed entry counted once
     assert exporter["no_template_sets"] == 0
 
