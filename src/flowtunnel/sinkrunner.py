@@ -34,7 +34,8 @@ log = logging.getLogger("flowtunnel.sink")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SinkOptions:
     """What ``flowtunnel sink`` was told: the journal, the sink's own directory and name, its kind's options
-    (``out``: parquet's directory; ``shard``: (I, N), this process's share of the agents)."""
+    (``out``: parquet's directory; ``shard``: (I, N), this process's share of the agents; ``flush``: how
+    often parquet writes a file while flows arrive)."""
 
     journal: str
     data: Path
@@ -44,6 +45,7 @@ class SinkOptions:
     forward: tuple[str, ...] = ()
     out: Path | None = None
     shard: tuple[int, int] = (1, 1)
+    flush: float = 10.0
     status_interval: float = 2.0
     restart_delay: float = 5.0
 
@@ -54,7 +56,7 @@ class SinkOptions:
 
         try:
             config = GatewayConfig(data=self.data, forward=self.forward, jsonl=self.jsonl, retain=self.retain,
-                                   parquet=self.out)
+                                   parquet=self.out, parquet_flush=self.flush)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         return SinkSettings(config=config, data_dir=self.data, metrics=GatewayMetrics(), name=self.name,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -22,47 +21,19 @@ from tests.natscluster import NatsCluster
 from tests.scaleout.util import (
     demo_datagrams,
     enroll_kv,
+    feed_two_gateways,
     read_stream,
     reference_rows,
+    sink_position,
     start_shared_gateway,
     store_rows,
 )
 
 
-async def _feed(url: str, tmp: Path, agents: dict[str, list]) -> int:  # type: ignore[type-arg]
-    """Post each agent's datagrams in batches of 20 alternately to two gateways; the stream's last seq."""
-    keys = {a: await enroll_kv(url, a) for a in agents}
-    gws = [await start_shared_gateway(url, tmp / f"g{i}") for i in (1, 2)]
-    try:
-        async with aiohttp.ClientSession() as http:
-            for agent, dgs in agents.items():
-                for n, start in enumerate(range(0, len(dgs), 20)):
-                    body = seal(agent, keys[agent], start + 1, dgs[start : start + 20])
-                    status, doc, _ = await post_batch(http, gws[n % 2].url, body, agent=agent)
-                    assert status == 200, doc
-        assert gws[0].shared_journal is not None
-        stats = await gws[0].shared_journal.stats()
-        return int(str(stats["last_seq"]))
-    finally:
-        for gw in gws:
-            await gw.stop()
-
-
-def _position(status: Path, pid: int) -> int:
-    """The store's committed position in the status file written by process ``pid`` (0 before)."""
-    try:
-        doc = json.loads(status.read_text())
-    except (OSError, ValueError):
-        return 0
-    if doc.get("pid") != pid:
-        return 0
-    return int(doc.get("sink_status", {}).get("cursor", 0))
-
-
 async def test_store_sink_process_stores_every_record_once(cluster: NatsCluster, tmp_path: Path) -> None:
     dgs = demo_datagrams()
     agents = {"site-a": dgs, "site-b": dgs[:60]}
-    last = await _feed(cluster.url, tmp_path, agents)
+    last = await feed_two_gateways(cluster.url, tmp_path, agents)
     data = tmp_path / "store"
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "flowtunnel", "sink", "store", "--journal", cluster.url, "--data", str(data)]
@@ -71,7 +42,7 @@ async def test_store_sink_process_stores_every_record_once(cluster: NatsCluster,
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)  # noqa: ASYNC220
         try:
             deadline = time.monotonic() + 60
-            while _position(data / "sink-store.json", proc.pid) < last:
+            while sink_position(data / "sink-store.json", proc.pid) < last:
                 assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
                 assert time.monotonic() < deadline, "store sink did not catch up"
                 await asyncio.sleep(0.1)
@@ -89,7 +60,7 @@ async def test_a_sink_stopped_between_commit_and_ack_stores_nothing_twice(
 ) -> None:
     dgs = demo_datagrams()
     agents = {"site-a": dgs[:80]}
-    last = await _feed(cluster.url, tmp_path, agents)
+    last = await feed_two_gateways(cluster.url, tmp_path, agents)
     cfg = parse_journal_url(cluster.url, create=False)
     data = tmp_path / "store"
 

@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway import Gateway, GatewayConfig
 from flowtunnel.gateway.kvregistry import KvRegistry
 from flowtunnel.journal.jetstream import JetStreamConfig, JetStreamReader, parse_journal_url
 from flowtunnel.log import Entry
+from tests.gateway.util import post_batch, seal
 
 __all__ = [
-    "demo_datagrams", "enroll_kv", "read_stream", "reference_rows", "start_shared_gateway", "store_rows",
+    "demo_datagrams", "enroll_kv", "feed_two_gateways", "read_stream", "reference_rows", "sink_position",
+    "start_shared_gateway", "store_rows",
 ]
 
 
@@ -114,3 +119,33 @@ def store_rows(database: Path) -> Counter[tuple[Any, ...]]:
         return Counter(tuple(r) for r in conn.execute(ROW_SQL).fetchall())
     finally:
         conn.close()
+
+
+async def feed_two_gateways(url: str, tmp: Path, agents: dict[str, list]) -> int:  # type: ignore[type-arg]
+    """Post each agent's datagrams in batches of 20 alternately to two gateways; the stream's last seq."""
+    keys = {a: await enroll_kv(url, a) for a in agents}
+    gws = [await start_shared_gateway(url, tmp / f"g{i}") for i in (1, 2)]
+    try:
+        async with aiohttp.ClientSession() as http:
+            for agent, dgs in agents.items():
+                for n, start in enumerate(range(0, len(dgs), 20)):
+                    body = seal(agent, keys[agent], start + 1, dgs[start : start + 20])
+                    status, doc, _ = await post_batch(http, gws[n % 2].url, body, agent=agent)
+                    assert status == 200, doc
+        assert gws[0].shared_journal is not None
+        stats = await gws[0].shared_journal.stats()
+        return int(str(stats["last_seq"]))
+    finally:
+        for gw in gws:
+            await gw.stop()
+
+
+def sink_position(status: Path, pid: int) -> int:
+    """A sink's committed position in the status file written by process ``pid`` (0 before)."""
+    try:
+        doc = json.loads(status.read_text())
+    except (OSError, ValueError):
+        return 0
+    if doc.get("pid") != pid:
+        return 0
+    return int(doc.get("sink_status", {}).get("cursor", 0))

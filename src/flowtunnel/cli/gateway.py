@@ -63,6 +63,8 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--jsonl", "jsonl", "FILE", "also write decoded records as JSON lines to FILE ('-' for stdout)"),
     ("--parquet", "parquet", "DIR", "also write decoded flows as Parquet files under DIR, hive-partitioned "
      "by day and hour ('flowtunnel query --parquet DIR')"),
+    ("--parquet-flush", "parquet_flush", "DURATION", "with --parquet: write a file at least this often while "
+     "flows arrive (default 10s)"),
     ("--status-interval", "status_interval", "DURATION", "how often status.json is rewritten (default 2s)"),
     ("--registry-ttl", "registry_ttl", "DURATION", "how long the agent registry is cached (default 2s)"),
     ("--probe-rate", "probe_rate", "N", "captive-portal probes (GET /v1/probe) answered per second per "

@@ -17,7 +17,7 @@ __all__ = ["register"]
 
 #: The flags of the kinds' options (``SinkKind.options``), to refuse one given to another kind.
 _OPTION_FLAGS = {"retain": "--retain", "jsonl": "--output", "forward": "--forward", "parquet": "--out",
-                 "shard": "--shard"}
+                 "shard": "--shard", "parquet_flush": "--flush"}
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     parser.add_argument("--shard", default=None, metavar="I/N",
                         help="parquet: take the agents of share I of N (several writers, each with its own "
                         "--shard and name, write disjoint files); default 1/1, every agent")
+    parser.add_argument("--flush", default=None, metavar="DURATION",
+                        help="parquet: write a file at least this often while flows arrive (default 10s; "
+                        "also every 100,000 rows and where the hour changes)")
     add_log_format_flag(parser)
     parser.set_defaults(func=_run_sink)
 
@@ -65,7 +68,7 @@ def _run_sink(args: argparse.Namespace) -> int:
         raise ConfigError("sink needs --journal nats://HOST:PORT[,...] (or FLOWTUNNEL_SINK_JOURNAL)")
     kind = SINK_KINDS[args.kind]
     given = {"retain": args.retain, "jsonl": args.output, "forward": args.forward, "parquet": args.out,
-             "shard": args.shard}
+             "shard": args.shard, "parquet_flush": args.flush}
     for option, value in given.items():
         if value is not None and option not in kind.options:
             raise ConfigError(f"sink {args.kind} does not take {_OPTION_FLAGS[option]} (it takes: "
@@ -79,10 +82,14 @@ def _run_sink(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--retain: {exc}") from None
     shard = _shard(args.shard) if args.shard else (1, 1)
+    try:
+        flush = parse_duration(args.flush) if args.flush else 10.0
+    except ValueError as exc:
+        raise ConfigError(f"--flush: {exc}") from None
     name = args.name or (args.kind if shard == (1, 1) else f"{args.kind}-{shard[0]}-of-{shard[1]}")
     opts = SinkOptions(
         journal=journal, data=Path(data), name=name, retain=retain, jsonl=args.output,
-        forward=tuple(args.forward or ()), out=args.out, shard=shard,
+        forward=tuple(args.forward or ()), out=args.out, shard=shard, flush=flush,
     )
     init_logging(args)
     try:

@@ -234,6 +234,9 @@ class GatewayConfig:
     #: Write decoded flows as Parquet files under this directory (``flowtunnel query --parquet DIR``), one
     #: file per committed sequence range, hive-partitioned by day and hour (docs/scale-out.md).
     parquet: Path | None = None
+    #: A Parquet file is written at least this often while flows arrive (and every 100,000 rows): shorter
+    #: makes flows queryable sooner, longer makes fewer, larger files.
+    parquet_flush: float = duration_setting(10.0, 0.0, 3600.0)
     #: Serve Prometheus metrics on /metrics.
     metrics: bool = True
     #: Serve the operator's console at /console (needs an operator token: admin_token_file, or

@@ -123,7 +123,8 @@ def _parquet(s: SinkSettings) -> Sink:
 
     if s.config.parquet is None:
         raise ConfigError("sink parquet needs --out DIR")
-    return ParquetSink(out=s.config.parquet, writer=s.name or "parquet", shard=s.shard)
+    return ParquetSink(out=s.config.parquet, writer=s.name or "parquet", shard=s.shard,
+                       flush_interval=s.config.parquet_flush)
 
 
 #: Every sink kind, in the order a gateway starts them.
@@ -140,7 +141,7 @@ SINK_KINDS: Final[dict[str, SinkKind]] = {
                  position="own", options=("retain",), delivery="exactly-once", optional=True,
                  description="decode into DuckDB (query --data DIR)"),
         SinkKind(name="parquet", factory=_parquet, wanted=lambda c: c.parquet is not None,
-                 position_name="parquet", position="own", options=("parquet", "shard"),
+                 position_name="parquet", position="own", options=("parquet", "shard", "parquet_flush"),
                  delivery="exactly-once",
                  description="decoded flows as Parquet files named by sequence range (query --parquet DIR)"),
     )
