@@ -340,3 +340,41 @@ async def test_duckdb_reads_the_files_without_flowtunnel(tmp_path: Path) -> None
     assert types["bytes"] == "UBIGINT"
     assert types["extra"] == "JSON"
 
+
+
+# --- in a gateway ------------------------------------------------------------------------------------------
+
+
+async def test_a_gateway_runs_the_parquet_sink_from_the_registry(tmp_path: Path) -> None:
+    import aiohttp
+
+    from tests.gateway.util import enroll, post_batch, seal, start_gateway
+
+    data, out = tmp_path / "gw", tmp_path / "pq"
+    key = enroll(data, "site-a")
+    gw = await start_gateway(data, store=True, parquet=out, parquet_flush=0.0, status_interval=0.05)
+    try:
+        assert [s.name for s in gw.sinks] == ["store", "parquet"]
+        dgs = demo_datagrams()
+        async with aiohttp.ClientSession() as http:
+            for start in range(0, len(dgs), 50):
+                status, doc, _ = await post_batch(http, gw.url, seal("site-a", key, start + 1,
+                                                                    dgs[start : start + 50]), agent="site-a")
+                assert status == 200, doc
+        assert gw.journal is not None
+        last = gw.journal.last_seq()
+        sinks = {s.name: s for s in gw.sinks}
+
+        def behind() -> bool:
+            assert gw.journal is not None
+            cursors = [cast(int, sinks[s].status()["cursor"]) for s in ("store", "parquet")]
+            # The journal is trimmed once both hold everything.
+            return min(cursors) < last or gw.journal.stats().entries > 0
+
+        async with asyncio.timeout(30):
+            while behind():  # noqa: ASYNC110 - positions live in the sinks' threads
+                await asyncio.sleep(0.05)
+    finally:
+        await gw.stop()
+    assert parquet_rows(out) == store_rows(data)
+    assert len(parquet_rows(out)) > 100
