@@ -23,6 +23,7 @@ from flowtunnel.log import DurableLog, LogConfig
 from flowtunnel.netflow import FieldSpec, Template, encode_v9
 from flowtunnel.runtime import TaskSet
 from flowtunnel.store import StoreSink, open_query
+from flowtunnel.store.errors import QueryError, QueryRejected
 from flowtunnel.store.parquet import (
     ParquetSink,
     file_name,
@@ -32,6 +33,7 @@ from flowtunnel.store.parquet import (
     scan_files,
 )
 from flowtunnel.store.query import open_parquet_query
+from flowtunnel.store.sandbox import QueryLimits
 
 HOUR_NS = 3600 * 10**9
 #: 2026-12-06 21:00:00 UTC
@@ -340,6 +342,37 @@ async def test_duckdb_reads_the_files_without_flowtunnel(tmp_path: Path) -> None
     assert types["bytes"] == "UBIGINT"
     assert types["extra"] == "JSON"
 
+
+
+def test_the_parquet_query_path_keeps_the_stores_sandbox(tmp_path: Path) -> None:
+    """The guarantees of tests/store/test_query_sandbox.py, on the Parquet path: nothing outside DIR is read,
+    nothing is written, no setting changes, no extension, and the memory and time limits hold."""
+    out = tmp_path / "pq"
+    out.mkdir()
+    secret = tmp_path / "registry.sqlite"
+    secret.write_bytes(b"SQLite format 3\0 key 00112233445566778899")
+    for sql in [f"SELECT content FROM read_blob('{secret}')", f"SELECT content FROM read_text('{secret}')",
+                f"SELECT * FROM glob('{tmp_path}/*')", "SELECT * FROM read_csv('/etc/passwd')",
+                f"SELECT * FROM read_blob('{out}/../registry.sqlite')", f"FROM '{secret}'",
+                "SELECT * FROM read_parquet('http://127.0.0.1:9/x.parquet')"]:
+        with pytest.raises(QueryError) as caught:
+            parquet_rows(out, sql)
+        assert "00112233" not in str(caught.value)
+        assert "root:" not in str(caught.value)
+    evil = tmp_path / "evil.csv"
+    for sql in [f"COPY (SELECT 1) TO '{evil}'", f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{evil}'",
+                "SET GLOBAL memory_limit = '64GB'", "SET enable_external_access = true", "INSTALL httpfs",
+                "LOAD httpfs", "ATTACH ':memory:' AS m", "CHECKPOINT", "SELECT * FROM query('SELECT 1')"]:
+        with pytest.raises(QueryRejected):
+            parquet_rows(out, sql)
+    assert not evil.exists()
+    with pytest.raises(QueryError, match=r"after its 0\.3 s timeout"), \
+            open_parquet_query(out, "SELECT count(*) FROM range(100000000000) a", timeout=0.3) as result:
+        list(result.rows)
+    bomb = "SELECT max(x) FROM (SELECT list(i) AS x FROM range(400000000) t(i))"
+    with pytest.raises(QueryError, match=r"Out of Memory.*the store's limit of 64MiB"), \
+            open_parquet_query(out, bomb, limits=QueryLimits(memory_limit="64MiB")) as result:
+        list(result.rows)
 
 
 # --- in a gateway ------------------------------------------------------------------------------------------
