@@ -146,8 +146,8 @@ class AgentConfig:
     """Datagrams held in memory between the socket and the spool; beyond it they drop as receiver_overflow."""
     commit_interval: float = duration_setting(0.05, 0.001, 10.0)
     commit_bytes: int = size_setting(64 * 1024, 0, 64 << 20, zero="every commit interval")
-    """A spool commit waits until this much datagram payload has arrived, at most ``latency`` (a commit
-    costs the same for one datagram as for a hundred); 0: every ``commit_interval``."""
+    """A spool commit waits until this much datagram payload has arrived, at most ``latency`` (5 s at most;
+    a commit costs the same for one datagram as for a hundred); 0: every ``commit_interval``."""
     backoff_base: float = duration_setting(0.5, 0.01, 3600.0)
     backoff_cap: float = duration_setting(60.0, 0.01, 86400.0)
     reject_backoff: float = duration_setting(300.0, 1.0, 86400.0)

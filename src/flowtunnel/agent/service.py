@@ -41,6 +41,9 @@ LOCK_FILE = "agent.lock"
 #: (``flowtunnel status`` calls a file older than ``agent.status.STALE_AFTER``, 30 s, stale). Between
 #: heartbeats a quiet site's status costs no worker thread and no disk write (issue 14).
 STATUS_HEARTBEAT = 10.0
+#: A quiet site's datagrams wait for ``--commit-bytes`` at most ``--latency``, and never longer than this: a
+#: long latency target (minutes, on a metered link) must not widen the loss window of a ``kill -9`` with it.
+COMMIT_WAIT_MAX = 5.0
 
 
 class AgentService:
@@ -108,7 +111,8 @@ class AgentService:
             self._uploader = Uploader(cfg, key, self._spool, dropped=self.drops)
             self._receiver = Receiver(
                 cfg.listen_addresses, self._spool, rcvbuf=cfg.rcvbuf, buffer_limit=cfg.buffer_datagrams,
-                commit_interval=cfg.commit_interval, commit_bytes=cfg.commit_bytes, commit_wait=cfg.latency,
+                commit_interval=cfg.commit_interval, commit_bytes=cfg.commit_bytes,
+                commit_wait=min(cfg.latency, COMMIT_WAIT_MAX),
                 on_spooled=self._uploader.notify,
                 on_committed=self._uploader.spooled,
             )

@@ -57,7 +57,7 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--buffer-datagrams", "buffer_datagrams", "N", "datagrams held in memory before the spool (20000)"),
     ("--commit-interval", "commit_interval", "DURATION", "group-commit interval of the spool (default 50ms)"),
     ("--commit-bytes", "commit_bytes", "SIZE", "a spool commit also waits until this much has arrived, at "
-     "most --latency: a kill -9 loses what waits (default 64KiB; 0: commit every --commit-interval)"),
+     "most --latency (5s at most): a kill -9 loses what waits (default 64KiB; 0: every --commit-interval)"),
     ("--backoff-base", "backoff_base", "DURATION", "first retry delay after a failure (default 0.5s)"),
     ("--backoff-cap", "backoff_cap", "DURATION", "longest retry delay (default 60s)"),
     ("--reject-backoff", "reject_backoff", "DURATION", "retry delay after a refusal retrying cannot fix "
