@@ -80,6 +80,10 @@ def vectors() -> list[Vector]:
                      "against the context vector 1 leaves once acknowledged",
                codec=Codec.ZSTD, nonce=bytes.fromhex("303132333435363738393a3b"), first_seq=104,
                agent_info={"backlog": 0}, datagrams=three, context_of_vector=1),
+        Vector(title="codec 5 (columnar + field deltas + raw LZMA2, preset 6, section 4.1): the same three "
+                     "datagrams",
+               codec=Codec.DELTA_LZMA, nonce=bytes.fromhex("3c3d3e3f4041424344454647"), first_seq=101,
+               agent_info={"backlog": 2}, datagrams=three),
     ]
 
 
@@ -89,8 +93,8 @@ def _wrap(name: str, hexstr: str, width: int = 64) -> list[str]:
 
 
 def _block(v: Vector) -> bytes:
-    if v.codec in (Codec.COLUMNAR, Codec.COLUMNAR_LZMA):
-        return encode_block(v.datagrams, v.agent_info, payload_encoder(None))
+    if v.codec in (Codec.COLUMNAR, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA):
+        return encode_block(v.datagrams, v.agent_info, payload_encoder(None, deltas=v.codec is Codec.DELTA_LZMA))
     return encode_block(v.datagrams, v.agent_info)
 
 

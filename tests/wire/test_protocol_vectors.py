@@ -106,8 +106,9 @@ def test_vector_opens_to_its_datagrams(vec: DocVector) -> None:
     assert batch.header.nonce == bytes.fromhex(f["nonce"])
     assert list(batch.datagrams) == vec.datagrams
     assert dict(batch.agent_info) == info
-    columnar = int(f["codec"]) in (Codec.COLUMNAR, Codec.COLUMNAR_LZMA)
-    encoder = payload_encoder(None) if columnar else verbatim_payloads
+    columnar = int(f["codec"]) in (Codec.COLUMNAR, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA)
+    deltas = int(f["codec"]) == Codec.DELTA_LZMA
+    encoder = payload_encoder(None, deltas=deltas) if columnar else verbatim_payloads
     assert encode_block(vec.datagrams, info, encoder) == bytes.fromhex(f["block"])
     if int(f["codec"]) == Codec.NONE:
         resealed = seal_batch(

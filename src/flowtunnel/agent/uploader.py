@@ -510,9 +510,13 @@ class Uploader:
             seal = functools.partial(
                 seal_batch_and_context, agent_id=self._config.agent_id, key=self._key, first_seq=batch[0].seq,
                 datagrams=datagrams, agent_info=info, record_length=templates.record_length,
+                field_widths=templates.field_widths,
             )
             choice = self.codec_choice(big=raw > BIG_BATCH_BYTES or batch[-1].seq < self._last_seq)
             codec = None if choice.codec is None else Codec(choice.codec)
+            lean = getattr(self._transport, "small_codec", None)
+            if choice is SMALL and isinstance(lean, int):  # a rung short of bytes (DNS) asks for codec 5
+                codec = Codec(lean)
             body, leaves = seal(nonce=os.urandom(12), codec=codec, level=choice.level)
             if choice is SMALL and raw <= BIG_BATCH_BYTES:
                 # Below ~100 KB, codec 4 (no dictionary) loses to zstd with the bundled dictionaries on some

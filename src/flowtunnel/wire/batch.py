@@ -57,6 +57,7 @@ __all__ = [
     "VERSION",
     "Batch",
     "BatchHeader",
+    "FieldWidths",
     "RecordLength",
     "WireLimits",
     "context_id",
@@ -96,11 +97,14 @@ _U64 = (1 << 64) - 1
 #: with ``codec=None``, smaller record blocks are sealed both ways (codec 2 and 3) and the smaller kept;
 #: larger ones (backlog batches) go columnar only, which wins there on flow data and halves the CPU
 AUTO_COLUMNAR_BYTES = 1 << 20
-_COLUMNAR_CODECS = (Codec.COLUMNAR, Codec.COLUMNAR_LZMA)  # codecs whose record block has section 4's layout
+#: codecs whose record block has section 4's layout
+_COLUMNAR_CODECS = (Codec.COLUMNAR, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA)
 _MIN_RECORD_BYTES = 3  # time delta, source index, length: one varint byte each at least
 
 #: ``record_length(datagram, set_id) -> int | None``: the record length of a v9/IPFIX data set, if known
 RecordLength = Callable[[bytes, int], int | None]
+#: ``field_widths(datagram, set_id)``: a template's field widths (codec 5), ``TemplateLengths.field_widths``
+FieldWidths = Callable[[bytes, int], "tuple[int, ...] | None"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,12 +183,13 @@ def seal_batch(
     dict_id: int | None = None,
     record_length: RecordLength | None = None,
     context: bytes | None = None,
+    field_widths: FieldWidths | None = None,
 ) -> bytes:
     """``seal_batch_and_context``'s body alone."""
     return seal_batch_and_context(
         agent_id=agent_id, key=key, first_seq=first_seq, datagrams=datagrams, nonce=nonce,
         agent_info=agent_info, codec=codec, level=level, dict_id=dict_id, record_length=record_length,
-        context=context,
+        context=context, field_widths=field_widths,
     )[0]
 
 
@@ -201,6 +206,7 @@ def seal_batch_and_context(
     dict_id: int | None = None,
     record_length: RecordLength | None = None,
     context: bytes | None = None,
+    field_widths: FieldWidths | None = None,
 ) -> tuple[bytes, bytes]:
     """Frame, compress and seal ``datagrams`` (sequence numbers ``first_seq ..``) for ``agent_id``.
 
@@ -211,6 +217,9 @@ def seal_batch_and_context(
     codec 3 cut v9/IPFIX data sets into records (e.g. ``wire.columnar.TemplateLengths().record_length``).
     ``codec=Codec.COLUMNAR_LZMA`` (4) takes the same record block as codec 3 through LZMA2, ``level`` being
     the LZMA preset (0-9): for large backlog batches, where bytes matter more than CPU.
+    ``codec=Codec.DELTA_LZMA`` (5) is codec 4 with chosen fields stored as differences from the previous
+    record (``wire.deltas``): fewer bytes again, for the DNS rung; ``field_widths(datagram, set_id)``
+    (``TemplateLengths().field_widths``) names a template's fields, else the templates in the batch do.
     ``context`` (non-empty; ``codec`` None, ``Codec.ZSTD`` or ``Codec.COLUMNAR``, None meaning columnar):
     the record block compressed against that context, named in the header by ``FLAG_CONTEXT`` and
     ``context_id`` (docs/protocol.md section 3.3). Returns the body and the context it leaves once
@@ -252,10 +261,12 @@ def seal_batch_and_context(
             dict_id = _default_dict_id(codec)
         if codec is Codec.ZSTD_DICT and not dict_id:
             raise ValueError("codec zstd-dict needs a dictionary, and none is bundled in this flowtunnel")
-        if codec in (Codec.NONE, Codec.ZSTD, Codec.COLUMNAR_LZMA) and dict_id:
+        if codec in (Codec.NONE, Codec.ZSTD, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA) and dict_id:
             raise ValueError(f"codec {codec.name.lower()} takes no dictionary, got dict_id {dict_id}")
         if codec in _COLUMNAR_CODECS:
-            raw = encode_block(datagrams, agent_info, columnar.payload_encoder(record_length))
+            encoder = columnar.payload_encoder(record_length, field_widths=field_widths,
+                                               deltas=codec is Codec.DELTA_LZMA)
+            raw = encode_block(datagrams, agent_info, encoder)
         else:
             raw = encode_block(datagrams, agent_info)
         best = _pack(raw, codec, level, dict_id)
@@ -396,7 +407,8 @@ def open_batch(
                 f"against context {hdr.dict_id:#010x}, which this side does not hold; seal it afresh"
             )
     raw = decompress(packed, hdr.codec, dict_id=hdr.dict_id, raw_len=hdr.raw_len, context=context)
-    decoder = columnar.payload_decoder(lim.max_raw) if hdr.codec in _COLUMNAR_CODECS else None
+    decoder = (columnar.payload_decoder(lim.max_raw, deltas=hdr.codec is Codec.DELTA_LZMA)
+               if hdr.codec in _COLUMNAR_CODECS else None)
     if decoder is None:
         datagrams, info = decode_block(
             raw, hdr.count, max_datagram=lim.max_datagram, max_exporters=lim.max_exporters

@@ -59,6 +59,10 @@ class Codec(enum.IntEnum):
     ZSTD_DICT = 2  # zstd with the dictionary named by the header's dict_id (the default)
     COLUMNAR = 3  # payloads transposed into byte columns (see wire.columnar), then zstd [+ dictionary]
     COLUMNAR_LZMA = 4  # codec 3's record block, then a raw LZMA2 stream instead of zstd (no dictionary)
+    DELTA_LZMA = 5  # codec 4 with chosen record fields stored as differences (wire.deltas), then raw LZMA2
+
+
+_LZMA_CODECS = (Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA)
 
 
 @functools.cache
@@ -108,7 +112,7 @@ def compress(raw: bytes, codec: Codec, *, level: int = DEFAULT_LEVEL, dict_id: i
     ``level`` is the zstd level, or for codec 4 the LZMA preset (0-9)."""
     if codec is Codec.NONE:
         return raw
-    if codec is Codec.COLUMNAR_LZMA:
+    if codec in _LZMA_CODECS:
         if dict_id:
             raise ValueError(f"codec columnar_lzma takes no dictionary, got dict_id {dict_id}")
         if not 0 <= level <= 9:
@@ -154,7 +158,7 @@ def compress_with_context(raw: bytes, context: bytes, *, level: int = DEFAULT_LE
 
 def check_dictionary(codec: int, dict_id: int) -> None:
     """Header check before any work: the dictionary named must be known (and absent for codecs 0 and 1)."""
-    if codec in (Codec.NONE, Codec.ZSTD, Codec.COLUMNAR_LZMA):
+    if codec in (Codec.NONE, Codec.ZSTD, *_LZMA_CODECS):
         if dict_id:
             name = Codec(codec).name.lower()
             raise MalformedHeader(f"codec {name} takes no dictionary, header names {dict_id}")
@@ -177,7 +181,7 @@ def decompress(
         if len(data) != raw_len:
             raise MalformedRecords(f"uncompressed block is {len(data)} bytes, header says {raw_len}")
         return data
-    if codec is Codec.COLUMNAR_LZMA:
+    if codec in _LZMA_CODECS:
         return _decompress_lzma(data, raw_len)
     try:
         declared = zstandard.frame_content_size(data)

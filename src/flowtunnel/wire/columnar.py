@@ -17,6 +17,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from flowtunnel.wire import deltas as _deltas
 from flowtunnel.wire.errors import LimitExceeded, MalformedRecords
 
 if TYPE_CHECKING:  # numpy only for decoding (the gateway): the agent's encoder needs none (issue 14)
@@ -45,6 +46,7 @@ __all__ = [
 SUPPORTED = True
 
 RecordLengthFn = Callable[[bytes, int], int | None]
+FieldWidthsFn = Callable[[bytes, int], "tuple[int, ...] | None"]
 
 _U16 = struct.Struct(">H")
 _U16X2 = struct.Struct(">HH")
@@ -61,6 +63,14 @@ _V5_RECORD = ("v5r", 48)
 _V9_HEADER = ("v9h", 20)
 _IPFIX_HEADER = ("ipfixh", 16)
 _SET_HEADER = ("seth", 4)
+#: the field widths of the fixed layouts (codec 5 may store any of them as differences)
+_FIXED_FIELDS: dict[tuple[object, ...], tuple[int, ...]] = {
+    _V5_HEADER: (2, 2, 4, 4, 4, 4, 1, 1, 2),
+    _V5_RECORD: (4, 4, 4, 2, 2, 4, 4, 4, 4, 2, 2, 1, 1, 1, 1, 2, 2, 1, 1, 2),
+    _V9_HEADER: (2, 2, 4, 4, 4, 4),
+    _IPFIX_HEADER: (2, 2, 4, 4, 4),
+    _SET_HEADER: (2, 2),
+}
 
 
 def max_steps(length: int) -> int:
@@ -77,7 +87,13 @@ def _domain(payload: bytes, version: int) -> int:
 def template_lengths(payload: bytes) -> dict[tuple[int, int, int], int]:
     """Record lengths defined by the (options) templates of one v9/IPFIX datagram, keyed by (version,
     domain, template id). Variable-length IPFIX templates are left out. Malformed input yields what parsed."""
-    out: dict[tuple[int, int, int], int] = {}
+    return {key: sum(widths) for key, widths in template_fields(payload).items()}
+
+
+def template_fields(payload: bytes) -> dict[tuple[int, int, int], tuple[int, ...]]:
+    """The field widths of the (options) templates of one v9/IPFIX datagram, keyed as ``template_lengths``
+    (codec 5 stores chosen fields as differences, ``wire.deltas``)."""
+    out: dict[tuple[int, int, int], tuple[int, ...]] = {}
     if len(payload) < 20 or payload[0] != 0:
         return out
     version = payload[1]
@@ -97,9 +113,9 @@ def template_lengths(payload: bytes) -> dict[tuple[int, int, int], int]:
             while p + 4 <= body_end:
                 tid, nfields = _U16X2.unpack_from(payload, p)
                 p += 4
-                total, p, ok = _field_lengths(payload, p, body_end, nfields, version)
-                if ok and tid >= 256 and nfields and total:
-                    out[(version, domain, tid)] = total
+                widths, p, ok = _field_lengths(payload, p, body_end, nfields, version)
+                if ok and tid >= 256 and nfields and widths:
+                    out[(version, domain, tid)] = widths
                 if not ok:
                     break
         elif version == 9 and set_id == 1:
@@ -107,42 +123,44 @@ def template_lengths(payload: bytes) -> dict[tuple[int, int, int], int]:
                 tid, scope_len, opt_len = struct.unpack_from(">HHH", payload, p)
                 p += 6
                 nfields = (scope_len + opt_len) // 4
-                total, p, ok = _field_lengths(payload, p, body_end, nfields, version)
-                if ok and tid >= 256 and total:
-                    out[(version, domain, tid)] = total
+                widths, p, ok = _field_lengths(payload, p, body_end, nfields, version)
+                if ok and tid >= 256 and widths:
+                    out[(version, domain, tid)] = widths
                 if not ok:
                     break
         elif version == 10 and set_id == 3:
             while p + 6 <= body_end:
                 tid, nfields, _scope = struct.unpack_from(">HHH", payload, p)
                 p += 6
-                total, p, ok = _field_lengths(payload, p, body_end, nfields, version)
-                if ok and tid >= 256 and total:
-                    out[(version, domain, tid)] = total
+                widths, p, ok = _field_lengths(payload, p, body_end, nfields, version)
+                if ok and tid >= 256 and widths:
+                    out[(version, domain, tid)] = widths
                 if not ok:
                     break
         pos = body_end
     return out
 
 
-def _field_lengths(buf: bytes, p: int, end: int, nfields: int, version: int) -> tuple[int, int, bool]:
-    """Sum the field lengths of one template record at ``p``: (total or 0 if variable-length, next
-    position, parsed completely)."""
-    total = 0
+def _field_lengths(
+    buf: bytes, p: int, end: int, nfields: int, version: int
+) -> tuple[tuple[int, ...], int, bool]:
+    """The field lengths of one template record at ``p``: (lengths, empty if any is variable or they add up
+    to 0, next position, parsed completely)."""
+    widths: list[int] = []
     variable = False
     for _ in range(nfields):
         if p + 4 > end:
-            return 0, p, False
+            return (), p, False
         ie, flen = _U16X2.unpack_from(buf, p)
         p += 4
         if version == 10 and ie & 0x8000:
             p += 4  # enterprise number
             if p > end:
-                return 0, p, False
+                return (), p, False
         if flen == 65535:  # variable length: records of this template have no fixed size
             variable = True
-        total += flen
-    return (0 if variable else total), p, True
+        widths.append(flen)
+    return ((), p, True) if variable or not sum(widths) else (tuple(widths), p, True)
 
 
 class TemplateLengths:
@@ -151,38 +169,60 @@ class TemplateLengths:
 
     def __init__(self, *, max_entries: int = 4096) -> None:
 
-        self._lengths: dict[tuple[int, int, int], int] = {}
+        self._fields: dict[tuple[int, int, int], tuple[int, ...]] = {}
         self._max = max_entries
 
     def learn(self, payload: bytes) -> None:
-        for key, length in template_lengths(payload).items():
-            if key not in self._lengths and len(self._lengths) >= self._max:
-                self._lengths.pop(next(iter(self._lengths)))
-            self._lengths[key] = length
+        for key, widths in template_fields(payload).items():
+            if key not in self._fields and len(self._fields) >= self._max:
+                self._fields.pop(next(iter(self._fields)))
+            self._fields[key] = widths
 
     def record_length(self, payload: bytes, set_id: int) -> int | None:
+        widths = self.field_widths(payload, set_id)
+        return None if widths is None else sum(widths)
+
+    def field_widths(self, payload: bytes, set_id: int) -> tuple[int, ...] | None:
+        """The field widths of template ``set_id`` (codec 5's ``field_widths`` callback)."""
         if len(payload) < 20:
             return None
         version = payload[1]
-        return self._lengths.get((version, _domain(payload, version), set_id))
+        return self._fields.get((version, _domain(payload, version), set_id))
 
     def __len__(self) -> int:
-        return len(self._lengths)
+        return len(self._fields)
 
 
 class _Encoder:
-    def __init__(self, record_length: RecordLengthFn | None, payloads: Sequence[bytes]) -> None:
+    def __init__(self, record_length: RecordLengthFn | None, payloads: Sequence[bytes], *,
+                 field_widths: FieldWidthsFn | None = None, deltas: bool = False) -> None:
 
         self.groups: dict[tuple[object, ...], int] = {}
         self.lengths: list[int] = []
+        self.widths: list[tuple[int, ...] | None] = []  # codec 5: each group's field widths, if known
+        self.deltas = deltas
+        self.field_widths = field_widths
         self.chunks: list[list[bytes]] = []
         self.ops = bytearray()
         self.resid: list[bytes] = []
         self.record_length = record_length
         self.batch_templates: dict[tuple[int, int, int], int] = {}
-        if record_length is None:
+        self.batch_fields: dict[tuple[int, int, int], tuple[int, ...]] = {}
+        if record_length is None or (deltas and field_widths is None):
             for p in payloads:
-                self.batch_templates.update(template_lengths(p))
+                self.batch_fields.update(template_fields(p))
+            self.batch_templates = {key: sum(widths) for key, widths in self.batch_fields.items()}
+
+    def _widths_for(self, payload: bytes, key: tuple[object, ...]) -> tuple[int, ...] | None:
+        """Field widths of a new group's records (for codec 5's plan), from the datagram that opens it."""
+        if key[0] != "data":
+            return _FIXED_FIELDS.get(key)
+        version, set_id = key[1], key[2]
+        assert isinstance(version, int)  # ("data", version, set id, length)
+        assert isinstance(set_id, int)
+        if self.field_widths is not None:
+            return self.field_widths(payload, set_id)
+        return self.batch_fields.get((version, _domain(payload, version), set_id))
 
     def _length_for(self, payload: bytes, version: int, set_id: int) -> int | None:
         if self.record_length is not None:
@@ -232,6 +272,7 @@ class _Encoder:
                 g = self.groups[key] = len(self.lengths)
                 self.lengths.append(length)
                 self.chunks.append([])
+                self.widths.append(self._widths_for(payload, key) if self.deltas else None)
             write_uvarint(g + 1, self.ops)
             write_uvarint(k, self.ops)
             pos = start + k * length
@@ -246,13 +287,25 @@ class _Encoder:
         write_uvarint(len(self.lengths), out)
         for n in self.lengths:
             write_uvarint(n, out)
+        plans: list[list[_deltas.Field]] = []
+        if self.deltas:
+            budget = _deltas.MAX_TOTAL_FIELDS
+            for n, chunks, widths in zip(self.lengths, self.chunks, self.widths, strict=True):
+                plan = (_deltas.choose_plan(b"".join(chunks), n, widths)
+                        if budget >= _deltas.MAX_PLAN_FIELDS else [])
+                budget -= len(plan)
+                plans.append(plan)
+                _deltas.encode_plan(plan, out)
         write_uvarint(len(self.ops), out)
         out += self.ops
         resid = b"".join(self.resid)
         write_uvarint(len(resid), out)
         out += resid
-        for n, chunks in zip(self.lengths, self.chunks, strict=True):
-            out += self.columns(b"".join(chunks), n)
+        for g, (n, chunks) in enumerate(zip(self.lengths, self.chunks, strict=True)):
+            if plans and plans[g]:
+                out += _deltas.apply_plan(b"".join(chunks), n, plans[g])
+            else:
+                out += self.columns(b"".join(chunks), n)
         return bytes(out)
 
     def columns(self, rows: bytes, n: int) -> bytes:
@@ -261,11 +314,14 @@ class _Encoder:
         return b"".join(rows[i::n] for i in range(n))
 
 
-def payload_encoder(record_length: RecordLengthFn | None) -> PayloadEncoder:
-    """The payload-section encoder for codec 3 (``record_length`` as documented in ``seal_batch``)."""
+def payload_encoder(record_length: RecordLengthFn | None, *, field_widths: FieldWidthsFn | None = None,
+                    deltas: bool = False) -> PayloadEncoder:
+    """The payload-section encoder for codec 3 and 4 (``record_length`` as documented in ``seal_batch``);
+    with ``deltas``, codec 5's (a field plan per group, ``wire.deltas``; ``field_widths(datagram, set_id)``
+    gives a template's field widths, else the templates in the batch do)."""
 
     def encode(payloads: Sequence[bytes]) -> bytes:
-        enc = _Encoder(record_length, payloads)
+        enc = _Encoder(record_length, payloads, field_widths=field_widths, deltas=deltas)
         for p in payloads:
             enc.add(p)
         return enc.section()
@@ -297,9 +353,10 @@ def _uvarints(buf: memoryview, budget: int) -> list[int]:
     return values
 
 
-def payload_decoder(max_raw: int) -> PayloadDecoder:
-    """The payload-section decoder for codec 3. Everything it builds is carved out of the (already
-    bounded) record block, and every count is checked against the bytes that remain before use."""
+def payload_decoder(max_raw: int, *, deltas: bool = False) -> PayloadDecoder:
+    """The payload-section decoder for codecs 3 and 4, or with ``deltas`` codec 5 (a field plan per group).
+    Everything it builds is carved out of the (already bounded) record block, and every count is checked
+    against the bytes that remain before use."""
 
     def decode(block: memoryview, pos: int, lengths: Sequence[int]) -> tuple[list[bytes], int]:
         import numpy as np
@@ -314,6 +371,13 @@ def payload_decoder(max_raw: int) -> PayloadDecoder:
             if not 1 <= n <= _MAX_RECORD:
                 raise MalformedRecords(f"columnar group {g} has record length {n}, outside 1..{_MAX_RECORD}")
             glen.append(n)
+        plans: list[list[_deltas.Field]] = []
+        if deltas:
+            budget = _deltas.MAX_TOTAL_FIELDS
+            for g, n in enumerate(glen):
+                plan, pos = _deltas.decode_plan(block, pos, n, g, budget)
+                budget -= len(plan)
+                plans.append(plan)
         ops_len, pos = read_uvarint(block, pos, "columnar layout length")
         if ops_len > end - pos:
             raise MalformedRecords(f"columnar layout of {ops_len} bytes overruns the block")
@@ -336,13 +400,32 @@ def payload_decoder(max_raw: int) -> PayloadDecoder:
         if fast:
             layout = _Layout.parse(tokens, lens, glen, resid_len, end - pos, max_raw)
             if layout is not None:
+                if any(plans):
+                    block = _undo_plans(block, pos, layout.need, glen, plans)
                 return layout.rebuild(block, pos, bytes(resid)), pos + layout.col_bytes
             # the vectorised checks refused something: the step-by-step checks below name it (and raise)
         tl: list[int] = tokens.tolist()
         need = _check_layout(tl, lengths, glen, resid_len, end - pos, max_raw)
+        if any(plans):
+            block = _undo_plans(block, pos, need, glen, plans)
         return _rebuild_steps(tl, lengths, glen, need, block, pos, bytes(resid))
 
     return decode
+
+
+def _undo_plans(
+    block: memoryview, pos: int, need: list[int], glen: list[int], plans: list[list[_deltas.Field]]
+) -> memoryview:
+    """A copy of ``block`` whose column blocks (from ``pos``, already checked to fit) hold values again
+    instead of codec 5's differences."""
+    import numpy as np
+
+    out = np.frombuffer(bytearray(block), dtype=np.uint8)
+    for k, n, plan in zip(need, glen, plans, strict=True):
+        if plan:
+            _deltas.undo_plan(out[pos : pos + k * n].reshape(n, k), plan)
+        pos += k * n
+    return memoryview(out.data).cast("B")
 
 
 class _Layout:
