@@ -94,7 +94,8 @@ def _wrap(name: str, hexstr: str, width: int = 64) -> list[str]:
 
 def _block(v: Vector) -> bytes:
     if v.codec in (Codec.COLUMNAR, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA):
-        return encode_block(v.datagrams, v.agent_info, payload_encoder(None, deltas=v.codec is Codec.DELTA_LZMA))
+        encoder = payload_encoder(None, deltas=v.codec is Codec.DELTA_LZMA)
+        return encode_block(v.datagrams, v.agent_info, encoder)
     return encode_block(v.datagrams, v.agent_info)
 
 

@@ -19,6 +19,7 @@ import pytest
 from flowtunnel.agent.config import AgentConfig
 from flowtunnel.agent.policy import ArrivalRate
 from flowtunnel.agent.status import render as render_status
+from flowtunnel.agent.transport.dns import DnsTransport
 from flowtunnel.agent.uploader import CURSOR, Uploader
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway.service import Gateway
@@ -462,7 +463,9 @@ def _backlog_codecs(tmp_path: Path, **overrides: Any) -> list[int]:
     spool.append(sent)
     link = overrides.pop("link", None)
     arrival = overrides.pop("arrival", 0.0)
-    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key, max_body=BODY, **overrides), key, spool)
+    transport = overrides.pop("transport", None)
+    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key, max_body=BODY, **overrides), key, spool,
+                  transport=transport)
     if link is not None:
         up.link.observe(*link)
     up._last_seq = spool.last_seq()
@@ -505,6 +508,15 @@ def test_backlog_batches_are_sealed_bytes_lean_within_the_cpu_share(
     else:  # the sealer's choice: columnar v9 data gets codec 3
         assert Codec.COLUMNAR_LZMA not in codecs
         assert Codec.COLUMNAR in codecs
+
+
+def test_backlog_batches_on_the_dns_rung_go_with_codec_5(tmp_path: Path) -> None:
+    """Where every byte costs a share of a DNS query, the backlog goes with codec 5 (field deltas), which the
+    DNS rung asks for instead of codec 4; the POST rung keeps codec 4 (test above)."""
+    dns = DnsTransport(zone="t.example.org", resolver=("127.0.0.1", 9))
+    codecs = _backlog_codecs(tmp_path, transport=dns, link=(5_000_000, 1_000_000, 5.0))
+    assert len(codecs) >= 4
+    assert codecs == [Codec.DELTA_LZMA] * len(codecs)
 
 
 async def test_a_backlog_to_a_loopback_gateway_goes_bytes_lean(

@@ -12,7 +12,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowtunnel.wire import Codec, MalformedRecords, TemplateLengths, WireError, open_batch, peek_header, seal_batch
+from flowtunnel.wire import (
+    Codec,
+    MalformedRecords,
+    TemplateLengths,
+    WireError,
+    open_batch,
+    peek_header,
+    seal_batch,
+)
 from flowtunnel.wire.columnar import payload_decoder, payload_encoder, template_fields
 from flowtunnel.wire.deltas import (
     MAX_PLAN_FIELDS,
@@ -86,7 +94,9 @@ def _checked(plan: list[Field], n: int) -> list[Field]:
 
 @given(plans(), st.data())
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_any_plan_is_undone_exactly_by_the_gateway(spec: tuple[int, list[Field]], data: st.DataObject) -> None:
+def test_any_plan_is_undone_exactly_by_the_gateway(
+    spec: tuple[int, list[Field]], data: st.DataObject
+) -> None:
     n, plan = spec
     count = data.draw(st.integers(0, 30))
     rows = data.draw(st.binary(min_size=n * count, max_size=n * count))
