@@ -5,8 +5,8 @@ tunnel (dnstt-like, ``bench/wire.py``'s baseline) for the same softflowd v9 stre
 Rows: the stream cut into the batches the agent makes on the DNS rung at 2 and 10 datagrams/s (the rung's
 5 s minimum latency: 10 and 50 datagrams per batch; with ``--latency 1s`` rows beside them for comparison),
 and a backlog drained in batches of up to 1 MiB of export. Each batch is sealed the way
-the DNS rung asks the uploader to (bytes are precious there: the smaller of the default and the LZMA codec,
-codec 5 with field deltas for backlog batches; a drain row with codec 4 shows what codec 5 gained),
+the DNS rung asks the uploader to (bytes are precious there: the smaller of the default codec and codec 5,
+columnar + field deltas + LZMA2; a drain row with codec 4, the lean codec before, shows what codec 5 gained),
 cut into query names and sent by the agent's DNS client; every byte both ways between the client and the
 resolver is counted with IPv4 + UDP headers (28 per packet). Zero loss is checked: the gateway's journal holds
 every datagram exactly once, in order. The last row times a drain at the default pace (``--dns-qps`` 20).
@@ -99,8 +99,9 @@ def _seal(key: bytes, seq: int, batch: list[Datagram], lengths: TemplateLengths,
 
 async def _run(mode: str, payloads: list[bytes], per_batch: int | None, *, qps: float, work: Path,
                lean: Codec | None = None) -> Row:
-    # the agent's lean codec on the DNS rung: 5 for backlog batches (DnsTransport.small_codec), else 4
-    lean = lean or (Codec.DELTA_LZMA if per_batch is None else Codec.COLUMNAR_LZMA)
+    # the agent's lean codec on the DNS rung (DnsTransport.small_codec): for backlog batches, and beside the
+    # default codec for caught-up ones
+    lean = lean or Codec.DELTA_LZMA
     import os
 
     data = work / f"gw-{mode.replace('/', '')}"

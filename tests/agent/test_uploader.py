@@ -519,6 +519,25 @@ def test_backlog_batches_on_the_dns_rung_go_with_codec_5(tmp_path: Path) -> None
     assert codecs == [Codec.DELTA_LZMA] * len(codecs)
 
 
+@pytest.mark.parametrize("dns", [True, False])
+def test_a_caught_up_batch_on_the_dns_rung_tries_codec_5_too(tmp_path: Path, dns: bool) -> None:
+    """Caught up (nothing spooled behind the batch), the DNS rung seals codec 5 beside the default and keeps
+    the smaller (on 50 softflowd v9 datagrams, codec 5); the POST rung keeps zstd."""
+    key = generate_key()
+    spool = open_spool(tmp_path)
+    spool.append(v9_export(50))
+    transport = DnsTransport(zone="t.example.org", resolver=("127.0.0.1", 9)) if dns else None
+    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool, transport=transport)
+    up._last_seq = spool.last_seq()
+    body, batch = up._seal(spool.read(after=0, limit=100))
+    spool.close()
+    assert len(batch) == 50
+    if dns:
+        assert peek_header(body).codec is Codec.DELTA_LZMA
+    else:
+        assert peek_header(body).codec in (Codec.ZSTD_DICT, Codec.COLUMNAR)
+
+
 async def test_a_backlog_to_a_loopback_gateway_goes_bytes_lean(
     tmp_path: Path, gateway_factory: GatewayFactory
 ) -> None:

@@ -514,9 +514,11 @@ class Uploader:
             )
             choice = self.codec_choice(big=raw > BIG_BATCH_BYTES or batch[-1].seq < self._last_seq)
             codec = None if choice.codec is None else Codec(choice.codec)
+            # A rung short of bytes (DNS: every byte is a share of a query) asks for its own lean codec (5).
             lean = getattr(self._transport, "small_codec", None)
-            if choice is SMALL and isinstance(lean, int):  # a rung short of bytes (DNS) asks for codec 5
-                codec = Codec(lean)
+            lean_codec = Codec(lean) if isinstance(lean, int) else None
+            if choice is SMALL and lean_codec is not None:
+                codec = lean_codec
             body, leaves = seal(nonce=os.urandom(12), codec=codec, level=choice.level)
             if choice is SMALL and raw <= BIG_BATCH_BYTES:
                 # Below ~100 KB, codec 4 (no dictionary) loses to zstd with the bundled dictionaries on some
@@ -524,6 +526,12 @@ class Uploader:
                 other, left = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
                 if len(other) < len(body):
                     body, leaves, choice = other, left, DEFAULT
+            elif choice is DEFAULT and lean_codec is not None and raw <= BIG_BATCH_BYTES:
+                # Caught up on such a rung, the lean codec is tried too: on DNS, ~10 ms of sealing per batch
+                # of 50 softflowd datagrams buys ~12 % fewer queries (bench/dns.py, 10/s).
+                other, left = seal(nonce=os.urandom(12), codec=lean_codec, level=SMALL.level)
+                if len(other) < len(body):
+                    body, leaves, choice = other, left, SMALL
             if self._context is not None and choice is not FAST and raw <= BIG_BATCH_BYTES:
                 # Against what the gateway already holds from this agent: a quiet site's batch of a few
                 # datagrams repeats much of the previous one (headers, templates, addresses, ports).

@@ -51,7 +51,8 @@ class DnsTransport:
     #: softflowd batch costs 2.8 queries per 1,400 bytes, a 50-datagram one about 2.2 (bench/dns.py).
     min_latency = 5.0
     #: Backlog batches (the uploader's ``SMALL`` choice) go with codec 5, columnar + field deltas + LZMA2:
-    #: ~13 % fewer bytes, so queries, than codec 4 on softflowd v9 (bench/dns.py, "drain"), for ~2x its CPU.
+    #: ~14 % fewer bytes, so queries, than codec 4 on softflowd v9 (bench/dns.py, "drain"), for ~2x its CPU;
+    #: caught-up batches are sealed with it beside the default codec, the smaller kept.
     small_codec = 5
 
     def __init__(self, *, zone: str, resolver: tuple[str, int] | None = None, qps: float = 20.0,
