@@ -53,6 +53,24 @@ SECTION = "DNS rung"
 ZONE = "t.example.org"
 AGENT = "bench-dns"
 DATAGRAM_UNIT = 1400  # the goal counts queries per 1,400-byte datagram
+#: what was tried for the drain goal (issue 11), measured offline on the same 20,000-conversation export
+NOTES = """\
+What was tried for the drain goal (≤ 1.5; 1.73 with codec 4), on the same export, sealed bytes per raw byte:
+- **Codec 5** (columnar + field deltas + LZMA2, docs/protocol.md 4.1): fields stored as differences from the
+  previous record, from the partner field of the previous record (source/destination of a conversation's
+  reverse record) or from another field of the same record; 0.163 → 0.139 in one batch. This is what moved
+  the drain row; caught-up batches gain as much (50 datagrams: 0.206 → 0.181).
+- Bigger drain batches: one 2 MB batch instead of two of 1 MiB is ~1 % smaller (codec 4: 0.165 → 0.163).
+  The rung's cap is the gateway's reassembly bound of 1 MiB of *sealed* body (`MAX_DNS_BODY`): about 6 MiB
+  of export at these ratios, more than the sizer's first backlog batch reads, so nothing to gain there.
+- Compression contexts (flag 0x01): LZMA2 (codecs 4, 5) takes none; on 10- and 50-datagram batches a
+  context seal never beat the smaller of the default codec and codec 5 on this export.
+- Denser names: names already take the 253 characters DNS allows. The meta label, bit-packed (85 bits in
+  17 characters instead of 12 bytes in 20: 14-bit fragment numbers, a 4-bit salt), leaves 136 bytes per
+  query instead of 134 under a 13-character zone (name version 2, docs/protocol.md 9): 1.5 % fewer
+  queries, in every row. Folding the meta into the data labels would add 1 byte more, but would lose the
+  meta-only label that QNAME-minimising resolvers' intermediate names are recognised by; not done.
+- zstd level 22 with a long window: 0.197; LZMA2 preset 9e or larger dictionaries: within 1 % of preset 6."""
 GOALS = {"2/s": None, "10/s": 2.5, "drain": 1.5, "2/s, 1 s batches": None, "10/s, 1 s batches": None}
 
 
@@ -186,6 +204,8 @@ def bench(args: argparse.Namespace) -> str:
         "datagrams.",
         "",
         md_table(header, table, "lrrrrlrrrrr"),
+        "",
+        NOTES,
     ])
 
 

@@ -67,7 +67,7 @@ async def send_batch(port: int, body: bytes, *, session: int, batch: int, shuffl
     last: Answer | None = None
     for i in order:
         q = FragmentQuery(kind=Kind.FRAGMENT, session=session, batch=batch, index=i, count=len(pieces),
-                          salt=random.getrandbits(8), data=pieces[i])
+                          salt=random.getrandbits(4), data=pieces[i])
         last = txt(await ask(port, encode_name(q, ZONE)))
     assert last is not None
     return last

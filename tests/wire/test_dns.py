@@ -44,13 +44,13 @@ def test_a_full_fragment_fills_but_never_exceeds_a_name() -> None:
 
 
 def test_capacity_of_a_typical_zone() -> None:
-    # 253 - 13 (zone) - 1 - 20 (meta) = 219 characters for data and a dot after each data label: 4 labels,
-    # 215 base32 characters, 134 bytes.
-    assert capacity(ZONE) == 134
+    # 253 - 13 (zone) - 1 - 17 (meta) = 222 characters for data and a dot after each data label: 4 labels,
+    # 218 base32 characters, 136 bytes (134 with version 1's 20-character meta label).
+    assert capacity(ZONE) == 136
 
 
-@given(data=st.binary(min_size=1, max_size=134), session=st.integers(0, 2**32 - 1),
-       batch=st.integers(0, 65535), salt=st.integers(0, 255), seed=st.integers(0, 2**32))
+@given(data=st.binary(min_size=1, max_size=136), session=st.integers(0, 2**32 - 1),
+       batch=st.integers(0, 65535), salt=st.integers(0, 15), seed=st.integers(0, 2**32))
 @settings(max_examples=200)
 def test_names_round_trip_through_0x20_case_randomisation(data: bytes, session: int, batch: int, salt: int,
                                                           seed: int) -> None:
@@ -177,11 +177,36 @@ def test_a_changed_fragment_count_restarts_the_batch() -> None:
 
 
 def test_protocol_md_vector() -> None:
-    q = FragmentQuery(kind=Kind.FRAGMENT, session=0x01020304, batch=7, index=1, count=3, salt=0xEF,
+    q = FragmentQuery(kind=Kind.FRAGMENT, session=0x01020304, batch=7, index=1, count=3, salt=0xE,
                       data=b"hello flowtunnel")
-    assert encode_name(q, ZONE) == "nbswy3dpebtgy33xor2w43tfnq.caaqeayeaadqaaiaapxq.t.example.org"
+    assert encode_name(q, ZONE) == "nbswy3dpebtgy33xor2w43tfnq.iaebagbaaa4aaiab6.t.example.org"
     poll = FragmentQuery(kind=Kind.POLL, session=0x01020304, batch=7, index=0, count=3, salt=1)
-    assert encode_name(poll, ZONE) == "ceaqeayeaadqaaaaamaq.t.example.org"
+    assert encode_name(poll, ZONE) == "jaebagbaaa4aaaabr.t.example.org"
+
+
+def test_version_1_names_are_still_read() -> None:
+    # the protocol.md vector of version 1 (a 12-byte meta label of 20 characters, 2 bytes less data per name)
+    q = decode_name("nbswy3dpebtgy33xor2w43tfnq.caaqeayeaadqaaiaapxq.t.example.org", ZONE)
+    assert q == FragmentQuery(kind=Kind.FRAGMENT, session=0x01020304, batch=7, index=1, count=3, salt=0xEF,
+                              data=b"hello flowtunnel")
+    poll = decode_name("ceaqeayeaadqaaaaamaq.t.example.org", ZONE)
+    assert poll == FragmentQuery(kind=Kind.POLL, session=0x01020304, batch=7, index=0, count=3, salt=1)
+
+
+def test_meta_fields_are_bounded_by_their_bits() -> None:
+    for field, value in (("salt", 16), ("index", 1 << 14), ("count", 1 << 14), ("batch", 1 << 16),
+                         ("session", 1 << 32)):
+        kw = {"session": 7, "batch": 1, "index": 0, "count": 1, "salt": 0} | {field: value}
+        if field == "index":
+            kw["count"] = (1 << 14) - 1
+        with pytest.raises(ValueError, match=f"{field} {value} is outside"):
+            encode_name(FragmentQuery(kind=Kind.FRAGMENT, data=b"x", **kw), ZONE)
+    # the largest values fit a 253-character name and come back
+    q = frag(b"\xff" * 136, session=(1 << 32) - 1, batch=65535, index=(1 << 14) - 2, count=(1 << 14) - 1,
+             salt=15)
+    name = encode_name(q, ZONE)
+    assert len(name) == 253
+    assert decode_name(name, ZONE) == q
     assert encode_answer(Answer(kind="p", fields={"have": "2", "of": "3"}, window=8, gap_ms=20)) == (
         "ft1 p win=8 gap=20 have=2 of=3"
     )

@@ -206,7 +206,7 @@ class DnsClient:
             if attempt:
                 self.stats.retries += 1
             q = FragmentQuery(kind=query.kind, session=query.session, batch=query.batch, index=query.index,
-                              count=query.count, salt=self._rng.getrandbits(8), data=query.data)
+                              count=query.count, salt=self._rng.getrandbits(4), data=query.data)
             name = encode_name(q, self.config.zone)
             await self._pace()
             try:

@@ -10,9 +10,10 @@ fragments that each ride in one name under the gateway's zone::
 - data labels: the fragment's bytes in lowercase base32 without padding (RFC 4648 alphabet). Base32 is
   case-insensitive, so resolvers that randomise the case of names (0x20, unbound's ``use-caps-for-id``)
   change nothing.
-- meta label: 12 bytes in base32 (20 characters): version and kind, a per-run session id, the batch number
+- meta label: 85 bits in base32 (17 characters): version and kind, a per-run session id, the batch number
   within the session, fragment index and count, and a salt the agent draws per query so that no cache
-  between the agent and the gateway can answer for the gateway (every retry is a fresh name).
+  between the agent and the gateway can answer for the gateway (every retry is a fresh name). Version 1
+  names (a 12-byte, 20-character meta label: 2 bytes fewer per name) are still read.
 
 The gateway answers a TXT query with one short text record (``ft1 <kind> key=value ...``, section 9 of
 docs/protocol.md): progress for a fragment, the ingest answer (acked + tag, as the POST answer) once a batch
@@ -37,8 +38,10 @@ from enum import IntEnum
 from flowtunnel.errors import FlowtunnelError
 
 __all__ = [
+    "MAX_FRAGMENTS",
     "MAX_NAME",
-    "META_BYTES",
+    "MAX_SALT",
+    "META_BITS",
     "Answer",
     "DnsNameError",
     "FragmentQuery",
@@ -56,13 +59,19 @@ __all__ = [
 
 MAX_NAME = 253  # characters of a name in text form without the trailing dot (255 octets on the wire)
 MAX_LABEL = 63
-VERSION = 1
-_META = struct.Struct(">BIHHHB")  # version << 4 | kind, session, batch, index, count, salt
-META_BYTES = _META.size  # 12
-_META_CHARS = (META_BYTES * 8 + 4) // 5  # 20
+VERSION = 2
+#: version 2 meta, most significant first: version 3 | kind 2 | session 32 | batch 16 | index 14 | count 14 |
+#: salt 4 = 85 bits, 17 base32 characters with no padding bit
+_META_FIELDS = (("version", 3), ("kind", 2), ("session", 32), ("batch", 16), ("index", 14), ("count", 14),
+                ("salt", 4))
+META_BITS = sum(bits for _, bits in _META_FIELDS)  # 85
+_META_CHARS = META_BITS // 5  # 17
+_V1_META = struct.Struct(">BIHHHB")  # version 1: version << 4 | kind, session, batch, index, count, salt
+_V1_META_CHARS = 20
 _B32 = re.compile(r"^[a-z2-7]+$")
 _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-MAX_FRAGMENTS = 65535
+MAX_FRAGMENTS = (1 << 14) - 1
+MAX_SALT = (1 << 4) - 1
 
 
 class Kind(IntEnum):
@@ -97,7 +106,7 @@ def normalise_zone(zone: str) -> str:
 
 
 def capacity(zone: str) -> int:
-    """Payload bytes one query name carries under ``zone`` (134 under a 13-character zone)."""
+    """Payload bytes one query name carries under ``zone`` (136 under a 13-character zone)."""
     room = MAX_NAME - len(normalise_zone(zone)) - 1 - _META_CHARS  # "<data>.<meta>.<zone>"
     # ``room`` holds the data characters plus one dot after each data label.
     labels = (room + MAX_LABEL) // (MAX_LABEL + 1)
@@ -138,21 +147,42 @@ def _b32decode(text: str) -> bytes:
     return base64.b32decode(text.upper() + "=" * pad)
 
 
+_B32_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+_B32_VALUE = {c: i for i, c in enumerate(_B32_ALPHABET)}
+
+
+def _pack_meta(values: dict[str, int]) -> str:
+    n = 0
+    for name, bits in _META_FIELDS:
+        n = n << bits | values[name]
+    return "".join(_B32_ALPHABET[n >> 5 * (_META_CHARS - 1 - i) & 31] for i in range(_META_CHARS))
+
+
+def _unpack_meta(text: str) -> dict[str, int]:
+    n = 0
+    for c in text:
+        n = n << 5 | _B32_VALUE[c]
+    out: dict[str, int] = {}
+    for name, bits in reversed(_META_FIELDS):
+        out[name] = n & (1 << bits) - 1
+        n >>= bits
+    return out
+
+
 def encode_name(query: FragmentQuery, zone: str) -> str:
     """The query name (no trailing dot) carrying ``query`` under ``zone``."""
     z = normalise_zone(zone)
-    fields = (("session", query.session, 32), ("batch", query.batch, 16), ("index", query.index, 16),
-              ("count", query.count, 16), ("salt", query.salt, 8))
-    for name, value, bits in fields:
-        if not 0 <= value < 1 << bits:
-            raise ValueError(f"{name} {value} is outside 0..{(1 << bits) - 1}")
+    values = {"version": VERSION, "kind": int(query.kind), "session": query.session, "batch": query.batch,
+              "index": query.index, "count": query.count, "salt": query.salt}
+    for name, bits in _META_FIELDS:
+        if not 0 <= values[name] < 1 << bits:
+            raise ValueError(f"{name} {values[name]} is outside 0..{(1 << bits) - 1}")
     if query.kind is Kind.FRAGMENT and not (query.count >= 1 and query.index < query.count and query.data):
         raise ValueError(
             f"fragment {query.index} of {query.count} with {len(query.data)} bytes is inconsistent")
     if query.kind is Kind.POLL and query.data:
         raise ValueError("a poll carries no data")
-    meta = _b32encode(_META.pack(VERSION << 4 | query.kind, query.session, query.batch, query.index,
-                                 query.count, query.salt))
+    meta = _pack_meta(values)
     text = _b32encode(query.data)
     labels = [text[i : i + MAX_LABEL] for i in range(0, len(text), MAX_LABEL)]
     name = ".".join([*labels, meta, z])
@@ -180,18 +210,25 @@ def decode_name(name: str, zone: str) -> FragmentQuery | None:
         raise DnsNameError(f"name of {len(n)} characters exceeds {MAX_NAME}", cause="dns-bad-name")
     labels = n[: -len(z) - 1].split(".")
     meta_text = labels[-1]
-    if len(meta_text) != _META_CHARS or not _B32.match(meta_text):
+    if len(meta_text) not in (_META_CHARS, _V1_META_CHARS) or not _B32.match(meta_text):
         if len(labels) == 1:
             return None  # a resolver walking down, or a random name: NODATA either way
         raise DnsNameError(f"meta label {meta_text[:24]!r} is not {_META_CHARS} base32 characters",
                            cause="dns-bad-name")
-    try:
-        head, session, batch, index, count, salt = _META.unpack(_b32decode(meta_text))
-    except (binascii.Error, struct.error) as exc:
-        raise DnsNameError(f"meta label does not decode: {exc}", cause="dns-bad-name") from None
-    version, kind = head >> 4, head & 0x0F
-    if version != VERSION:
-        raise DnsNameError(f"name version {version} is not {VERSION}", cause="dns-bad-version")
+    if len(meta_text) == _META_CHARS:
+        meta = _unpack_meta(meta_text)
+        version, kind, session, batch, index, count, salt = (meta[name] for name, _ in _META_FIELDS)
+        expected = VERSION
+    else:  # a version 1 agent's name
+        try:
+            head, session, batch, index, count, salt = _V1_META.unpack(_b32decode(meta_text))
+        except (binascii.Error, struct.error) as exc:
+            raise DnsNameError(f"meta label does not decode: {exc}", cause="dns-bad-name") from None
+        version, kind = head >> 4, head & 0x0F
+        expected = 1
+    if version != expected:
+        raise DnsNameError(f"name version {version} is not {expected} (a {len(meta_text)}-character meta "
+                           "label)", cause="dns-bad-version")
     if kind not in (Kind.FRAGMENT, Kind.POLL):
         raise DnsNameError(f"query kind {kind} is unknown", cause="dns-bad-name")
     data_text = "".join(labels[:-1])
