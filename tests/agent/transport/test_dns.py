@@ -67,6 +67,16 @@ def test_txt_verdicts_map_like_http_statuses(txt: Answer, expected: object) -> N
         assert got.after == float(txt.fields["ra"])
 
 
+async def test_under_a_long_zone_a_batch_needing_too_many_names_is_too_large_not_an_error() -> None:
+    # 203 characters of zone leave 19 bytes a name: 16,383 names (the most a batch may take) carry 311,277
+    zone = ".".join(["z" * 49] * 4) + ".org"
+    transport = DnsTransport(zone=zone, resolver=("127.0.0.1", 9))
+    got = await transport.exchange(b"x" * 400_000, Hints(agent_id="site-a", backlog=0, acked=0))
+    await transport.close()
+    assert isinstance(got, TooLarge)
+    assert "311277 bytes" in got.detail
+
+
 async def test_a_silent_resolver_is_a_retry_and_a_huge_batch_too_large() -> None:
     import socket
 

@@ -28,8 +28,8 @@ from flowtunnel.agent.transport.answers import (
     Retry,
     TooLarge,
 )
+from flowtunnel.wire.dns import MAX_FRAGMENTS, DnsNameError, ReassemblyLimits, capacity
 from flowtunnel.wire.dns import Answer as TxtAnswer
-from flowtunnel.wire.dns import DnsNameError, ReassemblyLimits
 
 if TYPE_CHECKING:
     from flowtunnel.agent.dnsclient import DnsClient
@@ -62,7 +62,8 @@ class DnsTransport:
         self._qps = qps
         self._query_timeout = query_timeout
         self._retries = retries
-        self._max_body = max_body
+        # A long zone leaves few bytes a name: no more than the names a batch may take (``MAX_FRAGMENTS``).
+        self._max_body = min(max_body, capacity(zone) * MAX_FRAGMENTS)
         self._client: DnsClient | None = None
         self.route = ""
 
