@@ -48,7 +48,7 @@ class DnsTransport:
 
     name = "dns"
     #: Caught up, batches gather at least this long on this rung (``--latency`` longer wins): a 10-datagram
-    #: softflowd batch costs 2.8 queries per 1,400 bytes, a 50-datagram one about 2.2 (bench/dns.py).
+    #: softflowd batch costs 2.4 queries per 1,400 bytes, a 50-datagram one about 1.9 (bench/dns.py).
     min_latency = 5.0
     #: Backlog batches (the uploader's ``SMALL`` choice) go with codec 5, columnar + field deltas + LZMA2:
     #: ~14 % fewer bytes, so queries, than codec 4 on softflowd v9 (bench/dns.py, "drain"), for ~2x its CPU;
