@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
@@ -68,8 +69,9 @@ What was tried for the drain goal (≤ 1.5; 1.73 with codec 4), on the same expo
 - Denser names: names already take the 253 characters DNS allows. The meta label, bit-packed (85 bits in
   17 characters instead of 12 bytes in 20: 14-bit fragment numbers, a 4-bit salt), leaves 136 bytes per
   query instead of 134 under a 13-character zone (name version 2, docs/protocol.md 9): 1.5 % fewer
-  queries, in every row. Folding the meta into the data labels would add 1 byte more, but would lose the
-  meta-only label that QNAME-minimising resolvers' intermediate names are recognised by; not done.
+  queries in every row (the codec 4 row included: 1.73 with version 1 names). Folding the meta into the
+  data labels would add 1 byte more, but would lose the meta-only label by which QNAME-minimising
+  resolvers' intermediate names are recognised; not done.
 - zstd level 22 with a long window: 0.197; LZMA2 preset 9e or larger dictionaries: within 1 % of preset 6."""
 GOALS = {"2/s": None, "10/s": 2.5, "drain": 1.5, "2/s, 1 s batches": None, "10/s, 1 s batches": None}
 
@@ -120,8 +122,6 @@ async def _run(mode: str, payloads: list[bytes], per_batch: int | None, *, qps: 
     # the agent's lean codec on the DNS rung (DnsTransport.small_codec): for backlog batches, and beside the
     # default codec for caught-up ones
     lean = lean or Codec.DELTA_LZMA
-    import os
-
     data = work / f"gw-{mode.replace('/', '')}"
     with Registry(data) as registry:
         key = registry.enroll(AGENT).key
@@ -166,6 +166,7 @@ async def _run(mode: str, payloads: list[bytes], per_batch: int | None, *, qps: 
 
 def bench(args: argparse.Namespace) -> str:
     flows = 3000 if args.quick else 20000
+    load = os.getloadavg()[0]  # other jobs on the box: queries and bytes do not depend on it, rates do
     stream = softflowd_streams(flows, versions=(9,))[0]
     payloads = stream.payloads
     n_rate = 60 if args.quick else 400
@@ -177,8 +178,8 @@ def bench(args: argparse.Namespace) -> str:
         rows.append(asyncio.run(_run("2/s, 1 s batches", payloads[:n_rate], 2, qps=2000, work=work)))
         rows.append(asyncio.run(_run("10/s, 1 s batches", payloads[:n_rate], 10, qps=2000, work=work)))
         rows.append(asyncio.run(_run("drain", payloads, None, qps=2000, work=work)))
-        rows.append(asyncio.run(_run("drain, codec 4 (before codec 5)", payloads, None, qps=2000, work=work,
-                                     lean=Codec.COLUMNAR_LZMA)))
+        rows.append(asyncio.run(_run("drain, codec 4 (the lean codec before)", payloads, None, qps=2000,
+                                     work=work, lean=Codec.COLUMNAR_LZMA)))
         paced = payloads[: 40 if args.quick else 200]
         rows.append(asyncio.run(_run("drain at default pace", paced, None, qps=20.0, work=work)))
     table = []
@@ -196,7 +197,8 @@ def bench(args: argparse.Namespace) -> str:
               "wire bytes (both ways)", "wire / raw (goal 1.2)", "raw-datagram DNS tunnel / raw",
               "datagrams/s", "loss"]
     return "\n".join([
-        f"Measured {utc_now()} on {machine()} with `{command_line('dns.py', args).strip('`')}`, "
+        f"Measured {utc_now()} on {machine()} (load average {load:.1f} at the start: other jobs ran) with "
+        f"`{command_line('dns.py', args).strip('`')}`, "
         f"unbound ({'use-caps-for-id'}, QNAME minimisation) in front of the gateway's DNS endpoint; "
         f"softflowd v9 export of a {flows:,}-conversation trace. Queries count every DNS query the agent's "
         "client sent (retries included); wire bytes are whole IPv4 packets both ways between the agent and "
