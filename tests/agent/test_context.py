@@ -137,7 +137,7 @@ async def test_a_gateway_restart_refuses_the_unknown_context_and_the_agent_resen
             await _trickle(up, spool, _chunks(sent[:12]))
             assert up.stats.context_batches >= 3
             if step == "before-ack":
-                link.add_fault(Fault(action=Action.ABORT_RESPONSE, match="POST /v1/batches"))
+                link.add_fault(Fault(action=Action.ABORT_RESPONSE, match="POST /v1/b"))
                 spool.append(sent[12:15])
                 up.notify()
                 await _until(lambda: link.pending_faults() == 0)
@@ -168,7 +168,7 @@ async def test_a_lost_ack_is_resent_against_the_context_the_gateway_still_holds(
         uploading(config(tmp_path, link.url, key), key, spool) as up,
     ):
         await _trickle(up, spool, _chunks(sent[:9]))
-        link.add_fault(Fault(action=Action.ABORT_RESPONSE, match="POST /v1/batches"))
+        link.add_fault(Fault(action=Action.ABORT_RESPONSE, match="POST /v1/b"))
         await _trickle(up, spool, _chunks(sent[9:]))
         assert "unknown-context" not in up.stats.failures
         assert up.stats.context_batches == up.stats.batches - 1
@@ -209,22 +209,27 @@ def _ingest(gw: Gateway) -> ingest_module.Ingest:
 async def test_requests_and_answers_carry_the_smallest_heads(
     tmp_path: Path, gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """issue 14: a batch's POST carries only Content-Type and the agent id besides what the client adds
-    (Host, Content-Length): backlog, acked mark and drops travel sealed; the gateway answers compact JSON
-    as ``application/json`` with ``Server: flowtunnel``."""
+    """issue 14: a batch's POST goes to ``/v1/b`` with no header besides what the client adds (Host,
+    Content-Length): the agent id is the batch's, backlog, acked mark and drops travel sealed; the gateway
+    answers 24 bytes (acked and tag) with a status line, Content-Length and Date only. ``/v1/batches`` keeps
+    its JSON answer for other clients."""
     import json
 
     import aiohttp
 
-    from flowtunnel.agent.transport.http11 import HttpClient
-    from flowtunnel.wire import CONTENT_TYPE, seal_batch
+    from flowtunnel.agent.transport.http11 import HttpClient, Response
+    from flowtunnel.wire import CONTENT_TYPE, parse_compact_ack, seal_batch, verify_ack
 
     sent_heads: list[tuple[str, list[tuple[str, str]]]] = []
+    answers: list[Response] = []
     real = HttpClient.request
 
     async def spy(self: HttpClient, method: str, path: str, **kwargs: Any) -> Any:
         sent_heads.append((path, list(kwargs.get("headers") or [])))
-        return await real(self, method, path, **kwargs)
+        resp = await real(self, method, path, **kwargs)
+        if method == "POST":
+            answers.append(resp)
+        return resp
 
     monkeypatch.setattr(HttpClient, "request", spy)
     data = tmp_path / "gw"
@@ -233,20 +238,30 @@ async def test_requests_and_answers_carry_the_smallest_heads(
     async with gateway_factory(data) as gw:
         async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
             await _trickle(up, spool, _chunks(v9_export(6)))
-        posts = [headers for path, headers in sent_heads if path == "/v1/batches"]
-        assert posts
-        assert all(headers == [("Content-Type", CONTENT_TYPE), ("X-Flowtunnel-Agent", AGENT)]
-                   for headers in posts)
+        posts = [headers for path, headers in sent_heads if path == "/v1/b"]
+        assert len(posts) == len(sent_heads) - 1  # all but the probe
+        assert all(headers == [] for headers in posts)
+        assert answers
+        assert all(r.status == 200 and len(r.body) == 24 for r in answers)
+        assert all(sorted(name.lower() for name, _ in r.headers) == ["content-length", "date"]
+                   for r in answers)
         body = seal_batch(agent_id=AGENT, key=key, first_seq=7, datagrams=[], nonce=bytes(12),
                           agent_info={"acked": 6})
-        async with aiohttp.ClientSession() as session, session.post(
-            f"{gw.url}/v1/batches", data=body,
-            headers={"Content-Type": CONTENT_TYPE, "X-Flowtunnel-Agent": AGENT},
-        ) as resp:
-            raw = await resp.read()
-            assert resp.status == 200
-            assert resp.headers["Content-Type"] == "application/json"
-            assert resp.headers["Server"] == "flowtunnel"
-            assert b" " not in raw
-            assert json.loads(raw)["acked"] == 6
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{gw.url}/v1/b", data=body) as resp:
+                raw = await resp.read()
+                assert resp.status == 200
+                acked, tag = parse_compact_ack(raw)
+                assert acked == 6
+                verify_ack(key, agent_id=AGENT, request_nonce=bytes(12), acked=6, tag=tag)
+            async with session.post(
+                f"{gw.url}/v1/batches", data=body,
+                headers={"Content-Type": CONTENT_TYPE, "X-Flowtunnel-Agent": AGENT},
+            ) as resp:
+                raw = await resp.read()
+                assert resp.status == 200
+                assert resp.headers["Content-Type"] == "application/json"
+                assert resp.headers["Server"] == "flowtunnel"
+                assert b" " not in raw
+                assert json.loads(raw)["acked"] == 6
     spool.close()

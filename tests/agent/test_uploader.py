@@ -26,7 +26,7 @@ from flowtunnel.gateway.service import Gateway
 from flowtunnel.log import DurableLog, LogConfig, LogFull
 from flowtunnel.netflow import FieldSpec, Template, encode_v9
 from flowtunnel.runtime import TaskSet
-from flowtunnel.wire import Codec, ack_tag, open_batch, peek_header
+from flowtunnel.wire import Codec, ack_tag, compact_ack, open_batch, peek_header
 from flowtunnel.wire.keys import format_key, generate_key
 from tests.agent.conftest import GatewayFactory, enroll, eventually, journal_of
 from tests.conftest import require
@@ -254,6 +254,57 @@ async def test_gateway_that_lost_acknowledged_data_gets_what_the_spool_still_has
     spool.close()
 
 
+async def test_a_forged_compact_answer_trims_nothing(tmp_path: Path, gateway_factory: GatewayFactory) -> None:
+    """The 24-byte answer of ``POST /v1/b`` is trusted no more than the JSON one: an ``acked`` inflated on
+    the path (its tag then fails) is ``bad-ack``, nothing trimmed."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(30, seed=4)
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    tag = ack_tag(key, agent_id=AGENT, request_nonce=os.urandom(12), acked=100_000)
+    async with gateway_factory(data) as gw:
+        host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+        async with LinkEmulator(upstream=(host, int(port))) as link:
+            cfg = config(tmp_path, link.url, key)
+            link.add_fault(Fault(action=Action.ANSWER, status=200, body=compact_ack(100_000, tag),
+                                 content_type="application/octet-stream", match="POST /v1/b ", count=None))
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: up.stats.failures["bad-ack"] >= 2, "forged answers refused")
+            link.clear_faults()
+            assert spool.cursor(CURSOR) == 0
+            assert spool.stats().entries == 30
+            async with uploading(cfg, key, spool):
+                await eventually(lambda: spool.cursor(CURSOR) == 30, "everything delivered")
+        assert_exactly_once(gw, sent)
+    spool.close()
+
+
+async def test_a_gateway_without_the_compact_route_gets_the_batches_on_v1_batches(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """An older gateway (or a reverse proxy routing only ``/v1/batches``) answers 404 to ``POST /v1/b``: the
+    agent goes back to ``/v1/batches`` at once, without a failure or a backoff, and delivers exactly once."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(40, seed=5)
+    spool = open_spool(tmp_path)
+    async with gateway_factory(data) as gw:
+        host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+        async with LinkEmulator(upstream=(host, int(port))) as link:
+            link.add_fault(Fault(action=Action.ANSWER, status=404, match="POST /v1/b ", count=None))
+            async with uploading(config(tmp_path, link.url, key), key, spool) as up:
+                for i in range(0, 40, 10):
+                    spool.append(sent[i : i + 10])
+                    up.notify()
+                    await eventually(lambda i=i: spool.cursor(CURSOR) == i + 10, "delivered")  # type: ignore[misc]
+                assert up.stats.failures == {}
+                assert not up._rungs["post"].compact  # type: ignore[attr-defined]
+            assert link.stats().requests <= 2 + 2 * 4  # probe, one 404, then one request per batch (+ resync)
+        assert_exactly_once(gw, sent)
+    spool.close()
+
+
 async def test_forged_or_replayed_acknowledgements_trim_nothing(
     tmp_path: Path, gateway_factory: GatewayFactory
 ) -> None:
@@ -275,7 +326,7 @@ async def test_forged_or_replayed_acknowledgements_trim_nothing(
                 if tag is not None:
                     forged["tag"] = tag
                 link.add_fault(Fault(action=Action.ANSWER, status=200, body=json.dumps(forged).encode(),
-                                     content_type="application/json", match="POST /v1/batches", count=None))
+                                     content_type="application/json", match="POST /v1/b", count=None))
                 async with uploading(cfg, key, spool) as up:
                     await eventually(lambda: up.stats.failures["bad-ack"] >= 2, "forged answers refused")
                     assert up.stats.last_result == "bad-ack"
@@ -670,7 +721,7 @@ async def test_through_tinyproxy_with_basic_auth(tmp_path: Path, gateway_factory
                 await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered through the proxy")
                 assert up.stats.failures == {}
             assert_exactly_once(gw, sent)
-        assert "/v1/batches" in proxy.log_text()
+        assert "/v1/b " in proxy.log_text()
     spool.close()
 
 
@@ -705,7 +756,7 @@ async def test_http_proxy_from_the_environment(
             async with uploading(config(tmp_path, gw.url, key), key, spool):
                 await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered via HTTP_PROXY")
             assert_exactly_once(gw, sent)
-        assert "/v1/batches" in proxy.log_text()
+        assert "/v1/b " in proxy.log_text()
     spool.close()
 
 

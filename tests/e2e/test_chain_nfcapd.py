@@ -44,7 +44,7 @@ def test_softflowd_agent_tinyproxy_gateway_nfcapd(tmp_path: Path, trace: TraceSu
         assert agent.stop() == 0
         assert gw.stop() == 0
         got = nf.records()
-        assert "/v1/batches" in proxy.log_text()
+        assert "/v1/b " in proxy.log_text()
         status = agent.status()
 
     assert Counter(map(flow_key, got)) == Counter(map(flow_key, expected))

@@ -19,7 +19,15 @@ import pytest
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway import Gateway, Registry
-from flowtunnel.wire import CONTENT_TYPES, HEADER, AuthenticationFailed, peek_header, seal_batch, verify_ack
+from flowtunnel.wire import (
+    CONTENT_TYPES,
+    HEADER,
+    AuthenticationFailed,
+    parse_compact_ack,
+    peek_header,
+    seal_batch,
+    verify_ack,
+)
 from tests.gateway.util import (
     BATCH_CONTENT_TYPE,
     datagrams,
@@ -731,3 +739,46 @@ async def test_metrics_render_off_the_event_loop(
         assert b"flowtunnel_gateway" in await resp.read()
     assert len(threads) == 1
     assert threads[0] != loop_thread
+
+
+async def test_the_compact_route_takes_a_bare_post_and_answers_24_bytes(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    """``POST /v1/b`` (issue 14): no header but Content-Length (the batch names its agent, no content type is
+    looked at); the 200 is ``wire.compact_ack`` with no ``Server`` and no ``Content-Type``; journaled like a
+    ``/v1/batches`` body, and a replay of it adds nothing."""
+    gw, key, session = env
+    dgs = datagrams(4)
+    body = seal(AGENT, key, 1, dgs)
+    for _ in range(2):  # the second time an exact replay
+        async with session.post(gw.url + "/v1/b", data=body, skip_auto_headers=["Content-Type"]) as resp:
+            raw = await resp.read()
+            assert resp.status == 200
+            assert "Server" not in resp.headers
+            assert "Content-Type" not in resp.headers
+            assert set(resp.headers) == {"Content-Length", "Date"}
+        acked, tag = parse_compact_ack(raw)
+        assert acked == 4
+        verify_ack(key, agent_id=AGENT, request_nonce=peek_header(body).nonce, acked=acked, tag=tag)
+    assert [e.datagram for e in journal_entries(gw)] == dgs
+
+
+@pytest.mark.parametrize(
+    ("headers", "body_of", "status", "code"),
+    [
+        ({"X-Flowtunnel-Agent": "site-b"}, AGENT, 400, "agent-mismatch"),  # a header, when sent, must match
+        ({}, "site-z", 401, "unknown-agent"),
+        ({}, None, 400, "bad-magic"),
+    ],
+)
+async def test_the_compact_route_refuses_in_json_like_the_classic_one(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession], headers: dict[str, str], body_of: str | None,
+    status: int, code: str,
+) -> None:
+    gw, key, session = env
+    body = b"not a batch at all" if body_of is None else seal(body_of, key, 1, datagrams(2))
+    async with session.post(gw.url + "/v1/b", data=body, headers=headers) as resp:
+        doc = await resp.json(content_type=None)
+        assert (resp.status, doc["error"]) == (status, code)
+        assert resp.headers["Content-Type"] == "application/json"
+    assert journal_entries(gw) == []

@@ -48,7 +48,7 @@ def _per_request(
         for _ in range(count):
             await run.sleep_random(0.3, 0.8)
             offset = run.rng.randint(*after)
-            run.link.add_fault(Fault(action=action, after=offset, match="POST /v1/batches", status=status,
+            run.link.add_fault(Fault(action=action, after=offset, match="POST /v1/b", status=status,
                                      retry_after=retry_after))
             run.faults += 1
             # wait until the fault was used before arming the next

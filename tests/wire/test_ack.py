@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from flowtunnel.wire import AuthenticationFailed, Key, ack_tag, verify_ack
+from flowtunnel.wire import (
+    COMPACT_ACK_BYTES,
+    AuthenticationFailed,
+    Key,
+    ack_tag,
+    compact_ack,
+    parse_compact_ack,
+    verify_ack,
+)
 
 KEY = bytes(range(32))
 NONCE = bytes.fromhex("000102030405060708090a0b")
@@ -58,3 +66,29 @@ def test_the_documented_vector_follows_the_documented_formula() -> None:
     msg = b"flowtunnel-ack-v1" + bytes([len(agent)]) + agent.encode() + nonce + acked.to_bytes(8, "big")
     raw = hmac.new(ack_key, msg, hashlib.sha256).digest()[:16]
     assert base64.urlsafe_b64encode(raw).rstrip(b"=").decode() == tag
+
+
+def test_the_compact_answer_carries_acked_and_the_tag_in_24_bytes() -> None:
+    """``POST /v1/b``'s 200 (docs/protocol.md section 7): acked u64 big-endian, then the tag's raw bytes."""
+    tag = ack_tag(KEY, agent_id="site-a", request_nonce=NONCE, acked=103)
+    body = compact_ack(103, tag)
+    assert len(body) == COMPACT_ACK_BYTES == 24
+    assert body[:8] == (103).to_bytes(8, "big")
+    assert body[8:] == base64.urlsafe_b64decode(tag + "==")
+    acked, got = parse_compact_ack(body)
+    assert (acked, got) == (103, tag)
+    verify_ack(KEY, agent_id="site-a", request_nonce=NONCE, acked=acked, tag=got)
+
+
+@pytest.mark.parametrize("body", [b"", bytes(23), bytes(25), b'{"acked": 1, "tag": "xy"}'])
+def test_a_compact_answer_of_another_length_is_refused(body: bytes) -> None:
+    with pytest.raises(ValueError, match="compact answer of"):
+        parse_compact_ack(body)
+
+
+def test_a_compact_answer_forged_on_the_path_does_not_verify() -> None:
+    tag = ack_tag(KEY, agent_id="site-a", request_nonce=NONCE, acked=103)
+    forged = (10**9).to_bytes(8, "big") + compact_ack(103, tag)[8:]
+    acked, got = parse_compact_ack(forged)
+    with pytest.raises(AuthenticationFailed):
+        verify_ack(KEY, agent_id="site-a", request_nonce=NONCE, acked=acked, tag=got)

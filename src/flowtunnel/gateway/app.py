@@ -1,14 +1,16 @@
 """The gateway's HTTP surface (aiohttp): request shape checks, bounded body reads, JSON answers.
 
 Routes (contract in docs/architecture.md, "HTTP between agent and gateway"):
-``POST /v1/batches``, ``GET /v1/agents/{id}/state``, ``GET /v1/probe`` (``probe.py``), ``GET /v1/ws``
+``POST /v1/batches`` (and ``POST /v1/b``, the same with the smallest heads both ways: the agent's default),
+``GET /v1/agents/{id}/state``, ``GET /v1/probe`` (``probe.py``), ``GET /v1/ws``
 (``ws.py``), ``GET /v1/g/...`` (GET-only pieces, ``pieces.py``), ``GET /healthz``, and for operators (both
 off with ``--no-metrics``) ``GET /metrics`` and ``GET /v1/status`` (the status.json document).
 
 Resource handling (slow or hostile senders must not starve enrolled agents):
 1. the declared length is checked against ``max_body`` before anything is read (413);
 2. the batch header (the first ~100 bytes of the body) is read first, without holding anything: it must name
-   an enrolled, non-revoked agent that matches ``X-Flowtunnel-Agent``, or the request is refused at once;
+   an enrolled, non-revoked agent that matches ``X-Flowtunnel-Agent`` (when sent: ``/v1/b`` needs none), or
+   the request is refused at once;
 3. only then does the request take one of ``max_inflight`` slots, and at most ``max_inflight_per_agent`` of
    them per agent id, so a sender impersonating one agent id cannot hold them all;
 4. the header must arrive within ``body_timeout``; then at least ``min_body_rate * body_timeout`` bytes in
@@ -31,14 +33,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from flowtunnel.gateway.admission import Admission, SourceRate
-from flowtunnel.gateway.edge import count_rungs, http_response
+from flowtunnel.gateway.edge import CompactAnswer, count_rungs, http_response
 from flowtunnel.gateway.ingest import Ingest, Rejected
 from flowtunnel.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from flowtunnel.gateway.pieces import PieceEndpoint, PieceSettings
 from flowtunnel.gateway.probe import probe_handler
 from flowtunnel.gateway.ws import WsHub, WsSettings
 from flowtunnel.runtime import OnceLogger
-from flowtunnel.wire import CONTENT_TYPE, CONTENT_TYPES, HEADER, header_length
+from flowtunnel.wire import CONTENT_TYPE, CONTENT_TYPES, HEADER, MAGIC, header_length
 
 __all__ = ["BATCH_CONTENT_TYPE", "HttpErrorLogger", "build_app"]
 
@@ -50,7 +52,13 @@ ADMISSION_KEY: web.AppKey[Admission] = web.AppKey("admission", Admission)
 
 async def _short_server_header(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """``Server: flowtunnel`` instead of aiohttp's ``Python/3.x aiohttp/3.y.z``: 13 bytes less per answer on
-    metered links (issue 14), and no library versions for a scanner."""
+    metered links (issue 14), and no library versions for a scanner. A ``CompactAnswer`` (the 200 of ``POST
+    /v1/b``) goes without ``Server`` and without the ``Content-Type`` aiohttp adds: its agent knows what it
+    asked for."""
+    if isinstance(response, CompactAnswer):
+        response.headers.popall("Server", None)
+        response.headers.popall("Content-Type", None)
+        return
     response.headers["Server"] = "flowtunnel"
 
 
@@ -122,10 +130,19 @@ def build_app(
         return http_response(ingest.refuse(exc))
 
     async def post_batch(request: web.Request) -> web.Response:
+        return await _post(request, compact=False)
+
+    async def post_compact(request: web.Request) -> web.Response:
+        return await _post(request, compact=True)
+
+    async def _post(request: web.Request, *, compact: bool) -> web.Response:
+        """``POST /v1/batches``, or with ``compact`` ``POST /v1/b`` (docs/protocol.md section 7): no header
+        is required but ``Content-Length`` (the agent is the batch header's, a ``Content-Type`` is not
+        looked at), and the 200 is a ``CompactAnswer``."""
         agent_header = request.headers.get("X-Flowtunnel-Agent")
         agent = ingest.enrolled(agent_header)
         ctype = request.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-        if ctype not in CONTENT_TYPES:  # a label only: the body is read as a sealed batch whatever it says
+        if ctype not in CONTENT_TYPES and not compact:  # a label only: the body is read as a sealed batch
             detail = f"Content-Type {ctype!r} is not one of {', '.join(CONTENT_TYPES)}"
             return fail(Rejected("content-type", detail, agent=agent))
         length = request.content_length
@@ -140,6 +157,8 @@ def build_app(
                 head = await _read_head(request, length)
         except TimeoutError:
             return fail(Rejected("slow-body", "batch header not received in time", agent=agent))
+        if compact and agent_header is None:
+            agent_header = _agent_in(head)  # the batch names its agent; a bad header is admit's to refuse
         try:
             agent_id = ingest.admit(head, agent_header)
         except Rejected as exc:
@@ -147,11 +166,11 @@ def build_app(
         async with admission.queued(agent_id, wait=slot_wait) as busy:
             if busy is not None:
                 return fail(Rejected("busy", busy.detail(), agent=agent_id, retry_after=retry_after))
-            return await _ingest(request, head, length, deadline, agent_id, agent_header)
+            return await _ingest(request, head, length, deadline, agent_id, agent_header, compact)
 
     async def _ingest(
         request: web.Request, head: bytes, length: int, deadline: float, agent_id: str,
-        agent_header: str | None,
+        agent_header: str | None, compact: bool,
     ) -> web.Response:
         try:
             async with asyncio.timeout_at(deadline):
@@ -171,7 +190,7 @@ def build_app(
             dropped=request.headers.get("X-Flowtunnel-Dropped"),
             agent_acked=request.headers.get("X-Flowtunnel-Acked"),
         )
-        return http_response(outcome)
+        return http_response(outcome, compact=compact)
 
     async def get_state(request: web.Request) -> web.Response:
         agent_id = request.match_info["agent"]
@@ -197,6 +216,7 @@ def build_app(
         return web.json_response(status())
 
     app.router.add_post("/v1/batches", post_batch)
+    app.router.add_post("/v1/b", post_compact)
     app.router.add_get("/v1/agents/{agent}/state", get_state)
     app.router.add_get("/healthz", healthz)
     probes = SourceRate(rate=probe_rate, burst=_burst(probe_rate))
@@ -237,6 +257,17 @@ async def _read_paced(request: web.Request, n: int, *, window: float, rate: int)
                 got += len(chunk)
                 need -= len(chunk)
     return b"".join(chunks)
+
+
+def _agent_in(head: bytes) -> str | None:
+    """The agent id a batch header names, or ``None`` when ``head`` does not hold a readable one."""
+    full = header_length(head)
+    if full is None or len(head) < full or head[:4] != MAGIC:
+        return None
+    try:
+        return bytes(head[HEADER.size : full]).decode("ascii")
+    except UnicodeDecodeError:
+        return None
 
 
 async def _read_head(request: web.Request, length: int) -> bytes:

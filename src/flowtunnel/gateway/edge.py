@@ -20,11 +20,13 @@ from aiohttp.typedefs import Handler
 
 from flowtunnel.gateway.ingest import Ack, Outcome, Refusal, StateAnswer
 from flowtunnel.gateway.metrics import GatewayMetrics
+from flowtunnel.wire import compact_ack
 
 __all__ = [
     "HTTP_STATUS",
     "NO_STORE",
     "RUNG_KEY",
+    "CompactAnswer",
     "count_rungs",
     "http_response",
     "http_status",
@@ -63,8 +65,8 @@ NO_STORE: Final[Mapping[str, str]] = MappingProxyType(
 #: The request's rung (post, ws, get, probe, state), set by ``count_rungs``'s middleware.
 RUNG_KEY: Final = web.RequestKey("rung", str)
 
-_RUNGS: Final = (("/v1/batches", "post"), ("/v1/ws", "ws"), ("/v1/g/", "get"), ("/v1/probe", "probe"),
-                 ("/v1/agents/", "state"))
+_RUNGS: Final = (("/v1/batches", "post"), ("/v1/b", "post"), ("/v1/ws", "ws"), ("/v1/g/", "get"),
+                 ("/v1/probe", "probe"), ("/v1/agents/", "state"))
 
 
 def http_status(code: str) -> int:
@@ -72,16 +74,25 @@ def http_status(code: str) -> int:
     return HTTP_STATUS.get(code, 400)
 
 
+class CompactAnswer(web.Response):
+    """The 200 of ``POST /v1/b``: ``wire.compact_ack`` (24 bytes) with the smallest head HTTP allows, status
+    line, ``Content-Length`` and ``Date`` (``app``'s response hook drops the ``Server`` and ``Content-Type``
+    that aiohttp adds): ~100 bytes instead of ~215 for the JSON answer (docs/protocol.md section 7)."""
+
+
 def http_response(
-    outcome: Outcome | StateAnswer, *, headers: Mapping[str, str] | None = None
+    outcome: Outcome | StateAnswer, *, headers: Mapping[str, str] | None = None, compact: bool = False
 ) -> web.Response:
-    """The HTTP answer to an outcome: 200 with the ack JSON, or the refusal's status with
-    ``{"error", "detail", ...}`` and ``Retry-After`` when it has one."""
+    """The HTTP answer to an outcome: 200 with the ack JSON (``compact``: a ``CompactAnswer`` for an
+    ``Ack``), or the refusal's status with ``{"error", "detail", ...}`` and ``Retry-After`` when it has
+    one."""
     extra = dict(headers or {})
     if isinstance(outcome, Refusal):
         if outcome.retry_after is not None:
             extra["Retry-After"] = str(outcome.retry_after)
         return _json(outcome.as_json(), status=http_status(outcome.code), headers=extra)
+    if compact and isinstance(outcome, Ack):
+        return CompactAnswer(body=compact_ack(outcome.acked, outcome.tag), headers=extra)
     return _json(outcome.as_json(), headers=extra)
 
 
