@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import struct
 import tracemalloc
@@ -383,3 +384,39 @@ def test_the_context_flag_is_refused_with_other_codecs_and_unknown_flags_are_ref
     body[5] = 0x01  # codec 0 with the context flag
     with pytest.raises(MalformedHeader, match="context batch needs codec 1 or 3"):
         peek_header(bytes(body))
+
+
+def test_contexts_chain_the_recent_batches_and_both_sides_derive_the_same() -> None:
+    """docs/protocol.md section 3.3 (since 2026-12-06): the context a batch leaves is the tail of the context
+    it used followed by its own record block, so a batch of one datagram still compresses against the ones
+    before it; sealer and opener derive the same next context from the header's context and the block."""
+    from flowtunnel.wire import CONTEXT_BYTES, context_id, seal_batch_and_context
+
+    key = bytes(range(32))
+
+    def dgram(i: int) -> Datagram:
+        return Datagram(received_ns=10**18 + i, exporter="192.0.2.1", exporter_port=2055, local_port=2055,
+                        payload=b"\x00\x09" + bytes((i * 7 + j) % 251 for j in range(300)))
+
+    context: bytes | None = None
+    opener: dict[int, bytes] = {}
+    leaves: list[bytes] = []
+    for i in range(4):
+        body, left = seal_batch_and_context(agent_id="a", key=key, first_seq=i + 1, datagrams=[dgram(i)],
+                                            nonce=bytes(12), context=context, codec=Codec.ZSTD)
+        batch = open_batch(body, key=key, contexts=opener)
+        assert batch.context == left
+        opener[context_id(left)] = left  # what the gateway remembers
+        leaves.append(left)
+        context = left
+    assert leaves[0] in leaves[1]  # the first block is still in the second's context ...
+    assert leaves[2].startswith(leaves[0])  # ... and the third's
+    assert len(leaves[3]) < CONTEXT_BYTES
+    # a block larger than the context keeps only its own tail
+    big = [Datagram(received_ns=10**18, exporter="192.0.2.1", exporter_port=2055, local_port=2055,
+                    payload=os.urandom(40_000))]
+    _, left = seal_batch_and_context(agent_id="a", key=key, first_seq=9, datagrams=big, nonce=bytes(12),
+                                     context=context, codec=Codec.ZSTD)
+    assert len(left) == CONTEXT_BYTES
+    assert left == left[-CONTEXT_BYTES:]
+    assert context not in left

@@ -243,7 +243,7 @@ def seal_batch_and_context(
             raw = encode_block(datagrams, agent_info, columnar.payload_encoder(record_length))
         else:
             raw = encode_block(datagrams, agent_info)
-        best = (codec, context_id(context)), compress_with_context(raw, context, level=level)
+        best = (codec, context_id(context)), compress_with_context(raw, context, level=level, codec=codec)
         flags = FLAG_CONTEXT
     elif codec is None:
         if dict_id is not None:
@@ -278,17 +278,22 @@ def seal_batch_and_context(
         MAGIC, VERSION, flags, int(codec), len(agent), dict_id, first_seq, count, len(raw),
         len(packed) + TAG_BYTES, nonce,
     ) + agent
-    return header + ChaCha20Poly1305(secret).encrypt(nonce, packed, header), context_of(raw)
+    return header + ChaCha20Poly1305(secret).encrypt(nonce, packed, header), context_of(raw, context)
 
 
 def _pack(raw: bytes, codec: Codec, level: int, dict_id: int) -> tuple[tuple[Codec, int], bytes]:
     return (codec, dict_id), compress(raw, codec, level=level, dict_id=dict_id)
 
 
-def context_of(record_block: bytes) -> bytes:
-    """The context an acknowledged batch leaves: the last ``CONTEXT_BYTES`` of its record block as sealed
-    (before compression; the opener has exactly these bytes after decompression)."""
-    return bytes(record_block[-CONTEXT_BYTES:])
+def context_of(record_block: bytes, context: bytes | None = None) -> bytes:
+    """The context an acknowledged batch leaves: the last ``CONTEXT_BYTES`` of the ``context`` it was
+    compressed against (none: nothing) followed by its record block as sealed (before compression; the
+    opener has exactly these bytes after decompression). So a context holds the newest record blocks of an
+    agent's recent batches, however small each is, back to the last batch sealed without one."""
+    tail = bytes(record_block[-CONTEXT_BYTES:])
+    if not context or len(tail) >= CONTEXT_BYTES:
+        return tail
+    return bytes(context[len(tail) - CONTEXT_BYTES :]) + tail
 
 
 def context_id(context: bytes) -> int:
@@ -420,5 +425,5 @@ def open_batch(
         )
     return Batch(
         agent_id=hdr.agent_id, first_seq=hdr.first_seq, datagrams=tuple(datagrams), agent_info=info,
-        header=hdr, context=context_of(raw),
+        header=hdr, context=context_of(raw, context),
     )

@@ -147,15 +147,29 @@ def compress(raw: bytes, codec: Codec, *, level: int = DEFAULT_LEVEL, dict_id: i
 _local = threading.local()
 
 
-def _context_dict(context: bytes) -> zstandard.ZstdCompressionDict:
+#: the bundled dictionary a context extends, by the codec of a context batch (docs/protocol.md section 3.3)
+CONTEXT_BASE = {1: BUNDLED_DICTIONARY, 3: BUNDLED_COLUMNAR_DICTIONARY}
+
+
+def _context_dict(context: bytes, codec: int) -> zstandard.ZstdCompressionDict:
+    """The zstd dictionary of a context batch of ``codec``: the bundled dictionary of that record block
+    layout (its entropy tables, and its content) with ``context`` appended to its content, so the newest
+    bytes are the nearest; ``context`` alone, as raw content, when that dictionary is not bundled."""
+    name = CONTEXT_BASE.get(int(codec))
+    dict_id = _ids_by_name().get(name, 0) if name else 0
+    if dict_id:
+        return zstandard.ZstdCompressionDict(bundled_dictionaries()[dict_id].as_bytes() + context,
+                                             dict_type=zstandard.DICT_TYPE_FULLDICT)
     return zstandard.ZstdCompressionDict(context, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
 
 
-def compress_with_context(raw: bytes, context: bytes, *, level: int = DEFAULT_LEVEL) -> bytes:
-    """Codec 1 with a context (docs/protocol.md section 3.3): a zstd frame whose dictionary is ``context``
-    as raw content, with content size and the frame checksum (so a different context on the other side is
-    detected, not decoded into other bytes)."""
-    cctx = zstandard.ZstdCompressor(level=level, dict_data=_context_dict(context), write_checksum=True,
+def compress_with_context(
+    raw: bytes, context: bytes, *, level: int = DEFAULT_LEVEL, codec: int = Codec.ZSTD
+) -> bytes:
+    """Codec 1 or 3 with a context (docs/protocol.md section 3.3): a zstd frame whose dictionary is the
+    bundled one of ``codec``'s layout extended by ``context``, with content size and the frame checksum (so
+    a different context on the other side is detected, not decoded into other bytes)."""
+    cctx = zstandard.ZstdCompressor(level=level, dict_data=_context_dict(context, codec), write_checksum=True,
                                     write_dict_id=False, write_content_size=True)
     out: bytes = cctx.compress(raw)
     return out
@@ -206,7 +220,7 @@ def decompress(
     if context is not None:
         if not params.has_checksum:
             raise MalformedRecords("zstd frame compressed against a context carries no checksum")
-        dctx = zstandard.ZstdDecompressor(dict_data=_context_dict(context), max_window_size=MAX_WINDOW)
+        dctx = zstandard.ZstdDecompressor(dict_data=_context_dict(context, codec), max_window_size=MAX_WINDOW)
     elif dict_id:
         dctx = zstandard.ZstdDecompressor(dict_data=bundled_dictionaries()[dict_id],
                                           max_window_size=MAX_WINDOW)
