@@ -92,3 +92,11 @@ def test_a_compact_answer_forged_on_the_path_does_not_verify() -> None:
     acked, got = parse_compact_ack(forged)
     with pytest.raises(AuthenticationFailed):
         verify_ack(KEY, agent_id="site-a", request_nonce=NONCE, acked=acked, tag=got)
+
+
+def test_the_documented_compact_vector() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    m = re.search(r"nonce `([0-9a-f]{24})`, acked `(\d+)`\): body\s+`([0-9a-f]{48})`", doc)
+    assert m, "docs/protocol.md lacks the compact answer vector"
+    nonce, acked, body = bytes.fromhex(m.group(1)), int(m.group(2)), bytes.fromhex(m.group(3))
+    assert compact_ack(acked, ack_tag(KEY, agent_id="site-a", request_nonce=nonce, acked=acked)) == body
