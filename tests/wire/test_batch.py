@@ -419,4 +419,5 @@ def test_contexts_chain_the_recent_batches_and_both_sides_derive_the_same() -> N
                                      context=context, codec=Codec.ZSTD)
     assert len(left) == CONTEXT_BYTES
     assert left == left[-CONTEXT_BYTES:]
+    assert context is not None
     assert context not in left
