@@ -423,6 +423,17 @@ TRANSFORMS: list[tuple[str, Transform]] = [
 # --------------------------------------------------------------------------------------- report
 
 
+def _command(args: argparse.Namespace) -> str:
+    """``command_line`` with this bench's own options, when given."""
+    extra = "".join(
+        f" --{name} {value!r}" if isinstance(value, str) else f" --{name} {value:g}"
+        for name, value, default in (("rate", args.rate, RATE), ("streams", args.streams, ""),
+                                     ("modes", args.modes, ""))
+        if value != default
+    )
+    return command_line("wire.py", args).removesuffix("`") + extra + "`"
+
+
 def _goal(stream: Stream, mode: str) -> float | None:
     for (kind, m), goal in GOALS.items():
         if m == mode and stream.name.startswith(kind):
@@ -455,6 +466,7 @@ def bench(args: argparse.Namespace) -> str:
         names = {"1s": "1 s", "10s": "10 s", "drain": "drain", **{m: m for m in extra}}
         modes = [names[m.strip()] for m in args.modes.split(",") if m.strip() in names]
     rows: list[list[object]] = []
+    per_request: list[list[object]] = []
     alt_rows: list[list[object]] = []
     offline: list[str] = []
     misses: list[str] = []
@@ -506,10 +518,13 @@ def bench(args: argparse.Namespace) -> str:
                         loss,
                     ]
                 )
+                per_request.append(_per_request(stream.name, mode, res, raw_m))
                 print(
                     f"wire: {stream.name} {mode}: {ratio:.3f} of raw UDP ({res.requests} requests)",
                     file=sys.stderr,
                 )
+            if not results:
+                continue  # only the quiet modes ran: no batch sizes to compare offline
             text, ratios = _offline(stream, results, args.rate)
             offline.append(text)
             for mode, by_transform in ratios.items():
@@ -523,7 +538,7 @@ def bench(args: argparse.Namespace) -> str:
                     + ("; ".join(reach) if reach else "none of the transforms tried")
                 )
     header = (
-        f"Command: {command_line('wire.py', args)}, {utc_now()}.\nMachine: {machine()}.\n\n"
+        f"Command: {_command(args)}, {utc_now()}.\nMachine: {machine()}.\n\n"
         f"Streams: softflowd 1.1's v5, v9 and IPFIX exports of one generated trace of {flows:,} "
         "conversations (captured from softflowd), and the Cisco captures of `tests/data/vendor` "
         f"concatenated per version. Each is sent to a real agent at {args.rate:g} datagrams/s (`--latency "
@@ -559,6 +574,12 @@ def bench(args: argparse.Namespace) -> str:
         rows,
         "llrrrrrrrrrll",
     )
+    breakdown = md_table(
+        ["stream", "mode", "raw UDP / request", "request head", "answer (head + body)", "sealed body",
+         "of which seal", "compressed records", "heads / raw", "body / raw"],
+        per_request,
+        "llrrrrrrrr",
+    )
     alt = md_table(
         ["stream", "datagrams", "raw UDP bytes", "firepass-style bytes (ratio)", "DNS tunnel bytes (ratio)"],
         alt_rows,
@@ -583,6 +604,10 @@ def bench(args: argparse.Namespace) -> str:
         [
             header,
             table,
+            "Bytes per request (means; a request is a batch or a resynchronisation): the request head, the "
+            "answer (head and body), the sealed body and, in it, the seal (header, agent id and AEAD tag: "
+            f"{HEADER.size + len('bench') + TAG_BYTES} bytes here) and the compressed record block.",
+            breakdown,
             notes,
             "Baselines alone, per stream (bytes both ways, ratio of raw UDP):",
             alt,
@@ -603,6 +628,17 @@ def bench(args: argparse.Namespace) -> str:
         ]
     )
     return body
+
+
+def _per_request(name: str, mode: str, res: ChainResult, raw: int) -> list[object]:
+    n = max(1, res.requests)
+    seal = HEADER.size + len("bench") + TAG_BYTES  # the bench's agent id is "bench"
+    head_up = (res.up - res.body_bytes) / n
+    return [
+        name, mode, f"{raw / n:,.0f}", f"{head_up:,.0f}", f"{res.down / n:,.0f}",
+        f"{res.body_bytes / n:,.0f}", f"{seal}", f"{res.body_bytes / n - seal:,.0f}",
+        f"{(res.http_bytes - res.body_bytes) / raw:.3f}", f"{res.body_bytes / raw:.3f}",
+    ]
 
 
 def stream_sample() -> tuple[int, int, int, int]:
