@@ -280,11 +280,13 @@ async def test_a_forged_compact_answer_trims_nothing(tmp_path: Path, gateway_fac
     spool.close()
 
 
+@pytest.mark.parametrize("status", [404, 403, 415])
 async def test_a_gateway_without_the_compact_route_gets_the_batches_on_v1_batches(
-    tmp_path: Path, gateway_factory: GatewayFactory
+    tmp_path: Path, gateway_factory: GatewayFactory, status: int
 ) -> None:
-    """An older gateway (or a reverse proxy routing only ``/v1/batches``) answers 404 to ``POST /v1/b``: the
-    agent goes back to ``/v1/batches`` at once, without a failure or a backoff, and delivers exactly once."""
+    """An older gateway (or a reverse proxy routing only ``/v1/batches``) answers 404 to ``POST /v1/b``, a
+    proxy that wants a content type 403 or 415: the agent goes back to ``/v1/batches`` at once, without a
+    failure or a backoff, and delivers exactly once."""
     data = tmp_path / "gw"
     key = enroll(data, AGENT)
     sent = datagrams(40, seed=5)
@@ -292,7 +294,7 @@ async def test_a_gateway_without_the_compact_route_gets_the_batches_on_v1_batche
     async with gateway_factory(data) as gw:
         host, port = gw.url.removeprefix("http://").rsplit(":", 1)
         async with LinkEmulator(upstream=(host, int(port))) as link:
-            link.add_fault(Fault(action=Action.ANSWER, status=404, match="POST /v1/b ", count=None))
+            link.add_fault(Fault(action=Action.ANSWER, status=status, match="POST /v1/b ", count=None))
             async with uploading(config(tmp_path, link.url, key), key, spool) as up:
                 for i in range(0, 40, 10):
                     spool.append(sent[i : i + 10])

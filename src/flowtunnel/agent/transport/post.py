@@ -4,8 +4,9 @@
 carries ``Host`` and ``Content-Length`` only (the batch names its agent), the gateway's 200 is 24 bytes
 (``wire.compact_ack``) after a status line, ``Content-Length`` and ``Date``: ~200 bytes less per request
 than the JSON exchange. A gateway without that route (older, or behind a reverse proxy that routes only
-``/v1/batches``) answers 404 or 405: the transport goes back to ``/v1/batches`` for good and sends the batch
-again at once (nothing of it was taken).
+``/v1/batches``) answers 404 or 405, a proxy that wants a content type 400, 403 or 415 (none of them the
+gateway's JSON): the transport goes back to ``/v1/batches`` for good and sends the batch again at once
+(nothing of it was taken).
 
 ``make_client`` picks the route from the agent's settings (explicit ``proxy``, else ``HTTP(S)_PROXY`` and
 ``NO_PROXY`` from the environment, else direct) and builds the TLS context (custom CA; a pin alone replaces
@@ -59,7 +60,7 @@ TRUST_AFTER_ACK = 60.0
 #: the batch route with the smallest heads both ways (docs/protocol.md section 7)
 COMPACT_PATH = "/v1/b"
 #: answers to ``/v1/b`` not from the gateway (no JSON ``error``) after which the agent uses ``/v1/batches``
-_CLASSIC_AFTER = frozenset({404, 405})
+_CLASSIC_AFTER = frozenset({400, 403, 404, 405, 415, 501})
 
 
 def choose_proxy(gateway: str, explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
