@@ -24,8 +24,9 @@ raw data arriving (``policy.ArrivalRate``, doubled for a backlog so it drains at
 byte): ``SMALL`` codec 4, columnar + LZMA2 (~190 ms / 0.16), only for throughput-bound batches (a backlog:
 more spooled behind it, or above ``BIG_BATCH_BYTES`` of payload); ``DEFAULT`` the sealer's choice of codec 3
 or 2 at level 6 (~35 ms / 0.21); ``FAST`` codec 2 at zstd level 3 (~10 ms / 0.36); and at a quiet site,
-while it costs at most ``policy.TIGHT_SHARE`` (0.5 %) of a core, ``TIGHT``: ``DEFAULT`` at level 15 (~300 ms
-/ 0.20; 5 % smaller bodies of a few datagrams, 15 % on Cisco IPFIX). Only when no way keeps
+while it costs at most ``policy.TIGHT_SHARE`` (1 %) of a core, ``TIGHT``: ``DEFAULT`` at level 15 (~700 ms
+/ 0.20 with the context tried too; 5-9 % smaller bodies of a few datagrams, 15 % on Cisco IPFIX). Only when
+no way keeps
 within the share does the link decide: the least sealing CPU plus upload time per raw byte, since with one
 request in flight a busy agent moves one batch per (seal + upload); upload time comes from the uploads
 themselves (``policy.LinkEstimate``) or from the ``bandwidth`` cap, whichever is slower. A daily byte
