@@ -61,6 +61,9 @@ class SquidNetwork:
     connect_ports: tuple[int, ...] | None = (443,)
     body_max_kb: int | None = None
     deny_mime: tuple[str, ...] = ()  # request bodies of these types refused (403)
+    #: when set, POST bodies of any other type, or of none, are refused (403): a filter that lets through only
+    #: the types it knows browsers send
+    allow_mime: tuple[str, ...] = ()
     deny_post: bool = False
     upgrade_websocket: bool = False
 
@@ -110,6 +113,10 @@ class SquidNetwork:
             patterns = " ".join(f"^{re.escape(mime)}$" for mime in self.deny_mime)
             lines += [f"acl refused_mime req_mime_type -i {patterns}",
                       "http_access deny refused_mime"]
+        if self.allow_mime:
+            patterns = " ".join(f"^{re.escape(mime)}$" for mime in self.allow_mime)
+            lines += [f"acl known_mime req_mime_type -i {patterns}", "acl post_body method POST",
+                      "http_access deny post_body !known_mime"]
         if self.body_max_kb is not None:
             lines.append(f"request_body_max_size {self.body_max_kb} KB")
         if self.upgrade_websocket:
@@ -123,9 +130,11 @@ NTLM_443 = SquidNetwork(name="ntlm-443", auth="ntlm")
 NEGOTIATE = SquidNetwork(name="negotiate", auth="negotiate")
 BODY_64K = SquidNetwork(name="body-64k", body_max_kb=64)
 NO_OCTET = SquidNetwork(name="no-octet", deny_mime=("application/octet-stream",))
-# A filter that lets through only the types it knows browsers send: the batch type and octet-stream refused.
+# A filter that lets through only the types it knows browsers send: the batch type, octet-stream and a POST
+# without a type (the agent's /v1/b) refused.
 NO_BATCH_TYPE = SquidNetwork(name="no-batch-type",
-                             deny_mime=("application/vnd.flowtunnel.batch", "application/octet-stream"))
+                             allow_mime=("application/x-www-form-urlencoded", "multipart/form-data",
+                                         "text/plain"))
 NO_POST = SquidNetwork(name="no-post", deny_post=True)
 UPGRADE_STRIPPED = SquidNetwork(name="upgrade-stripped")  # squid's default: Upgrade removed
 UPGRADE_ALLOWED = SquidNetwork(name="upgrade-allowed", deny_post=True, upgrade_websocket=True)
