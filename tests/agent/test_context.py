@@ -265,3 +265,25 @@ async def test_requests_and_answers_carry_the_smallest_heads(
                 assert b" " not in raw
                 assert json.loads(raw)["acked"] == 6
     spool.close()
+
+
+async def test_a_quiet_site_tries_codec_5_on_batches_of_a_few_datagrams(
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: list[tuple[int, int, int]]
+) -> None:
+    """issue 14: at a quiet site (``policy.TIGHT``) a batch of ``TIGHT_DELTAS_FROM`` datagrams or more is also
+    sealed with codec 5 (field deltas + LZMA2) and the smaller kept; flow records compress better that way, so
+    some batches go as codec 5, and every datagram arrives once."""
+    from flowtunnel.agent.uploader import TIGHT_DELTAS_FROM
+    from flowtunnel.wire import Codec
+
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = v9_export(8 * TIGHT_DELTAS_FROM)
+    spool = open_spool(tmp_path)
+    async with gateway_factory(data) as gw, uploading(config(tmp_path, gw.url, key), key, spool) as up:
+        chunks = [sent[i : i + 2 * TIGHT_DELTAS_FROM] for i in range(0, len(sent), 2 * TIGHT_DELTAS_FROM)]
+        await _trickle(up, spool, chunks)
+        assert up.stats.failures == {}
+        assert up.stats.codecs[int(Codec.DELTA_LZMA)] >= 1, up.stats.codecs
+        assert_exactly_once(gw, sent)
+    spool.close()

@@ -235,11 +235,13 @@ class CodecChoice:
 # level 6: 4.5-5 % smaller bodies (levels 17-22: no smaller, and up to 2x the CPU), on Cisco IPFIX batches of
 # 378 datagrams 15 % smaller (0.061 against 0.072 of raw). With the context tried too (loading the bundled
 # dictionary and the context costs ~3-5 ms per batch at level 15, ~0.5 ms at 6): ~5 ms a batch of 2
-# datagrams, ~10 ms one of 10 (~700 ms per raw MB) against ~0.9 and ~1.5 ms at level 6.
+# datagrams, ~10 ms one of 10 (~700 ms per raw MB) against ~0.9 and ~1.5 ms at level 6. From 4 datagrams on
+# the uploader tries codec 5 (field deltas + LZMA2, ~1 ms a datagram) beside level 6 instead: a batch of 10
+# ~13 ms (~1,000 ms per raw MB) for 0.22 of raw against 0.27 at level 15 (35 datagrams: 0.18 against 0.25).
 FAST = CodecChoice(name="fast", codec=2, level=3, cpu=10e-9, body=0.36)
 DEFAULT = CodecChoice(name="default", codec=None, level=6, cpu=35e-9, body=0.21)
 SMALL = CodecChoice(name="small", codec=4, level=6, cpu=190e-9, body=0.16)
-TIGHT = CodecChoice(name="tight", codec=None, level=15, cpu=700e-9, body=0.20)
+TIGHT = CodecChoice(name="tight", codec=None, level=15, cpu=1000e-9, body=0.20)
 
 
 @dataclass(slots=True)
@@ -321,11 +323,11 @@ def budget_latency(
 #: The share of one core the agent's sealing may take before it trades bytes for CPU (issue 14): below it the
 #: agent seals as small as it can, whatever link it measured, since bytes may be metered on any link.
 CPU_SHARE = 0.25
-#: ``TIGHT`` (zstd level 15 where ``DEFAULT`` uses 6) only while its sealing CPU stays within this share of a
-#: core: a quiet site (up to ~14,000 raw bytes/s, ~10 softflowd v9 datagrams/s of 1,400 bytes) gets 5-9 %
-#: smaller bodies for CPU it does not miss, and the agent at 1,000 flows/s (~50 KB/s) keeps ``DEFAULT``'s
-#: footprint (issue 14's 1 % goal there).
-TIGHT_SHARE = 0.01
+#: ``TIGHT`` (zstd level 15 where ``DEFAULT`` uses 6, or codec 5 tried too from 4 datagrams a batch) only
+#: while its sealing CPU stays within this share of a core: a quiet site (up to ~15,000 raw bytes/s, ~10
+#: softflowd v9 datagrams/s of 1,400 bytes) gets 5-20 % smaller bodies for CPU it does not miss, and the
+#: agent at 1,000 flows/s (~50 KB/s) keeps ``DEFAULT``'s footprint (issue 14's 1 % goal there).
+TIGHT_SHARE = 0.015
 
 
 @dataclass(slots=True)
@@ -372,7 +374,7 @@ def choose_codec(
     bundled dictionaries wins. With a daily byte budget (``daily_bytes > 0``) bytes count more than CPU:
     ``SMALL`` for big batches, ``DEFAULT`` otherwise. A batch that is not big goes ``TIGHT`` (zstd level 15)
     instead of ``DEFAULT`` while that costs at most ``TIGHT_SHARE`` of a core at ``arrival`` (a quiet site:
-    below ~14 KB/s), with or without a budget.
+    below ~15 KB/s), with or without a budget.
 
     Only when no choice keeps within the share (the agent cannot keep up otherwise) does the link decide:
     the choice with the least sealing CPU plus upload time per raw byte, since one request is in flight at a

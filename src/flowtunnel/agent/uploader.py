@@ -24,8 +24,9 @@ raw data arriving (``policy.ArrivalRate``, doubled for a backlog so it drains at
 byte): ``SMALL`` codec 4, columnar + LZMA2 (~190 ms / 0.16), only for throughput-bound batches (a backlog:
 more spooled behind it, or above ``BIG_BATCH_BYTES`` of payload); ``DEFAULT`` the sealer's choice of codec 3
 or 2 at level 6 (~35 ms / 0.21); ``FAST`` codec 2 at zstd level 3 (~10 ms / 0.36); and at a quiet site,
-while it costs at most ``policy.TIGHT_SHARE`` (1 %) of a core, ``TIGHT``: ``DEFAULT`` at level 15 (~700 ms
-/ 0.20 with the context tried too; 5-9 % smaller bodies of a few datagrams, 15 % on Cisco IPFIX). Only when
+while it costs at most ``policy.TIGHT_SHARE`` (1.5 %) of a core, ``TIGHT``: ``DEFAULT`` at level 15 with the
+context tried too, and from ``TIGHT_DELTAS_FROM`` (4) datagrams codec 5 (field deltas + LZMA2) beside level 6
+instead (~1,000 ms per raw MB; 5-20 % smaller bodies of a few datagrams, 15 % on Cisco IPFIX). Only when
 no way keeps
 within the share does the link decide: the least sealing CPU plus upload time per raw byte, since with one
 request in flight a busy agent moves one batch per (seal + upload); upload time comes from the uploads
@@ -119,7 +120,10 @@ _LIMIT, _LIMIT_OF = "body:limit", "body:configured"
 RUNG_MEMORY = "rungs.json"  # in the spool directory: per network, the rung (and POST label) that worked
 RACE_STAGGER = 1.0  # seconds between the starts of racing rungs, best first
 _NONCE = slice(NONCE_OFFSET, NONCE_OFFSET + NONCE_BYTES)  # the nonce in a sealed batch's header
-_COLUMNAR = (int(Codec.COLUMNAR), int(Codec.COLUMNAR_LZMA))  # codecs whose record block is columnar
+# codecs whose record block is columnar (codec 5's too, with some fields as differences)
+_COLUMNAR = (int(Codec.COLUMNAR), int(Codec.COLUMNAR_LZMA), int(Codec.DELTA_LZMA))
+#: a quiet site (``policy.TIGHT``) tries codec 5 beside zstd on batches of this many datagrams or more
+TIGHT_DELTAS_FROM = 4
 # Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 4 when bytes cost more than
 # CPU: see the module docstring.
 BIG_BATCH_BYTES = 1 << 20
@@ -525,16 +529,23 @@ class Uploader:
             # A rung short of bytes (DNS: every byte is a share of a query) asks for its own lean codec (5).
             lean = getattr(self._transport, "small_codec", None)
             lean_codec = Codec(lean) if isinstance(lean, int) else None
+            # A quiet site (TIGHT) tries codec 5 too on batches of TIGHT_DELTAS_FROM datagrams or more (its
+            # field deltas pay from a few datagrams on: softflowd v9 at 10/s 0.22 of raw against 0.27), and
+            # then seals with zstd at level 6, not 15: ~1 ms a datagram in all.
+            deltas = choice is TIGHT and len(batch) >= TIGHT_DELTAS_FROM
+            if deltas and lean_codec is None:
+                lean_codec = Codec.DELTA_LZMA
+            level = DEFAULT.level if deltas else choice.level
             if choice is SMALL and lean_codec is not None:
                 codec = lean_codec
-            body, leaves = seal(nonce=os.urandom(12), codec=codec, level=choice.level)
+            body, leaves = seal(nonce=os.urandom(12), codec=codec, level=level)
             if choice is SMALL and raw <= BIG_BATCH_BYTES:
                 # Below ~100 KB, codec 4 (no dictionary) loses to zstd with the bundled dictionaries on some
                 # exports (Cisco IPFIX: up to 1.9x larger); zstd costs a fraction of LZMA's CPU.
                 other, left = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
                 if len(other) < len(body):
                     body, leaves, choice = other, left, DEFAULT
-            elif choice is DEFAULT and lean_codec is not None and raw <= BIG_BATCH_BYTES:
+            elif choice in (DEFAULT, TIGHT) and lean_codec is not None and raw <= BIG_BATCH_BYTES:
                 # Caught up on such a rung, the lean codec is tried too: on DNS, ~10 ms of sealing per batch
                 # of 50 softflowd datagrams buys ~12 % fewer queries (bench/dns.py, 10/s).
                 other, left = seal(nonce=os.urandom(12), codec=lean_codec, level=SMALL.level)
@@ -545,7 +556,7 @@ class Uploader:
                 # datagrams repeats much of the previous one (headers, templates, addresses, ports). In the
                 # layout of that context (a record block with verbatim payloads matches codec 1 best, a
                 # columnar one codec 3), at the level chosen (TIGHT's 15 at a quiet site).
-                level = TIGHT.level if choice is TIGHT else DEFAULT.level
+                level = TIGHT.level if choice is TIGHT and not deltas else DEFAULT.level
                 other, left = seal(nonce=os.urandom(12), context=self._context, level=level,
                                    codec=self._context_codec)
                 if len(other) < len(body):
