@@ -473,17 +473,24 @@ def v9_export(n: int, seed: int = 16) -> list[Datagram]:
     ]
 
 
+def _not_quiet(up: Uploader) -> None:
+    """Data arriving at ~35 datagrams/s of 1,400 bytes (1,000 flows/s): above ``policy.TIGHT``'s rate."""
+    up.arrival.observe(last_seq=up._spool.last_seq(), raw_bytes=1400, count=1, now=time.time())
+    up.arrival.datagrams, up.arrival.mean_size = 35.0, 1400.0
+
+
 async def test_a_backlog_goes_as_codec_4_in_batches_that_fill_the_body_limit(tmp_path: Path) -> None:
     """On a slow link, backlog batches (more spooled behind them) are sealed with codec 4; the first sealed
     batch seeds the sizer's ratio, so the next one is read large enough to come close to the body limit (not
     a fraction of it, as a ratio learned slowly from 1 would give); a batch that catches up goes back to
-    zstd."""
+    zstd (data arriving above a quiet site's rate, where codec 5 is tried too)."""
     key = generate_key()
     spool = open_spool(tmp_path)
     sent = v9_export(1500)
     spool.append(sent)
     up = Uploader(config(tmp_path, "http://127.0.0.1:9", key, max_body=BODY), key, spool)
     up.link.observe(500_000, 100_000, 1.0)  # measured: 100 kB/s of body, 500 kB/s of payload
+    _not_quiet(up)
     await up.open()
     try:
         bodies: list[bytes] = []
@@ -575,13 +582,15 @@ def test_backlog_batches_on_the_dns_rung_go_with_codec_5(tmp_path: Path) -> None
 @pytest.mark.parametrize("dns", [True, False])
 def test_a_caught_up_batch_on_the_dns_rung_tries_codec_5_too(tmp_path: Path, dns: bool) -> None:
     """Caught up (nothing spooled behind the batch), the DNS rung seals codec 5 beside the default and keeps
-    the smaller (on 50 softflowd v9 datagrams, codec 5); the POST rung keeps zstd."""
+    the smaller (on 50 softflowd v9 datagrams, codec 5); the POST rung keeps zstd, above a quiet site's rate
+    (below it codec 5 is tried there too: ``test_context``)."""
     key = generate_key()
     spool = open_spool(tmp_path)
     spool.append(v9_export(50))
     transport = DnsTransport(zone="t.example.org", resolver=("127.0.0.1", 9)) if dns else None
     up = Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool, transport=transport)
     up._last_seq = spool.last_seq()
+    _not_quiet(up)
     body, batch = up._seal(spool.read(after=0, limit=100))
     spool.close()
     assert len(batch) == 50
