@@ -47,6 +47,20 @@ def test_wire_quick(tmp_path: Path) -> None:
     assert "What would reach the goals" in text
 
 
+def test_wire_quick_with_a_quiet_mode_alone(tmp_path: Path) -> None:
+    """Regression: with only a quiet mode (2/s) and a Cisco stream no mode ran on, the offline table had no
+    batch sizes to compare and the bench crashed (IndexError); now it writes the rows it has, with the bytes
+    per request."""
+    require("softflowd")
+    doc = tmp_path / "b.md"
+    text = _section(_run("wire.py", doc, "--streams", "softflowd v9,cisco ipfix", "--modes", "2/s"),
+                    "Wire efficiency")
+    rows = [line for line in text.splitlines() if line.startswith("| softflowd v9 | 2/s |")]
+    assert len(rows) == 2  # the run and its bytes per request
+    assert rows[0].rstrip(" |").endswith("none")  # zero loss
+    assert "--modes '2/s'" in text
+
+
 def test_throughput_quick(tmp_path: Path) -> None:
     require("softflowd", "nfcapd", "nfdump")
     doc = tmp_path / "b.md"
