@@ -48,6 +48,10 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--keepalive-timeout", "keepalive_timeout", "DURATION", "close idle keep-alive connections after (75s)"),
     ("--journal-quota", "journal_quota", "SIZE", "disk the journal may use, all its files included "
      "(database, write-ahead log, reserve); when full, batches get 503 (2GiB)"),
+    ("--commit-agent-bytes", "commit_agent_bytes", "SIZE", "journal bytes one agent adds to one group "
+     "commit of the SQLite journal; a larger batch is journaled over several (default 256KiB)"),
+    ("--commit-max-bytes", "commit_max_bytes", "SIZE", "journal bytes of one group commit, all agents "
+     "together (default 8MiB)"),
     ("--journal", "journal", "nats://HOST:PORT[,...]", "scale-out: journal on this NATS JetStream cluster "
      "(shared by every gateway; registry in a KV bucket; sinks as 'flowtunnel sink' processes; "
      "docs/scale-out.md). Default: the embedded SQLite journal in --data"),

@@ -211,6 +211,10 @@ class GatewayConfig:
     #: Journal disk quota, all its files included (database, WAL, WAL index, reserve); when reached, new
     #: batches get 503 (nothing acknowledged is ever dropped).
     journal_quota: int = size_setting(2 << 30, 1 << 20, 16 << 40)
+    #: SQLite journal group commit: journal bytes one agent adds to one commit (a larger batch is journaled
+    #: over several, sharing each with the others waiting), and journal bytes of one commit in all.
+    commit_agent_bytes: int = size_setting(256 << 10, 1024, 1 << 30)
+    commit_max_bytes: int = size_setting(8 << 20, 1024, 1 << 32)
     #: Scale-out: the journal is a NATS JetStream stream shared by every gateway, ``nats://[USER:PASSWORD@]
     #: HOST:PORT[,HOST:PORT...]`` (docs/scale-out.md); the data directory then keeps only this gateway's
     #: status and lock, the registry is a KV bucket and sinks run as ``flowtunnel sink`` processes.
@@ -323,6 +327,11 @@ class GatewayConfig:
             raise ValueError(
                 f"max_inflight_per_agent {self.max_inflight_per_agent} is outside 1 .. max_inflight "
                 f"({self.max_inflight})"
+            )
+        if self.commit_agent_bytes > self.commit_max_bytes:
+            raise ValueError(
+                f"commit_agent_bytes {self.commit_agent_bytes} is above commit_max_bytes "
+                f"{self.commit_max_bytes}"
             )
         if not 1 <= self.max_ws_per_agent <= self.max_ws:
             raise ValueError(

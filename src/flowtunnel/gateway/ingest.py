@@ -26,7 +26,7 @@ from flowtunnel.gateway.contexts import ContextCache
 from flowtunnel.gateway.metrics import MAX_FIGURE, GatewayMetrics, parse_count, parse_dropped_header
 from flowtunnel.gateway.nonces import NonceWindow, Seen
 from flowtunnel.gateway.registry import AgentEntry, AgentKeys, RegistryError
-from flowtunnel.journal import AgentJournal, JournalConflict, hwm_key
+from flowtunnel.journal import AgentJournal, JournalConflict, JournalPartial, hwm_key
 from flowtunnel.log import LogError, LogFull
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import (
@@ -501,16 +501,26 @@ class Ingest:
             res = await self._journal.append(agent, new_first, fresh, hwm=hwm, appended_ns=int(now * 1e9))
         except JournalConflict:
             raise
-        except LogFull as exc:
-            code = "agent-share" if type(exc).__name__ == "AgentQuotaFull" else "journal-full"
-            raise Rejected(
-                code, f"journal cannot take {len(fresh)} datagrams: {exc}",
-                agent=agent, retry_after=self._retry_after,
-            ) from None
         except LogError as exc:
+            # Nothing acknowledged. The cached mark is dropped: a batch journaled over several commits may
+            # have moved it before failing (JournalPartial), and the next request re-reads it.
+            self._hwm.pop(agent, None)
+            cause: LogError = exc
+            if isinstance(exc, JournalPartial):
+                self.budgets.journaled(agent, exc.last_seq, journal_cost(agent, fresh[: exc.committed]))
+                cause = exc.cause
+            if isinstance(cause, LogFull):
+                code = "agent-share" if type(cause).__name__ == "AgentQuotaFull" else "journal-full"
+                raise Rejected(
+                    code, f"journal cannot take {len(fresh)} datagrams: {exc}",
+                    agent=agent, retry_after=self._retry_after,
+                ) from None
             raise Rejected(
                 "journal-error", str(exc), agent=agent, retry_after=self._retry_after
             ) from None
+        except BaseException:
+            self._hwm.pop(agent, None)  # cancelled: the append may still commit; re-read the mark next time
+            raise
         self._lost_hint.pop(agent, None)
         self._hwm[agent] = hwm = new_first + len(fresh) - 1
         journal_first = res.first_seq

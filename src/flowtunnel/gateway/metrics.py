@@ -194,6 +194,14 @@ class GatewayMetrics:
         self.inflight = Gauge(p + "inflight_requests", "Batch requests being processed now", registry=r)
         self.journal_bytes = Gauge(p + "journal_bytes", "Size of the journal on disk", registry=r)
         self.journal_entries = Gauge(p + "journal_entries", "Entries retained in the journal", registry=r)
+        self.journal_commits = Counter(
+            p + "journal_commits", "Journal commits (one transaction and fsync each; the SQLite journal "
+            "commits the batches of several agents together)", registry=r,
+        )
+        self.journal_commit_batches = Counter(
+            p + "journal_commit_batches", "Batch pieces journaled by those commits (divided by the commits: "
+            "the mean group size)", registry=r,
+        )
         self.forwarded = Counter(
             p + "forwarded_datagrams", "Datagrams re-emitted by udp-forward", ["target"], registry=r
         )
@@ -224,6 +232,11 @@ class GatewayMetrics:
         self.agents: dict[str, AgentStats] = {}
         self.rungs: dict[str, dict[str, int]] = {}
         self.rejects_by_cause: dict[str, int] = {}
+
+    def journal_commit(self, pieces: int) -> None:
+        """One journal commit holding ``pieces`` batch pieces."""
+        self.journal_commits.inc()
+        self.journal_commit_batches.inc(pieces)
 
     def _stats(self, agent: str) -> AgentStats:
         st = self.agents.get(agent)

@@ -321,7 +321,10 @@ class Gateway:
         budgets.seed(await asyncio.to_thread(scan_journal_usage, self.data_dir / JOURNAL_FILE))
         for agent_id in budgets.agents():
             self.metrics.held(agent_id, budgets.held(agent_id))
-        self.agent_journal = SqliteAgentJournal(journal, self.notify)
+        self.agent_journal = SqliteAgentJournal(
+            journal, self.notify, agent_bytes=cfg.commit_agent_bytes, max_bytes=cfg.commit_max_bytes,
+            on_commit=self.metrics.journal_commit,
+        )
 
     async def _start_shared_journal(self) -> None:
         """Scale-out: the journal is a JetStream stream and the registry a KV bucket, shared by every gateway;

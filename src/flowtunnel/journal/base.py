@@ -9,16 +9,23 @@ Two faces, two implementations (the embedded SQLite ``DurableLog``, and a NATS J
   past a position, a durable position per consumer, and a way to wait for entries past a position.
 
 ``SqliteAgentJournal`` is the thread hop for the SQLite log in one place: every blocking call goes through
-``asyncio.to_thread`` here, not in ingest.
+a worker thread here, not in ingest; its appends are group commits (``flowtunnel.journal.group``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from flowtunnel.journal.group import (
+    DEFAULT_AGENT_BYTES,
+    DEFAULT_MAX_BYTES,
+    GroupCommit,
+    JournalPartial,
+    hwm_key,
+)
 from flowtunnel.log import LogError, LogFull
 
 if TYPE_CHECKING:
@@ -31,17 +38,13 @@ __all__ = [
     "Appended",
     "JournalConflict",
     "JournalFull",
+    "JournalPartial",
     "JournalReader",
     "JournalUnavailable",
     "JournalWaiter",
     "SqliteAgentJournal",
     "hwm_key",
 ]
-
-
-def hwm_key(agent_id: str) -> str:
-    """The SQLite journal's state key holding an agent's high-water mark."""
-    return f"hwm:{agent_id}"
 
 
 class JournalConflict(LogError):
@@ -82,7 +85,8 @@ class AgentJournal(Protocol):
         """Journal ``datagrams`` as the agent's ``first_seq ..`` and make the mark their last seq, only if the
         mark is still ``hwm``; ``appended_ns`` is the gateway's receive time (kept with each entry).
         Raises ``JournalConflict`` (the mark moved), ``JournalFull``/``LogFull`` (no room, nothing written),
-        ``LogError`` (anything else; nothing acknowledged)."""
+        ``JournalPartial`` (an append split over several commits failed after its first ones: that prefix
+        is journaled and the mark moved to its end), ``LogError`` (anything else; nothing acknowledged)."""
         ...
 
     def forget(self, agent: str) -> None:
@@ -113,13 +117,28 @@ class JournalWaiter(Protocol):
 
 class SqliteAgentJournal:
     """``AgentJournal`` over the embedded ``DurableLog``: one gateway per journal (its data-dir lock), so
-    the per-agent lock in ingest is enough and a conflict cannot happen."""
+    the per-agent lock in ingest is enough and a conflict cannot happen.
+
+    Appends of different agents waiting at the same time share one commit (``GroupCommit``: one fsync for
+    all of them), each agent adding at most ``agent_bytes`` to one commit. ``on_commit(pieces)`` is called
+    after each commit with how many batch pieces it held (the metrics)."""
 
     shared = False
 
-    def __init__(self, log: DurableLog, notify: JournalNotify) -> None:
+    def __init__(
+        self, log: DurableLog, notify: JournalNotify, *, agent_bytes: int = DEFAULT_AGENT_BYTES,
+        max_bytes: int = DEFAULT_MAX_BYTES, on_commit: Callable[[int], None] | None = None,
+    ) -> None:
         self.log = log
         self.notify = notify
+        self._on_commit = on_commit
+        self.group = GroupCommit(log, agent_bytes=agent_bytes, max_bytes=max(max_bytes, agent_bytes),
+                                 on_commit=self._committed)
+
+    def _committed(self, pieces: int, last_seq: int) -> None:
+        self.notify.publish(last_seq)
+        if self._on_commit is not None:
+            self._on_commit(pieces)
 
     def forget(self, agent: str) -> None:
         return None
@@ -131,10 +150,5 @@ class SqliteAgentJournal:
         self, agent: str, first_seq: int, datagrams: Sequence[Datagram], *, hwm: int,
         appended_ns: int | None = None,
     ) -> Appended:
-        last = first_seq + len(datagrams) - 1
-        res = await asyncio.to_thread(
-            self.log.append, datagrams, stream=agent, stream_seqs=range(first_seq, last + 1),
-            state={hwm_key(agent): last}, atomic=True, appended_ns=appended_ns,
-        )
-        self.notify.publish(res.last_seq)
-        return Appended(first_seq=res.first_seq, last_seq=res.last_seq)
+        first, last = await self.group.append(agent, first_seq, datagrams, appended_ns=appended_ns)
+        return Appended(first_seq=first, last_seq=last)

@@ -7,9 +7,11 @@ from flowtunnel.log.durable import (
     DurableLog,
     Entry,
     FullPolicy,
+    GroupPart,
     LogConfig,
     LogStats,
     QuotaFull,
+    entry_costs,
 )
 from flowtunnel.log.errors import LogCorrupt, LogError, LogFull, LogLocked
 from flowtunnel.log.wal import WalTail, inspect_wal
@@ -21,6 +23,7 @@ __all__ = [
     "DurableLog",
     "Entry",
     "FullPolicy",
+    "GroupPart",
     "LogConfig",
     "LogCorrupt",
     "LogError",
@@ -29,5 +32,6 @@ __all__ = [
     "LogStats",
     "QuotaFull",
     "WalTail",
+    "entry_costs",
     "inspect_wal",
 ]

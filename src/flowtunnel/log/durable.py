@@ -18,7 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter
 from pathlib import Path
@@ -35,9 +35,11 @@ __all__ = [
     "DurableLog",
     "Entry",
     "FullPolicy",
+    "GroupPart",
     "LogConfig",
     "LogStats",
     "QuotaFull",
+    "entry_costs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,6 +97,19 @@ _SELECT = (
     "SELECT seq, stream, stream_seq, received_ns, exporter, exporter_port, local_port, payload, appended_ns "
     "FROM entries WHERE seq > ? ORDER BY seq LIMIT ?"
 )
+
+
+def entry_costs(datagrams: Sequence[Datagram], stream: str) -> list[int]:
+    """What each datagram counts against the quota when appended to ``stream``: payload, exporter and
+    stream bytes, plus ``ENTRY_OVERHEAD``."""
+    stream_bytes = len(stream.encode())
+    exporter_bytes: dict[str, int] = {}  # a batch has a handful of exporters: encode each once
+    return [
+        len(d.payload) + (exporter_bytes.get(d.exporter)
+                          or exporter_bytes.setdefault(d.exporter, len(d.exporter.encode())))
+        + stream_bytes + ENTRY_OVERHEAD
+        for d in datagrams
+    ]
 
 
 class FullPolicy(enum.Enum):
@@ -233,10 +248,24 @@ class LogStats:
     #: Every file of the log on disk (database, WAL, WAL index, reserve), and what bounds them (0: nothing).
     disk_bytes: int = 0
     disk_quota_bytes: int = 0
+    #: Append transactions committed since the log was opened (``append_group`` commits many parts in one);
+    #: not compared (a reopened log has the same content and a new count).
+    commits: int = field(default=0, compare=False)
 
 
 class QuotaFull(LogFull):
     """``append(..., atomic=True)`` under REFUSE_NEW: the whole group does not fit in the quota."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GroupPart:
+    """One part of ``DurableLog.append_group``: what one ``append(..., atomic=True)`` call takes."""
+
+    datagrams: Sequence[Datagram]
+    stream: str = ""
+    stream_seqs: Sequence[int] | None = None
+    state: Mapping[str, int] | None = None
+    appended_ns: int | None = None
 
 
 class DurableLog:
@@ -266,6 +295,7 @@ class DurableLog:
         self._lock = threading.Lock()
         self._closed = False
         self._disk_full = False  # inside a disk-full episode (logged once when it starts, once when it ends)
+        self._commits = 0  # append transactions committed since open (LogStats.commits)
         self._torn_tails = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._size_to_filesystem()
@@ -528,14 +558,7 @@ class DurableLog:
         """
         if stream_seqs is not None and len(stream_seqs) != len(datagrams):
             raise ValueError(f"stream_seqs has {len(stream_seqs)} items for {len(datagrams)} datagrams")
-        stream_bytes = len(stream.encode())
-        exporter_bytes: dict[str, int] = {}  # a batch has a handful of exporters: encode each once
-        costs = [
-            len(d.payload) + (exporter_bytes.get(d.exporter)
-                              or exporter_bytes.setdefault(d.exporter, len(d.exporter.encode())))
-            + stream_bytes + ENTRY_OVERHEAD
-            for d in datagrams
-        ]
+        costs = entry_costs(datagrams, stream)
         if (self.config.disk_quota_bytes and not atomic and not state
                 and sum(costs) > self._piece_bytes and len(datagrams) > 1):
             return self._append_in_pieces(datagrams, costs, stream, stream_seqs, appended_ns)
@@ -570,6 +593,109 @@ class DurableLog:
                                               appended_ns=appended_ns)
                 return AppendResult(first_seq=res.first_seq, last_seq=res.last_seq, appended=res.appended,
                                     dropped=res.dropped + dropped, refused=res.refused)
+
+    def room(self) -> int | None:
+        """Tracked bytes the quota leaves for new entries now (None: unbounded). A snapshot read without the
+        log's lock (a commit in another thread may be changing it): a hint, appends check again."""
+        quota = self._quota()
+        return max(0, quota - self._bytes) if quota else None
+
+    def append_group(self, parts: Sequence[GroupPart]) -> list[AppendResult | LogError]:
+        """Append several parts, each all or nothing, in one transaction: one commit (one fsync with
+        ``synchronous=full``) for all of them. The gateway's group commit: batches of different agents
+        waiting for the journal at the same time become durable together.
+
+        Each part is what ``append(part.datagrams, ..., atomic=True)`` would store, with consecutive seqs in
+        the order of ``parts``; the result holds, in that order, each part's ``AppendResult``, or the error
+        that refused it with nothing of it written: ``QuotaFull`` when it does not fit in what the quota
+        leaves after the parts before it (the others are still committed).
+
+        Error handling: an error of the transaction itself (I/O, full disk, corrupt file) raises, and nothing
+        of any part is written. Under DROP_OLDEST, or with the disk (nearly) full, the parts are appended
+        one by one instead (one commit each, ``append``'s rules), each part's ``LogError`` in its place.
+        """
+        for part in parts:
+            if part.stream_seqs is not None and len(part.stream_seqs) != len(part.datagrams):
+                raise ValueError(
+                    f"stream_seqs has {len(part.stream_seqs)} items for {len(part.datagrams)} datagrams"
+                )
+        costs = [entry_costs(part.datagrams, part.stream) for part in parts]
+        one_by_one = self.config.full_policy is not FullPolicy.REFUSE_NEW
+        if not one_by_one:
+            with self._lock:
+                self._check_open()
+                with self._translate("append"):
+                    one_by_one = bool(self._disk_deficit(sum(map(sum, costs))))
+                    if not one_by_one:
+                        return self._append_group_locked(parts, costs)
+        out: list[AppendResult | LogError] = []
+        for part in parts:
+            try:
+                out.append(self.append(
+                    part.datagrams, stream=part.stream, stream_seqs=part.stream_seqs, state=part.state,
+                    atomic=True, appended_ns=part.appended_ns,
+                ))
+            except LogError as exc:
+                out.append(exc)
+        return out
+
+    def _append_group_locked(
+        self, parts: Sequence[GroupPart], costs: list[list[int]]
+    ) -> list[AppendResult | LogError]:
+        quota = self._quota()
+        room = quota - self._bytes if quota else None
+        out: list[AppendResult | LogError | None] = []
+        taken: list[tuple[int, GroupPart, int]] = []  # (index in out, part, its cost)
+        for part, part_costs in zip(parts, costs, strict=True):
+            cost = sum(part_costs)
+            if room is not None and cost > room:
+                out.append(QuotaFull(
+                    f"log {self.path}: {len(part.datagrams)} entries of {cost} bytes do not fit in the quota "
+                    f"({quota - room} of {quota} bytes used or taken by this commit, policy refuse-new)",
+                    path=str(self.path),
+                ))
+                continue
+            if room is not None:
+                room -= cost
+            taken.append((len(out), part, cost))
+            out.append(None)
+        if taken:
+            db = self._db
+            first = seq = self._next_seq
+            stored = entries = 0
+            state: dict[str, int] = {}
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for index, part, cost in taken:
+                    n = len(part.datagrams)
+                    if n:
+                        db.executemany(_INSERT, self._rows(
+                            part.datagrams, 0, n, seq, part.stream, part.stream_seqs, part.appended_ns
+                        ))
+                    out[index] = AppendResult(first_seq=seq, last_seq=seq + n - 1, appended=n, dropped=0,
+                                              refused=0)
+                    seq += n
+                    stored += cost
+                    entries += n
+                    if part.state:
+                        state.update(part.state)
+                bytes_now = self._bytes + stored
+                entries_now = self._entries + entries
+                db.execute(_UPSERT_META_N.format("(?, ?), (?, ?), (?, ?)"),
+                           ("next_seq", seq, "bytes", bytes_now, "entries", entries_now))
+                if state:
+                    db.executemany(_UPSERT_STATE, [(k, int(v)) for k, v in state.items()])
+                db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            self._commits += 1
+            self._next_seq, self._bytes, self._entries = seq, bytes_now, entries_now
+            if self.config.disk_quota_bytes:
+                self._after_disk_commit()
+            logger.debug("log %s: one commit of %d parts (%d entries from seq %d)", self.path, len(taken),
+                         entries, first)
+        return [r for r in out if r is not None]
 
     def _append_in_pieces(
         self, datagrams: Sequence[Datagram], costs: list[int], stream: str,
@@ -692,6 +818,7 @@ class DurableLog:
         except BaseException:
             self._rollback()
             raise
+        self._commits += 1
         self._next_seq, self._bytes, self._entries = next_seq, bytes_now, entries_now
         self._dropped_oldest, self._refused = dropped_total, refused_total
         if dropped_old:
@@ -1114,7 +1241,7 @@ class DurableLog:
                 dropped_oldest=self._dropped_oldest, refused=self._refused,
                 quota_bytes=self.config.quota_bytes, file_bytes=file_bytes, torn_tails=self._torn_tails,
                 disk_full=self._disk_full, disk_bytes=self.disk_bytes(),
-                disk_quota_bytes=self.config.disk_quota_bytes,
+                disk_quota_bytes=self.config.disk_quota_bytes, commits=self._commits,
             )
 
     # -- plumbing --------------------------------------------------------------------------------------------
