@@ -22,7 +22,7 @@ from flowtunnel.gateway import Registry
 from flowtunnel.netflow import encode_v5
 from flowtunnel.wire import parse_key
 from tests.conftest import require
-from tests.gateway.util import BATCH_CONTENT_TYPE, journal_entries, seal
+from tests.gateway.util import BATCH_CONTENT_TYPE, enroll, journal_entries, seal
 from tests.peers import Nfcapd, free_tcp_port
 
 AGENT = "field-1"
@@ -276,3 +276,69 @@ async def test_kill_9_while_forwarding_to_nfcapd_delivers_every_flow_at_least_on
     assert len(got) - 300 <= 150
     # From the same source address before and after the restart: one exporter at the collector.
     assert {r["exporter"] for r in records} == {"127.0.0.2"}
+
+
+async def test_kill_9_during_group_commits_keeps_every_acknowledged_batch_once(tmp_path: Path) -> None:
+    # Batches of many agents share one journal commit (group commit): every batch acknowledged before a
+    # kill -9 is in the journal exactly once right after it, and after the restart every agent's seqs are
+    # there once, in order.
+    agents, per_batch, batches = 12, 10, 12
+    data = tmp_path / "gw"
+    keys = {f"site-{a}": enroll(data, f"site-{a}") for a in range(agents)}
+    gw = GatewayProcess(data, free_tcp_port())
+    await gw.start()
+    acked: dict[str, int] = dict.fromkeys(keys, 0)
+
+    def batch(a: int, i: int) -> list[Datagram]:
+        return [Datagram(received_ns=1_000 + n, exporter="127.0.0.1", exporter_port=40000, local_port=2055,
+                         payload=f"site-{a} datagram {n}".encode())
+                for n in range(i * per_batch, (i + 1) * per_batch)]
+
+    async def agent(session: aiohttp.ClientSession, a: int) -> None:
+        name = f"site-{a}"
+        headers = {"Content-Type": BATCH_CONTENT_TYPE, "X-Flowtunnel-Agent": name}
+        for i in range(batches):
+            body = seal(name, keys[name], i * per_batch + 1, batch(a, i))
+            while True:
+                try:
+                    async with session.post(gw.url + "/v1/batches", data=body, headers=headers) as resp:
+                        if resp.status == 200:
+                            acked[name] = (await resp.json())["acked"]
+                            break
+                        assert resp.status == 503, await resp.text()
+                except (aiohttp.ClientError, ConnectionError):
+                    pass
+                await asyncio.sleep(0.02)
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            senders = [asyncio.ensure_future(agent(session, a)) for a in range(agents)]
+            async with asyncio.timeout(60):
+                while sum(acked.values()) < agents * per_batch * batches // 3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            async with session.get(gw.url + "/metrics") as resp:
+                text = await resp.text()
+            metrics = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                       if line.startswith("flowtunnel_gateway_journal_commit")}
+            assert await gw.kill() == -signal.SIGKILL
+            seen = dict(acked)  # every one of these was answered before the kill
+            journaled: dict[str, list[int | None]] = {name: [] for name in keys}
+            for e in journal_entries(data):
+                journaled[e.stream].append(e.stream_seq)
+            for name, upto in seen.items():
+                assert journaled[name][:upto] == list(range(1, upto + 1)), name
+                assert len(set(journaled[name])) == len(journaled[name]), name
+            await gw.start()
+            async with asyncio.timeout(120):
+                await asyncio.gather(*senders)
+    finally:
+        await gw.kill()
+    # The batches did share commits (batch pieces / commits: the mean group size).
+    assert metrics["flowtunnel_gateway_journal_commits_total"] < metrics[
+        "flowtunnel_gateway_journal_commit_batches_total"]
+    entries = journal_entries(data)
+    for a in range(agents):
+        name = f"site-{a}"
+        mine = [e for e in entries if e.stream == name]
+        assert [e.stream_seq for e in mine] == list(range(1, batches * per_batch + 1))
+        assert [e.datagram for e in mine] == [d for i in range(batches) for d in batch(a, i)]

@@ -125,7 +125,8 @@ async def test_a_failed_commit_fails_every_batch_it_held_and_writes_none_of_them
     assert (await first).last_seq == 2
     outcomes = await asyncio.gather(*rest, return_exceptions=True)
     assert all(isinstance(o, LogError) and "disk I/O error" in str(o) for o in outcomes), outcomes
-    assert gate.calls == 2 and gate.rows_calls == 3  # one commit, failed after two of its five parts
+    assert gate.calls == 2  # one commit for the five,
+    assert gate.rows_calls == 3  # which failed after two of its five parts
     assert list(_by_agent(log)) == ["a0"]
     assert all(log.get_state(hwm_key(f"a{i}")) is None for i in range(1, 6))
     # The log is still usable: the same batches go through on their retry.
