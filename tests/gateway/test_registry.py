@@ -66,15 +66,16 @@ def test_bad_names_are_refused(tmp_path: Path, name: str) -> None:
         assert reg.list() == []
 
 
-def test_cached_view_sees_changes_at_once_and_reloads_after_ttl(tmp_path: Path) -> None:
+def test_cached_view_sees_changes_within_the_check_interval_and_reloads_after_ttl(tmp_path: Path) -> None:
     now = [0.0]
-    keys = AgentKeys(tmp_path, ttl=10.0, clock=lambda: now[0])
+    keys = AgentKeys(tmp_path, ttl=10.0, check_interval=0.1, clock=lambda: now[0])
     with Registry(tmp_path) as reg:
         assert keys.lookup("site-a") is None
         a = reg.enroll("site-a")
-        assert keys.lookup("site-a") == a  # the file changed: re-read
+        assert keys.lookup("site-a") == a  # an agent the copy does not know: the file is checked at once
         reg.revoke("site-a")
-        entry = keys.lookup("site-a")
+        now[0] += 0.1
+        entry = keys.lookup("site-a")  # the file changed: re-read at the next check
         assert entry is not None
         assert entry.revoked
     assert keys.known() == ["site-a"]
@@ -88,3 +89,33 @@ def test_cached_view_sees_changes_at_once_and_reloads_after_ttl(tmp_path: Path) 
     now[0] = 12.0
     assert keys.refresh_if_stale()
     assert not keys.refresh_if_stale()
+
+
+def test_the_registry_file_is_checked_at_most_once_per_interval_not_per_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every request stat'ed and read the registry file: ~5 % of the gateway's CPU with 2,000 agents.
+    now = [0.0]
+    keys = AgentKeys(tmp_path, ttl=10.0, check_interval=0.1, clock=lambda: now[0])
+    with Registry(tmp_path) as reg:
+        reg.enroll("site-a")
+    assert keys.lookup("site-a") is not None
+    checks = 0
+    signature = keys._signature
+
+    def counted() -> tuple[int, int, int, bytes] | None:
+        nonlocal checks
+        checks += 1
+        return signature()
+
+    monkeypatch.setattr(keys, "_signature", counted)
+    for _ in range(100):
+        assert keys.lookup("site-a") is not None
+        now[0] += 0.004  # 100 lookups in 0.4 s
+    assert checks <= 4
+    with Registry(tmp_path) as reg:
+        reg.revoke("site-a")
+    now[0] += 0.1
+    entry = keys.lookup("site-a")
+    assert entry is not None
+    assert entry.revoked
