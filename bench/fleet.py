@@ -30,7 +30,7 @@ import sys
 import time
 import zlib
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -407,6 +407,10 @@ class FleetReport:
     failures: dict[str, int]
     gateway_rss_mb: float
     gateway_fds: int
+    gateway_cpu_s: float  # user + system CPU seconds of the gateway process(es)
+    journal_commits: int | None  # commits of the last gateway process, and batch pieces they held
+    commit_batches: int | None
+    load_average: list[float]  # 1-minute load average at the start and at the end (a shared machine)
     revocation_effect_s: float | None  # churn: from the revocation to the agent's first refusal
     restart_backlog_s: float | None  # restart to the last agent's backlog acknowledged
     back_spread_s: list[float] | None  # restart to each agent's first ack: p50, p90, p99, max
@@ -414,6 +418,30 @@ class FleetReport:
 
     def summary(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _commit_figures(url: str) -> tuple[int | None, int | None]:
+    """The gateway's journal commits and the batch pieces they held (/metrics, over loopback)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return None, None
+    figures = {line.split()[0]: int(float(line.split()[1])) for line in text.splitlines()
+               if line.startswith("flowtunnel_gateway_journal_commit")}
+    return (figures.get("flowtunnel_gateway_journal_commits_total"),
+            figures.get("flowtunnel_gateway_journal_commit_batches_total"))
 
 
 def _proc_figures(pid: int) -> tuple[float, int]:
@@ -458,7 +486,9 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
     if config.agent_rate:
         args += ["--agent-rate", str(config.agent_rate)]
     gw = GatewayProc(data, extra=args)
+    load = [round(os.getloadavg()[0], 1)]
     gw.start()
+    cpu: dict[int, float] = {}
     mean_payload = statistics.fmean(len(p) for p in pool)
     flood_rate = 0.0
     if config.flood:
@@ -479,6 +509,7 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
             if gw.proc is not None:
                 rss, fds = _proc_figures(gw.proc.pid)
                 rss_peak, fds_peak = max(rss_peak, rss), max(fds_peak, fds)
+                cpu[gw.proc.pid] = max(cpu.get(gw.proc.pid, 0.0), _proc_cpu(gw.proc.pid))
             t = time.time() - t0
             if config.kill_at is not None and not killed and t >= config.kill_at:
                 killed = True
@@ -493,10 +524,16 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
                 churn_at = time.time()
                 log(f"t={t:.1f} s: churn {churned}")
         results = [r for chunk in pending.get() for r in chunk]
+    commits = _commit_figures(gw.url)
+    if gw.proc is not None:
+        cpu[gw.proc.pid] = max(cpu.get(gw.proc.pid, 0.0), _proc_cpu(gw.proc.pid))
+    load.append(round(os.getloadavg()[0], 1))
     gw.stop()
     journal = read_journal(data)
-    return _report(config, plans, results, journal, pool, rss_peak, fds_peak, restart_at, churned, churn_at,
-                   time.monotonic() - started)
+    report = _report(config, plans, results, journal, pool, rss_peak, fds_peak, restart_at, churned, churn_at,
+                     time.monotonic() - started)
+    return replace(report, gateway_cpu_s=round(sum(cpu.values()), 1), journal_commits=commits[0],
+                   commit_batches=commits[1], load_average=load)
 
 
 def _churn(data: Path, plans: list[AgentPlan]) -> list[str]:
@@ -587,7 +624,8 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
         max_refused_by_gateway_s=round(max_gw, 1),
         refused_over_30s=over30, failures=dict(failures), gateway_rss_mb=round(rss, 1), gateway_fds=fds,
         revocation_effect_s=effect, restart_backlog_s=backlog_s, back_spread_s=spread,
-        elapsed_s=round(elapsed, 1),
+        elapsed_s=round(elapsed, 1), gateway_cpu_s=0.0, journal_commits=None, commit_batches=None,
+        load_average=[],
     )
 
 

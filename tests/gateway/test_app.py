@@ -401,7 +401,7 @@ async def test_journal_full_gives_503_with_retry_after_and_acks_nothing(tmp_path
                 session, gw.url, seal(AGENT, key, 21, big[20:]), agent=AGENT
             )
             assert (status, doc["error"]) == (503, "journal-full")
-            assert headers["Retry-After"] == "5"
+            assert 5 <= int(headers["Retry-After"]) <= 10  # retry_after 5, spread over [5, 10]
         assert len(journal_entries(gw)) == 20
         assert gw.journal is not None
         assert gw.journal.get_state(f"hwm:{AGENT}") == 20
@@ -443,7 +443,8 @@ async def test_shutting_down_gateway_answers_503(tmp_path: Path) -> None:
             session, gw.url, seal(AGENT, key, 1, datagrams(1)), agent=AGENT
         )
     await gw.stop()
-    assert (status, doc["error"], headers.get("Retry-After")) == (503, "shutting-down", "5")
+    assert (status, doc["error"]) == (503, "shutting-down")
+    assert 5 <= int(headers["Retry-After"]) <= 10
     assert journal_entries(data) == []
 
 
@@ -559,7 +560,8 @@ async def test_requests_beyond_max_inflight_get_503_busy(tmp_path: Path) -> None
                 await asyncio.sleep(0.01)
         async with aiohttp.ClientSession() as session:
             status, doc, headers = await post_batch(session, gw.url, body, agent=AGENT)
-            assert (status, doc["error"], headers["Retry-After"]) == (503, "busy", "5")
+            assert (status, doc["error"]) == (503, "busy")
+            assert 5 <= int(headers["Retry-After"]) <= 10
             writer.write(body[held:])
             await writer.drain()
             answer = await reader.read(4096)
@@ -876,7 +878,7 @@ async def test_a_failed_group_commit_answers_503_to_every_batch_it_held(
             for status, doc, headers in await asyncio.gather(*rest):
                 assert (status, doc["error"]) == (503, "journal-error")
                 assert "acked" not in doc
-                assert headers["Retry-After"] == "5"
+                assert 5 <= int(headers["Retry-After"]) <= 10
             assert calls == 2
             assert [e.stream for e in journal_entries(gw)] == [agents[0]] * 2
             assert all(journal.get_state(f"hwm:{agent}") is None for agent in agents[1:])

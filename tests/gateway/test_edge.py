@@ -3,13 +3,14 @@ WebSocket answers alike, and every rung's requests, batches and bytes are counte
 
 from __future__ import annotations
 
+import random
 import re
 from pathlib import Path
 
 import aiohttp
 
 from flowtunnel import wire
-from flowtunnel.gateway.edge import HTTP_STATUS, http_status, ws_answer
+from flowtunnel.gateway.edge import HTTP_STATUS, http_response, http_status, spread_retry_after, ws_answer
 from flowtunnel.gateway.ingest import Ack, Refusal
 from tests.gateway.util import datagrams, enroll, post_batch, seal, start_gateway
 
@@ -52,7 +53,9 @@ def test_websocket_answers_are_the_post_json_plus_status() -> None:
     assert ws_answer(ack) == {"status": 200, "agent": "a", "acked": 5, "accepted": 2, "duplicates": 0,
                               "tag": "t" * 22}
     busy = Refusal(code="busy", detail="2 in progress", retry_after=5)
-    assert ws_answer(busy) == {"status": 503, "error": "busy", "detail": "2 in progress", "retry_after": 5}
+    assert ws_answer(busy, draw=lambda: 0.0) == {
+        "status": 503, "error": "busy", "detail": "2 in progress", "retry_after": 5,
+    }
     resync = Refusal(code="resync", detail="lost", extra={"acked": 3})
     assert ws_answer(resync) == {"status": 409, "error": "resync", "detail": "lost", "acked": 3}
 
@@ -91,3 +94,17 @@ def test_status_shows_each_rung_with_its_batches_and_bytes() -> None:
     assert lines[head + 1].split() == ["rung", "requests", "acked", "refused", "in", "out"]
     assert lines[head + 2].split()[:4] == ["get", "40", "2", "0"]
     assert lines[head + 3].split()[:4] == ["ws", "12", "10", "1"]
+
+
+def test_a_503_spreads_its_retry_after_so_a_refused_herd_does_not_return_at_once() -> None:
+    # Every agent refused with 503 at the same moment (the gateway busy or restarting) was told the same
+    # Retry-After and came back in the same second.
+    busy = Refusal(code="busy", detail="every slot taken", retry_after=5)
+    rng = random.Random(16)
+    values = [int(http_response(busy, draw=rng.random).headers["Retry-After"]) for _ in range(200)]
+    assert set(values) == set(range(5, 11))  # [r, 2r], each second used
+    assert {ws_answer(busy, draw=rng.random)["retry_after"] for _ in range(200)} == set(range(5, 11))
+    assert spread_retry_after(busy, lambda: 0.999999) == 10
+    # A 429 says when the agent's own budget refills: kept as is.
+    over = Refusal(code="agent-rate", detail="over budget", retry_after=3)
+    assert {http_response(over, draw=rng.random).headers["Retry-After"] for _ in range(50)} == {"3"}

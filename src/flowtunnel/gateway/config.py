@@ -265,7 +265,7 @@ class GatewayConfig:
     health_silence: float = duration_setting(3600.0, 60.0, 30 * 86400.0)
     #: Agents ``/v1/health`` and ``flowtunnel status`` do not watch (seasonal sites, spares), comma-separated.
     health_ignore: tuple[str, ...] = ()
-    #: Retry-After (seconds) sent with 503 answers.
+    #: Retry-After (seconds) of 503 answers, spread over [r, 2r] (refused agents do not return at once).
     retry_after: int = count_setting(5, 1, 3600)
     #: Probes (GET /v1/probe) answered per second per source address, with bursts of ten seconds' worth
     #: (at least 20); more get 429.

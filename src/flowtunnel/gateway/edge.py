@@ -11,7 +11,8 @@ It also counts, per rung, requests and the bytes each way (``rung_traffic``), so
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import random
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Final
 
@@ -31,6 +32,7 @@ __all__ = [
     "http_response",
     "http_status",
     "request_bytes",
+    "spread_retry_after",
     "ws_answer",
 ]
 
@@ -80,16 +82,29 @@ class CompactAnswer(web.Response):
     that aiohttp adds): ~100 bytes instead of ~215 for the JSON answer (docs/protocol.md section 7)."""
 
 
+def spread_retry_after(refusal: Refusal, draw: Callable[[], float] = random.random) -> int | None:
+    """The Retry-After (seconds) to send with ``refusal``. A 503 (the gateway busy, its journal full or
+    failing, shutting down: what a whole fleet meets at the same moment) gets its ``retry_after`` spread
+    over ``[r, 2r]`` by ``draw()`` (uniform in [0, 1)), so agents refused together do not all come back in
+    the same second; other refusals (429: the agent's own budget, which says when it refills) keep theirs."""
+    after = refusal.retry_after
+    if after is None or http_status(refusal.code) != 503:
+        return after
+    return after + min(after, int(draw() * (after + 1)))
+
+
 def http_response(
-    outcome: Outcome | StateAnswer, *, headers: Mapping[str, str] | None = None, compact: bool = False
+    outcome: Outcome | StateAnswer, *, headers: Mapping[str, str] | None = None, compact: bool = False,
+    draw: Callable[[], float] = random.random,
 ) -> web.Response:
     """The HTTP answer to an outcome: 200 with the ack JSON (``compact``: a ``CompactAnswer`` for an
     ``Ack``), or the refusal's status with ``{"error", "detail", ...}`` and ``Retry-After`` when it has
-    one."""
+    one (spread: ``spread_retry_after``)."""
     extra = dict(headers or {})
     if isinstance(outcome, Refusal):
-        if outcome.retry_after is not None:
-            extra["Retry-After"] = str(outcome.retry_after)
+        after = spread_retry_after(outcome, draw)
+        if after is not None:
+            extra["Retry-After"] = str(after)
         return _json(outcome.as_json(), status=http_status(outcome.code), headers=extra)
     if compact and isinstance(outcome, Ack):
         return CompactAnswer(body=compact_ack(outcome.acked, outcome.tag), headers=extra)
@@ -103,14 +118,15 @@ def _json(doc: dict[str, object], *, status: int = 200, headers: dict[str, str])
                         headers={"Content-Type": "application/json", **headers})
 
 
-def ws_answer(outcome: Outcome) -> dict[str, object]:
+def ws_answer(outcome: Outcome, *, draw: Callable[[], float] = random.random) -> dict[str, object]:
     """The WebSocket answer to one batch: the POST answer's JSON plus ``"status"`` (and ``"retry_after"``
-    where POST sends ``Retry-After``)."""
+    where POST sends ``Retry-After``, spread the same way)."""
     if isinstance(outcome, Ack):
         return {"status": 200, **outcome.as_json()}
     doc: dict[str, object] = {"status": http_status(outcome.code), **outcome.as_json()}
-    if outcome.retry_after is not None:
-        doc["retry_after"] = outcome.retry_after
+    after = spread_retry_after(outcome, draw)
+    if after is not None:
+        doc["retry_after"] = after
     return doc
 
 
