@@ -18,16 +18,20 @@ from flowtunnel.errors import FlowtunnelError
 __all__ = ["process_running", "read_status_file", "stale_note", "write_json_atomic"]
 
 
-def write_json_atomic(path: Path, doc: object, *, durable: bool = True) -> None:
+def write_json_atomic(path: Path, doc: object, *, durable: bool = True, compact: bool = False) -> None:
     """Write ``doc`` as JSON to ``path`` so that readers see the old or the new file, never a torn one.
 
     ``durable`` fsyncs the file before the rename (state that must survive a power cut); a status file that
-    is rewritten every few seconds does not need it.
+    is rewritten every few seconds does not need it. ``compact`` writes one line with the C encoder, several
+    times faster than the indented form (a gateway's status with 2,000 agents is 1.2 MB).
     """
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(doc, fh, indent=1, sort_keys=True, default=str)
+            if compact:
+                fh.write(json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str))
+            else:
+                json.dump(doc, fh, indent=1, sort_keys=True, default=str)
             fh.write("\n")
             if durable:
                 fh.flush()

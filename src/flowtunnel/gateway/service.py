@@ -495,7 +495,7 @@ class Gateway:
     def _write_status(self, parts: dict[str, object]) -> dict[str, object]:
         """In a worker thread: build the status around ``parts`` and write it atomically."""
         doc = self.status(parts)
-        write_json_atomic(self.data_dir / STATUS_FILE, doc)
+        write_json_atomic(self.data_dir / STATUS_FILE, doc, durable=False, compact=True)
         return doc
 
     def status(self, parts: dict[str, object] | None = None) -> dict[str, object]:
@@ -575,7 +575,8 @@ class Gateway:
         return sinks
 
     def write_status(self) -> None:
-        write_json_atomic(self.data_dir / STATUS_FILE, self.status())
+        # Not fsynced (rewritten every status_interval; a lost one costs nothing), one compact line.
+        write_json_atomic(self.data_dir / STATUS_FILE, self.status(), durable=False, compact=True)
 
     # -- stop ---------------------------------------------------------------------------------------------
 
