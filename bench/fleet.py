@@ -410,6 +410,8 @@ class FleetReport:
     gateway_cpu_s: float  # user + system CPU seconds of the gateway process(es)
     journal_commits: int | None  # commits of the last gateway process, and batch pieces they held
     commit_batches: int | None
+    gateway_p50_ms: float | None  # the gateway's own view (its histogram's bucket bound), last process
+    gateway_p99_ms: float | None
     load_average: list[float]  # 1-minute load average at the start and at the end (a shared machine)
     revocation_effect_s: float | None  # churn: from the revocation to the agent's first refusal
     restart_backlog_s: float | None  # restart to the last agent's backlog acknowledged
@@ -429,19 +431,33 @@ def _proc_cpu(pid: int) -> float:
         return 0.0
 
 
-def _commit_figures(url: str) -> tuple[int | None, int | None]:
-    """The gateway's journal commits and the batch pieces they held (/metrics, over loopback)."""
+def _gateway_figures(url: str) -> dict[str, Any]:
+    """From the gateway's /metrics (over loopback): its journal commits and the batch pieces they held, and
+    its own p50/p99 of POST /v1/batches (the upper bound of the histogram bucket holding it, in ms)."""
     import urllib.request
 
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
             text = resp.read().decode()
     except OSError:
-        return None, None
-    figures = {line.split()[0]: int(float(line.split()[1])) for line in text.splitlines()
-               if line.startswith("flowtunnel_gateway_journal_commit")}
-    return (figures.get("flowtunnel_gateway_journal_commits_total"),
-            figures.get("flowtunnel_gateway_journal_commit_batches_total"))
+        return {}
+    out: dict[str, Any] = {}
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == "flowtunnel_gateway_journal_commits_total":
+            out["journal_commits"] = int(float(value))
+        elif name == "flowtunnel_gateway_journal_commit_batches_total":
+            out["commit_batches"] = int(float(value))
+        elif name.startswith("flowtunnel_gateway_batch_request_seconds_bucket{"):
+            le = name.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((math.inf if le == "+Inf" else float(le), float(value)))
+    if buckets and buckets[-1][1]:
+        total = buckets[-1][1]
+        for q, key in ((0.5, "gateway_p50_ms"), (0.99, "gateway_p99_ms")):
+            le = next(b for b, n in buckets if n >= q * total)
+            out[key] = le * 1000 if le != math.inf else None
+    return out
 
 
 def _proc_figures(pid: int) -> tuple[float, int]:
@@ -524,7 +540,7 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
                 churn_at = time.time()
                 log(f"t={t:.1f} s: churn {churned}")
         results = [r for chunk in pending.get() for r in chunk]
-    commits = _commit_figures(gw.url)
+    figures = _gateway_figures(gw.url)
     if gw.proc is not None:
         cpu[gw.proc.pid] = max(cpu.get(gw.proc.pid, 0.0), _proc_cpu(gw.proc.pid))
     load.append(round(os.getloadavg()[0], 1))
@@ -532,8 +548,9 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
     journal = read_journal(data)
     report = _report(config, plans, results, journal, pool, rss_peak, fds_peak, restart_at, churned, churn_at,
                      time.monotonic() - started)
-    return replace(report, gateway_cpu_s=round(sum(cpu.values()), 1), journal_commits=commits[0],
-                   commit_batches=commits[1], load_average=load)
+    return replace(report, gateway_cpu_s=round(sum(cpu.values()), 1), load_average=load,
+                   journal_commits=figures.get("journal_commits"), commit_batches=figures.get("commit_batches"),
+                   gateway_p50_ms=figures.get("gateway_p50_ms"), gateway_p99_ms=figures.get("gateway_p99_ms"))
 
 
 def _churn(data: Path, plans: list[AgentPlan]) -> list[str]:
@@ -625,7 +642,7 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
         refused_over_30s=over30, failures=dict(failures), gateway_rss_mb=round(rss, 1), gateway_fds=fds,
         revocation_effect_s=effect, restart_backlog_s=backlog_s, back_spread_s=spread,
         elapsed_s=round(elapsed, 1), gateway_cpu_s=0.0, journal_commits=None, commit_batches=None,
-        load_average=[],
+        gateway_p50_ms=None, gateway_p99_ms=None, load_average=[],
     )
 
 

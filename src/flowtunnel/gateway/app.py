@@ -130,10 +130,17 @@ def build_app(
         return http_response(ingest.refuse(exc))
 
     async def post_batch(request: web.Request) -> web.Response:
-        return await _post(request, compact=False)
+        return await _timed(request, compact=False)
 
     async def post_compact(request: web.Request) -> web.Response:
-        return await _post(request, compact=True)
+        return await _timed(request, compact=True)
+
+    async def _timed(request: web.Request, *, compact: bool) -> web.Response:
+        started = time.monotonic()
+        try:
+            return await _post(request, compact=compact)
+        finally:
+            metrics.batch_seconds.observe(time.monotonic() - started)
 
     async def _post(request: web.Request, *, compact: bool) -> web.Response:
         """``POST /v1/batches``, or with ``compact`` ``POST /v1/b`` (docs/protocol.md section 7): no header

@@ -12,7 +12,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from flowtunnel.buildinfo import register_build_info
@@ -194,6 +194,11 @@ class GatewayMetrics:
         self.inflight = Gauge(p + "inflight_requests", "Batch requests being processed now", registry=r)
         self.journal_bytes = Gauge(p + "journal_bytes", "Size of the journal on disk", registry=r)
         self.journal_entries = Gauge(p + "journal_entries", "Entries retained in the journal", registry=r)
+        self.batch_seconds = Histogram(
+            p + "batch_request_seconds", "POST /v1/batches from its headers to its answer (slot wait, body, "
+            "ingest, journal commit): the gateway's side of an agent's request latency", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
         self.journal_commits = Counter(
             p + "journal_commits", "Journal commits (one transaction and fsync each; the SQLite journal "
             "commits the batches of several agents together)", registry=r,
