@@ -549,8 +549,10 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
     report = _report(config, plans, results, journal, pool, rss_peak, fds_peak, restart_at, churned, churn_at,
                      time.monotonic() - started)
     return replace(report, gateway_cpu_s=round(sum(cpu.values()), 1), load_average=load,
-                   journal_commits=figures.get("journal_commits"), commit_batches=figures.get("commit_batches"),
-                   gateway_p50_ms=figures.get("gateway_p50_ms"), gateway_p99_ms=figures.get("gateway_p99_ms"))
+                   journal_commits=figures.get("journal_commits"),
+                   commit_batches=figures.get("commit_batches"),
+                   gateway_p50_ms=figures.get("gateway_p50_ms"),
+                   gateway_p99_ms=figures.get("gateway_p99_ms"))
 
 
 def _churn(data: Path, plans: list[AgentPlan]) -> list[str]:
