@@ -173,3 +173,38 @@ async def test_a_batch_too_large_for_what_the_quota_leaves_is_refused_before_any
             journal.append("b", 1, _dgs(2, 5, size=100), hwm=0),
         )
         assert [r.last_seq - r.first_seq for r in res] == [4, 4]
+
+
+async def test_a_cancelled_waiter_neither_blocks_the_others_nor_leaves_anything_counted(
+    log: DurableLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal = SqliteAgentJournal(log, JournalNotify())
+    release = threading.Event()
+    calls = 0
+    real = log.append_group
+
+    def append_group(parts: Sequence[Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            assert release.wait(20)
+        return real(parts)
+
+    monkeypatch.setattr(log, "append_group", append_group)
+    leader = asyncio.ensure_future(journal.append("a0", 1, _dgs(0, 2), hwm=0))
+    while calls < 1:  # noqa: ASYNC110 - the commit runs in a worker thread
+        await asyncio.sleep(0.005)
+    waiting = asyncio.ensure_future(journal.append("a1", 1, _dgs(1, 2), hwm=0))
+    other = asyncio.ensure_future(journal.append("a2", 1, _dgs(2, 2), hwm=0))
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # not in a commit yet: never written
+    leader.cancel()  # its commit has begun: it completes, and the others still get their turn
+    release.set()
+    assert (await other).last_seq - (await other).first_seq == 1
+    for task in (leader, waiting):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert sorted(_by_agent(log)) == ["a0", "a2"]
+    assert log.get_state(hwm_key("a0")) == 2
+    assert journal.group.waiting == 0
+    assert journal.group._queued_bytes == 0

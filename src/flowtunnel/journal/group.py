@@ -173,6 +173,7 @@ class GroupCommit:
         if req in self._queue:
             self._queue.remove(req)
             self._queued_bytes -= req.remaining
+            req.remaining = 0  # no longer counted as waiting, even if a piece of it is still committing
 
     def _take(self) -> list[_Piece]:
         """The next commit: in line order, one piece per request, at most ``agent_bytes`` each, at most
@@ -251,8 +252,9 @@ class GroupCommit:
                 self._fail(req, outcome)
                 continue
             req.done = piece.stop
-            req.remaining -= piece.cost
-            self._queued_bytes -= piece.cost
+            if req.remaining:  # still queued (a cancelled waiter's request was dropped from the count)
+                req.remaining -= piece.cost
+                self._queued_bytes -= piece.cost
             if req.first_journal is None:
                 req.first_journal = outcome.first_seq
             req.last_journal = max(req.last_journal, outcome.last_seq)
