@@ -195,8 +195,9 @@ class GatewayMetrics:
         self.journal_bytes = Gauge(p + "journal_bytes", "Size of the journal on disk", registry=r)
         self.journal_entries = Gauge(p + "journal_entries", "Entries retained in the journal", registry=r)
         self.batch_seconds = Histogram(
-            p + "batch_request_seconds", "POST /v1/batches from its headers to its answer (slot wait, body, "
-            "ingest, journal commit): the gateway's side of an agent's request latency", registry=r,
+            p + "batch_request_seconds", "POST /v1/batches or /v1/b from its headers to its answer (slot "
+            "wait, body, ingest, journal commit): the gateway's side of an agent's request latency",
+            registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         )
         self.journal_commits = Counter(
