@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import subprocess
 import sys
 
 import pytest
+
+from flowtunnel.runtime import TaskSet, cancel_and_wait
 
 CALL = "from flowtunnel.runtime import limit_malloc_arenas; print(limit_malloc_arenas())"
 
@@ -26,3 +29,44 @@ def test_malloc_arenas_are_limited_on_glibc() -> None:
 
 def test_an_explicit_malloc_arena_max_wins() -> None:
     assert _run({**os.environ, "MALLOC_ARENA_MAX": "4"}) == "False"
+
+
+
+async def _swallows(cancels: list[int], ended: list[str]) -> None:
+    """Loops like a task whose library caught its cancellation ``cancels[0]`` times (nats-py's flush does)."""
+    swallowed = 0
+    while True:
+        try:
+            await asyncio.sleep(0.01)
+        except asyncio.CancelledError:
+            swallowed += 1
+            if swallowed > cancels[0]:
+                ended.append("ended")
+                raise
+
+
+async def test_a_task_that_swallows_its_cancellation_is_cancelled_again_until_it_ends() -> None:
+    ended: list[str] = []
+    task = asyncio.get_running_loop().create_task(_swallows([3], ended), name="swallower")
+    await asyncio.sleep(0.02)
+    assert await cancel_and_wait([task], grace=10.0) == []
+    assert task.cancelled()
+    assert ended == ["ended"]
+
+
+async def test_a_task_that_never_ends_does_not_hold_shutdown(caplog: pytest.LogCaptureFixture) -> None:
+    """A TaskSet closes within its grace whatever a task does, and names the task it left behind (before,
+    close() gathered the tasks and waited for good)."""
+    tasks = TaskSet()
+    ended: list[str] = []
+    limit = [10**9]
+    stubborn = tasks.spawn(_swallows(limit, ended), name="stubborn")
+    quick = tasks.spawn(asyncio.sleep(3600), name="quick")
+    await asyncio.sleep(0.02)
+    async with asyncio.timeout(5):
+        await tasks.close(grace=0.5)
+    assert quick.cancelled()
+    assert not stubborn.done()
+    assert "task stubborn did not stop within 0.5 s" in caplog.text
+    limit[0] = 0  # the test's own clean-up: now it ends at the next cancellation
+    assert await cancel_and_wait([stubborn], grace=5.0) == []

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "JsonFormatter",
     "OnceLogger",
     "TaskSet",
+    "cancel_and_wait",
     "limit_malloc_arenas",
     "run_daemon",
     "setup_logging",
@@ -170,11 +171,37 @@ class TaskSet:
     def __len__(self) -> int:
         return len(self._tasks)
 
-    async def close(self) -> None:
-        tasks = list(self._tasks)
-        for task in tasks:
+    async def close(self, grace: float = 10.0) -> None:
+        stuck = await cancel_and_wait(list(self._tasks), grace=grace)
+        for task in stuck:
+            logging.getLogger("flowtunnel").error(
+                "task %s did not stop within %g s of its cancellation; left behind", task.get_name(), grace)
+
+
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Task[Any]], *, grace: float = 10.0
+) -> list[asyncio.Task[Any]]:
+    """Cancel ``tasks`` and wait until they end; the tasks still running after ``grace`` s are returned.
+
+    A task can swallow its cancellation: nats-py, for one, catches ``CancelledError`` while it queues a flush,
+    and the task then goes on looping (or waits with no timer at all). Such a task is cancelled again every
+    0.2 s, and shutdown is never held for good. Each task's exception is retrieved (it was logged, or is
+    meaningless once cancelled)."""
+    tasks = list(tasks)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(pending, timeout=min(0.2, left))
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()
+    return sorted(pending, key=lambda t: t.get_name())
 
 
 def run_daemon(main: Callable[[asyncio.Event], Awaitable[int]]) -> int:

@@ -9,7 +9,6 @@ revocation reaches every gateway within moments of being written. Keys never app
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -25,6 +24,7 @@ from flowtunnel.journal.jetstream import (
     create_retrying,
     subject_token,
 )
+from flowtunnel.runtime import cancel_and_wait
 from flowtunnel.wire.keys import format_key, generate_key, parse_key, validate_agent_id
 
 __all__ = ["REGISTRY_BUCKET", "KvAgentKeys", "KvRegistry"]
@@ -157,9 +157,8 @@ class KvAgentKeys:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # The watch awaits nats-py's iterator, which may swallow a cancellation: cancel until it ends.
+            await cancel_and_wait([self._task])
             self._task = None
 
     async def _watch(self) -> None:

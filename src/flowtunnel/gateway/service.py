@@ -55,7 +55,7 @@ from flowtunnel.gateway.ws import WsSettings
 from flowtunnel.health import silent_agents
 from flowtunnel.journal import AgentJournal, SqliteAgentJournal
 from flowtunnel.log import DurableLog, FullPolicy, LogConfig, LogError
-from flowtunnel.runtime import OnceLogger, TaskSet
+from flowtunnel.runtime import OnceLogger, TaskSet, cancel_and_wait
 from flowtunnel.statusfile import write_json_atomic
 from flowtunnel.wire import WireLimits
 
@@ -603,10 +603,8 @@ class Gateway:
         # Sinks one by one: each commits its cursor after its side effect, so cancelling is safe.
         for sink in reversed(self.sinks):
             task = self._sink_tasks.pop(sink.name, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            if task is not None and await cancel_and_wait([task]):
+                log.error("sink %s did not stop within 10 s of its cancellation; left behind", sink.name)
         await self._tasks.close()
         if self.journal is not None:
             with contextlib.suppress(OSError, LogError):

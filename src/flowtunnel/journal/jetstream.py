@@ -34,6 +34,7 @@ from flowtunnel.datagram import Datagram, make_datagram
 from flowtunnel.errors import ConfigError
 from flowtunnel.journal.base import Appended, JournalConflict, JournalFull, JournalUnavailable
 from flowtunnel.log import Entry, LogError
+from flowtunnel.runtime import cancel_and_wait
 
 __all__ = [
     "AgentQuotaFull",
@@ -387,9 +388,7 @@ class JetStreamJournal:
 
     async def close(self) -> None:
         if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+            await cancel_and_wait([self._flusher])
             self._flusher = None
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
@@ -766,9 +765,7 @@ class JetStreamReader:
 
     async def close(self) -> None:
         if self._acker is not None:
-            self._acker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._acker
+            await cancel_and_wait([self._acker])
             self._acker = None
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
