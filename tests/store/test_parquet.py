@@ -246,6 +246,52 @@ async def test_a_crash_between_the_rename_and_the_state_writes_nothing_twice(tmp
     assert exporter["no_template_sets"] == 0
 
 
+async def test_a_failed_write_is_retried_and_loses_nothing(tmp_path: Path) -> None:
+    from flowtunnel.store.errors import StoreError
+
+    dgs = demo_datagrams()
+    journal = journal_of(tmp_path / "j.sqlite", {"site-a": dgs}, appended_ns=T0)
+    sink = fast(tmp_path / "pq", flush_records=100, read_limit=50, retry_delay=0.01)
+    real = sink._write_file
+    calls: list[int] = []
+
+    def flaky(batch: Any) -> None:
+        calls.append(batch.first)
+        if len(calls) == 2:  # the disk is full once, after a first file
+            raise StoreError("parquet sink parquet: writing ... failed: No space left on device")
+        real(batch)
+    sink._write_file = flaky  # type: ignore[method-assign]
+    try:
+        await run_until(store_sink(tmp_path / "data"), journal)
+        await run_until(sink, journal)
+    finally:
+        journal.close()
+    status = sink.status()
+    assert (status["commit_failures"], status["failing_since"]) == (1, None)
+    assert "No space left" in str(status["last_error"])
+    assert calls[1] == calls[2]  # the same range again, after reloading the state
+    assert parquet_rows(tmp_path / "pq") == store_rows(tmp_path / "data")
+
+
+async def test_a_lost_state_resumes_after_the_journals_position(tmp_path: Path) -> None:
+    journal = DurableLog(LogConfig(path=tmp_path / "j.sqlite", quota_bytes=0))
+    out = tmp_path / "pq"
+    try:
+        for seq in (1, 2):
+            journal.append([_v9(seq, template=True, records=2)], stream="a", stream_seqs=[seq],
+                           appended_ns=T0)
+        await run_until(fast(out), journal)
+        journal.trim(2)  # consumed: gone from the journal
+        (out / "_flowtunnel" / "parquet.json").unlink()
+        journal.append([_v9(3, template=True, records=3)], stream="a", stream_seqs=[3], appended_ns=T0)
+        again = fast(out)
+        await run_until(again, journal)
+    finally:
+        journal.close()
+    assert [(f.first, f.last) for f in scan_files(out, "parquet")] == [(1, 2), (3, 3)]
+    assert parquet_rows(out, "SELECT count(*) FROM flows") == [[2 + 2 + 3]]
+
+
 async def test_a_write_interrupted_before_its_rename_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "pq"
     partial = out / "day=2026-12-06" / "hour=21" / ".tmp-1-9-parquet.parquet"

@@ -148,7 +148,7 @@ def render(
         if not isinstance(s, Mapping):
             continue
         extra = []
-        for key in ("sent", "records", "rows", "path", "database"):
+        for key in ("sent", "records", "rows", "path", "database", "out", "files"):
             if key in s:
                 extra.append(f"{key}={s[key]}")
         if s.get("errors"):

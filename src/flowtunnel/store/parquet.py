@@ -216,7 +216,9 @@ class ParquetSink:
         self.rows_added = 0
         self.skipped = 0  # entries of other shards
         self.replayed = 0  # entries decoded again for the state only (a file already held their rows)
-        self.write_failures = 0
+        self.commit_failures = 0
+        # The first failed write since the last one that succeeded (None: writes succeed), and its error.
+        self.failing_since: float | None = None
         self.last_error: str | None = None
         self.last_write: float | None = None
         self.running = False
@@ -233,6 +235,15 @@ class ParquetSink:
         try:
             await self._work(self._open)
             opened = True
+            floor = journal.cursor(self.name)
+            if floor > self.cursor:
+                # The state is behind the journal's position of this name: lost, or another directory. What
+                # the journal no longer holds cannot be written again; template caches start empty.
+                log.warning("parquet sink %s: its state in %s is at journal seq %d, its journal position "
+                            "at %d (state lost, or a new --out for an old name?): resuming after %d",
+                            self.writer, self.out, self.cursor, floor, floor)
+                self.cursor = self._read_cursor = floor
+                self._replay_upto = max(self._replay_upto, floor)
             journal.commit_cursor(self.name, self.cursor)  # what the state holds is what may be trimmed
             self.running = True
             log.info("parquet sink %s: %s, shard %d/%d, resuming after journal seq %d%s", self.writer,
@@ -244,13 +255,16 @@ class ParquetSink:
                 try:
                     written = await self._work(self._step, journal)
                 except StoreError as exc:
-                    self.write_failures += 1
+                    self.commit_failures += 1
                     self.last_error = str(exc)
+                    if self.failing_since is None:
+                        self.failing_since = time.time()
                     log.error("%s; reloading the state, retrying in %g s", exc, self.retry_delay)
                     await self._work(self._load)
                     await asyncio.sleep(self.retry_delay)
                     continue
                 if written:
+                    self.failing_since = None
                     journal.commit_cursor(self.name, self.cursor)
                     continue
                 # Nothing due: wait for entries, bounded so that a batch is written when it is old enough.
@@ -475,7 +489,8 @@ class ParquetSink:
             "rows_added": self.rows_added,
             "skipped_other_shards": self.skipped,
             "replayed": self.replayed,
-            "write_failures": self.write_failures,
+            "commit_failures": self.commit_failures,
+            "failing_since": self.failing_since,
             "last_error": self.last_error,
             "last_write": self.last_write,
             **self._decoding.status(),
