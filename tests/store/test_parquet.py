@@ -457,3 +457,16 @@ async def test_a_gateway_runs_the_parquet_sink_from_the_registry(tmp_path: Path)
         await gw.stop()
     assert parquet_rows(out) == store_rows(data)
     assert len(parquet_rows(out)) > 100
+
+
+def test_sink_options_belong_to_their_kind() -> None:
+    nats = ("--journal", "nats://127.0.0.1:9")
+    wrong = _cli("sink", "jsonl", *nats, "--data", "/nonexistent", "--shard", "1/2")
+    assert wrong.returncode == 2
+    assert "sink jsonl does not take --shard (it takes: --output)" in wrong.stderr
+    no_out = _cli("sink", "parquet", "--journal", "nats://127.0.0.1:9")
+    assert no_out.returncode == 2
+    assert "sink parquet needs --out DIR" in no_out.stderr
+    bad = _cli("sink", "parquet", *nats, "--out", "/nonexistent", "--shard", "3/2")
+    assert bad.returncode == 2
+    assert "--shard '3/2' is not I/N" in bad.stderr

@@ -75,6 +75,8 @@ def _run_sink(args: argparse.Namespace) -> int:
                               f"{', '.join(_OPTION_FLAGS[o] for o in kind.options) or 'none'})")
     data = args.data or (Path(os.environ["FLOWTUNNEL_SINK_DATA"]) if os.environ.get("FLOWTUNNEL_SINK_DATA")
                          else None) or args.out
+    if "parquet" in kind.options and args.out is None:
+        raise ConfigError(f"sink {args.kind} needs --out DIR (the directory of its Parquet files)")
     if data is None:
         raise ConfigError("sink needs --data DIR (or FLOWTUNNEL_SINK_DATA)")
     try:
