@@ -53,3 +53,20 @@ async def test_enroll_and_revoke_in_the_cluster_reach_every_gateway(
     finally:
         for gw in gws:
             await gw.stop()
+
+
+async def test_a_bucket_just_created_has_its_leader_before_the_first_enrolment(cluster: NatsCluster) -> None:
+    """The registry's R3 bucket has no leader for a moment after it is created, and an enrolment then failed
+    with "no response from stream" now and then: open() returns only once the bucket has its leader."""
+    from flowtunnel.gateway.kvregistry import REGISTRY_BUCKET, KvRegistry
+    from flowtunnel.journal.jetstream import parse_journal_url
+
+    reg = KvRegistry(parse_journal_url(cluster.url))
+    await reg.open()
+    try:
+        info = await reg._conn.js.stream_info(f"KV_{REGISTRY_BUCKET}")
+        assert info.cluster is not None
+        assert info.cluster.leader, info.cluster
+        assert (await reg.enroll("first")).agent_id == "first"
+    finally:
+        await reg.close()

@@ -23,6 +23,7 @@ from flowtunnel.journal.jetstream import (
     agent_of,
     create_retrying,
     subject_token,
+    wait_for_leader,
 )
 from flowtunnel.runtime import cancel_and_wait
 from flowtunnel.wire.keys import format_key, generate_key, parse_key, validate_agent_id
@@ -74,6 +75,8 @@ class KvRegistry:
                     kvc = KeyValueConfig(bucket=self.bucket, history=1,
                                          replicas=self.config.effective_replicas, storage=StorageType.FILE)
                     self.kv = await create_retrying(lambda: self._conn.js.create_key_value(kvc))
+                    # An enrolment right after the bucket is made must not meet "no response from stream".
+                    await wait_for_leader(self._conn.js, f"KV_{self.bucket}")
                 except Exception as exc:
                     raise ConfigError(f"cannot create agent registry bucket {self.bucket} at "
                                       f"{self.config.describe()}: {_reason(exc)}") from None

@@ -44,6 +44,7 @@ __all__ = [
     "decode_message",
     "encode_datagrams",
     "parse_journal_url",
+    "wait_for_leader",
 ]
 
 log = logging.getLogger("flowtunnel.journal.jetstream")
@@ -284,6 +285,21 @@ async def create_retrying(make: Callable[[], Awaitable[Any]], *, attempts: int =
     raise AssertionError("unreachable")
 
 
+async def wait_for_leader(js: Any, stream: str, *, within: float = 15.0) -> None:
+    """Return once ``stream`` has a leader (a replicated stream or bucket just created has none for a moment,
+    and reads and writes meanwhile fail with "no response from stream"); after ``within`` s, return anyway
+    and let the caller's own error say what is wrong. A server without clustering reports no cluster: done."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2):
+                info = await js.stream_info(stream)
+            if info.cluster is None or info.cluster.leader:
+                return
+        await asyncio.sleep(0.1)
+
+
 async def _quiet(exc: Exception) -> None:
     return None
 
@@ -370,6 +386,7 @@ class JetStreamJournal:
             except Exception as exc:
                 raise ConfigError(f"cannot create journal stream {cfg.stream} at {cfg.describe()}: "
                                   f"{_reason(exc)}") from None
+            await wait_for_leader(self._conn.js, cfg.stream)
             log.info("journal stream %s created (replicas %d, max %d bytes)", cfg.stream,
                      cfg.effective_replicas, cfg.max_bytes)
         try:
@@ -382,6 +399,7 @@ class JetStreamJournal:
                 kvc = KeyValueConfig(bucket=cfg.marks_bucket, history=1, replicas=cfg.effective_replicas,
                                      storage=StorageType.FILE)
                 self._kv = await create_retrying(lambda: self._conn.js.create_key_value(kvc))
+                await wait_for_leader(self._conn.js, f"KV_{cfg.marks_bucket}")
             except Exception as exc:
                 raise ConfigError(f"cannot create bucket {cfg.marks_bucket} at {cfg.describe()}: "
                                   f"{_reason(exc)}") from None
