@@ -3,6 +3,8 @@ every spooled datagram reaches the journal exactly once and in order, whatever h
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import os
@@ -20,7 +22,8 @@ from flowtunnel.agent.config import AgentConfig
 from flowtunnel.agent.policy import ArrivalRate
 from flowtunnel.agent.status import render as render_status
 from flowtunnel.agent.transport.dns import DnsTransport
-from flowtunnel.agent.uploader import CURSOR, Uploader
+from flowtunnel.agent.transport.network import RungMemory
+from flowtunnel.agent.uploader import CURSOR, RUNG_MEMORY, Uploader
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway.service import Gateway
 from flowtunnel.log import DurableLog, LogConfig, LogFull
@@ -304,6 +307,69 @@ async def test_a_gateway_without_the_compact_route_gets_the_batches_on_v1_batche
                 assert not up._rungs["post"].compact  # type: ignore[attr-defined]
             assert link.stats().requests <= 2 + 2 * 4  # probe, one 404, then one request per batch (+ resync)
         assert_exactly_once(gw, sent)
+    spool.close()
+
+
+async def test_a_network_that_refuses_the_compact_route_costs_no_refused_request_after_a_restart(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """The fall-back to ``/v1/batches`` is remembered for the network (the rung memory, as the content type
+    is): the agent started again there sends its first batch to ``/v1/batches``, no ``POST /v1/b`` refused
+    again, and ``status`` says which path its batches take."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(20, seed=6)
+    spool = open_spool(tmp_path)
+    async with gateway_factory(data) as gw:
+        host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+        async with LinkEmulator(upstream=(host, int(port))) as link:
+            link.add_fault(Fault(action=Action.ANSWER, status=404, match="POST /v1/b ", count=None))
+            cfg = config(tmp_path, link.url, key)
+            spool.append(sent[:10])
+            async with uploading(cfg, key, spool) as up:
+                await eventually(lambda: spool.cursor(CURSOR) == 10, "first part delivered")
+                assert up.status()["batch_path"] == "/v1/batches"
+            refused = link.stats().faults.get("answer-404", 0)
+            assert refused >= 1
+            spool.append(sent[10:])
+            async with uploading(cfg, key, spool) as up:
+                assert up.status()["batch_path"] == "/v1/batches"  # before anything was sent
+                up.notify()
+                await eventually(lambda: spool.cursor(CURSOR) == 20, "second part delivered")
+                doc = {"kind": "agent", "upload": up.status()}
+                assert "batch path     /v1/batches (POST /v1/b refused" in render_status(doc, now=0.0)
+            assert link.stats().faults.get("answer-404", 0) == refused  # none refused after the restart
+        assert_exactly_once(gw, sent)
+    spool.close()
+
+
+async def test_batches_that_change_nothing_remembered_start_no_thread_for_the_rung_memory(
+    tmp_path: Path, gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rung memory is written when what it holds changed (the first batch on a network), not per batch:
+    a quiet site's batches cost no worker thread and no disk write for it."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(50, seed=7)
+    spool = open_spool(tmp_path)
+    calls: list[str] = []
+    real = asyncio.to_thread
+
+    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        target = func.func if isinstance(func, functools.partial) else func
+        if isinstance(getattr(target, "__self__", None), RungMemory):
+            calls.append(target.__name__)
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    async with gateway_factory(data) as gw, uploading(config(tmp_path, gw.url, key), key, spool) as up:
+        for i in range(0, 50, 10):
+            spool.append(sent[i : i + 10])
+            up.notify()
+            await eventually(lambda i=i: spool.cursor(CURSOR) == i + 10, "delivered")  # type: ignore[misc]
+        assert up.stats.batches >= 5
+    assert len(calls) == 1, calls  # the first batch taught it the network's rung; the others nothing
+    assert RungMemory(tmp_path / RUNG_MEMORY).get(up._network or "") == "post"
     spool.close()
 
 

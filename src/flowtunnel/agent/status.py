@@ -182,6 +182,8 @@ def render(
     label = _get(status, "upload", "content_type")
     if label and label != CONTENT_TYPE:  # the POST rung's batches go under another label: a proxy refused it
         rows.append(("content type", f"{label} (not {CONTENT_TYPE}: refused on this network)"))
+    if _get(status, "upload", "batch_path") == "/v1/batches":  # the compact route was refused on this network
+        rows.append(("batch path", "/v1/batches (POST /v1/b refused on this network)"))
     for label, key in (("captive portal", "captive_portal"), ("TLS intercepted", "intercepted_by"),
                        ("body limit", "body_limit_by")):
         value = _get(status, "upload", key)

@@ -657,14 +657,16 @@ class Uploader:
             self._race = len(self._rungs) > 1
 
     def _recall_label(self, stacks: Iterable[dict[str, Transport]]) -> None:
-        """The POST rungs of ``stacks`` start with the content type that passed on this network last, else
-        the first."""
+        """The POST rungs of ``stacks`` start with the content type and batch path that passed on this network
+        last, else the first type and ``/v1/b``."""
         if self._memory is None or self._network is None:
             return
         label = self._memory.content_type(self._network)
+        path = self._memory.batch_path(self._network)
         for rungs in stacks:
             if isinstance(post := rungs.get("post"), PostTransport):
                 post.types.use(label)
+                post.use_path(path)
 
     async def _empty_batch(self) -> bytes:
         return await asyncio.to_thread(
@@ -813,10 +815,13 @@ class Uploader:
             raise _Failed(action.cause, delay)
         self._failover.after(answer, None, now=self._clock())
         if batch and self._memory is not None and self._network is not None:
-            label = transport.types.status() if transport.name == "post" and isinstance(
-                transport, PostTransport) else None
-            await asyncio.to_thread(functools.partial(self._memory.put, self._network, self._ladder.current,
-                                                      content_type=label))
+            post = transport if transport.name == "post" and isinstance(transport, PostTransport) else None
+            changed = self._memory.update(
+                self._network, self._ladder.current,
+                content_type=None if post is None else post.types.status(),
+                path=None if post is None else post.batch_path)
+            if changed is not None:  # most batches change nothing: no thread, no write
+                await asyncio.to_thread(self._memory.write, changed)
         if batch:
             raw = sum(len(e.datagram.payload) for e in batch)
             self.link.observe(raw, len(body), elapsed, self._choice)
@@ -923,6 +928,9 @@ class Uploader:
             # The POST rung's label for batches: another than the first when a proxy refused it (``labels``).
             "content_type": (transport.types.status() if isinstance(transport, PostTransport)
                              and transport.name == "post" else None),
+            # ... and its batch path: /v1/batches when /v1/b was refused on this network (``post``).
+            "batch_path": (transport.batch_path if isinstance(transport, PostTransport)
+                           and transport.name == "post" else None),
             "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
             "context_batches": st.context_batches,
             "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),

@@ -94,3 +94,18 @@ def test_the_memory_keeps_the_label_with_the_rung_and_reads_the_older_file(tmp_p
     assert (again.get("eeee"), again.content_type("eeee")) == ("post", FORM)
     assert (again.get("bbbb"), again.content_type("bbbb")) == ("get", OCTET)
     assert again.get("aaaa") == "ws"
+
+
+def test_the_memory_keeps_the_batch_path_and_writes_only_what_changed(tmp_path: Path) -> None:
+    path = tmp_path / "rungs.json"
+    memory = RungMemory(path)
+    text = memory.update("aaaa", "post", content_type=VND, path="/v1/batches")
+    assert text is not None
+    memory.write(text)
+    assert memory.update("aaaa", "post", content_type=VND, path="/v1/batches") is None  # nothing new
+    assert memory.update("aaaa", "post") is None  # another rung's batch would name no label or path
+    again = RungMemory(path)
+    assert (again.get("aaaa"), again.content_type("aaaa"), again.batch_path("aaaa")) == (
+        "post", VND, "/v1/batches")
+    assert again.update("aaaa", "get") is not None
+    assert again.batch_path("aaaa") == "/v1/batches"  # learned for POST, kept while another rung carries

@@ -2,9 +2,10 @@
 
 The fingerprint is the default route's gateway address (``/proc/net/route``) plus the resolvers
 (``/etc/resolv.conf``): a hotel Wi-Fi, the office LAN and a GPRS modem differ in both, and a box that stays on
-one network keeps them. The parsers are pure (text in); ``RungMemory`` keeps, per fingerprint, the rung and
-the POST rung's Content-Type that worked, in a small JSON file in the spool directory (written atomically; a
-damaged file is forgotten, never fatal).
+one network keeps them. The parsers are pure (text in); ``RungMemory`` keeps, per fingerprint, the rung, the
+POST rung's Content-Type that worked and its batch path (``/v1/batches`` where ``/v1/b`` was refused), in a
+small JSON file in the spool directory (written atomically, and only when what it holds changed; a damaged
+file is forgotten, never fatal).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ __all__ = ["RungMemory", "default_gateway", "fingerprint", "local_fingerprint", 
 logger = logging.getLogger(__name__)
 
 MAX_NETWORKS = 64  # networks remembered; the oldest entries go first
-_FIELDS = ("rung", "content_type")
+_FIELDS = ("rung", "content_type", "path")
 
 
 def default_gateway(route_text: str) -> str | None:
@@ -73,10 +74,14 @@ def local_fingerprint(route: Path = Path("/proc/net/route"), resolv: Path = Path
 
 
 class RungMemory:
-    """``{network fingerprint: {"rung": name, "content_type": label}}`` in ``path`` (JSON): the rung that
-    carried a batch on each network, and the label the POST rung's batches passed with there (``labels``).
-    ``get`` / ``content_type`` / ``put``; never raises for the file. A file of an older version (plain
-    ``{fingerprint: rung}``) is read as rungs without labels."""
+    """``{network fingerprint: {"rung": name, "content_type": label, "path": path}}`` in ``path`` (JSON): the
+    rung that carried a batch on each network, and the label and batch path (``/v1/b``, or ``/v1/batches``
+    where something refused ``/v1/b``) the POST rung's batches passed with there (``labels``, ``post``).
+    ``get`` / ``content_type`` / ``batch_path`` read; ``update`` changes the map and says whether the file
+    must be written, ``write`` writes it (a worker thread's job), ``put`` does both. Never raises for the
+    file.
+    A file of an older version (plain ``{fingerprint: rung}``, or entries without a path) is read as it
+    stands: what it does not name is not remembered."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -102,20 +107,41 @@ class RungMemory:
         """The Content-Type the POST rung's batches passed with on ``network`` last, or None."""
         return self._map.get(network, {}).get("content_type")
 
-    def put(self, network: str, rung: str, *, content_type: str | None = None) -> None:
-        """``rung`` carried a batch on ``network`` (labelled ``content_type`` when given: a POST)."""
+    def batch_path(self, network: str) -> str | None:
+        """The path (``/v1/b`` or ``/v1/batches``, after the gateway URL's own) the POST rung's batches
+        passed on ``network`` last, or None."""
+        return self._map.get(network, {}).get("path")
+
+    def update(self, network: str, rung: str, *, content_type: str | None = None,
+               path: str | None = None) -> str | None:
+        """``rung`` carried a batch on ``network`` (labelled ``content_type`` on ``path`` when given: a
+        POST). Returns the file's new text when what is remembered changed (give it to ``write``), else None:
+        a batch like the one before costs no disk write and no thread."""
         entry = dict(self._map.get(network, {}), rung=rung)
         if content_type is not None:
             entry["content_type"] = content_type
+        if path is not None:
+            entry["path"] = path
         if self._map.get(network) == entry:
-            return
+            return None
         self._map.pop(network, None)
         self._map[network] = entry
         while len(self._map) > MAX_NETWORKS:
             self._map.pop(next(iter(self._map)))
+        return json.dumps(self._map, indent=1, sort_keys=False)
+
+    def write(self, text: str) -> None:
+        """Replace the file with ``text`` (from ``update``) atomically; a failure is logged, not raised."""
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            tmp.write_text(json.dumps(self._map, indent=1, sort_keys=False))
+            tmp.write_text(text)
             os.replace(tmp, self.path)
         except OSError as exc:
             logger.warning("cannot remember the rung for this network in %s: %s", self.path, exc.strerror)
+
+    def put(self, network: str, rung: str, *, content_type: str | None = None,
+            path: str | None = None) -> None:
+        """``update``, then ``write`` when something changed (synchronously)."""
+        text = self.update(network, rung, content_type=content_type, path=path)
+        if text is not None:
+            self.write(text)

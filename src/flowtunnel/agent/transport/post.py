@@ -6,7 +6,8 @@ carries ``Host`` and ``Content-Length`` only (the batch names its agent), the ga
 than the JSON exchange. A gateway without that route (older, or behind a reverse proxy that routes only
 ``/v1/batches``) answers 404 or 405, a proxy that wants a content type 400, 403 or 415 (none of them the
 gateway's JSON): the transport goes back to ``/v1/batches`` for good and sends the batch again at once
-(nothing of it was taken).
+(nothing of it was taken). The uploader remembers that per network (``network.RungMemory``, ``batch_path``),
+so after a restart on such a network the first batch goes to ``/v1/batches`` without a refused request.
 
 ``make_client`` picks the route from the agent's settings (explicit ``proxy``, else ``HTTP(S)_PROXY`` and
 ``NO_PROXY`` from the environment, else direct) and builds the TLS context (custom CA; a pin alone replaces
@@ -49,7 +50,10 @@ from flowtunnel.errors import ConfigError
 from flowtunnel.wire import COMPACT_ACK_BYTES, CONTENT_TYPE, AuthenticationFailed, parse_compact_ack
 from flowtunnel.wire.probe import encode_b64url, verify_probe
 
-__all__ = ["CONTENT_TYPE", "PostTransport", "choose_proxy", "find_route", "make_client"]
+__all__ = [
+    "CLASSIC_PATH", "COMPACT_PATH", "CONTENT_TYPE", "PostTransport", "choose_proxy", "find_route",
+    "make_client",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,8 @@ logger = logging.getLogger(__name__)
 TRUST_AFTER_ACK = 60.0
 #: the batch route with the smallest heads both ways (docs/protocol.md section 7)
 COMPACT_PATH = "/v1/b"
+#: the batch route every gateway has, with a content type and the agent id in the head
+CLASSIC_PATH = "/v1/batches"
 #: answers to ``/v1/b`` not from the gateway (no JSON ``error``) after which the agent uses ``/v1/batches``
 _CLASSIC_AFTER = frozenset({400, 403, 404, 405, 415, 501})
 
@@ -253,7 +259,7 @@ class PostTransport:
             # its labels, below), this batch at once.
             logger.info("%s answers HTTP %d to %s: using %s/v1/batches", self._path_name(), resp.status,
                         self._path, self._prefix)
-            self._path = self._prefix + "/v1/batches"
+            self._path = self._prefix + CLASSIC_PATH
             verified = False
         # On /v1/batches: Host and Content-Length (the client's), the content type and the agent id.
         # The label changes when the path refuses one (``labels``): the same sealed body goes again at once
@@ -288,6 +294,16 @@ class PostTransport:
     def compact(self) -> bool:
         """Whether batches go to ``/v1/b`` (the default) rather than ``/v1/batches``."""
         return self._path.endswith(COMPACT_PATH)
+
+    @property
+    def batch_path(self) -> str:
+        """``COMPACT_PATH`` or ``CLASSIC_PATH``: where batches go now (after the gateway URL's path)."""
+        return COMPACT_PATH if self.compact else CLASSIC_PATH
+
+    def use_path(self, path: str | None) -> None:
+        """Send batches to ``path`` (``CLASSIC_PATH``: what worked on this network before, when ``/v1/b``
+        was refused there) or, for None or anything else, to ``/v1/b``."""
+        self._path = self._prefix + (CLASSIC_PATH if path == CLASSIC_PATH else COMPACT_PATH)
 
     def _answer(self, resp: Response, what: str, *, compact: bool = False) -> Answer:
         answer: Answer | None = None
