@@ -30,3 +30,24 @@ def test_the_agent_path_and_sealing_import_no_numpy_nor_the_netflow_decoder() ->
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_agent_path_imports_neither_wsproto_nor_urllib_request_nor_email() -> None:
+    """issue 14: wsproto builds a 64 KiB table at import (~18 ms, ~1.4 MB) and loads with the first WebSocket
+    connection only; the environment's proxy is read by ``proxy.discover`` (``urllib.request`` would bring
+    ``http.client`` and ``email``, ~1.3 MB); ``email.utils`` loads only for a ``Retry-After`` date. Building
+    an uploader's rungs (the ws rung among them) imports none of them either."""
+    code = (
+        "import asyncio, sys, tempfile; from pathlib import Path; import flowtunnel.cli.agent; "
+        "from flowtunnel.agent.service import run_agent; from flowtunnel.agent.uploader import Uploader; "
+        "from flowtunnel.agent.config import AgentConfig; from flowtunnel.log import DurableLog, LogConfig; "
+        "d = Path(tempfile.mkdtemp()); "
+        "cfg = AgentConfig(gateway='http://127.0.0.1:9', spool=d, agent_id='a', key='A' * 43 + '=', "
+        "rungs=('post', 'ws', 'get'), proxy='none'); "
+        "spool = DurableLog(LogConfig(path=d / 's.sqlite', quota_bytes=0)); "
+        "up = Uploader(cfg, bytes(32), spool); asyncio.run(up._build(cfg.gateway)); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('wsproto', 'email', 'http') "
+        "or m == 'urllib.request'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"

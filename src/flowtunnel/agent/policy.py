@@ -7,7 +7,6 @@ so every rule is unit-tested exactly and the asyncio uploader stays a thin loop 
 
 from __future__ import annotations
 
-import email.utils
 import enum
 import math
 from dataclasses import dataclass, field
@@ -65,6 +64,8 @@ def parse_retry_after(value: str | None, *, now: float) -> float | None:
         return None
     if text.isdigit():
         return min(float(text), MAX_RETRY_AFTER)
+    import email.utils  # (an HTTP date is rare: the email package stays off the agent's import)
+
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

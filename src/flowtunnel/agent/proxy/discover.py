@@ -37,6 +37,7 @@ __all__ = [
     "PAC_MAX_BYTES",
     "PacError",
     "ProxyRoute",
+    "env_value",
     "evaluate_pac",
     "find_routes",
     "load_pac",
@@ -211,19 +212,19 @@ def no_proxy_matches(no_proxy: str, host: str, port: int) -> bool:
     return False
 
 
-def _env_get(env: Mapping[str, str], name: str) -> str:
+def env_value(env: Mapping[str, str], name: str) -> str:
     """The lower-case variable first (curl's rule: upper-case HTTP_PROXY is ignored by CGI-safe clients,
     but we accept it as a fallback), then the upper-case one."""
     return (env.get(name.lower()) or env.get(name.upper()) or "").strip()
 
 
 def _env_route(env: Mapping[str, str], scheme: str, host: str, port: int) -> ProxyRoute | None:
-    if no_proxy_matches(_env_get(env, "no_proxy"), host, port):
+    if no_proxy_matches(env_value(env, "no_proxy"), host, port):
         return ProxyRoute(proxy=None, source="env")
     name = "https_proxy" if scheme in ("https", "wss") else "http_proxy"
-    value = _env_get(env, name)
+    value = env_value(env, name)
     if not value:
-        name, value = "all_proxy", _env_get(env, "all_proxy")
+        name, value = "all_proxy", env_value(env, "all_proxy")
     if not value:
         return None
     try:

@@ -24,13 +24,18 @@ import logging
 import os
 import ssl
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit
 
 from flowtunnel.agent.config import AgentConfig, mask_url
 from flowtunnel.agent.proxy.auth import ProxyCredentials
-from flowtunnel.agent.proxy.discover import ProxyRoute, find_routes, no_proxy_matches, parse_proxy_url
+from flowtunnel.agent.proxy.discover import (
+    ProxyRoute,
+    env_value,
+    find_routes,
+    no_proxy_matches,
+    parse_proxy_url,
+)
 from flowtunnel.agent.transport.answers import Acked, Answer, Hints, Rejected, Retry, error_text, from_http
 from flowtunnel.agent.transport.http11 import (
     ConnectFailed,
@@ -71,13 +76,15 @@ _CLASSIC_AFTER = frozenset({400, 403, 404, 405, 415, 501})
 
 def choose_proxy(gateway: str, explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
     """The proxy URL (with any credentials) for ``gateway``: ``explicit``, else the environment's
-    ``HTTPS_PROXY``/``HTTP_PROXY`` for the gateway's scheme unless ``NO_PROXY`` names its host; else None."""
+    ``HTTPS_PROXY``/``HTTP_PROXY`` for the gateway's scheme (then ``ALL_PROXY``; lower-case names first)
+    unless ``NO_PROXY`` names its host; else None. The environment is read by ``proxy.discover``'s rules,
+    the same as every route search's (not ``urllib.request``'s, whose import brings ``http.client`` and
+    ``email``)."""
     if explicit:
         return explicit
-    proxies = (urllib.request.getproxies_environment() if env is None else
-               {k.lower().removesuffix("_proxy"): v for k, v in env.items() if k.lower().endswith("_proxy")})
+    env = os.environ if env is None else env
     parts = urlsplit(gateway)
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    proxy = env_value(env, f"{parts.scheme}_proxy") or env_value(env, "all_proxy")
     if not proxy:
         return None
     # One reading of NO_PROXY for every route search (discover's: domains, addresses, CIDR blocks, ports).
@@ -85,7 +92,7 @@ def choose_proxy(gateway: str, explicit: str | None, env: Mapping[str, str] | No
         port = parts.port
     except ValueError:
         port = None
-    if no_proxy_matches(proxies.get("no", ""), parts.hostname or "",
+    if no_proxy_matches(env_value(env, "no_proxy"), parts.hostname or "",
                         port or (443 if parts.scheme == "https" else 80)):
         return None
     return proxy
