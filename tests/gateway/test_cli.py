@@ -15,7 +15,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from flowtunnel.agent.config import AgentConfig
 from flowtunnel.cli import main
+from flowtunnel.config import load_settings
 from flowtunnel.gateway import Registry
 from flowtunnel.gateway.status import render
 from flowtunnel.wire import parse_key
@@ -51,6 +53,26 @@ def test_enroll_text_prints_a_usable_agent_config(tmp_path: Path, capsys: pytest
     assert entry is not None
     assert parse_key(cfg["key"]) == entry.key
     assert "flowtunnel agent --gateway https://gw.example:8443" in out
+
+
+def test_enroll_with_several_gateway_urls_prints_them_all_as_the_agent_config_takes_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cluster's gateways (``--gateway-url`` repeated, or comma-separated): the printed config lists them
+    all as a TOML array, which the agent's config loader reads as its gateways, best first; the command line
+    repeats ``--gateway``."""
+    urls = ["https://gw1.example:8443", "https://gw2.example:8443", "https://gw3.example:8443"]
+    argv = ["enroll", "site-a", "--data", str(tmp_path), "--key-file", str(tmp_path / "site-a.key"),
+            "--gateway-url", urls[0], "--gateway-url", f"{urls[1]},{urls[2]}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    toml_text = out[out.index("[agent]") : out.index("# or on the command line")]
+    assert tomllib.loads(toml_text)["agent"]["gateway"] == urls
+    conf = tmp_path / "agent.toml"
+    conf.write_text(toml_text.replace("/etc/flowtunnel/agent.key", str(tmp_path / "site-a.key")))
+    cfg = load_settings(AgentConfig, section="agent", config_file=conf)
+    assert cfg.gateways == tuple(urls)
+    assert "flowtunnel agent " + " ".join(f"--gateway {u}" for u in urls) in out
 
 
 def test_enroll_twice_revoke_and_rotate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -157,8 +157,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _data_flag(enroll)
     enroll.add_argument("--rotate", action="store_true",
                         help="issue a new key to an existing agent (the old key stops working)")
-    enroll.add_argument("--gateway-url", default=None, metavar="URL",
-                        help="gateway URL to put in the printed agent config (default http://HOST:PORT)")
+    enroll.add_argument("--gateway-url", action="append", default=None, metavar="URL",
+                        help="gateway URL to put in the printed agent config (default http://HOST:PORT); "
+                        "repeatable (or comma-separated) for the gateways of one cluster (--journal): the "
+                        "agent config lists them all, best first")
     enroll.add_argument("--format", choices=["text", "json"], default="text",
                         help="json: one line {\"agent_id\": ..., \"key\": ...}")
     enroll.add_argument("--key-file", type=Path, default=None, metavar="PATH",
@@ -359,10 +361,13 @@ def _run_enroll(args: argparse.Namespace) -> int:
             "agent_id": entry.agent_id, "key": key}
         print(json.dumps(doc))
         return 0
-    url = args.gateway_url or _default_gateway_url()
+    urls = [u.strip() for text in args.gateway_url or () for u in text.split(",") if u.strip()]
+    urls = list(dict.fromkeys(urls)) or [_default_gateway_url()]
     verb = "re-keyed" if args.rotate else "enrolled"
-    cmd = ["flowtunnel", "agent", "--gateway", url, "--listen", "udp://127.0.0.1:2055", "--spool",
-           AGENT_SPOOL, "--agent-id", entry.agent_id]
+    cmd = ["flowtunnel", "agent", *(a for u in urls for a in ("--gateway", u)), "--listen",
+           "udp://127.0.0.1:2055", "--spool", AGENT_SPOOL, "--agent-id", entry.agent_id]
+    # One gateway as a string; several (a cluster's, one journal) as the TOML array the agent reads.
+    gateway = json.dumps(urls[0]) if len(urls) == 1 else f"[{', '.join(json.dumps(u) for u in urls)}]"
     if key_file is not None:
         head = (f"agent {entry.agent_id} {verb} in {data}\n"
                 f"key written to {key_file} (mode 0600): copy it to the agent box as {AGENT_KEY_FILE}\n")
@@ -380,7 +385,7 @@ def _run_enroll(args: argparse.Namespace) -> int:
         + "\n"
         + f"# agent config (TOML), e.g. /etc/flowtunnel/agent.toml{private}\n"
         "[agent]\n"
-        f"gateway = {json.dumps(url)}\n"
+        f"gateway = {gateway}\n"
         "listen = [\"udp://127.0.0.1:2055\"]\n"
         f"spool = {json.dumps(AGENT_SPOOL)}\n"
         f"agent_id = {json.dumps(entry.agent_id)}\n"
