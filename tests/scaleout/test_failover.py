@@ -249,6 +249,7 @@ async def test_agent_moves_to_its_second_gateway_when_the_first_is_killed(
         _, err = agent.communicate(timeout=30)
         assert agent.returncode == 0, err.decode()
     log = err.decode()
-    assert f"gateway {g1} -> {g2}: " in log
-    assert log.count(f"gateway {g1} -> {g2}: ") == 1  # each move logged once
+    moved = f"): moving to gateway {g2} at once"
+    assert f"gateway {g1} failed (" in log
+    assert log.count(moved) == 1  # each move logged once
     _assert_exactly_once(await read_stream(parse_journal_url(single.url)), payloads)

@@ -732,13 +732,13 @@ class Uploader:
                 self._ladder.use(winner, now=self._clock())
         sent, answer = outcomes.get(chosen) or outcomes[next(iter(outcomes))]
         action = self._delivery.answer(sent, answer, draw=self._draw(), now=self._clock())
-        self._emit(action.notes)
         self._sync_stats()
         if isinstance(action, Commit):
+            self._emit(action.notes)
             self._failover.after(answer, None, now=self._clock())
         if not isinstance(action, Commit):
             self._race = True  # still nothing known about this network: race again next time
-            raise _Failed(action.cause, await self._failover_after(answer, action))
+            raise _Failed(action.cause, await self._failover_after(answer, action))  # logs the notes
         return action.acked
 
     async def _resync(self) -> None:
@@ -795,10 +795,11 @@ class Uploader:
         answer = await transport.exchange(body, hints)
         elapsed = time.monotonic() - started
         action = self._delivery.answer(sent, answer, draw=self._draw(), now=self._clock())
-        self._emit(action.notes)
         self._sync_stats()
         switch = self._ladder.after(answer, None if isinstance(action, Commit) else action.cause,
                                     now=self._clock())
+        if switch is not None or isinstance(action, Commit):
+            self._emit(action.notes)  # a failure's notes otherwise wait for the gateway's choice, below
         if switch is not None:
             self._switched(switch)
             if not isinstance(action, Commit):
@@ -834,13 +835,21 @@ class Uploader:
 
     async def _failover_after(self, answer: Answer, action: Wait) -> float:
         """After a failed exchange: move to another gateway if the failure was the gateway's; the wait
-        before the next attempt (none when the next gateway has not failed since the last ack)."""
+        before the next attempt (none when the next gateway has not failed since the last ack). Logs the
+        delivery protocol's notes on the failure, except its "retrying with backoff" when the next gateway
+        is tried at once: the move's own line says what happens."""
         if self._ladder.current == "dns":
+            self._emit(action.notes)
             return action.delay  # the dns rung reaches the cluster by the zone, whatever the gateway URL
         move = self._failover.after(answer, action.cause, now=self._clock())
         if move is None or not await self._move(move):
+            self._emit(action.notes)
             return action.delay
-        return 0.0 if move.at_once else action.delay
+        if not move.at_once:
+            self._emit(action.notes)
+            return action.delay
+        self._emit([note for note in action.notes if not note.backoff])
+        return 0.0
 
     async def _move(self, move: Move) -> bool:
         """Use gateway ``move.new`` from now on (building its rungs the first time); False when its rungs
@@ -854,8 +863,11 @@ class Uploader:
                 return False
         # Each move is logged once, with its reason; while every gateway keeps failing (the cluster is
         # down, or this network reaches none), the rounds after the first are counted, not logged.
-        if move.round == 0:
-            logger.warning("gateway %s -> %s: %s", move.old, move.new, move.reason)
+        if move.round == 0 and not move.failed:
+            logger.info("moving to gateway %s: %s", move.new, move.reason)
+        elif move.round == 0:
+            logger.warning("gateway %s failed (%s): moving to gateway %s at once", move.old, move.reason,
+                           move.new)
         elif move.round == 1 and not move.at_once:
             logger.warning("every gateway failed since the last acknowledgement (%s: %s): trying them in "
                            "turn, one per backoff", move.old, move.reason)

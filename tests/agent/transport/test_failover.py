@@ -105,7 +105,7 @@ def test_back_to_the_first_gateway_after_a_while() -> None:
     assert fo.before(599.0) is None
     back = fo.before(600.0)
     assert back == Move(old=C, new=A, reason="back to the first gateway after 600 s on https://gw-c",
-                        at_once=True)
+                        at_once=True, failed=False)
     assert fo.before(2000.0) is None  # on the first: nothing to go back to
     # Still down: away again at once, to B (it has not failed since the last acknowledgement).
     move = fo.after(fail("connection:refused"), "connection:refused", now=601.0)

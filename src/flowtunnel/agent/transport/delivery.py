@@ -46,11 +46,13 @@ CUTS_FOR_LIMIT = 2
 @dataclass(frozen=True, kw_only=True)
 class Note:
     """A log line for the caller to emit: ``level`` (logging.INFO...), the text, and ``once``: a cause name
-    when only its first occurrence is worth a warning."""
+    when only its first occurrence is worth a warning; ``backoff``: the line says the next attempt waits a
+    backoff (a caller that tries again at once elsewhere, another gateway, says that instead)."""
 
     level: int
     text: str
     once: str | None = None
+    backoff: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -332,7 +334,7 @@ class Delivery:
                                   draw=draw)
             if after is not None:
                 delay = after
-            note = Note(level=logging.WARNING, once=cause,
+            note = Note(level=logging.WARNING, once=cause, backoff=True,
                         text=f"upload failed ({detail}); retrying with backoff")
         self.consecutive_failures += 1
         return Wait(delay=delay, cause=cause, notes=(note,))

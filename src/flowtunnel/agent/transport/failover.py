@@ -38,13 +38,15 @@ _HTTP_5XX = re.compile(r"http-5\d\d")
 class Move:
     """Move from gateway ``old`` to ``new`` because ``reason``; ``at_once``: try it without waiting (it has
     not failed since the last acknowledgement); ``round``: how many times every gateway failed since the last
-    acknowledgement (0: this is the first time round; the caller logs later rounds quietly)."""
+    acknowledgement (0: this is the first time round; the caller logs later rounds quietly); ``failed``:
+    ``old`` failed (``reason`` says how), else the agent goes back to the first gateway after a while."""
 
     old: str
     new: str
     reason: str
     at_once: bool
     round: int = 0
+    failed: bool = True
 
 
 def gateway_failure(answer: Answer) -> str | None:
@@ -88,7 +90,7 @@ class Failover:
         self.index = 0
         self._since = None
         self.moves += 1
-        return Move(old=old, new=self.current, at_once=True,
+        return Move(old=old, new=self.current, at_once=True, failed=False,
                     reason=f"back to the first gateway after {self.return_after:.0f} s on {old}")
 
     def after(self, answer: Answer, cause: str | None, *, now: float) -> Move | None:
