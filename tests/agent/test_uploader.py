@@ -1029,12 +1029,13 @@ async def test_a_gateway_that_answers_resyncs_but_refuses_every_batch_is_not_rep
     async with gateway_factory(data, retry_after=1) as gw:
         journal = gw.journal
         assert journal is not None
-        real_append = journal.append
+        # The gateway's group commit writes through append_group: that is where the journal is "full".
+        real_append = journal.append_group
 
         def full(*args: Any, **kwargs: Any) -> Any:
             raise LogFull("journal full (test)", path=str(journal.path))
 
-        journal.append = full  # type: ignore[method-assign]
+        journal.append_group = full  # type: ignore[method-assign]
         async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
             await eventually(lambda: up.stats.failures["http-503"] >= 3, "several 503s")
             assert up.stats.resyncs >= 3  # every one of them answered 200
@@ -1046,7 +1047,7 @@ async def test_a_gateway_that_answers_resyncs_but_refuses_every_batch_is_not_rep
             doc = {"kind": "agent", "upload": up.status(), "backlog": {"datagrams": len(sent)}}
             text = render_status(doc, now=up.stats.unacked_since + 42)
             assert "NOT ACKNOWLEDGED for 42 s" in text
-            journal.append = real_append  # type: ignore[method-assign]
+            journal.append_group = real_append  # type: ignore[method-assign]
             await eventually(lambda: spool.cursor(CURSOR) == len(sent), "delivered once the journal has room")
             assert up.stats.consecutive_failures == 0
             assert up.stats.unacked_since is None
