@@ -212,6 +212,21 @@ def open_query(
         return
     limits = limits or QueryLimits()
     conn = connect_direct(paths, limits=limits)
+    try:
+        with _sandboxed(conn, sql, params, timeout=timeout, limits=limits) as result:
+            yield result
+    finally:
+        conn.close()
+
+
+@contextmanager
+def _sandboxed(
+    conn: duckdb.DuckDBPyConnection, sql: str, params: Sequence[object], *, timeout: float,
+    limits: QueryLimits,
+) -> Iterator[QueryResult]:
+    """Run ``sql`` on a cursor of the locked ``conn`` inside the sandbox's read-only transaction, interrupted
+    after ``timeout`` s; DuckDB's refusals become ``QueryError``. The DuckDB store and the Parquet store
+    share it, so their queries are bounded the same way."""
     cursor = conn.cursor()
     timer = threading.Timer(timeout, cursor.interrupt)  # the query's own connection, not its parent
     timer.daemon = True
@@ -228,7 +243,9 @@ def open_query(
         yield QueryResult(columns=columns, types=types, rows=iterate(cursor, timeout, limits))
     finally:
         timer.cancel()
-        conn.close()
+        # Closed here, before the caller closes the connection: a cursor left to the garbage collector
+        # outlives its connection and aborts the interpreter at exit ("exception not rethrown").
+        cursor.close()
 
 
 #: The files of a Parquet store (``flowtunnel sink parquet``, ``gateway --parquet``) under its directory.
@@ -279,22 +296,8 @@ def open_parquet_query(
             sandbox.lock(conn, allowed_directories=[directory])
         except duckdb.Error as exc:
             raise StoreError(f"cannot read the Parquet store at {directory}: {exc}") from None
-        cursor = conn.cursor()
-        timer = threading.Timer(timeout, cursor.interrupt)
-        timer.daemon = True
-        try:
-            sandbox.begin(cursor, limits)
-            timer.start()
-            try:
-                cursor.execute(sql, list(params))
-            except duckdb.InterruptException:
-                raise QueryError(_interrupted(timeout)) from None
-            except duckdb.Error as exc:
-                raise QueryError(sandbox.error_text(exc, limits)) from None
-            columns, types = describe(cursor)
-            yield QueryResult(columns=columns, types=types, rows=iterate(cursor, timeout, limits))
-        finally:
-            timer.cancel()
+        with _sandboxed(conn, sql, params, timeout=timeout, limits=limits) as result:
+            yield result
     finally:
         conn.close()
 
