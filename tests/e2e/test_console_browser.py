@@ -105,14 +105,27 @@ def browser() -> Iterator[Any]:
 
 
 def wait_for(driver: Any, cond: Any, what: str, timeout: float = 20.0) -> Any:
-    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+    from selenium.common.exceptions import (
+        StaleElementReferenceException,
+        TimeoutException,
+        WebDriverException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
+
+    def look(d: Any) -> Any:
+        try:
+            return cond(d)
+        except WebDriverException as exc:
+            # Chromium reports an element replaced during a navigation this way too, not only as stale.
+            if "does not belong to the document" in str(exc.msg):
+                return False
+            raise
 
     # Elements vanish while a page loads or a poll rebuilds a table: look again.
     ignored = (IndexError, StaleElementReferenceException)
     try:
         return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=ignored).until(
-            cond, message=what)
+            look, message=what)
     except TimeoutException:
         shown = [e.text for e in css(driver, "#error")]
         logs = driver.get_log("browser")
