@@ -22,6 +22,7 @@ from flowtunnel.journal.jetstream import (
     _reason,
     agent_of,
     create_retrying,
+    retry_unheard,
     subject_token,
     wait_for_leader,
 )
@@ -91,7 +92,7 @@ class KvRegistry:
         from nats.js.errors import KeyNotFoundError
 
         try:
-            e = await self.kv.get(subject_token(agent_id))
+            e = await retry_unheard(lambda: self.kv.get(subject_token(agent_id)))
         except KeyNotFoundError:
             return None
         return _decode(agent_id, e.value), int(e.revision)
@@ -105,11 +106,12 @@ class KvRegistry:
                               "(use --rotate to issue a new key; the old one stops working)")
         created = old[0].created_at if old is not None else ts
         entry = AgentEntry(agent_id=agent_id, key=generate_key(), created_at=created, updated_at=ts)
+        key, value = subject_token(agent_id), _encode(entry)
         try:
             if old is None:
-                await self.kv.create(subject_token(agent_id), _encode(entry))
+                await retry_unheard(lambda: self.kv.create(key, value))
             else:
-                await self.kv.update(subject_token(agent_id), _encode(entry), last=old[1])
+                await retry_unheard(lambda: self.kv.update(key, value, last=old[1]))
         except Exception as exc:
             raise RegistryError(f"cannot enrol {agent_id!r} in bucket {self.bucket}: {_reason(exc)} "
                                 "(enrolled or changed at the same moment elsewhere?)") from None
@@ -126,7 +128,7 @@ class KvRegistry:
         ts = time.time()
         new = AgentEntry(agent_id=agent_id, key=entry.key, created_at=entry.created_at, updated_at=ts,
                          revoked_at=ts)
-        await self.kv.update(subject_token(agent_id), _encode(new), last=rev)
+        await retry_unheard(lambda: self.kv.update(subject_token(agent_id), _encode(new), last=rev))
         return new
 
     async def list(self) -> list[AgentEntry]:

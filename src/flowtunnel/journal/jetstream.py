@@ -28,7 +28,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from flowtunnel.datagram import Datagram, make_datagram
 from flowtunnel.errors import ConfigError
@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("flowtunnel.journal.jetstream")
+
+T = TypeVar("T")
 
 H_EXPECTED = "Nats-Expected-Last-Subject-Sequence"
 H_MSG_ID = "Nats-Msg-Id"
@@ -283,6 +285,23 @@ async def create_retrying(make: Callable[[], Awaitable[Any]], *, attempts: int =
                 raise
             await asyncio.sleep(1.0)
     raise AssertionError("unreachable")
+
+
+async def retry_unheard(make: Callable[[], Awaitable[T]], *, within: float = 10.0) -> T:
+    """``make()``, again while the cluster answers "no response from stream": no server had the stream's
+    interest yet (a stream or bucket just created or just given a new leader, its interest still crossing the
+    cluster's routes), so nothing was stored and a retry cannot double anything. Other errors propagate."""
+    from nats.js.errors import NoStreamResponseError
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        try:
+            return await make()
+        except NoStreamResponseError:
+            if loop.time() >= deadline:
+                raise
+            await asyncio.sleep(0.1)
 
 
 async def wait_for_leader(js: Any, stream: str, *, within: float = 15.0) -> None:
@@ -587,9 +606,13 @@ class JetStreamJournal:
             try:
                 # Our own bound besides the library's: while it reconnects, nats-py can queue the publish
                 # behind a flush that never completes, and the request would wait with no timer at all.
-                async with asyncio.timeout(cfg.publish_timeout + 1.0):
-                    ack = await self.js.publish(subject, payload, timeout=cfg.publish_timeout,
-                                                headers=headers)
+                # "No response from stream" (nothing stored: no server had the stream's interest yet) is
+                # retried at once within one publish timeout, without counting as an attempt.
+                async with asyncio.timeout(2 * cfg.publish_timeout + 1.0):
+                    ack = await retry_unheard(
+                        lambda: self.js.publish(subject, payload, timeout=cfg.publish_timeout,
+                                                headers=headers),
+                        within=cfg.publish_timeout)
             except APIError as exc:
                 code = getattr(exc, "err_code", None)
                 if code == ERR_WRONG_LAST_SEQ:
