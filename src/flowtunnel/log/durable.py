@@ -91,6 +91,15 @@ _UPSERT_META_N = (
     "INSERT INTO meta (key, value) VALUES {} ON CONFLICT(key) DO UPDATE SET value = excluded.value"
 )
 _UPSERT_STATE = _UPSERT.format("state (key, value)", "key", "value", "value")
+
+
+def _commit_counters(db: sqlite3.Connection, meta: list[object], state: Mapping[str, int] | None) -> None:
+    """End an append's transaction: the counters that changed (``meta``: name, value, name, value, ...) in
+    one statement, the caller's state, then COMMIT (a single append and a group commit end alike)."""
+    db.execute(_UPSERT_META_N.format(", ".join(["(?, ?)"] * (len(meta) // 2))), meta)
+    if state:
+        db.executemany(_UPSERT_STATE, [(k, int(v)) for k, v in state.items()])
+    db.execute("COMMIT")
 _DELETE_STATE = "DELETE FROM state WHERE key = ?"
 _UPSERT_CURSOR = _UPSERT.format("cursors (name, seq)", "name", "seq", "seq")
 _SELECT = (
@@ -681,11 +690,7 @@ class DurableLog:
                         state.update(part.state)
                 bytes_now = self._bytes + stored
                 entries_now = self._entries + entries
-                db.execute(_UPSERT_META_N.format("(?, ?), (?, ?), (?, ?)"),
-                           ("next_seq", seq, "bytes", bytes_now, "entries", entries_now))
-                if state:
-                    db.executemany(_UPSERT_STATE, [(k, int(v)) for k, v in state.items()])
-                db.execute("COMMIT")
+                _commit_counters(db, ["next_seq", seq, "bytes", bytes_now, "entries", entries_now], state)
             except BaseException:
                 self._rollback()
                 raise
@@ -811,10 +816,7 @@ class DurableLog:
                 meta += ["dropped_oldest", dropped_total]
             if refused_total != self._refused:
                 meta += ["refused", refused_total]
-            db.execute(_UPSERT_META_N.format(", ".join(["(?, ?)"] * (len(meta) // 2))), meta)
-            if state:
-                db.executemany(_UPSERT_STATE, [(k, int(v)) for k, v in state.items()])
-            db.execute("COMMIT")
+            _commit_counters(db, meta, state)
         except BaseException:
             self._rollback()
             raise
