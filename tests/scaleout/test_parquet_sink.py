@@ -5,7 +5,6 @@ agents write disjoint files, and ``query --parquet`` answers like ``query --data
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import signal
 import subprocess
@@ -21,9 +20,11 @@ from flowtunnel.store.query import open_parquet_query
 from tests.natscluster import NatsCluster
 from tests.scaleout.util import (
     ROW_SQL,
+    consumer_floor,
     demo_datagrams,
     feed_two_gateways,
     reference_rows,
+    run_sink_until,
     sink_position,
 )
 
@@ -45,15 +46,6 @@ async def _until_position(proc: subprocess.Popen[bytes], status: Path, last: int
         await asyncio.sleep(0.1)
 
 
-async def _consumer_floor(cfg: Any, name: str) -> int:
-    reader = JetStreamReader(cfg, name)
-    await reader.open()
-    try:
-        return reader.cursor(name)
-    finally:
-        await reader.close()
-
-
 async def test_a_parquet_sink_killed_between_rename_and_ack_writes_nothing_twice(
     cluster: NatsCluster, tmp_path: Path
 ) -> None:
@@ -64,36 +56,20 @@ async def test_a_parquet_sink_killed_between_rename_and_ack_writes_nothing_twice
     out = tmp_path / "pq"
 
     async def run(*, ack: bool) -> ParquetSink:
-        reader = JetStreamReader(cfg, "parquet")
-        await reader.open()
-        if not ack:
-            async def no_ack() -> None:  # the process dies after its files are renamed, before any ack
-                return None
-            reader._ack_now = no_ack  # type: ignore[method-assign]
+        # ack=False: the process dies after its files are renamed, before any ack
         sink = ParquetSink(out=out, flush_interval=0.0, flush_records=200, read_limit=100)
-        task = asyncio.get_running_loop().create_task(sink.run(reader, reader))
-        try:
-            deadline = time.monotonic() + 60
-            while sink.cursor < last or (ack and reader.status()["acked"] != last):
-                assert not task.done(), task
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await reader.close()
+        await run_sink_until(sink, cfg, "parquet", last, ack=ack)
         return sink
 
     first = await run(ack=False)
     files = scan_files(out, "parquet")
     assert first.rows_added > 0
     assert len(files) > 1
-    assert await _consumer_floor(cfg, "parquet") == 0  # nothing acknowledged: everything is delivered again
+    assert await consumer_floor(cfg, "parquet") == 0  # nothing acknowledged: everything is delivered again
     second = await run(ack=True)
     assert second.rows_added == 0  # every range is in a file already
     assert scan_files(out, "parquet") == files
-    assert await _consumer_floor(cfg, "parquet") == last
+    assert await consumer_floor(cfg, "parquet") == last
     assert parquet_rows(out) == await reference_rows(tmp_path, agents)
 
 
@@ -210,4 +186,4 @@ async def test_reading_ahead_acknowledges_nothing(single: NatsCluster, tmp_path:
         assert reader.status()["acked"] == 2
     finally:
         await reader.close()
-    assert await _consumer_floor(cfg, "ahead") == 2
+    assert await consumer_floor(cfg, "ahead") == 2

@@ -4,7 +4,6 @@ stopped between its DuckDB commit and its acknowledgement to the stream."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -14,16 +13,18 @@ from pathlib import Path
 
 import aiohttp
 
-from flowtunnel.journal.jetstream import JetStreamReader, parse_journal_url
+from flowtunnel.journal.jetstream import parse_journal_url
 from flowtunnel.store import StoreSink
 from tests.gateway.util import post_batch, seal
 from tests.natscluster import NatsCluster
 from tests.scaleout.util import (
+    consumer_floor,
     demo_datagrams,
     enroll_kv,
     feed_two_gateways,
     read_stream,
     reference_rows,
+    run_sink_until,
     sink_position,
     start_shared_gateway,
     store_rows,
@@ -65,44 +66,19 @@ async def test_a_sink_stopped_between_commit_and_ack_stores_nothing_twice(
     data = tmp_path / "store"
 
     async def run(*, ack: bool) -> StoreSink:
-        reader = JetStreamReader(cfg, "store")
-        await reader.open()
-        if not ack:
-            async def no_ack() -> None:  # the process dies after DuckDB's commit, before the ack
-                return None
-            reader._ack_now = no_ack  # type: ignore[method-assign]
+        # ack=False: the process dies after DuckDB's commit, before the ack
         sink = StoreSink(data_dir=data, query_socket=False, batch_interval=0.0)
-        task = asyncio.get_running_loop().create_task(sink.run(reader, reader))
-        try:
-            deadline = time.monotonic() + 60
-            while sink.cursor < last or (ack and reader.status()["acked"] != last):
-                assert not task.done(), task
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            await reader.close()
+        await run_sink_until(sink, cfg, "store", last, ack=ack)
         return sink
 
     first = await run(ack=False)
     assert first.rows_added > 0
-    ci = await _consumer_floor(cfg)
+    ci = await consumer_floor(cfg, "store")
     assert ci == 0  # nothing was acknowledged: the whole stream is delivered again
     second = await run(ack=True)
     assert second.rows_added == 0  # all skipped by DuckDB's position
-    assert await _consumer_floor(cfg) == last
+    assert await consumer_floor(cfg, "store") == last
     assert store_rows(data / "store" / "flows.duckdb") == await reference_rows(tmp_path, agents)
-
-
-async def _consumer_floor(cfg) -> int:  # type: ignore[no-untyped-def]
-    reader = JetStreamReader(cfg, "store")
-    await reader.open()
-    try:
-        return reader.cursor("store")
-    finally:
-        await reader.close()
 
 
 async def test_a_sink_reads_large_messages_without_stalling(single: NatsCluster, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,37 @@ def sink_position(status: Path, pid: int) -> int:
     if doc.get("pid") != pid:
         return 0
     return int(doc.get("sink_status", {}).get("cursor", 0))
+
+
+async def consumer_floor(config: JetStreamConfig, name: str) -> int:
+    """What the durable consumer ``name`` has acknowledged (its reader's starting cursor)."""
+    reader = JetStreamReader(config, name)
+    await reader.open()
+    try:
+        return reader.cursor(name)
+    finally:
+        await reader.close()
+
+
+async def run_sink_until(sink: Any, config: JetStreamConfig, name: str, last: int, *, ack: bool) -> None:
+    """Run ``sink`` on a reader of consumer ``name`` until its cursor reaches ``last`` (and, with ``ack``, the
+    consumer acknowledged it), then stop it. ``ack=False``: the reader never acknowledges, as a process killed
+    after its side effect and before its ack."""
+    reader = JetStreamReader(config, name)
+    await reader.open()
+    if not ack:
+        async def no_ack() -> None:
+            return None
+        reader._ack_now = no_ack  # type: ignore[method-assign]
+    task = asyncio.get_running_loop().create_task(sink.run(reader, reader))
+    try:
+        deadline = time.monotonic() + 60
+        while sink.cursor < last or (ack and reader.status()["acked"] != last):
+            assert not task.done(), task
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await reader.close()
