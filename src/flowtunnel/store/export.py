@@ -21,7 +21,8 @@ from typing import Final
 from flowtunnel.store.filter import compile_filter
 
 __all__ = [
-    "STAGING_PREFIX", "export_sql", "install_partitions", "new_staging", "remove_staging", "since_clause",
+    "STAGING_PREFIX", "export_sql", "fsync_dir", "install_partitions", "new_staging", "remove_staging",
+    "since_clause",
 ]
 
 STAGING_PREFIX: Final = ".flowtunnel-export-"
@@ -121,8 +122,8 @@ def install_partitions(staging: Path, target: Path) -> None:
         for old in dest.iterdir():
             if old.is_file() and old.suffix == ".parquet" and old.name not in placed:
                 old.unlink()
-        _fsync_dir(dest)
-    _fsync_dir(target)
+        fsync_dir(dest)
+    fsync_dir(target)
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -151,7 +152,8 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (the export's partitions, the Parquet sink's files)."""
     with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; rename still holds
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -49,6 +49,7 @@ from flowtunnel.netflow import DecoderConfig
 from flowtunnel.statusfile import write_json_atomic
 from flowtunnel.store.decoding import FlowDecoding
 from flowtunnel.store.errors import StoreError
+from flowtunnel.store.export import fsync_dir
 from flowtunnel.store.normalize import FlowColumns
 from flowtunnel.store.schema import FLOW_COLUMNS
 
@@ -129,15 +130,6 @@ def in_shard(agent: str, shard: tuple[int, int]) -> bool:
     """Whether ``agent`` belongs to shard (I, N): CRC-32 of its id modulo N is I - 1."""
     index, count = shard
     return count == 1 or zlib.crc32(agent.encode()) % count == index - 1
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # some filesystems refuse fsync on directories; rename still holds
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @dataclass(slots=True)
@@ -443,7 +435,7 @@ class ParquetSink:
             finally:
                 os.close(fd)
             os.replace(tmp, directory / name)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except (OSError, duckdb.Error) as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -470,7 +462,7 @@ class ParquetSink:
         }
         try:
             write_json_atomic(self.state_path, doc)
-            _fsync_dir(self.state_path.parent)
+            fsync_dir(self.state_path.parent)
         except OSError as exc:
             raise StoreError(f"parquet sink {self.writer}: writing {self.state_path} failed: "
                              f"{exc.strerror or exc}") from None
