@@ -22,6 +22,7 @@ __all__ = [
     "OnceLogger",
     "TaskSet",
     "cancel_and_wait",
+    "finish_then_cancel",
     "limit_malloc_arenas",
     "run_daemon",
     "setup_logging",
@@ -176,6 +177,16 @@ class TaskSet:
         for task in stuck:
             logging.getLogger("flowtunnel").error(
                 "task %s did not stop within %g s of its cancellation; left behind", task.get_name(), grace)
+
+
+async def finish_then_cancel(fut: asyncio.Future[T]) -> T:
+    """``await fut``; if the caller is cancelled meanwhile, wait for ``fut`` to end first (work handed to a
+    thread cannot be stopped half-way: a commit finishes, then the cancellation goes on)."""
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        await asyncio.wait([fut])
+        raise
 
 
 async def cancel_and_wait(

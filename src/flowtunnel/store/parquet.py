@@ -46,6 +46,7 @@ import duckdb
 
 from flowtunnel.errors import ConfigError
 from flowtunnel.netflow import DecoderConfig
+from flowtunnel.runtime import finish_then_cancel
 from flowtunnel.statusfile import write_json_atomic
 from flowtunnel.store.decoding import FlowDecoding
 from flowtunnel.store.errors import StoreError
@@ -281,12 +282,7 @@ class ParquetSink:
     async def _work(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn`` on the worker thread; if cancelled meanwhile, let it finish first."""
         assert self._executor is not None
-        fut = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            await asyncio.wait([fut])
-            raise
+        return await finish_then_cancel(asyncio.get_running_loop().run_in_executor(self._executor, fn, *args))
 
     # --- the worker thread ------------------------------------------------------------------------------
 

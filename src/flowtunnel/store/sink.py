@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from flowtunnel.log import LogError
 from flowtunnel.netflow import DecoderConfig
-from flowtunnel.runtime import OnceLogger
+from flowtunnel.runtime import OnceLogger, finish_then_cancel
 from flowtunnel.store.db import FlowDatabase, StoredState
 from flowtunnel.store.decoding import FlowDecoding
 from flowtunnel.store.errors import StoreError
@@ -201,7 +201,7 @@ class StoreSink:
     async def _committed(self, commit: asyncio.Future[None], journal: JournalReader) -> bool:
         """Wait for a commit; on failure reload the committed state (the batch decoded since is dropped)."""
         try:
-            await self._shielded(commit)
+            await finish_then_cancel(commit)
         except StoreError as exc:
             self.commit_failures += 1
             self.last_error = str(exc)
@@ -242,15 +242,8 @@ class StoreSink:
         self, fn: Callable[..., T], *args: Any, executor: concurrent.futures.Executor | None = None
     ) -> T:
         """Run ``fn`` on the writer thread (or ``executor``); if cancelled meanwhile, let it finish first."""
-        return await self._shielded(self._start(fn, *args, executor=executor))
+        return await finish_then_cancel(self._start(fn, *args, executor=executor))
 
-    @staticmethod
-    async def _shielded(fut: asyncio.Future[T]) -> T:
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            await asyncio.wait([fut])
-            raise
 
     # --- the writer thread ------------------------------------------------------------------------------
 
