@@ -11,16 +11,18 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.errors import ConfigError
 from flowtunnel.gateway import Gateway, Registry
 from flowtunnel.gateway.console.auth import COOKIE_NAME, OperatorAuth, read_token_file, same_origin
 from flowtunnel.gateway.console.data import MAX_RANGE, AgentThresholds, agent_state, parse_range
-from flowtunnel.gateway.console.routes import CSP
+from flowtunnel.gateway.console.routes import CSP, GuardSettings, operator_access
 from flowtunnel.netflow import encode_v5
 from tests.gateway.util import enroll, post_batch, seal, start_gateway
 
@@ -250,6 +252,28 @@ def test_sessions_expire_and_the_token_never_shows_in_the_repr() -> None:
     assert auth.bearer_ok(f"Bearer {TOKEN}")
     assert not auth.bearer_ok(TOKEN)
     assert not auth.bearer_ok(None)
+
+
+@pytest.mark.parametrize(("token", "public", "remote", "authorization", "allowed"), [
+    (None, False, "127.0.0.1", None, True),  # no operator token: loopback is the operator
+    (None, False, "::1", None, True),
+    (None, False, "203.0.113.5", None, False),  # a load balancer or anyone else
+    (TOKEN, False, "127.0.0.1", None, False),  # with a token, only its holder
+    (TOKEN, False, "203.0.113.5", f"Bearer {TOKEN}", True),
+    (TOKEN, False, "127.0.0.1", "Bearer wrong-token-0123456789abcdefghij", False),
+    (TOKEN, True, "203.0.113.5", None, True),  # --metrics-public: /v1/status is anyone's anyway
+])
+def test_operator_access_follows_the_status_guard(
+    token: str | None, public: bool, remote: str, authorization: str | None, allowed: bool
+) -> None:
+    """Who may read agent ids (``/v1/status``, ``/metrics``, the names in ``/v1/health``)."""
+    transport = mock.Mock()
+    transport.get_extra_info.side_effect = lambda name, default=None: (
+        (remote, 40000) if name == "peername" else default)
+    headers = {"Authorization": authorization} if authorization else {}
+    request = make_mocked_request("GET", "/v1/health", headers=headers, transport=transport)
+    auth = OperatorAuth(token, session_ttl=60, clock=time.monotonic)
+    assert operator_access(auth, GuardSettings(metrics_public=public), request) is allowed
 
 
 def test_same_origin_rules() -> None:

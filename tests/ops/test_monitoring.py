@@ -227,3 +227,39 @@ async def test_gateway_health_fails_while_a_watched_agent_is_silent(tmp_path: Pa
             assert 'flowtunnel_build_info{component="gateway"' in text
     finally:
         await gw.stop()
+
+
+async def test_gateway_health_names_silent_agents_to_operators_only(tmp_path: Path) -> None:
+    """``/v1/health`` is open (load balancers, uptime monitors), so its answer to anyone else carries the
+    verdict and counts but no agent id: enrolled ids are the operator's (docs/security.md)."""
+    data = tmp_path / "gw"
+    token = "op-token-0123456789abcdefghijklmnop"
+    (tmp_path / "admin.token").write_text(token + "\n")
+    (tmp_path / "admin.token").chmod(0o600)
+    with Registry(data) as reg:
+        reg.enroll("hotel-secret-12", now=time.time() - 7200)  # silent for 2 h
+        reg.enroll("fresh-site-7")
+    gw = await start_gateway(data, health_silence=3600, admin_token_file=tmp_path / "admin.token")
+    try:
+        async with aiohttp.ClientSession() as session:
+            for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789abcdefghij"}):
+                async with session.get(gw.url + "/v1/health", headers=headers) as resp:
+                    assert resp.status == 503
+                    body = await resp.text()
+                assert "hotel-secret-12" not in body
+                assert "fresh-site-7" not in body
+                doc = json.loads(body)
+                assert doc["status"] == "failing"
+                assert doc["silent_count"] == 1
+                assert "silent" not in doc
+            async with session.get(gw.url + "/v1/health?silence=3h") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["silent_count"] == 0
+            async with session.get(gw.url + "/v1/health",
+                                   headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 503
+                doc = await resp.json()
+            assert list(doc["silent"]) == ["hotel-secret-12"]
+            assert doc["silent_count"] == 1
+    finally:
+        await gw.stop()

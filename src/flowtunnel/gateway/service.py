@@ -41,6 +41,7 @@ from flowtunnel.gateway.console import (
     RateHistory,
     add_console,
     guard_middleware,
+    operator_access,
     read_token_file,
 )
 from flowtunnel.gateway.dns import DnsConfig, DnsEndpoint
@@ -122,6 +123,7 @@ class Gateway:
         #: Per-agent wire byte samples for the console's upload rates (fed at each status rewrite).
         self.rates = RateHistory()
         self.auth: OperatorAuth | None = None
+        self._guard = GuardSettings()
         self.console_data: ConsoleData | None = None
         self._token: str | None = None
         #: Pause before restarting a sink that failed.
@@ -278,7 +280,8 @@ class Gateway:
         cfg = self.config
         token = self._token
         self.auth = auth = OperatorAuth(token, session_ttl=cfg.console_session, clock=time.monotonic)
-        app.middlewares.append(guard_middleware(auth, GuardSettings(metrics_public=cfg.metrics_public)))
+        self._guard = guard = GuardSettings(metrics_public=cfg.metrics_public)
+        app.middlewares.append(guard_middleware(auth, guard))
         if not cfg.metrics_public and token is None and cfg.metrics:
             log.info("no operator token (--admin-token-file, or 'flowtunnel admin-token --data %s'): "
                      "/metrics and /v1/status answer loopback only", self.data_dir)
@@ -358,8 +361,9 @@ class Gateway:
 
     async def _health(self, request: web.Request) -> web.Response:
         """``GET /v1/health``: 200 while every watched agent was heard from within ``health_silence``, else
-        503 naming the silent ones (for a load balancer or an uptime monitor; ``/healthz`` is liveness only).
-        ``?silence=DURATION`` overrides the threshold for one request."""
+        503 (for a load balancer or an uptime monitor; ``/healthz`` is liveness only). The endpoint is open,
+        so only a reader of ``/v1/status`` (the operator) is told which agents are silent; anyone else gets
+        the verdict and counts. ``?silence=DURATION`` overrides the threshold for one request."""
         if self.ingest is not None and self.ingest.closing:
             return web.json_response({"status": "shutting_down"}, status=503)
         silence = self.config.health_silence
@@ -379,12 +383,14 @@ class Gateway:
         }
         ignore = self.config.health_ignore
         silent = silent_agents(agents, now=time.time(), silence=silence, ignore=ignore)
-        doc = {
+        doc: dict[str, object] = {
             "status": "failing" if silent else "ok",
             "silence_s": silence,
             "watched": sum(1 for a, e in entries.items() if not e.revoked and a not in ignore),
-            "silent": {agent_id: round(age) for agent_id, age in sorted(silent.items())},
+            "silent_count": len(silent),
         }
+        if self.auth is not None and operator_access(self.auth, self._guard, request):
+            doc["silent"] = {agent_id: round(age) for agent_id, age in sorted(silent.items())}
         return web.json_response(doc, status=503 if silent else 200)
 
     def _restore_last_seen(self) -> None:

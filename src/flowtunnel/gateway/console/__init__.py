@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from flowtunnel.gateway.console.auth import OperatorAuth, generate_token, read_token_file, write_token_file
 from flowtunnel.gateway.console.data import AgentThresholds, ConsoleData, RateHistory
-from flowtunnel.gateway.console.routes import Console, GuardSettings, add_console, guard_middleware
+from flowtunnel.gateway.console.routes import (
+    Console,
+    GuardSettings,
+    add_console,
+    guard_middleware,
+    operator_access,
+)
 
 __all__ = [
     "AgentThresholds",
@@ -21,6 +27,7 @@ __all__ = [
     "add_console",
     "generate_token",
     "guard_middleware",
+    "operator_access",
     "read_token_file",
     "write_token_file",
 ]

@@ -41,7 +41,7 @@ from flowtunnel.gateway.console.data import (
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.store.errors import QueryError, StoreError
 
-__all__ = ["CSP", "GuardSettings", "add_console", "guard_middleware"]
+__all__ = ["CSP", "GuardSettings", "add_console", "guard_middleware", "operator_access"]
 
 log = logging.getLogger("flowtunnel.gateway.console")
 
@@ -89,6 +89,17 @@ def _error(status: int, text: str) -> web.Response:
     return web.json_response({"error": text}, status=status, headers=_SECURITY_HEADERS)
 
 
+def operator_access(auth: OperatorAuth, settings: GuardSettings, request: web.Request) -> bool:
+    """True when ``request`` may read what ``/metrics`` and ``/v1/status`` show (agent ids among it): the
+    rules of ``GuardSettings``. Open endpoints (``/v1/health``) ask it before naming agents."""
+    if settings.metrics_public:
+        return True
+    if auth.configured:
+        return auth.bearer_ok(request.headers.get("Authorization")) or auth.sessions.valid(
+            request.cookies.get(COOKIE_NAME))
+    return _is_loopback(request.remote)
+
+
 def guard_middleware(auth: OperatorAuth, settings: GuardSettings) -> Any:
     """Middleware refusing ``/metrics`` and ``/v1/status`` without the operator credential (401)."""
     once = OnceLogger(log)
@@ -97,19 +108,13 @@ def guard_middleware(auth: OperatorAuth, settings: GuardSettings) -> Any:
     async def guard(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path not in _GUARDED or settings.metrics_public:
+        if request.path not in _GUARDED or operator_access(auth, settings, request):
             return await handler(request)
         if auth.configured:
-            if auth.bearer_ok(request.headers.get("Authorization")) or auth.sessions.valid(
-                request.cookies.get(COOKIE_NAME)
-            ):
-                return await handler(request)
             return web.json_response(
                 {"error": f"{request.path} needs the operator token: send 'Authorization: Bearer TOKEN'"},
                 status=401, headers={"WWW-Authenticate": 'Bearer realm="flowtunnel"'},
             )
-        if _is_loopback(request.remote):
-            return await handler(request)
         once.warning("remote-metrics", "refused %s from %s: without --admin-token-file only loopback may "
                      "read it (or give --metrics-public)", request.path, request.remote)
         return web.json_response(
