@@ -4,8 +4,9 @@ Against a real gateway process holding the store (queries through its socket) an
 (opened directly): no file written (``EXPLAIN ANALYZE COPY``), no setting changed and the writer's next commit
 works (``SET GLOBAL memory_limit``, ``CHECKPOINT``, ``threads``), no file read (``read_blob`` of
 ``registry.sqlite``, ``read_text``, ``glob``, ``read_csv('/etc/passwd')``), no extension installed, and the
-``list(range(400M))`` memory bomb refused while the gateway's RSS stays bounded. Ordinary queries still work.
-The console's query page runs on the same sandbox (``flowtunnel.store.sandbox``): keep these as its tests.
+``list(range(400M))`` memory bomb refused while the gateway's RSS stays bounded, and interrupted at its
+timeout. Ordinary queries still work. The console's query page (``/console/api/query``) reaches the store
+through the same socket and sandbox: the same list is run through it, on the same live gateway.
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import http.client
 import http.server
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,6 +52,7 @@ TEMPLATE = Template(
 PER_DATAGRAM = 5
 BOMB = "SELECT max(x) FROM (SELECT list(i) AS x FROM range(400000000) t(i))"
 RSS_BOUND = 2 << 30  # generous: the store's instance is capped at 1 GiB, Python and aiohttp take ~150 MiB
+TOKEN = "op-token-sandbox-0123456789abcdefghijklmn"
 
 
 def _datagrams(first: int, count: int) -> list[Datagram]:
@@ -152,6 +158,27 @@ class LiveGateway:
     def stored(self, rows: int) -> None:
         _until(f"{rows} rows in the store", lambda: _count(self.data) == rows)
 
+    def console(self, sql: str) -> tuple[int, dict[str, Any]]:
+        """``sql`` typed into the console's query page: its status and JSON answer."""
+        host, port = self.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=120)
+        try:
+            conn.request("POST", "/console/login", body=urllib.parse.urlencode({"token": TOKEN}),
+                         headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": self.url})
+            login = conn.getresponse()
+            login.read()
+            cookie = login.getheader("Set-Cookie", "").split(";", 1)[0]
+            assert login.status == 303, login.status
+            assert cookie
+            query = urllib.parse.urlencode({"mode": "sql", "q": sql})
+            conn.request("GET", f"/console/api/query?{query}", headers={"Cookie": cookie})
+            resp = conn.getresponse()
+            doc = json.loads(resp.read())
+            assert isinstance(doc, dict)
+            return resp.status, doc
+        finally:
+            conn.close()
+
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
@@ -160,12 +187,15 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     data.mkdir(mode=0o700)
     with Registry(data) as registry:
         key = registry.enroll("site-a").key
+    token = root / "admin.token"
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     port = free_tcp_port()
     log = root / "gateway.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flowtunnel", "gateway", "--listen", f"127.0.0.1:{port}",
-             "--data", str(data)],
+             "--data", str(data), "--admin-token-file", str(token)],
             stdout=out, stderr=subprocess.STDOUT,
         )
     gw = LiveGateway(data=data, url=f"http://127.0.0.1:{port}", key=key, proc=proc, log=log)
@@ -288,6 +318,68 @@ def test_the_memory_bomb_on_a_stopped_store_fails_with_a_clear_error(stopped: Pa
     assert "store's limit of" in err
     assert "SET" not in err
     assert peak[0] < RSS_BOUND
+
+
+def test_the_memory_bomb_is_interrupted_at_its_timeout(gateway: LiveGateway, stopped: Path) -> None:
+    """Before, the bomb overran ``--timeout`` (a stopped store's query had no timeout at all): now it ends at
+    its timeout, long before it could reach the memory cap, through the socket and directly alike."""
+    for data in _both(gateway, stopped):
+        with pytest.raises(QueryError, match=r"after its 0\.5 s timeout"):
+            _rows(data, BOMB, timeout=0.5)
+    assert gateway.proc.poll() is None
+
+
+# --- the console's query page: the same list through /console/api/query ---------------------------------
+
+CONSOLE_REFUSED = [
+    "EXPLAIN ANALYZE COPY (SELECT 'x' AS l) TO '{evil}' (FORMAT csv)",
+    "EXPLAIN (ANALYZE) COPY (SELECT 'x' AS l) TO '{evil}' (FORMAT csv)",
+    "COPY (SELECT 'x' AS l) TO '{evil}' (FORMAT csv)",
+    "EXPLAIN ANALYZE SET GLOBAL memory_limit='1MB'", "EXPLAIN ANALYZE CHECKPOINT", "CHECKPOINT",
+    "SET GLOBAL threads=1", "EXPLAIN ANALYZE SET GLOBAL threads=1", "FROM checkpoint()",
+    "SELECT content FROM read_blob('{registry}')", "SELECT content FROM read_text('{registry}')",
+    "SELECT * FROM glob('{data}/*')", "SELECT * FROM read_csv('/etc/passwd')", "FROM '{registry}'",
+    "INSTALL httpfs", "EXPLAIN ANALYZE INSTALL httpfs", "LOAD httpfs",
+    "SELECT * FROM read_parquet('http://127.0.0.1:9/x.parquet')",
+]
+
+
+def test_the_console_query_page_refuses_the_whole_list(gateway: LiveGateway, tmp_path: Path) -> None:
+    settings = "SELECT current_setting('memory_limit'), current_setting('threads')"
+    status, before = gateway.console(settings)
+    assert status == 200, before
+    failures = gateway.log.read_bytes().count(b"commit of cursor")
+    evil = tmp_path / "evil.sh"
+    for form in CONSOLE_REFUSED:
+        sql = form.format(evil=evil, registry=gateway.data / "registry.sqlite", data=gateway.data)
+        status, doc = gateway.console(sql)
+        assert status == 400, (sql, status, doc)  # refused with the reason, never a 500 nor rows
+        assert "rows" not in doc
+        assert gateway.key.hex() not in json.dumps(doc)
+        assert "root:" not in doc["error"]
+    assert not evil.exists()
+    assert gateway.console(settings) == (200, before)
+    rows = _count(gateway.data)
+    gateway.post(2)  # the store sink's next commit works
+    gateway.stored(rows + 2 * PER_DATAGRAM)
+    assert gateway.log.read_bytes().count(b"commit of cursor") == failures
+    status, doc = gateway.console("SELECT count(*) FROM flows")
+    assert (status, doc["rows"]) == (200, [[rows + 2 * PER_DATAGRAM]])
+
+
+def test_the_memory_bomb_through_the_console_page_is_refused_and_the_gateway_stays_bounded(
+    gateway: LiveGateway,
+) -> None:
+    with rss_watch(gateway.proc.pid, RSS_BOUND) as peak:
+        status, doc = gateway.console(BOMB)
+    assert gateway.proc.poll() is None, "the gateway was killed: its RSS passed the bound"
+    assert peak[0] < RSS_BOUND
+    assert status == 400, doc
+    # The memory cap or the console's 30 s timeout, whichever comes first on a loaded machine.
+    assert re.search(r"Out of Memory.*the store's limit of|after its 30 s timeout", doc["error"]), doc
+    rows = _count(gateway.data)
+    gateway.post(1)
+    gateway.stored(rows + PER_DATAGRAM)
 
 
 def test_ordinary_queries_still_work(gateway: LiveGateway, stopped: Path) -> None:
