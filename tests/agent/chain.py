@@ -141,7 +141,7 @@ class GatewayProc(_Proc):
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> GatewayProc:
-        cmd = ["gateway", "--listen", f"127.0.0.1:{self.port}", "--data", str(self.data), "--no-store",
+        cmd = ["gateway", "--listen", f"http://127.0.0.1:{self.port}", "--data", str(self.data), "--no-store",
                "--status-interval", "0.2", *self.extra]
         for target in self.forward:
             cmd += ["--forward", target]
