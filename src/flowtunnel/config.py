@@ -29,6 +29,8 @@ __all__ = [
     "format_duration",
     "format_size",
     "load_settings",
+    "mask_credentials",
+    "masked_repr",
     "parse_duration",
     "parse_size",
     "size_setting",
@@ -145,6 +147,26 @@ def _out_of_bounds(f: dataclasses.Field[Any], value: Any) -> str | None:
     what = f" (0 = {zero})" if zero else ""
     name = f.name.replace("_", "-")
     return f"{name} {fmt(value)} is outside the allowed range {fmt(lo)} .. {fmt(hi)}{what}"
+
+
+_CREDENTIALS_RE = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:@/\s]*):[^@/\s]*@", re.IGNORECASE)
+
+
+def mask_credentials(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@`` in it replaced by ``***``."""
+    return _CREDENTIALS_RE.sub(r"\g<head>:***@", text)
+
+
+def masked_repr(obj: Any) -> str:
+    """The dataclass repr of a settings object with URL passwords masked (``nats://u:pw@...``): a repr ends
+    up in logs and tracebacks."""
+    shown = []
+    for f in dataclasses.fields(obj):
+        if f.repr:
+            value = getattr(obj, f.name)
+            text = repr(mask_credentials(value)) if isinstance(value, str) else repr(value)
+            shown.append(f"{f.name}={text}")
+    return f"{type(obj).__name__}({', '.join(shown)})"
 
 
 def env_name(section: str, key: str) -> str:

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flowtunnel.config import masked_repr
 from flowtunnel.errors import ConfigError
 from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkKind, SinkSettings, build_sink
 from flowtunnel.statusfile import write_json_atomic
@@ -48,6 +49,9 @@ class SinkOptions:
     flush: float = 10.0
     status_interval: float = 2.0
     restart_delay: float = 5.0
+
+    def __repr__(self) -> str:
+        return masked_repr(self)  # the journal URL may carry a NATS password
 
     def settings(self) -> SinkSettings:
         """The registry's settings for the sink these options describe."""

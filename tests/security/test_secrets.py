@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from flowtunnel.agent.config import AgentConfig, load_key
+from flowtunnel.config import mask_credentials
 from flowtunnel.errors import ConfigError
+from flowtunnel.gateway.config import GatewayConfig
 from flowtunnel.gateway.registry import AgentKeys, Registry
+from flowtunnel.sinkrunner import SinkOptions
 from flowtunnel.wire import BadKey, format_key, parse_key
 from tests.reliability.harness import find_leaks
 
@@ -49,3 +52,14 @@ def test_registry_entries_hide_keys_and_the_file_is_private(tmp_path: Path) -> N
     assert find_leaks(shown, text) == []
     mode = stat.S_IMODE((tmp_path / "registry.sqlite").stat().st_mode)
     assert mode & 0o077 == 0, oct(mode)
+
+
+def test_gateway_and_sink_settings_mask_the_journal_password(tmp_path: Path) -> None:
+    """``--journal nats://user:password@...`` (scale-out): the settings' reprs, which end up in logs and
+    tracebacks, keep the user and hosts but not the password."""
+    url = "nats://flow:n4ts-s3cret@10.0.0.1:4222,10.0.0.2:4222"
+    shown = [repr(GatewayConfig(data=tmp_path, journal=url)),
+             repr(SinkOptions(journal=url, data=tmp_path, name="store"))]
+    assert not any("n4ts-s3cret" in s for s in shown), shown
+    assert all("nats://flow:***@10.0.0.1:4222,10.0.0.2:4222" in s for s in shown), shown
+    assert mask_credentials("see http://a:b@h:1/x and nats://c:d@e") == "see http://a:***@h:1/x and nats://c:***@e"

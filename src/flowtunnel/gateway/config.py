@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flowtunnel.config import check_bounds, count_setting, duration_setting, size_setting
+from flowtunnel.config import check_bounds, count_setting, duration_setting, masked_repr, size_setting
 from flowtunnel.wire.dns import normalise_zone
 
 __all__ = [
@@ -287,6 +287,9 @@ class GatewayConfig:
     dns_zone: str | None = None
     #: Where the authoritative DNS endpoint listens for dns_zone, udp://HOST:PORT (TCP on the same port).
     dns_listen: str = "udp://127.0.0.1:5353"
+
+    def __repr__(self) -> str:
+        return masked_repr(self)  # --journal may carry a NATS password
 
     def __post_init__(self) -> None:
         if self.data is None or str(self.data) == "":
