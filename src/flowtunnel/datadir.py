@@ -5,7 +5,8 @@ private (directories 0700, files 0600) from the start, and a directory that some
 to is refused rather than used: another user could read the data or plant files the process would trust.
 Exactly once into the journal and the store depends on a single writer, so a process that owns such a
 directory holds an exclusive ``fcntl`` lock on a file inside it for its lifetime (``DirLock``); a second one
-is refused with the holder's PID. ``sink`` processes take the same lock on their own directories.
+is refused with the holder's PID. ``sink`` processes keep their own directories private the same way
+(``flowtunnel.sinkrunner``); a second writer of a sink's store is refused by DuckDB's own file lock.
 
 Error handling: every refusal is a ``ConfigError`` with one line naming the directory, what is wrong with it
 and what to do.

@@ -21,11 +21,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowtunnel.config import masked_repr
+from flowtunnel.datadir import PrivateUmask, prepare_private_dir
 from flowtunnel.errors import ConfigError
 from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkKind, SinkSettings, build_sink
 from flowtunnel.statusfile import write_json_atomic
+
+if TYPE_CHECKING:
+    from flowtunnel.journal.jetstream import JetStreamConfig
 
 __all__ = ["SINK_KINDS", "SinkKind", "SinkOptions", "run_sink"]
 
@@ -69,7 +74,7 @@ class SinkOptions:
 
 async def run_sink(kind: str, opts: SinkOptions, stop: asyncio.Event) -> int:
     """The body of ``flowtunnel sink KIND``: the exit code."""
-    from flowtunnel.journal.jetstream import JetStreamReader, parse_journal_url
+    from flowtunnel.journal.jetstream import parse_journal_url
 
     spec = SINK_KINDS.get(kind)
     if spec is None:
@@ -78,7 +83,22 @@ async def run_sink(kind: str, opts: SinkOptions, stop: asyncio.Event) -> int:
         jcfg = parse_journal_url(opts.journal, create=False)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    opts.data.mkdir(parents=True, exist_ok=True)
+    # Private from the start, as the gateway's data directory (the store holds flows in clear): created 0700,
+    # someone else's or a group-writable one refused in one line (ConfigError) before anything is written.
+    prepare_private_dir(opts.data, what="sink directory")
+    umask = PrivateUmask()
+    umask.acquire()  # what libraries create on their own (DuckDB's database and WAL) is 0600 too
+    try:
+        return await _run(spec, kind, opts, jcfg, stop)
+    finally:
+        umask.release()
+
+
+async def _run(
+    spec: SinkKind, kind: str, opts: SinkOptions, jcfg: JetStreamConfig, stop: asyncio.Event
+) -> int:
+    from flowtunnel.journal.jetstream import JetStreamReader
+
     sink = build_sink(spec, opts.settings())
     reader = JetStreamReader(jcfg, opts.name)
     await reader.open()

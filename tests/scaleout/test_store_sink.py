@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -99,3 +100,42 @@ async def test_a_sink_reads_large_messages_without_stalling(single: NatsCluster,
         await gw.stop()
     entries = await read_stream(parse_journal_url(single.url))
     assert [e.stream_seq for e in entries] == list(range(1, 24 * 500 + 1))
+
+
+async def test_a_sink_process_keeps_its_directory_private_and_refuses_a_loose_one(
+    single: NatsCluster, tmp_path: Path
+) -> None:
+    """Issue 17.5 for ``flowtunnel sink``: its directory holds flows in clear (store/flows.duckdb), like the
+    gateway's. Before, it was created with the umask (0755, flows.duckdb 0644) and a group-writable one was
+    used as it was."""
+    last = await feed_two_gateways(single.url, tmp_path, {"site-a": demo_datagrams()[:20]})
+    data = tmp_path / "sink"
+    cmd = [sys.executable, "-m", "flowtunnel", "sink", "store", "--journal", single.url, "--data", str(data)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, umask=0o022)  # noqa: ASYNC220
+    try:
+        deadline = time.monotonic() + 60
+        while sink_position(data / "sink-store.json", proc.pid) < last:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "store sink did not catch up"
+            await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
+    found = {str(p.relative_to(data)): stat.S_IMODE(p.lstat().st_mode) for p in data.rglob("*")}
+    assert "store/flows.duckdb" in found, sorted(found)
+    assert "sink-store.json" in found, sorted(found)
+    loose = {name: f"{mode:04o}" for name, mode in found.items() if mode & 0o077}
+    assert loose == {}
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o775)
+    refused = subprocess.run(  # noqa: ASYNC221
+        [*cmd[:-1], str(shared)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.count("\n") == 1
+    assert "writable by group or others" in refused.stderr
+    assert list(shared.iterdir()) == []
