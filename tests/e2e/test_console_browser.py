@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
+from flowtunnel.gateway.console import Console, ConsoleData, OperatorAuth, add_console
+from flowtunnel.gateway.console.data import Table
 from tests.agent.chain import AgentProc, GatewayProc, enroll_agent, flowtunnel, wait_until
 from tests.conftest import require
 from tests.peers import free_udp_port
@@ -27,7 +30,9 @@ pytestmark = pytest.mark.timeout(180)
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 TOKEN = "browser-test-operator-token-0123456789"
-LATE, SILENT = 4, 9  # seconds: short, so that a stopped agent turns late, then silent, within the test
+# Seconds: short, so that a stopped agent turns late, then silent, within the test; each state lasts over
+# two of the agents page's 3 s refreshes, so the page shows each one even when a refresh is slow.
+LATE, SILENT = 7, 15
 
 
 class StoreGatewayProc(GatewayProc):
@@ -48,6 +53,14 @@ def _shot(driver: Any, name: str) -> None:
         driver.save_screenshot(str(Path(where) / f"{name}.png"))
 
 
+def replay_demo(port: int) -> None:
+    """``flowtunnel replay`` of the packaged demo capture to an agent on ``udp://127.0.0.1:port``."""
+    demo = resources.files("flowtunnel").joinpath("data", "demo.pcap")
+    with resources.as_file(demo) as pcap:
+        subprocess.run(flowtunnel("replay", str(pcap), "--to", f"udp://127.0.0.1:{port}", "--rate", "0"),
+                       check=True, capture_output=True, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("console")
@@ -56,7 +69,6 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     token_file = tmp / "admin.token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    demo = resources.files("flowtunnel").joinpath("data", "demo.pcap")
     extra = ["--admin-token-file", str(token_file), "--console-late", f"{LATE}s",
              "--console-silent", f"{SILENT}s"]
     with StoreGatewayProc(data, extra=extra).start() as gw:
@@ -65,10 +77,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             for name in keys:
                 agents[name] = AgentProc(tmp / f"spool-{name}", gateway=gw.url, agent_id=name, key=keys[name],
                                          port=free_udp_port()).start()
-                with resources.as_file(demo) as pcap:
-                    subprocess.run(flowtunnel("replay", str(pcap), "--to",
-                                              f"udp://127.0.0.1:{agents[name].port}", "--rate", "0"),
-                                   check=True, capture_output=True, timeout=60)
+                replay_demo(agents[name].port)
             for name, agent in agents.items():
 
                 def acked(a: AgentProc = agent, n: str = name) -> bool:
@@ -263,14 +272,164 @@ def test_query_page_escapes_what_it_shows(chain: dict[str, Any], browser: Any) -
 
 
 def test_a_stopped_agent_turns_late_then_silent(chain: dict[str, Any], browser: Any) -> None:
-    gw = chain["gw"]
-    chain["agents"]["ship-3"].stop()
+    """An agent is alive while it is heard from: one with nothing to send is not, so ship-3, idle since the
+    chain started, may be late or silent already (when this test only stopped it, it saw "silent" from the
+    start and never "late" after the other tests). It gets fresh flows, shows alive, is stopped, and the page,
+    without a reload, shows it late, then silent: each in turn, none skipped."""
+    gw, agent = chain["gw"], chain["agents"]["ship-3"]
     log_in(browser, gw.url)
+    seen: list[str] = []
 
     def state(d: Any) -> str:
         rows = css(d, "#agents tr[data-agent='ship-3']")
-        return str(rows[0].get_attribute("data-state")) if rows else ""
+        now = str(rows[0].get_attribute("data-state")) if rows else ""
+        if now and (not seen or seen[-1] != now):
+            seen.append(now)
+        return now
 
+    before = gw.acked("ship-3")
+    replay_demo(agent.port)
+    wait_until(lambda: before < gw.acked("ship-3") == agent.spooled_last_seq(),
+               "ship-3's new datagrams acknowledged")
+    wait_for(browser, lambda d: state(d) == "alive", "ship-3 alive", timeout=LATE)
+    del seen[:-1]
+    agent.stop()
     wait_for(browser, lambda d: state(d) == "late", "ship-3 late", timeout=SILENT + 10)
     _shot(browser, "agents-late")
     wait_for(browser, lambda d: state(d) == "silent", "ship-3 silent", timeout=SILENT + 10)
+    assert seen == ["alive", "late", "silent"]
+
+
+# -- names that are markup -----------------------------------------------------------------------------
+
+HOSTILE_AGENT = '<img src=x id=pwned-agent onerror="document.title=`pwned`">'
+HOSTILE_EXPORTER = '"><svg id=pwned-exporter onload="document.title=`pwned`"></svg>'
+HOSTILE_CAUSE = "<b id=pwned-cause>spool_full</b>"
+
+
+class HostileData:
+    """Console data whose every name is markup. Enrolment refuses such agent ids and the wire carries
+    exporters as binary addresses, so only a stand-in for ``ConsoleData`` can serve them: this checks that the
+    pages would show them as text anyway (agents, agent, flows: table cells, links, facts, chart legends)."""
+
+    compile = staticmethod(ConsoleData.compile)
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def _row(self, agent_id: str) -> dict[str, Any]:
+        return {
+            "id": agent_id, "state": "alive", "last_seen": self.now - 5, "enrolled": True, "backlog": 3,
+            "backlog_age": 12.0, "upload_bps": 1000.0, "wire_bytes": 1000, "raw_bytes": 4000, "ratio": 4.0,
+            "datagrams": 10, "acked": 10, "rung": HOSTILE_CAUSE, "rejected": {HOSTILE_CAUSE: 1},
+            "drops": {f"agent:{HOSTILE_CAUSE}": 2, "transit": 0}, "records": 100, "exporters": 1,
+            "spark": [[int(self.now) // 600 * 600, 500]],
+        }
+
+    def _series(self, names: list[str]) -> dict[str, Any]:
+        times = [int(self.now) // 60 * 60 - 60 * i for i in range(3, -1, -1)]
+        return {"bucket_s": 60, "times": times, "group_by": "agent",
+                "groups": {n: {m: [1, 2, 3, 4] for m in ("bytes", "packets", "flows")} for n in names}}
+
+    async def agents(self) -> dict[str, Any]:
+        return {"now": self.now, "late_s": 300, "silent_s": 3600, "spark_bucket_s": 600,
+                "spark_range_s": 21600, "states": {"alive": 2},
+                "agents": [self._row(HOSTILE_AGENT), self._row("plain-agent")],
+                "rungs": {HOSTILE_CAUSE: {"requests": 1}}, "rejected": {}, "sinks": {}, "store_error": None}
+
+    async def agent(self, agent_id: str, range_text: str | None) -> dict[str, Any]:
+        exporter = {"exporter": HOSTILE_EXPORTER, "datagrams": 1, "records": 100, "options_records": 0,
+                    "undecodable": 0, "set_errors": 0, "no_template_sets": 0, "seq_expected": 1,
+                    "seq_received": 1, "seq_lost": 0, "seq_resets": 0, "last_version": 9,
+                    "first_seen": HOSTILE_CAUSE, "last_seen": HOSTILE_CAUSE}
+        return {"now": self.now, "agent": self._row(agent_id), "exporters": [exporter],
+                "series": self._series([HOSTILE_EXPORTER]), "range_s": 21600, "clamped": False,
+                "store_error": HOSTILE_CAUSE}
+
+    async def series(self, **_: Any) -> dict[str, Any]:
+        return self._series([HOSTILE_AGENT, HOSTILE_EXPORTER])
+
+    async def top(self, **_: Any) -> Table:
+        return Table(columns=["src_addr", HOSTILE_CAUSE, "packets", "flows"], types=["VARCHAR"] * 4,
+                     rows=[[HOSTILE_EXPORTER, HOSTILE_AGENT, 1, 1]], truncated=False)
+
+
+@pytest.fixture(scope="module")
+def hostile_console() -> Iterator[str]:
+    """The console's routes over ``HostileData``, served from a thread on loopback; yields its URL."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    auth = OperatorAuth(TOKEN, session_ttl=3600, clock=time.time)
+    console = Console(auth=auth, data=cast(ConsoleData, HostileData()), session_ttl=3600)
+    app = web.Application()
+    add_console(app, console)
+    runner = web.AppRunner(app)
+
+    async def start() -> str:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        return f"http://127.0.0.1:{port}"
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+def no_injection(driver: Any) -> None:
+    for marker in ("#pwned-agent", "#pwned-exporter", "#pwned-cause", "main img", "main svg", "main b"):
+        assert not css(driver, marker), f"{marker} was created from data on {driver.current_url}"
+    assert driver.title != "pwned"
+
+
+def test_agent_ids_and_exporter_names_that_are_markup_show_as_text(
+    hostile_console: str, browser: Any
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    url = hostile_console
+    log_in(browser, url)
+    rows = wait_for(browser, lambda d: len(css(d, "#agents tbody tr")) == 2 and css(d, "#agents tbody tr"),
+                    "two agent rows")
+    assert rows[0].get_attribute("data-agent") == HOSTILE_AGENT
+    assert css(rows[0], "a.agent-link")[0].text == HOSTILE_AGENT
+    assert HOSTILE_CAUSE in css(rows[0], "td[data-col=drops]")[0].text
+    assert css(rows[0], "td[data-col=rung]")[0].text == HOSTILE_CAUSE
+    assert css(browser, "#rungs tbody td")[0].text == HOSTILE_CAUSE
+    no_injection(browser)
+
+    css(browser, "a.agent-link")[0].click()  # the id travels in the URL, percent-encoded
+    wait_for(browser, lambda d: css(d, "#exporters tbody tr"), "the hostile agent's exporters")
+    assert css(browser, "#agent-id")[0].text == HOSTILE_AGENT
+    assert css(browser, "td[data-col=exporter]")[0].text == HOSTILE_EXPORTER
+    wait_for(browser, lambda d: css(d, "#chart .u-legend"), "the exporter chart's legend")
+    assert HOSTILE_EXPORTER in css(browser, "#chart .u-legend")[0].text
+    # The store's error, as text (it was cleared by the page's refresh, never shown, until 2026-12-06).
+    err = wait_for(browser, lambda d: css(d, "#error")[0].is_displayed() and css(d, "#error")[0].text,
+                   "the store's error")
+    assert err == f"store: {HOSTILE_CAUSE}"
+    facts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#agent-facts dt")]
+    assert f"agent:{HOSTILE_CAUSE}" in facts
+    assert f"rejected {HOSTILE_CAUSE}" in facts
+    no_injection(browser)
+
+    browser.get(url + "/console/flows")
+    wait_for(browser, lambda d: css(d, "#top tbody td"), "top talkers")
+    assert [td.text for td in css(browser, "#top tbody td")][:2] == [HOSTILE_EXPORTER, HOSTILE_AGENT]
+    assert css(browser, "#top thead th")[1].text == HOSTILE_CAUSE
+    legend = wait_for(browser, lambda d: css(d, "#chart .u-legend") and css(d, "#chart .u-legend")[0].text,
+                      "the series chart's legend")
+    assert HOSTILE_AGENT in legend
+    assert HOSTILE_EXPORTER in legend
+    no_injection(browser)

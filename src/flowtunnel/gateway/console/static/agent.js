@@ -29,7 +29,6 @@
     fact(dl, "rung", a.rung || "-");
     for (const [k, v] of Object.entries(a.drops || {})) fact(dl, k, v === null ? "-" : v);
     for (const [k, v] of Object.entries(a.rejected || {})) fact(dl, "rejected " + k, v);
-    if (doc.store_error) ft.showError("store: " + doc.store_error);
     const tbody = document.querySelector("#exporters tbody");
     tbody.replaceChildren(...doc.exporters.map((e) => {
       const tr = ft.el("tr", { "data-exporter": e.exporter });
@@ -47,6 +46,7 @@
       for (const [g, m] of Object.entries(s.groups)) named[g] = m.bytes;
       ft.chart(document.getElementById("chart"), s.times, named, "bytes");
     }
+    return doc.store_error ? "store: " + doc.store_error : "";  // shown in the error box by ft.poll
   }
 
   const p = ft.poll(async () => render(await ft.getJSON(

@@ -64,14 +64,15 @@ const ft = (() => {
     return doc;
   }
 
-  // Call fn now and every ms milliseconds (the next call waits for the previous one); errors are shown.
+  // Call fn now and every ms milliseconds (the next call waits for the previous one); errors are shown, and
+  // so is a warning text fn returns (e.g. the store could not answer part of the page); else the box is cleared.
   function poll(fn, ms) {
     let timer = null;
     const live = document.getElementById("live");
     async function tick() {
       try {
-        await fn();
-        showError("");
+        const warning = await fn();
+        showError(typeof warning === "string" ? warning : "");
         if (live) { live.className = "live"; live.textContent = "live · " + new Date().toISOString().slice(11, 19) + "Z"; }
       } catch (e) {
         showError(String(e.message || e));
