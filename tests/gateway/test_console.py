@@ -21,7 +21,7 @@ from flowtunnel.datagram import Datagram
 from flowtunnel.errors import ConfigError
 from flowtunnel.gateway import Gateway, Registry
 from flowtunnel.gateway.console.auth import COOKIE_NAME, OperatorAuth, read_token_file, same_origin
-from flowtunnel.gateway.console.data import MAX_RANGE, AgentThresholds, agent_state, parse_range
+from flowtunnel.gateway.console.data import MAX_RANGE, AgentThresholds, RateHistory, agent_state, parse_range
 from flowtunnel.gateway.console.routes import CSP, GuardSettings, operator_access
 from flowtunnel.netflow import encode_v5
 from tests.gateway.util import enroll, post_batch, seal, start_gateway
@@ -29,7 +29,7 @@ from tests.gateway.util import enroll, post_batch, seal, start_gateway
 TOKEN = "op-token-0123456789abcdefghijklmnop"
 
 
-def v5_datagrams(n: int, *, exporter: str = "192.0.2.7") -> list[Datagram]:
+def v5_datagrams(n: int, *, exporter: str = "192.0.2.7", first_sequence: int = 0) -> list[Datagram]:
     now = int(time.time())
     out = []
     for k in range(n):
@@ -39,7 +39,7 @@ def v5_datagrams(n: int, *, exporter: str = "192.0.2.7") -> list[Datagram]:
             "protocolIdentifier": 6 if j % 2 else 17, "octetDeltaCount": 1000 * (j + 1),
             "packetDeltaCount": j + 1, "flowStartSysUpTime": 500_000, "flowEndSysUpTime": 590_000,
         } for j in range(10)]
-        payload = encode_v5(recs, sys_uptime_ms=600_000, unix_secs=now, sequence=k * 10)
+        payload = encode_v5(recs, sys_uptime_ms=600_000, unix_secs=now, sequence=first_sequence + k * 10)
         out.append(Datagram(received_ns=time.time_ns(), exporter=exporter, exporter_port=2055,
                             local_port=2055, payload=payload))
     return out
@@ -338,6 +338,58 @@ async def test_agents_page_shows_what_status_and_the_store_hold(world: tuple[Gat
     assert a["records"] == 40
     assert a["exporters"] == 1
     assert sum(b for _, b in a["spark"]) == 4 * sum(1000 * (j + 1) for j in range(10))
+
+
+async def test_loss_by_cause_and_upload_rate_are_the_store_and_gateway_figures(
+    world: tuple[Gateway, str],
+) -> None:
+    """The "drops and loss" figures of a row: NetFlow sequence loss between the exporter and the agent, and
+    datagrams lost in transit (a jump in the agent's own sequence), as the store counts them, and the gap the
+    gateway saw, as the status document holds it; the upload rate is the gateway's rate history's."""
+    gw, url = world
+    with Registry(gw.data_dir) as reg:
+        entry = reg.get("site-1")
+    assert entry is not None
+    # The first batch held the agent's datagrams 1-4, NetFlow sequence 0-39; this one starts at the agent's
+    # datagram 10 (5-9 never arrive) and at NetFlow sequence 50 (40-49 were lost before the agent).
+    async with aiohttp.ClientSession() as s:
+        status, doc, _ = await post_batch(s, url, seal("site-1", entry.key, 10,
+                                                       v5_datagrams(1, first_sequence=50)), agent="site-1")
+        assert status == 200, doc
+        await stored(gw)
+        assert gw.console_data is not None
+        gw.console_data.forget()  # the store figures are cached a few seconds
+        # The gateway samples every 10 s at its status rewrites: a history of our own, samples 100 s apart.
+        history = RateHistory()
+        now = time.time()
+        history.sample({"site-1": {"http_bytes": 1_000, "datagram_bytes": 0}}, now - 100)
+        history.sample({"site-1": {"http_bytes": 31_000, "datagram_bytes": 0}}, now)
+        assert gw.console_data.history is gw.rates
+        gw.console_data.history = history
+        c = await session(s, url)
+        _, doc = await get(s, url + "/console/api/agents", c)
+        _, lost = await get(s, url + "/console/api/query", c, mode="sql", q=(
+            "SELECT (SELECT sum(seq_lost) FROM exporter_stats WHERE agent = 'site-1'), "
+            "(SELECT transit_lost FROM agent_stats WHERE agent = 'site-1')"))
+    row = next(a for a in doc["agents"] if a["id"] == "site-1")
+    assert lost["rows"] == [[10, 5]]
+    assert row["drops"]["netflow_seq_lost"] == 10
+    assert row["drops"]["transit"] == 5
+    assert row["drops"]["sequence_gap"] == gw.status()["agents"]["site-1"]["gap"] == 5  # type: ignore[index]
+    assert row["upload_bps"] == pytest.approx(300.0)
+
+
+def test_the_upload_rate_is_wire_bytes_per_second_over_the_last_minutes() -> None:
+    history = RateHistory(keep=3600, every=10)
+    assert history.rate("a") is None
+    for t, wire in ((0, 0), (5, 999), (100, 10_000), (400, 40_000), (700, 100_000)):
+        history.sample({"a": {"http_bytes": wire, "datagram_bytes": 0}}, float(t))
+    assert history.rate("a") == pytest.approx(60_000 / 300)  # samples of the last 300 s (400 -> 700)
+    assert history.rate("a", window=1000) == pytest.approx(100_000 / 700)  # the 5 s sample was skipped
+    history.sample({"a": {"http_bytes": 100_000, "datagram_bytes": 0}}, 1000.0)
+    assert history.rate("a") == 0.0  # idle
+    history.sample({"a": {"http_bytes": 100_000, "datagram_bytes": 0}}, 5000.0)
+    assert history.rate("a") is None  # samples older than an hour are gone: one left, no rate
 
 
 async def test_agent_page_series_top_and_query_agree_with_the_store(world: tuple[Gateway, str]) -> None:
