@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from flowtunnel.datagram import Datagram
-from flowtunnel.wire import columnar
+from flowtunnel.wire import columnar, lzstream
 from flowtunnel.wire.codec import (
     DEFAULT_LEVEL,
     Codec,
@@ -49,6 +49,8 @@ __all__ = [
     "CONTEXT_BYTES",
     "FLAGS_OFFSET",
     "FLAG_CONTEXT",
+    "FLAG_STREAM",
+    "FLAG_STREAM_START",
     "HEADER",
     "MAGIC",
     "NONCE_BYTES",
@@ -58,7 +60,9 @@ __all__ = [
     "Batch",
     "BatchHeader",
     "FieldWidths",
+    "OpenStream",
     "RecordLength",
+    "SealStream",
     "WireLimits",
     "context_id",
     "context_of",
@@ -67,6 +71,8 @@ __all__ = [
     "peek_header",
     "seal_batch",
     "seal_batch_and_context",
+    "seal_stream_batch",
+    "stream_dict_id",
 ]
 
 MAGIC = b"FTNB"
@@ -91,6 +97,14 @@ CONTENT_TYPES = (CONTENT_TYPE, "application/octet-stream", "application/x-www-fo
 #: header flag: codec 1 or 3's frame is compressed against a context (docs/protocol.md section 3.3) that the
 #: header's dict id names (``context_id``)
 FLAG_CONTEXT = 0x01
+#: header flags of stream compression (docs/protocol.md section 3.4): the frame continues the agent's LZMA2
+#: stream (``dict_id`` = stream id << 16 | position); with ``FLAG_STREAM_START`` too, it starts a new one
+FLAG_STREAM = 0x02
+FLAG_STREAM_START = 0x04
+_KNOWN_FLAGS = FLAG_CONTEXT | FLAG_STREAM | FLAG_STREAM_START
+#: codecs a stream frame may name: the layout of the record block inside (4 columnar, 5 with field deltas,
+#: 6 verbatim payloads)
+STREAM_CODECS = (Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA, Codec.LZMA)
 #: a context is at most the last this many bytes of the previous acknowledged batch's record block
 CONTEXT_BYTES = 32 << 10
 _U64 = (1 << 64) - 1
@@ -164,10 +178,110 @@ class Batch:
     header: BatchHeader
     #: the context this batch leaves for the agent's next one (``context_of`` its record block)
     context: bytes = field(default=b"", repr=False)
+    #: a stream frame: the agent's stream after it (to keep once the batch is committed, else to drop)
+    stream: OpenStream | None = field(default=None, repr=False)
 
     @property
     def last_seq(self) -> int:
         return self.first_seq + len(self.datagrams) - 1
+
+
+class SealStream:
+    """The agent's half of a stream (docs/protocol.md section 3.4): its id, its encoder, and the nonce of the
+    last frame sealed in it (the next frame's associated data ends with it). Not thread-safe."""
+
+    def __init__(self, stream_id: int) -> None:
+        if not 1 <= stream_id <= 0xFFFF:
+            raise ValueError(f"stream id {stream_id} is outside 1..65535")
+        self.stream_id = stream_id
+        self.encoder = lzstream.StreamEncoder()
+        self.last_nonce = b""
+
+    @property
+    def position(self) -> int:
+        """Frames sealed in this stream so far: the next frame's position."""
+        return self.encoder.position
+
+    @property
+    def full(self) -> bool:
+        """No position left for another frame: start a new stream."""
+        return self.encoder.position > lzstream.MAX_POSITION
+
+
+class OpenStream:
+    """The gateway's half of an agent's stream: its id, its decoder (``position`` frames decoded) and the
+    nonce of the last frame decoded. Not thread-safe: one frame at a time."""
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+        self.decoder = lzstream.StreamDecoder()
+        self.last_nonce = b""
+
+    @property
+    def position(self) -> int:
+        return self.decoder.position
+
+
+def stream_dict_id(stream_id: int, position: int) -> int:
+    """The header's ``dict_id`` of a stream frame: stream id (16 bits) then position (16 bits)."""
+    return (stream_id << 16) | position
+
+
+def seal_stream_batch(
+    *,
+    agent_id: str,
+    key: bytes | Key,
+    first_seq: int,
+    datagrams: Sequence[Datagram],
+    nonce: bytes,
+    stream: SealStream,
+    codec: Codec = Codec.LZMA,
+    agent_info: Mapping[str, int] | None = None,
+    record_length: RecordLength | None = None,
+    field_widths: FieldWidths | None = None,
+) -> bytes:
+    """Seal ``datagrams`` as the next frame of ``stream`` (docs/protocol.md section 3.4), which it advances.
+
+    ``codec`` names the record block's layout: ``Codec.LZMA`` (6) verbatim payloads, ``COLUMNAR_LZMA`` (4)
+    columnar, ``DELTA_LZMA`` (5) columnar with field deltas. The first frame of a stream (position 0) is a
+    start frame; every later one is authenticated with the nonce of the one before appended to its header,
+    so it opens only against the very history it was compressed against. A frame that is not acknowledged
+    leaves the two sides apart: the caller must then seal into a new stream. Caller mistakes (empty batch,
+    a full stream, a codec that is not a stream layout, what ``seal_batch`` refuses) raise ``ValueError``.
+    """
+    validate_agent_id(agent_id)
+    secret = key_bytes(key)
+    if len(nonce) != NONCE_BYTES:
+        raise ValueError(f"nonce must be {NONCE_BYTES} bytes, got {len(nonce)}")
+    count = len(datagrams)
+    if not count or first_seq < 1 or first_seq + count - 1 > _U64:
+        raise ValueError(f"a stream frame needs datagrams with seqs in 1..2**64-1 (first_seq {first_seq}, "
+                         f"{count} datagrams)")
+    codec = Codec(codec)
+    if codec not in STREAM_CODECS:
+        raise ValueError(f"codec {codec.name.lower()} is not a stream layout (4, 5 or 6)")
+    if stream.full:
+        raise ValueError(f"stream {stream.stream_id} has no position left: start a new one")
+    if codec is Codec.LZMA:
+        raw = encode_block(datagrams, agent_info)
+    else:
+        encoder = columnar.payload_encoder(record_length, field_widths=field_widths,
+                                           deltas=codec is Codec.DELTA_LZMA)
+        raw = encode_block(datagrams, agent_info, encoder)
+    if len(raw) > 0xFFFFFFFF:
+        raise ValueError(f"record block of {len(raw)} bytes exceeds the format's 4 GiB limit")
+    start = stream.position == 0
+    dict_id = stream_dict_id(stream.stream_id, stream.position)
+    packed = stream.encoder.frame(raw)
+    flags = FLAG_STREAM | (FLAG_STREAM_START if start else 0)
+    agent = agent_id.encode("ascii")
+    header = HEADER.pack(
+        MAGIC, VERSION, flags, int(codec), len(agent), dict_id, first_seq, count, len(raw),
+        len(packed) + TAG_BYTES, nonce,
+    ) + agent
+    aad = header if start else header + stream.last_nonce
+    stream.last_nonce = nonce
+    return header + ChaCha20Poly1305(secret).encrypt(nonce, packed, aad)
 
 
 def seal_batch(
@@ -261,7 +375,7 @@ def seal_batch_and_context(
             dict_id = _default_dict_id(codec)
         if codec is Codec.ZSTD_DICT and not dict_id:
             raise ValueError("codec zstd-dict needs a dictionary, and none is bundled in this flowtunnel")
-        if codec in (Codec.NONE, Codec.ZSTD, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA) and dict_id:
+        if codec in (Codec.NONE, Codec.ZSTD, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA, Codec.LZMA) and dict_id:
             raise ValueError(f"codec {codec.name.lower()} takes no dictionary, got dict_id {dict_id}")
         if codec in _COLUMNAR_CODECS:
             encoder = columnar.payload_encoder(record_length, field_widths=field_widths,
@@ -332,8 +446,9 @@ def peek_header(body: bytes, limits: WireLimits | None = None) -> BatchHeader:
     (_, version, flags, codec_id, agent_len, dict_id, first_seq, count, raw_len, sealed_len, nonce) = (
         HEADER.unpack_from(body)
     )
-    if flags & ~FLAG_CONTEXT:
-        raise MalformedHeader(f"header flags 0x{flags:02x} has unknown bits set (only 0x01 is defined)")
+    if flags & ~_KNOWN_FLAGS:
+        raise MalformedHeader(f"header flags 0x{flags:02x} has unknown bits set (only 0x01, 0x02 and 0x04 "
+                              "are defined)")
     try:
         codec = Codec(codec_id)
     except ValueError:
@@ -357,7 +472,9 @@ def peek_header(body: bytes, limits: WireLimits | None = None) -> BatchHeader:
         raise MalformedHeader(f"first_seq {first_seq} with count {count} is outside 1..2**64-1")
     if raw_len < 2 + _MIN_RECORD_BYTES * count:
         raise MalformedHeader(f"raw length {raw_len} is too small for {count} records")
-    if flags & FLAG_CONTEXT:
+    if flags & (FLAG_STREAM | FLAG_STREAM_START):
+        _check_stream_header(flags, codec, dict_id, count)
+    elif flags & FLAG_CONTEXT:
         if codec not in (Codec.ZSTD, Codec.COLUMNAR) or not dict_id:
             raise MalformedHeader(f"a context batch needs codec 1 or 3 and a context id, header has codec "
                                   f"{int(codec)} and id {dict_id}")
@@ -378,14 +495,39 @@ def peek_header(body: bytes, limits: WireLimits | None = None) -> BatchHeader:
     )
 
 
+def _check_stream_header(flags: int, codec: Codec, dict_id: int, count: int) -> None:
+    if flags not in (FLAG_STREAM, FLAG_STREAM | FLAG_STREAM_START):
+        raise MalformedHeader(f"header flags 0x{flags:02x}: a stream frame has flag 0x02, and 0x04 only "
+                              "beside it, never 0x01")
+    if codec not in STREAM_CODECS:
+        raise MalformedHeader(f"a stream frame needs codec 4, 5 or 6, header has codec {int(codec)}")
+    if not lzstream.SUPPORTED:
+        raise MalformedHeader("stream frames are not supported here (liblzma could not be loaded)")
+    if not count:
+        raise MalformedHeader("a stream frame carries datagrams, header count is 0")
+    stream_id, position = dict_id >> 16, dict_id & 0xFFFF
+    if not stream_id:
+        raise MalformedHeader(f"stream frame names stream id 0 (dict_id {dict_id:#010x})")
+    if (position == 0) != bool(flags & FLAG_STREAM_START):
+        what = "a start frame must be at position 0" if position else "position 0 must be a start frame"
+        raise MalformedHeader(f"stream frame at position {position}: {what}")
+
+
 def open_batch(
     body: bytes, *, key: bytes | Key, limits: WireLimits | None = None,
-    contexts: Mapping[int, bytes] | None = None,
+    contexts: Mapping[int, bytes] | None = None, stream: OpenStream | None = None,
 ) -> Batch:
     """Verify, decrypt, decompress (bounded) and parse a sealed batch.
 
     ``contexts``: the compression contexts held for this agent, by ``context_id``; a batch naming one not
     there (or one that does not reproduce it) raises ``UnknownContext`` after authentication.
+    ``stream``: the agent's stream held here, for a stream frame (docs/protocol.md section 3.4). A start
+    frame opens a new one; a continuation opens only against the held stream of its id at its position
+    (``UnknownContext`` before decrypting otherwise) and with the nonce of the frame before
+    (``UnknownContext`` when the tag fails with it: another history, or a wrong key; a start frame then
+    tells which). The stream after the frame is ``Batch.stream``; ``stream`` is advanced in place once
+    decoding began, and its state is unknown after an error (discard it, unless ``stream.decoder.broken`` is
+    False and its position unchanged: the frame did not reach the decoder).
 
     Error handling: every problem with ``body`` raises a ``WireError`` subclass (``AuthenticationFailed``
     for a wrong key or any altered byte; ``LimitExceeded`` before the work for sizes over ``limits``);
@@ -396,13 +538,25 @@ def open_batch(
     hdr = peek_header(body, lim)
     view = memoryview(body)
     aad = bytes(view[: hdr.header_len])
+    continued = None
+    if hdr.flags & FLAG_STREAM and not hdr.flags & FLAG_STREAM_START:
+        continued = _held_stream(hdr, stream)
+        aad += continued.last_nonce
     try:
         packed = ChaCha20Poly1305(secret).decrypt(hdr.nonce, bytes(view[hdr.header_len :]), aad)
     except InvalidTag:
+        if continued is not None:
+            raise UnknownContext(
+                f"batch of agent {hdr.agent_id!r} (seq {hdr.first_seq}) does not authenticate as the next "
+                f"frame of stream {continued.stream_id} held here (another history of that stream, or a "
+                "wrong key); seal it in a new stream"
+            ) from None
         raise AuthenticationFailed(
             f"batch of agent {hdr.agent_id!r} (seq {hdr.first_seq}, {hdr.count} datagrams) does not "
             "authenticate: wrong key, or altered in transit"
         ) from None
+    if hdr.flags & FLAG_STREAM:
+        return _open_frame(hdr, packed, lim, continued)
     context = None
     if hdr.flags & FLAG_CONTEXT:
         context = (contexts or {}).get(hdr.dict_id)
@@ -427,3 +581,31 @@ def open_batch(
         agent_id=hdr.agent_id, first_seq=hdr.first_seq, datagrams=tuple(datagrams), agent_info=info,
         header=hdr, context=context_of(raw, context),
     )
+
+
+def _held_stream(hdr: BatchHeader, stream: OpenStream | None) -> OpenStream:
+    stream_id, position = hdr.dict_id >> 16, hdr.dict_id & 0xFFFF
+    if (stream is None or stream.stream_id != stream_id or stream.position != position
+            or stream.decoder.broken):
+        held = "none" if stream is None else f"stream {stream.stream_id} at position {stream.position}"
+        raise UnknownContext(
+            f"batch of agent {hdr.agent_id!r} (seq {hdr.first_seq}) continues stream {stream_id} at position "
+            f"{position}, this side holds {held}; seal it in a new stream"
+        )
+    return stream
+
+
+def _open_frame(hdr: BatchHeader, packed: bytes, lim: WireLimits, continued: OpenStream | None) -> Batch:
+    stream = continued if continued is not None else OpenStream(hdr.dict_id >> 16)
+    raw = stream.decoder.frame(packed, hdr.raw_len)
+    stream.last_nonce = hdr.nonce
+    if hdr.codec is Codec.LZMA:
+        datagrams, info = decode_block(raw, hdr.count, max_datagram=lim.max_datagram,
+                                       max_exporters=lim.max_exporters)
+    else:
+        datagrams, info = decode_block(
+            raw, hdr.count, max_datagram=lim.max_datagram, max_exporters=lim.max_exporters,
+            payload_decoder=columnar.payload_decoder(lim.max_raw, deltas=hdr.codec is Codec.DELTA_LZMA),
+        )
+    return Batch(agent_id=hdr.agent_id, first_seq=hdr.first_seq, datagrams=tuple(datagrams), agent_info=info,
+                 header=hdr, stream=stream)

@@ -60,9 +60,10 @@ class Codec(enum.IntEnum):
     COLUMNAR = 3  # payloads transposed into byte columns (see wire.columnar), then zstd [+ dictionary]
     COLUMNAR_LZMA = 4  # codec 3's record block, then a raw LZMA2 stream instead of zstd (no dictionary)
     DELTA_LZMA = 5  # codec 4 with chosen record fields stored as differences (wire.deltas), then raw LZMA2
+    LZMA = 6  # the record block with verbatim payloads (codecs 0-2's layout), then raw LZMA2
 
 
-_LZMA_CODECS = (Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA)
+_LZMA_CODECS = (Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA, Codec.LZMA)
 
 
 @functools.cache
@@ -114,14 +115,14 @@ def compress(raw: bytes, codec: Codec, *, level: int = DEFAULT_LEVEL, dict_id: i
         return raw
     if codec in _LZMA_CODECS:
         if dict_id:
-            raise ValueError(f"codec columnar_lzma takes no dictionary, got dict_id {dict_id}")
+            raise ValueError(f"codec {codec.name.lower()} takes no dictionary, got dict_id {dict_id}")
         if not 0 <= level <= 9:
             raise ValueError(f"LZMA preset {level} is outside 0..9")
         lzma2: dict[str, int] = {"id": lzma.FILTER_LZMA2, "preset": level, "dict_size": LZMA_DICT_SIZE}
-        if codec is Codec.DELTA_LZMA:
+        if codec in (Codec.DELTA_LZMA, Codec.LZMA):
             # Differences leave fewer byte values for the literal coder to tell apart: 1 bit of context (lc)
-            # instead of 3 saves ~1 % on flow exports (softflowd v5/v9/IPFIX, the Cisco captures); the
-            # stream carries its own lc, so this is the encoder's choice alone.
+            # instead of 3 saves ~1 % on flow exports (softflowd v5/v9/IPFIX, the Cisco captures), and on
+            # verbatim datagrams too (codec 6); the stream carries its own lc: the encoder's choice alone.
             lzma2["lc"] = 1
         return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[lzma2])
     if dict_id and dict_id not in bundled_dictionaries():
