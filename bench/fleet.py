@@ -352,17 +352,29 @@ class SimAgent:
 
 
 async def _run_agents(plans: list[AgentPlan], config: FleetConfig, gateway: str, pool: list[bytes], t0: float,
-                      flood_rate: float) -> list[AgentResult]:
+                      flood_rate: float) -> tuple[list[AgentResult], list[float]]:
     agents = [SimAgent(p, config, gateway, pool, t0, flood_rate) for p in plans]
     for a in agents:
         a.gateway = gateway
     await asyncio.sleep(max(0.0, t0 - time.time()))
     tasks: list[asyncio.Task[None]] = []
+    lags: list[float] = []
+    lag = asyncio.create_task(_loop_lag(lags))
     async with asyncio.TaskGroup() as tg:
         for a in agents:
             # Agents start spread over the first second, as boxes do not boot in the same millisecond.
             tasks.append(tg.create_task(_start(a, a.rng.random())))
-    return [a.result for a in agents]
+    lag.cancel()
+    return [a.result for a in agents], lags
+
+
+async def _loop_lag(out: list[float], tick: float = 0.02) -> None:
+    """How late this worker's event loop wakes up (s): the simulator's own stalls (sealing, GC) count in the
+    agents' latencies, so the report gives them beside those."""
+    while True:
+        start = time.monotonic()
+        await asyncio.sleep(tick)
+        out.append(time.monotonic() - start - tick)
 
 
 async def _start(agent: SimAgent, delay: float) -> None:
@@ -374,7 +386,7 @@ async def _start(agent: SimAgent, delay: float) -> None:
 
 
 def _worker(plans: list[AgentPlan], config: FleetConfig, gateway: str, pool: list[bytes], t0: float,
-            flood_rate: float) -> list[AgentResult]:
+            flood_rate: float) -> tuple[list[AgentResult], list[float]]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return asyncio.run(_run_agents(plans, config, gateway, pool, t0, flood_rate))
@@ -413,6 +425,7 @@ class FleetReport:
     gateway_p50_ms: float | None  # the gateway's own view (its histogram's bucket bound), last process
     gateway_p99_ms: float | None
     load_average: list[float]  # 1-minute load average at the start and at the end (a shared machine)
+    sim_loop_lag_ms: list[float]  # the simulator's own event-loop lateness, p99 and max (in agents' latency)
     revocation_effect_s: float | None  # churn: from the revocation to the agent's first refusal
     restart_backlog_s: float | None  # restart to the last agent's backlog acknowledged
     back_spread_s: list[float] | None  # restart to each agent's first ack: p50, p90, p99, max
@@ -539,7 +552,9 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
                 churned = _churn(data, plans)
                 churn_at = time.time()
                 log(f"t={t:.1f} s: churn {churned}")
-        results = [r for chunk in pending.get() for r in chunk]
+        done = pending.get()
+        results = [r for chunk, _ in done for r in chunk]
+        lags = [x for _, chunk in done for x in chunk]
     figures = _gateway_figures(gw.url)
     if gw.proc is not None:
         cpu[gw.proc.pid] = max(cpu.get(gw.proc.pid, 0.0), _proc_cpu(gw.proc.pid))
@@ -552,7 +567,8 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
                    journal_commits=figures.get("journal_commits"),
                    commit_batches=figures.get("commit_batches"),
                    gateway_p50_ms=figures.get("gateway_p50_ms"),
-                   gateway_p99_ms=figures.get("gateway_p99_ms"))
+                   gateway_p99_ms=figures.get("gateway_p99_ms"),
+                   sim_loop_lag_ms=[round(_pct(lags, 0.99), 1), round(_pct(lags, 1.0), 1)])
 
 
 def _churn(data: Path, plans: list[AgentPlan]) -> list[str]:
@@ -644,7 +660,7 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
         refused_over_30s=over30, failures=dict(failures), gateway_rss_mb=round(rss, 1), gateway_fds=fds,
         revocation_effect_s=effect, restart_backlog_s=backlog_s, back_spread_s=spread,
         elapsed_s=round(elapsed, 1), gateway_cpu_s=0.0, journal_commits=None, commit_batches=None,
-        gateway_p50_ms=None, gateway_p99_ms=None, load_average=[],
+        gateway_p50_ms=None, gateway_p99_ms=None, load_average=[], sim_loop_lag_ms=[],
     )
 
 
