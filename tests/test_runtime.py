@@ -70,3 +70,23 @@ async def test_a_task_that_never_ends_does_not_hold_shutdown(caplog: pytest.LogC
     assert "task stubborn did not stop within 0.5 s" in caplog.text
     limit[0] = 0  # the test's own clean-up: now it ends at the next cancellation
     assert await cancel_and_wait([stubborn], grace=5.0) == []
+
+
+SETTLE = (
+    "import gc\n"
+    "from flowtunnel.runtime import SERVER_GC_YOUNG, settle_gc\n"
+    "kept = [[i] for i in range(1000)]\n"
+    "before = (gc.get_freeze_count(), gc.get_threshold()[0])\n"
+    "settle_gc()\n"
+    "print(*before, gc.get_freeze_count(), gc.get_threshold()[0], SERVER_GC_YOUNG)\n"
+)
+
+
+def test_settle_gc_freezes_what_start_up_built_and_collects_the_young_generation_less_often() -> None:
+    # In a child process: it changes the collector of the whole process.
+    out = subprocess.run([sys.executable, "-c", SETTLE], capture_output=True, text=True, check=True,
+                         timeout=60)
+    frozen_before, young_before, frozen, young, server_young = map(int, out.stdout.split())
+    assert frozen_before == 0
+    assert frozen > 1000  # at least what the script kept alive
+    assert young == server_young > young_before

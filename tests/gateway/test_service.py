@@ -4,19 +4,23 @@ failing sink restarted, status.json kept current."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from flowtunnel.gateway import Gateway, GatewayConfig
+import flowtunnel.gateway.service as service
+from flowtunnel.gateway import Gateway, GatewayConfig, run_gateway
 from flowtunnel.gateway.sinks import CursorSink
 from flowtunnel.log import Entry
 from tests.gateway.test_udp_forward import TPL_A, v9_stream, wrap
 from tests.gateway.util import datagrams, drained, enroll, post_batch, seal, start_gateway
-from tests.peers import UdpCapture
+from tests.peers import UdpCapture, free_tcp_port
 
 
 class Recorder(CursorSink):
@@ -111,3 +115,28 @@ async def test_a_failing_sink_is_restarted_and_resumes_from_its_cursor(tmp_path:
         await gw.stop()
     assert flaky.seen == [1, 2, 3]
     assert 'flowtunnel_gateway_sink_errors_total{cause="crashed",sink="flaky"} 1.0' in text
+
+
+async def test_the_gateway_command_settles_the_collector_once_it_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # settle_gc freezes the whole process: recorded here, not run (tests/test_runtime.py runs it).
+    port = free_tcp_port()
+    seen: list[bool] = []
+
+    def listening() -> None:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5):
+            seen.append(True)
+            return
+        seen.append(False)
+
+    monkeypatch.setattr(service, "settle_gc", listening)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_gateway(
+        GatewayConfig(listen=f"127.0.0.1:{port}", data=tmp_path / "gw", store=False), stop))
+    async with asyncio.timeout(20):
+        while not seen:  # noqa: ASYNC110 - set by the gateway once it started
+            await asyncio.sleep(0.02)
+    stop.set()
+    assert await task == 0
+    assert seen == [True]  # once, and only once it listens

@@ -19,6 +19,7 @@ import os
 import resource
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,7 +57,7 @@ from flowtunnel.gateway.ws import WsSettings
 from flowtunnel.health import silent_agents
 from flowtunnel.journal import AgentJournal, SqliteAgentJournal
 from flowtunnel.log import DurableLog, FullPolicy, LogConfig, LogError
-from flowtunnel.runtime import OnceLogger, TaskSet, cancel_and_wait
+from flowtunnel.runtime import OnceLogger, TaskSet, cancel_and_wait, settle_gc
 from flowtunnel.statusfile import write_json_atomic
 from flowtunnel.wire import WireLimits
 
@@ -632,9 +633,12 @@ class Gateway:
         if opened:
             log.info("stopped")
 
-    async def run(self, stop: asyncio.Event) -> int:
+    async def run(self, stop: asyncio.Event, *, started: Callable[[], None] | None = None) -> int:
+        """Start, call ``started`` (if given), serve until ``stop`` is set, stop; the exit code."""
         try:
             await self.start()
+            if started is not None:
+                started()
             await stop.wait()
         finally:
             await self.stop()
@@ -642,6 +646,7 @@ class Gateway:
 
 
 async def run_gateway(config: GatewayConfig, stop: asyncio.Event) -> int:
-    """The body of ``flowtunnel gateway``; returns the exit code."""
-    return await Gateway(config).run(stop)
+    """The body of ``flowtunnel gateway``; returns the exit code. The process is the gateway's own: once it
+    listens, its start-up objects are frozen out of the collector (``settle_gc``)."""
+    return await Gateway(config).run(stop, started=settle_gc)
 
