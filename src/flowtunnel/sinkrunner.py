@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowtunnel.config import masked_repr
-from flowtunnel.datadir import PrivateUmask, prepare_private_dir
+from flowtunnel.datadir import DirLock, PrivateUmask, prepare_private_dir
 from flowtunnel.errors import ConfigError
 from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkKind, SinkSettings, build_sink
 from flowtunnel.statusfile import write_json_atomic
@@ -89,9 +89,27 @@ async def run_sink(kind: str, opts: SinkOptions, stop: asyncio.Event) -> int:
     umask = PrivateUmask()
     umask.acquire()  # what libraries create on their own (DuckDB's database and WAL) is 0600 too
     try:
-        return await _run(spec, kind, opts, jcfg, stop)
+        lock = _lock(kind, opts)
+        try:
+            return await _run(spec, kind, opts, jcfg, stop)
+        finally:
+            lock.release()
     finally:
         umask.release()
+
+
+def _lock(kind: str, opts: SinkOptions) -> DirLock:
+    """One process per set of files (issue 15 item 3, as the gateway's ``gateway.lock``): a store, jsonl or
+    forward sink owns fixed names in its data directory (``store/flows.duckdb``, templates, the forward map),
+    whatever its ``--name``; a parquet writer owns its state ``OUT/_flowtunnel/<name>.json``, so writers of
+    other names (shards) share ``OUT``. ``ConfigError`` naming the holder's pid when taken."""
+    if kind == "parquet" and opts.out is not None:
+        from flowtunnel.store.parquet import STATE_DIR
+
+        where = opts.out / STATE_DIR
+        where.mkdir(parents=True, exist_ok=True)
+        return DirLock.acquire(where, f"{opts.name}.lock", what=f"parquet sink {opts.name}")
+    return DirLock.acquire(opts.data, f"sink-{kind}.lock", what=f"{kind} sink")
 
 
 async def _run(

@@ -139,3 +139,61 @@ async def test_a_sink_process_keeps_its_directory_private_and_refuses_a_loose_on
     assert refused.stderr.count("\n") == 1
     assert "writable by group or others" in refused.stderr
     assert list(shared.iterdir()) == []
+
+
+async def _refused(cmd: list[str]) -> str:
+    """Run ``cmd`` (a sink that must refuse to start): its stderr; fails if it keeps running."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)  # noqa: ASYNC220
+    try:
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"a second sink ran beside the first: {cmd}") from None
+    assert proc.returncode != 0, err.decode()
+    return err.decode()
+
+
+async def test_a_second_sink_on_the_same_files_exits_naming_the_first(
+    single: NatsCluster, tmp_path: Path
+) -> None:
+    """Issue 15 item 3 for sinks: two store sinks on one directory wrote one DuckDB file (whatever their
+    names), two parquet writers of one name one state file. The second is refused in one line naming the
+    first's pid; parquet writers of other names (shards) share a directory."""
+    last = await feed_two_gateways(single.url, tmp_path, {"site-a": demo_datagrams()[:40]})
+    data, out = tmp_path / "store", tmp_path / "pq"
+    sink = [sys.executable, "-m", "flowtunnel", "sink"]
+    store = [*sink, "store", "--journal", single.url, "--data", str(data)]
+    parquet = [*sink, "parquet", "--journal", single.url, "--out", str(out)]
+    first = subprocess.Popen(store, stderr=subprocess.PIPE)  # noqa: ASYNC220
+    writer = subprocess.Popen([*parquet, "--flush", "0s"], stderr=subprocess.PIPE)  # noqa: ASYNC220
+    try:
+        deadline = time.monotonic() + 60
+        while (sink_position(data / "sink-store.json", first.pid) < last
+               or sink_position(out / "sink-parquet.json", writer.pid) < last):
+            assert first.poll() is None
+            assert writer.poll() is None
+            assert time.monotonic() < deadline, "the first sinks did not catch up"
+            await asyncio.sleep(0.1)
+        err = await _refused([*store, "--name", "store-2"])
+        assert err.count("\n") == 1, err
+        assert f"is in use by another store sink (pid {first.pid}" in err
+        err = await _refused([*parquet, "--data", str(tmp_path / "elsewhere")])
+        assert err.count("\n") == 1, err
+        assert f"is in use by another parquet sink parquet (pid {writer.pid}" in err
+        shard = subprocess.Popen([*parquet, "--name", "parquet-b"], stderr=subprocess.PIPE)  # noqa: ASYNC220
+        try:
+            while sink_position(out / "sink-parquet-b.json", shard.pid) < last:
+                assert shard.poll() is None, shard.stderr.read().decode() if shard.stderr else ""
+                assert time.monotonic() < deadline, "another parquet writer did not run"
+                await asyncio.sleep(0.1)
+        finally:
+            shard.send_signal(signal.SIGTERM)
+            shard.communicate(timeout=30)
+        assert first.poll() is None  # untouched
+        assert writer.poll() is None
+    finally:
+        for proc in (first, writer):
+            proc.send_signal(signal.SIGTERM)
+            _, err_b = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err_b.decode()
