@@ -51,3 +51,21 @@ def test_the_agent_path_imports_neither_wsproto_nor_urllib_request_nor_email() -
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_agent_path_and_sealing_do_not_load_cryptography() -> None:
+    """issue 14: cryptography's Rust extension (OpenSSL linked in) costs ~8 MB of RSS at import; batches are
+    sealed with libsodium's ChaCha20-Poly1305 (PyNaCl, ~1 MB). cryptography loads only for x509 after a pin
+    mismatch, or for pyspnego's NTLM."""
+    code = (
+        "import sys; import flowtunnel.cli.agent; from flowtunnel.agent.service import run_agent; "
+        "from flowtunnel.agent.uploader import Uploader; from flowtunnel.datagram import Datagram; "
+        "from flowtunnel.wire import open_batch, seal_batch; "
+        "d = [Datagram(received_ns=1, exporter='192.0.2.1', exporter_port=1, local_port=2, "
+        "payload=b'x' * 40)]; "
+        "body = seal_batch(agent_id='a', key=bytes(32), first_seq=1, datagrams=d, nonce=bytes(12)); "
+        "assert open_batch(body, key=bytes(32)).datagrams == tuple(d); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'cryptography'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]"
