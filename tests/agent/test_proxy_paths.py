@@ -174,7 +174,8 @@ async def test_a_proxy_that_refuses_post_gets_get_only_pieces(
                 assert up.status()["rung"] == "get"
                 assert up.status()["switches"] == 2
             switches = [r.getMessage() for r in caplog.records if "upload rung" in r.getMessage()]
-            assert switches[0] == f"upload rung post -> ws: the proxy {squid.url} refuses it (http-403)"
+            assert switches[0] == (f"upload rung post -> ws: the proxy {squid.url} refuses it (http-403); "
+                                   "retrying on ws now")
             assert switches[1].startswith("upload rung ws -> get: ")
             assert len(switches) == 2
             assert_exactly_once(gw, [*sent, *more, *last])

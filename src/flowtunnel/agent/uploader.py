@@ -303,8 +303,26 @@ class Uploader:
         saved = await asyncio.to_thread(self._spool.states, _BUDGET_PREFIX)
         self._budget.spent.update(_budget_days(saved))
         others = self._failover.gateways[1:]
-        logger.info("uploading to %s/v1/batches%s as agent %s%s", self._failover.current.rstrip("/"), via,
-                    cfg.agent_id, f"; on failure to {', '.join(others)}" if others else "")
+        logger.info("uploading to %s as agent %s: batches by %s%s%s", self._failover.current.rstrip("/"),
+                    cfg.agent_id, self._batch_route(), via,
+                    f"; on failure to {', '.join(others)}" if others else "")
+
+    def _batch_route(self) -> str:
+        """How batches go, for the start-up line: the rung in use and its route ("POST /v1/b", or
+        "/v1/batches" where that was refused on this network before), or, on a network not seen before, the
+        race of the rungs and each one's route."""
+        def route(transport: Transport) -> str:
+            if isinstance(transport, PostTransport):
+                return transport.batch_route
+            if isinstance(transport, DnsTransport):
+                return "DNS queries under the gateway's zone"
+            return transport.name
+
+        if self._race:
+            each = ", ".join(f"{name}: {route(t)}" for name, t in self._rungs.items())
+            return f"the first rung to answer on this new network ({each})"
+        transport = self._transport
+        return "?" if transport is None else route(transport)
 
     @property
     def _rungs(self) -> dict[str, Transport]:
@@ -663,10 +681,11 @@ class Uploader:
             return
         label = self._memory.content_type(self._network)
         path = self._memory.batch_path(self._network)
+        since = self._memory.path_since(self._network)
         for rungs in stacks:
             if isinstance(post := rungs.get("post"), PostTransport):
                 post.types.use(label)
-                post.use_path(path)
+                post.use_path(path, since=since)
 
     async def _empty_batch(self) -> bytes:
         return await asyncio.to_thread(
@@ -782,7 +801,7 @@ class Uploader:
         st.last_attempt = self._clock()
         up = self._ladder.before(self._clock())
         if up is not None:
-            self._switched(up)
+            self._switched(up, failed=False)
             self._delivery.wants_resync = True  # a new rung starts with a resync (its own answers)
             raise _Failed("rung-switch", 0.0)
         back = self._failover.before(self._clock()) if self._ladder.current != "dns" else None
@@ -798,12 +817,14 @@ class Uploader:
         self._sync_stats()
         switch = self._ladder.after(answer, None if isinstance(action, Commit) else action.cause,
                                     now=self._clock())
-        if switch is not None or isinstance(action, Commit):
-            self._emit(action.notes)  # a failure's notes otherwise wait for the gateway's choice, below
-        if switch is not None:
+        if isinstance(action, Commit):
+            self._emit(action.notes)  # a failure's notes wait for the gateway's choice, below
+        elif switch is not None:
+            # The next rung may carry it: tried at once, and the switch's line says so (the failure's own
+            # line without its "retrying in ..." first).
+            self._emit(action.notes, at_once=True)
             self._switched(switch)
-            if not isinstance(action, Commit):
-                raise _Failed(action.cause, 0.0)  # the next rung may carry it: try it at once
+            raise _Failed(action.cause, 0.0)
         if self._delivery.max_body != self._sizer.max_body:
             self._sizer.max_body = self._delivery.max_body
         if self._delivery.max_body != self._saved_limit:
@@ -820,7 +841,8 @@ class Uploader:
             changed = self._memory.update(
                 self._network, self._ladder.current,
                 content_type=None if post is None else post.types.status(),
-                path=None if post is None else post.batch_path)
+                path=None if post is None else post.batch_path,
+                since=None if post is None else post.classic_since)
             if changed is not None:  # most batches change nothing: no thread, no write
                 await asyncio.to_thread(self._memory.write, changed)
         if batch:
@@ -830,14 +852,17 @@ class Uploader:
             self.link.observe_round_trip(elapsed)
         return action.acked
 
-    def _switched(self, switch: Switch) -> None:
-        logger.warning("upload rung %s -> %s: %s", switch.old, switch.new, switch.reason)
+    def _switched(self, switch: Switch, *, failed: bool = True) -> None:
+        """Log a switch of rung, once, with its reason and what happens: the new rung is tried now (with
+        what failed on the old one, when ``failed``; else a re-probe of a higher rung)."""
+        logger.warning("upload rung %s -> %s: %s; %s %s now", switch.old, switch.new, switch.reason,
+                       "retrying on" if failed else "trying", switch.new)
 
     async def _failover_after(self, answer: Answer, action: Wait) -> float:
         """After a failed exchange: move to another gateway if the failure was the gateway's; the wait
         before the next attempt (none when the next gateway has not failed since the last ack). Logs the
-        delivery protocol's notes on the failure, except its "retrying with backoff" when the next gateway
-        is tried at once: the move's own line says what happens."""
+        delivery protocol's notes on the failure, except those saying what the next attempt waits when the
+        next gateway is tried at once: the move's own line says what happens, and why."""
         if self._ladder.current == "dns":
             self._emit(action.notes)
             return action.delay  # the dns rung reaches the cluster by the zone, whatever the gateway URL
@@ -848,7 +873,7 @@ class Uploader:
         if not move.at_once:
             self._emit(action.notes)
             return action.delay
-        self._emit([note for note in action.notes if not note.backoff])
+        self._emit([note for note in action.notes if not note.then])
         return 0.0
 
     async def _move(self, move: Move) -> bool:
@@ -881,12 +906,15 @@ class Uploader:
         self._spool.set_state(_LIMIT, limit)
         self._spool.set_state(_LIMIT_OF, self._config.max_body)
 
-    def _emit(self, notes: Sequence[Note]) -> None:
+    def _emit(self, notes: Sequence[Note], *, at_once: bool = False) -> None:
+        """Log the delivery protocol's notes; ``at_once``: the next attempt goes now (the caller says where),
+        so what the notes say it waits (``Note.then``) is left out."""
         for note in notes:
+            text = note.text if at_once else note.line
             if note.once is not None and note.level == logging.WARNING:
-                self._once.warning(note.once, "%s", note.text)
+                self._once.warning(note.once, "%s", text)
             else:
-                logger.log(note.level, "%s", note.text)
+                logger.log(note.level, "%s", text)
 
     def _sync_stats(self) -> None:
         d, st = self._delivery, self.stats

@@ -109,3 +109,18 @@ def test_the_memory_keeps_the_batch_path_and_writes_only_what_changed(tmp_path: 
         "post", VND, "/v1/batches")
     assert again.update("aaaa", "get") is not None
     assert again.batch_path("aaaa") == "/v1/batches"  # learned for POST, kept while another rung carries
+
+
+def test_the_memory_keeps_since_when_the_compact_route_was_refused(tmp_path: Path) -> None:
+    """``/v1/batches`` is remembered with the time ``/v1/b`` was refused (the POST rung tries ``/v1/b`` again
+    after a while); back on ``/v1/b``, the time goes. A time that is not a number is not one."""
+    path = tmp_path / "rungs.json"
+    memory = RungMemory(path)
+    memory.put("aaaa", "post", path="/v1/batches", since=1_800_000_000.4)
+    assert RungMemory(path).path_since("aaaa") == 1_800_000_000
+    assert memory.update("aaaa", "post", path="/v1/batches", since=1_800_000_000.2) is None  # same second
+    memory.put("aaaa", "post", path="/v1/b")
+    again = RungMemory(path)
+    assert (again.batch_path("aaaa"), again.path_since("aaaa")) == ("/v1/b", None)
+    path.write_text('{"bbbb": {"rung": "post", "path": "/v1/batches", "path_since": "yesterday"}}')
+    assert (RungMemory(path).batch_path("bbbb"), RungMemory(path).path_since("bbbb")) == ("/v1/batches", None)

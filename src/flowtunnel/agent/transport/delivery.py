@@ -45,14 +45,20 @@ CUTS_FOR_LIMIT = 2
 
 @dataclass(frozen=True, kw_only=True)
 class Note:
-    """A log line for the caller to emit: ``level`` (logging.INFO...), the text, and ``once``: a cause name
-    when only its first occurrence is worth a warning; ``backoff``: the line says the next attempt waits a
-    backoff (a caller that tries again at once elsewhere, another gateway, says that instead)."""
+    """A log line for the caller to emit: ``level`` (logging.INFO...), ``text`` (what happened), ``then``
+    (what the next attempt waits: "retrying with backoff", "retrying in 300 s"; empty when nothing is said
+    about it) and ``once``: a cause name when only its first occurrence is worth a warning. The line is
+    ``line``; a caller that does something else next (another rung or gateway at once) logs ``text`` and
+    says what it does instead, so no line says "retrying with backoff" before an immediate retry."""
 
     level: int
     text: str
+    then: str = ""
     once: str | None = None
-    backoff: bool = False
+
+    @property
+    def line(self) -> str:
+        return f"{self.text}; {self.then}" if self.then else self.text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -309,11 +315,13 @@ class Delivery:
         if sent.datagrams <= 1:
             text = (f"datagram seq {seq} seals to a body of {sent.size} bytes, more than {who} accepts "
                     f"({detail}): it cannot go by POST on this path; it stays in the spool (counted as "
-                    f"oversize), and everything after it waits; retrying in {delay:.0f} s")
+                    "oversize)")
+            then = f"everything after it waits, retrying in {delay:.0f} s"
         else:
             text = (f"{detail}: {who} refuses a body of {sent.size} bytes, at the floor of {self.min_body} "
-                    f"bytes; datagrams stay in the spool, retrying in {delay:.0f} s")
-        return Wait(delay=delay, cause="oversize", notes=(Note(level=logging.ERROR, text=text),))
+                    "bytes; datagrams stay in the spool")
+            then = f"retrying in {delay:.0f} s"
+        return Wait(delay=delay, cause="oversize", notes=(Note(level=logging.ERROR, text=text, then=then),))
 
     def _failed(self, cause: str, detail: str, *, draw: float, after: float | None = None,
                 rejected: str | None = None) -> Wait:
@@ -323,18 +331,16 @@ class Delivery:
         if rejected is not None:
             # Not transient: an operator must act (enroll the agent, fix the key). Say so every time.
             delay = self.reject_backoff
-            if rejected == GATEWAY:
-                text = f"gateway rejected {detail}; retrying in {delay:.0f} s, datagrams stay in the spool"
-            else:
-                text = (f"{detail}; refused by {rejected}, not by the gateway: retrying in {delay:.0f} s, "
-                        "datagrams stay in the spool")
-            note = Note(level=logging.ERROR, text=text)
+            text = (f"gateway rejected {detail}" if rejected == GATEWAY
+                    else f"{detail}; refused by {rejected}, not by the gateway")
+            note = Note(level=logging.ERROR, text=text,
+                        then=f"retrying in {delay:.0f} s, datagrams stay in the spool")
         else:
             delay = backoff_delay(self.consecutive_failures, base=self.backoff_base, cap=self.backoff_cap,
                                   draw=draw)
             if after is not None:
                 delay = after
-            note = Note(level=logging.WARNING, once=cause, backoff=True,
-                        text=f"upload failed ({detail}); retrying with backoff")
+            note = Note(level=logging.WARNING, once=cause, text=f"upload failed ({detail})",
+                        then="retrying with backoff")
         self.consecutive_failures += 1
         return Wait(delay=delay, cause=cause, notes=(note,))

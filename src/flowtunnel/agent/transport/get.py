@@ -35,6 +35,10 @@ class GetTransport(PostTransport):
 
     cookie_chars = COOKIE_CHARS
 
+    @property
+    def batch_route(self) -> str:
+        return f"GET {self._prefix}/v1/g/... pieces"
+
     async def _carry(self, batch: bytes, hints: Hints) -> Answer:
         text = base64.urlsafe_b64encode(batch).rstrip(b"=").decode("ascii")
         batch_id = os.urandom(8).hex()

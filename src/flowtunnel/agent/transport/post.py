@@ -5,9 +5,13 @@ carries ``Host`` and ``Content-Length`` only (the batch names its agent), the ga
 (``wire.compact_ack``) after a status line, ``Content-Length`` and ``Date``: ~200 bytes less per request
 than the JSON exchange. A gateway without that route (older, or behind a reverse proxy that routes only
 ``/v1/batches``) answers 404 or 405, a proxy that wants a content type 400, 403 or 415 (none of them the
-gateway's JSON): the transport goes back to ``/v1/batches`` for good and sends the batch again at once
-(nothing of it was taken). The uploader remembers that per network (``network.RungMemory``, ``batch_path``),
-so after a restart on such a network the first batch goes to ``/v1/batches`` without a refused request.
+gateway's JSON): the transport goes back to ``/v1/batches`` and sends the batch again at once (nothing of it
+was taken). The uploader remembers that per network, with when it was learned (``network.RungMemory``,
+``batch_path``), so after a restart on such a network the first batch goes to ``/v1/batches`` without a
+refused request. Not for good: the refusal may have come from a gateway since upgraded rather than from the
+network's proxy, so every ``COMPACT_REPROBE`` seconds on ``/v1/batches`` one batch tries ``/v1/b`` again
+(refused again: that batch goes to ``/v1/batches`` at once, as the first time), like the ladder re-probes
+higher rungs.
 
 ``make_client`` picks the route from the agent's settings (explicit ``proxy``, else ``HTTP(S)_PROXY`` and
 ``NO_PROXY`` from the environment, else direct) and builds the TLS context (custom CA; a pin alone replaces
@@ -51,6 +55,7 @@ from flowtunnel.agent.transport.http11 import (
     TlsFailed,
 )
 from flowtunnel.agent.transport.labels import REFUSAL_STATUSES, ContentTypes
+from flowtunnel.agent.transport.ladder import REPROBE_AFTER
 from flowtunnel.errors import ConfigError
 from flowtunnel.wire import COMPACT_ACK_BYTES, CONTENT_TYPE, AuthenticationFailed, parse_compact_ack
 from flowtunnel.wire.probe import encode_b64url, verify_probe
@@ -72,6 +77,8 @@ COMPACT_PATH = "/v1/b"
 CLASSIC_PATH = "/v1/batches"
 #: answers to ``/v1/b`` not from the gateway (no JSON ``error``) after which the agent uses ``/v1/batches``
 _CLASSIC_AFTER = frozenset({400, 403, 404, 405, 415, 501})
+#: seconds on ``/v1/batches`` after which one batch tries ``/v1/b`` again (the ladder's re-probe interval)
+COMPACT_REPROBE = REPROBE_AFTER
 
 
 def choose_proxy(gateway: str, explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -193,6 +200,9 @@ class PostTransport:
         self._gateway = gateway
         self._prefix = urlsplit(gateway).path.rstrip("/")
         self._path = self._prefix + COMPACT_PATH
+        # On /v1/batches: since when (this clock), for the re-probe of /v1/b; and whether this batch is one.
+        self._classic_since = float("-inf")
+        self._reprobing = False
         self._agent_id = agent_id
         self._key = key
         self._clock = clock
@@ -255,18 +265,34 @@ class PostTransport:
         refused, verified = await self._verified(hints.what)
         if refused is not None:
             return refused
+        now = self._clock()
+        self._classic_since = min(self._classic_since, now)  # a clock set back must not defer it for long
+        if not self.compact and now - self._classic_since >= COMPACT_REPROBE:
+            # Long enough on /v1/batches: does /v1/b pass now (a gateway upgraded since it was refused)?
+            logger.debug("trying %s again after %.0f s on %s", self._prefix + COMPACT_PATH,
+                         now - self._classic_since, self._path)
+            self._path = self._prefix + COMPACT_PATH
+            self._reprobing = True
         if self.compact:
             # The smallest head (issue 14): Host and Content-Length (the client's) alone; the batch names its
             # agent. The backlog, the acked mark and the drops travel sealed in the batch (agent info).
             resp = await self.client.request("POST", self._path, body=batch, headers=[], reuse_only=verified)
             if resp.status not in _CLASSIC_AFTER or _gateway_error(resp.body):
+                if self._reprobing:
+                    logger.info("%s is answered by the gateway again: batches go there from now on",
+                                self._path)
+                    self._reprobing = False
                 return self._answer(resp, hints.what, compact=True)
             # No /v1/b there (an older gateway, a reverse proxy that routes /v1/batches only), or a path that
-            # refuses a POST without a content type: nothing was taken; the classic route from now on (with
-            # its labels, below), this batch at once.
-            logger.info("%s answers HTTP %d to %s: using %s/v1/batches", self._path_name(), resp.status,
-                        self._path, self._prefix)
+            # refuses a POST without a content type: nothing was taken; the classic route (with its labels,
+            # below) for COMPACT_REPROBE seconds, this batch at once.
+            logger.log(logging.DEBUG if self._reprobing else logging.INFO,
+                       "%s answers HTTP %d to %s: using %s/v1/batches (trying %s again in %.0f s)",
+                       self._path_name(), resp.status, self._path, self._prefix, COMPACT_PATH,
+                       COMPACT_REPROBE)
             self._path = self._prefix + CLASSIC_PATH
+            self._classic_since = self._clock()
+            self._reprobing = False
             verified = False
         # On /v1/batches: Host and Content-Length (the client's), the content type and the agent id.
         # The label changes when the path refuses one (``labels``): the same sealed body goes again at once
@@ -303,14 +329,28 @@ class PostTransport:
         return self._path.endswith(COMPACT_PATH)
 
     @property
+    def batch_route(self) -> str:
+        """What carries a batch on this rung, for the log: ``POST /v1/b`` (with the gateway URL's path)."""
+        return f"POST {self._path}"
+
+    @property
     def batch_path(self) -> str:
         """``COMPACT_PATH`` or ``CLASSIC_PATH``: where batches go now (after the gateway URL's path)."""
         return COMPACT_PATH if self.compact else CLASSIC_PATH
 
-    def use_path(self, path: str | None) -> None:
+    @property
+    def classic_since(self) -> float | None:
+        """When (this transport's clock) batches went to ``/v1/batches`` because ``/v1/b`` was refused; None
+        on ``/v1/b``."""
+        return None if self.compact else self._classic_since
+
+    def use_path(self, path: str | None, *, since: float | None = None) -> None:
         """Send batches to ``path`` (``CLASSIC_PATH``: what worked on this network before, when ``/v1/b``
-        was refused there) or, for None or anything else, to ``/v1/b``."""
+        was refused there ``since`` then; unknown: ``/v1/b`` is tried again at the next batch) or, for None
+        or anything else, to ``/v1/b``."""
         self._path = self._prefix + (CLASSIC_PATH if path == CLASSIC_PATH else COMPACT_PATH)
+        self._classic_since = float("-inf") if since is None else since
+        self._reprobing = False
 
     def _answer(self, resp: Response, what: str, *, compact: bool = False) -> Answer:
         answer: Answer | None = None
