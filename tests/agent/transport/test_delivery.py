@@ -88,15 +88,19 @@ def test_an_ack_behind_the_batch_asks_for_a_resync_once() -> None:
 def test_409_resyncs_at_once_then_with_backoff_if_it_keeps_coming() -> None:
     d = machine(wants_resync=False)
     delays = []
+    lines = []
     for _ in range(3):
         sent = batch(1, 10, 5000)
         action = d.answer(sent, Resync(detail="batch 1..10: HTTP 409"), draw=1.0)
         assert isinstance(action, Wait)
         delays.append(action.delay)
+        lines.append(action.notes[0].line)
         assert d.wants_resync
         r = resync()
         d.answer(r, ack(r, 0), draw=1.0)
     assert delays == [0.0, 0.5, 1.0]
+    # The line says the wait it is followed by (before: "resynchronising" after a backoff too).
+    assert lines == [f"batch 1..10: HTTP 409; resynchronising {w}" for w in ("now", "in 0.5 s", "in 1.0 s")]
     sent = batch(1, 10, 5000)
     d.answer(sent, ack(sent, 10), draw=1.0)
     assert d.resync_streak == 0

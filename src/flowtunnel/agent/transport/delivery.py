@@ -285,7 +285,8 @@ class Delivery:
                                   draw=draw)
         self.resync_streak += 1
         self.consecutive_failures += 1
-        note = Note(level=logging.WARNING, once="resync-409", text=f"{answer.detail}; resynchronising")
+        note = Note(level=logging.WARNING, once="resync-409", text=answer.detail,
+                    then="resynchronising now" if delay == 0 else f"resynchronising in {delay:.1f} s")
         return Wait(delay=delay, cause="resync", notes=(note,))
 
     def _too_large(self, sent: Sent, detail: str, by: str, *, draw: float) -> Wait:
