@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from flowtunnel.config import masked_repr
 from flowtunnel.datadir import DirLock, PrivateUmask, prepare_private_dir
-from flowtunnel.errors import ConfigError
+from flowtunnel.errors import ConfigError, describe_failure
 from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkKind, SinkSettings, build_sink
 from flowtunnel.statusfile import write_json_atomic
 
@@ -137,8 +137,9 @@ async def _run(
                 cause = f"{type(exc).__name__}: {exc}"
                 if cause not in seen:
                     seen.add(cause)
-                    log.error("sink %s failed, restarting in %.1f s: %s", opts.name, opts.restart_delay, exc,
-                              exc_info=exc)
+                    text, expected = describe_failure(exc)  # one line for an environment problem
+                    log.error("sink %s failed, restarting in %.1f s: %s", opts.name, opts.restart_delay, text,
+                              exc_info=None if expected else exc)
                 await asyncio.sleep(opts.restart_delay)
 
     def status() -> dict[str, object]:

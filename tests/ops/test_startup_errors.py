@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ops.util import clean_env
+from tests.ops.util import Daemon, clean_env
 from tests.peers import free_tcp_port
 
 
@@ -209,3 +209,22 @@ def test_config_file_unusable(
     make(path)
     done = _run([command, "--config", str(path)])
     _one_line_error(done, command, message.format(p=path))
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    ("--parquet", "parquet directory {f}: Not a directory"),
+    ("--jsonl", "{f}: File exists"),
+])
+def test_gateway_sink_output_unusable(tmp_path: Path, flag: str, message: str) -> None:
+    """A sink whose output cannot be made (a file where its directory should be) says so in one line, and the
+    gateway keeps taking batches for it (the journal holds them until the path is fixed). Before: a
+    traceback in the log."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    target = blocker if flag == "--parquet" else blocker / "flows.jsonl"
+    with Daemon(_gateway(tmp_path / "data", "--no-store", flag, str(target)), workdir=tmp_path) as gw:
+        text = gw.wait_for("failed, restarting")
+        assert gw.proc.poll() is None
+    assert "Traceback" not in text, text
+    line = next(t for t in text.splitlines() if "failed, restarting" in t)
+    assert message.format(f=blocker) in line, text

@@ -29,7 +29,7 @@ from aiohttp import web
 from flowtunnel import __version__
 from flowtunnel.config import parse_duration
 from flowtunnel.datadir import DirLock, PrivateUmask, create_private_file, prepare_private_dir
-from flowtunnel.errors import ConfigError, describe_os_error
+from flowtunnel.errors import ConfigError, describe_failure, describe_os_error
 from flowtunnel.gateway.app import ADMISSION_KEY, HttpErrorLogger, build_app
 from flowtunnel.gateway.budget import AgentBudgets, BudgetConfig, scan_journal_usage
 from flowtunnel.gateway.config import GatewayConfig
@@ -428,8 +428,11 @@ class Gateway:
                 else:
                     if len(seen) < 64:
                         seen.add(cause)
+                    # An environment problem (a file where the output directory should be) in one line.
+                    text, expected = describe_failure(exc)
                     log.error("sink %s failed, restarting in %.1f s (repeats of this failure are counted, "
-                              "not logged): %s", sink.name, self.sink_restart_delay, exc, exc_info=exc)
+                              "not logged): %s", sink.name, self.sink_restart_delay, text,
+                              exc_info=None if expected else exc)
                 await asyncio.sleep(self.sink_restart_delay)
 
     # -- running ------------------------------------------------------------------------------------------
