@@ -112,6 +112,22 @@ def test_agent_listen_port_busy(tmp_path: Path, key: Path) -> None:
     _one_line_error(done, "agent", f"cannot listen on udp://127.0.0.1:{port}", "in use")
 
 
+def test_agent_metrics_port_busy(tmp_path: Path, key: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = _run(_agent(tmp_path / "spool", key, "--listen", "udp://127.0.0.1:0", "--metrics-listen",
+                           f"127.0.0.1:{port}"))
+    _one_line_error(done, "agent", f"cannot listen on metrics address 127.0.0.1:{port}", "in use")
+
+
+def test_agent_proxy_password_file_unreadable(tmp_path: Path, key: Path) -> None:
+    done = _run(_agent(tmp_path / "spool", key, "--proxy", "http://127.0.0.1:3128", "--proxy-user", "u",
+                       "--proxy-password-file", str(tmp_path / "missing")))
+    _one_line_error(done, "agent", f"cannot read proxy-password-file {tmp_path}/missing", "No such file")
+
+
 @pytest.mark.parametrize(("make", "message"), [
     (lambda p: None, "No such file or directory"),
     (lambda p: p.mkdir(), "Is a directory"),
@@ -175,6 +191,11 @@ def test_gateway_dns_port_busy(tmp_path: Path) -> None:
         done = _run(_gateway(tmp_path / "data", "--no-store", "--dns-zone", "t.example.org", "--dns-listen",
                              f"udp://127.0.0.1:{port}"))
     _one_line_error(done, "gateway", f"cannot listen on udp://127.0.0.1:{port} (DNS)", "in use")
+
+
+def test_gateway_admin_token_file_unreadable(tmp_path: Path) -> None:
+    done = _run(_gateway(tmp_path / "data", "--admin-token-file", str(tmp_path / "missing")))
+    _one_line_error(done, "gateway", f"cannot read admin token file {tmp_path}/missing", "No such file")
 
 
 @pytest.mark.parametrize(("cert", "message"), [
