@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -612,6 +613,28 @@ async def test_console_off_serves_no_console_but_guards_metrics(tmp_path: Path) 
                 assert r.status == 200
     finally:
         await gw.stop()
+
+
+def test_console_off_and_metrics_public_on_the_command_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``flowtunnel gateway --console off --metrics-public``: the flags reach the gateway's settings (the
+    environment's spelling is tested above); without them the console is on and the metrics guarded."""
+    import flowtunnel.gateway.service as service
+    import flowtunnel.runtime as runtime
+    from flowtunnel.cli import main
+    from flowtunnel.gateway import GatewayConfig
+
+    seen: list[GatewayConfig] = []
+    monkeypatch.setattr(service, "run_gateway", lambda config, stop: seen.append(config))
+    monkeypatch.setattr(runtime, "run_daemon", lambda run: run(None) or 0)
+    monkeypatch.setattr("flowtunnel.cli.gateway.init_logging", lambda args: None)
+    for name in [n for n in os.environ if n.startswith("FLOWTUNNEL_GATEWAY_")]:
+        monkeypatch.delenv(name)
+    common = ["gateway", "--data", str(tmp_path / "gw"), "--admin-token-file", str(token_file(tmp_path))]
+    assert main([*common, "--console", "off", "--metrics-public"]) == 0
+    assert main(common) == 0
+    assert [(c.console, c.metrics_public) for c in seen] == [(False, True), (True, False)]
 
 
 async def test_a_token_file_others_can_read_stops_the_gateway(tmp_path: Path) -> None:
