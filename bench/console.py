@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -155,6 +156,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.agents, args.flows, args.repeat = 100, 1_000_000, 3
+    load = [os.getloadavg()[0]]  # a shared machine: other jobs' load is part of every figure
     with tempfile.TemporaryDirectory(prefix="ft-console-bench-") as tmp:
         data = Path(tmp) / "gw"
         data.mkdir(mode=0o700)
@@ -164,6 +166,7 @@ def main() -> int:
         db_bytes = StorePaths(data_dir=data).database.stat().st_size
         print(f"console: store filled in {fill:.1f} s ({db_bytes / 2**20:.0f} MiB)", file=sys.stderr)
         results = asyncio.run(measure(data, token_file, args.repeat))
+    load.append(os.getloadavg()[0])
     rows = []
     worst = 0.0
     for label, _path, times, size in results:
@@ -174,7 +177,8 @@ def main() -> int:
     cmd = "python bench/console.py" + (" --quick" if args.quick else "")
     text = (
         f"Command: `{cmd}`, {utc_now()}.\n"
-        f"Machine: {machine()}.\n\n"
+        f"Machine: {machine()}; 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the "
+        "end.\n\n"
         f"Store: {args.flows:,} flows over the last {args.days:g} days from {args.agents} enrolled agents "
         "(three exporters each), made with one DuckDB `INSERT ... SELECT FROM range()` into a store created "
         f"by the store's own code ({fill:.0f} s, {db_bytes / 2**20:,.0f} MiB). The gateway runs in the "
