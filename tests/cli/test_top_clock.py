@@ -100,3 +100,29 @@ async def test_no_hint_when_neither_clock_has_flows(tmp_path: Path) -> None:
     out = await asyncio.to_thread(_top, "--data", str(tmp_path / "data"), "--since", "1h", "--format", "json")
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("top", "--since", "99999999d"), "--since 99999999d is outside the allowed range 1s .. 36500d"),
+    (("top", "--since", "0s"), "--since 0s is outside the allowed range 1s .. 36500d"),
+    (("top", "--since", "nan"), "--since 'nan' is not a duration"),
+    (("top", "--timeout", "nan"), "argument --timeout: 'nan' is not a duration"),
+    (("top", "--timeout", "-1"), "argument --timeout: '-1' is not a duration"),
+    (("query", "--timeout", "99999999d", "SELECT 1"),
+     "argument --timeout: 99999999d is outside the allowed range 100ms .. 1d"),
+    (("export", "--since", "99999999d", "--parquet", "out.parquet"),
+     "--since 99999999d is outside the allowed range 1s .. 36500d"),
+])
+def test_out_of_range_windows_and_timeouts_are_refused_with_the_range(
+    slow_exporter_store: Path, args: tuple[str, ...], message: str
+) -> None:
+    """Issue 15 item 7 for the store's commands: ``top --since 99999999d`` was a traceback (OverflowError),
+    ``--timeout`` took any float."""
+    out = subprocess.run(
+        [sys.executable, "-m", "flowtunnel", *args, "--data", str(slow_exporter_store)], capture_output=True,
+        text=True, timeout=120, check=False, cwd=slow_exporter_store,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"flowtunnel {args[0]}: error: {message}"), out.stderr

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from rich.markup import escape
 
-from flowtunnel.config import parse_duration
+from flowtunnel.config import format_duration, parse_duration
 from flowtunnel.errors import ConfigError
 from flowtunnel.store import (
     TOP_KEYS,
@@ -48,8 +48,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="the gateway's TOML config")
     parser.add_argument(
-        "--timeout", type=float, default=300.0, metavar="SECONDS",
-        help="give up on a query running longer than this (default 300)",
+        "--timeout", type=_timeout, default=300.0, metavar="DURATION",
+        help="give up on a query running longer than this, 100ms .. 1d (default 300s)",
     )
 
 
@@ -61,16 +61,38 @@ def _add_parquet(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Allowed ranges (issue 15 item 7): a window beyond a century overflowed the date arithmetic (a traceback),
+#: a timeout of NaN or a negative one meant no limit or none at all.
+SINCE_RANGE: Final = (1.0, 36500 * 86400.0)
+TIMEOUT_RANGE: Final = (0.1, 86400.0)
+
+
+def _in_range(text: str, bounds: tuple[float, float]) -> float:
+    """``text`` as a duration in ``bounds``; ``ValueError`` "99999999d is outside the allowed range 1s ..
+    36500d" (or parse_duration's own message)."""
+    seconds = parse_duration(text)
+    lo, hi = bounds
+    if not lo <= seconds <= hi:
+        raise ValueError(f"{text} is outside the allowed range {format_duration(lo)} .. "
+                         f"{format_duration(hi)}")
+    return seconds
+
+
+def _timeout(text: str) -> float:
+    """``--timeout`` (an argparse type): a duration in ``TIMEOUT_RANGE``; bare numbers are seconds."""
+    try:
+        return _in_range(text, TIMEOUT_RANGE)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _since(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        seconds = parse_duration(text)
+        return _in_range(text, SINCE_RANGE)
     except ValueError as exc:
-        raise ConfigError(f"--since: {exc}") from None
-    if seconds <= 0:
-        raise ConfigError(f"--since {text!r} must be a positive duration (examples: 15m, 1h, 7d)")
-    return seconds
+        raise ConfigError(f"--since {exc}") from None
 
 
 def _add_filter(parser: argparse.ArgumentParser, what: str) -> None:
