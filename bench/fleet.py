@@ -67,7 +67,8 @@ KINDS = ("good", "replay", "garbage", "slow", "revoked")
 class FleetConfig:
     """One fleet run. ``bad_share``: misbehaving agents (spread over replay, garbage, slow, revoked);
     ``fast_share``: agents at ``fast_rate`` datagrams/s; ``outage_share``: agents whose link goes down once
-    for ``outage`` seconds; ``flood``: agent 0 sends ``flood_factor`` times the per-agent rate budget."""
+    for ``outage`` seconds; ``flood``: agent 0 sends ``flood_factor`` times the per-agent rate budget, from
+    ``flood_at`` seconds on (the others' p99 before and during the flood then come from the same run)."""
 
     agents: int = 50
     seconds: float = 10.0
@@ -86,6 +87,7 @@ class FleetConfig:
     drain: float = 90.0
     flood: bool = False
     flood_factor: float = 10.0
+    flood_at: float = 0.0  # the flooder starts at this second: the others' p99 before and during, one run
     agent_rate: int = 0  # the gateway's --agent-rate (bytes/s; 0: its default)
     kill_at: float | None = None  # herd: kill -9 the gateway at this second, restart after down seconds
     down: float = 10.0
@@ -114,6 +116,7 @@ class AgentResult:
     acked: int = 0
     exchanges: int = 0
     latencies: list[float] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)  # each request's start, seconds from the fleet's start
     failures: dict[str, int] = field(default_factory=dict)
     max_refused: float = 0.0  # longest time from a failed attempt to the next acknowledgement, seconds
     max_refused_gw: float = 0.0  # the same from the gateway's first refusal (503, 429...), not a lost link
@@ -202,6 +205,8 @@ class SimAgent:
         port = 2055
         # Fast agents: datagrams come n at a time (n / rate apart on average), not one wake-up per datagram.
         n = max(1, int(self.rate * 0.05))
+        if self.plan.kind == "flood" and self.config.flood_at > 0:
+            await asyncio.sleep(max(0.0, self.t0 + self.config.flood_at - time.time()))
         while self.rate > 0:
             now = time.time()
             if now >= end:
@@ -261,6 +266,7 @@ class SimAgent:
             elapsed = time.monotonic() - started
             self.result.exchanges += 1
             self.result.latencies.append(elapsed)
+            self.result.sent_at.append(time.time() - elapsed - self.t0)
             now = time.time()
             if isinstance(answer, Rejected) and self.result.rejected_at is None:
                 self.result.rejected_at = now
@@ -411,6 +417,9 @@ class FleetReport:
     p50_ms: float
     p99_ms: float
     p99_flooder_ms: float | None
+    # flood_at > 0: the well-behaved agents' p99 over requests started in [5 s, flood_at) and after flood_at
+    p99_before_flood_ms: float | None
+    p99_during_flood_ms: float | None
     flooder: dict[str, Any] | None  # the flooding agent: datagrams generated, acked, failures by cause
     exchanges: int
     max_refused_s: float
@@ -599,6 +608,8 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
     lost = dups = wrong = journaled = generated = 0
     undrained = []
     lat: list[float] = []
+    before: list[float] = []
+    during: list[float] = []
     flood_lat: list[float] = []
     flooder: dict[str, Any] | None = None
     failures: Counter[str] = Counter()
@@ -645,6 +656,12 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
             undrained.append(r.agent_id)
         if r.kind == "good":
             lat += r.latencies
+            if config.flood_at > 0:
+                for at, x in zip(r.sent_at, r.latencies, strict=True):
+                    if at >= config.flood_at:
+                        during.append(x)
+                    elif at >= 5.0:  # after the start-up (connections, first reads of each mark)
+                        before.append(x)
             failures.update(r.failures)
             max_refused = max(max_refused, r.max_refused)
             max_gw = max(max_gw, r.max_refused_gw)
@@ -655,6 +672,8 @@ def _report(config: FleetConfig, plans: list[AgentPlan], results: list[AgentResu
         journaled=journaled, lost=lost, duplicates=dups, wrong_payload=wrong, undrained=undrained[:20],
         p50_ms=round(_pct(lat, 0.5), 1), p99_ms=round(_pct(lat, 0.99), 1),
         p99_flooder_ms=round(_pct(flood_lat, 0.99), 1) if flood_lat else None, flooder=flooder,
+        p99_before_flood_ms=round(_pct(before, 0.99), 1) if before else None,
+        p99_during_flood_ms=round(_pct(during, 0.99), 1) if during else None,
         exchanges=sum(r.exchanges for r in results), max_refused_s=round(max_refused, 1),
         max_refused_by_gateway_s=round(max_gw, 1),
         refused_over_30s=over30, failures=dict(failures), gateway_rss_mb=round(rss, 1), gateway_fds=fds,
@@ -685,8 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backoff-cap", type=float, default=60.0, help="the agents' --backoff-cap, s")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra gateway argument (repeat)")
+    ap.add_argument("--flood-at", type=float, default=None,
+                    help="flood: the flooder starts at this second (default: half-way; 0: from the start)")
     ns = ap.parse_args(argv)
     extra = dict(SCENARIOS[ns.scenario])
+    if extra.get("flood"):
+        extra["flood_at"] = ns.seconds / 2 if ns.flood_at is None else ns.flood_at
     config = FleetConfig(agents=ns.agents, seconds=ns.seconds, processes=ns.processes, bad_share=ns.bad_share,
                          latency=ns.latency, backoff_cap=ns.backoff_cap,
                          gateway_args=tuple(ns.gateway_arg), **extra)
