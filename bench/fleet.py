@@ -93,6 +93,7 @@ class FleetConfig:
     down: float = 10.0
     churn: bool = False  # enrol, rotate and revoke while the fleet runs
     gateway_args: tuple[str, ...] = ()
+    sim_nice: int = 0  # the simulator's processes' niceness: > 0 leaves the CPU to the gateway first
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -395,6 +396,8 @@ def _worker(plans: list[AgentPlan], config: FleetConfig, gateway: str, pool: lis
             flood_rate: float) -> tuple[list[AgentResult], list[float]]:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if config.sim_nice:
+        os.nice(config.sim_nice)
     return asyncio.run(_run_agents(plans, config, gateway, pool, t0, flood_rate))
 
 
@@ -704,6 +707,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backoff-cap", type=float, default=60.0, help="the agents' --backoff-cap, s")
     ap.add_argument("--work", type=Path, default=None, help="work directory (default: a temporary one)")
     ap.add_argument("--gateway-arg", action="append", default=[], help="extra gateway argument (repeat)")
+    ap.add_argument("--sim-nice", type=int, default=0,
+                    help="niceness of the simulator's processes (10: the gateway gets the CPU first on a "
+                         "small box; the agents' latencies then include more of the simulator's own delay)")
     ap.add_argument("--flood-at", type=float, default=None,
                     help="flood: the flooder starts at this second (default: half-way; 0: from the start)")
     ns = ap.parse_args(argv)
@@ -712,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         extra["flood_at"] = ns.seconds / 2 if ns.flood_at is None else ns.flood_at
     config = FleetConfig(agents=ns.agents, seconds=ns.seconds, processes=ns.processes, bad_share=ns.bad_share,
                          latency=ns.latency, backoff_cap=ns.backoff_cap,
-                         gateway_args=tuple(ns.gateway_arg), **extra)
+                         gateway_args=tuple(ns.gateway_arg), sim_nice=ns.sim_nice, **extra)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ft-fleet-") as tmp:
