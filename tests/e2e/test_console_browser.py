@@ -19,11 +19,12 @@ from typing import Any, cast
 
 import pytest
 
+from flowtunnel.cli.sources import read_sources
 from flowtunnel.gateway.console import Console, ConsoleData, OperatorAuth, add_console
 from flowtunnel.gateway.console.data import Table
 from tests.agent.chain import AgentProc, GatewayProc, enroll_agent, flowtunnel, wait_until
 from tests.conftest import require
-from tests.peers import free_udp_port
+from tests.peers import UdpCapture, free_udp_port
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,9 +70,10 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     token_file = tmp / "admin.token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
+    collector = UdpCapture()  # a collector behind the udp-forward sink: the console maps its sources back
     extra = ["--admin-token-file", str(token_file), "--console-late", f"{LATE}s",
-             "--console-silent", f"{SILENT}s"]
-    with StoreGatewayProc(data, extra=extra).start() as gw:
+             "--console-silent", f"{SILENT}s", "--forward", collector.url]
+    with collector, StoreGatewayProc(data, extra=extra).start() as gw:
         agents = {}
         try:
             for name in keys:
@@ -190,6 +192,13 @@ def test_agents_page_shows_the_numbers_of_status_and_the_store(chain: dict[str, 
         assert int(wire.get_attribute("data-raw")) == status[agent]["datagram_bytes"]
         assert css(row, "td[data-col=rung]")[0].text == "post"
         assert css(row, ".spark canvas"), "a sparkline is drawn"
+    # The collector's view mapped back (issue 15 item 9): the rows 'flowtunnel sources' lists.
+    sources = read_sources(data)
+    assert {str(r["agent"]) for r in sources} == {"hotel-12", "ship-3"}
+    shown = wait_for(browser, lambda d: len(css(d, "#sources tbody tr")) == len(sources)
+                     and css(d, "#sources tbody tr"), "the collector's sources")
+    assert [[td.text for td in css(tr, "td")] for tr in shown] == [
+        [f"{r['source_address']}:{r['source_port']}", r["agent"], r["exporter"], r["mode"]] for r in sources]
     _shot(browser, "agents")
 
     # The agent page: its exporters, with the store's record count.
@@ -202,6 +211,10 @@ def test_agents_page_shows_the_numbers_of_status_and_the_store(chain: dict[str, 
     assert shown == records > 0
     assert css(browser, "dd[data-fact='records stored']")[0].text == str(records)
     wait_for(browser, lambda d: css(d, "#chart canvas"), "the exporter chart")
+    own = [r for r in sources if r["agent"] == "hotel-12"]
+    rows = wait_for(browser, lambda d: css(d, "#sources tbody tr"), "hotel-12's sources")
+    assert [[td.text for td in css(tr, "td")] for tr in rows] == [
+        [f"{r['source_address']}:{r['source_port']}", r["exporter"], r["mode"]] for r in own]
     _shot(browser, "agent")
 
 
@@ -344,7 +357,11 @@ class HostileData:
                     "first_seen": HOSTILE_CAUSE, "last_seen": HOSTILE_CAUSE}
         return {"now": self.now, "agent": self._row(agent_id), "exporters": [exporter],
                 "series": self._series([HOSTILE_EXPORTER]), "range_s": 21600, "clamped": False,
-                "store_error": HOSTILE_CAUSE}
+                "store_error": HOSTILE_CAUSE, "sources": (await self.sources())["sources"]}
+
+    async def sources(self, agent_id: str | None = None) -> dict[str, Any]:
+        return {"sources": [{"source_address": HOSTILE_EXPORTER, "source_port": 40000, "agent": HOSTILE_AGENT,
+                             "exporter": HOSTILE_EXPORTER, "mode": HOSTILE_CAUSE}], "error": None}
 
     async def series(self, **_: Any) -> dict[str, Any]:
         return self._series([HOSTILE_AGENT, HOSTILE_EXPORTER])
@@ -407,6 +424,9 @@ def test_agent_ids_and_exporter_names_that_are_markup_show_as_text(
     assert HOSTILE_CAUSE in css(rows[0], "td[data-col=drops]")[0].text
     assert css(rows[0], "td[data-col=rung]")[0].text == HOSTILE_CAUSE
     assert css(browser, "#rungs tbody td")[0].text == HOSTILE_CAUSE
+    source = wait_for(browser, lambda d: css(d, "#sources tbody tr"), "the collector's sources")[0]
+    assert [td.text for td in css(source, "td")] == [
+        f"{HOSTILE_EXPORTER}:40000", HOSTILE_AGENT, HOSTILE_EXPORTER, HOSTILE_CAUSE]
     no_injection(browser)
 
     css(browser, "a.agent-link")[0].click()  # the id travels in the URL, percent-encoded
@@ -422,6 +442,7 @@ def test_agent_ids_and_exporter_names_that_are_markup_show_as_text(
     facts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#agent-facts dt")]
     assert f"agent:{HOSTILE_CAUSE}" in facts
     assert f"rejected {HOSTILE_CAUSE}" in facts
+    assert css(browser, "#sources tbody td[data-col=mode]")[0].text == HOSTILE_CAUSE
     no_injection(browser)
 
     browser.get(url + "/console/flows")

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
+from flowtunnel.cli.sources import read_sources
 from flowtunnel.datagram import Datagram
 from flowtunnel.errors import ConfigError
 from flowtunnel.gateway import Gateway, Registry
@@ -25,7 +26,8 @@ from flowtunnel.gateway.console.auth import COOKIE_NAME, OperatorAuth, read_toke
 from flowtunnel.gateway.console.data import MAX_RANGE, AgentThresholds, RateHistory, agent_state, parse_range
 from flowtunnel.gateway.console.routes import CSP, GuardSettings, operator_access
 from flowtunnel.netflow import encode_v5
-from tests.gateway.util import enroll, post_batch, seal, start_gateway
+from tests.gateway.util import drained, enroll, post_batch, seal, start_gateway
+from tests.peers import UdpCapture
 
 TOKEN = "op-token-0123456789abcdefghijklmnop"
 
@@ -717,3 +719,45 @@ async def test_slow_console_queries_do_not_stall_ingest(world: tuple[Gateway, st
             for q in queries:
                 q.cancel()
             await asyncio.gather(*queries, return_exceptions=True)
+
+
+async def test_the_console_maps_collector_sources_back_to_agents_and_exporters(tmp_path: Path) -> None:
+    """Issue 15 item 9: nfdump lists the gateway's pool addresses as exporters; the console gives the mapping
+    (the same rows as ``flowtunnel sources``): all of it on the agents page, an agent's own on its page."""
+    data = tmp_path / "gw"
+    key = enroll(data, "site-1")
+    enroll(data, "site-2")
+    with UdpCapture() as collector:
+        gw = await start_gateway(data, forward=(collector.url,), admin_token_file=token_file(tmp_path))
+        try:
+            async with aiohttp.ClientSession() as s:
+                status, doc, _ = await post_batch(s, gw.url, seal("site-1", key, 1, v5_datagrams(2)),
+                                                  agent="site-1")
+                assert status == 200, doc
+                await drained(gw)
+                collector.wait_for(2, timeout=10)
+                seen = {addr for _, addr in collector.datagrams}
+                async with s.get(gw.url + "/console/api/sources") as r:
+                    assert r.status == 401  # operator data
+                c = await session(s, gw.url)
+                status, doc = await get(s, gw.url + "/console/api/sources", c)
+                assert status == 200, doc
+                assert doc["sources"] == read_sources(data)
+                assert [(r["agent"], r["exporter"], r["mode"]) for r in doc["sources"]] == [
+                    ("site-1", "192.0.2.7", "bound")]
+                assert {(r["source_address"], r["source_port"]) for r in doc["sources"]} == seen
+                status, doc = await get(s, gw.url + "/console/api/agent", c, id="site-1")
+                assert status == 200, doc
+                assert doc["sources"] == read_sources(data)
+                status, doc = await get(s, gw.url + "/console/api/agent", c, id="site-2")
+                assert doc["sources"] == []
+        finally:
+            await gw.stop()
+
+
+def test_the_console_pages_show_the_collector_sources() -> None:
+    static = Path(__file__).resolve().parents[2] / "src/flowtunnel/gateway/console/static"
+    assert 'id="sources"' in (static / "agents.html").read_text()
+    assert "/console/api/sources" in (static / "agents.js").read_text()
+    assert 'id="sources"' in (static / "agent.html").read_text()
+    assert "doc.sources" in (static / "agent.js").read_text()

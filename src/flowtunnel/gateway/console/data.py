@@ -449,11 +449,24 @@ class ConsoleData:
             series = await self.series(group="exporter", agent=agent_id, range_seconds=seconds)
         except (QueryError, StoreError) as exc:
             store_error = str(exc)
+        sources = await self.sources(agent_id)
         return {
             "now": now, "agent": self._agent_row(agent_id, doc, totals.get(agent_id), now),
             "exporters": exporters, "series": series, "range_s": seconds, "clamped": clamped,
-            "store_error": store_error,
+            "store_error": store_error, "sources": sources["sources"],
         }
+
+    async def sources(self, agent_id: str | None = None) -> dict[str, Any]:
+        """The udp-forward mapping, as ``flowtunnel sources`` lists it: the source address (and port) a
+        collector sees as an exporter -> (agent, original exporter); one agent's rows, or every row."""
+        from flowtunnel.cli.sources import read_sources
+        from flowtunnel.errors import FlowtunnelError
+
+        try:
+            rows = await asyncio.to_thread(read_sources, self.data_dir)
+        except FlowtunnelError as exc:
+            return {"sources": [], "error": str(exc)}
+        return {"sources": [r for r in rows if agent_id is None or r["agent"] == agent_id], "error": None}
 
     async def series(
         self, *, group: str = "none", agent: str | None = None, exporter: str | None = None,

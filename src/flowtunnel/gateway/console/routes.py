@@ -5,7 +5,8 @@ Routes (all under ``/console`` but the two guarded ones):
 ``GET /console`` (the login form, or the agents page once logged in), ``GET /console/agent``,
 ``/console/flows``, ``/console/query`` (pages), ``GET /console/static/...`` (JS, CSS, uPlot),
 ``POST /console/login`` (field ``token``), ``POST /console/logout``, and the JSON endpoints
-``GET /console/api/{agents,agent,series,top,query}`` (``/console/api/query?format=csv`` downloads CSV).
+``GET /console/api/{agents,agent,sources,series,top,query}`` (``/console/api/query?format=csv`` downloads
+CSV; ``sources`` is the udp-forward mapping ``flowtunnel sources`` lists).
 
 Every answer carries a strict Content-Security-Policy (scripts and styles only from ``/console/static``, no
 inline code, no framing) and ``X-Content-Type-Options: nosniff``; data is put into pages by the scripts with
@@ -237,6 +238,9 @@ class Console:
         agent_id = request.query.get("id", "")
         return self._json(await self.data.agent(agent_id, request.query.get("range")))
 
+    async def api_sources(self, request: web.Request) -> web.StreamResponse:
+        return self._json(await self.data.sources())
+
     async def api_series(self, request: web.Request) -> web.StreamResponse:
         q = request.query
         seconds, clamped = parse_range(q.get("range"))
@@ -325,6 +329,7 @@ def add_console(app: web.Application, console: Console) -> None:
     r.add_post("/console/logout", console.logout)
     r.add_get("/console/api/agents", console.api(console.api_agents))
     r.add_get("/console/api/agent", console.api(console.api_agent))
+    r.add_get("/console/api/sources", console.api(console.api_sources))
     r.add_get("/console/api/series", console.api(console.api_series))
     r.add_get("/console/api/top", console.api(console.api_top))
     r.add_get("/console/api/query", console.api(console.api_query))

@@ -40,6 +40,14 @@
       tr.appendChild(ft.el("td", {}, e.last_seen || "-"));
       return tr;
     }));
+    document.querySelector("#sources tbody").replaceChildren(...(doc.sources || []).map((r) => {
+      const tr = ft.el("tr", { "data-exporter": r.exporter });
+      const host = String(r.source_address).includes(":") ? "[" + r.source_address + "]" : r.source_address;
+      tr.appendChild(ft.el("td", { "data-col": "source" }, host + ":" + r.source_port));
+      tr.appendChild(ft.el("td", { "data-col": "exporter" }, r.exporter));
+      tr.appendChild(ft.el("td", { "data-col": "mode" }, r.mode));
+      return tr;
+    }));
     const s = doc.series;
     if (s && s.times) {
       const named = {};

@@ -65,5 +65,31 @@
     }));
   }
 
-  ft.poll(async () => render(await ft.getJSON("/console/api/agents")), 3000);
+  // The udp-forward mapping: what the collector shows as an exporter -> agent, original exporter.
+  function renderSources(doc) {
+    const tb = document.querySelector("#sources tbody");
+    tb.replaceChildren(...doc.sources.map((r) => {
+      const tr = ft.el("tr", { "data-source": r.source_address + ":" + r.source_port });
+      const host = String(r.source_address).includes(":") ? "[" + r.source_address + "]" : r.source_address;
+      tr.appendChild(ft.el("td", { "data-col": "source" }, host + ":" + r.source_port));
+      const cell = ft.el("td", { "data-col": "agent" });
+      cell.appendChild(ft.el("a", { href: "/console/agent?id=" + encodeURIComponent(r.agent), "class": "agent-link" }, r.agent));
+      tr.appendChild(cell);
+      tr.appendChild(ft.el("td", { "data-col": "exporter" }, r.exporter));
+      tr.appendChild(ft.el("td", { "data-col": "mode" }, r.mode));
+      return tr;
+    }));
+  }
+
+  ft.poll(async () => {
+    render(await ft.getJSON("/console/api/agents"));
+    let sources;
+    try {
+      sources = await ft.getJSON("/console/api/sources");  // a failure here leaves the agents shown
+    } catch (e) {
+      return "sources: " + String(e.message || e);
+    }
+    renderSources(sources);
+    return sources.error ? "sources: " + sources.error : "";
+  }, 3000);
 })();
