@@ -26,10 +26,13 @@ from flowtunnel.gateway.contexts import ContextCache
 from flowtunnel.gateway.metrics import MAX_FIGURE, GatewayMetrics, parse_count, parse_dropped_header
 from flowtunnel.gateway.nonces import NonceWindow, Seen
 from flowtunnel.gateway.registry import AgentEntry, AgentKeys, RegistryError
+from flowtunnel.gateway.streams import StreamCache
 from flowtunnel.journal import AgentJournal, JournalConflict, JournalPartial, hwm_key
 from flowtunnel.log import LogError, LogFull
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import (
+    FLAG_STREAM,
+    FLAG_STREAM_START,
     HEADER,
     MAGIC,
     AuthenticationFailed,
@@ -196,6 +199,7 @@ class Ingest:
         self._nonces = NonceWindow()
         self.once = OnceLogger(log)
         self.contexts = ContextCache()  # compression contexts per agent (docs/protocol.md section 3.3)
+        self.streams = StreamCache()  # compression streams per agent (docs/protocol.md section 3.4)
         self.closing = False
 
     # -- shared by the handlers --------------------------------------------------------------------------
@@ -246,8 +250,10 @@ class Ingest:
         except RegistryError as exc:
             raise Rejected("registry-unavailable", str(exc), retry_after=self._retry_after) from None
         if entry is None:
+            self.streams.forget(agent_id)
             raise Rejected("unknown-agent", f"agent {agent_id!r} is not enrolled at this gateway")
         if entry.revoked:
+            self.streams.forget(agent_id)
             raise Rejected("revoked", f"agent {agent_id!r} has been revoked", agent=agent_id)
         return entry
 
@@ -291,14 +297,16 @@ class Ingest:
         return self._entry(agent_id)
 
     async def _open(
-        self, body: bytes, agent_header: str | None, *, budget: bool = False
+        self, body: bytes, agent_header: str | None, *, budget: bool = False, streams: bool = False
     ) -> tuple[Batch, bytes, bool]:
         """Authenticate and open ``body``: the batch, the key that opened it (which also tags the answer),
         and whether it is an exact copy of a recent request (a replay); re-reads the registry once if the
         key may have been rotated. A recent nonce reused with other content is counted and logged.
         ``budget``: refuse (429) an agent over its budget before decrypting (every rung: WebSocket messages
-        and GET pieces do not pass through ``admit``)."""
-        batch, key = await self._authenticate(body, agent_header, budget=budget)
+        and GET pieces do not pass through ``admit``). ``streams``: a stream frame continues the agent's held
+        stream (docs/protocol.md section 3.4; taken out of the cache: the caller keeps ``batch.stream`` once
+        the batch is acknowledged); otherwise a continuation is ``unknown-context``."""
+        batch, key = await self._authenticate(body, agent_header, budget=budget, streams=streams)
         seen = self._nonces.check(batch.agent_id, key, batch.header.nonce, body[-16:])
         if seen is Seen.REUSED:
             self._metrics.nonce_reuse(batch.agent_id)
@@ -311,7 +319,7 @@ class Ingest:
         return batch, key, seen is Seen.REPLAYED
 
     async def _authenticate(
-        self, body: bytes, agent_header: str | None, *, budget: bool
+        self, body: bytes, agent_header: str | None, *, budget: bool, streams: bool = False
     ) -> tuple[Batch, bytes]:
         try:
             header = peek_header(body, self._limits)
@@ -324,19 +332,26 @@ class Ingest:
         # Decryption and bounded decompression take milliseconds per MiB: off the event loop, but for a
         # small batch (the usual one of a quiet agent), which takes less than the hop to a thread and back.
         inline = len(body) <= _INLINE_BODY and header.raw_len <= _INLINE_RAW
+        # A continuation frame decodes against the agent's stream, out of the cache meanwhile (a second frame
+        # of that stream at the same time finds none: unknown-context).
+        held = None
+        if streams and header.flags & FLAG_STREAM and not header.flags & FLAG_STREAM_START:
+            held = self.streams.take(agent_id, header.dict_id)
         for attempt in (0, 1):
             try:
                 if inline:
                     batch = open_batch(body, key=entry.key, limits=self._limits,
-                                       contexts=self.contexts.of(agent_id))
+                                       contexts=self.contexts.of(agent_id), stream=held)
                 else:
                     batch = await asyncio.to_thread(open_batch, body, key=entry.key, limits=self._limits,
-                                                    contexts=self.contexts.of(agent_id))
+                                                    contexts=self.contexts.of(agent_id), stream=held)
                 return batch, entry.key
             except WireError as exc:
                 if isinstance(exc, AuthenticationFailed) and attempt == 0 and self._keys.refresh_if_stale():
                     entry = self._entry(agent_id)
                     continue
+                if held is not None:
+                    self.streams.give_back(agent_id, held, position=header.dict_id & 0xFFFF)
                 raise Rejected(_wire_code(exc), str(exc), agent=agent_id) from None
         raise AssertionError("unreachable")
 
@@ -410,14 +425,25 @@ class Ingest:
                 raise Rejected(
                     "shutting-down", "the gateway is shutting down", retry_after=self._retry_after
                 )
-            batch, key, replayed = await self._open(body, agent_header, budget=True)
-            # Only an authenticated batch spends the agent's budget (bounded decompression has been paid).
-            self.budgets.charge(batch.agent_id, journal_cost(batch.agent_id, batch.datagrams))
-            ack = await self._commit(
-                batch, key, http_bytes=len(body), backlog=backlog, dropped=dropped, replayed=replayed,
-                gapless=gapless,
-            )
-            if batch.datagrams:  # the agent's next batch may be compressed against this one
+            batch, key, replayed = await self._open(body, agent_header, budget=True, streams=True)
+            stream, batch_stream = batch.stream, batch.stream
+            try:
+                # Only an authenticated batch spends the agent's budget (bounded decompression has been paid).
+                self.budgets.charge(batch.agent_id, journal_cost(batch.agent_id, batch.datagrams))
+                ack = await self._commit(
+                    batch, key, http_bytes=len(body), backlog=backlog, dropped=dropped, replayed=replayed,
+                    gapless=gapless,
+                )
+                # The agent continues a stream only past acknowledged frames: keep it now, not before. An
+                # exact copy of a start frame already seen (a replay) does not replace the stream held.
+                if stream is not None and not replayed:
+                    self.streams.keep(batch.agent_id, stream,
+                                      start=bool(batch.header.flags & FLAG_STREAM_START))
+                    stream = None
+            finally:
+                if stream is not None:  # refused after decoding: its state is the agent's no more
+                    stream.decoder.close()
+            if batch.datagrams and batch_stream is None:  # the agent's next batch may use this one's context
                 self.contexts.remember(batch.agent_id, batch.context)
             return ack
         except Rejected as exc:
