@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 import flowtunnel.gateway.ingest as ingest_module
+from flowtunnel.agent.config import AgentConfig
 from flowtunnel.agent.uploader import CURSOR, Uploader
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway.service import Gateway
@@ -23,6 +24,12 @@ from tests.linkemu import Action, Fault, LinkEmulator
 from tests.peers import free_tcp_port
 
 QUIET = 3  # datagrams per batch: a quiet site
+
+
+def ctx_config(tmp_path: Path, gateway: str, key: bytes) -> AgentConfig:
+    """These tests are about contexts: without stream compression, which a quiet site uses instead
+    (tests/agent/test_stream.py)."""
+    return config(tmp_path, gateway, key, stream_compression=False)
 
 
 @pytest.fixture
@@ -71,7 +78,7 @@ async def test_quiet_batches_go_against_the_previous_acknowledged_one_and_cost_f
     sent = v9_export(30)
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
-        async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
+        async with uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
             await _trickle(up, spool, _chunks(sent))
             assert up.stats.failures == {}
             assert up.stats.context_batches == up.stats.batches - 1  # all but the first
@@ -83,7 +90,7 @@ async def test_quiet_batches_go_against_the_previous_acknowledged_one_and_cost_f
     cold = tmp_path / "cold"
     key = enroll(cold / "gw", AGENT)
     spool = open_spool(cold)
-    async with gateway_factory(cold / "gw") as gw, uploading(config(cold, gw.url, key), key, spool) as up:
+    async with gateway_factory(cold / "gw") as gw, uploading(ctx_config(cold, gw.url, key), key, spool) as up:
         up._delivery.fresh_context = True
         for chunk in _chunks(sent):
             up._context = None  # as if every batch were the first
@@ -105,10 +112,10 @@ async def test_an_agent_restart_starts_without_a_context(
     sent = v9_export(18)
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
-        async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
+        async with uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
             await _trickle(up, spool, _chunks(sent[:9]))
         first_after = len(opened)
-        async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
+        async with uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
             await _trickle(up, spool, _chunks(sent[9:]))
             assert up.stats.failures == {}
         fresh = [flags for _, n, flags in opened[first_after:] if n]
@@ -132,7 +139,7 @@ async def test_a_gateway_restart_refuses_the_unknown_context_and_the_agent_resen
     spool = open_spool(tmp_path)
     port = free_tcp_port()
     async with gateway_factory(data, port=port) as gw, LinkEmulator(upstream=("127.0.0.1", port)) as link:
-        cfg = config(tmp_path, link.url, key)
+        cfg = ctx_config(tmp_path, link.url, key)
         async with uploading(cfg, key, spool) as up:
             await _trickle(up, spool, _chunks(sent[:12]))
             assert up.stats.context_batches >= 3
@@ -165,7 +172,7 @@ async def test_a_lost_ack_is_resent_against_the_context_the_gateway_still_holds(
     async with (
         gateway_factory(data, port=port) as gw,
         LinkEmulator(upstream=("127.0.0.1", port)) as link,
-        uploading(config(tmp_path, link.url, key), key, spool) as up,
+        uploading(ctx_config(tmp_path, link.url, key), key, spool) as up,
     ):
         await _trickle(up, spool, _chunks(sent[:9]))
         link.add_fault(Fault(action=Action.ABORT_RESPONSE, match="POST /v1/b"))
@@ -187,7 +194,7 @@ async def test_a_corrupted_context_at_the_gateway_is_refused_and_the_agent_resen
     sent = v9_export(12)
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
-        async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
+        async with uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
             await _trickle(up, spool, _chunks(sent[:6]))
             ingest = _ingest(gw)
             held = ingest.contexts._agents[AGENT]
@@ -280,7 +287,7 @@ async def test_a_quiet_site_tries_codec_5_on_batches_of_a_few_datagrams(
     key = enroll(data, AGENT)
     sent = v9_export(8 * TIGHT_DELTAS_FROM)
     spool = open_spool(tmp_path)
-    async with gateway_factory(data) as gw, uploading(config(tmp_path, gw.url, key), key, spool) as up:
+    async with gateway_factory(data) as gw, uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
         chunks = [sent[i : i + 2 * TIGHT_DELTAS_FROM] for i in range(0, len(sent), 2 * TIGHT_DELTAS_FROM)]
         await _trickle(up, spool, chunks)
         assert up.stats.failures == {}

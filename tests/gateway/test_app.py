@@ -625,6 +625,36 @@ async def test_agent_that_saw_more_acknowledged_than_the_journal_holds_must_resy
         await gw.stop()
 
 
+async def test_stream_frames_continue_over_http_and_a_revoked_agents_stream_is_forgotten(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession],
+) -> None:
+    """docs/protocol.md section 3.4: a start frame then its continuations are acknowledged; the stream is held
+    per agent; revoking the agent drops it (its memory and any state a later key could meet)."""
+    from flowtunnel.wire import SealStream, seal_stream_batch
+
+    gw, key, session = env
+    sealer = SealStream(0x1234)
+    for first in (1, 3, 5):
+        dgs = datagrams(2, start=first - 1)
+        body = seal_stream_batch(agent_id=AGENT, key=key, first_seq=first, datagrams=dgs,
+                                 nonce=os.urandom(12), stream=sealer)
+        status, doc, _ = await post_batch(session, gw.url, body, agent=AGENT)
+        assert (status, doc["acked"]) == (200, first + 1)
+    assert gw.ingest is not None
+    held = gw.ingest.streams.held(AGENT)
+    assert held is not None
+    assert (held.stream_id, held.position) == (0x1234, 3)
+    with Registry(gw.data_dir) as reg:
+        reg.revoke(AGENT)
+    await asyncio.sleep(0.15)  # the registry file is checked at most once per 0.1 s (AgentKeys)
+    body = seal_stream_batch(agent_id=AGENT, key=key, first_seq=7, datagrams=datagrams(1, start=6),
+                             nonce=os.urandom(12), stream=sealer)
+    status, doc, _ = await post_batch(session, gw.url, body, agent=AGENT)
+    assert (status, doc["error"]) == (403, "revoked")
+    assert gw.ingest.streams.held(AGENT) is None
+    assert [e.stream_seq for e in journal_entries(gw)] == list(range(1, 7))
+
+
 def seal_info(key: bytes, first_seq: int, dgs: list[Datagram], info: dict[str, int]) -> bytes:
     """A batch of ``AGENT`` carrying sealed agent info (what the agent authenticates: acked, drops, ...)."""
     return seal_batch(agent_id=AGENT, key=key, first_seq=first_seq, datagrams=dgs, nonce=os.urandom(12),

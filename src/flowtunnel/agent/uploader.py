@@ -94,14 +94,19 @@ from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import (
     CODEC_OFFSET,
     FLAG_CONTEXT,
+    FLAG_STREAM,
+    FLAG_STREAM_START,
     FLAGS_OFFSET,
     NONCE_BYTES,
     NONCE_OFFSET,
     AuthenticationFailed,
     Codec,
+    SealStream,
     TemplateLengths,
+    lzstream,
     seal_batch,
     seal_batch_and_context,
+    seal_stream_batch,
     verify_ack,
 )
 
@@ -124,6 +129,9 @@ _NONCE = slice(NONCE_OFFSET, NONCE_OFFSET + NONCE_BYTES)  # the nonce in a seale
 _COLUMNAR = (int(Codec.COLUMNAR), int(Codec.COLUMNAR_LZMA), int(Codec.DELTA_LZMA))
 #: a quiet site (``policy.TIGHT``) tries codec 5 beside zstd on batches of this many datagrams or more
 TIGHT_DELTAS_FROM = 4
+#: continuation frames refused in a row (``unknown-context``) after which the agent sends start frames only
+#: for STREAM_PAUSE seconds: each batch then compresses on its own, but is not sent twice
+STREAM_MISSES, STREAM_PAUSE = 3, 600.0
 # Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 4 when bytes cost more than
 # CPU: see the module docstring.
 BIG_BATCH_BYTES = 1 << 20
@@ -155,6 +163,8 @@ class UploaderStats:
     next_attempt: float | None = None
     codecs: Counter[int] = field(default_factory=Counter)  # acknowledged batches by codec
     context_batches: int = 0  # acknowledged batches sealed against a compression context
+    stream_batches: int = 0  # acknowledged batches sealed as frames of a compression stream
+    streams: int = 0  # compression streams started (each with a start frame)
     oversize: int = 0  # single datagrams too large for the path's body limit even alone (kept in the spool)
 
 
@@ -246,6 +256,16 @@ class Uploader:
         self._leaves = b""  # the context the last sealed batch leaves once acknowledged
         # The codec whose record block layout the context has (verbatim payloads: codec 1; columnar: 3).
         self._context_codec = self._leaves_codec = Codec.COLUMNAR
+        # The compression stream (docs/protocol.md section 3.4): continued only while every frame sealed in
+        # it was acknowledged (``_stream_clean``); anything else starts a new one. Gateways that refused
+        # stream frames (older than the stream flags) get none, until this process restarts.
+        self._stream: SealStream | None = None
+        self._stream_clean = False
+        self._no_streams: set[str] = set()
+        # Continuations refused in a row (``unknown-context``: the gateway lost or never had the stream, e.g.
+        # per-request round robin over gateways): after STREAM_MISSES, start frames only for STREAM_PAUSE s.
+        self._stream_misses = 0
+        self._stream_pause_until = float("-inf")
         # The newest datagrams the receiver committed, as entries with contiguous seqs, exactly as the spool
         # holds them (see ``spooled``).
         self._tail: deque[Entry] = deque()
@@ -437,6 +457,11 @@ class Uploader:
         await self._throttle(len(body))
         self._last_send = time.monotonic()
         acked = await self._exchange(body, batch)
+        if body[FLAGS_OFFSET] & FLAG_STREAM:
+            self._stream_clean = True  # the gateway holds the stream up to this frame: it may go on
+            if not body[FLAGS_OFFSET] & FLAG_STREAM_START:
+                self._stream_misses = 0
+            self.stats.stream_batches += 1
         self._context = self._leaves or None  # what the gateway now holds
         self._context_codec = self._leaves_codec
         raw = sum(len(e.datagram.payload) for e in batch)
@@ -543,6 +568,16 @@ class Uploader:
                 field_widths=templates.field_widths,
             )
             choice = self.codec_choice(big=raw > BIG_BATCH_BYTES or batch[-1].seq < self._last_seq)
+            if choice is TIGHT and self._streams_here():
+                body = self._seal_frame(batch[0].seq, datagrams, info)
+                if len(body) <= self._sizer.max_body or n == 1:
+                    self._choice, self._leaves = TIGHT, b""
+                    self.arrival.observe(last_seq=self._last_seq, raw_bytes=raw, count=len(batch),
+                                         now=self._clock())
+                    return body, batch
+                self._stream = None  # that frame will not be sent: the stream cannot go on without it
+                n = max(1, n // 2)
+                continue
             codec = None if choice.codec is None else Codec(choice.codec)
             # A rung short of bytes (DNS: every byte is a share of a query) asks for its own lean codec (5).
             lean = getattr(self._transport, "small_codec", None)
@@ -586,6 +621,31 @@ class Uploader:
                                      now=self._clock())
                 return body, batch
             n = max(1, n // 2)
+
+    def _streams_here(self) -> bool:
+        """Whether the next batch goes as a stream frame: configured, liblzma found, the gateway takes them,
+        and not on the DNS rung (whose lean codec is tried per batch, and whose queries may overtake)."""
+        return (self._config.stream_compression and lzstream.SUPPORTED
+                and self._failover.current not in self._no_streams and self._ladder.current != "dns")
+
+    def _seal_frame(self, first_seq: int, datagrams: Sequence[Datagram], info: Mapping[str, int]) -> bytes:
+        """The next frame of the compression stream, or the start frame of a new one when any frame of the
+        current one was not acknowledged (docs/protocol.md section 3.4). A quiet site's few datagrams go
+        verbatim (codec 6); from ``TIGHT_DELTAS_FROM`` on, columnar with field deltas (codec 5). One try
+        only: a stream cannot be rewound to try another way."""
+        stream = self._stream
+        paused = time.monotonic() < self._stream_pause_until
+        if stream is None or not self._stream_clean or stream.full or paused:
+            stream = self._stream = SealStream(random.randrange(1, 0x10000))
+            self.stats.streams += 1
+        self._stream_clean = False  # until this frame is acknowledged
+        codec = Codec.DELTA_LZMA if len(datagrams) >= TIGHT_DELTAS_FROM else Codec.LZMA
+        templates = self._templates
+        return seal_stream_batch(
+            agent_id=self._config.agent_id, key=self._key, first_seq=first_seq, datagrams=datagrams,
+            nonce=os.urandom(12), stream=stream, codec=codec, agent_info=info,
+            record_length=templates.record_length, field_widths=templates.field_widths,
+        )
 
     def latency_target(self) -> float:
         """``--latency``, lengthened when a daily byte budget needs fewer requests (``policy.budget_latency``:
@@ -762,6 +822,7 @@ class Uploader:
 
     async def _resync(self) -> None:
         """Learn the gateway's acknowledged seq with an empty sealed batch and align the spool to it."""
+        self._stream = None  # spool renumbered, gateway restarted...: the next batch starts a new stream
         if self._race:
             acked = await self._race_resync()
         else:
@@ -788,8 +849,11 @@ class Uploader:
         transport = self._transport
         assert transport is not None, "Uploader.open() was not called"
         if batch:
+            flags = body[FLAGS_OFFSET]
             sent = Sent(nonce=body[_NONCE], size=len(body), first=batch[0].seq, last=batch[-1].seq,
-                        datagrams=len(batch), context=bool(body[FLAGS_OFFSET] & FLAG_CONTEXT))
+                        datagrams=len(batch), context=bool(flags & FLAG_CONTEXT),
+                        stream=bool(flags & FLAG_STREAM),
+                        continued=bool(flags & FLAG_STREAM) and not flags & FLAG_STREAM_START)
         else:
             sent = Sent(nonce=body[_NONCE], size=len(body))
         batch_end = batch[-1].seq if batch else self._position
@@ -814,6 +878,18 @@ class Uploader:
         answer = await transport.exchange(body, hints)
         elapsed = time.monotonic() - started
         action = self._delivery.answer(sent, answer, draw=self._draw(), now=self._clock())
+        if self._delivery.no_streams:  # this gateway refused the stream flags: an older version
+            self._delivery.no_streams = False
+            self._no_streams.add(self._failover.current)
+        if sent.continued and not isinstance(action, Commit) and action.cause == "unknown-context":
+            self._stream_misses += 1
+            if self._stream_misses >= STREAM_MISSES:
+                self._stream_misses = 0
+                self._stream_pause_until = time.monotonic() + STREAM_PAUSE
+                self._once.warning(
+                    "stream-pause", "%d stream frames in a row refused as unknown to the gateway (several "
+                    "gateways behind a per-request balancer?): each batch starts a new stream for %.0f s",
+                    STREAM_MISSES, STREAM_PAUSE)
         self._sync_stats()
         switch = self._ladder.after(answer, None if isinstance(action, Commit) else action.cause,
                                     now=self._clock())
@@ -855,6 +931,7 @@ class Uploader:
     def _switched(self, switch: Switch, *, failed: bool = True) -> None:
         """Log a switch of rung, once, with its reason and what happens: the new rung is tried now (with
         what failed on the old one, when ``failed``; else a re-probe of a higher rung)."""
+        self._stream = None  # another rung: the next batch starts a new stream
         logger.warning("upload rung %s -> %s: %s; %s %s now", switch.old, switch.new, switch.reason,
                        "retrying on" if failed else "trying", switch.new)
 
@@ -900,6 +977,7 @@ class Uploader:
             logger.debug("gateway %s -> %s: %s", move.old, move.new, move.reason)
         self._delivery.wants_resync = True  # the new gateway's mark, from the shared journal
         self._delivery.fresh_context = True  # it does not hold the compression context the old one held
+        self._stream = None  # nor the compression stream
         return True
 
     def _save_limit(self, limit: int) -> None:
@@ -973,6 +1051,7 @@ class Uploader:
                            and transport.name == "post" else None),
             "codecs": {str(k): v for k, v in sorted(st.codecs.items())},
             "context_batches": st.context_batches,
+            "stream_batches": st.stream_batches,
             "link_bytes_per_s": None if self.link.body_rate is None else round(self.link.body_rate),
             "dns": dns.stats if isinstance(dns := self._rungs.get("dns"), DnsTransport) else None,
         }

@@ -256,6 +256,49 @@ def test_unknown_context_seals_afresh_at_once_and_only_for_a_context_batch() -> 
     assert d.wants_resync
 
 
+def test_unknown_context_to_a_continued_stream_frame_resends_at_once_in_a_new_stream() -> None:
+    """409 unknown-context to a continuation frame (docs/protocol.md section 3.4): at once, no backoff, no
+    context dropped (the uploader starts a new stream: the frame was not acknowledged); the same answer to a
+    start frame (which always opens) is not the gateway's truth: an ordinary failure."""
+    d = machine(wants_resync=False)
+    cont = Sent(nonce=os.urandom(12), size=300, first=5, last=6, datagrams=2, stream=True, continued=True)
+    action = d.answer(cont, NoContext(detail="batch 5..6: stream 7 not held at position 3"), draw=0.5)
+    assert isinstance(action, Wait)
+    assert (action.delay, action.cause) == (0.0, "unknown-context")
+    assert "new compression stream" in action.notes[0].text
+    assert not d.fresh_context
+    assert not d.wants_resync
+    start = Sent(nonce=os.urandom(12), size=300, first=5, last=6, datagrams=2, stream=True)
+    action = d.answer(start, NoContext(detail="batch 5..6: ?"), draw=0.5)
+    assert isinstance(action, Wait)
+    assert action.delay > 0
+
+
+def test_a_gateway_refusing_the_stream_header_means_no_streams_there_and_a_resend_at_once() -> None:
+    """A gateway older than stream compression answers 400 malformed-header to a stream frame: remembered
+    (``no_streams``), the same datagrams again at once; a malformed-header to any other batch, or a 400 not
+    from the gateway, is the usual long refusal."""
+    d = machine(wants_resync=False)
+    start = Sent(nonce=os.urandom(12), size=300, first=5, last=6, datagrams=2, stream=True)
+    old = from_http(400, b'{"error":"malformed-header","detail":"header flags 0x06 has unknown bits set"}',
+                    what="batch 5..6")
+    action = d.answer(start, old, draw=0.5)
+    assert isinstance(action, Wait)
+    assert (action.delay, action.cause) == (0.0, "no-stream")
+    assert d.no_streams
+    d.no_streams = False
+    plain = Sent(nonce=os.urandom(12), size=300, first=5, last=6, datagrams=2)
+    action = d.answer(plain, old, draw=0.5)
+    assert isinstance(action, Wait)
+    assert (action.delay, action.cause) == (300.0, "http-400")  # reject_backoff
+    assert not d.no_streams
+    proxy = from_http(400, b"<html>bad request</html>", what="batch 5..6", path="proxy")
+    action = d.answer(start, proxy, draw=0.5)
+    assert isinstance(action, Wait)
+    assert action.cause == "http-400"
+    assert not d.no_streams
+
+
 def test_plan_resync_covers_loss_restore_and_new_spools() -> None:
     assert plan_resync(acked=100, known=100, last=150, first_stored=101, agent_id=AGENT).notes == ()
     lost = plan_resync(acked=0, known=100, last=140, first_stored=101, agent_id=AGENT)

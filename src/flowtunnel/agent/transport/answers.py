@@ -89,6 +89,7 @@ class Rejected:
     cause: str
     detail: str
     by: str
+    code: str | None = None  # the gateway's JSON ``error`` code, when it answered
 
 
 Answer = Acked | Resync | NoContext | Retry | TooLarge | Rejected
@@ -126,7 +127,8 @@ def from_http(
         return TooLarge(detail=detail, by=by)
     if status in (407, 408, 425, 429) or status >= 500:
         return Retry(cause=f"http-{status}", detail=detail, after=parse_retry_after(retry_after, now=now))
-    return Rejected(cause=f"http-{status}", detail=detail, by=by)
+    code = _error_code(payload) if gateway else None
+    return Rejected(cause=f"http-{status}", detail=detail, by=by, code=code)
 
 
 def _json(payload: bytes) -> object:

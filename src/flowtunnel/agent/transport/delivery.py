@@ -72,6 +72,8 @@ class Sent:
     last: int | None = None
     datagrams: int = 0
     context: bool = False  # sealed against a compression context (docs/protocol.md section 3.3)
+    stream: bool = False  # a frame of a compression stream (docs/protocol.md section 3.4)
+    continued: bool = False  # ... that continues one (not its start frame)
 
     @property
     def resync(self) -> bool:
@@ -176,6 +178,9 @@ class Delivery:
     # The gateway lacks the compression context batches were sealed against: seal the next one without
     # (the uploader clears it once it dropped its context).
     fresh_context: bool = False
+    # The gateway refused a stream frame's header (older than stream compression): the uploader seals
+    # without streams for that gateway from now on (and clears this).
+    no_streams: bool = False
     # A failure episode lasts from the first failure until data is acknowledged again (or nothing is left to
     # send): a successful resync does not end it, so a gateway that answers every resync but refuses every
     # batch neither looks healthy nor resets the backoff.
@@ -219,14 +224,18 @@ class Delivery:
         if isinstance(answer, Resync):
             return self._resync(answer, draw=draw)
         if isinstance(answer, NoContext):
-            if not sent.context:
+            if not sent.context and not sent.continued:
                 # A batch sealed without a context cannot lack one: the answer is not the gateway's truth.
                 return self._failed("unknown-context", answer.detail, draw=draw)
-            self.fresh_context = True
             self.failures["unknown-context"] += 1
-            note = Note(level=logging.WARNING, once="unknown-context", text=(
-                f"{answer.detail}; sealing it again without a compression context (the gateway restarted or "
-                "dropped it: nothing is lost)"))
+            if sent.continued:  # not acknowledged: the uploader seals the next batch in a new stream anyway
+                text = (f"{answer.detail}; sealing it again in a new compression stream (the gateway "
+                        "restarted or dropped the stream: nothing is lost)")
+            else:
+                self.fresh_context = True
+                text = (f"{answer.detail}; sealing it again without a compression context (the gateway "
+                        "restarted or dropped it: nothing is lost)")
+            note = Note(level=logging.WARNING, once="unknown-context", text=text)
             return Wait(delay=0.0, cause="unknown-context", notes=(note,))
         if isinstance(answer, TooLarge):
             self.cuts = 0
@@ -242,6 +251,16 @@ class Delivery:
                         draw=draw)
             return self._failed(answer.cause, answer.detail, draw=draw, after=answer.after)
         assert isinstance(answer, Rejected)
+        if sent.stream and answer.by == GATEWAY and answer.code == "malformed-header":
+            # A gateway older than stream compression refuses its header flags (docs/protocol.md 3.4):
+            # nothing was taken; the same datagrams go again at once, sealed the older ways.
+            self.no_streams = True
+            self.failures["no-stream"] += 1
+            self.last_result = "no-stream"
+            note = Note(level=logging.WARNING, once="no-stream", text=(
+                f"{answer.detail}; this gateway does not take stream compression (an older version): sealing "
+                "without it for this gateway until the agent restarts"))
+            return Wait(delay=0.0, cause="no-stream", notes=(note,))
         return self._failed(answer.cause, answer.detail, draw=draw, rejected=answer.by)
 
     # -- rules -----------------------------------------------------------------------------------------------
