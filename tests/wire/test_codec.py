@@ -155,3 +155,23 @@ def test_codec_4_takes_no_dictionary_and_only_presets_0_to_9() -> None:
         seal([dg(1)], codec=Codec.COLUMNAR_LZMA, dict_id=0x46540003)
     with pytest.raises(ValueError, match="preset 10"):
         seal([dg(1)], codec=Codec.COLUMNAR_LZMA, level=10)
+
+
+def test_compressors_are_kept_once_for_the_process_and_a_few_only() -> None:
+    """issue 14: the agent seals in whichever worker thread is free; compressors kept per thread held a copy
+    each (~1 MB a compressor at 50 KB batches), and the level-15 ones of a quiet start stayed for good."""
+    import threading
+
+    from flowtunnel.wire import codec
+
+    raw = bytes(range(256)) * 40
+    dict_id = codec.default_dictionary_id(Codec.ZSTD_DICT)
+    codec._idle.clear()
+    for _ in range(3):  # three worker threads in turn, one compressor
+        t = threading.Thread(target=compress, args=(raw, Codec.ZSTD_DICT), kwargs={"dict_id": dict_id})
+        t.start()
+        t.join()
+    assert list(codec._idle) == [(dict_id, codec.DEFAULT_LEVEL, True)]
+    for level in (3, 9, 15, 19):
+        compress(raw, Codec.ZSTD_DICT, dict_id=dict_id, level=level)
+    assert list(codec._idle) == [(dict_id, level, True) for level in (9, 15, 19)]

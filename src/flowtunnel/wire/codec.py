@@ -11,6 +11,7 @@ data at four to five times the CPU, which is worth it for the large backlog batc
 
 from __future__ import annotations
 
+import collections
 import enum
 import functools
 import importlib.resources
@@ -98,7 +99,18 @@ def _ids_by_name() -> dict[str, int]:
     return out
 
 
-@functools.lru_cache(maxsize=32)
+#: compressors kept for reuse, the most recently used last: setting one up with a 64 KiB dictionary costs
+#: more than compressing a datagram or two. One set for the process, not one per thread (the agent seals in
+#: whichever worker thread is free: per-thread sets held a copy each, ~1 MB a compressor at 50 KB batches),
+#: and a few only, so the level-15 ones of a quiet start do not stay once the agent seals at level 6
+#: (issue 14). A compressor in use is out of the set: two threads never share one (they are not
+#: thread-safe), concurrent sealers make their own.
+_IDLE_COMPRESSORS = 3
+_idle: collections.OrderedDict[tuple[int, int, bool], zstandard.ZstdCompressor] = collections.OrderedDict()
+_idle_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=_IDLE_COMPRESSORS)
 def _precomputed(dict_id: int, level: int) -> zstandard.ZstdCompressionDict:
     # a private copy per level: precompute_compress() fixes the parameters inside the dictionary object
     d = zstandard.ZstdCompressionDict(bundled_dictionaries()[dict_id].as_bytes(),
@@ -128,24 +140,34 @@ def compress(raw: bytes, codec: Codec, *, level: int = DEFAULT_LEVEL, dict_id: i
     if dict_id and dict_id not in bundled_dictionaries():
         raise ValueError(f"compression dictionary {dict_id} is not bundled in this flowtunnel")
     small = len(raw) < _PRECOMPUTED_BELOW
-    # Compressor objects are reused (per thread: they are not thread-safe): setting one up with a 64 KiB
-    # dictionary costs more than compressing a datagram or two.
-    cache: dict[tuple[int, int, bool], zstandard.ZstdCompressor] = _local.__dict__.setdefault("cctx", {})
-    cctx = cache.get((dict_id, level, small))
+    key = (dict_id, level, small)
+    cctx = _take_compressor(key)
     if cctx is None:
         dict_data = None
         if dict_id:
             dict_data = _precomputed(dict_id, level) if small else bundled_dictionaries()[dict_id]
         # checksum and dict id are left out of the frame: the AEAD tag and our header already carry them
-        cctx = cache[(dict_id, level, small)] = zstandard.ZstdCompressor(
+        cctx = zstandard.ZstdCompressor(
             level=level, dict_data=dict_data, write_checksum=False, write_dict_id=False,
             write_content_size=True,
         )
     out: bytes = cctx.compress(raw)
+    _give_back(key, cctx)
     return out
 
 
-_local = threading.local()
+
+
+def _take_compressor(key: tuple[int, int, bool]) -> zstandard.ZstdCompressor | None:
+    with _idle_lock:
+        return _idle.pop(key, None)
+
+
+def _give_back(key: tuple[int, int, bool], cctx: zstandard.ZstdCompressor) -> None:
+    with _idle_lock:
+        _idle[key] = cctx
+        while len(_idle) > _IDLE_COMPRESSORS:
+            _idle.popitem(last=False)
 
 
 #: the bundled dictionary a context extends, by the codec of a context batch (docs/protocol.md section 3.3)
