@@ -28,6 +28,7 @@ __all__ = [
     "run_daemon",
     "setup_logging",
     "stderr_is_journal",
+    "trim_malloc",
 ]
 
 T = TypeVar("T")
@@ -129,6 +130,42 @@ def limit_malloc_arenas(arenas: int = 1) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
+_malloc_trim: Callable[[int], int] | None = None
+_trimmed_at = float("-inf")
+
+
+def trim_malloc(*, every: float = 1.0) -> bool:
+    """Give the free pages of glibc's heap back to the system (``malloc_trim(0)``), at most once per ``every``
+    seconds; True if it ran. Call it when a burst of work has freed its buffers (the agent: after each batch).
+
+    Sealing a batch allocates and frees a few MB (record blocks, zstd workspaces, the body); glibc keeps the
+    freed pages resident, and the next batch's buffers land partly elsewhere, so the heap's resident pages
+    creep up to the sum of many batches' rather than one's: measured at 1,000 flows/s, ~6.5 MB of free
+    heap resident and a 1-3 MB higher peak RSS (issue 14). A trim costs ~0.5 ms of CPU with the pages it
+    gives back faulted in again by the next batch. Elsewhere than glibc, nothing.
+    """
+    global _malloc_trim, _trimmed_at
+    now = time.monotonic()
+    if now - _trimmed_at < every:
+        return False
+    _trimmed_at = now
+    if _malloc_trim is None:
+        if not sys.platform.startswith("linux"):
+            return False
+        import ctypes  # loaded already by limit_malloc_arenas in the agent
+
+        try:
+            fn = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _trimmed_at = float("inf")
+            return False
+        fn.argtypes = [ctypes.c_size_t]
+        fn.restype = ctypes.c_int
+        _malloc_trim = fn
+    _malloc_trim(0)
+    return True
 
 
 class OnceLogger:

@@ -90,7 +90,7 @@ from flowtunnel.agent.transport.ws import WsTransport
 from flowtunnel.datagram import Datagram
 from flowtunnel.errors import ConfigError
 from flowtunnel.log import AppendResult, DurableLog, Entry, LogError
-from flowtunnel.runtime import OnceLogger
+from flowtunnel.runtime import OnceLogger, trim_malloc
 from flowtunnel.wire import (
     CODEC_OFFSET,
     FLAG_CONTEXT,
@@ -710,6 +710,7 @@ class Uploader:
             spool.advance_seq(acked + 1)
         spool.commit_cursor(CURSOR, acked)
         spool.trim(acked)
+        trim_malloc()  # the batch's buffers are freed: their pages go back (peak RSS, issue 14)
         self._position = acked
         self._last_seq = spool.last_seq()
         self.stats.gateway_acked = acked
