@@ -351,6 +351,39 @@ def test_the_arrival_rate_follows_the_spool_and_fades() -> None:
     assert rate.bytes_per_second <= faded + 1000
 
 
+def test_the_arrival_rate_reads_a_steady_rate_from_the_second_observation() -> None:
+    """issue 14: the decayed sum starts empty; undivided, a busy agent's first seconds read as a quiet site's
+    (36 datagrams/s of 1,400 bytes read 5 KB/s after 1 s, 13 KB/s after 4 s) and were sealed TIGHT."""
+    def steady(per_second: int, seconds: int) -> list[float]:
+        rate = ArrivalRate(tau=10.0)
+        out = []
+        for t in range(seconds):
+            rate.observe(last_seq=100 + per_second * t, raw_bytes=per_second * 1400, count=per_second, now=t)
+            out.append(rate.bytes_per_second)
+        return out
+
+    readings = steady(36, 200)
+    assert readings[-1] == pytest.approx(36 * 1400, rel=0.06)  # one observation a second: ~5 % high
+    for reading in readings[1:5]:
+        assert reading == pytest.approx(readings[-1], rel=1e-9)
+        assert choose_codec(LinkEstimate(), big=False, bandwidth=0, daily_bytes=0,
+                            arrival=reading) is not TIGHT
+    quiet = steady(2, 6)  # a quiet site still reads quiet: 2 datagrams/s
+    assert quiet[-1] == pytest.approx(steady(2, 200)[-1], rel=1e-9)
+    assert choose_codec(LinkEstimate(), big=False, bandwidth=0, daily_bytes=0, arrival=quiet[-1]) is TIGHT
+
+
+def test_batches_sealed_back_to_back_at_start_do_not_read_as_a_flood() -> None:
+    """A backlog found at start is sealed batch after batch, milliseconds apart: the few datagrams arriving
+    between them count over at least ``MIN_WINDOW``, not as thousands a second."""
+    from flowtunnel.agent.policy import MIN_WINDOW
+
+    rate = ArrivalRate(tau=10.0)
+    rate.observe(last_seq=5000, raw_bytes=100_000, count=100, now=0.0)
+    rate.observe(last_seq=5002, raw_bytes=100_000, count=100, now=0.005)  # 2 datagrams in 5 ms
+    assert rate.bytes_per_second == pytest.approx(2 / MIN_WINDOW * 1000, rel=0.06)
+
+
 def test_a_daily_budget_lengthens_the_latency_so_the_request_overhead_fits() -> None:
     """issue 14: with ``--daily-bytes`` the agent batches longer when ~600 bytes per request would not fit."""
     from flowtunnel.agent.policy import MAX_BUDGET_LATENCY, REQUEST_OVERHEAD, budget_latency

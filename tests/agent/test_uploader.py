@@ -543,6 +543,7 @@ def _not_quiet(up: Uploader) -> None:
     """Data arriving at ~35 datagrams/s of 1,400 bytes (1,000 flows/s): above ``policy.TIGHT``'s rate."""
     up.arrival.observe(last_seq=up._spool.last_seq(), raw_bytes=1400, count=1, now=time.time())
     up.arrival.datagrams, up.arrival.mean_size = 35.0, 1400.0
+    up.arrival.since = None  # as if measured for long
 
 
 async def test_a_backlog_goes_as_codec_4_in_batches_that_fill_the_body_limit(tmp_path: Path) -> None:
