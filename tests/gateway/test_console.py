@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -462,6 +463,38 @@ async def test_csv_download_defuses_spreadsheet_formulas_and_keeps_numbers(
                                   "\t=1+1", "\r=1+1"]  # the JSON (the page's table) is as stored
 
 
+async def test_series_split_by_exporter_shows_the_biggest_and_sums_the_rest_as_other(
+    world: tuple[Gateway, str],
+) -> None:
+    """Eleven exporters (site-1's is filtered out): the eight with the most bytes each get a series, the
+    other three one "(other)"; every bucket's groups add up to the total series, and "(other)" is exactly
+    what the three sent."""
+    gw, url = world
+    with Registry(gw.data_dir) as reg:
+        entry = reg.get("site-2")
+    assert entry is not None
+    sent = [dg for i in range(11) for dg in v5_datagrams(i + 1, exporter=f"192.0.2.{100 + i}")]
+    per_datagram = sum(1000 * (j + 1) for j in range(10))
+    async with aiohttp.ClientSession() as s:
+        status, doc, _ = await post_batch(s, url, seal("site-2", entry.key, 1, sent), agent="site-2")
+        assert status == 200, doc
+        await stored(gw)
+        c = await session(s, url)
+        _, split = await get(s, url + "/console/api/series", c, range="1h", group="exporter",
+                             filter="not router ip 192.0.2.7")
+        _, total = await get(s, url + "/console/api/series", c, range="1h", filter="not router ip 192.0.2.7")
+    groups = split["groups"]
+    assert set(groups) == {f"192.0.2.{100 + i}" for i in range(3, 11)} | {"(other)"}
+    for i in range(3, 11):
+        assert sum(groups[f"192.0.2.{100 + i}"]["bytes"]) == (i + 1) * per_datagram
+    assert sum(groups["(other)"]["bytes"]) == (1 + 2 + 3) * per_datagram
+    assert sum(groups["(other)"]["flows"]) == (1 + 2 + 3) * 10
+    assert split["times"] == total["times"]
+    for metric in ("bytes", "packets", "flows"):
+        summed = [sum(g[metric][i] for g in groups.values()) for i in range(len(split["times"]))]
+        assert summed == total["groups"][""][metric]
+
+
 @pytest.mark.parametrize(("params", "status", "needle"), [
     ({"mode": "filter", "q": "prot tcp"}, 400, "did you mean 'proto'"),
     ({"mode": "filter", "q": "(" * 5000}, 400, ""),
@@ -487,6 +520,43 @@ async def test_hostile_queries_get_a_clear_message_never_a_500(
         assert needle in doc["error"]
         got, doc = await get(s, url + "/console/api/query", c, mode="sql", q="SELECT count(*) FROM flows")
         assert doc["rows"] == [[40]]  # nothing changed
+
+
+HOSTILE_VALUES = (
+    "", "-1", "0", "1e400", "nan", "inf", "99999999999999999999999", "\x00", "\u202e", "é", "%ff",
+    "'; DROP TABLE flows; --", "(" * 100, "proto tcp and", "<script>alert(1)</script>", "1h;2h", "P1D",
+    "36500d", "x" * 5000,
+)
+API_PARAMS = {
+    "/console/api/agents": (),
+    "/console/api/agent": ("id", "range"),
+    "/console/api/series": ("range", "group", "agent", "exporter", "filter"),
+    "/console/api/top": ("range", "by", "order", "limit", "filter", "agent"),
+    "/console/api/query": ("mode", "q", "limit", "range", "format"),
+}
+
+
+async def test_every_endpoint_answers_hostile_parameters_without_a_500(world: tuple[Gateway, str]) -> None:
+    """Each parameter of each JSON endpoint set to each hostile value (and a raw query string that is not
+    UTF-8): a 200 or a 4xx with a JSON message, never a 5xx, and the store unchanged afterwards."""
+    _, url = world
+    bad = []
+    async with aiohttp.ClientSession() as s:
+        c = await session(s, url)
+        for path, names in API_PARAMS.items():
+            asks: list[str | dict[str, str]] = ["range=%ff&filter=%ff%fe&id=%ff&by=%ff&q=%ff"]
+            asks += [{name: value, **({"id": "site-1"} if name != "id" else {})}
+                     for name in names for value in HOSTILE_VALUES]
+            for params in asks:
+                target = f"{url}{path}?{params}" if isinstance(params, str) else url + path
+                async with s.get(target, params=None if isinstance(params, str) else params,
+                                 cookies=c) as r:
+                    body = await r.read()
+                    if r.status >= 500 or (r.status >= 400 and "error" not in json.loads(body)):
+                        bad.append((path, params if isinstance(params, str) else str(params)[:80], r.status))
+        _, doc = await get(s, url + "/console/api/query", c, mode="sql", q="SELECT count(*) FROM flows")
+    assert not bad, bad
+    assert doc["rows"] == [[40]]
 
 
 async def test_huge_ranges_are_clamped(world: tuple[Gateway, str]) -> None:

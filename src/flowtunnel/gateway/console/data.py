@@ -160,21 +160,26 @@ def series_sql(
         where.append(f"({flow_filter.where})")
         params.extend(flow_filter.params)
     cond = " AND ".join(where)
-    bucketed = "CAST(floor(epoch(received) / ?) AS BIGINT) * ?"
+    # Integer microseconds: about 1.4x faster than floor() of epoch()'s double on 10 million rows.
+    bucketed = "(epoch_us(received) // ?) * ?"
+    width = [bucket * 1_000_000, bucket]
     sums = ("CAST(coalesce(sum(bytes), 0) AS UBIGINT) AS bytes, CAST(coalesce(sum(packets), 0) AS UBIGINT) "
             "AS packets, count(*) AS flows")
     if group == "none":
-        return (f"SELECT '' AS k, {bucketed} AS t, {sums} FROM flows WHERE {cond} GROUP BY t ORDER BY t",
-                [bucket, bucket, *params])
-    # The biggest groups first (a cheap aggregate), then one pass bucketing only those and "(other)": about
-    # twice as fast as bucketing every group and ranking afterwards (1,500 exporters over 7 days).
+        return (f"SELECT 0 AS part, '' AS k, {bucketed} AS t, {sums} FROM flows WHERE {cond} GROUP BY t "
+                "ORDER BY t", [*width, *params])
+    # The biggest groups first (a cheap aggregate); then the total per bucket, and per bucket and group only
+    # the rows of those groups: "(other)" is the total less theirs (ConsoleData.series). Grouping every row
+    # by a CASE of the group's text took 1.6x as long (1,500 exporters over 7 days); bucketing every group
+    # and ranking afterwards, twice as long.
     sql = (
         f"WITH top AS (SELECT {group} AS k FROM flows WHERE {cond} GROUP BY k "
         f"ORDER BY sum(bytes) DESC, k LIMIT {SERIES_GROUPS}) "
-        f"SELECT CASE WHEN {group} IN (SELECT k FROM top) THEN {group} ELSE '(other)' END AS g, "
-        f"{bucketed} AS t, {sums} FROM flows WHERE {cond} GROUP BY ALL ORDER BY t, g"
+        f"SELECT 0 AS part, '' AS k, {bucketed} AS t, {sums} FROM flows WHERE {cond} GROUP BY ALL "
+        f"UNION ALL SELECT 1 AS part, {group} AS k, {bucketed} AS t, {sums} FROM flows "
+        f"WHERE {cond} AND {group} IN (SELECT k FROM top) GROUP BY ALL ORDER BY t, part, k"
     )
-    return sql, [*params, bucket, bucket, *params]
+    return sql, [*params, *width, *params, *width, *params]
 
 
 class RateHistory:
@@ -356,11 +361,12 @@ class ConsoleData:
         if self._spark is not None and now - self._spark[0] < _SPARK_TTL:
             return self._spark[1]
         sql = (
-            "SELECT agent, CAST(floor(epoch(received) / ?) AS BIGINT) * ? AS t, "
+            "SELECT agent, (epoch_us(received) // ?) * ? AS t, "
             "CAST(coalesce(sum(bytes), 0) AS UBIGINT) FROM flows WHERE received >= CAST(? AS TIMESTAMPTZ) "
             "GROUP BY ALL ORDER BY agent, t"
         )
-        table = await self.run(sql, [SPARK_BUCKET, SPARK_BUCKET, _since(now, SPARK_RANGE)], limit=2_000_000)
+        table = await self.run(sql, [SPARK_BUCKET * 1_000_000, SPARK_BUCKET, _since(now, SPARK_RANGE)],
+                               limit=2_000_000)
         out: dict[str, list[list[int]]] = {}
         for agent, t, b in table.rows:
             out.setdefault(str(agent), []).append([int(str(t)), int(str(b))])
@@ -480,15 +486,23 @@ class ConsoleData:
         start = (int(now - range_seconds) // bucket) * bucket
         times = list(range(start, int(now) + 1, bucket))
         index = {t: i for i, t in enumerate(times)}
+        metrics = ("bytes", "packets", "flows")
+        total = {m: [0] * len(times) for m in metrics}
         groups: dict[str, dict[str, list[int]]] = {}
-        for k, t, b, p, f in table.rows:
+        for part, k, t, *values in table.rows:
             i = index.get(int(str(t)))
             if i is None:
                 continue
-            g = groups.setdefault(str(k), {m: [0] * len(times) for m in ("bytes", "packets", "flows")})
-            g["bytes"][i] += int(str(b))
-            g["packets"][i] += int(str(p))
-            g["flows"][i] += int(str(f))
+            g = total if part == 0 else groups.setdefault(str(k), {m: [0] * len(times) for m in metrics})
+            for m, v in zip(metrics, values, strict=True):
+                g[m][i] += int(str(v))
+        if group == "none":
+            groups = {"": total} if any(total["flows"]) else {}
+        else:
+            other = {m: [n - sum(g[m][i] for g in groups.values()) for i, n in enumerate(total[m])]
+                     for m in metrics}
+            if any(other["flows"]):
+                groups["(other)"] = other
         return {"bucket_s": bucket, "times": times, "groups": groups, "group_by": group}
 
     async def top(self, *, by: str, order: str, range_seconds: float, limit: int,
