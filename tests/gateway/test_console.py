@@ -184,6 +184,29 @@ async def test_wrong_token_forged_and_replayed_cookies_are_refused(world: tuple[
             assert r.status == 401
 
 
+async def test_a_session_of_a_previous_gateway_process_is_refused(tmp_path: Path) -> None:
+    """Sessions live in the gateway's memory only: a cookie replayed against the same gateway restarted (same
+    data directory, same token) names no session."""
+    data, tokens = tmp_path / "gw", token_file(tmp_path)
+    gw = await start_gateway(data, admin_token_file=tokens)
+    try:
+        async with aiohttp.ClientSession() as s:
+            sid = (await login(s, gw.url)).cookies[COOKIE_NAME].value
+            async with s.get(gw.url + "/console/api/agents", cookies={COOKIE_NAME: sid}) as r:
+                assert r.status == 200
+    finally:
+        await gw.stop()
+    gw = await start_gateway(data, admin_token_file=tokens)
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(gw.url + "/console/api/agents", cookies={COOKIE_NAME: sid}) as r:
+                assert r.status == 401
+            async with s.get(gw.url + "/v1/status", cookies={COOKIE_NAME: sid}) as r:
+                assert r.status == 401
+    finally:
+        await gw.stop()
+
+
 async def test_cross_site_requests_are_refused(world: tuple[Gateway, str]) -> None:
     _, url = world
     async with aiohttp.ClientSession() as s:
