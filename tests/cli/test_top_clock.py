@@ -126,3 +126,22 @@ def test_out_of_range_windows_and_timeouts_are_refused_with_the_range(
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"flowtunnel {args[0]}: error: {message}"), out.stderr
+
+
+def test_export_offers_both_clocks_and_hints_when_empty(slow_exporter_store: Path, tmp_path: Path) -> None:
+    """``export --since`` went by the exporter's clock only: a slow exporter's fresh flows could not be
+    exported by window at all. ``--time received`` takes them, and an empty export says why."""
+    data = str(slow_exporter_store)
+    run = [sys.executable, "-m", "flowtunnel", "export", "--data", data, "--since", "1h"]
+    out = subprocess.run([*run, "--parquet", str(tmp_path / "flow")], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "exported 0 flows" in out.stdout
+    assert ("no flows ended in the last 1h by the exporters' clocks (--time flow), but 3 flows were "
+            "received in that window") in out.stderr
+    out = subprocess.run([*run, "--time", "received", "--parquet", str(tmp_path / "received")],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "exported 3 flows" in out.stdout
+    assert out.stderr == ""
+    assert len(list((tmp_path / "received").rglob("*.parquet"))) >= 1

@@ -180,7 +180,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     export.add_argument("--parquet", type=Path, required=True, metavar="DIR", help="target directory")
     export.add_argument(
         "--since", default=None, metavar="DURATION",
-        help="only flows that ended this recently by the exporter's clock (e.g. 7d)",
+        help="only flows of the last DURATION (e.g. 7d), by the clock --time names",
+    )
+    export.add_argument(
+        "--time", choices=CLOCKS, default="flow", dest="clock",
+        help="which time --since goes by: 'flow' (default) = when the flow ended by the exporter's clock; "
+             "'received' = when flowtunnel received it. Use 'received' when exporter clocks are off",
     )
     _add_filter(export, "write")
     _add_common(export)
@@ -323,26 +328,29 @@ _CLOCK_WORDS = {"flow": "flow end time (exporter's clock)", "received": "receive
 
 
 def _hint_other_clock(
-    source: _Source, args: argparse.Namespace, since: float, now: dt.datetime, flt: CompiledFilter | None
+    source: _Source, args: argparse.Namespace, since: float, now: dt.datetime, flt: CompiledFilter | None,
+    *, command: str = "top",
 ) -> None:
-    """An empty ``top --since``: say so on stderr when the other clock has flows in that window."""
+    """An empty ``top --since`` (or ``export --since``): say so on stderr when the other clock has flows in
+    that window."""
     other = "received" if args.clock == "flow" else "flow"
-    sql, params = count_sql(since_seconds=since, agent=args.agent, now=now, clock=other, flow_filter=flt)
+    sql, params = count_sql(since_seconds=since, agent=getattr(args, "agent", None), now=now, clock=other,
+                            flow_filter=flt)
     with _open(source, sql, params, args.timeout) as result:
         [[count]] = list(result.rows)
     if not isinstance(count, int) or count == 0:
         return
     if args.clock == "flow":
         print(
-            f"flowtunnel top: no flows ended in the last {args.since} by the exporters' clocks "
+            f"flowtunnel {command}: no flows ended in the last {args.since} by the exporters' clocks "
             f"(--time flow), but {count} flows were received in that window: exporter clocks may be off; "
             "try --time received",
             file=sys.stderr,
         )
     else:
         print(
-            f"flowtunnel top: no flows were received in the last {args.since} (--time received), but {count} "
-            "flows ended in that window by the exporters' clocks; try --time flow",
+            f"flowtunnel {command}: no flows were received in the last {args.since} (--time received), but "
+            f"{count} flows ended in that window by the exporters' clocks; try --time flow",
             file=sys.stderr,
         )
 
@@ -350,13 +358,16 @@ def _hint_other_clock(
 def _run_export(args: argparse.Namespace) -> int:
     data_dir = _data_dir(args)
     since = _since(args.since)
+    now = dt.datetime.now(dt.UTC)
     try:
-        _compile(args.flow_filter)  # a bad filter fails here, before the store is asked
-        rows = run_export(data_dir, args.parquet, since_seconds=since, now=dt.datetime.now(dt.UTC),
-                          timeout=args.timeout, flow_filter=args.flow_filter)
+        flt = _compile(args.flow_filter)  # a bad filter fails here, before the store is asked
+        rows = run_export(data_dir, args.parquet, since_seconds=since, now=now, timeout=args.timeout,
+                          flow_filter=args.flow_filter, clock=args.clock)
+        print(f"exported {rows} flows to {args.parquet} (Parquet, one day=YYYY-MM-DD directory per day)")
+        if rows == 0 and since is not None:
+            _hint_other_clock(_Source(data=data_dir), args, since, now, flt, command="export")
     except StoreError as exc:
         return _fail("export", exc)
-    print(f"exported {rows} flows to {args.parquet} (Parquet, one day=YYYY-MM-DD directory per day)")
     return 0
 
 

@@ -370,9 +370,10 @@ def run_export(
     timeout: float = 3600.0,
     limits: QueryLimits | None = None,
     flow_filter: str | None = None,
+    clock: str = "flow",
 ) -> int:
     """Write Parquet partitioned by day to ``target`` (only the flows the nfdump-style ``flow_filter``
-    selects, when given); returns the number of rows written.
+    selects, when given, of the last ``since_seconds`` by ``clock``); returns the number of rows written.
 
     Files are written to a staging directory first and moved into ``target`` only when complete
     (``flowtunnel.store.export``): a killed export leaves the previous export's files whole.
@@ -385,7 +386,8 @@ def run_export(
     if client is not None:
         with client:
             return client.export(
-                target, since_seconds=since_seconds, now=now, timeout=timeout, flow_filter=flow_filter
+                target, since_seconds=since_seconds, now=now, timeout=timeout, flow_filter=flow_filter,
+                clock=clock,
             )
     if not paths.database.exists():
         connect_direct(paths)  # raises StoreNotFound
@@ -399,7 +401,7 @@ def run_export(
         timer.start()
         try:
             sql, params = export_sql(
-                staging / "parts", since_seconds=since_seconds, now=now, flow_filter=flow_filter
+                staging / "parts", since_seconds=since_seconds, now=now, flow_filter=flow_filter, clock=clock
             )
             try:
                 row = conn.execute(sql, params).fetchone()

@@ -9,7 +9,8 @@ extensions or settings, memory cap, timeout, answer size cap).
 
 Protocol: newline-delimited JSON over ``DATA/store/query.sock`` (mode 0600: the data directory's owner only).
 Request: ``{"op": "query", "sql": ..., "params": [...], "timeout": s}`` or
-``{"op": "export", "target": "/abs/dir", "since_seconds": s|null, "now": iso, "timeout": s, "filter": text}``
+``{"op": "export", "target": "/abs/dir", "since_seconds": s|null, "now": iso, "timeout": s, "filter": text,
+"clock": "flow"|"received"}``
 (``filter``, an nfdump-style filter, is optional).
 Response to a query: ``{"columns": [...], "types": [...]}``, then one JSON array per row, then
 ``{"end": rows}``; to an export: ``{"rows": n}``. Any failure: ``{"error": text, "kind": "rejected"|"query"}``
@@ -299,6 +300,9 @@ class QueryServer:
             if not target.is_absolute():
                 raise ValueError(f"export target {target} is not an absolute path")
             since_seconds = None if since is None else float(since)
+            clock = str(request.get("clock") or "flow")
+            if clock not in ("flow", "received"):
+                raise ValueError(f"unknown clock {clock!r}: choose flow or received")
             flow_filter = request.get("filter")
             if flow_filter is not None:
                 if not isinstance(flow_filter, str):
@@ -318,7 +322,7 @@ class QueryServer:
         staging = await self._thread(new_staging, self._staging)
         try:
             sql, params = export_sql(
-                staging / "parts", since_seconds=since_seconds, now=now, flow_filter=flow_filter
+                staging / "parts", since_seconds=since_seconds, now=now, flow_filter=flow_filter, clock=clock
             )
             cur = await self._begin(writer)
             if cur is None:
@@ -421,11 +425,11 @@ class QueryClient:
 
     def export(
         self, target: Path, *, since_seconds: float | None, now: dt.datetime, timeout: float,
-        flow_filter: str | None = None,
+        flow_filter: str | None = None, clock: str = "flow",
     ) -> int:
         self._request(
             {"op": "export", "target": str(target), "since_seconds": since_seconds, "now": now.isoformat(),
-             "timeout": timeout, "filter": flow_filter},
+             "timeout": timeout, "filter": flow_filter, "clock": clock},
             timeout,
         )
         reply = self._line()
