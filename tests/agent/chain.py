@@ -141,7 +141,9 @@ class GatewayProc(_Proc):
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> GatewayProc:
-        cmd = ["gateway", "--listen", f"http://127.0.0.1:{self.port}", "--data", str(self.data), "--no-store",
+        # ``url``'s scheme: a subclass serving TLS (tests/zoo ZooGateway) says https, and an explicit http://
+        # would serve plain HTTP beside --tls-cert.
+        cmd = ["gateway", "--listen", self.url, "--data", str(self.data), "--no-store",
                "--status-interval", "0.2", *self.extra]
         for target in self.forward:
             cmd += ["--forward", target]

@@ -95,8 +95,11 @@ class Origin:
 
 class _Interposer:
     """Stands between a client and ``upstream`` (host, port): answers every request itself until it opens
-    (after ``open_after`` seconds, or ``open()``), then relays bytes both ways; runs its own loop in a thread.
-    Subclasses say how to answer (``_answer_closed``)."""
+    (after ``open_after`` seconds, from the start or, with ``count_from_first_connection``, from the first
+    connection; or ``open()``), then relays bytes both ways; runs its own loop in a thread. Subclasses say how
+    to answer (``_answer_closed``)."""
+
+    count_from_first_connection = False
 
     def __init__(self, upstream: tuple[str, int], *, open_after: float | None = None) -> None:
         self.upstream = upstream
@@ -111,6 +114,7 @@ class _Interposer:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._started = 0.0
+        self._connected = False  # a client connected yet
 
     @property
     def url(self) -> str:
@@ -141,6 +145,9 @@ class _Interposer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        if self.count_from_first_connection and not self._connected:
+            self._started = time.monotonic()  # ``open_after`` counts from here
+        self._connected = True
         try:
             if self.is_open:
                 try:
@@ -257,6 +264,10 @@ class HostileProxy(_Interposer):
     connection shows up in ``requests_while_closed``."""
 
     BEHAVIOURS = ("garbage-407", "endless-407", "not-an-ack", "cut")
+    # ``open_after`` counts from the client's first connection, not from the start: the gateway and the
+    # agent's namespace may take more than those seconds to start on a loaded machine, and the agent then
+    # met a proxy that had already healed.
+    count_from_first_connection = True
 
     def __init__(self, upstream: tuple[str, int], *, behaviour: str, open_after: float | None = None) -> None:
         if behaviour not in self.BEHAVIOURS:
