@@ -228,7 +228,11 @@ class _Interposer:
 
 class CaptivePortal(_Interposer):
     """A transparent captive portal in front of ``upstream``: until it opens, a 302 to its login page
-    (``style="redirect"``) or the login page itself with 200 (``style="page"``) for every request."""
+    (``style="redirect"``) or the login page itself with 200 (``style="page"``) for every request. It opens
+    ``open_after`` seconds after the first connection (someone logs in a while after the agent met it; from
+    its start, a slow start of the gateway on a loaded box left the agent a portal already open)."""
+
+    count_from_first_connection = True
 
     def __init__(
         self, upstream: tuple[str, int], *, open_after: float | None = None, style: str = "redirect"
@@ -265,8 +269,8 @@ class HostileProxy(_Interposer):
 
     BEHAVIOURS = ("garbage-407", "endless-407", "not-an-ack", "cut")
     # ``open_after`` counts from the client's first connection, not from the start: the gateway and the
-    # agent's namespace may take more than those seconds to start on a loaded machine, and the agent then
-    # met a proxy that had already healed.
+    # agent's namespace may take longer than that to start on a loaded machine, and the agent then met a
+    # proxy that had already healed.
     count_from_first_connection = True
 
     def __init__(self, upstream: tuple[str, int], *, behaviour: str, open_after: float | None = None) -> None:
