@@ -23,9 +23,11 @@ KEY_TEXT = format_key(KEY)
 def test_agent_config_repr_masks_the_key_and_the_proxy_password(tmp_path: Path) -> None:
     cfg = AgentConfig(gateway="https://gw.example.net:8443", spool=tmp_path, agent_id="site-a", key=KEY_TEXT,
                       proxy="http://alice:s3cret-pw@proxy.example.net:3128")
-    shown = [repr(cfg), str(cfg)]
+    pac = AgentConfig(gateway="https://gw.example.net:8443", spool=tmp_path, agent_id="site-a", key=KEY_TEXT,
+                      proxy="auto", pac="http://alice:s3cret-pw@wpad.example.net/proxy.pac")
+    shown = [repr(cfg), str(cfg), repr(pac), str(pac)]
     assert find_leaks(shown, KEY_TEXT) == []
-    assert not any("s3cret-pw" in s for s in shown)
+    assert not any("s3cret-pw" in s for s in shown), shown
     assert load_key(cfg) == KEY
 
 

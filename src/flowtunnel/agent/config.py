@@ -269,7 +269,7 @@ class AgentConfig:
             value = getattr(self, f.name)
             if f.name == "key":
                 value = "***" if value else ""
-            elif f.name == "proxy":
+            elif f.name in ("proxy", "pac"):  # a PAC URL may carry a login too
                 value = mask_url(value)
             shown.append(f"{f.name}={value!r}")
         return f"AgentConfig({', '.join(shown)})"
