@@ -289,6 +289,8 @@ def csv_cell(value: object) -> object:
     ``=``, ``+``, ``-``, ``@``, tab or CR as a formula, and values come from exporters' fields and anyone's
     SQL: such text gets a leading single quote (OWASP's advice for CSV injection; shown as text, not run).
     Numbers stay numbers (a negative one is not text); None is an empty cell."""
+    if type(value) is str:  # the common case first: a 10,000-row download asks 170,000 times
+        return "'" + value if value.startswith(_FORMULA_START) else value
     if value is None:
         return ""
     if isinstance(value, bool | int | float):
