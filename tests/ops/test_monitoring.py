@@ -263,3 +263,35 @@ async def test_gateway_health_names_silent_agents_to_operators_only(tmp_path: Pa
             assert doc["silent_count"] == 1
     finally:
         await gw.stop()
+
+
+async def test_gateway_health_keeps_the_registry_error_for_operators(tmp_path: Path) -> None:
+    """A registry that cannot be read fails the health check; its message names the data directory, which
+    only a reader of /v1/status is shown (docs/security.md)."""
+    data = tmp_path / "gw"
+    token = "op-token-0123456789abcdefghijklmnop"
+    (tmp_path / "admin.token").write_text(token + "\n")
+    (tmp_path / "admin.token").chmod(0o600)
+    with Registry(data) as reg:
+        reg.enroll("site-1")
+    gw = await start_gateway(data, admin_token_file=tmp_path / "admin.token")
+    try:
+        (data / "registry.sqlite").write_bytes(b"not a database, " * 512)
+        async with aiohttp.ClientSession() as session:
+            async with asyncio.timeout(30):
+                while True:
+                    async with session.get(gw.url + "/v1/health") as resp:
+                        body = await resp.text()
+                        if resp.status == 503:
+                            break
+                    await asyncio.sleep(0.2)
+            assert json.loads(body) == {"status": "failing"}
+            assert str(tmp_path) not in body
+            async with session.get(gw.url + "/v1/health",
+                                   headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 503
+                doc = await resp.json()
+            assert "registry" in doc["detail"]
+            assert str(data) in doc["detail"]
+    finally:
+        await gw.stop()

@@ -368,6 +368,7 @@ class Gateway:
         if self.ingest is not None and self.ingest.closing:
             return web.json_response({"status": "shutting_down"}, status=503)
         silence = self.config.health_silence
+        operator = self.auth is not None and operator_access(self.auth, self._guard, request)
         if "silence" in request.query:
             try:
                 silence = parse_duration(request.query["silence"])
@@ -376,7 +377,10 @@ class Gateway:
         try:
             entries = self.keys.entries() if self.keys is not None else {}
         except RegistryError as exc:
-            return web.json_response({"status": "failing", "detail": str(exc)}, status=503)
+            failing: dict[str, object] = {"status": "failing"}
+            if operator:  # the message names the data directory
+                failing["detail"] = str(exc)
+            return web.json_response(failing, status=503)
         agents = {
             agent_id: {"last_seen": st.last_seen if (st := self.metrics.agents.get(agent_id)) else None,
                        "enrolled_at": entry.created_at, "revoked": entry.revoked}
@@ -390,7 +394,7 @@ class Gateway:
             "watched": sum(1 for a, e in entries.items() if not e.revoked and a not in ignore),
             "silent_count": len(silent),
         }
-        if self.auth is not None and operator_access(self.auth, self._guard, request):
+        if operator:
             doc["silent"] = {agent_id: round(age) for agent_id, age in sorted(silent.items())}
         return web.json_response(doc, status=503 if silent else 200)
 
