@@ -114,3 +114,49 @@ async def test_a_wait_that_times_out_or_is_cancelled_holds_nothing() -> None:
     assert (adm.busy, seen[-1]) == (0, 0)
     async with adm.queued("d", wait=0) as free:  # a freed slot with nobody waiting is simply free
         assert free is None
+
+
+async def test_small_batches_have_a_lane_of_their_own_and_the_per_agent_bound_counts_both() -> None:
+    # 2,000 agents (bench/fleet.py): slots are held until the journal commits, so 16 of them capped a commit
+    # at 16 batches and the slowest requests, nearly all of 0-2 datagrams, spent their time waiting for one.
+    seen: list[int] = []
+    adm = Admission(max_inflight=2, max_inflight_per_agent=2, max_waiting=4, max_small=2,
+                    on_change=seen.append)
+    release = asyncio.Event()
+    granted: list[str] = []
+
+    async def request(agent: str, *, small: bool) -> Busy | None:
+        async with adm.queued(agent, wait=5.0, small=small) as busy:
+            if busy is None:
+                granted.append(agent)
+                await release.wait()
+            return busy
+
+    large = [asyncio.create_task(request(agent, small=False)) for agent in ("a", "x")]
+    await asyncio.sleep(0)
+    waiting = asyncio.create_task(request("b", small=False))  # both large slots are taken: it waits
+    await asyncio.sleep(0)
+    smalls = [asyncio.create_task(request(agent, small=True)) for agent in ("c", "a")]
+    await asyncio.sleep(0)
+    assert granted == ["a", "x", "c", "a"]  # small batches do not wait behind large ones
+    assert (adm.busy, adm.waiting, seen[-1]) == (4, 1, 4)
+    async with adm.queued("a", wait=5.0, small=True) as busy:  # a's two slots, one in each lane
+        assert busy is not None
+        assert busy.for_agent == 2
+    async with adm.queued("d", wait=0, small=True) as busy:  # the small lane is full too
+        assert busy == Busy(total=2, for_agent=0, agent="d")
+    late = asyncio.create_task(request("d", small=True))  # ... so a small batch waits in its own line
+    await asyncio.sleep(0)
+    assert adm.waiting == 2
+    release.set()
+    assert await asyncio.gather(*large, waiting, *smalls, late) == [None] * 6
+    assert sorted(granted) == ["a", "a", "b", "c", "d", "x"]
+    assert (adm.busy, adm.waiting, adm.in_use("a"), seen[-1]) == (0, 0, 0, 0)
+
+
+async def test_without_a_small_lane_small_batches_share_the_slots() -> None:
+    adm = Admission(max_inflight=1, max_inflight_per_agent=1, max_waiting=4)
+    async with adm.queued("a", wait=5.0, small=True) as held:
+        assert held is None
+        async with adm.queued("b", wait=0, small=True) as busy:
+            assert busy == Busy(total=1, for_agent=0, agent="b")

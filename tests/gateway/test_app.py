@@ -22,6 +22,7 @@ import pytest
 
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway import Gateway, Registry
+from flowtunnel.gateway.ingest import SMALL_BODY
 from flowtunnel.journal import SqliteAgentJournal
 from flowtunnel.log import DurableLog
 from flowtunnel.wire import (
@@ -722,11 +723,13 @@ async def test_a_stalled_body_loses_its_slot_after_one_window(tmp_path: Path) ->
 
 async def test_a_batch_finding_every_slot_taken_waits_its_turn_instead_of_a_503(tmp_path: Path) -> None:
     # Thousands of agents against one gateway (bench/fleet.py): with an immediate 503 busy, admission was a
-    # lottery that some agents lost for minutes in a row; now a batch waits (up to slot_wait) in line.
+    # lottery that some agents lost for minutes in a row; now a batch waits (up to slot_wait) in line. (Small
+    # batches here: without their own lane, which has its own line.)
     data = tmp_path / "gw"
     key = enroll(data, AGENT)
     key_b = enroll(data, "site-b")
-    gw = await start_gateway(data, max_inflight=1, max_inflight_per_agent=1, slot_wait=10.0)
+    gw = await start_gateway(data, max_inflight=1, max_inflight_per_agent=1, slot_wait=10.0,
+                             max_inflight_small=0)
     try:
         host, port = gw.url.removeprefix("http://").split(":")
         body = seal(AGENT, key, 1, datagrams(2))
@@ -751,6 +754,42 @@ async def test_a_batch_finding_every_slot_taken_waits_its_turn_instead_of_a_503(
             assert (await reader.read(4096)).startswith(b"HTTP/1.1 200")
             status, doc, _ = await other
             assert (status, doc["accepted"]) == (200, 2)
+        writer.close()
+        await writer.wait_closed()
+    finally:
+        await gw.stop()
+
+
+async def test_a_small_batch_does_not_wait_behind_large_ones_for_a_slot(tmp_path: Path) -> None:
+    # 2,000 agents (bench/fleet.py): every slot is held until the journal commits, and the slowest requests,
+    # nearly all of 0-2 datagrams, spent their time waiting for one; small batches have a lane of their own.
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    key_b = enroll(data, "site-b")
+    gw = await start_gateway(data, max_inflight=1, max_inflight_per_agent=1, slot_wait=10.0)
+    try:
+        host, port = gw.url.removeprefix("http://").split(":")
+        big = [dataclasses.replace(d, payload=os.urandom(1400)) for d in datagrams(20)]  # 28 KB, random
+        body = seal(AGENT, key, 1, big)
+        assert len(body) > SMALL_BODY
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
+            f"X-Flowtunnel-Agent: {AGENT}\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        held = HEADER.size + len(AGENT)
+        writer.write(head + body[:held])  # takes the only slot for large batches, its body still to come
+        await writer.drain()
+        async with asyncio.timeout(10):
+            while not gw.metrics.registry.get_sample_value("flowtunnel_gateway_inflight_requests"):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession() as session:
+            status, doc, _ = await post_batch(session, gw.url, seal("site-b", key_b, 1, datagrams(2)),
+                                              agent="site-b")
+            assert (status, doc["accepted"]) == (200, 2)  # answered while the large one still holds its slot
+            writer.write(body[held:])
+            await writer.drain()
+            assert (await reader.read(4096)).startswith(b"HTTP/1.1 200")
         writer.close()
         await writer.wait_closed()
     finally:

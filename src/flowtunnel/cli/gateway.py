@@ -39,6 +39,8 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "hold before its batches get 429 (default 0.5)"),
     ("--max-inflight", "max_inflight", "N", "requests processed at once; more get 503 (default 16)"),
     ("--max-inflight-per-agent", "max_inflight_per_agent", "N", "of those, per agent id (default 2)"),
+    ("--max-inflight-small", "max_inflight_small", "N", "slots of small batches' own lane (body <= 16 KiB, "
+     "record block <= 64 KiB; default 256; 0: they share --max-inflight)"),
     ("--max-waiting", "max_waiting", "N", "batches waiting for a slot in arrival order (default 4096; "
      "0: 503 at once)"),
     ("--slot-wait", "slot_wait", "DURATION", "longest wait for a slot before 503 busy (default 10s)"),

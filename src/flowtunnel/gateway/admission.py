@@ -10,6 +10,15 @@ simply grow (POST waits; the other edges still refuse at once, and never overtak
 WebSocket and GET-piece endpoints all take a slot from the same ``Admission``
 before handing a batch to ingest, so the bounds hold across rungs.
 
+Small batches (a POST whose body and record block are both small: the usual batch of a quiet agent) take
+their slot from a lane of their own, ``max_small`` slots, with its own line: a slot is held until the batch
+is acknowledged, so while the journal commits, 16 slots meant at most 16 batches per commit, and a slow
+commit (a WAL checkpoint, a slow fsync) or a stalled event loop left thousands of agents queueing for them
+(bench/fleet.py: the slowest 1 % of requests spent 85-98 % of their time waiting for a slot, nearly all of
+them batches of 0-2 datagrams). A small batch costs little memory (``max_small`` x the small bounds), so its
+lane can be wide, and every small batch that arrives during a commit goes into the next one. The per-agent
+bound counts both lanes together.
+
 ``SourceRate`` is a token bucket per source address, for cheap unauthenticated endpoints (the probe) that a
 flood must not turn into registry lookups and MAC computations without limit. Its table is bounded.
 
@@ -23,7 +32,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Admission", "Busy", "SourceRate"]
 
@@ -40,8 +49,18 @@ class Busy:
         return f"{self.total} batches in progress ({self.for_agent} for agent {self.agent})"
 
 
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """Slots of one kind: how many, how many are taken, and who waits for one (first come first served)."""
+
+    limit: int
+    busy: int = 0
+    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+
+
 class Admission:
-    """In-flight batch slots, total and per agent id. Not thread-safe: event loop only.
+    """In-flight batch slots, total and per agent id, and a lane of slots for small batches (``max_small``;
+    0: they share the others). Not thread-safe: event loop only.
 
     Resource handling: a slot is held from ``slot()`` until its ``with`` block ends, so a task cancelled
     mid-ingest gives it back.
@@ -53,6 +72,7 @@ class Admission:
         max_inflight: int,
         max_inflight_per_agent: int,
         max_waiting: int = 0,
+        max_small: int = 0,
         on_change: Callable[[int], None] | None = None,
     ) -> None:
         if not 1 <= max_inflight_per_agent <= max_inflight:
@@ -62,22 +82,25 @@ class Admission:
             )
         self.max_inflight = max_inflight
         self.max_inflight_per_agent = max_inflight_per_agent
-        if max_waiting < 0:
-            raise ValueError(f"max_waiting {max_waiting} must be >= 0")
+        if max_waiting < 0 or max_small < 0:
+            raise ValueError(f"max_waiting {max_waiting} and max_small {max_small} must be >= 0")
         self.max_waiting = max_waiting
-        self._busy = 0
+        self.max_small = max_small
         self._per_agent: dict[str, int] = {}
         self._on_change = on_change
-        # Requests waiting for a slot, first come first served; a freed slot passes to the first of them.
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Each lane's requests waiting for a slot, first come first served; a freed slot passes to the first.
+        self._main = _Lane(limit=max_inflight)
+        self._small = _Lane(limit=max_small) if max_small else self._main
 
     @property
     def waiting(self) -> int:
-        return len(self._waiters)
+        """Requests waiting for a slot, both lanes."""
+        return len(self._main.waiters) + (len(self._small.waiters) if self._small is not self._main else 0)
 
     @property
     def busy(self) -> int:
-        return self._busy
+        """Slots taken, both lanes."""
+        return self._main.busy + (self._small.busy if self._small is not self._main else 0)
 
     def in_use(self, agent_id: str) -> int:
         return self._per_agent.get(agent_id, 0)
@@ -85,8 +108,8 @@ class Admission:
     def check(self, agent_id: str) -> Busy | None:
         """None if ``agent_id`` could take a slot now, else why not."""
         held = self._per_agent.get(agent_id, 0)
-        if self._busy >= self.max_inflight or held >= self.max_inflight_per_agent:
-            return Busy(total=self._busy, for_agent=held, agent=agent_id)
+        if self._main.busy >= self.max_inflight or held >= self.max_inflight_per_agent:
+            return Busy(total=self._main.busy, for_agent=held, agent=agent_id)
         return None
 
     @contextmanager
@@ -94,83 +117,85 @@ class Admission:
         """Hold a slot for ``agent_id`` for the ``with`` block; yields None when held, or ``Busy`` (and holds
         nothing) when none was free."""
         busy = self.check(agent_id)
-        if busy is not None or self._waiters:  # nobody overtakes the queue
-            yield busy or Busy(total=self._busy, for_agent=self.in_use(agent_id), agent=agent_id)
+        if busy is not None or self._main.waiters:  # nobody overtakes the queue
+            yield busy or Busy(total=self._main.busy, for_agent=self.in_use(agent_id), agent=agent_id)
             return
         self._take(agent_id)
         try:
             yield None
         finally:
-            self._release(agent_id)
+            self._release(agent_id, self._main)
 
     @asynccontextmanager
-    async def queued(self, agent_id: str, *, wait: float) -> AsyncIterator[Busy | None]:
+    async def queued(self, agent_id: str, *, wait: float, small: bool = False) -> AsyncIterator[Busy | None]:
         """Like ``slot``, but when every slot is taken, wait up to ``wait`` seconds in arrival order (if fewer
-        than ``max_waiting`` already wait). The per-agent bound still refuses at once."""
+        than ``max_waiting`` already wait). The per-agent bound still refuses at once. ``small``: a slot of
+        the small batches' lane (when there is one)."""
+        lane = self._small if small else self._main
         held = self._per_agent.get(agent_id, 0)
         if held >= self.max_inflight_per_agent or (
-            self._busy >= self.max_inflight and (len(self._waiters) >= self.max_waiting or wait <= 0)
+            lane.busy >= lane.limit and (len(lane.waiters) >= self.max_waiting or wait <= 0)
         ):
-            yield Busy(total=self._busy, for_agent=held, agent=agent_id)
+            yield Busy(total=lane.busy, for_agent=held, agent=agent_id)
             return
         # The per-agent count covers waiting requests too: one id cannot fill the queue.
         self._per_agent[agent_id] = held + 1
-        if self._busy < self.max_inflight and not self._waiters:
-            self._busy += 1
+        if lane.busy < lane.limit and not lane.waiters:
+            lane.busy += 1
         else:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            lane.waiters.append(waiter)
             granted = True
             try:
                 async with asyncio.timeout(wait):
                     await waiter
             except TimeoutError:
-                granted = self._abandon(waiter, agent_id)  # handed over just as the wait ended: use it
+                granted = self._abandon(waiter, agent_id, lane)  # handed over just as the wait ended: use it
             except BaseException:  # cancelled: the client went away, or the gateway stops
-                if self._abandon(waiter, agent_id):
-                    self._release(agent_id)
+                if self._abandon(waiter, agent_id, lane):
+                    self._release(agent_id, lane)
                 raise
             if not granted:
-                yield Busy(total=self._busy, for_agent=self.in_use(agent_id), agent=agent_id)
+                yield Busy(total=lane.busy, for_agent=self.in_use(agent_id), agent=agent_id)
                 return
         if self._on_change is not None:
-            self._on_change(self._busy)
+            self._on_change(self.busy)
         try:
             yield None
         finally:
-            self._release(agent_id)
+            self._release(agent_id, lane)
 
-    def _abandon(self, waiter: asyncio.Future[None], agent_id: str) -> bool:
+    def _abandon(self, waiter: asyncio.Future[None], agent_id: str, lane: _Lane) -> bool:
         """A wait ended without its slot: leave the queue; True if the slot had been handed over anyway."""
         if waiter.done() and not waiter.cancelled():
             return True
         waiter.cancel()
-        if waiter in self._waiters:
-            self._waiters.remove(waiter)
+        if waiter in lane.waiters:
+            lane.waiters.remove(waiter)
         self._forget(agent_id)
         return False
 
     def _take(self, agent_id: str) -> None:
-        self._busy += 1
+        self._main.busy += 1
         self._per_agent[agent_id] = self._per_agent.get(agent_id, 0) + 1
         if self._on_change is not None:
-            self._on_change(self._busy)
+            self._on_change(self.busy)
 
     def _forget(self, agent_id: str) -> None:
         left = self._per_agent.pop(agent_id) - 1
         if left:
             self._per_agent[agent_id] = left
 
-    def _release(self, agent_id: str) -> None:
+    def _release(self, agent_id: str, lane: _Lane) -> None:
         self._forget(agent_id)
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        while lane.waiters:
+            waiter = lane.waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)  # the slot passes on: the count of slots in use is unchanged
                 return
-        self._busy -= 1
+        lane.busy -= 1
         if self._on_change is not None:
-            self._on_change(self._busy)
+            self._on_change(self.busy)
 
 
 class SourceRate:

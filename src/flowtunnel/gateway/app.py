@@ -11,12 +11,14 @@ Resource handling (slow or hostile senders must not starve enrolled agents):
 2. the batch header (the first ~100 bytes of the body) is read first, without holding anything: it must name
    an enrolled, non-revoked agent that matches ``X-Flowtunnel-Agent`` (when sent: ``/v1/b`` needs none), or
    the request is refused at once;
-3. only then does the request take one of ``max_inflight`` slots, and at most ``max_inflight_per_agent`` of
-   them per agent id, so a sender impersonating one agent id cannot hold them all;
+3. only then does the request take one of ``max_inflight`` slots (a small batch: one of ``max_small``, its own
+   lane, see ``admission.py``), and at most ``max_inflight_per_agent`` of them per agent id, so a sender
+   impersonating one agent id cannot hold them all;
 4. the header must arrive within ``body_timeout``; then at least ``min_body_rate * body_timeout`` bytes in
    every ``body_timeout`` seconds, and the whole body within ``body_timeout + length / min_body_rate`` (408):
    a legitimate batch on a 20 kbit/s link gets its time, a stalled body loses its slot after one window.
-Memory stays below about ``(max_body + 2 * max_raw) * max_inflight`` whatever clients do.
+Memory stays below about ``(max_body + 2 * max_raw) * max_inflight + (SMALL_BODY + 2 * SMALL_RAW) *
+max_small`` whatever clients do.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from flowtunnel.gateway.admission import Admission, SourceRate
 from flowtunnel.gateway.edge import CompactAnswer, count_rungs, http_response
-from flowtunnel.gateway.ingest import Ingest, Rejected
+from flowtunnel.gateway.ingest import SMALL_BODY, SMALL_RAW, Ingest, Rejected
 from flowtunnel.gateway.metrics import CONTENT_TYPE_LATEST, GatewayMetrics
 from flowtunnel.gateway.pieces import PieceEndpoint, PieceSettings
 from flowtunnel.gateway.probe import probe_handler
@@ -105,6 +107,7 @@ def build_app(
     max_inflight: int = 16,
     max_inflight_per_agent: int = 2,
     max_waiting: int = 0,
+    max_small: int = 0,
     slot_wait: float = 0.0,
     body_timeout: float = 60.0,
     min_body_rate: int = 1024,
@@ -121,7 +124,7 @@ def build_app(
     app[INGEST_KEY] = ingest
     admission = Admission(
         max_inflight=max_inflight, max_inflight_per_agent=max_inflight_per_agent, max_waiting=max_waiting,
-        on_change=metrics.inflight.set,
+        max_small=max_small, on_change=metrics.inflight.set,
     )
     app[ADMISSION_KEY] = admission
     count_rungs(app, metrics)
@@ -170,7 +173,7 @@ def build_app(
             agent_id = ingest.admit(head, agent_header)
         except Rejected as exc:
             return fail(exc)
-        async with admission.queued(agent_id, wait=slot_wait) as busy:
+        async with admission.queued(agent_id, wait=slot_wait, small=_small(head, length)) as busy:
             if busy is not None:
                 return fail(Rejected("busy", busy.detail(), agent=agent_id, retry_after=retry_after))
             return await _ingest(request, head, length, deadline, agent_id, agent_header, compact)
@@ -264,6 +267,15 @@ async def _read_paced(request: web.Request, n: int, *, window: float, rate: int)
                 got += len(chunk)
                 need -= len(chunk)
     return b"".join(chunks)
+
+
+def _small(head: bytes, length: int) -> bool:
+    """A body of at most ``SMALL_BODY`` bytes whose header announces a record block of at most ``SMALL_RAW``
+    (opening the batch holds it to that): its slot comes from the small batches' lane."""
+    if length > SMALL_BODY or len(head) < HEADER.size:
+        return False
+    raw_len: int = HEADER.unpack_from(head)[8]
+    return raw_len <= SMALL_RAW
 
 
 def _agent_in(head: bytes) -> str | None:

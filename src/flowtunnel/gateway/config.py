@@ -198,6 +198,10 @@ class GatewayConfig:
     max_inflight: int = count_setting(16, 1, 10_000)
     #: Of those, at most this many for one agent id (a sender impersonating one id cannot take them all).
     max_inflight_per_agent: int = 2
+    #: Small batches (body <= 16 KiB, record block <= 64 KiB: a quiet agent's) have a lane of this many slots
+    #: of their own, so they are not held to max_inflight while the journal commits; ~200 KiB each at most.
+    #: 0: they share max_inflight.
+    max_inflight_small: int = count_setting(256, 0, 100_000, zero="small batches share max_inflight")
     #: When every slot is taken, up to this many batches wait for one in arrival order (their body not yet
     #: read), each at most slot_wait; beyond, or after, 503 busy. 0: refuse at once (the old behaviour).
     max_waiting: int = count_setting(4096, 0, 1_000_000, zero="refuse at once")

@@ -46,7 +46,10 @@ from flowtunnel.wire import (
     validate_agent_id,
 )
 
-__all__ = ["Ack", "Ingest", "Outcome", "Refusal", "Rejected", "StateAnswer", "clock_skew", "hwm_key"]
+__all__ = [
+    "SMALL_BODY", "SMALL_RAW", "Ack", "Ingest", "Outcome", "Refusal", "Rejected", "StateAnswer", "clock_skew",
+    "hwm_key",
+]
 
 log = logging.getLogger("flowtunnel.gateway.ingest")
 
@@ -151,9 +154,9 @@ class StateAnswer:
 
 #: A batch this small (sealed, and its record block once decompressed) is opened on the event loop: that
 #: takes less time than the hop to a worker thread and back (2,000 agents: a hop per request was ~10 % of
-#: the gateway's CPU).
-_INLINE_BODY = 16 << 10
-_INLINE_RAW = 64 << 10
+#: the gateway's CPU). A POST this small also takes its slot from the small batches' lane (``app.py``).
+SMALL_BODY = 16 << 10
+SMALL_RAW = 64 << 10
 
 #: Lost races for one batch (a shared journal) before ingest gives up with 503.
 _CONFLICT_ATTEMPTS = 8
@@ -331,7 +334,7 @@ class Ingest:
             self._refuse(self.budgets.check(agent_id, default_wait=self._retry_after), agent_id)
         # Decryption and bounded decompression take milliseconds per MiB: off the event loop, but for a
         # small batch (the usual one of a quiet agent), which takes less than the hop to a thread and back.
-        inline = len(body) <= _INLINE_BODY and header.raw_len <= _INLINE_RAW
+        inline = len(body) <= SMALL_BODY and header.raw_len <= SMALL_RAW
         # A continuation frame decodes against the agent's stream, out of the cache meanwhile (a second frame
         # of that stream at the same time finds none: unknown-context).
         held = None

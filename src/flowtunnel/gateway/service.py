@@ -203,7 +203,8 @@ class Gateway:
         app = build_app(
             ingest=ingest, metrics=self.metrics, serve_metrics=cfg.metrics, max_body=cfg.max_body,
             max_inflight=cfg.max_inflight, max_inflight_per_agent=cfg.max_inflight_per_agent,
-            max_waiting=cfg.max_waiting, slot_wait=cfg.slot_wait, body_timeout=cfg.body_timeout,
+            max_waiting=cfg.max_waiting, max_small=cfg.max_inflight_small, slot_wait=cfg.slot_wait,
+            body_timeout=cfg.body_timeout,
             min_body_rate=cfg.min_body_rate, retry_after=cfg.retry_after,
             status=self.status if cfg.metrics else None, probe_rate=cfg.probe_rate,
             ws=WsSettings(
