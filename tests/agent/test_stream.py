@@ -5,7 +5,8 @@ refused precisely or sealed in a new stream and delivered: every datagram exactl
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 import flowtunnel.gateway.ingest as ingest_module
 import flowtunnel.wire.batch as batch_module
+from flowtunnel.agent.config import AgentConfig
 from flowtunnel.agent.policy import ArrivalRate
 from flowtunnel.agent.uploader import CURSOR, Uploader
 from flowtunnel.datagram import Datagram
@@ -28,7 +30,8 @@ from flowtunnel.wire import (
     peek_header,
 )
 from tests.agent.conftest import GatewayFactory, enroll, eventually
-from tests.agent.test_uploader import AGENT, assert_exactly_once, config, open_spool, uploading, v9_export
+from tests.agent.test_uploader import AGENT, assert_exactly_once, config, open_spool, v9_export
+from tests.agent.test_uploader import uploading as _uploading
 from tests.linkemu import Action, Fault, LinkEmulator
 from tests.peers import free_tcp_port
 
@@ -64,11 +67,14 @@ async def trickle(up: Uploader, spool: DurableLog, chunks: list[list[Datagram]])
         await eventually(lambda target=target: spool.cursor(CURSOR) == target, "acknowledged")  # type: ignore[misc]
 
 
-def quiet(up: Uploader) -> Uploader:
-    """A quiet site's arrival rate (~1.4 KB/s), as if measured for long: ``trickle`` appends much faster than
-    a quiet site's exporters send, which the uploader would otherwise measure."""
-    up.arrival = ArrivalRate(datagrams=1.0, mean_size=1400.0, last_seq=up._last_seq, stamp=up._clock())
-    return up
+@asynccontextmanager
+async def uploading(cfg: AgentConfig, key: bytes, spool: DurableLog) -> AsyncIterator[Uploader]:
+    """``test_uploader.uploading`` at a quiet site, where batches go as stream frames: its arrival rate
+    (~1.4 KB/s) as if measured for long, since ``trickle`` appends far faster than a quiet site's exporters
+    send (and the datagrams' receive times say 1,000 a second), which the uploader would otherwise measure."""
+    async with _uploading(cfg, key, spool) as up:
+        up.arrival = ArrivalRate(datagrams=1.0, mean_size=1400.0, last_seq=up._last_seq, stamp=up._clock())
+        yield up
 
 
 def chunks(data: list[Datagram], size: int = QUIET) -> list[list[Datagram]]:
@@ -98,7 +104,6 @@ async def test_quiet_batches_continue_one_stream_and_cost_fewer_bytes_than_witho
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
         async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
-            quiet(up)
             await trickle(up, spool, chunks(sent))
             assert up.stats.failures == {}
             assert up.stats.stream_batches == up.stats.batches == len(chunks(sent))
@@ -119,7 +124,6 @@ async def test_quiet_batches_continue_one_stream_and_cost_fewer_bytes_than_witho
     spool = open_spool(cold)
     async with gateway_factory(cold / "gw") as gw:
         async with uploading(config(cold, gw.url, key), key, spool) as up:
-            quiet(up)
             for chunk in chunks(sent):
                 up._stream = None
                 await trickle(up, spool, [chunk])

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from flowtunnel.agent.config import AgentConfig
-from flowtunnel.agent.policy import ArrivalRate
+from flowtunnel.agent.policy import TIGHT, ArrivalRate
 from flowtunnel.agent.status import render as render_status
 from flowtunnel.agent.transport.dns import DnsTransport
 from flowtunnel.agent.transport.network import RungMemory
@@ -579,6 +579,35 @@ async def test_a_backlog_goes_as_codec_4_in_batches_that_fill_the_body_limit(tmp
     assert len(bodies) >= 3
     got = [d for b in bodies for d in open_batch(b, key=key).datagrams]
     assert got == sent
+    spool.close()
+
+
+@pytest.mark.parametrize(("per_second", "quiet"), [(36, False), (2, True)])
+async def test_the_first_batch_is_sealed_for_the_rate_its_datagrams_arrived_at(
+    tmp_path: Path, per_second: int, quiet: bool
+) -> None:
+    """issue 14: before any batch there is no arrival rate, and without one the codec rule takes the site for
+    a quiet one; a busy agent's first batch was sealed TIGHT (and started a compression stream whose ~2 MB
+    encoder stayed). The first caught-up batch's own receive times give the rate."""
+    import dataclasses
+
+    key = generate_key()
+    spool = open_spool(tmp_path)
+    now = time.time_ns()
+    count = max(3, per_second)
+    sent = [dataclasses.replace(d, received_ns=now - (count - i) * 1_000_000_000 // per_second)
+            for i, d in enumerate(v9_export(count))]
+    spool.append(sent)
+    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool)
+    await up.open()
+    try:
+        entries = await up._read()
+        assert len(entries) == count
+        _, batch = up._seal(entries)
+    finally:
+        await up.close()
+    assert len(batch) == count
+    assert (up._choice is TIGHT) is quiet
     spool.close()
 
 
