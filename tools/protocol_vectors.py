@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flowtunnel.datagram import Datagram
-from flowtunnel.wire import Codec, context_of, peek_header, seal_batch
+from flowtunnel.wire import Codec, SealStream, context_of, peek_header, seal_batch, seal_stream_batch
 from flowtunnel.wire.columnar import payload_encoder
 from flowtunnel.wire.records import encode_block
 
@@ -38,6 +38,8 @@ class Vector:
     agent_info: dict[str, int]
     datagrams: list[Datagram]
     context_of_vector: int | None = None  # compressed against the context vector N's block leaves (1-based)
+    stream_id: int | None = None  # a stream frame (section 3.4): the start frame of a stream of this id, ...
+    stream_after: int | None = None  # ... or the next frame of the stream vector N (1-based) is in
 
 
 def _v5(seq: int, src: str, dst: str, packets: int, octets: int) -> bytes:
@@ -84,12 +86,37 @@ def vectors() -> list[Vector]:
                      "datagrams",
                codec=Codec.DELTA_LZMA, nonce=bytes.fromhex("3c3d3e3f4041424344454647"), first_seq=101,
                agent_info={"backlog": 2}, datagrams=three),
+        Vector(title="codec 6 start frame of stream 0x4654 (flags 06, section 3.4): the same three datagrams",
+               codec=Codec.LZMA, nonce=bytes.fromhex("48494a4b4c4d4e4f50515253"), first_seq=101,
+               agent_info={"backlog": 0}, datagrams=three, stream_id=0x4654),
+        Vector(title="codec 5 frame at position 1 of the stream vector 8 starts (flags 02, section 3.4): the "
+                     "same three datagrams as seqs 104-106; associated data: header + vector 8's nonce",
+               codec=Codec.DELTA_LZMA, nonce=bytes.fromhex("5455565758595a5b5c5d5e5f"), first_seq=104,
+               agent_info={"backlog": 0}, datagrams=three, stream_after=8),
     ]
 
 
 def _wrap(name: str, hexstr: str, width: int = 64) -> list[str]:
     chunks = [hexstr[i : i + width] for i in range(0, len(hexstr), width)] or [""]
     return [f"{name:<11}{chunks[0]}"] + [" " * 11 + c for c in chunks[1:]]
+
+
+def _seal(v: Vector, all_vectors: list[Vector], streams: dict[int, SealStream]) -> tuple[bytes, bytes | None]:
+    """The vector's body, and the context it was compressed against (if any). ``streams``: the stream each
+    stream vector (by number) leaves, for the frames that continue it."""
+    n = all_vectors.index(v) + 1
+    if v.stream_id is not None or v.stream_after is not None:
+        stream = SealStream(v.stream_id) if v.stream_id is not None else streams[v.stream_after or 0]
+        body = seal_stream_batch(agent_id="site-a", key=KEY, first_seq=v.first_seq, datagrams=v.datagrams,
+                                 nonce=v.nonce, stream=stream, codec=v.codec, agent_info=v.agent_info)
+        streams[n] = stream
+        return body, None
+    context = None
+    if v.context_of_vector is not None:
+        context = context_of(_block(all_vectors[v.context_of_vector - 1]))
+    body = seal_batch(agent_id="site-a", key=KEY, first_seq=v.first_seq, datagrams=v.datagrams,
+                      nonce=v.nonce, agent_info=v.agent_info, codec=v.codec, context=context)
+    return body, context
 
 
 def _block(v: Vector) -> bytes:
@@ -102,12 +129,9 @@ def _block(v: Vector) -> bytes:
 def render() -> str:
     out: list[str] = [BEGIN, ""]
     all_vectors = vectors()
+    streams: dict[int, SealStream] = {}
     for n, v in enumerate(all_vectors, 1):
-        context = None
-        if v.context_of_vector is not None:
-            context = context_of(_block(all_vectors[v.context_of_vector - 1]))
-        body = seal_batch(agent_id="site-a", key=KEY, first_seq=v.first_seq, datagrams=v.datagrams,
-                          nonce=v.nonce, agent_info=v.agent_info, codec=v.codec, context=context)
+        body, context = _seal(v, all_vectors, streams)
         hdr = peek_header(body)
         out += [f"### Vector {n}: {v.title}", "", "```text"]
         out += _wrap("key", KEY.hex())
@@ -116,6 +140,10 @@ def render() -> str:
         if context is not None:
             out.append(f"{'flags':<11}{hdr.flags:02x}")
             out += _wrap("context", context.hex())
+        if v.stream_id is not None or v.stream_after is not None:
+            out.append(f"{'flags':<11}{hdr.flags:02x}")
+        if v.stream_after is not None:
+            out.append(f"{'after':<11}{v.stream_after}")
         info = ",".join(f"{k}={val}" for k, val in v.agent_info.items())
         out.append(f"{'agent_info':<11}{info}".rstrip())
         for d in v.datagrams:

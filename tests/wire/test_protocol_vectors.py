@@ -12,8 +12,11 @@ import pytest
 from flowtunnel.datagram import Datagram
 from flowtunnel.wire import (
     FLAG_CONTEXT,
+    FLAG_STREAM,
+    FLAG_STREAM_START,
     HEADER,
     Codec,
+    OpenStream,
     UnknownContext,
     context_id,
     context_of,
@@ -73,8 +76,17 @@ VECTORS = parse_vectors()
 
 def test_the_document_has_the_vectors() -> None:
     assert len(VECTORS) >= 3
-    assert {int(v.fields["codec"]) for v in VECTORS} >= {0, 1, 2, 3, 4}
+    assert {int(v.fields["codec"]) for v in VECTORS} >= {0, 1, 2, 3, 4, 5, 6}
     assert any("context" in v.fields for v in VECTORS)
+    assert any("after" in v.fields for v in VECTORS)  # a stream frame continuing another vector's stream
+
+
+def _stream_of(number: int) -> OpenStream | None:
+    """The stream the documented stream vector ``number`` (1-based) leaves, opened from its start."""
+    vec = VECTORS[number - 1]
+    before = _stream_of(int(vec.fields["after"])) if "after" in vec.fields else None
+    sealed, key = bytes.fromhex(vec.fields["sealed"]), bytes.fromhex(vec.fields["key"])
+    return open_batch(sealed, key=key, stream=before).stream
 
 
 @pytest.mark.parametrize("vec", VECTORS, ids=[v.title.split(":")[0] for v in VECTORS])
@@ -99,7 +111,15 @@ def test_vector_opens_to_its_datagrams(vec: DocVector) -> None:
         with pytest.raises(UnknownContext):
             open_batch(sealed, key=key, contexts={hdr.dict_id: context[:-1] + bytes([context[-1] ^ 0xFF])})
         contexts = {hdr.dict_id: context}
-    batch = open_batch(sealed, key=key, contexts=contexts)
+    stream = None
+    if hdr.flags & FLAG_STREAM:
+        assert hdr.flags == int(f["flags"], 16)
+        assert bool(hdr.flags & FLAG_STREAM_START) == ("after" not in f)
+        if "after" in f:  # a continuation opens only after the frames before it, in that stream
+            with pytest.raises(UnknownContext):
+                open_batch(sealed, key=key)
+            stream = _stream_of(int(f["after"]))
+    batch = open_batch(sealed, key=key, contexts=contexts, stream=stream)
     assert batch.agent_id == f["agent_id"]
     assert batch.first_seq == int(f["first_seq"])
     assert batch.header.codec == int(f["codec"])
