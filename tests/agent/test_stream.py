@@ -385,3 +385,31 @@ async def test_continuations_refused_again_and_again_pause_streams_for_a_while(
         assert kinds(opened) == ["start"] + ["cont", "start"] * STREAM_MISSES + ["start", "start"]
         assert_exactly_once(gw, sent)
     spool.close()
+
+
+def test_a_batch_that_is_not_quiet_lets_the_streams_encoder_go(tmp_path: Path) -> None:
+    """A busy spell (a backlog, a burst) seals the throughput ways; the stream's encoder (~2 MB of liblzma
+    tables once warm) is not kept meanwhile: the next quiet batch starts a new stream."""
+    from flowtunnel.agent.policy import DEFAULT
+
+    key = bytes(range(32))
+    spool = open_spool(tmp_path)
+    spool.append(v9_export(4))
+    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool)
+    up._last_seq = spool.last_seq()
+    up.arrival = ArrivalRate(datagrams=1.0, mean_size=1400.0, last_seq=up._last_seq, stamp=up._clock())
+    entries = spool.read(after=0, limit=100, max_bytes=1 << 20)
+
+    def seal_one(i: int) -> int:
+        up._last_seq = entries[i].seq  # caught up: nothing spooled behind it
+        return peek_header(up._seal(entries[i : i + 1])[0]).flags
+
+    assert seal_one(0) == START
+    assert up._stream is not None
+    up._stream_clean = True  # as if acknowledged
+    up.codec_choice = lambda *, big: DEFAULT  # type: ignore[method-assign]
+    assert seal_one(1) == 0
+    assert up._stream is None
+    del up.codec_choice
+    assert seal_one(2) == START
+    spool.close()

@@ -580,6 +580,9 @@ class Uploader:
                 self._stream = None  # that frame will not be sent: the stream cannot go on without it
                 n = max(1, n // 2)
                 continue
+            # Not a quiet batch: the stream's encoder (~2 MB once warm) is not kept for when the site is quiet
+            # again (that costs one start frame then).
+            self._stream = None
             codec = None if choice.codec is None else Codec(choice.codec)
             # A rung short of bytes (DNS: every byte is a share of a query) asks for its own lean codec (5).
             lean = getattr(self._transport, "small_codec", None)
