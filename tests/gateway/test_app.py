@@ -631,6 +631,8 @@ async def test_stream_frames_continue_over_http_and_a_revoked_agents_stream_is_f
 ) -> None:
     """docs/protocol.md section 3.4: a start frame then its continuations are acknowledged; the stream is held
     per agent; revoking the agent drops it (its memory and any state a later key could meet)."""
+    from prometheus_client import generate_latest
+
     from flowtunnel.wire import SealStream, seal_stream_batch
 
     gw, key, session = env
@@ -645,6 +647,7 @@ async def test_stream_frames_continue_over_http_and_a_revoked_agents_stream_is_f
     held = gw.ingest.streams.held(AGENT)
     assert held is not None
     assert (held.stream_id, held.position) == (0x1234, 3)
+    assert b"flowtunnel_gateway_compression_streams 1.0" in generate_latest(gw.metrics.registry)
     with Registry(gw.data_dir) as reg:
         reg.revoke(AGENT)
     await asyncio.sleep(0.15)  # the registry file is checked at most once per 0.1 s (AgentKeys)
@@ -653,6 +656,7 @@ async def test_stream_frames_continue_over_http_and_a_revoked_agents_stream_is_f
     status, doc, _ = await post_batch(session, gw.url, body, agent=AGENT)
     assert (status, doc["error"]) == (403, "revoked")
     assert gw.ingest.streams.held(AGENT) is None
+    assert b"flowtunnel_gateway_compression_streams 0.0" in generate_latest(gw.metrics.registry)
     assert [e.stream_seq for e in journal_entries(gw)] == list(range(1, 7))
 
 

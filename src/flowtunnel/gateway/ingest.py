@@ -203,6 +203,7 @@ class Ingest:
         self.once = OnceLogger(log)
         self.contexts = ContextCache()  # compression contexts per agent (docs/protocol.md section 3.3)
         self.streams = StreamCache()  # compression streams per agent (docs/protocol.md section 3.4)
+        metrics.compression_streams.set_function(lambda: float(len(self.streams)))
         self.closing = False
 
     # -- shared by the handlers --------------------------------------------------------------------------
@@ -440,8 +441,11 @@ class Ingest:
                 # The agent continues a stream only past acknowledged frames: keep it now, not before. An
                 # exact copy of a start frame already seen (a replay) does not replace the stream held.
                 if stream is not None and not replayed:
+                    evicted = self.streams.evicted
                     self.streams.keep(batch.agent_id, stream,
                                       start=bool(batch.header.flags & FLAG_STREAM_START))
+                    if self.streams.evicted > evicted:
+                        self._metrics.compression_streams_evicted.inc(self.streams.evicted - evicted)
                     stream = None
             finally:
                 if stream is not None:  # refused after decoding: its state is the agent's no more

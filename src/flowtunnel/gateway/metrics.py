@@ -225,6 +225,14 @@ class GatewayMetrics:
             "parsed, WebSocket frames with their headers", ["rung", "direction"], registry=r,
         )
         self.ws_connections = Gauge(p + "ws_connections", "Open WebSocket connections", registry=r)
+        self.compression_streams = Gauge(
+            p + "compression_streams", "Agents' compression streams held in memory (docs/protocol.md section "
+            "3.4; ~130 KB each)", registry=r,
+        )
+        self.compression_streams_evicted = Counter(
+            p + "compression_streams_evicted", "Compression streams dropped to stay within the memory bound "
+            "(least recently used agent first): each costs that agent one refusal and a resend", registry=r,
+        )
         self.get_pending_batches = Gauge(
             p + "get_pending_batches", "GET-only batches waiting for pieces", registry=r
         )
