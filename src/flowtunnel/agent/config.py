@@ -123,7 +123,8 @@ class AgentConfig:
     """DNS queries per second at most on the dns rung (the gateway's answers may slow it further)."""
     stream_compression: bool = True
     """At a quiet site, batches go as frames of one LZMA2 stream continued across batches (docs/protocol.md
-    section 3.4): ~25 % fewer bytes at 2 datagrams/s; off: each batch compressed on its own."""
+    section 3.4): ~19 % smaller bodies at 2 datagrams/s (softflowd v9, docs/benchmarks.md); off: each batch
+    compressed on its own."""
     on_intercept: str = "allow"
     """A pinned gateway whose certificate does not match, behind a chain this box trusts (TLS interception):
     ``allow`` (report it, keep uploading: batches are sealed end to end) or ``refuse``."""
