@@ -660,6 +660,45 @@ async def test_stream_frames_continue_over_http_and_a_revoked_agents_stream_is_f
     assert [e.stream_seq for e in journal_entries(gw)] == list(range(1, 7))
 
 
+async def test_two_frames_continuing_one_stream_at_once_decode_one_at_most(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two frames at the same position of the agent's stream arrive together (one batch on two rungs, or a
+    broken client), each large enough to be decoded in a worker thread: the stream is out of the cache while
+    one decodes, so the other is refused (``unknown-context``) instead of sharing the decoder; one batch is
+    journaled."""
+    from flowtunnel.wire import SealStream, seal_stream_batch
+
+    gw, key, session = env
+    nonce = os.urandom(12)
+    twins = [SealStream(0x77), SealStream(0x77)]  # the same history: the same first frame
+    first = [seal_stream_batch(agent_id=AGENT, key=key, first_seq=1, datagrams=datagrams(1), nonce=nonce,
+                               stream=s) for s in twins]
+    assert first[0] == first[1]
+    assert (await post_batch(session, gw.url, first[0], agent=AGENT))[0] == 200
+    bodies = []
+    for i, s in enumerate(twins):
+        noise = [dataclasses.replace(d, payload=os.urandom(1400)) for d in datagrams(20, start=1 + 20 * i)]
+        bodies.append(seal_stream_batch(agent_id=AGENT, key=key, first_seq=2, datagrams=noise,
+                                        nonce=os.urandom(12), stream=s))
+        assert len(bodies[-1]) > 16 << 10  # past ingest's inline limit: decoded in a thread
+    # Both are opened at the same time: each waits in its worker thread until the other got there too.
+    import flowtunnel.gateway.ingest as ingest_module
+
+    real = getattr(ingest_module, "open_batch")  # noqa: B009 (not re-exported)
+    together = threading.Barrier(2, timeout=10)
+
+    def open_together(body: bytes, **kwargs: Any) -> Any:
+        together.wait()
+        return real(body, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "open_batch", open_together)
+    answers = await asyncio.gather(*(post_batch(session, gw.url, b, agent=AGENT) for b in bodies))
+    assert sorted((status, doc.get("error")) for status, doc, _ in answers) == [(200, None),
+                                                                                 (409, "unknown-context")]
+    assert [e.stream_seq for e in journal_entries(gw)] == list(range(1, 22))
+
+
 def seal_info(key: bytes, first_seq: int, dgs: list[Datagram], info: dict[str, int]) -> bytes:
     """A batch of ``AGENT`` carrying sealed agent info (what the agent authenticates: acked, drops, ...)."""
     return seal_batch(agent_id=AGENT, key=key, first_seq=first_seq, datagrams=dgs, nonce=os.urandom(12),
