@@ -94,6 +94,7 @@ class FleetConfig:
     churn: bool = False  # enrol, rotate and revoke while the fleet runs
     gateway_args: tuple[str, ...] = ()
     sim_nice: int = 0  # the simulator's processes' niceness: > 0 leaves the CPU to the gateway first
+    trace: str | None = None  # trace the gateway into this file (bench/gwtrace/, bench/gwtrace_report.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -526,6 +527,10 @@ def run_fleet(config: FleetConfig, work: Path, *, pool: list[bytes] | None = Non
     args = ["--status-interval", "2s", "--probe-rate", "100000", *config.gateway_args]
     if config.agent_rate:
         args += ["--agent-rate", str(config.agent_rate)]
+    if config.trace:  # the gateway process inherits the environment (bench/gwtrace/sitecustomize.py)
+        os.environ["FLOWTUNNEL_GWTRACE"] = str(Path(config.trace).resolve())
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parent / "gwtrace"), os.environ.get("PYTHONPATH")) if p)
     gw = GatewayProc(data, extra=args)
     load = [round(os.getloadavg()[0], 1)]
     gw.start()
@@ -710,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sim-nice", type=int, default=0,
                     help="niceness of the simulator's processes (10: the gateway gets the CPU first on a "
                          "small box; the agents' latencies then include more of the simulator's own delay)")
+    ap.add_argument("--trace", default=None,
+                    help="trace the gateway into this JSON file (read it with bench/gwtrace_report.py)")
     ap.add_argument("--flood-at", type=float, default=None,
                     help="flood: the flooder starts at this second (default: half-way; 0: from the start)")
     ns = ap.parse_args(argv)
@@ -718,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
         extra["flood_at"] = ns.seconds / 2 if ns.flood_at is None else ns.flood_at
     config = FleetConfig(agents=ns.agents, seconds=ns.seconds, processes=ns.processes, bad_share=ns.bad_share,
                          latency=ns.latency, backoff_cap=ns.backoff_cap,
-                         gateway_args=tuple(ns.gateway_arg), sim_nice=ns.sim_nice, **extra)
+                         gateway_args=tuple(ns.gateway_arg), sim_nice=ns.sim_nice, trace=ns.trace,
+                         **extra)
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ft-fleet-") as tmp:

@@ -1,0 +1,78 @@
+"""Summary of a gateway trace (``bench/fleet.py --trace FILE``, ``bench/gwtrace/``): the gateway's own
+per-request latency and where the slowest 1 % spent it, loop stalls, garbage collections, journal commits.
+``--split S``: the others' p99 before and after second S (the flood scenario's --flood-at), agent 0 left out.
+Run ``python bench/gwtrace_report.py FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+PHASES = ("head", "slot", "body", "open", "commit")
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000 if values else float("nan")
+
+
+def _phases(reqs: list[dict[str, Any]], label: str) -> None:
+    total = sum(r["total"] for r in reqs) or 1.0
+    shares = ", ".join(f"{k} {sum(r.get(k, 0.0) for r in reqs) / total:.0%}" for k in PHASES)
+    sizes = [r.get("n", 0) for r in reqs]
+    small = sum(1 for n in sizes if n <= 200)
+    print(f"{label}: {len(reqs)} requests; time in {shares}; {small} of them <= 200 datagrams "
+          f"(median {statistics.median(sizes) if sizes else 0})")
+
+
+def report(doc: dict[str, Any], split: float | None) -> None:
+    reqs = [r for r in doc["reqs"] if "total" in r]
+    totals = [r["total"] for r in reqs]
+    after_head = [r["total"] - r.get("head", 0.0) for r in reqs]
+    print(f"gateway-side: {len(reqs)} requests, p50 {_pct(totals, 0.5):.0f} ms, "
+          f"p99 {_pct(totals, 0.99):.0f} ms (after the batch header: p99 {_pct(after_head, 0.99):.0f} ms)")
+    reqs.sort(key=lambda r: r["total"])
+    _phases(reqs, "all")
+    _phases(reqs[int(0.99 * len(reqs)):], "slowest 1 %")
+    stalls = doc["stalls"]
+    longest = max([s[3] for s in stalls] or [0.0]) * 1000
+    print(f"loop callbacks over 20 ms: {len(stalls)}, wall {sum(s[1] for s in stalls):.1f} s, "
+          f"CPU {sum(s[3] for s in stalls):.2f} s (longest CPU {longest:.0f} ms)")
+    for gen in (0, 1, 2):
+        cpu = [g[3] for g in doc["gcs"] if g[1] == gen]
+        if cpu:
+            print(f"gc generation {gen}: {len(cpu)} x, CPU {sum(cpu):.2f} s, p50 {_pct(cpu, 0.5):.1f} ms, "
+                  f"max {max(cpu) * 1000:.1f} ms")
+    for label, rows in (("commits that checkpointed (file grew)", [c for c in doc["commits"] if c[3] > 0]),
+                        ("other commits", [c for c in doc["commits"] if c[3] <= 0])):
+        walls = [c[1] for c in rows]
+        if walls:
+            print(f"{label}: {len(walls)}, p50 {_pct(walls, 0.5):.1f} ms, p99 {_pct(walls, 0.99):.1f} ms")
+    census = doc.get("census") or {}
+    if census:
+        print(f"objects tracked 40 s after start: {census['objects']} ({census['frozen']} frozen); most: "
+              + ", ".join(f"{n} {t}" for t, n in census["types"][:6]))
+    if split is not None and reqs:
+        first = min(r["t0"] for r in reqs)
+        others = [r for r in reqs if r.get("agent") not in (None, "fleet-00000")]
+        before = [r["total"] for r in others if 5 <= r["t0"] - first < split]
+        during = [r["total"] for r in others if split <= r["t0"] - first < 2 * split]
+        b, d = _pct(before, 0.99), _pct(during, 0.99)
+        print(f"others' p99 before {split:g} s: {b:.0f} ms ({len(before)}), "
+              f"after: {d:.0f} ms ({len(during)}), ratio {d / b:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("trace", type=Path)
+    ap.add_argument("--split", type=float, default=None)
+    ns = ap.parse_args(argv)
+    report(json.loads(ns.trace.read_text()), ns.split)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
