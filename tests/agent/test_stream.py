@@ -413,3 +413,37 @@ def test_a_batch_that_is_not_quiet_lets_the_streams_encoder_go(tmp_path: Path) -
     del up.codec_choice
     assert seal_one(2) == START
     spool.close()
+
+
+async def test_a_drain_at_shutdown_resends_at_once_a_frame_the_restarted_gateway_does_not_know(
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened
+) -> None:
+    """The gateway restarted (its streams gone) and the agent stops before its next batch: the shutdown's
+    drain seals a continuation, is refused ``unknown-context`` and sends the same datagrams again at once in
+    a new stream, instead of leaving them spooled (which it did: the drain stopped at the first failure)."""
+    from flowtunnel.runtime import TaskSet
+
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = v9_export(12)
+    spool = open_spool(tmp_path)
+    port = free_tcp_port()
+    up = Uploader(config(tmp_path, f"http://127.0.0.1:{port}", key), key, spool)
+    await up.open()
+    try:
+        async with gateway_factory(data, port=port) as gw:
+            up.arrival = ArrivalRate(datagrams=1.0, mean_size=1400.0, last_seq=0, stamp=up._clock())
+            tasks = TaskSet()
+            tasks.spawn(up.run(), name="upload")
+            await trickle(up, spool, chunks(sent[:6]))
+            await tasks.close()  # the agent is stopping...
+            await gw.stop()
+        async with gateway_factory(data, port=port) as gw2:  # ... just after the gateway restarted
+            spool.append(sent[6:])
+            assert await up.drain()
+            assert up.stats.failures["unknown-context"] == 1
+            assert kinds(opened)[-2:] == ["cont", "start"]
+            assert_exactly_once(gw2, sent)
+    finally:
+        await up.close()
+        spool.close()

@@ -129,6 +129,8 @@ _NONCE = slice(NONCE_OFFSET, NONCE_OFFSET + NONCE_BYTES)  # the nonce in a seale
 _COLUMNAR = (int(Codec.COLUMNAR), int(Codec.COLUMNAR_LZMA), int(Codec.DELTA_LZMA))
 #: a quiet site (``policy.TIGHT``) tries codec 5 beside zstd on batches of this many datagrams or more
 TIGHT_DELTAS_FROM = 4
+#: failures answered "again at once" (unknown-context, a lower body limit) a shutdown's drain retries in a row
+DRAIN_AT_ONCE = 3
 #: continuation frames refused in a row (``unknown-context``) after which the agent sends start frames only
 #: for STREAM_PAUSE seconds: each batch then compresses on its own, but is not sent twice
 STREAM_MISSES, STREAM_PAUSE = 3, 600.0
@@ -420,16 +422,25 @@ class Uploader:
     async def drain(self) -> bool:
         """Send batches back to back until the spool is empty; stop at the first failure.
 
-        Returns True when the gateway acknowledged everything spooled. Used at shutdown, under a timeout.
+        Returns True when the gateway acknowledged everything spooled. Used at shutdown, under a timeout. A
+        failure the delivery protocol answers by sending again at once (the gateway lacks the compression
+        context or stream the batch was sealed against: it restarted; a lower body limit) is not the end:
+        the batch goes again at once, up to ``DRAIN_AT_ONCE`` times in a row.
         """
-        try:
-            if self._delivery.wants_resync:
-                await self._resync()
-            while await self._send_next(draining=True):
-                pass
-        except (_Failed, LogError, ValueError):
-            return False
-        return True
+        at_once = 0
+        while True:
+            try:
+                if self._delivery.wants_resync:
+                    await self._resync()
+                while await self._send_next(draining=True):
+                    at_once = 0
+                return True
+            except _Failed as exc:
+                if exc.delay > 0 or at_once >= DRAIN_AT_ONCE:
+                    return False
+                at_once += 1
+            except (LogError, ValueError):
+                return False
 
     # -- one batch -------------------------------------------------------------------------------------------
 
