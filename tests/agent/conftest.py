@@ -12,15 +12,20 @@ from typing import Any
 
 import pytest
 
+import flowtunnel.gateway.ingest as ingest_module
+from flowtunnel.agent.uploader import CURSOR, Uploader
 from flowtunnel.datagram import Datagram
 from flowtunnel.gateway.config import GatewayConfig
 from flowtunnel.gateway.registry import Registry
 from flowtunnel.gateway.service import Gateway
+from flowtunnel.log import DurableLog
+from flowtunnel.wire import Batch, peek_header
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
               "no_proxy")
 
 GatewayFactory = Callable[..., AbstractAsyncContextManager[Gateway]]
+Opened = list[tuple[int, int, int, int]]  # (first seq, datagrams, header flags, dict id)
 
 
 @pytest.fixture(autouse=True)
@@ -79,3 +84,33 @@ async def eventually(cond: Callable[[], bool | Awaitable[bool]], what: str, with
                 await asyncio.sleep(0.02)
     except TimeoutError:
         pytest.fail(f"timed out after {within} s waiting for: {what}")
+
+
+@pytest.fixture
+def opened(monkeypatch: pytest.MonkeyPatch) -> Opened:
+    """(first seq, datagrams, header flags, dict id) of every batch the gateway tried to open, in order."""
+    seen: Opened = []
+    real: Callable[..., Batch] = getattr(ingest_module, "open_batch")  # noqa: B009 (not re-exported)
+
+    def spy(body: bytes, **kwargs: Any) -> Batch:
+        header = peek_header(body)
+        seen.append((header.first_seq, header.count, header.flags, header.dict_id))
+        return real(body, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "open_batch", spy)
+    return seen
+
+
+async def trickle(up: Uploader, spool: DurableLog, chunks: list[list[Datagram]]) -> None:
+    """Append ``chunks`` one at a time, each acknowledged before the next (one batch each)."""
+    for chunk in chunks:
+        spool.append(chunk)
+        up.notify()
+        target = spool.last_seq()
+        await eventually(lambda target=target: spool.cursor(CURSOR) == target, "acknowledged")  # type: ignore[misc]
+
+
+def ingest_of(gw: Gateway) -> ingest_module.Ingest:
+    """The ingest of a running in-process gateway."""
+    assert gw.ingest is not None
+    return gw.ingest

@@ -11,14 +11,10 @@ from typing import Any
 
 import pytest
 
-import flowtunnel.gateway.ingest as ingest_module
 from flowtunnel.agent.config import AgentConfig
-from flowtunnel.agent.uploader import CURSOR, Uploader
 from flowtunnel.datagram import Datagram
-from flowtunnel.gateway.service import Gateway
-from flowtunnel.log import DurableLog
-from flowtunnel.wire import FLAG_CONTEXT, Batch, peek_header
-from tests.agent.conftest import GatewayFactory, enroll
+from flowtunnel.wire import FLAG_CONTEXT
+from tests.agent.conftest import GatewayFactory, Opened, enroll, ingest_of, trickle
 from tests.agent.test_uploader import AGENT, assert_exactly_once, config, open_spool, uploading, v9_export
 from tests.linkemu import Action, Fault, LinkEmulator
 from tests.peers import free_tcp_port
@@ -32,30 +28,6 @@ def ctx_config(tmp_path: Path, gateway: str, key: bytes) -> AgentConfig:
     return config(tmp_path, gateway, key, stream_compression=False)
 
 
-@pytest.fixture
-def opened(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
-    """(first seq, datagrams, header flags) of every batch the gateway tried to open, in order."""
-    seen: list[tuple[int, int, int]] = []
-    real: Callable[..., Batch] = getattr(ingest_module, "open_batch")  # noqa: B009 (not re-exported)
-
-    def spy(body: bytes, **kwargs: Any) -> Batch:
-        header = peek_header(body)
-        seen.append((header.first_seq, header.count, header.flags))
-        return real(body, **kwargs)
-
-    monkeypatch.setattr(ingest_module, "open_batch", spy)
-    return seen
-
-
-async def _trickle(up: Uploader, spool: DurableLog, chunks: list[list[Datagram]]) -> None:
-    """Append ``chunks`` one at a time, each acknowledged before the next (one batch each)."""
-    for chunk in chunks:
-        spool.append(chunk)
-        up.notify()
-        target = spool.last_seq()
-        await _until(lambda target=target: spool.cursor(CURSOR) == target)  # type: ignore[misc]
-
-
 async def _until(cond: Callable[[], bool]) -> None:
     from tests.agent.conftest import eventually
 
@@ -66,12 +38,12 @@ def _chunks(data: list[Datagram]) -> list[list[Datagram]]:
     return [data[i : i + QUIET] for i in range(0, len(data), QUIET)]
 
 
-def _with_context(opened: list[tuple[int, int, int]]) -> int:
-    return sum(1 for _, n, flags in opened if n and flags & FLAG_CONTEXT)
+def _with_context(opened: Opened) -> int:
+    return sum(1 for _, n, flags, _ in opened if n and flags & FLAG_CONTEXT)
 
 
 async def test_quiet_batches_go_against_the_previous_acknowledged_one_and_cost_fewer_bytes(
-    tmp_path: Path, gateway_factory: GatewayFactory, opened: list[tuple[int, int, int]]
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened
 ) -> None:
     data = tmp_path / "gw"
     key = enroll(data, AGENT)
@@ -79,7 +51,7 @@ async def test_quiet_batches_go_against_the_previous_acknowledged_one_and_cost_f
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
         async with uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
-            await _trickle(up, spool, _chunks(sent))
+            await trickle(up, spool, _chunks(sent))
             assert up.stats.failures == {}
             assert up.stats.context_batches == up.stats.batches - 1  # all but the first
             with_context = up.stats.body_bytes
@@ -94,7 +66,7 @@ async def test_quiet_batches_go_against_the_previous_acknowledged_one_and_cost_f
         up._delivery.fresh_context = True
         for chunk in _chunks(sent):
             up._context = None  # as if every batch were the first
-            await _trickle(up, spool, [chunk])
+            await trickle(up, spool, [chunk])
             up._context = None
         assert up.stats.context_batches <= 1
         # random flow records (test_uploader.v9_export): a few per cent only; real exports repeat far more
@@ -103,7 +75,7 @@ async def test_quiet_batches_go_against_the_previous_acknowledged_one_and_cost_f
 
 
 async def test_an_agent_restart_starts_without_a_context(
-    tmp_path: Path, gateway_factory: GatewayFactory, opened: list[tuple[int, int, int]]
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened
 ) -> None:
     """kill -9 of the agent: its context lived in memory only; the next process seals its first batch
     without one, whatever the gateway holds."""
@@ -113,12 +85,12 @@ async def test_an_agent_restart_starts_without_a_context(
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
         async with uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
-            await _trickle(up, spool, _chunks(sent[:9]))
+            await trickle(up, spool, _chunks(sent[:9]))
         first_after = len(opened)
         async with uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
-            await _trickle(up, spool, _chunks(sent[9:]))
+            await trickle(up, spool, _chunks(sent[9:]))
             assert up.stats.failures == {}
-        fresh = [flags for _, n, flags in opened[first_after:] if n]
+        fresh = [flags for _, n, flags, _ in opened[first_after:] if n]
         assert fresh[0] & FLAG_CONTEXT == 0
         assert all(flags & FLAG_CONTEXT for flags in fresh[1:])
         assert_exactly_once(gw, sent)
@@ -127,7 +99,7 @@ async def test_an_agent_restart_starts_without_a_context(
 
 @pytest.mark.parametrize("step", ["after-ack", "before-ack"])
 async def test_a_gateway_restart_refuses_the_unknown_context_and_the_agent_resends_fresh(
-    tmp_path: Path, gateway_factory: GatewayFactory, opened: list[tuple[int, int, int]], step: str
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened, step: str
 ) -> None:
     """kill -9 of the gateway: its contexts lived in memory only. ``after-ack``: restarted between two
     batches; ``before-ack``: the batch was journaled but its answer never reached the agent (the restart
@@ -141,7 +113,7 @@ async def test_a_gateway_restart_refuses_the_unknown_context_and_the_agent_resen
     async with gateway_factory(data, port=port) as gw, LinkEmulator(upstream=("127.0.0.1", port)) as link:
         cfg = ctx_config(tmp_path, link.url, key)
         async with uploading(cfg, key, spool) as up:
-            await _trickle(up, spool, _chunks(sent[:12]))
+            await trickle(up, spool, _chunks(sent[:12]))
             assert up.stats.context_batches >= 3
             if step == "before-ack":
                 link.add_fault(Fault(action=Action.ABORT_RESPONSE, match="POST /v1/b"))
@@ -151,7 +123,7 @@ async def test_a_gateway_restart_refuses_the_unknown_context_and_the_agent_resen
             await gw.stop()
             async with gateway_factory(data, port=port) as gw2:
                 rest = sent[15:] if step == "before-ack" else sent[12:]
-                await _trickle(up, spool, _chunks(rest))
+                await trickle(up, spool, _chunks(rest))
                 assert up.stats.failures["unknown-context"] == 1
                 assert up.stats.context_batches >= up.stats.batches - 6
                 assert_exactly_once(gw2, sent)
@@ -159,7 +131,7 @@ async def test_a_gateway_restart_refuses_the_unknown_context_and_the_agent_resen
 
 
 async def test_a_lost_ack_is_resent_against_the_context_the_gateway_still_holds(
-    tmp_path: Path, gateway_factory: GatewayFactory, opened: list[tuple[int, int, int]]
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened
 ) -> None:
     """The gateway took a batch and remembered its context, but the answer was lost: the agent resynchronises
     and seals its next batch against its older context (the last one it saw acknowledged), which the gateway
@@ -174,18 +146,18 @@ async def test_a_lost_ack_is_resent_against_the_context_the_gateway_still_holds(
         LinkEmulator(upstream=("127.0.0.1", port)) as link,
         uploading(ctx_config(tmp_path, link.url, key), key, spool) as up,
     ):
-        await _trickle(up, spool, _chunks(sent[:9]))
+        await trickle(up, spool, _chunks(sent[:9]))
         link.add_fault(Fault(action=Action.ABORT_RESPONSE, match="POST /v1/b"))
-        await _trickle(up, spool, _chunks(sent[9:]))
+        await trickle(up, spool, _chunks(sent[9:]))
         assert "unknown-context" not in up.stats.failures
         assert up.stats.context_batches == up.stats.batches - 1
-        assert [flags for first, n, flags in opened if first == 13 and n] == [FLAG_CONTEXT]
+        assert [flags for first, n, flags, _ in opened if first == 13 and n] == [FLAG_CONTEXT]
         assert_exactly_once(gw, sent)
     spool.close()
 
 
 async def test_a_corrupted_context_at_the_gateway_is_refused_and_the_agent_resends_fresh(
-    tmp_path: Path, gateway_factory: GatewayFactory, opened: list[tuple[int, int, int]]
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened
 ) -> None:
     """A context the gateway holds under the right id but with other bytes: the frame's checksum fails, the
     gateway refuses with ``unknown-context`` (never decodes other bytes), the agent seals afresh."""
@@ -195,22 +167,17 @@ async def test_a_corrupted_context_at_the_gateway_is_refused_and_the_agent_resen
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
         async with uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
-            await _trickle(up, spool, _chunks(sent[:6]))
-            ingest = _ingest(gw)
+            await trickle(up, spool, _chunks(sent[:6]))
+            ingest = ingest_of(gw)
             held = ingest.contexts._agents[AGENT]
             for cid, context in list(held.items()):
                 held[cid] = bytes(b ^ 0x5A for b in context)
-            await _trickle(up, spool, _chunks(sent[6:]))
+            await trickle(up, spool, _chunks(sent[6:]))
             assert up.stats.failures["unknown-context"] == 1
-        refused_then_fresh = [flags for first, n, flags in opened if first == 7 and n]
+        refused_then_fresh = [flags for first, n, flags, _ in opened if first == 7 and n]
         assert [f & FLAG_CONTEXT for f in refused_then_fresh] == [FLAG_CONTEXT, 0]
         assert_exactly_once(gw, sent)
     spool.close()
-
-
-def _ingest(gw: Gateway) -> ingest_module.Ingest:
-    assert gw.ingest is not None
-    return gw.ingest
 
 
 async def test_requests_and_answers_carry_the_smallest_heads(
@@ -244,7 +211,7 @@ async def test_requests_and_answers_carry_the_smallest_heads(
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
         async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
-            await _trickle(up, spool, _chunks(v9_export(6)))
+            await trickle(up, spool, _chunks(v9_export(6)))
         posts = [headers for path, headers in sent_heads if path == "/v1/b"]
         assert len(posts) == len(sent_heads) - 1  # all but the probe
         assert all(headers == [] for headers in posts)
@@ -275,7 +242,7 @@ async def test_requests_and_answers_carry_the_smallest_heads(
 
 
 async def test_a_quiet_site_tries_codec_5_on_batches_of_a_few_datagrams(
-    tmp_path: Path, gateway_factory: GatewayFactory, opened: list[tuple[int, int, int]]
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened
 ) -> None:
     """issue 14: at a quiet site (``policy.TIGHT``) a batch of ``TIGHT_DELTAS_FROM`` datagrams or more is also
     sealed with codec 5 (field deltas + LZMA2) and the smaller kept; flow records compress better that way, so
@@ -289,7 +256,7 @@ async def test_a_quiet_site_tries_codec_5_on_batches_of_a_few_datagrams(
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw, uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
         chunks = [sent[i : i + 2 * TIGHT_DELTAS_FROM] for i in range(0, len(sent), 2 * TIGHT_DELTAS_FROM)]
-        await _trickle(up, spool, chunks)
+        await trickle(up, spool, chunks)
         assert up.stats.failures == {}
         assert up.stats.codecs[int(Codec.DELTA_LZMA)] >= 1, up.stats.codecs
         assert_exactly_once(gw, sent)

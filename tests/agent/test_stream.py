@@ -5,31 +5,28 @@ refused precisely or sealed in a new stream and delivered: every datagram exactl
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import flowtunnel.gateway.ingest as ingest_module
 import flowtunnel.wire.batch as batch_module
 from flowtunnel.agent.config import AgentConfig
 from flowtunnel.agent.policy import ArrivalRate
-from flowtunnel.agent.uploader import CURSOR, Uploader
+from flowtunnel.agent.uploader import Uploader
 from flowtunnel.datagram import Datagram
-from flowtunnel.gateway.service import Gateway
 from flowtunnel.log import DurableLog
 from flowtunnel.wire import (
     FLAG_CONTEXT,
     FLAG_STREAM,
     FLAG_STREAM_START,
-    Batch,
     OpenStream,
     lzstream,
     peek_header,
 )
-from tests.agent.conftest import GatewayFactory, enroll, eventually
+from tests.agent.conftest import GatewayFactory, Opened, enroll, eventually, ingest_of, trickle
 from tests.agent.test_uploader import AGENT, assert_exactly_once, config, open_spool, v9_export
 from tests.agent.test_uploader import uploading as _uploading
 from tests.linkemu import Action, Fault, LinkEmulator
@@ -39,33 +36,6 @@ pytestmark = pytest.mark.skipif(not lzstream.SUPPORTED, reason="liblzma not load
 
 QUIET = 3  # datagrams per batch: a quiet site
 START = FLAG_STREAM | FLAG_STREAM_START
-
-Opened = list[tuple[int, int, int, int]]  # (first seq, datagrams, header flags, dict id)
-
-
-@pytest.fixture
-def opened(monkeypatch: pytest.MonkeyPatch) -> Opened:
-    """(first seq, datagrams, header flags, dict id) of every batch the gateway tried to open, in order."""
-    seen: Opened = []
-    real: Callable[..., Batch] = getattr(ingest_module, "open_batch")  # noqa: B009 (not re-exported)
-
-    def spy(body: bytes, **kwargs: Any) -> Batch:
-        header = peek_header(body)
-        seen.append((header.first_seq, header.count, header.flags, header.dict_id))
-        return real(body, **kwargs)
-
-    monkeypatch.setattr(ingest_module, "open_batch", spy)
-    return seen
-
-
-async def trickle(up: Uploader, spool: DurableLog, chunks: list[list[Datagram]]) -> None:
-    """Append ``chunks`` one at a time, each acknowledged before the next (one batch each)."""
-    for chunk in chunks:
-        spool.append(chunk)
-        up.notify()
-        target = spool.last_seq()
-        await eventually(lambda target=target: spool.cursor(CURSOR) == target, "acknowledged")  # type: ignore[misc]
-
 
 @asynccontextmanager
 async def uploading(cfg: AgentConfig, key: bytes, spool: DurableLog) -> AsyncIterator[Uploader]:
@@ -90,11 +60,6 @@ def kinds(opened: Opened, after: int = 0) -> list[str]:
     return out
 
 
-def _ingest(gw: Gateway) -> ingest_module.Ingest:
-    assert gw.ingest is not None
-    return gw.ingest
-
-
 async def test_quiet_batches_continue_one_stream_and_cost_fewer_bytes_than_without(
     tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened
 ) -> None:
@@ -113,7 +78,7 @@ async def test_quiet_batches_continue_one_stream_and_cost_fewer_bytes_than_witho
         assert kinds(opened) == ["start"] + ["cont"] * (len(chunks(sent)) - 1)
         positions = [dict_id & 0xFFFF for _, n, _, dict_id in opened if n]
         assert positions == list(range(len(chunks(sent))))
-        held = _ingest(gw).streams.held(AGENT)
+        held = ingest_of(gw).streams.held(AGENT)
         assert held is not None
         assert held.position == len(chunks(sent))
         assert_exactly_once(gw, sent)
@@ -209,7 +174,7 @@ async def test_a_stream_the_gateway_no_longer_holds_at_that_position_is_refused_
     async with gateway_factory(data) as gw:
         async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
             await trickle(up, spool, chunks(sent[:9]))
-            streams = _ingest(gw).streams
+            streams = ingest_of(gw).streams
             held = streams.held(AGENT)
             assert held is not None
             held.decoder.position += 1  # the gateway believes it is one frame further
@@ -247,7 +212,7 @@ async def test_a_lost_ack_starts_a_new_stream_and_the_gateway_keeps_only_acknowl
         assert "unknown-context" not in up.stats.failures
         assert up.stats.streams == 2
         assert kinds(opened) == ["start", "cont", "cont", "cont", "start"]
-        held = _ingest(gw).streams.held(AGENT)
+        held = ingest_of(gw).streams.held(AGENT)
         assert held is not None
         assert held.position == 1
         assert_exactly_once(gw, sent)
@@ -266,7 +231,7 @@ async def test_a_frame_refused_after_decoding_drops_the_gateways_stream(
     sent = v9_export(12)
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
-        ingest = _ingest(gw)
+        ingest = ingest_of(gw)
         real = ingest._commit
         refusals = [1]
 
@@ -372,7 +337,7 @@ async def test_continuations_refused_again_and_again_pause_streams_for_a_while(
     sent = v9_export(3 * (STREAM_MISSES + 3))
     spool = open_spool(tmp_path)
     async with gateway_factory(data) as gw:
-        streams = _ingest(gw).streams
+        streams = ingest_of(gw).streams
         async with uploading(config(tmp_path, gw.url, key), key, spool) as up:
             parts = chunks(sent)
             await trickle(up, spool, parts[:1])
