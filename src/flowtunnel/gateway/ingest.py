@@ -43,6 +43,7 @@ from flowtunnel.wire import (
     header_length,
     open_batch,
     peek_header,
+    stream_of,
     validate_agent_id,
 )
 
@@ -355,7 +356,7 @@ class Ingest:
                     entry = self._entry(agent_id)
                     continue
                 if held is not None:
-                    self.streams.give_back(agent_id, held, position=header.dict_id & 0xFFFF)
+                    self.streams.give_back(agent_id, held, position=stream_of(header.dict_id)[1])
                 raise Rejected(_wire_code(exc), str(exc), agent=agent_id) from None
         raise AssertionError("unreachable")
 

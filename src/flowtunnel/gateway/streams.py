@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from flowtunnel.wire import OpenStream, lzstream
+from flowtunnel.wire import OpenStream, lzstream, stream_of
 
 __all__ = ["TOTAL_BYTES", "StreamCache"]
 
@@ -48,7 +48,7 @@ class StreamCache:
         """For a continuation frame (header ``dict_id``): the agent's stream, out of the cache, if it is that
         stream at that position; else None, and the cache is unchanged."""
         stream = self._streams.get(agent_id)
-        if stream is None or stream.stream_id != dict_id >> 16 or stream.position != dict_id & 0xFFFF:
+        if stream is None or (stream.stream_id, stream.position) != stream_of(dict_id):
             return None
         del self._streams[agent_id]
         return stream

@@ -36,6 +36,7 @@ from flowtunnel.wire.batch import (
     seal_batch_and_context,
     seal_stream_batch,
     stream_dict_id,
+    stream_of,
 )
 from flowtunnel.wire.codec import Codec, bundled_dictionaries, default_dictionary_id
 from flowtunnel.wire.columnar import TemplateLengths
@@ -115,6 +116,7 @@ __all__ = [
     "seal_batch_and_context",
     "seal_stream_batch",
     "stream_dict_id",
+    "stream_of",
     "validate_agent_id",
     "verify_ack",
     "verify_probe",

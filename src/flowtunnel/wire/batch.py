@@ -76,6 +76,7 @@ __all__ = [
     "seal_batch_and_context",
     "seal_stream_batch",
     "stream_dict_id",
+    "stream_of",
 ]
 
 MAGIC = b"FTNB"
@@ -230,6 +231,11 @@ def stream_dict_id(stream_id: int, position: int) -> int:
     return (stream_id << 16) | position
 
 
+def stream_of(dict_id: int) -> tuple[int, int]:
+    """(stream id, position) a stream frame's ``dict_id`` names: the inverse of ``stream_dict_id``."""
+    return dict_id >> 16, dict_id & 0xFFFF
+
+
 def seal_stream_batch(
     *,
     agent_id: str,
@@ -265,26 +271,16 @@ def seal_stream_batch(
         raise ValueError(f"codec {codec.name.lower()} is not a stream layout (4, 5 or 6)")
     if stream.full:
         raise ValueError(f"stream {stream.stream_id} has no position left: start a new one")
-    if codec is Codec.LZMA:
-        raw = encode_block(datagrams, agent_info)
-    else:
-        encoder = columnar.payload_encoder(record_length, field_widths=field_widths,
-                                           deltas=codec is Codec.DELTA_LZMA)
-        raw = encode_block(datagrams, agent_info, encoder)
-    if len(raw) > 0xFFFFFFFF:
-        raise ValueError(f"record block of {len(raw)} bytes exceeds the format's 4 GiB limit")
+    raw = _record_block(datagrams, codec, agent_info, record_length, field_widths)
+    _check_block_len(raw)  # before the frame advances the stream
     start = stream.position == 0
     dict_id = stream_dict_id(stream.stream_id, stream.position)
     packed = stream.encoder.frame(raw)
     flags = FLAG_STREAM | (FLAG_STREAM_START if start else 0)
-    agent = agent_id.encode("ascii")
-    header = HEADER.pack(
-        MAGIC, VERSION, flags, int(codec), len(agent), dict_id, first_seq, count, len(raw),
-        len(packed) + TAG_BYTES, nonce,
-    ) + agent
-    aad = header if start else header + stream.last_nonce
+    previous = b"" if start else stream.last_nonce
     stream.last_nonce = nonce
-    return header + _aead_seal(packed, aad, nonce, secret)
+    return _sealed(agent_id, flags, codec, dict_id, first_seq, count, raw, packed, nonce, secret,
+                   aad_tail=previous)
 
 
 def seal_batch(
@@ -380,22 +376,44 @@ def seal_batch_and_context(
             raise ValueError("codec zstd-dict needs a dictionary, and none is bundled in this flowtunnel")
         if codec in (Codec.NONE, Codec.ZSTD, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA, Codec.LZMA) and dict_id:
             raise ValueError(f"codec {codec.name.lower()} takes no dictionary, got dict_id {dict_id}")
-        if codec in _COLUMNAR_CODECS:
-            encoder = columnar.payload_encoder(record_length, field_widths=field_widths,
-                                               deltas=codec is Codec.DELTA_LZMA)
-            raw = encode_block(datagrams, agent_info, encoder)
-        else:
-            raw = encode_block(datagrams, agent_info)
+        raw = _record_block(datagrams, codec, agent_info, record_length, field_widths)
         best = _pack(raw, codec, level, dict_id)
     (codec, dict_id), packed = best
+    _check_block_len(raw)
+    body = _sealed(agent_id, flags, codec, dict_id, first_seq, count, raw, packed, nonce, secret)
+    return body, context_of(raw, context)
+
+
+def _record_block(
+    datagrams: Sequence[Datagram], codec: Codec, agent_info: Mapping[str, int] | None,
+    record_length: RecordLength | None, field_widths: FieldWidths | None,
+) -> bytes:
+    """The record block for an explicit ``codec``: columnar (with field deltas for codec 5) for the columnar
+    codecs, verbatim payloads for the others."""
+    if codec not in _COLUMNAR_CODECS:
+        return encode_block(datagrams, agent_info)
+    encoder = columnar.payload_encoder(record_length, field_widths=field_widths,
+                                       deltas=codec is Codec.DELTA_LZMA)
+    return encode_block(datagrams, agent_info, encoder)
+
+
+def _check_block_len(raw: bytes) -> None:
     if len(raw) > 0xFFFFFFFF:
         raise ValueError(f"record block of {len(raw)} bytes exceeds the format's 4 GiB limit")
+
+
+def _sealed(
+    agent_id: str, flags: int, codec: Codec, dict_id: int, first_seq: int, count: int, raw: bytes,
+    packed: bytes, nonce: bytes, secret: bytes, *, aad_tail: bytes = b"",
+) -> bytes:
+    """Header + agent id + AEAD of ``packed`` (the compressed ``raw``), the header (and ``aad_tail``: a stream
+    continuation's previous nonce) as associated data."""
     agent = agent_id.encode("ascii")
     header = HEADER.pack(
         MAGIC, VERSION, flags, int(codec), len(agent), dict_id, first_seq, count, len(raw),
         len(packed) + TAG_BYTES, nonce,
     ) + agent
-    return header + _aead_seal(packed, header, nonce, secret), context_of(raw, context)
+    return header + _aead_seal(packed, header + aad_tail, nonce, secret)
 
 
 def _pack(raw: bytes, codec: Codec, level: int, dict_id: int) -> tuple[tuple[Codec, int], bytes]:
@@ -508,7 +526,7 @@ def _check_stream_header(flags: int, codec: Codec, dict_id: int, count: int) -> 
         raise MalformedHeader("stream frames are not supported here (liblzma could not be loaded)")
     if not count:
         raise MalformedHeader("a stream frame carries datagrams, header count is 0")
-    stream_id, position = dict_id >> 16, dict_id & 0xFFFF
+    stream_id, position = stream_of(dict_id)
     if not stream_id:
         raise MalformedHeader(f"stream frame names stream id 0 (dict_id {dict_id:#010x})")
     if (position == 0) != bool(flags & FLAG_STREAM_START):
@@ -569,25 +587,25 @@ def open_batch(
                 f"against context {hdr.dict_id:#010x}, which this side does not hold; seal it afresh"
             )
     raw = decompress(packed, hdr.codec, dict_id=hdr.dict_id, raw_len=hdr.raw_len, context=context)
-    decoder = (columnar.payload_decoder(lim.max_raw, deltas=hdr.codec is Codec.DELTA_LZMA)
-               if hdr.codec in _COLUMNAR_CODECS else None)
-    if decoder is None:
-        datagrams, info = decode_block(
-            raw, hdr.count, max_datagram=lim.max_datagram, max_exporters=lim.max_exporters
-        )
-    else:
-        datagrams, info = decode_block(
-            raw, hdr.count, max_datagram=lim.max_datagram, max_exporters=lim.max_exporters,
-            payload_decoder=decoder,
-        )
+    datagrams, info = _parse_block(raw, hdr, lim)
     return Batch(
         agent_id=hdr.agent_id, first_seq=hdr.first_seq, datagrams=tuple(datagrams), agent_info=info,
         header=hdr, context=context_of(raw, context),
     )
 
 
+def _parse_block(raw: bytes, hdr: BatchHeader, lim: WireLimits) -> tuple[list[Datagram], dict[str, int]]:
+    """The datagrams and agent info of a decompressed record block, laid out as ``hdr.codec`` says."""
+    if hdr.codec not in _COLUMNAR_CODECS:
+        return decode_block(raw, hdr.count, max_datagram=lim.max_datagram, max_exporters=lim.max_exporters)
+    return decode_block(
+        raw, hdr.count, max_datagram=lim.max_datagram, max_exporters=lim.max_exporters,
+        payload_decoder=columnar.payload_decoder(lim.max_raw, deltas=hdr.codec is Codec.DELTA_LZMA),
+    )
+
+
 def _held_stream(hdr: BatchHeader, stream: OpenStream | None) -> OpenStream:
-    stream_id, position = hdr.dict_id >> 16, hdr.dict_id & 0xFFFF
+    stream_id, position = stream_of(hdr.dict_id)
     if (stream is None or stream.stream_id != stream_id or stream.position != position
             or stream.decoder.broken):
         held = "none" if stream is None else f"stream {stream.stream_id} at position {stream.position}"
@@ -599,16 +617,9 @@ def _held_stream(hdr: BatchHeader, stream: OpenStream | None) -> OpenStream:
 
 
 def _open_frame(hdr: BatchHeader, packed: bytes, lim: WireLimits, continued: OpenStream | None) -> Batch:
-    stream = continued if continued is not None else OpenStream(hdr.dict_id >> 16)
+    stream = continued if continued is not None else OpenStream(stream_of(hdr.dict_id)[0])
     raw = stream.decoder.frame(packed, hdr.raw_len)
     stream.last_nonce = hdr.nonce
-    if hdr.codec is Codec.LZMA:
-        datagrams, info = decode_block(raw, hdr.count, max_datagram=lim.max_datagram,
-                                       max_exporters=lim.max_exporters)
-    else:
-        datagrams, info = decode_block(
-            raw, hdr.count, max_datagram=lim.max_datagram, max_exporters=lim.max_exporters,
-            payload_decoder=columnar.payload_decoder(lim.max_raw, deltas=hdr.codec is Codec.DELTA_LZMA),
-        )
+    datagrams, info = _parse_block(raw, hdr, lim)
     return Batch(agent_id=hdr.agent_id, first_seq=hdr.first_seq, datagrams=tuple(datagrams), agent_info=info,
                  header=hdr, stream=stream)
