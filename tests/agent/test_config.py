@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flowtunnel.agent.config import AgentConfig, ListenAddress, load_key, mask_url, parse_listen
+from flowtunnel.agent.config import AgentConfig, ListenAddress, check_files, load_key, mask_url, parse_listen
 from flowtunnel.config import load_settings
 from flowtunnel.errors import ConfigError
 from flowtunnel.log import FullPolicy
@@ -100,6 +100,9 @@ def test_several_gateways_from_flags_env_and_a_toml_array(tmp_path: Path) -> Non
         ({"listen": ("udp://127.0.0.1:1", "udp://127.0.0.1:1")}, "given twice"),
         ({"proxy": "socks5://p:1"}, "is not an http://"),
         ({"pin_sha256": "abcd"}, "is not 64 hex digits"),
+        ({"proxy_password_file": "/pw"}, "proxy-password-file needs proxy-user"),
+        ({"proxy": "http://p:1", "pac": "/p.pac"}, "pac is read only with proxy = auto"),
+        ({"proxy": "none", "pac": "http://wpad/p.pac"}, "pac is read only with proxy = auto"),
         ({"max_body": "1k"}, r"max-body 1k is outside the allowed range 4k \.\. 1GiB"),
         ({"latency": "0s"}, r"latency 0s is outside the allowed range 10ms \.\. 1h"),
         ({"latency": "99999999d"}, r"latency 99999999d is outside the allowed range 10ms \.\. 1h"),
@@ -169,3 +172,19 @@ def test_bad_key_is_reported_without_echoing_it(tmp_path: Path) -> None:
     assert secret not in str(info.value)
     with pytest.raises(ConfigError, match="cannot read key file"):
         load_key(make(key=None, key_file=str(tmp_path / "missing")))
+
+
+def test_a_pac_file_that_cannot_be_read_is_refused_before_start(tmp_path: Path) -> None:
+    pac = tmp_path / "proxy.pac"
+    for value in (str(pac), f"file://{pac}"):
+        with pytest.raises(ConfigError, match=f"cannot read PAC file {pac}: No such file"):
+            check_files(make(proxy="auto", pac=value))
+    pac.mkdir()
+    with pytest.raises(ConfigError, match="Is a directory"):
+        check_files(make(pac=str(pac)))
+    pac.rmdir()
+    pac.write_text("function FindProxyForURL(url, host) { return 'DIRECT'; }\n")
+    check_files(make(proxy="auto", pac=str(pac)))
+    # A PAC URL that cannot be fetched is the network's state, warned about when routes are found.
+    check_files(make(proxy="auto", pac="http://127.0.0.1:1/unreachable.pac"))
+    check_files(make(proxy_user="u", proxy_password_file=str(tmp_path / "pw")))  # read when a proxy needs it

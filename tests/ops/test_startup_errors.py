@@ -128,6 +128,16 @@ def test_agent_proxy_password_file_unreadable(tmp_path: Path, key: Path) -> None
     _one_line_error(done, "agent", f"cannot read proxy-password-file {tmp_path}/missing", "No such file")
 
 
+def test_agent_pac_file_missing(tmp_path: Path, key: Path) -> None:
+    done = _run(_agent(tmp_path / "spool", key, "--proxy", "auto", "--pac", str(tmp_path / "proxy.pac")))
+    _one_line_error(done, "agent", f"cannot read PAC file {tmp_path}/proxy.pac", "No such file")
+
+
+def test_agent_proxy_password_file_without_a_user(tmp_path: Path, key: Path) -> None:
+    done = _run(_agent(tmp_path / "spool", key, "--proxy-password-file", str(tmp_path / "pw")))
+    _one_line_error(done, "agent", "proxy-password-file needs proxy-user")
+
+
 @pytest.mark.parametrize(("make", "message"), [
     (lambda p: None, "No such file or directory"),
     (lambda p: p.mkdir(), "Is a directory"),

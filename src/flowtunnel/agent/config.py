@@ -19,7 +19,9 @@ from flowtunnel.log import MIN_DISK_QUOTA, FullPolicy
 from flowtunnel.wire.dns import normalise_zone
 from flowtunnel.wire.keys import parse_key, validate_agent_id
 
-__all__ = ["AgentConfig", "ListenAddress", "load_key", "mask_url", "parse_host_port", "parse_listen"]
+__all__ = [
+    "AgentConfig", "ListenAddress", "check_files", "load_key", "mask_url", "parse_host_port", "parse_listen",
+]
 
 _PIN_RE = re.compile(r"^[0-9a-fA-F:]+$")
 
@@ -214,6 +216,13 @@ class AgentConfig:
                 raise ConfigError(
                     f"proxy {mask_url(self.proxy)!r} is not an http://[user:pass@]host:port URL"
                 )
+        if self.proxy_password_file is not None and self.proxy_user is None:
+            # The password alone cannot be used: it would be silently ignored and the proxy answer 407.
+            raise ConfigError("proxy-password-file needs proxy-user, the login the password belongs to "
+                              "(--proxy-user USER or DOMAIN\\USER)")
+        if self.pac is not None and self.proxy is not None and self.proxy != "auto":
+            raise ConfigError(f"pac is read only with proxy = auto (or proxy unset); proxy "
+                              f"{mask_url(self.proxy)!r} would ignore it")
         if self.pin_sha256 is not None:
             pin = self.pin_sha256.replace(":", "")
             if not _PIN_RE.match(self.pin_sha256) or len(pin) != 64:
@@ -274,6 +283,21 @@ class AgentConfig:
                 value = mask_url(value)
             shown.append(f"{f.name}={value!r}")
         return f"AgentConfig({', '.join(shown)})"
+
+
+def check_files(config: AgentConfig) -> None:
+    """Refuse, before anything starts, a ``pac`` given as a local file that cannot be read (a mistyped path
+    would otherwise cost a warning and a direct connection that the network may refuse). A PAC fetched by URL
+    is not checked here: an unreachable one is the network's state, warned about when routes are found."""
+    pac = config.pac
+    if pac is None or pac.startswith(("http://", "https://")):
+        return
+    path = Path(pac.removeprefix("file://"))
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read PAC file {path}: {exc.strerror or exc}") from None
 
 
 def load_key(config: AgentConfig) -> bytes:

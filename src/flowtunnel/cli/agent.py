@@ -103,7 +103,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from flowtunnel.agent.config import AgentConfig, load_key
+    from flowtunnel.agent.config import AgentConfig, check_files, load_key
     from flowtunnel.agent.service import run_agent
     from flowtunnel.config import load_settings
     from flowtunnel.runtime import run_daemon
@@ -113,5 +113,6 @@ def _run(args: argparse.Namespace) -> int:
     flags["gateway"] = tuple(args.gateway) if args.gateway else None  # joined with commas by load_settings
     config = load_settings(AgentConfig, section="agent", config_file=args.config, env=os.environ, flags=flags)
     load_key(config)  # a bad key is a usage error: report it before anything starts
+    check_files(config)
     init_logging(args)
     return run_daemon(lambda stop: run_agent(config, stop))
