@@ -28,6 +28,7 @@ from flowtunnel.wire.deltas import (
     SAME,
     WITHIN,
     Field,
+    PlanCache,
     apply_plan,
     choose_plan,
     decode_plan,
@@ -164,6 +165,89 @@ def test_softflowd_export_round_trips_and_beats_codec_4(trace: TraceSummary, ver
     assert len(body5) < 0.95 * len(body4), (len(body5), len(body4))
     # without the agent's template cache, the templates in the batch name the fields
     assert open_batch(seal5(datagrams), key=KEY).datagrams == tuple(datagrams)
+
+
+def _pairs(records: int, start: int = 0) -> bytes:
+    """Records of two swapped addresses and a counter, as both directions of conversations (16 bytes)."""
+    return b"".join(struct.pack(">IIQ", *((a, b) if r % 2 == 0 else (b, a)), 1000 + 3 * r)
+                    for r in range(start, start + records)
+                    for a, b in [(0x0A000000 + r // 2 * 77, 0xC6336400 + r // 2 * 13)])
+
+
+def test_a_plan_cache_chooses_once_per_layout_and_reuses_it_for_later_batches() -> None:
+    cache = PlanCache(reuse=3)
+    first = cache.plan(_pairs(64), 16, (4, 4, 8))
+    assert first == choose_plan(_pairs(64), 16, (4, 4, 8))
+    assert cache.chosen == 1
+    # the next batches of the layout take the cached plan (their own records are not examined) ...
+    assert cache.plan(_pairs(64, 64), 16, (4, 4, 8)) == first
+    assert cache.plan(bytes(16 * 64), 16, (4, 4, 8)) == first
+    assert cache.chosen == 1
+    # ... until it served `reuse` batches: then it is chosen again, on the records at hand
+    assert cache.plan(bytes(16 * 64), 16, (4, 4, 8)) == choose_plan(bytes(16 * 64), 16, (4, 4, 8))
+    assert cache.chosen == 2
+    # another layout has its own plan; no or inconsistent widths: no plan, nothing cached
+    cache.plan(_pairs(64), 16, (8, 8))
+    assert cache.chosen == 3
+    assert len(cache) == 2
+    assert cache.plan(_pairs(64), 16, None) == []
+    assert cache.plan(_pairs(64), 16, (4, 4)) == []
+    assert len(cache) == 2
+
+
+def test_a_plan_chosen_on_a_few_records_is_chosen_again_for_a_group_of_many_more() -> None:
+    cache = PlanCache()
+    assert cache.plan(_pairs(1), 16, (4, 4, 8)) == []  # one record: nothing to difference
+    assert cache.plan(_pairs(2), 16, (4, 4, 8)) == []  # twice the records: still the cached plan
+    assert cache.chosen == 1
+    assert cache.plan(_pairs(3), 16, (4, 4, 8)) == choose_plan(_pairs(3), 16, (4, 4, 8)) != []
+    assert cache.chosen == 2
+    cache.plan(_pairs(6), 16, (4, 4, 8))
+    assert cache.chosen == 2
+    assert cache.plan(_pairs(64), 16, (4, 4, 8)) == choose_plan(_pairs(64), 16, (4, 4, 8))
+    assert cache.chosen == 3
+
+
+def test_a_plan_cache_is_bounded_dropping_the_least_recently_used_layout() -> None:
+    cache = PlanCache(max_entries=2)
+    for widths in ((4, 4, 8), (8, 8), (4, 4, 8), (4, 4, 4, 4)):
+        cache.plan(_pairs(8), 16, widths)
+    assert len(cache) == 2
+    assert cache.chosen == 3
+    cache.plan(_pairs(8), 16, (4, 4, 8))  # kept: used more recently than (8, 8)
+    assert cache.chosen == 3
+    cache.plan(_pairs(8), 16, (8, 8))  # dropped: chosen again
+    assert cache.chosen == 4
+    with pytest.raises(ValueError, match="reuse 0"):
+        PlanCache(reuse=0)
+
+
+@pytest.mark.parametrize("version", [5, 9, 10])
+def test_batches_sealed_with_a_plan_cache_round_trip_choosing_plans_only_once(
+    trace: TraceSummary, version: int
+) -> None:
+    """Codec 5 with a ``PlanCache`` across batches (the agent's way since issue 14's fast-link rows): every
+    batch opens to its datagrams, plans are chosen for the first batch only, and the bodies are within 2 %
+    of choosing a plan for every batch."""
+    require("softflowd")
+    datagrams = as_datagrams(capture_softflowd(trace.path, version).payloads)
+    lengths = TemplateLengths()
+    for d in datagrams:
+        lengths.learn(d.payload)
+    cache = PlanCache()
+    batches = [datagrams[i : i + 20] for i in range(0, min(len(datagrams), 200), 20)]
+    cached = fresh = 0
+    for i, batch in enumerate(batches):
+        body = seal5(batch, record_length=lengths.record_length, field_widths=lengths.field_widths,
+                     plans=cache)
+        assert open_batch(body, key=KEY).datagrams == tuple(batch)
+        if i == 0:
+            chosen = cache.chosen
+        cached += len(body)
+        fresh += len(seal5(batch, record_length=lengths.record_length, field_widths=lengths.field_widths))
+    assert len(batches) > 2
+    assert cache.chosen == chosen
+    assert cached <= 1.02 * fresh, (cached, fresh)
 
 
 # -- hostile plans ---------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from flowtunnel.wire.batch import (
 )
 from flowtunnel.wire.codec import Codec, bundled_dictionaries, default_dictionary_id
 from flowtunnel.wire.columnar import TemplateLengths
+from flowtunnel.wire.deltas import PlanCache
 from flowtunnel.wire.errors import (
     AuthenticationFailed,
     BadAgentId,
@@ -87,6 +88,7 @@ __all__ = [
     "MalformedHeader",
     "MalformedRecords",
     "OpenStream",
+    "PlanCache",
     "RecordLength",
     "SealStream",
     "TemplateLengths",

@@ -30,6 +30,7 @@ from flowtunnel.wire.codec import (
     decompress,
 )
 from flowtunnel.wire.codec import default_dictionary_id as _default_dict_id
+from flowtunnel.wire.deltas import PlanCache
 from flowtunnel.wire.errors import (
     AuthenticationFailed,
     BadAgentId,
@@ -248,6 +249,7 @@ def seal_stream_batch(
     agent_info: Mapping[str, int] | None = None,
     record_length: RecordLength | None = None,
     field_widths: FieldWidths | None = None,
+    plans: PlanCache | None = None,
 ) -> bytes:
     """Seal ``datagrams`` as the next frame of ``stream`` (docs/protocol.md section 3.4), which it advances.
 
@@ -271,7 +273,7 @@ def seal_stream_batch(
         raise ValueError(f"codec {codec.name.lower()} is not a stream layout (4, 5 or 6)")
     if stream.full:
         raise ValueError(f"stream {stream.stream_id} has no position left: start a new one")
-    raw = _record_block(datagrams, codec, agent_info, record_length, field_widths)
+    raw = _record_block(datagrams, codec, agent_info, record_length, field_widths, plans)
     _check_block_len(raw)  # before the frame advances the stream
     start = stream.position == 0
     dict_id = stream_dict_id(stream.stream_id, stream.position)
@@ -297,12 +299,13 @@ def seal_batch(
     record_length: RecordLength | None = None,
     context: bytes | None = None,
     field_widths: FieldWidths | None = None,
+    plans: PlanCache | None = None,
 ) -> bytes:
     """``seal_batch_and_context``'s body alone."""
     return seal_batch_and_context(
         agent_id=agent_id, key=key, first_seq=first_seq, datagrams=datagrams, nonce=nonce,
         agent_info=agent_info, codec=codec, level=level, dict_id=dict_id, record_length=record_length,
-        context=context, field_widths=field_widths,
+        context=context, field_widths=field_widths, plans=plans,
     )[0]
 
 
@@ -320,6 +323,7 @@ def seal_batch_and_context(
     record_length: RecordLength | None = None,
     context: bytes | None = None,
     field_widths: FieldWidths | None = None,
+    plans: PlanCache | None = None,
 ) -> tuple[bytes, bytes]:
     """Frame, compress and seal ``datagrams`` (sequence numbers ``first_seq ..``) for ``agent_id``.
 
@@ -332,7 +336,9 @@ def seal_batch_and_context(
     the LZMA preset (0-9): for large backlog batches, where bytes matter more than CPU.
     ``codec=Codec.DELTA_LZMA`` (5) is codec 4 with chosen fields stored as differences from the previous
     record (``wire.deltas``): fewer bytes again, for the DNS rung; ``field_widths(datagram, set_id)``
-    (``TemplateLengths().field_widths``) names a template's fields, else the templates in the batch do.
+    (``TemplateLengths().field_widths``) names a template's fields, else the templates in the batch do;
+    ``plans`` (a ``wire.deltas.PlanCache`` the caller keeps across batches) reuses codec 5's field plans
+    instead of choosing them for every batch (most of codec 5's CPU).
     ``context`` (non-empty; ``codec`` None, ``Codec.ZSTD`` or ``Codec.COLUMNAR``, None meaning columnar):
     the record block compressed against that context, named in the header by ``FLAG_CONTEXT`` and
     ``context_id`` (docs/protocol.md section 3.3). Returns the body and the context it leaves once
@@ -376,7 +382,7 @@ def seal_batch_and_context(
             raise ValueError("codec zstd-dict needs a dictionary, and none is bundled in this flowtunnel")
         if codec in (Codec.NONE, Codec.ZSTD, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA, Codec.LZMA) and dict_id:
             raise ValueError(f"codec {codec.name.lower()} takes no dictionary, got dict_id {dict_id}")
-        raw = _record_block(datagrams, codec, agent_info, record_length, field_widths)
+        raw = _record_block(datagrams, codec, agent_info, record_length, field_widths, plans)
         best = _pack(raw, codec, level, dict_id)
     (codec, dict_id), packed = best
     _check_block_len(raw)
@@ -386,14 +392,14 @@ def seal_batch_and_context(
 
 def _record_block(
     datagrams: Sequence[Datagram], codec: Codec, agent_info: Mapping[str, int] | None,
-    record_length: RecordLength | None, field_widths: FieldWidths | None,
+    record_length: RecordLength | None, field_widths: FieldWidths | None, plans: PlanCache | None = None,
 ) -> bytes:
     """The record block for an explicit ``codec``: columnar (with field deltas for codec 5) for the columnar
     codecs, verbatim payloads for the others."""
     if codec not in _COLUMNAR_CODECS:
         return encode_block(datagrams, agent_info)
     encoder = columnar.payload_encoder(record_length, field_widths=field_widths,
-                                       deltas=codec is Codec.DELTA_LZMA)
+                                       deltas=codec is Codec.DELTA_LZMA, plans=plans)
     return encode_block(datagrams, agent_info, encoder)
 
 

@@ -195,8 +195,10 @@ class TemplateLengths:
 
 class _Encoder:
     def __init__(self, record_length: RecordLengthFn | None, payloads: Sequence[bytes], *,
-                 field_widths: FieldWidthsFn | None = None, deltas: bool = False) -> None:
+                 field_widths: FieldWidthsFn | None = None, deltas: bool = False,
+                 plans: _deltas.PlanCache | None = None) -> None:
 
+        self.plans = plans
         self.groups: dict[tuple[object, ...], int] = {}
         self.lengths: list[int] = []
         self.widths: list[tuple[int, ...] | None] = []  # codec 5: each group's field widths, if known
@@ -291,8 +293,8 @@ class _Encoder:
         if self.deltas:
             budget = _deltas.MAX_TOTAL_FIELDS
             for n, chunks, widths in zip(self.lengths, self.chunks, self.widths, strict=True):
-                plan = (_deltas.choose_plan(b"".join(chunks), n, widths)
-                        if budget >= _deltas.MAX_PLAN_FIELDS else [])
+                choose = self.plans.plan if self.plans is not None else _deltas.choose_plan
+                plan = choose(b"".join(chunks), n, widths) if budget >= _deltas.MAX_PLAN_FIELDS else []
                 budget -= len(plan)
                 plans.append(plan)
                 _deltas.encode_plan(plan, out)
@@ -315,13 +317,14 @@ class _Encoder:
 
 
 def payload_encoder(record_length: RecordLengthFn | None, *, field_widths: FieldWidthsFn | None = None,
-                    deltas: bool = False) -> PayloadEncoder:
+                    deltas: bool = False, plans: _deltas.PlanCache | None = None) -> PayloadEncoder:
     """The payload-section encoder for codec 3 and 4 (``record_length`` as documented in ``seal_batch``);
     with ``deltas``, codec 5's (a field plan per group, ``wire.deltas``; ``field_widths(datagram, set_id)``
-    gives a template's field widths, else the templates in the batch do)."""
+    gives a template's field widths, else the templates in the batch do; ``plans``: plans chosen in earlier
+    batches are reused from that cache instead of chosen again for every batch)."""
 
     def encode(payloads: Sequence[bytes]) -> bytes:
-        enc = _Encoder(record_length, payloads, field_widths=field_widths, deltas=deltas)
+        enc = _Encoder(record_length, payloads, field_widths=field_widths, deltas=deltas, plans=plans)
         for p in payloads:
             enc.add(p)
         return enc.section()

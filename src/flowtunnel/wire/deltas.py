@@ -16,7 +16,8 @@ arithmetic at C speed; no numpy on the agent's path); the decoder (the gateway) 
 from __future__ import annotations
 
 import math
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,7 +33,9 @@ __all__ = [
     "MAX_FIELD_WIDTH",
     "MAX_PLAN_FIELDS",
     "MAX_TOTAL_FIELDS",
+    "PLAN_REUSE",
     "Field",
+    "PlanCache",
     "apply_plan",
     "choose_plan",
     "decode_plan",
@@ -176,6 +179,59 @@ def choose_plan(rows: bytes, n: int, widths: Sequence[int] | None) -> list[Field
         drop = {single[-1].offset} if single else {plan[-1].offset, plan[-1].ref}
         plan = [f for f in plan if f.offset not in drop]
     return plan
+
+
+#: batches a cached plan serves before ``PlanCache`` chooses it again on fresh records
+PLAN_REUSE = 64
+
+
+class PlanCache:
+    """Plans chosen once and reused across batches, by record layout (record length and field widths).
+
+    ``choose_plan`` is most of codec 5's sealing CPU (its bit estimates: ~200 ms per raw MB of softflowd v9,
+    where the rest of the record block and LZMA2 preset 1 take ~40), while the plan worth making on a
+    template's records changes little from one batch to the next of the same exporter. So the sealer keeps
+    one of these (the agent: for its lifetime) and ``plan(rows, n, widths)`` chooses a plan only for a layout
+    it has not seen, every ``reuse`` batches of that layout, or when the group has more than twice the
+    records (up to ``SAMPLE_RECORDS``) the cached plan was chosen on (a plan from a batch of two datagrams
+    is not kept for batches of hundreds). Any plan reverses exactly (it travels with the group), so a stale
+    one costs bytes, never correctness. At most ``max_entries`` layouts, the least recently used dropped.
+    Thread-safe (a lock around the table; two sealers may both choose a plan, the later kept).
+    """
+
+    def __init__(self, *, reuse: int = PLAN_REUSE, max_entries: int = 256) -> None:
+        if reuse < 1 or max_entries < 1:
+            raise ValueError(f"reuse {reuse} and max_entries {max_entries} must be >= 1")
+        self._reuse = reuse
+        self._max = max_entries
+        # (record length, field widths) -> (plan, records it was chosen on, batches served since)
+        self._plans: OrderedDict[tuple[int, tuple[int, ...]], tuple[list[Field], int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.chosen = 0  # plans chosen (``choose_plan`` calls), for tests and status
+
+    def plan(self, rows: bytes, n: int, widths: Sequence[int] | None) -> list[Field]:
+        """``choose_plan(rows, n, widths)``, or the plan cached for this layout while it is still fresh."""
+        if widths is None or sum(widths) != n:
+            return []
+        key = (n, tuple(widths))
+        sample = min(len(rows) // n, SAMPLE_RECORDS)
+        with self._lock:
+            hit = self._plans.get(key)
+            if hit is not None and hit[2] < self._reuse and sample <= 2 * hit[1]:
+                self._plans[key] = (hit[0], hit[1], hit[2] + 1)
+                self._plans.move_to_end(key)
+                return list(hit[0])
+        plan = choose_plan(rows, n, widths)
+        with self._lock:
+            self.chosen += 1
+            self._plans[key] = (plan, sample, 1)
+            self._plans.move_to_end(key)
+            while len(self._plans) > self._max:
+                self._plans.popitem(last=False)
+        return list(plan)
+
+    def __len__(self) -> int:
+        return len(self._plans)
 
 
 def apply_plan(rows: bytes, n: int, plan: Sequence[Field]) -> bytes:
