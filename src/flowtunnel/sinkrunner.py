@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flowtunnel.config import masked_repr
-from flowtunnel.datadir import DirLock, PrivateUmask, prepare_private_dir
+from flowtunnel.datadir import PrivateUmask, prepare_private_dir
 from flowtunnel.errors import ConfigError, describe_failure
-from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkKind, SinkSettings, build_sink
+from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkKind, SinkSettings, build_sink, lock_sink
 from flowtunnel.statusfile import write_json_atomic
 
 if TYPE_CHECKING:
@@ -89,27 +89,13 @@ async def run_sink(kind: str, opts: SinkOptions, stop: asyncio.Event) -> int:
     umask = PrivateUmask()
     umask.acquire()  # what libraries create on their own (DuckDB's database and WAL) is 0600 too
     try:
-        lock = _lock(kind, opts)
+        lock = lock_sink(kind, data_dir=opts.data, parquet=opts.out, name=opts.name)
         try:
             return await _run(spec, kind, opts, jcfg, stop)
         finally:
             lock.release()
     finally:
         umask.release()
-
-
-def _lock(kind: str, opts: SinkOptions) -> DirLock:
-    """One process per set of files (issue 15 item 3, as the gateway's ``gateway.lock``): a store, jsonl or
-    forward sink owns fixed names in its data directory (``store/flows.duckdb``, templates, the forward map),
-    whatever its ``--name``; a parquet writer owns its state ``OUT/_flowtunnel/<name>.json``, so writers of
-    other names (shards) share ``OUT``. ``ConfigError`` naming the holder's pid when taken."""
-    if kind == "parquet" and opts.out is not None:
-        from flowtunnel.store.parquet import STATE_DIR
-
-        where = opts.out / STATE_DIR
-        where.mkdir(parents=True, exist_ok=True)
-        return DirLock.acquire(where, f"{opts.name}.lock", what=f"parquet sink {opts.name}")
-    return DirLock.acquire(opts.data, f"sink-{kind}.lock", what=f"{kind} sink")
 
 
 async def _run(

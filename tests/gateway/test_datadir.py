@@ -20,7 +20,8 @@ import pytest
 from flowtunnel.cli import main
 from flowtunnel.datadir import DirLock, prepare_private_dir
 from flowtunnel.errors import ConfigError
-from flowtunnel.gateway.service import LOCK_FILE
+from flowtunnel.gateway.config import GatewayConfig
+from flowtunnel.gateway.service import LOCK_FILE, Gateway
 from tests.gateway.test_udp_forward import TPL_A, v9_stream, wrap
 from tests.gateway.util import drained, enroll, post_batch, seal, start_gateway
 from tests.peers import UdpCapture
@@ -194,3 +195,55 @@ def test_a_second_gateway_process_on_the_same_data_directory_exits_naming_the_fi
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0, first_log.read_text(errors="replace")
+
+
+async def test_a_gateway_and_a_sink_process_never_run_one_sink_on_the_same_files(tmp_path: Path) -> None:
+    """A gateway with its own journal runs its sinks in process; a 'flowtunnel sink' of the same kind given
+    its data directory (or its --parquet directory) would write the same store or state files. Before: both
+    ran. Now either one is refused in one line naming the other."""
+    data, out = tmp_path / "gw", tmp_path / "pq"
+    gw = await start_gateway(data, store=True, parquet=out)
+    try:
+        sink = [sys.executable, "-m", "flowtunnel", "sink"]
+        nats = "nats://127.0.0.1:1"  # never reached: the lock is taken before the journal is opened
+        for cmd, holder in (([*sink, "store", "--journal", nats, "--data", str(data)], "store sink"),
+                            ([*sink, "parquet", "--journal", nats, "--out", str(out), "--data",
+                              str(tmp_path / "elsewhere")], "parquet sink parquet")):
+            done = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, timeout=60,
+                                           check=False)
+            assert done.returncode != 0
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert f"is in use by another {holder} (pid {os.getpid()}" in done.stderr
+    finally:
+        await gw.stop()
+    # The other way round: a sink process holds the store's files; the gateway refuses to start, and starts
+    # once it is gone.
+    held = rf"is in use by another store sink \(pid {os.getpid()}"
+    with DirLock.acquire(data, "sink-store.lock", what="store sink"), pytest.raises(ConfigError, match=held):
+        await start_gateway(data, store=True)
+    gw = await start_gateway(data, store=True)
+    await gw.stop()
+
+
+async def test_a_parquet_sink_whose_output_is_fixed_later_takes_its_lock_then(tmp_path: Path) -> None:
+    """A file where the parquet directory should be does not stop the gateway (the sink is restarted until
+    the path is fixed); the sink's lock is taken when it can start, so a 'flowtunnel sink parquet' on that
+    directory is refused from then on."""
+    data, out = tmp_path / "gw", tmp_path / "pq"
+    out.write_text("")
+    gw = Gateway(GatewayConfig(listen="127.0.0.1:0", data=data, store=False, parquet=out,
+                               status_interval=0.2))
+    gw.sink_restart_delay = 0.1
+    await gw.start()
+    try:
+        lock = out / "_flowtunnel" / "parquet.lock"
+        await asyncio.sleep(0.3)
+        out.unlink()
+        deadline = time.monotonic() + 30
+        while not lock.exists():
+            assert time.monotonic() < deadline, "the parquet sink did not take its lock"
+            await asyncio.sleep(0.05)
+        with pytest.raises(ConfigError, match=rf"in use by another parquet sink parquet \(pid {os.getpid()}"):
+            DirLock.acquire(lock.parent, lock.name, what="parquet sink parquet")
+    finally:
+        await gw.stop()

@@ -235,6 +235,8 @@ def test_sample_configs_load_and_document_every_key(
             line = f'tls-cert = "{tmp_path}/tls-cert"\ntls-key = "{tmp_path}/tls-key"'
         if key in ("key", "key-file"):
             continue
+        if key == "proxy-password-file":  # refused without the login it belongs to
+            line += '\nproxy-user = "alice"'
         one = tmp_path / "one.toml"
         one.write_text(text + "\n" + line + "\n", encoding="utf-8")
         tomllib.loads(one.read_text())

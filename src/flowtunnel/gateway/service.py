@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -52,7 +53,7 @@ from flowtunnel.gateway.notify import JournalNotify
 from flowtunnel.gateway.pieces import PieceSettings
 from flowtunnel.gateway.registry import AgentKeys, Registry, RegistryError
 from flowtunnel.gateway.sinks.base import Sink
-from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkSettings, build_sink
+from flowtunnel.gateway.sinks.registry import SINK_KINDS, SinkSettings, build_sink, lock_sink
 from flowtunnel.gateway.ws import WsSettings
 from flowtunnel.health import silent_agents
 from flowtunnel.journal import AgentJournal, SqliteAgentJournal
@@ -120,6 +121,9 @@ class Gateway:
         self._started = time.time()
         self._trimmed = 0
         self._lock: DirLock | None = None
+        self._sink_locks: list[DirLock] = []
+        #: Sinks whose lock waits for their output to be usable (taken before each start until it is held).
+        self._deferred_locks: dict[str, Callable[[], DirLock]] = {}
         self._umask = PrivateUmask()
         #: Per-agent wire byte samples for the console's upload rates (fed at each status rewrite).
         self.rates = RateHistory()
@@ -139,12 +143,26 @@ class Gateway:
         for kind in SINK_KINDS.values():
             if not kind.wanted(self.config):
                 continue
+            # A 'flowtunnel sink' of the same kind on these files would write them too: refused either way.
+            take = functools.partial(lock_sink, kind.name, data_dir=self.data_dir,
+                                     parquet=self.config.parquet, name=kind.position_name)
+            deferred = None
+            try:
+                self._sink_locks.append(take())
+            except OSError:
+                # Its output cannot be made yet (a file where the parquet directory should be): the sink
+                # fails and is restarted as any failing sink, and takes its lock once it can start.
+                deferred = take
             settings = SinkSettings(config=self.config, data_dir=self.data_dir, metrics=self.metrics)
             if not kind.optional:
                 sinks.append(build_sink(kind, settings))
+                if deferred is not None:
+                    self._deferred_locks[sinks[-1].name] = deferred
                 continue
             try:
                 sinks.append(build_sink(kind, settings))
+                if deferred is not None:
+                    self._deferred_locks[sinks[-1].name] = deferred
             except Exception as exc:
                 # The journal keeps everything for this sink to catch up on after a restart that fixes this.
                 log.error("%s sink cannot start (%s); running without it", kind.name, exc)
@@ -168,6 +186,9 @@ class Gateway:
             raise
 
     def _release_data_dir(self) -> None:
+        for lock in self._sink_locks:
+            lock.release()
+        self._sink_locks = []
         self._umask.release()
         if self._lock is not None:
             self._lock.release()
@@ -421,6 +442,12 @@ class Gateway:
         seen: set[str] = set()
         while True:
             try:
+                take = self._deferred_locks.get(sink.name)
+                if take is not None:
+                    # Still unusable: the sink's own start below fails and says so in its own words.
+                    with contextlib.suppress(OSError):
+                        self._sink_locks.append(take())
+                        del self._deferred_locks[sink.name]
                 await sink.run(self.journal, self.notify)
                 return
             except asyncio.CancelledError:

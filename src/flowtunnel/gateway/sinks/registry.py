@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from flowtunnel.datadir import DirLock
 from flowtunnel.errors import ConfigError
 from flowtunnel.gateway.config import GatewayConfig
 from flowtunnel.gateway.metrics import GatewayMetrics
 from flowtunnel.gateway.sinks.base import Sink
 
-__all__ = ["SINK_KINDS", "SinkKind", "SinkSettings", "build_sink"]
+__all__ = ["SINK_KINDS", "SinkKind", "SinkSettings", "build_sink", "lock_sink"]
 
 log = logging.getLogger("flowtunnel.gateway")
 
@@ -67,6 +68,21 @@ class SinkKind:
     #: In a gateway, a sink that cannot be built is logged and left out (the journal keeps what it has not
     #: consumed, for when it can run); otherwise the gateway refuses to start.
     optional: bool = False
+
+
+def lock_sink(kind: str, *, data_dir: Path, parquet: Path | None, name: str) -> DirLock:
+    """One process per set of a sink's files, whether a gateway runs it in process or ``flowtunnel sink``
+    does (issue 15 item 3, as the gateway's ``gateway.lock``): a store, jsonl or forward sink owns fixed names
+    in its data directory (``store/flows.duckdb``, templates, the forward map), whatever its name; a parquet
+    writer owns its state ``OUT/_flowtunnel/<name>.json``, so writers of other names (shards) share ``OUT``.
+    ``ConfigError`` naming the holder's pid when taken."""
+    if kind == "parquet" and parquet is not None:
+        from flowtunnel.store.parquet import STATE_DIR
+
+        where = parquet / STATE_DIR
+        where.mkdir(parents=True, exist_ok=True)
+        return DirLock.acquire(where, f"{name}.lock", what=f"parquet sink {name}")
+    return DirLock.acquire(data_dir, f"sink-{kind}.lock", what=f"{kind} sink")
 
 
 def _store(s: SinkSettings) -> Sink:
