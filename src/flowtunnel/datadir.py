@@ -138,6 +138,13 @@ class PrivateUmask:
             if PrivateUmask._holders == 0:
                 os.umask(PrivateUmask._saved)
 
+    def __enter__(self) -> PrivateUmask:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
 
 class DirLock:
     """An exclusive ``fcntl.flock`` on ``DIR/NAME``, holding the owner's PID, for one process's lifetime.

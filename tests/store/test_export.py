@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -185,3 +186,19 @@ def test_a_gateway_killed_during_an_export_through_its_socket_leaves_the_previou
             gateway.wait(30)
     assert _digests(target) == good
     assert _parquet_rows(target) == ROWS
+
+
+def test_a_direct_export_is_private_whatever_the_callers_umask(tmp_path: Path) -> None:
+    """Flows in clear: through the gateway's socket an export was 0600 (the gateway's umask), run directly it
+    took the caller's umask (0644 files under 022). Now 0600 files and 0700 directories either way."""
+    data, target = tmp_path / "data", tmp_path / "pq"
+    _fill(data, 1000)
+    done = subprocess.run(
+        ["sh", "-c", 'umask 022; exec "$@"', "sh", sys.executable, "-m", "flowtunnel", "export", "--data",
+         str(data), "--parquet", str(target)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    made = [target, *target.rglob("*")]
+    assert len(made) >= 3
+    for path in made:
+        want = 0o700 if path.is_dir() else 0o600
+        assert stat.S_IMODE(path.stat().st_mode) == want, path

@@ -30,6 +30,7 @@ from typing import Final
 
 import duckdb
 
+from flowtunnel.datadir import PrivateUmask
 from flowtunnel.store import sandbox
 from flowtunnel.store.errors import QueryError, StoreBusy, StoreError, StoreNotFound
 from flowtunnel.store.export import (
@@ -391,6 +392,24 @@ def run_export(
             )
     if not paths.database.exists():
         connect_direct(paths)  # raises StoreNotFound
+    # Flows in clear, as private as the gateway writes them through its socket (its umask is 077), whatever
+    # the caller's umask.
+    with PrivateUmask():
+        return _export_direct(paths, target, since_seconds=since_seconds, now=now, timeout=timeout,
+                              limits=limits, flow_filter=flow_filter, clock=clock)
+
+
+def _export_direct(
+    paths: StorePaths,
+    target: Path,
+    *,
+    since_seconds: float | None,
+    now: dt.datetime,
+    timeout: float,
+    limits: QueryLimits | None,
+    flow_filter: str | None,
+    clock: str,
+) -> int:
     # A sibling of the target: the same filesystem (files are renamed into place), outside its tree
     # (readers of target/** never see half an export).
     staging = new_staging(target.parent)
