@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from flowtunnel.agent.config import AgentConfig
-from flowtunnel.agent.policy import TIGHT, ArrivalRate
+from flowtunnel.agent.policy import LEAN, TIGHT, ArrivalRate
 from flowtunnel.agent.status import render as render_status
 from flowtunnel.agent.transport.dns import DnsTransport
 from flowtunnel.agent.transport.network import RungMemory
@@ -549,8 +549,8 @@ def _not_quiet(up: Uploader) -> None:
 async def test_a_backlog_goes_as_codec_4_in_batches_that_fill_the_body_limit(tmp_path: Path) -> None:
     """On a slow link, backlog batches (more spooled behind them) are sealed with codec 4; the first sealed
     batch seeds the sizer's ratio, so the next one is read large enough to come close to the body limit (not
-    a fraction of it, as a ratio learned slowly from 1 would give); a batch that catches up goes back to
-    zstd (data arriving above a quiet site's rate, where codec 5 is tried too)."""
+    a fraction of it, as a ratio learned slowly from 1 would give); a batch that catches up goes ``LEAN``
+    (codec 5 at LZMA2 preset 1: data arriving above a quiet site's rate, within ``LEAN_SHARE``)."""
     key = generate_key()
     spool = open_spool(tmp_path)
     sent = v9_export(1500)
@@ -573,7 +573,7 @@ async def test_a_backlog_goes_as_codec_4_in_batches_that_fill_the_body_limit(tmp
         await up.close()
     codecs = [peek_header(b).codec for b in bodies]
     assert codecs[:-1] == [Codec.COLUMNAR_LZMA] * (len(bodies) - 1)
-    assert codecs[-1] in (Codec.ZSTD_DICT, Codec.COLUMNAR)  # the batch that caught up
+    assert codecs[-1] is Codec.DELTA_LZMA  # the batch that caught up
     assert len(bodies[0]) < 0.9 * BODY  # read at ratio 1: a fraction of the limit
     assert all(0.6 * BODY < len(b) <= BODY for b in bodies[1:-1])
     assert len(bodies) >= 3
@@ -677,9 +677,9 @@ def test_backlog_batches_on_the_dns_rung_go_with_codec_5(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("dns", [True, False])
 def test_a_caught_up_batch_on_the_dns_rung_tries_codec_5_too(tmp_path: Path, dns: bool) -> None:
-    """Caught up (nothing spooled behind the batch), the DNS rung seals codec 5 beside the default and keeps
-    the smaller (on 50 softflowd v9 datagrams, codec 5); the POST rung keeps zstd, above a quiet site's rate
-    (below it codec 5 is tried there too: ``test_context``)."""
+    """Caught up (nothing spooled behind the batch), the DNS rung seals codec 5 at preset 6 beside the choice
+    and keeps the smaller (on 50 softflowd v9 datagrams, codec 5); the POST rung seals ``LEAN`` (codec 5 at
+    preset 1) above a quiet site's rate (below it, a stream: ``test_stream``)."""
     key = generate_key()
     spool = open_spool(tmp_path)
     spool.append(v9_export(50))
@@ -690,10 +690,36 @@ def test_a_caught_up_batch_on_the_dns_rung_tries_codec_5_too(tmp_path: Path, dns
     body, batch = up._seal(spool.read(after=0, limit=100))
     spool.close()
     assert len(batch) == 50
-    if dns:
+    assert peek_header(body).codec is Codec.DELTA_LZMA
+    if not dns:
+        assert up._choice is LEAN
+
+
+def test_caught_up_batches_above_a_quiet_sites_rate_reuse_codec_5s_field_plans(tmp_path: Path) -> None:
+    """issue 14 (the fast link's row): ``LEAN`` batches take codec 5's field plans from the uploader's
+    ``PlanCache``, chosen for the first batch and reused for the next ones (choosing them is most of codec
+    5's CPU), and every batch opens to its datagrams."""
+    key = generate_key()
+    spool = open_spool(tmp_path)
+    sent = v9_export(120)
+    spool.append(sent)
+    up = Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool)
+    _not_quiet(up)
+    got: list[Datagram] = []
+    after, chosen = 0, []
+    while after < len(sent):
+        up._last_seq = after + 30  # each batch caught up: the datagrams arrive 30 at a time
+        body, batch = up._seal(spool.read(after=after, limit=30))
+        assert up._choice is LEAN
         assert peek_header(body).codec is Codec.DELTA_LZMA
-    else:
-        assert peek_header(body).codec in (Codec.ZSTD_DICT, Codec.COLUMNAR)
+        got += open_batch(body, key=key).datagrams
+        chosen.append(up._plans.chosen)
+        after = batch[-1].seq
+    spool.close()
+    assert got == sent
+    assert len(chosen) == 4
+    assert chosen[0] > 0
+    assert chosen == [chosen[0]] * 4
 
 
 async def test_a_backlog_to_a_loopback_gateway_goes_bytes_lean(

@@ -15,6 +15,8 @@ __all__ = [
     "CPU_SHARE",
     "DEFAULT",
     "FAST",
+    "LEAN",
+    "LEAN_SHARE",
     "MIN_WINDOW",
     "SMALL",
     "TIGHT",
@@ -218,8 +220,9 @@ class BatchSizer:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CodecChoice:
-    """One way to seal a batch: ``codec`` (``None``: the sealer's zstd choice, codecs 2/3) at ``level``, and
-    what it costs on softflowd v9 export data: ``cpu`` seconds and ``body`` bytes per raw payload byte."""
+    """One way to seal a batch: ``codec`` (``None``: the sealer's zstd choice, codecs 2/3) at ``level``
+    (zstd's, or the LZMA2 preset of codecs 4-6), and what it costs on softflowd v9 export data: ``cpu``
+    seconds and ``body`` bytes per raw payload byte."""
 
     name: str
     codec: int | None
@@ -240,10 +243,18 @@ class CodecChoice:
 # datagrams, ~10 ms one of 10 (~700 ms per raw MB) against ~0.9 and ~1.5 ms at level 6. From 4 datagrams on
 # the uploader tries codec 5 (field deltas + LZMA2, ~1 ms a datagram) beside level 6 instead: a batch of 10
 # ~13 ms (~1,000 ms per raw MB) for 0.22 of raw against 0.27 at level 15 (35 datagrams: 0.18 against 0.25).
+#
+# and (2026-12-07) codec 5 at LZMA2 preset 1 with the field plans chosen once and reused (``wire.PlanCache``;
+# choosing them every batch was ~200 of codec 5's ~250 ms per raw MB): on softflowd v9 batches of 475
+# datagrams 0.170 of raw UDP at ~40 ms per raw MB where the sealer's choice at level 6 gave 0.221 at ~31
+# (both codecs tried), on batches of 36 0.211 at ~44 against 0.258 at ~35; on Cisco IPFIX batches of 378
+# 0.068 at ~26 against 0.066 at ~32 (zstd's bundled dictionary knows those captures). Presets 2-3: ~1 % fewer
+# bytes for ~10 % more CPU; 4-6 (LZMA's normal mode) 0.144-0.148 at ~80-130 ms.
 FAST = CodecChoice(name="fast", codec=2, level=3, cpu=10e-9, body=0.36)
 DEFAULT = CodecChoice(name="default", codec=None, level=6, cpu=35e-9, body=0.21)
 SMALL = CodecChoice(name="small", codec=4, level=6, cpu=190e-9, body=0.16)
 TIGHT = CodecChoice(name="tight", codec=None, level=15, cpu=1000e-9, body=0.20)
+LEAN = CodecChoice(name="lean", codec=5, level=1, cpu=45e-9, body=0.17)
 
 
 @dataclass(slots=True)
@@ -330,6 +341,14 @@ CPU_SHARE = 0.25
 #: softflowd v9 datagrams/s of 1,400 bytes) gets 5-20 % smaller bodies for CPU it does not miss, and the
 #: agent at 1,000 flows/s (~50 KB/s) keeps ``DEFAULT``'s footprint (issue 14's 1 % goal there).
 TIGHT_SHARE = 0.015
+#: ``LEAN`` (codec 5 at LZMA2 preset 1, field plans reused) for batches that are not big while its sealing CPU
+#: stays within this share of a core: up to ~1.1 MB/s arriving (~800 softflowd v9 datagrams/s of 1,400
+#: bytes, ~22,000 flows/s). It takes ~2 % of a core at 10,000 flows/s (~500 KB/s), about what ``DEFAULT``
+#: took there with its tries (codecs 3 and 2), so the footprint goal there (6 % for the whole agent) is
+#: not spent on it. Above the share the agent seals ``DEFAULT`` as before: LZMA2 costs the gateway ~3-5
+#: times zstd's CPU to decode, and the chain's throughput at 100,000 flows/s (``bench/store.py``) was
+#: measured with zstd.
+LEAN_SHARE = 0.05
 
 
 #: ``ArrivalRate`` reads what arrived over at least this many seconds
@@ -391,10 +410,11 @@ def choose_codec(
     (raw bytes/s arriving, ``ArrivalRate``; doubled for a ``big`` batch, so a backlog drains at least as fast
     as data arrives) stays within ``CPU_SHARE`` of a core, whatever link was measured. ``SMALL`` (columnar
     + LZMA) only for ``big`` batches (a backlog, or above ``BIG_BATCH_BYTES``): on small ones zstd with the
-    bundled dictionaries wins. With a daily byte budget (``daily_bytes > 0``) bytes count more than CPU:
-    ``SMALL`` for big batches, ``DEFAULT`` otherwise. A batch that is not big goes ``TIGHT`` (zstd level 15)
-    instead of ``DEFAULT`` while that costs at most ``TIGHT_SHARE`` of a core at ``arrival`` (a quiet site:
-    below ~15 KB/s), with or without a budget.
+    bundled dictionaries wins. A batch that is not big goes ``TIGHT`` (zstd level 15, or a compression
+    stream) while that costs at most ``TIGHT_SHARE`` of a core at ``arrival`` (a quiet site: below ~15
+    KB/s), with or without a budget; else ``LEAN`` (codec 5 at LZMA2 preset 1) while that costs at most
+    ``LEAN_SHARE`` (up to ~1.1 MB/s). With a daily byte budget (``daily_bytes > 0``) bytes count more than
+    CPU: ``SMALL`` for big batches, ``LEAN`` otherwise.
 
     Only when no choice keeps within the share (the agent cannot keep up otherwise) does the link decide:
     the choice with the least sealing CPU plus upload time per raw byte, since one request is in flight at a
@@ -410,7 +430,9 @@ def choose_codec(
     if not big and TIGHT.cpu * need <= TIGHT_SHARE:
         return TIGHT
     if daily_bytes > 0:
-        return SMALL if big else DEFAULT
+        return SMALL if big else LEAN
+    if not big and LEAN.cpu * need <= LEAN_SHARE:
+        return LEAN
     leanest_first = (SMALL, DEFAULT, FAST) if big else (DEFAULT, FAST)
     for choice in leanest_first:
         if choice.cpu * need <= CPU_SHARE:

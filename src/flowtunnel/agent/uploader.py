@@ -26,12 +26,14 @@ more spooled behind it, or above ``BIG_BATCH_BYTES`` of payload); ``DEFAULT`` th
 or 2 at level 6 (~35 ms / 0.21); ``FAST`` codec 2 at zstd level 3 (~10 ms / 0.36); and at a quiet site,
 while it costs at most ``policy.TIGHT_SHARE`` (1.5 %) of a core, ``TIGHT``: ``DEFAULT`` at level 15 with the
 context tried too, and from ``TIGHT_DELTAS_FROM`` (4) datagrams codec 5 (field deltas + LZMA2) beside level 6
-instead (~1,000 ms per raw MB; 5-20 % smaller bodies of a few datagrams, 15 % on Cisco IPFIX). Only when
-no way keeps
-within the share does the link decide: the least sealing CPU plus upload time per raw byte, since with one
-request in flight a busy agent moves one batch per (seal + upload); upload time comes from the uploads
-themselves (``policy.LinkEstimate``) or from the ``bandwidth`` cap, whichever is slower. A daily byte
-budget means bytes always count (``SMALL`` for big batches). Before
+instead (~1,000 ms per raw MB; 5-20 % smaller bodies of a few datagrams, 15 % on Cisco IPFIX); above a quiet
+site's rate, while it costs at most ``policy.LEAN_SHARE`` (5 %) of a core (up to ~1.1 MB/s arriving),
+``LEAN``: codec 5 at LZMA2 preset 1 with the field plans reused from earlier batches (``wire.PlanCache``),
+~45 ms / 0.17 (softflowd v9 at 500 datagrams/s: 0.170 of raw against 0.221 with ``DEFAULT``). Only when
+no way keeps within the share does the link decide: the least sealing CPU plus upload time per raw byte,
+since with one request in flight a busy agent moves one batch per (seal + upload); upload time comes from
+the uploads themselves (``policy.LinkEstimate``) or from the ``bandwidth`` cap, whichever is slower. A
+daily byte budget means bytes always count (``SMALL`` for big batches, ``LEAN`` for the others). Before
 this rule (issue 14) a measured fast link picked ``FAST`` for every batch with anything spooled behind it:
 at 500 datagrams/s on a fast link that cost 0.34 of raw UDP instead of ~0.2. A codec 4 batch up to
 ``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT`` and the smaller kept: below ~100 KB codec 4 (no
@@ -55,6 +57,7 @@ from flowtunnel.agent.config import MIN_BODY, AgentConfig, mask_url, parse_host_
 from flowtunnel.agent.policy import (
     DEFAULT,
     FAST,
+    LEAN,
     SMALL,
     TIGHT,
     ArrivalRate,
@@ -101,6 +104,7 @@ from flowtunnel.wire import (
     NONCE_OFFSET,
     AuthenticationFailed,
     Codec,
+    PlanCache,
     SealStream,
     TemplateLengths,
     lzstream,
@@ -248,6 +252,8 @@ class Uploader:
         # when the template went in an earlier batch. Empty after a restart: unknown sets travel verbatim.
         self._templates = TemplateLengths()
         self._learned = 0  # seqs up to this one went through the template cache
+        # Codec 5's field plans, chosen once per template layout and reused (most of codec 5's CPU otherwise).
+        self._plans = PlanCache()
         self._seeded = False  # whether a sealed batch has seeded the sizer's ratio yet
         self.link = LinkEstimate()  # the upload's achieved throughput, for the codec rule
         self._choice: CodecChoice = DEFAULT  # how the last batch was sealed
@@ -576,7 +582,7 @@ class Uploader:
             seal = functools.partial(
                 seal_batch_and_context, agent_id=self._config.agent_id, key=self._key, first_seq=batch[0].seq,
                 datagrams=datagrams, agent_info=info, record_length=templates.record_length,
-                field_widths=templates.field_widths,
+                field_widths=templates.field_widths, plans=self._plans,
             )
             if self.arrival.stamp is None and batch[-1].seq >= self._last_seq:
                 self._first_arrival(batch)
@@ -614,7 +620,7 @@ class Uploader:
                 other, left = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
                 if len(other) < len(body):
                     body, leaves, choice = other, left, DEFAULT
-            elif choice in (DEFAULT, TIGHT) and lean_codec is not None and raw <= BIG_BATCH_BYTES:
+            elif choice in (DEFAULT, TIGHT, LEAN) and lean_codec is not None and raw <= BIG_BATCH_BYTES:
                 # Caught up on such a rung, the lean codec is tried too: on DNS, ~10 ms of sealing per batch
                 # of 50 softflowd datagrams buys ~12 % fewer queries (bench/dns.py, 10/s).
                 other, left = seal(nonce=os.urandom(12), codec=lean_codec, level=SMALL.level)
@@ -670,7 +676,7 @@ class Uploader:
         return seal_stream_batch(
             agent_id=self._config.agent_id, key=self._key, first_seq=first_seq, datagrams=datagrams,
             nonce=os.urandom(12), stream=stream, codec=codec, agent_info=info,
-            record_length=templates.record_length, field_widths=templates.field_widths,
+            record_length=templates.record_length, field_widths=templates.field_widths, plans=self._plans,
         )
 
     def latency_target(self) -> float:
