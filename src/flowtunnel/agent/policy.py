@@ -249,12 +249,15 @@ class CodecChoice:
 # datagrams 0.170 of raw UDP at ~40 ms per raw MB where the sealer's choice at level 6 gave 0.221 at ~31
 # (both codecs tried), on batches of 36 0.211 at ~44 against 0.258 at ~35; on Cisco IPFIX batches of 378
 # 0.068 at ~26 against 0.066 at ~32 (zstd's bundled dictionary knows those captures). Presets 2-3: ~1 % fewer
-# bytes for ~10 % more CPU; 4-6 (LZMA's normal mode) 0.144-0.148 at ~80-130 ms.
+# bytes for ~10 % more CPU; 4-6 (LZMA's normal mode) 0.144-0.148 at ~80-130 ms. As the uploader seals (its
+# template cache learning each datagram, agent info, the plans' first choice amortised over 20 batches): v9
+# batches of 356 (10,000 flows/s) ~60 ms per raw MB against ~33 for the sealer's choice at level 6; the
+# context tried beside either adds ~20-25.
 FAST = CodecChoice(name="fast", codec=2, level=3, cpu=10e-9, body=0.36)
 DEFAULT = CodecChoice(name="default", codec=None, level=6, cpu=35e-9, body=0.21)
 SMALL = CodecChoice(name="small", codec=4, level=6, cpu=190e-9, body=0.16)
 TIGHT = CodecChoice(name="tight", codec=None, level=15, cpu=1000e-9, body=0.20)
-LEAN = CodecChoice(name="lean", codec=5, level=1, cpu=45e-9, body=0.17)
+LEAN = CodecChoice(name="lean", codec=5, level=1, cpu=60e-9, body=0.17)
 
 
 @dataclass(slots=True)
@@ -342,12 +345,13 @@ CPU_SHARE = 0.25
 #: agent at 1,000 flows/s (~50 KB/s) keeps ``DEFAULT``'s footprint (issue 14's 1 % goal there).
 TIGHT_SHARE = 0.015
 #: ``LEAN`` (codec 5 at LZMA2 preset 1, field plans reused) for batches that are not big while its sealing CPU
-#: stays within this share of a core: up to ~1.1 MB/s arriving (~800 softflowd v9 datagrams/s of 1,400
-#: bytes, ~22,000 flows/s). It takes ~2 % of a core at 10,000 flows/s (~500 KB/s), about what ``DEFAULT``
-#: took there with its tries (codecs 3 and 2), so the footprint goal there (6 % for the whole agent) is
-#: not spent on it. Above the share the agent seals ``DEFAULT`` as before: LZMA2 costs the gateway ~3-5
-#: times zstd's CPU to decode, and the chain's throughput at 100,000 flows/s (``bench/store.py``) was
-#: measured with zstd.
+#: stays within this share of a core: up to ~830 KB/s arriving (~600 softflowd v9 datagrams/s of 1,400
+#: bytes, ~17,000 flows/s). It takes ~3.0 % of a core at 10,000 flows/s (~500 KB/s) where ``DEFAULT`` with
+#: the context tried beside it took ~2.7 % (the uploader tries no context beside ``LEAN``: a codec 5 batch
+#: leaves a context in its own layout, which zstd gains nothing from): +0.3 % of a core for ~24 % fewer
+#: bytes, out of the footprint goal there (6 % for the whole agent), chosen for bytes (issue 14). Above the
+#: share the agent seals ``DEFAULT`` as before: LZMA2 costs the gateway ~3-5 times zstd's CPU to decode, and
+#: the chain's throughput at 100,000 flows/s (``bench/store.py``) was measured with zstd.
 LEAN_SHARE = 0.05
 
 
@@ -413,7 +417,7 @@ def choose_codec(
     bundled dictionaries wins. A batch that is not big goes ``TIGHT`` (zstd level 15, or a compression
     stream) while that costs at most ``TIGHT_SHARE`` of a core at ``arrival`` (a quiet site: below ~15
     KB/s), with or without a budget; else ``LEAN`` (codec 5 at LZMA2 preset 1) while that costs at most
-    ``LEAN_SHARE`` (up to ~1.1 MB/s). With a daily byte budget (``daily_bytes > 0``) bytes count more than
+    ``LEAN_SHARE`` (up to ~830 KB/s). With a daily byte budget (``daily_bytes > 0``) bytes count more than
     CPU: ``SMALL`` for big batches, ``LEAN`` otherwise.
 
     Only when no choice keeps within the share (the agent cannot keep up otherwise) does the link decide:

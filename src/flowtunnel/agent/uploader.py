@@ -27,9 +27,9 @@ or 2 at level 6 (~35 ms / 0.21); ``FAST`` codec 2 at zstd level 3 (~10 ms / 0.36
 while it costs at most ``policy.TIGHT_SHARE`` (1.5 %) of a core, ``TIGHT``: ``DEFAULT`` at level 15 with the
 context tried too, and from ``TIGHT_DELTAS_FROM`` (4) datagrams codec 5 (field deltas + LZMA2) beside level 6
 instead (~1,000 ms per raw MB; 5-20 % smaller bodies of a few datagrams, 15 % on Cisco IPFIX); above a quiet
-site's rate, while it costs at most ``policy.LEAN_SHARE`` (5 %) of a core (up to ~1.1 MB/s arriving),
+site's rate, while it costs at most ``policy.LEAN_SHARE`` (5 %) of a core (up to ~830 KB/s arriving),
 ``LEAN``: codec 5 at LZMA2 preset 1 with the field plans reused from earlier batches (``wire.PlanCache``),
-~45 ms / 0.17 (softflowd v9 at 500 datagrams/s: 0.170 of raw against 0.221 with ``DEFAULT``). Only when
+~60 ms / 0.17 (softflowd v9 at 500 datagrams/s: 0.170 of raw against 0.221 with ``DEFAULT``). Only when
 no way keeps within the share does the link decide: the least sealing CPU plus upload time per raw byte,
 since with one request in flight a busy agent moves one batch per (seal + upload); upload time comes from
 the uploads themselves (``policy.LinkEstimate``) or from the ``bandwidth`` cap, whichever is slower. A
@@ -262,7 +262,8 @@ class Uploader:
         # (docs/protocol.md section 3.3); None after a start or an ``unknown-context`` answer.
         self._context: bytes | None = None
         self._leaves = b""  # the context the last sealed batch leaves once acknowledged
-        # The codec whose record block layout the context has (verbatim payloads: codec 1; columnar: 3).
+        # The codec whose record block layout the context has (verbatim payloads: codec 1; columnar: 3;
+        # columnar with field differences: 5, tried as 3 but not beside LEAN).
         self._context_codec = self._leaves_codec = Codec.COLUMNAR
         # The compression stream (docs/protocol.md section 3.4): continued only while every frame sealed in
         # it was acknowledged (``_stream_clean``); anything else starts a new one. Gateways that refused
@@ -626,19 +627,26 @@ class Uploader:
                 other, left = seal(nonce=os.urandom(12), codec=lean_codec, level=SMALL.level)
                 if len(other) < len(body):
                     body, leaves, choice = other, left, SMALL
-            if self._context is not None and choice is not FAST and raw <= BIG_BATCH_BYTES:
+            # Not beside LEAN when the context came from a codec 5 batch (LEAN's own, once it runs): that
+            # context is in codec 5's layout of field differences, which a zstd frame of a columnar block gets
+            # nothing from (softflowd v9 and Cisco IPFIX: never smaller), for ~40 % more sealing CPU (issue
+            # 14's footprint at 10,000 flows/s). A context left by a zstd batch is still tried.
+            deltas_context = self._context_codec is Codec.DELTA_LZMA
+            if (self._context is not None and choice is not FAST and not (choice is LEAN and deltas_context)
+                    and raw <= BIG_BATCH_BYTES):
                 # Against what the gateway already holds from this agent: a quiet site's batch of a few
                 # datagrams repeats much of the previous one (headers, templates, addresses, ports). In the
                 # layout of that context (a record block with verbatim payloads matches codec 1 best, a
                 # columnar one codec 3), at the level chosen (TIGHT's 15 at a quiet site).
                 level = TIGHT.level if choice is TIGHT and not deltas else DEFAULT.level
                 other, left = seal(nonce=os.urandom(12), context=self._context, level=level,
-                                   codec=self._context_codec)
+                                   codec=Codec.COLUMNAR if deltas_context else self._context_codec)
                 if len(other) < len(body):
                     body, leaves, choice = other, left, (TIGHT if choice is TIGHT else DEFAULT)
             if len(body) <= self._sizer.max_body or n == 1:
                 self._choice, self._leaves = choice, leaves
-                self._leaves_codec = Codec.COLUMNAR if body[CODEC_OFFSET] in _COLUMNAR else Codec.ZSTD
+                self._leaves_codec = (Codec.DELTA_LZMA if body[CODEC_OFFSET] == Codec.DELTA_LZMA
+                                      else Codec.COLUMNAR if body[CODEC_OFFSET] in _COLUMNAR else Codec.ZSTD)
                 self.arrival.observe(last_seq=self._last_seq, raw_bytes=raw, count=len(batch),
                                      now=self._clock())
                 return body, batch
