@@ -24,7 +24,7 @@ def test_the_agent_path_and_sealing_import_no_numpy_nor_the_netflow_decoder() ->
         "p = bytes.fromhex('0009000100000001000000000000000100000000') + bytes.fromhex('010000080000000a'); "
         "d = [Datagram(received_ns=1, exporter='192.0.2.1', exporter_port=1, local_port=2, payload=p)] * 9; "
         "[seal_batch(agent_id='a', key=bytes(32), first_seq=1, datagrams=d, nonce=bytes(12), codec=c) "
-        " for c in (None, Codec.COLUMNAR_LZMA, Codec.ZSTD_DICT)]; "
+        " for c in (None, Codec.COLUMNAR_LZMA, Codec.DELTA_LZMA, Codec.ZSTD_DICT)]; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'numpy' "
         "or m in ('flowtunnel.netflow.decoder', 'flowtunnel.netflow.fields', 'flowtunnel.netflow.encoder')))"
     )

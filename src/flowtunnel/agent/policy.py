@@ -248,14 +248,17 @@ class CodecChoice:
 # choosing them every batch was ~200 of codec 5's ~250 ms per raw MB): on softflowd v9 batches of 475
 # datagrams 0.170 of raw UDP at ~40 ms per raw MB where the sealer's choice at level 6 gave 0.221 at ~31
 # (both codecs tried), on batches of 36 0.211 at ~44 against 0.258 at ~35; on Cisco IPFIX batches of 378
-# 0.068 at ~26 against 0.066 at ~32 (zstd's bundled dictionary knows those captures). Presets 2-3: ~1 % fewer
-# bytes for ~10 % more CPU; 4-6 (LZMA's normal mode) 0.144-0.148 at ~80-130 ms. As the uploader seals (its
-# template cache learning each datagram, agent info, the plans' first choice amortised over 20 batches): v9
-# batches of 356 (10,000 flows/s) ~60 ms per raw MB against ~33 for the sealer's choice at level 6; the
-# context tried beside either adds ~20-25.
+# 0.068 at ~26 against 0.066 at ~32 (zstd's bundled dictionary knows those captures). Presets 2-3: ~1 %
+# fewer bytes for ~10 % more CPU; 4-6 (LZMA's normal mode) 0.144-0.148 at ~80-130 ms. As the uploader seals
+# (its template cache learning each datagram, agent info, the plans' first choice amortised over 20
+# batches): v9 batches of 356 (10,000 flows/s) ~60 ms per raw MB against ~33 for the sealer's choice at
+# level 6; the context tried beside either adds ~20-25. For big batches (``SMALL``) codec 5 at preset 6
+# with the plans reused instead of codec 4: softflowd v9 batches of 1,782-2,376 datagrams 0.137-0.138 of raw
+# against 0.154-0.157, at ~125-175 ms per raw MB (the plans' first choice included) against ~105-110;
+# Cisco IPFIX batches of 1,135: 0.046 against 0.051.
 FAST = CodecChoice(name="fast", codec=2, level=3, cpu=10e-9, body=0.36)
 DEFAULT = CodecChoice(name="default", codec=None, level=6, cpu=35e-9, body=0.21)
-SMALL = CodecChoice(name="small", codec=4, level=6, cpu=190e-9, body=0.16)
+SMALL = CodecChoice(name="small", codec=5, level=6, cpu=190e-9, body=0.14)
 TIGHT = CodecChoice(name="tight", codec=None, level=15, cpu=1000e-9, body=0.20)
 LEAN = CodecChoice(name="lean", codec=5, level=1, cpu=60e-9, body=0.17)
 
@@ -412,9 +415,9 @@ def choose_codec(
 ) -> CodecChoice:
     """How to seal the next batch, bytes-lean: the smallest-body choice whose sealing CPU at ``arrival``
     (raw bytes/s arriving, ``ArrivalRate``; doubled for a ``big`` batch, so a backlog drains at least as fast
-    as data arrives) stays within ``CPU_SHARE`` of a core, whatever link was measured. ``SMALL`` (columnar
-    + LZMA) only for ``big`` batches (a backlog, or above ``BIG_BATCH_BYTES``): on small ones zstd with the
-    bundled dictionaries wins. A batch that is not big goes ``TIGHT`` (zstd level 15, or a compression
+    as data arrives) stays within ``CPU_SHARE`` of a core, whatever link was measured. ``SMALL`` (codec 5,
+    columnar + field deltas + LZMA2 preset 6) only for ``big`` batches (a backlog, or above
+    ``BIG_BATCH_BYTES``). A batch that is not big goes ``TIGHT`` (zstd level 15, or a compression
     stream) while that costs at most ``TIGHT_SHARE`` of a core at ``arrival`` (a quiet site: below ~15
     KB/s), with or without a budget; else ``LEAN`` (codec 5 at LZMA2 preset 1) while that costs at most
     ``LEAN_SHARE`` (up to ~830 KB/s). With a daily byte budget (``daily_bytes > 0``) bytes count more than
@@ -428,7 +431,7 @@ def choose_codec(
     is slower). With the figures above, at softflowd's compressibility: ``SMALL`` for big batches up to
     ~0.65 MB/s arriving (~470 datagrams/s of 1,400 bytes), ``DEFAULT`` up to ~7 MB/s (3.5 MB/s for big
     batches), then ``FAST`` up to 25 MB/s, then the race, where
-    ``FAST`` wins above ~6 MB/s of body and ``SMALL`` below ~330 KB/s.
+    ``FAST`` wins above ~6 MB/s of body and ``SMALL`` below ~450 KB/s.
     """
     need = max(0.0, arrival) * (2.0 if big else 1.0)
     if not big and TIGHT.cpu * need <= TIGHT_SHARE:

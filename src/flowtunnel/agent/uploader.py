@@ -21,7 +21,8 @@ Codec choice (bytes against CPU, ``policy.choose_codec``): bytes-lean by default
 (any link may be metered). The batch goes the way with the smallest body whose sealing CPU, at the rate of
 raw data arriving (``policy.ArrivalRate``, doubled for a backlog so it drains at least as fast), stays within
 ``policy.CPU_SHARE`` (25 %) of a core. Three ways, measured on softflowd v9 (CPU per raw MB / body per raw
-byte): ``SMALL`` codec 4, columnar + LZMA2 (~190 ms / 0.16), only for throughput-bound batches (a backlog:
+byte): ``SMALL`` codec 5, columnar + field deltas + LZMA2 preset 6 with the field plans reused
+(``wire.PlanCache``; ~125-190 ms / 0.14; codec 4's 0.16 before), only for throughput-bound batches (a backlog:
 more spooled behind it, or above ``BIG_BATCH_BYTES`` of payload); ``DEFAULT`` the sealer's choice of codec 3
 or 2 at level 6 (~35 ms / 0.21); ``FAST`` codec 2 at zstd level 3 (~10 ms / 0.36); and at a quiet site,
 while it costs at most ``policy.TIGHT_SHARE`` (1.5 %) of a core, ``TIGHT``: ``DEFAULT`` at level 15 with the
@@ -35,8 +36,8 @@ since with one request in flight a busy agent moves one batch per (seal + upload
 the uploads themselves (``policy.LinkEstimate``) or from the ``bandwidth`` cap, whichever is slower. A
 daily byte budget means bytes always count (``SMALL`` for big batches, ``LEAN`` for the others). Before
 this rule (issue 14) a measured fast link picked ``FAST`` for every batch with anything spooled behind it:
-at 500 datagrams/s on a fast link that cost 0.34 of raw UDP instead of ~0.2. A codec 4 batch up to
-``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT`` and the smaller kept: below ~100 KB codec 4 (no
+at 500 datagrams/s on a fast link that cost 0.34 of raw UDP instead of ~0.2. A ``SMALL`` batch up to
+``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT`` and the smaller kept: below ~100 KB LZMA2 (no
 dictionary) loses to zstd with the bundled dictionaries on some exports (Cisco IPFIX: up to 1.9x).
 """
 
@@ -138,7 +139,7 @@ DRAIN_AT_ONCE = 3
 #: continuation frames refused in a row (``unknown-context``) after which the agent sends start frames only
 #: for STREAM_PAUSE seconds: each batch then compresses on its own, but is not sent twice
 STREAM_MISSES, STREAM_PAUSE = 3, 600.0
-# Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 4 when bytes cost more than
+# Backlog batches and batches above BIG_BATCH_BYTES of payload may go as codec 5 when bytes cost more than
 # CPU: see the module docstring.
 BIG_BATCH_BYTES = 1 << 20
 # The newest committed datagrams kept in memory (payload bytes), so a caught-up uploader batches them without
@@ -616,7 +617,7 @@ class Uploader:
                 codec = lean_codec
             body, leaves = seal(nonce=os.urandom(12), codec=codec, level=level)
             if choice is SMALL and raw <= BIG_BATCH_BYTES:
-                # Below ~100 KB, codec 4 (no dictionary) loses to zstd with the bundled dictionaries on some
+                # Below ~100 KB, LZMA2 (no dictionary) may lose to zstd with the bundled dictionaries on some
                 # exports (Cisco IPFIX: up to 1.9x larger); zstd costs a fraction of LZMA's CPU.
                 other, left = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
                 if len(other) < len(body):
