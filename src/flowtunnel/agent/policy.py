@@ -345,7 +345,8 @@ CPU_SHARE = 0.25
 #: ``TIGHT`` (zstd level 15 where ``DEFAULT`` uses 6, or codec 5 tried too from 4 datagrams a batch) only
 #: while its sealing CPU stays within this share of a core: a quiet site (up to ~15,000 raw bytes/s, ~10
 #: softflowd v9 datagrams/s of 1,400 bytes) gets 5-20 % smaller bodies for CPU it does not miss, and the
-#: agent at 1,000 flows/s (~50 KB/s) keeps ``DEFAULT``'s footprint (issue 14's 1 % goal there).
+#: agent at 1,000 flows/s (~50 KB/s) keeps a cheaper seal (``LEAN``, ~0.3 % of a core there; issue 14's 1 %
+#: goal for the whole agent).
 TIGHT_SHARE = 0.015
 #: ``LEAN`` (codec 5 at LZMA2 preset 1, field plans reused) for batches that are not big while its sealing CPU
 #: stays within this share of a core: up to ~830 KB/s arriving (~600 softflowd v9 datagrams/s of 1,400
@@ -353,8 +354,9 @@ TIGHT_SHARE = 0.015
 #: the context tried beside it took ~2.7 % (the uploader tries no context beside ``LEAN``: a codec 5 batch
 #: leaves a context in its own layout, which zstd gains nothing from): +0.3 % of a core for ~24 % fewer
 #: bytes, out of the footprint goal there (6 % for the whole agent), chosen for bytes (issue 14). Above the
-#: share the agent seals ``DEFAULT`` as before: LZMA2 costs the gateway ~3-5 times zstd's CPU to decode, and
-#: the chain's throughput at 100,000 flows/s (``bench/store.py``) was measured with zstd.
+#: share the agent seals ``DEFAULT`` as before: a gateway opens codec 5 at ~2 times zstd's CPU (~17 against
+#: ~9 ms per raw MB, softflowd v9 batches of 475), and the chain's throughput at 100,000 flows/s
+#: (``bench/store.py``) was measured with zstd.
 LEAN_SHARE = 0.05
 
 
