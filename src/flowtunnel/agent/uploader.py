@@ -70,6 +70,7 @@ from flowtunnel.agent.policy import (
     budget_latency,
     choose_codec,
 )
+from flowtunnel.agent.sealing import SealWays, Way
 from flowtunnel.agent.transport import (
     Acked,
     Answer,
@@ -258,6 +259,7 @@ class Uploader:
         self._seeded = False  # whether a sealed batch has seeded the sizer's ratio yet
         self.link = LinkEstimate()  # the upload's achieved throughput, for the codec rule
         self._choice: CodecChoice = DEFAULT  # how the last batch was sealed
+        self._ways = SealWays()  # at default settings, which way(s) the next batch is sealed (seal once)
         self.arrival = ArrivalRate()  # raw bytes/s arriving, for the codec rule's CPU share
         # The compression context the gateway holds from this agent: the last acknowledged batch's payloads
         # (docs/protocol.md section 3.3); None after a start or an ``unknown-context`` answer.
@@ -615,8 +617,17 @@ class Uploader:
             level = DEFAULT.level if deltas else choice.level
             if choice is SMALL and lean_codec is not None:
                 codec = lean_codec
-            body, leaves = seal(nonce=os.urandom(12), codec=codec, level=level)
-            if choice is SMALL and raw <= BIG_BATCH_BYTES:
+            ways: tuple[Way, ...] = ()
+            if choice is DEFAULT and lean_codec is None:
+                # The common case: sealed the way that won the last trial, or every way on a trial (SealWays).
+                context = self._context if raw <= BIG_BATCH_BYTES else None
+                ways = self._ways.plan(now=self._clock(), context=context is not None)
+                body, leaves = self._seal_ways(seal, ways, context)
+            else:
+                body, leaves = seal(nonce=os.urandom(12), codec=codec, level=level)
+            if ways:
+                pass  # every way that pays was tried, or the one that wins
+            elif choice is SMALL and raw <= BIG_BATCH_BYTES:
                 # Below ~100 KB, LZMA2 (no dictionary) may lose to zstd with the bundled dictionaries on some
                 # exports (Cisco IPFIX: up to 1.9x larger); zstd costs a fraction of LZMA's CPU.
                 other, left = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
@@ -633,8 +644,8 @@ class Uploader:
             # nothing from (softflowd v9 and Cisco IPFIX: never smaller), for ~40 % more sealing CPU (issue
             # 14's footprint at 10,000 flows/s). A context left by a zstd batch is still tried.
             deltas_context = self._context_codec is Codec.DELTA_LZMA
-            if (self._context is not None and choice is not FAST and not (choice is LEAN and deltas_context)
-                    and raw <= BIG_BATCH_BYTES):
+            if (not ways and self._context is not None and choice is not FAST
+                    and not (choice is LEAN and deltas_context) and raw <= BIG_BATCH_BYTES):
                 # Against what the gateway already holds from this agent: a quiet site's batch of a few
                 # datagrams repeats much of the previous one (headers, templates, addresses, ports). In the
                 # layout of that context (a record block with verbatim payloads matches codec 1 best, a
@@ -645,6 +656,9 @@ class Uploader:
                 if len(other) < len(body):
                     body, leaves, choice = other, left, (TIGHT if choice is TIGHT else DEFAULT)
             if len(body) <= self._sizer.max_body or n == 1:
+                if ways:
+                    self._ways.observe(tried=ways, won=_way_of(body), body=len(body), raw=raw,
+                                       now=self._clock())
                 self._choice, self._leaves = choice, leaves
                 self._leaves_codec = (Codec.DELTA_LZMA if body[CODEC_OFFSET] == Codec.DELTA_LZMA
                                       else Codec.COLUMNAR if body[CODEC_OFFSET] in _COLUMNAR else Codec.ZSTD)
@@ -652,6 +666,28 @@ class Uploader:
                                      now=self._clock())
                 return body, batch
             n = max(1, n // 2)
+
+    def _seal_ways(
+        self, seal: Callable[..., tuple[bytes, bytes]], ways: tuple[Way, ...], context: bytes | None,
+    ) -> tuple[bytes, bytes]:
+        """A batch at default settings sealed the ``ways`` planned (``SealWays.plan``), the smallest kept:
+        the body and the context it leaves."""
+        level = DEFAULT.level
+        if len(ways) == 1:
+            way = ways[0]
+            if way is Way.CONTEXT:
+                assert context is not None  # planned only with a context
+                return seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_codec)
+            return seal(nonce=os.urandom(12), codec=_WAY_CODECS[way], level=level)
+        body, leaves = seal(nonce=os.urandom(12), codec=None, level=level)  # codecs 3 and 2, the smaller
+        if context is not None and Way.CONTEXT in ways:
+            # Against what the gateway already holds from this agent: a batch of a few datagrams repeats much
+            # of the previous one (headers, templates, addresses, ports). In the layout of that context (a
+            # record block with verbatim payloads matches codec 1 best, a columnar one codec 3).
+            other, left = seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_codec)
+            if len(other) < len(body):
+                body, leaves = other, left
+        return body, leaves
 
     def _first_arrival(self, batch: Sequence[Entry]) -> None:
         """The arrival rate before the first batch is sealed, from its own datagrams' receive times: with
@@ -1127,6 +1163,16 @@ def _budget_days(saved: Mapping[str, int]) -> dict[int, int]:
         if suffix.isascii() and suffix.isdigit():
             days[int(suffix)] = max(used, days.get(int(suffix), 0))
     return dict(sorted(days.items()))
+
+
+_WAY_CODECS = {Way.ZSTD: Codec.ZSTD_DICT, Way.COLUMNAR: Codec.COLUMNAR}
+
+
+def _way_of(body: bytes) -> Way:
+    """The way a sealed body went (``SealWays``): its context flag, else its codec."""
+    if body[FLAGS_OFFSET] & FLAG_CONTEXT:
+        return Way.CONTEXT
+    return Way.COLUMNAR if body[CODEC_OFFSET] == Codec.COLUMNAR else Way.ZSTD
 
 
 def _source(entry: Entry) -> tuple[str, int, int]:

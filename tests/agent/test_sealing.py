@@ -1,0 +1,112 @@
+"""Seal once (``agent.sealing.SealWays``): a batch at default settings is sealed every way on a trial, then
+the way that won alone, until a number of batches, a time or a worse ratio calls the next trial; and the
+uploader follows it against a real gateway."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flowtunnel.agent.uploader as uploader_module
+from flowtunnel.agent.policy import DEFAULT, CodecChoice
+from flowtunnel.agent.sealing import PLAIN, SealWays, Way
+from flowtunnel.wire import FLAG_CONTEXT
+from tests.agent.conftest import GatewayFactory, Opened, enroll, trickle
+from tests.agent.test_uploader import AGENT, assert_exactly_once, config, open_spool, uploading, v9_export
+
+ALL = (*PLAIN, Way.CONTEXT)
+
+
+def test_the_first_batch_is_a_trial_of_every_way_then_the_winner_goes_alone() -> None:
+    ways = SealWays()
+    assert ways.plan(now=0.0, context=False) == PLAIN  # nothing learnt, no context yet
+    ways.observe(tried=PLAIN, won=Way.COLUMNAR, body=250, raw=1000, now=0.0)
+    assert ways.plan(now=1.0, context=False) == (Way.COLUMNAR,)
+    assert ways.plan(now=1.0, context=True) == ALL  # the first batch with a context: tried too
+    ways.observe(tried=ALL, won=Way.COLUMNAR, body=250, raw=1000, now=1.0)
+    assert ways.plan(now=2.0, context=True) == (Way.COLUMNAR,)
+    ways.observe(tried=(Way.COLUMNAR,), won=Way.COLUMNAR, body=250, raw=1000, now=2.0)
+    assert ways.plan(now=3.0, context=True) == (Way.COLUMNAR,)
+
+
+def test_a_trial_comes_back_after_every_batches_or_every_s_seconds() -> None:
+    ways = SealWays(every=3, every_s=100.0)
+    ways.observe(tried=ALL, won=Way.CONTEXT, body=200, raw=1000, now=0.0)
+    for i in range(3):
+        assert ways.plan(now=float(i), context=True) == (Way.CONTEXT,)
+        ways.observe(tried=(Way.CONTEXT,), won=Way.CONTEXT, body=200, raw=1000, now=float(i))
+    assert ways.plan(now=4.0, context=True) == ALL  # 3 batches one way: a trial
+    ways.observe(tried=ALL, won=Way.ZSTD, body=190, raw=1000, now=4.0)
+    assert ways.plan(now=5.0, context=True) == (Way.ZSTD,)
+    assert ways.plan(now=104.0, context=True) == ALL  # 100 s since the trial
+    assert ways.plan(now=3.0, context=True) == ALL  # a clock that went back: a trial too
+
+
+def test_a_worse_ratio_of_the_kept_way_calls_a_trial_at_once() -> None:
+    ways = SealWays(drift=0.10)
+    ways.observe(tried=ALL, won=Way.COLUMNAR, body=200, raw=1000, now=0.0)
+    ways.observe(tried=(Way.COLUMNAR,), won=Way.COLUMNAR, body=215, raw=1000, now=1.0)  # +7.5 %: noise
+    assert ways.plan(now=2.0, context=True) == (Way.COLUMNAR,)
+    ways.observe(tried=(Way.COLUMNAR,), won=Way.COLUMNAR, body=230, raw=1000, now=2.0)  # +15 %
+    assert ways.plan(now=3.0, context=True) == ALL
+
+
+def test_without_a_context_the_plain_ways_are_tried_and_the_context_again_once_there_is_one() -> None:
+    ways = SealWays()
+    ways.observe(tried=ALL, won=Way.CONTEXT, body=200, raw=1000, now=0.0)
+    # the context is lost (an unknown-context answer, a failure): both plain ways, not a verdict on it
+    assert ways.plan(now=1.0, context=False) == PLAIN
+    ways.observe(tried=PLAIN, won=Way.COLUMNAR, body=260, raw=1000, now=1.0)
+    assert ways.plan(now=2.0, context=False) == (Way.COLUMNAR,)
+    assert ways.plan(now=2.0, context=True) == ALL  # a context again: every way, at once
+    ways.observe(tried=ALL, won=Way.CONTEXT, body=200, raw=1000, now=2.0)
+    assert ways.plan(now=3.0, context=True) == (Way.CONTEXT,)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="every >= 1"):
+        SealWays(every=0)
+
+
+async def test_the_uploader_seals_a_default_batch_once_after_the_first_trial(
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At default settings (the codec rule's DEFAULT, as at 1,000 flows/s) every batch used to be sealed
+    three ways (codecs 3 and 2 in one call, the context in another); now the trial batch only."""
+    calls: list[dict[str, Any]] = []
+    real: Callable[..., tuple[bytes, bytes]] = getattr(uploader_module, "seal_batch_and_context")  # noqa: B009
+
+    def spy(**kwargs: Any) -> tuple[bytes, bytes]:
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(uploader_module, "seal_batch_and_context", spy)
+
+    def default(self: uploader_module.Uploader, *, big: bool) -> CodecChoice:
+        return DEFAULT
+
+    monkeypatch.setattr(uploader_module.Uploader, "codec_choice", default)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = v9_export(40)
+    spool = open_spool(tmp_path)
+    chunks = [sent[i : i + 10] for i in range(0, len(sent), 10)]
+    async with gateway_factory(data) as gw:
+        async with uploading(config(tmp_path, gw.url, key, stream_compression=False), key, spool) as up:
+            await trickle(up, spool, chunks[:2])  # the first: a trial without a context; the second: with one
+            trial = len(calls)
+            assert trial == 3  # codecs 3 and 2 (one call), then both again and the context
+            won = up._ways.kept
+            assert won is not None
+            await trickle(up, spool, chunks[2:])
+            assert len(calls) == trial + len(chunks) - 2  # one seal per batch
+            way = ((True, up._context_codec) if won is Way.CONTEXT
+                   else (False, uploader_module._WAY_CODECS[won]))
+            assert {("context" in c, c.get("codec")) for c in calls[trial:]} == {way}
+        assert_exactly_once(gw, sent)
+    with_context = sum(1 for _, _, flags, _ in opened if flags & FLAG_CONTEXT)
+    assert with_context == (len(chunks) - 1 if won is Way.CONTEXT else 0)
+    spool.close()
