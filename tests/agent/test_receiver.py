@@ -575,3 +575,44 @@ async def test_commit_wait_bounds_how_long_a_lone_datagram_waits(spool: DurableL
     finally:
         rx.stop_receiving()
         await tasks.close()
+
+
+async def test_datagrams_a_few_tens_of_ms_apart_are_read_a_few_per_wakeup(spool: DurableLog) -> None:
+    """1,000 flows/s of softflowd v9 is ~36 datagrams/s, 28 ms apart: each used to cost a wake of the event
+    loop of its own (polling began below 10 ms). With a commit wait of 1 s the socket is polled up to 0.1 s
+    apart while datagrams come closer than half that, so a poll finds several."""
+    tasks = TaskSet()
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=8 << 20, buffer_limit=10_000,
+                  commit_interval=0.05, commit_bytes=64 << 10, commit_wait=1.0)
+    await rx.start()
+    try:
+        tasks.spawn(rx.run(), name="commit")
+        if rx.stats.rcvbuf["udp://127.0.0.1:0"] < 2 * 0.1 * (8 << 20):  # 0.1 s of a flood, twice
+            pytest.skip("the kernel granted too small a receive buffer for 0.1 s polls")
+        sent = [v9(i) for i in range(40)]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            for p in sent:
+                tx.sendto(p, rx.bound[0])
+                await asyncio.sleep(0.028)
+        await eventually(lambda: rx.stats.datagrams == len(sent), "every datagram read")
+        await rx.flush()
+        assert [e.datagram.payload for e in spool.read(after=0, limit=100)] == sent
+        assert rx.stats.wakeups <= len(sent) // 2  # 0.1 s polls: ~12 for 1.1 s of datagrams
+        assert rx.stats.drops == {}
+    finally:
+        rx.stop_receiving()
+        await tasks.close()
+
+
+async def test_a_small_receive_buffer_keeps_polls_close_enough_for_a_flood(spool: DurableLog) -> None:
+    """Polls wait at most as long as half the kernel's receive buffer takes to fill at 100k flows/s: with the
+    buffer most kernels grant without privileges (~400 KB as counted) that is the 20 ms floor."""
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=200_000, buffer_limit=10_000,
+                  commit_interval=0.05, commit_wait=1.0)
+    await rx.start()
+    try:
+        given = rx.stats.rcvbuf["udp://127.0.0.1:0"]
+        assert rx._readers[0]._poll_max == max(0.02, min(0.25, given / (2 * (8 << 20))))
+        assert rx._readers[0]._poll_max < 0.05
+    finally:
+        rx.stop_receiving()
