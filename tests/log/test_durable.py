@@ -85,6 +85,28 @@ def test_seqs_are_never_reused_after_trim_and_reopen(tmp_path: Path) -> None:
         assert lg.append([dg(9)]).first_seq == 6
 
 
+def test_a_trim_with_a_cursor_commits_both_in_one_transaction_or_neither(tmp_path: Path) -> None:
+    """The agent's uploader records the gateway's mark and trims what it holds after every batch: one
+    transaction (one fsync) for both, not two; and a trim that fails leaves the mark where it was."""
+    cfg = LogConfig(path=tmp_path / "log.sqlite", quota_bytes=0)
+    with DurableLog(cfg) as lg:
+        lg.append([dg(i) for i in range(6)])
+        commits: list[str] = []
+        lg._db.set_trace_callback(lambda sql: commits.append(sql) if sql.strip() == "COMMIT" else None)
+        assert lg.trim(2, cursor="gateway") == 2
+        assert len(commits) == 1
+        lg._db.set_trace_callback(None)
+        lg._db.execute("CREATE TRIGGER no_delete BEFORE DELETE ON entries "
+                       "BEGIN SELECT RAISE(ABORT, 'no'); END")
+        with pytest.raises(LogError):
+            lg.trim(4, cursor="gateway")
+        assert lg.cursor("gateway") == 2
+        lg._db.execute("DROP TRIGGER no_delete")
+    with DurableLog(cfg) as lg:
+        assert lg.cursor("gateway") == 2
+        assert [e.seq for e in lg.read(after=0)] == [3, 4, 5, 6]
+
+
 def test_state_is_committed_with_the_entries_and_listed_by_prefix(log: DurableLog) -> None:
     log.append([dg(1)], stream="a", stream_seqs=[7], state={"hwm:a": 7, "other": 1})
     log.set_state("hwm:b", 3)
@@ -433,13 +455,14 @@ def test_on_a_full_1mib_disk_cursors_and_trims_still_commit_and_the_episode_is_l
         for _ in range(3):
             lg.commit_cursor("gateway", upto)
             lg.set_state("acked", upto)
-        assert lg.trim(upto) == st.entries - 2
+        assert lg.trim(upto - 1) == st.entries - 3
+        assert lg.trim(upto, cursor="uploader") == 1  # the cursor in the careful path too
         filler.unlink()
         lg.append([dg(1)])
         assert not lg.stats().disk_full
         assert lg._reserve_path.exists()  # taken back once there was room
     with DurableLog(cfg) as lg:
-        assert lg.cursor("gateway") == upto
+        assert lg.cursor("gateway") == lg.cursor("uploader") == upto
         assert lg.get_state("acked") == upto
         assert lg.stats().entries == 3
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]

@@ -785,8 +785,7 @@ class Uploader:
                 "restored?): numbering continues at %d", acked, spool.last_seq(), acked + 1,
             )
             spool.advance_seq(acked + 1)
-        spool.commit_cursor(CURSOR, acked)
-        spool.trim(acked)
+        spool.trim(acked, cursor=CURSOR)  # the mark and the trim in one transaction: one fsync per batch
         trim_malloc()  # the batch's buffers are freed: their pages go back (peak RSS, issue 14)
         self._position = acked
         self._last_seq = spool.last_seq()

@@ -917,8 +917,11 @@ class DurableLog:
             self._next_seq = new_next
             return int(row[1])
 
-    def trim(self, upto: int) -> int:
+    def trim(self, upto: int, *, cursor: str | None = None) -> int:
         """Delete entries with ``seq <= upto``; returns how many. Space is reclaimed incrementally.
+
+        ``cursor``: commit that cursor at ``upto`` first (``commit_cursor``), in the trim's own transaction
+        when there is room: one commit (one fsync) instead of two; the agent's uploader does this per batch.
 
         Deleting needs a little free disk (SQLite writes the change to the WAL first). When the disk is
         (nearly) full, trim deletes in small steps, folding the WAL back after each, and if a step still finds
@@ -928,13 +931,17 @@ class DurableLog:
         with self._lock:
             self._check_open()
             if self._disk_full or self._low_on_space():
+                if cursor is not None:
+                    self._commit_cursor_locked(cursor, upto)
                 count = self._trim_in_steps(upto)
             else:
                 try:
                     with self._translate("trim"):
-                        count = self._trim_tx(upto)
+                        count = self._trim_tx(upto, cursor=cursor)
                 except LogFull:
                     self._enter_disk_full(None)
+                    if cursor is not None:
+                        self._commit_cursor_locked(cursor, upto)
                     count = self._trim_in_steps(upto)
                 if count:
                     with suppress(sqlite3.Error):  # reclaiming space is an optimisation; never fail the trim
@@ -1017,10 +1024,12 @@ class DurableLog:
         free = self._free_bytes()
         return free is not None and free < 2 * self._floor
 
-    def _trim_tx(self, upto: int, *, dropped: bool = False) -> int:
+    def _trim_tx(self, upto: int, *, dropped: bool = False, cursor: str | None = None) -> int:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            if cursor is not None:
+                db.execute(_UPSERT_CURSOR, (cursor, int(upto)))
             count, freed = db.execute(
                 f"SELECT count(*), coalesce(sum({_COST_SQL}), 0) FROM entries WHERE seq <= ?", (upto,)
             ).fetchone()
@@ -1145,7 +1154,10 @@ class DurableLog:
         """Durably record that consumer ``name`` has processed every entry up to ``seq``."""
         with self._lock:
             self._check_open()
-            self._small_write("commit_cursor", lambda: self._db.execute(_UPSERT_CURSOR, (name, int(seq))))
+            self._commit_cursor_locked(name, seq)
+
+    def _commit_cursor_locked(self, name: str, seq: int) -> None:
+        self._small_write("commit_cursor", lambda: self._db.execute(_UPSERT_CURSOR, (name, int(seq))))
 
     def set_state(self, key: str, value: int) -> None:
         """Durably set an integer state value (e.g. the gateway's ``hwm:<agent>``)."""
