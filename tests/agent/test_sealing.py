@@ -13,7 +13,8 @@ import pytest
 import flowtunnel.agent.uploader as uploader_module
 from flowtunnel.agent.policy import DEFAULT, CodecChoice
 from flowtunnel.agent.sealing import PLAIN, SealWays, Way
-from flowtunnel.wire import FLAG_CONTEXT
+from flowtunnel.wire import FLAG_CONTEXT, codec
+from flowtunnel.wire.codec import default_dictionary_id
 from tests.agent.conftest import GatewayFactory, Opened, enroll, trickle
 from tests.agent.test_uploader import AGENT, assert_exactly_once, config, open_spool, uploading, v9_export
 
@@ -106,6 +107,9 @@ async def test_the_uploader_seals_a_default_batch_once_after_the_first_trial(
             way = ((True, up._context_codec) if won is Way.CONTEXT
                    else (False, uploader_module._WAY_CODECS[won]))
             assert {("context" in c, c.get("codec")) for c in calls[trial:]} == {way}
+            # the losing ways' compressors are not kept (peak RSS); a context's is made per batch
+            kept = set() if won is Way.CONTEXT else {default_dictionary_id(uploader_module._WAY_CODECS[won])}
+            assert {k[0] for k in codec._idle} == kept
         assert_exactly_once(gw, sent)
     with_context = sum(1 for _, _, flags, _ in opened if flags & FLAG_CONTEXT)
     assert with_context == (len(chunks) - 1 if won is Way.CONTEXT else 0)

@@ -175,3 +175,24 @@ def test_compressors_are_kept_once_for_the_process_and_a_few_only() -> None:
     for level in (3, 9, 15, 19):
         compress(raw, Codec.ZSTD_DICT, dict_id=dict_id, level=level)
     assert list(codec._idle) == [(dict_id, level, True) for level in (9, 15, 19)]
+
+
+def test_released_compressors_and_tables_are_those_of_other_dictionaries() -> None:
+    """issue 14: the agent seals by one way between trials; the other way's compressor and its precomputed
+    tables (~1.4 MB at level 6) need not stay in memory, nor anything once the context wins."""
+    from flowtunnel.wire import codec
+
+    raw = bytes(range(256)) * 40
+    plain = codec.default_dictionary_id(Codec.ZSTD_DICT)
+    columnar = codec.default_dictionary_id(Codec.COLUMNAR)
+    codec.release_compressors()
+    assert not codec._idle
+    assert not codec._tables
+    compress(raw, Codec.ZSTD_DICT, dict_id=plain)
+    compress(raw, Codec.COLUMNAR, dict_id=columnar)
+    assert {k[0] for k in codec._idle} == {k[0] for k in codec._tables} == {plain, columnar}
+    codec.release_compressors(keep=(columnar,))
+    assert list(codec._idle) == [(columnar, codec.DEFAULT_LEVEL, True)]
+    assert list(codec._tables) == [(columnar, codec.DEFAULT_LEVEL)]
+    assert decompress(compress(raw, Codec.COLUMNAR, dict_id=columnar), Codec.COLUMNAR, dict_id=columnar,
+                      raw_len=len(raw)) == raw

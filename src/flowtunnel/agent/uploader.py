@@ -115,6 +115,7 @@ from flowtunnel.wire import (
     seal_stream_batch,
     verify_ack,
 )
+from flowtunnel.wire.codec import default_dictionary_id, release_compressors
 
 __all__ = ["CURSOR", "Uploader", "UploaderStats"]
 
@@ -680,6 +681,9 @@ class Uploader:
                 return seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_codec)
             return seal(nonce=os.urandom(12), codec=_WAY_CODECS[way], level=level)
         body, leaves = seal(nonce=os.urandom(12), codec=None, level=level)  # codecs 3 and 2, the smaller
+        # The losing codec's compressor is not kept (~1.4 MB at level 6 with its tables): between trials only
+        # the winner's is used, and the peak RSS counts every compressor alive at once (issue 14).
+        release_compressors(keep=(default_dictionary_id(body[CODEC_OFFSET]),))
         if context is not None and Way.CONTEXT in ways:
             # Against what the gateway already holds from this agent: a batch of a few datagrams repeats much
             # of the previous one (headers, templates, addresses, ports). In the layout of that context (a
@@ -687,6 +691,7 @@ class Uploader:
             other, left = seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_codec)
             if len(other) < len(body):
                 body, leaves = other, left
+                release_compressors()  # the context's compressor is made per batch: none is used
         return body, leaves
 
     def _first_arrival(self, batch: Sequence[Entry]) -> None:

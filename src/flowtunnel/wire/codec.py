@@ -17,6 +17,7 @@ import functools
 import importlib.resources
 import lzma
 import threading
+from collections.abc import Collection
 
 import zstandard
 
@@ -33,6 +34,7 @@ __all__ = [
     "compress_with_context",
     "decompress",
     "default_dictionary_id",
+    "release_compressors",
 ]
 
 BUNDLED_DICTIONARY = "netflow-v1.zdict"  # codec 2 default, id 0x46540001
@@ -110,13 +112,38 @@ _idle: collections.OrderedDict[tuple[int, int, bool], zstandard.ZstdCompressor] 
 _idle_lock = threading.Lock()
 
 
-@functools.lru_cache(maxsize=_IDLE_COMPRESSORS)
+_tables: collections.OrderedDict[tuple[int, int], zstandard.ZstdCompressionDict] = collections.OrderedDict()
+
+
 def _precomputed(dict_id: int, level: int) -> zstandard.ZstdCompressionDict:
+    """The bundled dictionary ``dict_id`` with its tables for ``level`` computed (~0.7 MB at level 6), kept
+    for the last ``_IDLE_COMPRESSORS`` (dictionary, level) pairs used."""
+    key = (dict_id, level)
+    with _idle_lock:
+        d = _tables.pop(key, None)
+        if d is not None:
+            _tables[key] = d
+            return d
     # a private copy per level: precompute_compress() fixes the parameters inside the dictionary object
     d = zstandard.ZstdCompressionDict(bundled_dictionaries()[dict_id].as_bytes(),
                                       dict_type=zstandard.DICT_TYPE_FULLDICT)
     d.precompute_compress(level=level)
+    with _idle_lock:
+        _tables[key] = d
+        while len(_tables) > _IDLE_COMPRESSORS:
+            _tables.popitem(last=False)
     return d
+
+
+def release_compressors(*, keep: Collection[int] = ()) -> None:
+    """Drop the idle compressors and precomputed tables of every dictionary but those of ``keep`` (ids; 0
+    for no dictionary): ~0.7 MB each at level 6. The agent calls it once it knows which way it seals by
+    (issue 14: the peak RSS counts every compressor alive at once)."""
+    with _idle_lock:
+        for key in [k for k in _idle if k[0] not in keep]:
+            del _idle[key]
+        for table in [k for k in _tables if k[0] not in keep]:
+            del _tables[table]
 
 
 def compress(raw: bytes, codec: Codec, *, level: int = DEFAULT_LEVEL, dict_id: int = 0) -> bytes:
