@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -86,9 +87,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _agent_tls(words: Sequence[str]) -> None:
+    """An agent that nothing can make use TLS runs without ``ssl`` (~3.4 MB; ``flowtunnel.tls``): decided
+    here, before its modules import asyncio."""
+    from flowtunnel.tls import leave_out_ssl, tls_reason
+
+    if tls_reason(words, os.environ) is None:
+        leave_out_ssl()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_command_of(words))
+    command = _command_of(words)
+    if command == "agent":
+        _agent_tls(words)
+    parser = build_parser(command)
     args = parser.parse_args(words)
     try:
         code: int = args.func(args)

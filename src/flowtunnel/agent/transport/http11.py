@@ -27,7 +27,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import ssl
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,8 +37,11 @@ import h11
 
 from flowtunnel.agent.config import mask_url
 from flowtunnel.agent.proxy.auth import ProxyAuthenticator, ProxyAuthError, ProxyCredentials
+from flowtunnel.tls import ssl_module
 
 if TYPE_CHECKING:  # x509 (~3 MB) is loaded only after a pin mismatch, to name the issuer
+    import ssl  # (at run time from flowtunnel.tls.ssl_module: an agent without TLS has none)
+
     from cryptography import x509
 
 __all__ = [
@@ -384,7 +386,7 @@ class HttpClient:
                 except TimeoutError:
                     raise PhaseTimeout(
                         f"{phase}: nothing for {self._timeouts.read:g} s (read timeout)") from None
-                except (OSError, ssl.SSLError) as exc:
+                except OSError as exc:  # ssl.SSLError too (a subclass)
                     # A peer that answers and then resets (a proxy refusing a request whose body it did not
                     # read) leaves the answer in the stream's buffer, which the reset hides: read it anyway.
                     broken = type(exc).__name__
@@ -571,6 +573,7 @@ class HttpClient:
         return conn
 
     async def _start_tls(self, conn: _Conn) -> _Conn:
+        ssl = ssl_module(f"the TLS handshake with {self._host}:{self._port}")
         ctx = self._ssl or ssl.create_default_context()
         try:
             async with asyncio.timeout(self._timeouts.connect):
@@ -603,6 +606,7 @@ class HttpClient:
         """Whether OpenSSL, with this box's CAs (the system bundle, ``SSL_CERT_FILE``), accepts the chain now
         presented for the gateway: one more handshake on a new connection, only after a pin mismatch whose
         leaf cryptography's stricter web-PKI checks refused (mitmproxy's leaves have no key identifiers)."""
+        ssl = ssl_module(f"the TLS handshake with {self._host}:{self._port}")
         try:
             async with asyncio.timeout(self._timeouts.connect * 2):
                 conn = await self._tcp()
@@ -693,7 +697,7 @@ def _box_roots() -> list[x509.Certificate]:
     """The CAs this box trusts (the system bundle OpenSSL uses by default)."""
     from cryptography import x509
 
-    paths = ssl.get_default_verify_paths()
+    paths = ssl_module("reading this box's CAs").get_default_verify_paths()
     if not paths.cafile:
         return []
     with contextlib.suppress(OSError, ValueError), warnings.catch_warnings():

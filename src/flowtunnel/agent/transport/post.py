@@ -26,9 +26,9 @@ import base64
 import json
 import logging
 import os
-import ssl
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from flowtunnel.agent.config import AgentConfig, mask_url
@@ -57,8 +57,12 @@ from flowtunnel.agent.transport.http11 import (
 from flowtunnel.agent.transport.labels import REFUSAL_STATUSES, ContentTypes
 from flowtunnel.agent.transport.ladder import REPROBE_AFTER
 from flowtunnel.errors import ConfigError
+from flowtunnel.tls import ssl_module
 from flowtunnel.wire import COMPACT_ACK_BYTES, CONTENT_TYPE, AuthenticationFailed, parse_compact_ack
 from flowtunnel.wire.probe import encode_b64url, verify_probe
+
+if TYPE_CHECKING:
+    import ssl  # (at run time from flowtunnel.tls.ssl_module: an agent without TLS has none)
 
 __all__ = [
     "CLASSIC_PATH", "COMPACT_PATH", "CONTENT_TYPE", "PostTransport", "choose_proxy", "find_route",
@@ -151,6 +155,7 @@ def make_client(config: AgentConfig, route: ProxyRoute | Routes | None = None) -
     context: ssl.SSLContext | None = None
     if urlsplit(config.gateway).scheme == "https" or config.ca_file is not None:
         # A CA file given for an http:// gateway is still read, so a typo shows at start, not at a switch.
+        ssl = ssl_module("an https:// gateway" if config.ca_file is None else "--ca-file")
         try:
             context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
         except (OSError, ssl.SSLError) as exc:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import ssl
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -75,7 +74,7 @@ class _Socket:
             while not self.closed:
                 try:
                     data = await self.reader.read(_READ)
-                except (OSError, ssl.SSLError) as exc:
+                except OSError as exc:  # ssl.SSLError too (a subclass)
                     raise ConnectionLost(f"connection broken ({type(exc).__name__})") from None
                 if not data:
                     raise ConnectionLost("connection closed")
@@ -298,7 +297,7 @@ class WsTransport(PostTransport):
             except TimeoutError:
                 raise PhaseTimeout(f"{phase}: nothing for {self.client.timeouts.read:g} s (read timeout)") \
                     from None
-            except (OSError, ssl.SSLError) as exc:
+            except OSError as exc:  # ssl.SSLError too (a subclass)
                 raise ConnectionLost(f"{phase}: connection broken ({type(exc).__name__})") from None
             if not data:
                 raise ConnectionLost(f"{phase}: connection closed")
