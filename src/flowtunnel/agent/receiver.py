@@ -16,13 +16,16 @@ at once (the uploader calls it before it reads a batch, so the wait adds no late
 ``commit_interval``.
 
 Each socket is read with non-blocking ``recvfrom`` in a loop until it is empty, not one datagram per
-callback. While datagrams come slowly (an exporter or two, the footprint case) the loop wakes on readiness
-as usual; when readiness events follow each other closer than ``POLL_INTERVAL`` / 2, the socket is taken off
-the selector and read every ``POLL_INTERVAL`` instead, until a read finds fewer than ``POLL_MIN``: one wake
-then reads several datagrams, instead of one wake (selector round, callback) per datagram. The
-kernel's receive buffer holds them meanwhile: 20 ms of 100k flows/s is ~70 datagrams, ~100 KB of buffer.
-(20 ms since issue 14, 5 ms before: at 10k flows/s, 357 datagrams/s, readiness events came 2.8 ms apart,
-above the 2.5 ms threshold, so every datagram cost a wake of its own.)
+callback. While datagrams come slowly (a quiet exporter) the loop wakes on readiness as usual; when
+readiness events follow each other closer than half the longest poll wait (a quarter of the commit wait,
+at most ``POLL_MAX``: 0.1 s at ``--latency 1s``), the socket is taken off the selector and polled instead,
+until a read finds fewer than ``POLL_MIN``: one wake then reads several datagrams, instead of one wake
+(selector round, callback) per datagram. Each poll waits long enough to find ~``POLL_FILL`` datagrams at the
+rate the last one saw, from ``POLL_INTERVAL`` (20 ms) to that longest wait, which is shorter when the
+kernel's receive buffer would not hold twice what ``FLOOD_RATE`` (100k flows/s) brings in it: 20 ms of 100k
+flows/s is ~70 datagrams, ~160 KB of buffer as the kernel counts it. (Issue 14: at 10k flows/s, 357
+datagrams/s, readiness events came 2.8 ms apart, above the 2.5 ms threshold of then, so every datagram cost a
+wake of its own; at 1,000 flows/s, 28 ms apart, each did until the polls could wait 0.1 s.)
 
 If the disk falls behind long enough to fill the buffer, the newest datagrams are dropped and counted as
 ``receiver_overflow``: memory stays bounded whatever happens.

@@ -18,27 +18,29 @@ agent info): a gateway that lost acknowledged datagrams answers 409 and the agen
 counting what it can no longer re-send as ``gateway_lost``.
 
 Codec choice (bytes against CPU, ``policy.choose_codec``): bytes-lean by default, whatever link was measured
-(any link may be metered). The batch goes the way with the smallest body whose sealing CPU, at the rate of
-raw data arriving (``policy.ArrivalRate``, doubled for a backlog so it drains at least as fast), stays within
+(any link may be metered). The batch goes the way with the smallest body whose sealing CPU, at the rate of raw
+data arriving (``policy.ArrivalRate``, doubled for a backlog so it drains at least as fast), stays within
 ``policy.CPU_SHARE`` (25 %) of a core. Three ways, measured on softflowd v9 (CPU per raw MB / body per raw
 byte): ``SMALL`` codec 5, columnar + field deltas + LZMA2 preset 6 with the field plans reused
 (``wire.PlanCache``; ~125-190 ms / 0.14; codec 4's 0.16 before), only for throughput-bound batches (a backlog:
-more spooled behind it, or above ``BIG_BATCH_BYTES`` of payload); ``DEFAULT`` the sealer's choice of codec 3
-or 2 at level 6 (~35 ms / 0.21); ``FAST`` codec 2 at zstd level 3 (~10 ms / 0.36); and at a quiet site,
-while it costs at most ``policy.TIGHT_SHARE`` (1.5 %) of a core, ``TIGHT``: ``DEFAULT`` at level 15 with the
-context tried too, and from ``TIGHT_DELTAS_FROM`` (4) datagrams codec 5 (field deltas + LZMA2) beside level 6
-instead (~1,000 ms per raw MB; 5-20 % smaller bodies of a few datagrams, 15 % on Cisco IPFIX); above a quiet
-site's rate, while it costs at most ``policy.LEAN_SHARE`` (5 %) of a core (up to ~830 KB/s arriving),
-``LEAN``: codec 5 at LZMA2 preset 1 with the field plans reused from earlier batches (``wire.PlanCache``),
-~60 ms / 0.17 (softflowd v9 at 500 datagrams/s: 0.170 of raw against 0.221 with ``DEFAULT``). Only when
-no way keeps within the share does the link decide: the least sealing CPU plus upload time per raw byte,
-since with one request in flight a busy agent moves one batch per (seal + upload); upload time comes from
-the uploads themselves (``policy.LinkEstimate``) or from the ``bandwidth`` cap, whichever is slower. A
-daily byte budget means bytes always count (``SMALL`` for big batches, ``LEAN`` for the others). Before
-this rule (issue 14) a measured fast link picked ``FAST`` for every batch with anything spooled behind it:
-at 500 datagrams/s on a fast link that cost 0.34 of raw UDP instead of ~0.2. A ``SMALL`` batch up to
-``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT`` and the smaller kept: below ~100 KB LZMA2 (no
-dictionary) loses to zstd with the bundled dictionaries on some exports (Cisco IPFIX: up to 1.9x).
+more spooled behind it, or above ``BIG_BATCH_BYTES`` of payload); ``DEFAULT`` codec 3, codec 2 or the
+compression context at level 6 (~35 ms / 0.21), whichever won the last trial (``agent.sealing.SealWays``: a
+trial seals every way every 32 batches or 2 minutes, or when the winner's ratio slips); ``FAST`` codec 2 at
+zstd level 3 (~10 ms / 0.36); and at a quiet site, while it costs at most ``policy.TIGHT_SHARE`` (1.5 %) of a
+core, ``TIGHT``: ``DEFAULT`` at level 15 with the context tried too, and from ``TIGHT_DELTAS_FROM`` (4)
+datagrams codec 5 (field deltas + LZMA2) beside level 6 instead (~1,000 ms per raw MB; 5-20 % smaller bodies
+of a few datagrams, 15 % on Cisco IPFIX); above a quiet site's rate, while it costs at most
+``policy.LEAN_SHARE`` (5 %) of a core (up to ~830 KB/s arriving), ``LEAN``: codec 5 at LZMA2 preset 1 with the
+field plans reused from earlier batches (``wire.PlanCache``), ~60 ms / 0.17 (softflowd v9 at 500 datagrams/s:
+0.170 of raw against 0.221 with ``DEFAULT``). Only when no way keeps within the share does the link decide:
+the least sealing CPU plus upload time per raw byte, since with one request in flight a busy agent moves one
+batch per (seal + upload); upload time comes from the uploads themselves (``policy.LinkEstimate``) or from the
+``bandwidth`` cap, whichever is slower. A daily byte budget means bytes always count (``SMALL`` for big
+batches, ``LEAN`` for the others). Before this rule (issue 14) a measured fast link picked ``FAST`` for every
+batch with anything spooled behind it: at 500 datagrams/s on a fast link that cost 0.34 of raw UDP instead of
+~0.2. A ``SMALL`` batch up to ``BIG_BATCH_BYTES`` is also sealed with ``DEFAULT`` and the smaller kept: below
+~100 KB LZMA2 (no dictionary) loses to zstd with the bundled dictionaries on some exports (Cisco IPFIX: up to
+1.9x).
 """
 
 from __future__ import annotations
