@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import flowtunnel.agent.uploader as uploader_module
-from flowtunnel.agent.policy import DEFAULT, CodecChoice
+from flowtunnel.agent.policy import DEFAULT, LEAN, CodecChoice
 from flowtunnel.agent.sealing import PLAIN, SealWays, Way
 from flowtunnel.wire import FLAG_CONTEXT, codec
 from flowtunnel.wire.codec import default_dictionary_id
@@ -113,4 +113,29 @@ async def test_the_uploader_seals_a_default_batch_once_after_the_first_trial(
         assert_exactly_once(gw, sent)
     with_context = sum(1 for _, _, flags, _ in opened if flags & FLAG_CONTEXT)
     assert with_context == (len(chunks) - 1 if won is Way.CONTEXT else 0)
+    spool.close()
+
+
+async def test_default_batches_after_lean_ones_go_against_their_context_in_the_columnar_layout(
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LEAN batch (codec 5) leaves a context of field differences; when the rate rises past LEAN's share the
+    next DEFAULT batches try it in codec 3's layout (a codec 5 context sealed with codec 5 is no zstd frame:
+    the sealer refused it and the upload stalled)."""
+    choices = iter([LEAN, LEAN, DEFAULT, DEFAULT, DEFAULT])
+
+    def scripted(self: uploader_module.Uploader, *, big: bool) -> CodecChoice:
+        return next(choices, DEFAULT)
+
+    monkeypatch.setattr(uploader_module.Uploader, "codec_choice", scripted)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = v9_export(50)
+    spool = open_spool(tmp_path)
+    async with gateway_factory(data) as gw:
+        async with uploading(config(tmp_path, gw.url, key, stream_compression=False), key, spool) as up:
+            await trickle(up, spool, [sent[i : i + 10] for i in range(0, len(sent), 10)])
+            assert up.stats.failures == {}
+            assert up.stats.codecs[5] == 2
+        assert_exactly_once(gw, sent)
     spool.close()

@@ -680,7 +680,7 @@ class Uploader:
             way = ways[0]
             if way is Way.CONTEXT:
                 assert context is not None  # planned only with a context
-                return seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_codec)
+                return seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_layout)
             return seal(nonce=os.urandom(12), codec=_WAY_CODECS[way], level=level)
         body, leaves = seal(nonce=os.urandom(12), codec=None, level=level)  # codecs 3 and 2, the smaller
         # The losing codec's compressor is not kept (~1.4 MB at level 6 with its tables): between trials only
@@ -690,11 +690,17 @@ class Uploader:
             # Against what the gateway already holds from this agent: a batch of a few datagrams repeats much
             # of the previous one (headers, templates, addresses, ports). In the layout of that context (a
             # record block with verbatim payloads matches codec 1 best, a columnar one codec 3).
-            other, left = seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_codec)
+            other, left = seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_layout)
             if len(other) < len(body):
                 body, leaves = other, left
                 release_compressors()  # the context's compressor is made per batch: none is used
         return body, leaves
+
+    @property
+    def _context_layout(self) -> Codec:
+        """The codec a batch against the context is sealed with: the context's layout (a codec 5 batch's
+        context, field differences, goes with codec 3's columnar layout, the nearest)."""
+        return Codec.COLUMNAR if self._context_codec is Codec.DELTA_LZMA else self._context_codec
 
     def _first_arrival(self, batch: Sequence[Entry]) -> None:
         """The arrival rate before the first batch is sealed, from its own datagrams' receive times: with
