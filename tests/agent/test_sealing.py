@@ -67,6 +67,60 @@ def test_without_a_context_the_plain_ways_are_tried_and_the_context_again_once_t
     assert ways.plan(now=3.0, context=True) == (Way.CONTEXT,)
 
 
+def test_lean_is_tried_first_where_the_rule_allows_it_and_a_trial_comes_when_it_becomes_allowed() -> None:
+    """issue 14: above a quiet site's rate (``policy.LEAN``) codec 5 is one more way of the trial, first (a
+    tie keeps it); a batch that allows it after a trial without it is a trial again, and a kept LEAN is not
+    used where the rule no longer allows it (``DEFAULT`` again: a trial of the zstd ways)."""
+    ways = SealWays()
+    ways.observe(tried=ALL, won=Way.COLUMNAR, body=250, raw=1000, now=0.0)
+    assert ways.plan(now=1.0, context=True) == (Way.COLUMNAR,)
+    assert ways.plan(now=1.0, context=True, lean=True) == (Way.LEAN, *ALL)
+    ways.observe(tried=(Way.LEAN, *ALL), won=Way.LEAN, body=180, raw=1000, now=1.0)
+    assert ways.plan(now=2.0, context=True, lean=True) == (Way.LEAN,)
+    assert ways.plan(now=2.0, context=False, lean=True) == (Way.LEAN,)
+    assert ways.plan(now=2.0, context=True) == ALL
+
+
+def test_the_uploader_keeps_zstd_where_it_beats_lean_on_the_cisco_ipfix_captures(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """issue 14: LEAN (codec 5 at preset 1) is ~10 % larger than zstd with the bundled dictionary on the Cisco
+    IPFIX captures; sealed LEAN alone, the Cisco row grew (0.070 -> 0.072 of raw UDP): as a seal-once way,
+    the trial keeps zstd there and the next batches go zstd alone."""
+    import dataclasses
+
+    from flowtunnel.capture import find_netflow, read_udp
+    from flowtunnel.datagram import Datagram
+    from flowtunnel.wire import Codec, peek_header
+    from tests.agent.test_uploader import _not_quiet
+
+    vendor = Path(__file__).parents[1] / "data" / "vendor"
+    payloads = [nf.datagram.payload for path in sorted(vendor.glob("cisco-ipfix-*.pcap"))
+                for nf in find_netflow(read_udp(path))][:600]
+    template = v9_export(1)[0]
+    sent = [dataclasses.replace(template, payload=p, received_ns=template.received_ns + i) for i, p in
+            enumerate(payloads)]
+    assert all(isinstance(d, Datagram) for d in sent)
+    key = bytes(range(32))
+    spool = open_spool(tmp_path)
+    spool.append(sent)
+    up = uploader_module.Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool)
+    _not_quiet(up)
+    got = []
+    after = 0
+    while after < len(sent):
+        up._last_seq = after + 200
+        body, batch = up._seal(spool.read(after=after, limit=200))
+        assert up.codec_choice(big=False) is LEAN  # the rule allows LEAN ...
+        got.append((peek_header(body).codec, up._ways.kept))
+        after = batch[-1].seq
+    spool.close()
+    assert len(got) == 3
+    # ... but zstd (codec 2 or 3) wins the trial and is kept
+    assert all(c in (Codec.ZSTD_DICT, Codec.COLUMNAR) for c, _ in got)
+    assert got[-1][1] in (Way.ZSTD, Way.COLUMNAR)
+
+
 def test_bad_settings_are_refused() -> None:
     with pytest.raises(ValueError, match="every >= 1"):
         SealWays(every=0)
@@ -136,6 +190,8 @@ async def test_default_batches_after_lean_ones_go_against_their_context_in_the_c
         async with uploading(config(tmp_path, gw.url, key, stream_compression=False), key, spool) as up:
             await trickle(up, spool, [sent[i : i + 10] for i in range(0, len(sent), 10)])
             assert up.stats.failures == {}
-            assert up.stats.codecs[5] == 2
+            # the first LEAN batch (a trial of LEAN, codecs 3 and 2) goes codec 5 and leaves its context; the
+            # second is a trial with that context too (LEAN is a seal-once way: test_uploader)
+            assert up.stats.codecs[5] >= 1
         assert_exactly_once(gw, sent)
     spool.close()

@@ -621,11 +621,14 @@ class Uploader:
             if choice is SMALL and lean_codec is not None:
                 codec = lean_codec
             ways: tuple[Way, ...] = ()
-            if choice is DEFAULT and lean_codec is None:
-                # The common case: sealed the way that won the last trial, or every way on a trial (SealWays).
+            if choice in (DEFAULT, LEAN) and lean_codec is None:
+                # The common case: sealed the way that won the last trial, or every way on a trial (SealWays);
+                # LEAN (codec 5) is one of the ways where the codec rule allows it.
                 context = self._context if raw <= BIG_BATCH_BYTES else None
-                ways = self._ways.plan(now=self._clock(), context=context is not None)
+                ways = self._ways.plan(now=self._clock(), context=context is not None, lean=choice is LEAN)
                 body, leaves = self._seal_ways(seal, ways, context)
+                # the way that won is what the link estimate and the sizer learn from
+                choice = LEAN if body[CODEC_OFFSET] == Codec.DELTA_LZMA else DEFAULT
             else:
                 body, leaves = seal(nonce=os.urandom(12), codec=codec, level=level)
             if ways:
@@ -674,15 +677,22 @@ class Uploader:
         self, seal: Callable[..., tuple[bytes, bytes]], ways: tuple[Way, ...], context: bytes | None,
     ) -> tuple[bytes, bytes]:
         """A batch at default settings sealed the ``ways`` planned (``SealWays.plan``), the smallest kept:
-        the body and the context it leaves."""
+        the body and the context it leaves. ``Way.LEAN`` (where the codec rule allows it) is codec 5 at
+        ``LEAN``'s preset, kept on a tie with zstd."""
         level = DEFAULT.level
         if len(ways) == 1:
             way = ways[0]
             if way is Way.CONTEXT:
                 assert context is not None  # planned only with a context
                 return seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_layout)
+            if way is Way.LEAN:
+                return seal(nonce=os.urandom(12), codec=Codec.DELTA_LZMA, level=LEAN.level)
             return seal(nonce=os.urandom(12), codec=_WAY_CODECS[way], level=level)
         body, leaves = seal(nonce=os.urandom(12), codec=None, level=level)  # codecs 3 and 2, the smaller
+        if Way.LEAN in ways:
+            other, left = seal(nonce=os.urandom(12), codec=Codec.DELTA_LZMA, level=LEAN.level)
+            if len(other) <= len(body):
+                body, leaves = other, left
         # The losing codec's compressor is not kept (~1.4 MB at level 6 with its tables): between trials only
         # the winner's is used, and the peak RSS counts every compressor alive at once (issue 14).
         release_compressors(keep=(default_dictionary_id(body[CODEC_OFFSET]),))
@@ -1184,6 +1194,8 @@ def _way_of(body: bytes) -> Way:
     """The way a sealed body went (``SealWays``): its context flag, else its codec."""
     if body[FLAGS_OFFSET] & FLAG_CONTEXT:
         return Way.CONTEXT
+    if body[CODEC_OFFSET] == Codec.DELTA_LZMA:
+        return Way.LEAN
     return Way.COLUMNAR if body[CODEC_OFFSET] == Codec.COLUMNAR else Way.ZSTD
 
 
