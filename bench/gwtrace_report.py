@@ -1,6 +1,7 @@
 """Summary of a gateway trace (``bench/fleet.py --trace FILE``, ``bench/gwtrace/``): the gateway's own
 per-request latency and where the slowest 1 % spent it, loop stalls, garbage collections, journal commits.
-``--split S``: the others' p99 before and after second S (the flood scenario's --flood-at), agent 0 left out.
+``--split S``: the others' p99 before and after second S (the flood scenario's --flood-at), agent 0 left out,
+and p99 of the total, the slot wait and the mark read per 5-second slice before S.
 Run ``python bench/gwtrace_report.py FILE``."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-PHASES = ("head", "slot", "body", "open", "commit")
+PHASES = ("head", "slot", "body", "open", "mark", "commit")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -51,6 +52,21 @@ def report(doc: dict[str, Any], split: float | None) -> None:
         walls = [c[1] for c in rows]
         if walls:
             print(f"{label}: {len(walls)}, p50 {_pct(walls, 0.5):.1f} ms, p99 {_pct(walls, 0.99):.1f} ms")
+    takes, settles = doc.get("takes") or [], doc.get("settles") or []
+    commits = doc["commits"]
+    if takes and len(takes) == len(settles) == len(commits):
+        # Rounds are serialised (one at a time), so the i-th take, commit and settle are one round's.
+        to_thread = [c[0] - t for t, c in zip(takes, commits, strict=True)]
+        back = [s - (c[0] + c[1]) for s, c in zip(settles, commits, strict=True)]
+        rounds = sum(s - t for t, s in zip(takes, settles, strict=True))
+        print(f"commit rounds: {rounds:.1f} s in all, {sum(c[1] for c in commits):.1f} s in append_group; "
+              f"to the thread p50 {_pct(to_thread, 0.5):.1f} ms, p99 {_pct(to_thread, 0.99):.1f} ms; "
+              f"back to the loop p50 {_pct(back, 0.5):.1f} ms, p99 {_pct(back, 0.99):.1f} ms")
+    for kind in ("background", "restart", "forced"):
+        walls = [c[1] for c in doc.get("checkpoints") or [] if c[2] == kind]
+        if walls:
+            print(f"checkpoints ({kind}): {len(walls)}, p50 {_pct(walls, 0.5):.1f} ms, "
+                  f"p99 {_pct(walls, 0.99):.1f} ms, max {max(walls) * 1000:.1f} ms")
     census = doc.get("census") or {}
     if census:
         print(f"objects tracked 40 s after start: {census['objects']} ({census['frozen']} frozen); most: "
@@ -63,6 +79,13 @@ def report(doc: dict[str, Any], split: float | None) -> None:
         b, d = _pct(before, 0.99), _pct(during, 0.99)
         print(f"others' p99 before {split:g} s: {b:.0f} ms ({len(before)}), "
               f"after: {d:.0f} ms ({len(during)}), ratio {d / b:.2f}")
+        for lo in range(0, int(split), 5):
+            part = [r for r in reqs if lo <= r["t0"] - first < lo + 5]
+            if part:
+                print(f"  {lo:2d}-{lo + 5:2d} s: {len(part)} requests, p99 total "
+                      f"{_pct([r['total'] for r in part], 0.99):.0f} ms, slot "
+                      f"{_pct([r.get('slot', 0.0) for r in part], 0.99):.0f} ms, mark "
+                      f"{_pct([r.get('mark', 0.0) for r in part], 0.99):.0f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,12 @@ active only in ``flowtunnel gateway`` with FLOWTUNNEL_GWTRACE set (the file writ
 project functions at import (monkeypatching): a measuring tool, never part of the gateway.
 
 Per request (keyed by its handler's task): ``head`` (reading the batch header), ``slot`` (waiting for an
-in-flight slot), ``body``, ``open`` (authenticate, decompress), ``commit`` (waiting for the journal's group
-commit), ``total`` (the ``flowtunnel_gateway_batch_request_seconds`` observation). Loop callbacks over 20 ms:
-wall and CPU time of the loop's thread (CPU time separates work from preemption on a loaded box).
+in-flight slot), ``body``, ``open`` (authenticate, decompress), ``mark`` (reading the agent's mark),
+``commit`` (waiting for the journal's group commit), ``total`` (the
+``flowtunnel_gateway_batch_request_seconds`` observation). Loop callbacks over 20 ms: wall and CPU time of
+the loop's thread (CPU time separates work from preemption on a loaded box). Per commit round: when the loop
+took its pieces, when its thread entered and left ``append_group``, when the loop settled it. Checkpoints
+outside commits (``DurableLog``'s checkpointer, if the code has one): start, wall, frames.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ if os.environ.get("FLOWTUNNEL_GWTRACE") and "gateway" in sys.orig_argv:  # pragm
     _stalls: list[tuple[float, float, str, float]] = []
     _gcs: list[tuple[float, int, float, float]] = []  # start, generation, wall, cpu
     _commits: list[tuple[float, float, int, int]] = []  # start, wall, parts, file growth (a checkpoint)
+    _takes: list[float] = []  # a commit round's pieces taken (on the loop)
+    _settles: list[float] = []  # a commit round's outcome settled (on the loop)
+    _ckpts: list[tuple[float, float, str, Any]] = []  # start, wall, kind, result
     _rec: dict[object, dict[str, Any]] = {}
     _census: dict[str, Any] = {}
 
@@ -62,6 +68,46 @@ if os.environ.get("FLOWTUNNEL_GWTRACE") and "gateway" in sys.orig_argv:  # pragm
     _app._read_head = _timed("head", _app._read_head)
     _app._read_paced = _timed("body", _app._read_paced)
     _ing.Ingest._open = _timed("open", _ing.Ingest._open)  # type: ignore[method-assign]
+    _ing.Ingest.hwm = _timed("mark", _ing.Ingest.hwm)  # type: ignore[method-assign]
+    _orig_take = _grp.GroupCommit._take
+
+    def _take(self: Any) -> Any:
+        pieces = _orig_take(self)
+        if pieces:
+            _takes.append(_pc())
+        return pieces
+
+    _grp.GroupCommit._take = _take  # type: ignore[method-assign]
+    _orig_settle = _grp.GroupCommit._settle
+
+    def _settle(self: Any, *args: Any) -> Any:
+        _settles.append(_pc())
+        return _orig_settle(self, *args)
+
+    _grp.GroupCommit._settle = _settle  # type: ignore[method-assign,assignment]
+
+    def _ckpt_timed(kind: str, fn: Any) -> Any:
+        def wrapper(*args: Any, **kw: Any) -> Any:
+            start = _pc()
+            result = None
+            try:
+                result = fn(*args, **kw)
+                return result
+            finally:
+                _ckpts.append((start, _pc() - start, kind, result))
+        return wrapper
+
+    _dur.DurableLog._checkpoint = _ckpt_timed("forced", _dur.DurableLog._checkpoint)  # type: ignore[method-assign]
+    if hasattr(_dur.DurableLog, "_restart_wal"):
+        _dur.DurableLog._restart_wal = _ckpt_timed(  # type: ignore[method-assign]
+            "restart", _dur.DurableLog._restart_wal)
+    try:
+        import flowtunnel.log.checkpointer as _ckp
+    except ImportError:  # the code before the checkpoint thread
+        pass
+    else:
+        _ckp.Checkpointer._checkpoint_pass = _ckpt_timed(  # type: ignore[method-assign]
+            "background", _ckp.Checkpointer._checkpoint_pass)
     _orig_append = _grp.GroupCommit.append
 
     async def _append(self: Any, agent: str, first_seq: int, datagrams: Any, **kw: Any) -> Any:
@@ -156,6 +202,6 @@ if os.environ.get("FLOWTUNNEL_GWTRACE") and "gateway" in sys.orig_argv:  # pragm
     def _dump() -> None:
         with open(_OUT, "w") as fh:
             json.dump({"reqs": _reqs, "stalls": _stalls, "gcs": _gcs, "commits": _commits,
-                       "census": _census}, fh)
+                       "takes": _takes, "settles": _settles, "checkpoints": _ckpts, "census": _census}, fh)
 
     atexit.register(_dump)
