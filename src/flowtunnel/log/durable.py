@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from flowtunnel.datagram import Datagram, make_datagram
+from flowtunnel.log.checkpointer import Checkpointer
 from flowtunnel.log.errors import LogCorrupt, LogError, LogFull, LogLocked
 from flowtunnel.log.wal import inspect_wal
 
@@ -156,6 +157,15 @@ class LogConfig:
     limit. An atomic append is one commit whatever its size: the WAL may exceed its share by that commit's
     size until the checkpoint that follows it. At least ``MIN_DISK_QUOTA``. It applies on top of
     ``quota_bytes``.
+
+    ``background_checkpoint`` folds the WAL back from a second connection in a thread of its own (a PASSIVE
+    checkpoint, which takes no writer lock: commits go on meanwhile; ``flowtunnel.log.checkpointer``) after
+    every ``checkpoint_pages`` of appended bytes or a second after a commit, instead of inside the commit
+    that crosses ``checkpoint_pages`` (SQLite's ``wal_autocheckpoint``, turned off then). The WAL stays
+    bounded by ``wal_limit_bytes``: a commit that finds it larger folds it back and truncates it itself (as
+    with a disk quota). The free space kept beyond an append (see ``DurableLog``) then counts the WAL limit
+    instead of one checkpoint interval: that much may be waiting to be folded into the database file. The
+    gateway's journal uses it; the spool does not (one thread and connection less on the agent).
     """
 
     path: Path
@@ -170,6 +180,7 @@ class LogConfig:
     checkpoint_pages: int = 1000
     page_size: int = 16384
     disk_quota_bytes: int = 0
+    background_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         if self.quota_bytes < 0:
@@ -294,7 +305,8 @@ class DurableLog:
     connection beyond ``busy_timeout`` raises ``LogLocked``. Caller misuse raises
     ``ValueError``.
 
-    Resource handling: holds one SQLite connection until ``close()`` (or the end of a ``with`` block).
+    Resource handling: holds one SQLite connection until ``close()`` (or the end of a ``with`` block); with
+    ``background_checkpoint``, a second one and its thread too.
     """
 
     def __init__(self, config: LogConfig) -> None:
@@ -302,6 +314,8 @@ class DurableLog:
         self.path = Path(config.path)
         self._reserve_path = self.path.with_name(self.path.name + ".reserve")
         self._lock = threading.Lock()
+        self._ckpt_lock = threading.Lock()  # one checkpoint at a time: this connection's or the thread's
+        self._checkpointer: Checkpointer | None = None
         self._closed = False
         self._disk_full = False  # inside a disk-full episode (logged once when it starts, once when it ends)
         self._commits = 0  # append transactions committed since open (LogStats.commits)
@@ -338,6 +352,15 @@ class DurableLog:
                 logger.warning("log %s: disk full, released the reserve file to open", self.path)
                 with self._translate("open"):
                     self._setup(torn=torn is not None)
+            if config.background_checkpoint:
+                try:
+                    self._checkpointer = Checkpointer(
+                        self.path, lock=self._ckpt_lock, threshold=self._checkpoint_pages * 4096,
+                        synchronous=config.synchronous, busy_timeout=config.busy_timeout,
+                    )
+                except sqlite3.Error as exc:
+                    raise LogError(f"cannot open log {self.path} for checkpoints: {exc}",
+                                   path=str(self.path)) from None
         except BaseException:
             self._db.close()
             self._closed = True
@@ -369,7 +392,10 @@ class DurableLog:
         self._wal_limit = max(16 * page, min(cfg.wal_limit_bytes, fs_bytes // 8))
         # Appends keep this much free beyond what they write (room for the reserve if it is missing, and for
         # a trim's WAL frames), so acknowledged entries can always be deleted and cursors committed.
-        self._slack = 8 * page + self._checkpoint_pages * page  # a checkpoint grows the file by up to this
+        # A checkpoint grows the file by up to what the WAL holds: one interval, or (folded back in the
+        # background) up to the WAL's limit.
+        pending = self._wal_limit if cfg.background_checkpoint else self._checkpoint_pages * page
+        self._slack = 8 * page + pending
         self._floor = self._reserve_size + self._slack
         # A new file's page size: large pages on a small filesystem would make every floor above coarse.
         new_page = cfg.page_size
@@ -400,7 +426,8 @@ class DurableLog:
         db.execute(f"PRAGMA journal_size_limit = {int(self._wal_limit)}")
         # checkpoint_pages counts 4 KiB pages; SQLite counts pages of the file's own size
         page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
-        db.execute(f"PRAGMA wal_autocheckpoint = {max(1, self._checkpoint_pages * 4096 // page_size)}")
+        pages = 0 if self.config.background_checkpoint else max(1, self._checkpoint_pages * 4096 // page_size)
+        db.execute(f"PRAGMA wal_autocheckpoint = {pages}")
         if self.config.check_on_open:
             rows = db.execute("PRAGMA quick_check").fetchall()
             if [tuple(r) for r in rows] != [("ok",)]:
@@ -491,11 +518,20 @@ class DurableLog:
         disk = max(1, int(room / self._disk_ratio))
         return min(quota, disk) if quota else disk
 
-    def _after_disk_commit(self) -> None:
-        """With a disk quota, after a commit: measure the page ratio, and fold the WAL back into the database
-        (truncating it) when it outgrew its share."""
-        with suppress(sqlite3.Error):
-            self._measure_disk_ratio()
+    def _after_commit(self, nbytes: int) -> None:
+        """After a commit of ``nbytes`` tracked bytes (0: a trim): tell the checkpoint thread; with a disk
+        quota, measure the page ratio; and fold the WAL back into the database (truncating it) when it
+        outgrew its limit, which only a disk quota or the background checkpoint leave to this."""
+        ckpt = self._checkpointer
+        if ckpt is not None:
+            ckpt.note(nbytes)
+            if ckpt.restart_wanted:
+                self._restart_wal()
+        elif not self.config.disk_quota_bytes:
+            return  # wal_autocheckpoint and journal_size_limit keep the WAL
+        if self.config.disk_quota_bytes:
+            with suppress(sqlite3.Error):
+                self._measure_disk_ratio()
         try:
             wal = os.stat(f"{self.path}-wal").st_size
         except OSError:
@@ -526,6 +562,8 @@ class DurableLog:
             if self._closed:
                 return
             self._closed = True
+            if self._checkpointer is not None:
+                self._checkpointer.close()  # first: the last connection to close folds the WAL back
             try:
                 self._db.close()
             except sqlite3.Error as exc:
@@ -696,8 +734,7 @@ class DurableLog:
                 raise
             self._commits += 1
             self._next_seq, self._bytes, self._entries = seq, bytes_now, entries_now
-            if self.config.disk_quota_bytes:
-                self._after_disk_commit()
+            self._after_commit(stored)
             logger.debug("log %s: one commit of %d parts (%d entries from seq %d)", self.path, len(taken),
                          entries, first)
         return [r for r in out if r is not None]
@@ -826,8 +863,7 @@ class DurableLog:
         if dropped_old:
             with suppress(sqlite3.Error):  # the append is committed; reclaiming space may wait
                 self._maybe_vacuum()
-        if self.config.disk_quota_bytes:
-            self._after_disk_commit()
+        self._after_commit(stored_bytes)
         return AppendResult(
             first_seq=first, last_seq=first + consumed - 1, appended=keep - skip,
             dropped=dropped_old + skip, refused=n - keep,
@@ -947,8 +983,8 @@ class DurableLog:
                     with suppress(sqlite3.Error):  # reclaiming space is an optimisation; never fail the trim
                         self._maybe_vacuum()
             self._make_reserve()
-            if self.config.disk_quota_bytes and count:
-                self._after_disk_commit()
+            if count:
+                self._after_commit(0)
             return count
 
     def _drop_oldest_when_full(self, need: int) -> int:
@@ -981,9 +1017,31 @@ class DurableLog:
         self._shrink()
         return count
 
+    def _restart_wal(self) -> None:
+        """After a background pass: fold back what was committed during it and make the next commit write the
+        WAL from its beginning (a RESTART checkpoint; the pass did the bulk of the copy and the sync). Not
+        while a pass runs, and without waiting for readers (busy: next time)."""
+        ckpt = self._checkpointer
+        if ckpt is None or not self._ckpt_lock.acquire(blocking=False):
+            return
+        try:
+            ckpt.restart_wanted = False
+            self._db.execute("PRAGMA busy_timeout = 0")
+            try:
+                busy = self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()[0][0]
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout = {int(self.config.busy_timeout * 1000)}")
+            if busy:
+                ckpt.restart_wanted = True
+        except sqlite3.Error as exc:
+            logger.debug("log %s: restarting the write-ahead log failed: %s", self.path, exc)
+        finally:
+            self._ckpt_lock.release()
+
     def _checkpoint(self) -> None:
-        """Fold the WAL into the database and truncate it (best effort: it may lack room, or be busy)."""
-        with suppress(sqlite3.Error):
+        """Fold the WAL into the database and truncate it (best effort: it may lack room, or be busy). After
+        the checkpoint thread's pass in progress, if any (the WAL would be busy)."""
+        with self._ckpt_lock, suppress(sqlite3.Error):
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     def _shrink(self) -> None:
@@ -1083,6 +1141,8 @@ class DurableLog:
         finally:
             if not self._reserve_path.exists():
                 self._make_reserve()
+        if self._checkpointer is not None:
+            self._checkpointer.note(0)
 
     def _free_bytes(self) -> int | None:
         try:
