@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import dataclasses
 import ipaddress
 import json
@@ -931,6 +932,64 @@ async def test_batches_of_many_agents_share_journal_commits(tmp_path: Path) -> N
             by_agent[e.stream].append(e.stream_seq)
         assert by_agent == {agent: [1, 2, 3] for agent in keys}
     finally:
+        await gw.stop()
+
+
+async def test_the_journal_commits_and_folds_its_wal_back_in_threads_of_its_own_stopped_with_the_gateway(
+    tmp_path: Path,
+) -> None:
+    """The fleet's tail (issue 16): commits waited for the default executor and for the event loop to start
+    them, and about once a second one of them also copied the WAL into the database."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+
+    def threads() -> set[str]:
+        return {t.name for t in threading.enumerate()}
+
+    before = threads()
+    gw = await start_gateway(data)
+    try:
+        assert gw.journal is not None
+        assert gw.journal.config.background_checkpoint
+        async with aiohttp.ClientSession() as session:
+            status, doc, _ = await post_batch(session, gw.url, seal(AGENT, key, 1, datagrams(3)), agent=AGENT)
+        assert (status, doc["acked"]) == (200, 3)
+        assert {"journal-commit", "checkpoint journal.sqlite"} <= threads() - before
+    finally:
+        await gw.stop()
+    assert not {"journal-commit", "checkpoint journal.sqlite"} & threads()
+
+
+async def test_a_restarted_gateway_answers_known_agents_while_its_default_executor_is_taken(
+    tmp_path: Path,
+) -> None:
+    """At start-up each of 2,000 agents' first request read its mark through a worker thread, queueing with
+    the commits; the marks are now read all at once when the journal opens."""
+    data = tmp_path / "gw"
+    keys = {f"site-{i}": enroll(data, f"site-{i}") for i in range(3)}
+    gw = await start_gateway(data)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for agent, key in keys.items():
+                body = seal(agent, key, 1, datagrams(2))
+                status, _, _ = await post_batch(session, gw.url, body, agent=agent)
+                assert status == 200
+    finally:
+        await gw.stop()
+    gw = await start_gateway(data)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+    free = threading.Event()
+    taken = loop.run_in_executor(None, free.wait, 30)
+    try:
+        async with aiohttp.ClientSession() as session, asyncio.timeout(10):
+            for agent, key in keys.items():
+                body = seal(agent, key, 2, datagrams(2))
+                status, doc, _ = await post_batch(session, gw.url, body, agent=agent)
+                assert (status, doc["acked"], doc["accepted"]) == (200, 3, 1)
+    finally:
+        free.set()
+        await taken
         await gw.stop()
 
 

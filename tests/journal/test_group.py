@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +212,108 @@ async def test_a_cancelled_waiter_neither_blocks_the_others_nor_leaves_anything_
     assert log.get_state(hwm_key("a0")) == 2
     assert journal.group.waiting == 0
     assert journal.group._queued_bytes == 0
+
+
+@pytest.fixture
+async def busy_executor() -> AsyncIterator[None]:
+    """The event loop's default executor (one worker) taken by other work for the whole test: a status file
+    being built, a large batch being opened."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+    free = threading.Event()
+    taken = loop.run_in_executor(None, free.wait, 30)
+    yield
+    free.set()
+    await taken
+
+
+@pytest.mark.usefixtures("busy_executor")
+async def test_commits_and_marks_do_not_queue_behind_the_default_executors_work(log: DurableLog) -> None:
+    """Issue 16's fleet: commit rounds waited for a worker thread of the default executor (p99 9-46 ms), and
+    at start-up 2,000 agents' first mark reads went through it too, sharing it with the commits."""
+    log.append(_dgs(9, 1), stream="a9", state={hwm_key("a9"): 5})  # journaled before this gateway started
+    journal = SqliteAgentJournal(log, JournalNotify())
+    async with asyncio.timeout(10):
+        assert await journal.hwm("a9") == 5
+        assert await journal.hwm("a0") == 0
+        res = await journal.append("a0", 1, _dgs(0, 2), hwm=0)
+        assert (res.first_seq, res.last_seq) == (2, 3)
+        assert await journal.hwm("a0") == 2
+    journal.close()
+
+
+async def test_the_next_commit_starts_while_the_event_loop_is_busy(
+    log: DurableLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loop used to start each commit once the previous one was settled on it: on a busy gateway the
+    journal sat idle between commits (40 of 75 s in a fleet trace) while requests waited for it."""
+    journal = SqliteAgentJournal(log, JournalNotify())
+    gate = threading.Event()
+    calls = 0
+    real = log.append_group
+
+    def append_group(parts: Sequence[Any]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            assert gate.wait(20)
+        return real(parts)
+
+    monkeypatch.setattr(log, "append_group", append_group)
+    first = asyncio.ensure_future(journal.append("a0", 1, _dgs(0, 2), hwm=0))
+    while calls < 1:  # noqa: ASYNC110 - the commit runs in its thread
+        await asyncio.sleep(0.005)
+    rest = [asyncio.ensure_future(journal.append(f"a{i}", 1, _dgs(i, 2), hwm=0)) for i in range(1, 6)]
+    while journal.group.waiting < 6:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+    threading.Timer(0.05, gate.set).start()
+    deadline = time.monotonic() + 10
+    while calls < 2 and time.monotonic() < deadline:  # the loop busy (not awaiting): the thread goes on
+        time.sleep(0.01)  # noqa: ASYNC251 - blocking the loop on purpose
+    assert calls == 2
+    assert (await first).last_seq == 2
+    assert [r.last_seq - r.first_seq for r in await asyncio.gather(*rest)] == [1] * 5
+    assert log.stats().commits == 2
+    journal.close()
+
+
+async def test_a_mark_asked_for_during_its_agents_commit_is_the_one_after_that_commit(
+    log: DurableLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mark read while a commit holding the agent's datagrams is under way (its waiter cancelled, the
+    agent's retry arriving) must not be the one before it: the retry would journal them a second time."""
+    journal = SqliteAgentJournal(log, JournalNotify())
+    gate = threading.Event()
+    real = log.append_group
+
+    def append_group(parts: Sequence[Any]) -> Any:
+        assert gate.wait(20)
+        return real(parts)
+
+    monkeypatch.setattr(log, "append_group", append_group)
+    first = asyncio.ensure_future(journal.append("a0", 1, _dgs(0, 2), hwm=0))
+    await asyncio.sleep(0.05)  # the commit thread took it, and waits at the gate
+    first.cancel()
+    mark = asyncio.ensure_future(journal.hwm("a0"))
+    await asyncio.sleep(0.05)
+    assert not mark.done()
+    gate.set()
+    async with asyncio.timeout(10):
+        assert await mark == 2
+    assert log.get_state(hwm_key("a0")) == 2
+    journal.close()
+
+
+async def test_after_close_an_append_is_refused_and_the_thread_is_gone(log: DurableLog) -> None:
+    def threads() -> int:
+        return sum(t.name == "journal-commit" for t in threading.enumerate())
+
+    before = threads()
+    journal = SqliteAgentJournal(log, JournalNotify())
+    await journal.append("a0", 1, _dgs(0, 2), hwm=0)
+    assert threads() == before + 1
+    journal.close()
+    journal.close()
+    assert threads() == before
+    with pytest.raises(LogError, match="closing"):
+        await journal.append("a1", 1, _dgs(1, 2), hwm=0)

@@ -334,7 +334,7 @@ class Gateway:
         self.journal = journal = await asyncio.to_thread(
             DurableLog,
             LogConfig(path=self.data_dir / JOURNAL_FILE, quota_bytes=0, disk_quota_bytes=cfg.journal_quota,
-                      full_policy=FullPolicy.REFUSE_NEW),
+                      full_policy=FullPolicy.REFUSE_NEW, background_checkpoint=True),
         )
         self.notify = JournalNotify(journal.last_seq())
         self._restore_last_seen()
@@ -347,9 +347,12 @@ class Gateway:
         budgets.seed(await asyncio.to_thread(scan_journal_usage, self.data_dir / JOURNAL_FILE))
         for agent_id in budgets.agents():
             self.metrics.held(agent_id, budgets.held(agent_id))
+        # Every agent's mark, read once (the group commit keeps them): not one thread hop per agent.
+        marks = await asyncio.to_thread(journal.states, "hwm:")
         self.agent_journal = SqliteAgentJournal(
             journal, self.notify, agent_bytes=cfg.commit_agent_bytes, max_bytes=cfg.commit_max_bytes,
             on_commit=self.metrics.journal_commit,
+            marks={k.removeprefix("hwm:"): v for k, v in marks.items()},
         )
 
     async def _start_shared_journal(self) -> None:
@@ -648,6 +651,8 @@ class Gateway:
             if task is not None and await cancel_and_wait([task]):
                 log.error("sink %s did not stop within 10 s of its cancellation; left behind", sink.name)
         await self._tasks.close()
+        if isinstance(self.agent_journal, SqliteAgentJournal):
+            await asyncio.to_thread(self.agent_journal.close)  # after the commit under way, if any
         if self.journal is not None:
             with contextlib.suppress(OSError, LogError):
                 self.write_status()
