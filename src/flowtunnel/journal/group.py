@@ -254,17 +254,24 @@ class GroupCommit:
     def _run(self) -> None:
         """The commit thread: take what is queued, commit it, hand the outcome to the loop; again."""
         while True:
+            pieces: list[_Piece] | None
             with self._cond:
-                while not self._closed and not self._queue:
+                while True:
+                    if self._closed:
+                        pieces = None
+                        break
+                    pieces = self._take()
+                    if pieces:
+                        break
                     self._cond.wait()
-                pieces = [] if self._closed else self._take()
-            if not pieces:
+            if pieces is None:
                 self._close_queue()
                 return
             try:
                 self._commit(pieces)
-            except Exception:  # a bug in the bookkeeping: say so, and keep committing for the others
+            except Exception as exc:  # a bug in the bookkeeping: fail these requests, keep the thread going
                 log.exception("group commit: a commit's outcome could not be handed over")
+                self._abandon(pieces, exc)
 
     def _commit(self, pieces: list[_Piece]) -> None:
         parts = [
@@ -317,6 +324,26 @@ class GroupCommit:
             self._loop.call_soon_threadsafe(self._settle, answers, ok, last)
         except RuntimeError:  # the loop is closed: nobody waits for these answers any more
             log.debug("group commit: the event loop closed before a commit's outcome could be handed over")
+
+    def _abandon(self, pieces: list[_Piece], exc: Exception) -> None:
+        """Fail the requests of a commit whose outcome could not be handed over. Their agents' marks are read
+        again from the log first (the commit may have been durable): their retries are deduplicated
+        against them."""
+        error = LogError(f"log {self.log.path}: group commit failed: {exc!r}", path=str(self.log.path))
+        marks: dict[str, int] = {}
+        for piece in pieces:
+            with suppress(LogError):
+                marks[piece.request.agent] = self.log.get_state(hwm_key(piece.request.agent)) or 0
+        with self._cond:
+            self._marks.update(marks)
+            for piece in pieces:
+                piece.request.inflight = False
+                self._drop(piece.request)
+            self._committing = set()
+        answers: list[tuple[_Request, tuple[int, int] | LogError]] = [(p.request, error) for p in pieces]
+        if self._loop is not None:
+            with suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._settle, answers, 0, 0)
 
     def _close_queue(self) -> None:
         """Closed: what is still queued fails (nothing of it written)."""
