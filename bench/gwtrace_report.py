@@ -59,7 +59,9 @@ def report(doc: dict[str, Any], split: float | None) -> None:
         to_thread = [c[0] - t for t, c in zip(takes, commits, strict=True)]
         back = [s - (c[0] + c[1]) for s, c in zip(settles, commits, strict=True)]
         rounds = sum(s - t for t, s in zip(takes, settles, strict=True))
-        print(f"commit rounds: {rounds:.1f} s in all, {sum(c[1] for c in commits):.1f} s in append_group; "
+        thread_cpu = f", {sum(c[4] for c in commits):.1f} s of CPU" if len(commits[0]) > 4 else ""
+        in_group = sum(c[1] for c in commits)
+        print(f"commit rounds: {rounds:.1f} s in all, {in_group:.1f} s in append_group{thread_cpu}; "
               f"to the thread p50 {_pct(to_thread, 0.5):.1f} ms, p99 {_pct(to_thread, 0.99):.1f} ms; "
               f"back to the loop p50 {_pct(back, 0.5):.1f} ms, p99 {_pct(back, 0.99):.1f} ms")
     for kind in ("background", "restart", "forced"):

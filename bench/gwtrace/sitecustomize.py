@@ -41,7 +41,8 @@ if os.environ.get("FLOWTUNNEL_GWTRACE") and "gateway" in sys.orig_argv:  # pragm
     _reqs: list[dict[str, Any]] = []
     _stalls: list[tuple[float, float, str, float]] = []
     _gcs: list[tuple[float, int, float, float]] = []  # start, generation, wall, cpu
-    _commits: list[tuple[float, float, int, int]] = []  # start, wall, parts, file growth (a checkpoint)
+    #: start, wall, parts, file growth (a checkpoint in the commit), CPU of the committing thread
+    _commits: list[tuple[float, float, int, int, float]] = []
     _takes: list[float] = []  # a commit round's pieces taken (on the loop)
     _settles: list[float] = []  # a commit round's outcome settled (on the loop)
     _ckpts: list[tuple[float, float, str, Any]] = []  # start, wall, kind, result
@@ -137,11 +138,12 @@ if os.environ.get("FLOWTUNNEL_GWTRACE") and "gateway" in sys.orig_argv:  # pragm
 
     def _append_group(self: Any, parts: Any) -> Any:
         size = os.stat(self.path).st_size
-        start = _pc()
+        start, cpu = _pc(), time.thread_time()
         try:
             return _orig_group(self, parts)
         finally:
-            _commits.append((start, _pc() - start, len(parts), os.stat(self.path).st_size - size))
+            _commits.append((start, _pc() - start, len(parts), os.stat(self.path).st_size - size,
+                             time.thread_time() - cpu))
 
     _dur.DurableLog.append_group = _append_group  # type: ignore[method-assign]
     _orig_init = _met.GatewayMetrics.__init__
