@@ -295,8 +295,9 @@ class DurableLog:
     asyncio callers can run bulk calls in ``asyncio.to_thread``.
 
     Error handling: appends treat the filesystem as full before SQLite would hit ENOSPC, keeping the
-    reserve file plus a checkpoint's worth of pages free: DROP_OLDEST then drops the oldest entries (counted
-    in ``dropped_oldest``), REFUSE_NEW raises ``LogFull`` (nothing written). So ``trim``, ``commit_cursor``
+    reserve file plus a checkpoint's worth of pages (with ``background_checkpoint``, the WAL limit) free:
+    DROP_OLDEST then drops the oldest entries (counted in ``dropped_oldest``), REFUSE_NEW raises ``LogFull``
+    (nothing written). So ``trim``, ``commit_cursor``
     and ``set_state`` always find room; if the disk fills anyway (another process), they release the
     reserve, and ``trim`` deletes in small steps. Each disk-full episode is logged once when it starts and
     once when it clears (``LogStats.disk_full``). A torn WAL tail found on open is logged once and counted
