@@ -214,20 +214,32 @@ def use_bytecode() -> None:
     the agent, against 0.13 s and 37.9 MB from bytecode."""
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     package = Path(__file__).resolve().parent.parent / "src" / "flowtunnel"
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True, timeout=300)
+    # and a tree PYTHONPATH names (an A/B pair's other code), which the processes measured load instead
+    others = [Path(p) / "flowtunnel" for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for tree in [package, *(o for o in others if o.is_dir())]:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree)], check=True, timeout=300)
 
 
 def bench(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     use_bytecode()
     flows = 2_000 if args.quick else 25_000
     warmup, interval = (1.0, 2.0) if args.quick else (3.0, 20.0)
-    rates = (100, 1_000) if args.quick else FLOW_RATES
+    rates = tuple(args.rates) if args.rates else (100, 1_000) if args.quick else FLOW_RATES
     stream = softflowd_streams(flows, versions=(9,))[0]
     per = stream.records / len(stream.payloads)
     rows: list[list[object]] = []
     summary: dict[str, Any] = {}
     profile_text = ""
     load_before = os.getloadavg()[0]
+    if args.agent_only:  # A/B pairs: the agent's readings only, on stderr (PYTHONPATH=<src> picks the code)
+        with workdir("ft-bench-fp-") as tmp:
+            for rate in rates:
+                agent, complete = agent_reading(stream, rate / per, warmup, interval, tmp / f"agent-{rate}")
+                print(f"footprint: {rate}/s agent {agent.cpu_percent:.2f} % (event loop "
+                      f"{agent.loop_percent or 0.0:.2f} %) {agent.peak_rss_kib / 1024:.1f} MB, "
+                      f"{'complete' if complete else 'datagrams missing'}; load {load_before:.1f} -> "
+                      f"{os.getloadavg()[0]:.1f}", file=sys.stderr)
+        return "", summary
     with workdir("ft-bench-fp-") as tmp:
         for rate in rates:
             dgram_rate = rate / per
@@ -330,8 +342,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="profile the agent at 1,000 flows/s even if it meets the goal"
     )
+    parser.add_argument(
+        "--rates", type=lambda t: [int(r) for r in t.split(",")], default=None,
+        help="flow rates to measure, comma-separated (default 100,1000,10000)",
+    )
+    parser.add_argument(
+        "--agent-only", action="store_true",
+        help="the agent's CPU and peak RSS per rate only, on stderr (no nfcapd, start-up, table): for A/B "
+        "pairs, PYTHONPATH=<a tree's src> choosing the code",
+    )
     args = parser.parse_args(argv)
     body, _ = bench(args)
+    if args.agent_only:
+        return 0
     print(body)
     if args.write:
         replace_section(args.doc, SECTION, body)
