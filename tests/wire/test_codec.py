@@ -196,3 +196,42 @@ def test_released_compressors_and_tables_are_those_of_other_dictionaries() -> No
     assert list(codec._tables) == [(columnar, codec.DEFAULT_LEVEL)]
     assert decompress(compress(raw, Codec.COLUMNAR, dict_id=columnar), Codec.COLUMNAR, dict_id=columnar,
                       raw_len=len(raw)) == raw
+
+
+def test_zstd_decompressors_are_set_up_once_per_thread_and_dictionary(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway opens thousands of small batches a second: a decompressor set up for the 64 KiB dictionary
+    each time cost more than the decompression (issue 16). One is kept per thread and dictionary, and a
+    failed frame does not spoil it for the next."""
+    import threading
+
+    import zstandard
+
+    from flowtunnel.wire import codec
+
+    made: list[object] = []
+    real = zstandard.ZstdDecompressor
+
+    def counting(*args: object, **kwargs: object) -> zstandard.ZstdDecompressor:
+        made.append(kwargs.get("dict_data"))
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(zstandard, "ZstdDecompressor", counting)
+    monkeypatch.setattr(codec, "_decompressors", threading.local(), raising=False)
+    dict_id = codec.default_dictionary_id(2)
+    raw = b"netflow " * 100
+    frame = compress(raw, Codec.ZSTD_DICT, dict_id=dict_id)
+    plain = compress(raw, Codec.ZSTD)
+    for _ in range(5):
+        assert decompress(frame, Codec.ZSTD_DICT, dict_id=dict_id, raw_len=len(raw)) == raw
+        assert decompress(plain, Codec.ZSTD, dict_id=0, raw_len=len(raw)) == raw
+    with pytest.raises(MalformedRecords):
+        decompress(frame[:-3] + b"\0\0\0", Codec.ZSTD_DICT, dict_id=dict_id, raw_len=len(raw))
+    assert decompress(frame, Codec.ZSTD_DICT, dict_id=dict_id, raw_len=len(raw)) == raw
+    assert len(made) == 2
+    other: list[bytes] = []
+    worker = threading.Thread(
+        target=lambda: other.append(decompress(frame, Codec.ZSTD_DICT, dict_id=dict_id, raw_len=len(raw)))
+    )
+    worker.start()
+    worker.join()
+    assert other == [raw] and len(made) == 3  # its own in another thread
