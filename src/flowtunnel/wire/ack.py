@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import struct
 
@@ -48,8 +47,9 @@ def _message(agent_id: str, request_nonce: bytes, acked: int) -> bytes:
 
 
 def _raw_tag(key: bytes | Key, message: bytes) -> bytes:
-    ack_key = hmac.new(key_bytes(key), _KEY_LABEL, hashlib.sha256).digest()
-    return hmac.new(ack_key, message, hashlib.sha256).digest()[:ACK_TAG_BYTES]
+    # hmac.digest: the one-shot C path, no Python HMAC objects (a gateway tags every answer, issue 16)
+    ack_key = hmac.digest(key_bytes(key), _KEY_LABEL, "sha256")
+    return hmac.digest(ack_key, message, "sha256")[:ACK_TAG_BYTES]
 
 
 def ack_tag(key: bytes | Key, *, agent_id: str, request_nonce: bytes, acked: int) -> str:
