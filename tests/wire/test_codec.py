@@ -198,7 +198,9 @@ def test_released_compressors_and_tables_are_those_of_other_dictionaries() -> No
                       raw_len=len(raw)) == raw
 
 
-def test_zstd_decompressors_are_set_up_once_per_thread_and_dictionary(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zstd_decompressors_are_set_up_once_per_thread_and_dictionary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A gateway opens thousands of small batches a second: a decompressor set up for the 64 KiB dictionary
     each time cost more than the decompression (issue 16). One is kept per thread and dictionary, and a
     failed frame does not spoil it for the next."""
@@ -234,4 +236,5 @@ def test_zstd_decompressors_are_set_up_once_per_thread_and_dictionary(monkeypatc
     )
     worker.start()
     worker.join()
-    assert other == [raw] and len(made) == 3  # its own in another thread
+    assert other == [raw]
+    assert len(made) == 3  # its own in another thread
