@@ -2,7 +2,13 @@
 
 Label cardinality is bounded: the ``agent`` label only takes enrolled agent ids (anything else is
 ``"unknown"``), causes come from fixed code paths, and agent-reported drop causes are limited in number and
-shape. The same numbers feed ``status.json`` through ``snapshot()``.
+shape. The same numbers feed ``status.json``.
+
+The per-agent and per-rung series are not ``prometheus_client`` metric objects: a request only adds to plain
+fields of its ``AgentStats`` (and the rung's figures), and ``_Series`` turns those into samples when
+``/metrics`` is scraped. With 2,000 agents, a ``labels()`` look-up and a locked update per series and request
+were ~5 % of the gateway's CPU, and their ~20,000 child objects and locks were most of what the garbage
+collector walked (issue 16, docs/benchmarks.md "Fleet").
 """
 
 from __future__ import annotations
@@ -10,10 +16,13 @@ from __future__ import annotations
 import re
 import statistics
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from flowtunnel.buildinfo import register_build_info
 
@@ -91,11 +100,15 @@ class AgentStats:
     backlog_oldest: float | None = None
     # agent clock minus gateway clock, seconds, per recent batch (see GatewayMetrics.clock_sample)
     skew_samples: deque[float] = field(default_factory=lambda: deque(maxlen=SKEW_SAMPLES))
+    #: An authenticated request of the agent was answered since start (``acked`` is then this gateway's).
+    answered: bool = False
 
     @property
     def clock_skew(self) -> float | None:
-        """The agent's clock minus the gateway's, in seconds (median of recent batches), or None."""
-        return statistics.median(self.skew_samples) if self.skew_samples else None
+        """The agent's clock minus the gateway's, in seconds (median of recent batches), or None. Computed
+        when read (a scrape, the status), not per batch; safe from another thread (copies the samples)."""
+        samples = tuple(self.skew_samples)
+        return statistics.median(samples) if samples else None
 
     def as_dict(self) -> dict[str, object]:
         ratio = self.datagram_bytes / self.http_bytes if self.http_bytes else None
@@ -130,60 +143,8 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         p = "flowtunnel_gateway_"
-        self.datagrams = Counter(p + "datagrams", "Datagrams journaled, per agent", ["agent"], registry=r)
-        self.duplicates = Counter(
-            p + "duplicate_datagrams", "Datagrams received again at or below the high-water mark", ["agent"],
-            registry=r,
-        )
-        self.gap = Counter(
-            p + "agent_gap_datagrams", "Sequence numbers an agent skipped (its own drops)", ["agent"],
-            registry=r,
-        )
-        self.lost = Counter(
-            p + "journal_lost_datagrams", "Acknowledged datagrams later missing from the journal (restored "
-            "backup, torn tail) that the agent no longer had", ["agent"], registry=r,
-        )
-        self.http_bytes = Counter(p + "http_body_bytes", "Sealed batch bytes received", ["agent"], registry=r)
-        self.datagram_bytes = Counter(
-            p + "datagram_bytes", "Raw datagram bytes carried in accepted batches", ["agent"], registry=r
-        )
-        self.ratio = Gauge(
-            p + "compression_ratio", "Raw datagram bytes / HTTP body bytes since start", ["agent"], registry=r
-        )
-        self.backlog = Gauge(
-            p + "agent_backlog_datagrams", "Backlog the agent reported (X-Flowtunnel-Backlog)", ["agent"],
-            registry=r,
-        )
-        self.agent_dropped = Gauge(
-            p + "agent_dropped_datagrams", "Drops the agent reported, by cause (X-Flowtunnel-Dropped)",
-            ["agent", "cause"], registry=r,
-        )
-        self.last_seen = Gauge(
-            p + "agent_last_seen_timestamp_seconds", "Unix time of the agent's last request", ["agent"],
-            registry=r,
-        )
-        self.acked = Gauge(
-            p + "agent_acked_seq", "High-water mark acknowledged to the agent", ["agent"], registry=r
-        )
-        self.clock_skew = Gauge(
-            p + "agent_clock_skew_seconds",
-            "The agent's clock minus the gateway's (median of recent batches; the gateway acts on its own "
-            "receive time)", ["agent"], registry=r,
-        )
         self.rejected = Counter(
             p + "rejected_requests", "Requests rejected, by agent and cause", ["agent", "cause"], registry=r
-        )
-        self.replayed = Counter(
-            p + "replayed_requests", "Exact copies of an earlier request (same nonce and tag) seen again: "
-            "answered, but changing no figure", ["agent"], registry=r,
-        )
-        self.nonce_reused = Counter(
-            p + "nonce_reuse", "Authenticated requests reusing a recent nonce with other content under the "
-            "same key (a broken or hostile client)", ["agent"], registry=r,
-        )
-        self.agent_journal_bytes = Gauge(
-            p + "agent_journal_bytes", "Journal bytes held for the agent (not yet consumed by every sink)",
-            ["agent"], registry=r,
         )
         self.sink_lag = Gauge(
             p + "sink_lag_entries", "Journal entries a sink has not consumed yet", ["sink"], registry=r
@@ -211,19 +172,6 @@ class GatewayMetrics:
         self.forwarded = Counter(
             p + "forwarded_datagrams", "Datagrams re-emitted by udp-forward", ["target"], registry=r
         )
-        # Per rung (endpoint family: post, ws, get, probe, state), so bench/ can compare what each costs.
-        self.rung_requests = Counter(
-            p + "rung_requests", "Requests per rung (HTTP requests; for ws also each message)", ["rung"],
-            registry=r,
-        )
-        self.rung_batches = Counter(
-            p + "rung_batches", "Sealed batches handed to ingest, per rung and outcome (acked, refused)",
-            ["rung", "outcome"], registry=r,
-        )
-        self.rung_bytes = Counter(
-            p + "rung_bytes", "Bytes per rung and direction (in, out): request line, headers and body as "
-            "parsed, WebSocket frames with their headers", ["rung", "direction"], registry=r,
-        )
         self.ws_connections = Gauge(p + "ws_connections", "Open WebSocket connections", registry=r)
         self.compression_streams = Gauge(
             p + "compression_streams", "Agents' compression streams held in memory (docs/protocol.md section "
@@ -244,8 +192,10 @@ class GatewayMetrics:
         )
         register_build_info(r, component="gateway")
         self.agents: dict[str, AgentStats] = {}
+        # Per rung (endpoint family: post, ws, get, probe, state), so bench/ can compare what each costs.
         self.rungs: dict[str, dict[str, int]] = {}
         self.rejects_by_cause: dict[str, int] = {}
+        r.register(_Series(self))
 
     def journal_commit(self, pieces: int) -> None:
         """One journal commit holding ``pieces`` batch pieces."""
@@ -268,22 +218,17 @@ class GatewayMetrics:
         """One request (or WebSocket message) on ``rung``, with the bytes it took each way."""
         doc = self._rung(rung)
         doc["requests"] += 1
-        self.rung_requests.labels(rung).inc()
-        self.rung_traffic(rung, bytes_in=bytes_in, bytes_out=bytes_out)
+        doc["bytes_in"] += bytes_in
+        doc["bytes_out"] += bytes_out
 
     def rung_traffic(self, rung: str, *, bytes_in: int = 0, bytes_out: int = 0) -> None:
         doc = self._rung(rung)
-        if bytes_in:
-            doc["bytes_in"] += bytes_in
-            self.rung_bytes.labels(rung, "in").inc(bytes_in)
-        if bytes_out:
-            doc["bytes_out"] += bytes_out
-            self.rung_bytes.labels(rung, "out").inc(bytes_out)
+        doc["bytes_in"] += bytes_in
+        doc["bytes_out"] += bytes_out
 
     def rung_batch(self, rung: str, outcome: str) -> None:
         """A sealed batch that reached ingest over ``rung``: ``outcome`` "acked" or "refused"."""
         self._rung(rung)[outcome] += 1
-        self.rung_batches.labels(rung, outcome).inc()
 
     def agent_rung(self, agent: str, rung: str) -> None:
         """``agent``'s batch was acknowledged over ``rung`` (an enrolled id: ingest accepted it)."""
@@ -328,35 +273,22 @@ class GatewayMetrics:
         st.datagram_bytes += datagram_bytes
         st.last_seen = now
         st.acked = acked
-        self.datagrams.labels(agent).inc(accepted)
-        self.duplicates.labels(agent).inc(duplicates)
-        self.gap.labels(agent).inc(gap)
-        self.lost.labels(agent).inc(lost)
-        self.http_bytes.labels(agent).inc(http_bytes)
-        self.datagram_bytes.labels(agent).inc(datagram_bytes)
-        if st.http_bytes:
-            self.ratio.labels(agent).set(st.datagram_bytes / st.http_bytes)
-        self.last_seen.labels(agent).set(now)
-        self.acked.labels(agent).set(acked)
+        st.answered = True
         if backlog is not None:
             st.backlog = backlog
-            self.backlog.labels(agent).set(backlog)
         # The first report after a (gateway) start is the baseline: counters the agent carried over are old.
         if gap or (st.dropped and any(n > st.dropped.get(c, 0) for c, n in dropped.items())):
             st.drops_changed = now
         for cause, n in dropped.items():
             if cause in st.dropped or len(st.dropped) < _MAX_DROP_CAUSES:
                 st.dropped[cause] = n
-                self.agent_dropped.labels(agent, cause).set(n)
 
     def replay(self, agent: str) -> None:
         """An exact copy of an earlier request: counted, nothing else changes."""
         self._stats(agent).replayed += 1
-        self.replayed.labels(agent).inc()
 
     def nonce_reuse(self, agent: str) -> None:
         self._stats(agent).nonce_reused += 1
-        self.nonce_reused.labels(agent).inc()
 
     def held(self, agent: str, n: int) -> None:
         """Journal bytes held for ``agent`` now."""
@@ -364,30 +296,128 @@ class GatewayMetrics:
         if st is None and not n:
             return
         self._stats(agent).journal_bytes = n
-        self.agent_journal_bytes.labels(agent).set(n)
 
     def clock_sample(self, agent: str, skew: float) -> None:
-        """One batch's estimate of the agent's clock minus the gateway's, in seconds."""
-        st = self._stats(agent)
-        st.skew_samples.append(skew)
-        median = st.clock_skew
-        if median is not None:
-            self.clock_skew.labels(agent).set(median)
+        """One batch's estimate of the agent's clock minus the gateway's, in seconds (the median of the
+        recent ones is taken when read: ``AgentStats.clock_skew``)."""
+        self._stats(agent).skew_samples.append(skew)
 
     def seen(self, agent: str, *, now: float, acked: int) -> None:
         """An authenticated request that carried no data (resync, state query)."""
         st = self._stats(agent)
         st.last_seen = now
         st.acked = acked
-        self.last_seen.labels(agent).set(now)
-        self.acked.labels(agent).set(acked)
+        st.answered = True
 
     def restore_last_seen(self, agent: str, when: float) -> None:
         """Carry an agent's last-seen time over a gateway restart (from the previous status.json)."""
         st = self._stats(agent)
         if st.last_seen is None or st.last_seen < when:
             st.last_seen = when
-            self.last_seen.labels(agent).set(when)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_P = "flowtunnel_gateway_"
+
+
+class _Series(Collector):
+    """The per-agent and per-rung series, made from ``GatewayMetrics.agents`` and ``.rungs`` at each scrape.
+
+    Same names, labels and values as the metric objects they replace (no ``_created`` series). An agent's
+    traffic series appear with its first acknowledged batch, its ``acked`` and last-seen ones with its first
+    answered request, replays and nonce reuses once there is one. Runs in the scrape's worker thread while
+    the event loop changes the figures: each dictionary is copied first (one C call, atomic under the GIL),
+    so a scrape sees every figure as it was at some moment, never a broken dictionary."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families()[0]
+
+    def collect(self) -> Iterator[Metric]:
+        families, fill = self._families()
+        fill()
+        return families
+
+    def _families(self) -> tuple[Iterator[Metric], Callable[[], None]]:
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ("agent",)) -> CounterMetricFamily:
+            return CounterMetricFamily(_P + name, doc, labels=labels)
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ("agent",)) -> GaugeMetricFamily:
+            return GaugeMetricFamily(_P + name, doc, labels=labels)
+
+        datagrams = counter("datagrams", "Datagrams journaled, per agent")
+        duplicates = counter("duplicate_datagrams",
+                             "Datagrams received again at or below the high-water mark")
+        gap = counter("agent_gap_datagrams", "Sequence numbers an agent skipped (its own drops)")
+        lost = counter("journal_lost_datagrams", "Acknowledged datagrams later missing from the journal "
+                       "(restored backup, torn tail) that the agent no longer had")
+        http_bytes = counter("http_body_bytes", "Sealed batch bytes received")
+        datagram_bytes = counter("datagram_bytes", "Raw datagram bytes carried in accepted batches")
+        ratio = gauge("compression_ratio", "Raw datagram bytes / HTTP body bytes since start")
+        backlog = gauge("agent_backlog_datagrams", "Backlog the agent reported (X-Flowtunnel-Backlog)")
+        dropped = gauge("agent_dropped_datagrams",
+                        "Drops the agent reported, by cause (X-Flowtunnel-Dropped)", ("agent", "cause"))
+        last_seen = gauge("agent_last_seen_timestamp_seconds", "Unix time of the agent's last request")
+        acked = gauge("agent_acked_seq", "High-water mark acknowledged to the agent")
+        skew = gauge("agent_clock_skew_seconds", "The agent's clock minus the gateway's (median of recent "
+                     "batches; the gateway acts on its own receive time)")
+        replayed = counter("replayed_requests", "Exact copies of an earlier request (same nonce and tag) "
+                           "seen again: answered, but changing no figure")
+        nonce_reused = counter("nonce_reuse", "Authenticated requests reusing a recent nonce with other "
+                               "content under the same key (a broken or hostile client)")
+        journal_bytes = gauge("agent_journal_bytes", "Journal bytes held for the agent (not yet consumed by "
+                              "every sink)")
+        rung_requests = counter("rung_requests",
+                                "Requests per rung (HTTP requests; for ws also each message)", ("rung",))
+        rung_batches = counter("rung_batches", "Sealed batches handed to ingest, per rung and outcome "
+                               "(acked, refused)", ("rung", "outcome"))
+        rung_bytes = counter("rung_bytes", "Bytes per rung and direction (in, out): request line, headers "
+                             "and body as parsed, WebSocket frames with their headers", ("rung", "direction"))
+        families: list[Metric] = [
+            datagrams, duplicates, gap, lost, http_bytes, datagram_bytes, ratio, backlog, dropped, last_seen,
+            acked, skew, replayed, nonce_reused, journal_bytes, rung_requests, rung_batches, rung_bytes,
+        ]
+
+        def fill() -> None:
+            for agent, st in sorted(self._metrics.agents.copy().items()):
+                a = [agent]
+                if st.batches:
+                    datagrams.add_metric(a, st.datagrams)
+                    duplicates.add_metric(a, st.duplicates)
+                    gap.add_metric(a, st.gap)
+                    lost.add_metric(a, st.lost)
+                    http_bytes.add_metric(a, st.http_bytes)
+                    datagram_bytes.add_metric(a, st.datagram_bytes)
+                    if st.http_bytes:
+                        ratio.add_metric(a, st.datagram_bytes / st.http_bytes)
+                if st.backlog is not None:
+                    backlog.add_metric(a, st.backlog)
+                for cause, n in sorted(st.dropped.copy().items()):
+                    dropped.add_metric([agent, cause], n)
+                if st.last_seen is not None:
+                    last_seen.add_metric(a, st.last_seen)
+                if st.answered:
+                    acked.add_metric(a, st.acked)
+                median = st.clock_skew
+                if median is not None:
+                    skew.add_metric(a, median)
+                if st.replayed:
+                    replayed.add_metric(a, st.replayed)
+                if st.nonce_reused:
+                    nonce_reused.add_metric(a, st.nonce_reused)
+                journal_bytes.add_metric(a, st.journal_bytes)
+            for rung, doc in sorted(self._metrics.rungs.copy().items()):
+                figures = doc.copy()
+                rung_requests.add_metric([rung], figures["requests"])
+                for outcome in ("acked", "refused"):
+                    if figures[outcome]:
+                        rung_batches.add_metric([rung, outcome], figures[outcome])
+                for direction in ("in", "out"):
+                    if figures["bytes_" + direction]:
+                        rung_bytes.add_metric([rung, direction], figures["bytes_" + direction])
+
+        return iter(families), fill
