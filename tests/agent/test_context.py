@@ -169,9 +169,9 @@ async def test_a_corrupted_context_at_the_gateway_is_refused_and_the_agent_resen
         async with uploading(ctx_config(tmp_path, gw.url, key), key, spool) as up:
             await trickle(up, spool, _chunks(sent[:6]))
             ingest = ingest_of(gw)
-            held = ingest.contexts._agents[AGENT]
-            for cid, context in list(held.items()):
-                held[cid] = bytes(b ^ 0x5A for b in context)
+            ingest.contexts.of(AGENT)  # their ids computed (lazily), so the altered bytes keep the right ids
+            for item in ingest.contexts._agents[AGENT]:
+                item.context = bytes(b ^ 0x5A for b in item.context)
             await trickle(up, spool, _chunks(sent[6:]))
             assert up.stats.failures["unknown-context"] == 1
         refused_then_fresh = [flags for first, n, flags, _ in opened if first == 7 and n]

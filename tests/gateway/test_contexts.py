@@ -42,3 +42,25 @@ def test_a_copy_is_handed_out() -> None:
     assert len(cache.of("a")) == 1
     with pytest.raises(ValueError, match="per_agent 0"):
         ContextCache(per_agent=0)
+
+
+def test_a_context_is_hashed_only_when_a_batch_names_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every acknowledged batch leaves a context and most agents never use one: hashing each (BLAKE2b of up
+    to 32 KiB) as it came was per-request work for nothing (issue 16). It is hashed once, when asked for."""
+    from flowtunnel.gateway import contexts
+
+    hashed: list[int] = []
+
+    def counting(context: bytes) -> int:
+        hashed.append(len(context))
+        return context_id(context)
+
+    monkeypatch.setattr(contexts, "context_id", counting)
+    cache = ContextCache(per_agent=2, total_bytes=1 << 20)
+    for n in range(10):
+        cache.remember("a", bytes([n]) * 100)
+    assert hashed == []
+    assert set(cache.of("a")) == {context_id(b"\x08" * 100), context_id(b"\x09" * 100)}
+    assert len(hashed) == 2
+    cache.of("a")
+    assert len(hashed) == 2  # once each

@@ -10,6 +10,7 @@ context.
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from flowtunnel.wire import context_id
 
@@ -21,42 +22,63 @@ PER_AGENT = 4
 TOTAL_BYTES = 64 << 20
 
 
+@dataclass(slots=True)
+class _Held:
+    """One context held, and its id once computed (``ContextCache.of``)."""
+
+    context: bytes
+    cid: int | None = None
+
+
 class ContextCache:
-    """Contexts by agent, then by ``context_id``. Not thread-safe: use from the event loop only."""
+    """Contexts by agent, then by ``context_id``. Not thread-safe: use from the event loop only.
+
+    A context's id (a BLAKE2b digest of up to 32 KiB) is computed only when the agent's batch names one
+    (``of``): every acknowledged batch leaves a context, and most agents never compress against one, so
+    hashing each as it came was work for nothing on every request (issue 16)."""
 
     def __init__(self, *, per_agent: int = PER_AGENT, total_bytes: int = TOTAL_BYTES) -> None:
         if per_agent < 1 or total_bytes < 1:
             raise ValueError(f"per_agent {per_agent} and total_bytes {total_bytes} must be >= 1")
         self._per_agent = per_agent
         self._total_bytes = total_bytes
-        self._agents: OrderedDict[str, OrderedDict[int, bytes]] = OrderedDict()
+        self._agents: OrderedDict[str, list[_Held]] = OrderedDict()  # per agent, oldest first
         self.size = 0
 
     def of(self, agent_id: str) -> dict[int, bytes]:
-        """A copy of the contexts held for ``agent_id`` (safe to hand to a worker thread)."""
+        """A copy of the contexts held for ``agent_id``, by id (safe to hand to a worker thread)."""
         held = self._agents.get(agent_id)
-        return dict(held) if held else {}
+        if not held:
+            return {}
+        out: dict[int, bytes] = {}
+        for item in held:
+            if item.cid is None:
+                item.cid = context_id(item.context)
+            out[item.cid] = item.context
+        return out
 
     def remember(self, agent_id: str, context: bytes) -> None:
         """Keep the ``context`` an acknowledged batch leaves (``Batch.context``; nothing if empty)."""
         if not context:
             return
-        held = self._agents.pop(agent_id, None) or OrderedDict()
+        held = self._agents.pop(agent_id, None) or []
         self._agents[agent_id] = held
-        cid = context_id(context)
-        old = held.pop(cid, None)
-        if old is not None:
-            self.size -= len(old)
-        held[cid] = context
-        self.size += len(context)
+        for i, item in enumerate(held):
+            if item.context == context:  # the same again (same content, same id): kept once, as the newest
+                held.append(held.pop(i))
+                break
+        else:
+            held.append(_Held(context))
+            self.size += len(context)
         while len(held) > self._per_agent:
-            self.size -= len(held.popitem(last=False)[1])
+            self.size -= len(held.pop(0).context)
         while self.size > self._total_bytes and self._agents:
             _, evicted = self._agents.popitem(last=False)
-            self.size -= sum(len(c) for c in evicted.values())
+            self.size -= sum(len(item.context) for item in evicted)
 
     def forget(self, agent_id: str) -> None:
         """Drop every context of ``agent_id`` (revoked, or removed)."""
         held = self._agents.pop(agent_id, None)
         if held:
-            self.size -= sum(len(c) for c in held.values())
+            self.size -= sum(len(item.context) for item in held)
+

@@ -31,6 +31,7 @@ from flowtunnel.journal import AgentJournal, JournalConflict, JournalPartial, hw
 from flowtunnel.log import LogError, LogFull
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import (
+    FLAG_CONTEXT,
     FLAG_STREAM,
     FLAG_STREAM_START,
     HEADER,
@@ -342,14 +343,16 @@ class Ingest:
         held = None
         if streams and header.flags & FLAG_STREAM and not header.flags & FLAG_STREAM_START:
             held = self.streams.take(agent_id, header.dict_id)
+        # Only a batch compressed against a context needs them (copied, hashed: ``ContextCache.of``).
+        contexts = self.contexts.of(agent_id) if header.flags & FLAG_CONTEXT else None
         for attempt in (0, 1):
             try:
                 if inline:
-                    batch = open_batch(body, key=entry.key, limits=self._limits,
-                                       contexts=self.contexts.of(agent_id), stream=held)
+                    batch = open_batch(body, key=entry.key, limits=self._limits, contexts=contexts,
+                                       stream=held)
                 else:
                     batch = await asyncio.to_thread(open_batch, body, key=entry.key, limits=self._limits,
-                                                    contexts=self.contexts.of(agent_id), stream=held)
+                                                    contexts=contexts, stream=held)
                 return batch, entry.key
             except WireError as exc:
                 if isinstance(exc, AuthenticationFailed) and attempt == 0 and self._keys.refresh_if_stale():
