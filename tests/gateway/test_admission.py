@@ -160,3 +160,33 @@ async def test_without_a_small_lane_small_batches_share_the_slots() -> None:
         assert held is None
         async with adm.queued("b", wait=0, small=True) as busy:
             assert busy == Busy(total=1, for_agent=0, agent="b")
+
+
+async def test_take_now_is_queueds_fast_path_and_never_overtakes_the_line() -> None:
+    """A free slot is taken without a context manager (per request CPU, issue 16), under the same bounds:
+    per agent, per lane, and never ahead of a request already waiting; its release hands the slot on."""
+    seen: list[int] = []
+    adm = Admission(max_inflight=1, max_inflight_per_agent=1, max_waiting=4, max_small=2,
+                    on_change=seen.append)
+    lane = adm.take_now("a")
+    assert lane is not None
+    assert adm.busy == 1
+    assert adm.take_now("a", small=True) is None  # a's one slot is held
+    assert adm.take_now("b") is None  # the main lane is full
+    small = adm.take_now("b", small=True)
+    assert small is not None
+    assert adm.busy == 2
+    adm.release("b", small)
+
+    async def waits() -> Busy | None:
+        async with adm.queued("c", wait=5.0) as busy:
+            return busy
+
+    waiting = asyncio.create_task(waits())
+    await asyncio.sleep(0)
+    assert adm.waiting == 1
+    adm.release("a", lane)  # handed to c, not freed
+    assert adm.take_now("d") is None
+    assert await waiting is None
+    assert (adm.busy, adm.waiting, adm.in_use("a"), adm.in_use("c")) == (0, 0, 0, 0)
+    assert seen[-1] == 0
