@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import ssl
+import sys
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -343,6 +344,58 @@ async def test_slow_body_is_cut_off_with_408(env: tuple[Gateway, bytes, aiohttp.
     await writer.wait_closed()
     assert answer.startswith(b"HTTP/1.1 408")
     assert journal_entries(gw) == []
+
+
+async def _exchange_raw(gw: Gateway, parts: list[bytes], pause: float = 0.0) -> bytes:
+    """Send ``parts`` on one connection (``pause`` s apart) and return the start of the answer."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    for i, part in enumerate(parts):
+        if i:
+            await asyncio.sleep(pause)
+        writer.write(part)
+        await writer.drain()
+    async with asyncio.timeout(30):
+        answer = await reader.read(4096)
+    writer.close()
+    await writer.wait_closed()
+    return answer
+
+
+def _post_head(body: bytes) -> bytes:
+    return (
+        f"POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: {BATCH_CONTENT_TYPE}\r\n"
+        f"X-Flowtunnel-Agent: {AGENT}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+
+
+async def test_a_body_that_came_with_its_headers_is_taken_without_timers(
+    env: tuple[Gateway, bytes, aiohttp.ClientSession], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-request CPU (issue 16): a small batch usually arrives whole with its headers; reading it took
+    two timers (header, body) and several waits. What is already there is taken at once; only a body
+    still on its way is read under the timeouts (test_slow_body_is_cut_off_with_408)."""
+    gw, key, _ = env
+    timers: list[str] = []
+    for name in ("timeout", "timeout_at"):
+        real = getattr(asyncio, name)
+
+        def counting(when: float | None, _real: Any = real, _name: str = name) -> Any:
+            if sys._getframe(1).f_code.co_filename.endswith(os.path.join("gateway", "app.py")):
+                timers.append(_name)
+            return _real(when)
+
+        monkeypatch.setattr(asyncio, name, counting)
+    body = seal(AGENT, key, 1, datagrams(3))
+    assert (await _exchange_raw(gw, [_post_head(body) + body])).startswith(b"HTTP/1.1 200")
+    assert timers == []
+    assert [e.stream_seq for e in journal_entries(gw)] == [1, 2, 3]
+    # the same in pieces: header cut in two, then the rest of the body, each after a pause
+    body = seal(AGENT, key, 4, datagrams(2))
+    parts = [_post_head(body) + body[:20], body[20:40], body[40:]]
+    assert (await _exchange_raw(gw, parts, pause=0.05)).startswith(b"HTTP/1.1 200")
+    assert "timeout_at" in timers
+    assert [e.stream_seq for e in journal_entries(gw)] == [1, 2, 3, 4, 5]
 
 
 async def test_revoked_then_rotated_agent_without_restart(

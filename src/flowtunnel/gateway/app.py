@@ -43,6 +43,7 @@ from flowtunnel.gateway.probe import probe_handler
 from flowtunnel.gateway.ws import WsHub, WsSettings
 from flowtunnel.runtime import OnceLogger
 from flowtunnel.wire import CONTENT_TYPE, CONTENT_TYPES, HEADER, MAGIC, header_length
+from flowtunnel.wire.batch import AGENT_LEN_OFFSET
 
 __all__ = ["BATCH_CONTENT_TYPE", "HttpErrorLogger", "build_app"]
 
@@ -162,18 +163,30 @@ def build_app(
             detail = f"body of {length} bytes exceeds max_body {max_body}"
             return fail(Rejected("too-large", detail, agent=agent))
         deadline = asyncio.get_running_loop().time() + body_timeout + length / min_body_rate
-        try:
-            async with asyncio.timeout(body_timeout):
-                head = await _read_head(request, length)
-        except TimeoutError:
-            return fail(Rejected("slow-body", "batch header not received in time", agent=agent))
+        # What already arrived with the headers (a small batch is usually all there): taken without a timer
+        # or a wait. It was in memory already (aiohttp's buffer, bounded per connection), so nothing more is
+        # held before the slot than before; a body still on its way is read with the timeouts below.
+        head = request.content.read_nowait(length) if length else b""
+        if len(head) < length and (len(head) <= AGENT_LEN_OFFSET or len(head) < (header_length(head) or 0)):
+            try:
+                async with asyncio.timeout(body_timeout):
+                    head = await _read_head(request, length, head)
+            except TimeoutError:
+                return fail(Rejected("slow-body", "batch header not received in time", agent=agent))
         if compact and agent_header is None:
             agent_header = _agent_in(head)  # the batch names its agent; a bad header is admit's to refuse
         try:
             agent_id = ingest.admit(head, agent_header)
         except Rejected as exc:
             return fail(exc)
-        async with admission.queued(agent_id, wait=slot_wait, small=_small(head, length)) as busy:
+        small = _small(head, length)
+        lane = admission.take_now(agent_id, small=small)  # a free slot: no context manager, no wait
+        if lane is not None:
+            try:
+                return await _ingest(request, head, length, deadline, agent_id, agent_header, compact)
+            finally:
+                admission.release(agent_id, lane)
+        async with admission.queued(agent_id, wait=slot_wait, small=small) as busy:
             if busy is not None:
                 return fail(Rejected("busy", busy.detail(), agent=agent_id, retry_after=retry_after))
             return await _ingest(request, head, length, deadline, agent_id, agent_header, compact)
@@ -182,9 +195,12 @@ def build_app(
         request: web.Request, head: bytes, length: int, deadline: float, agent_id: str,
         agent_header: str | None, compact: bool,
     ) -> web.Response:
+        rest = b""
         try:
-            async with asyncio.timeout_at(deadline):
-                rest = await _read_paced(request, length - len(head), window=body_timeout, rate=min_body_rate)
+            if len(head) < length:
+                async with asyncio.timeout_at(deadline):
+                    rest = await _read_paced(request, length - len(head), window=body_timeout,
+                                             rate=min_body_rate)
         except TimeoutError:
             detail = (f"body of {length} bytes too slow: under {min_body_rate} B/s over {body_timeout:g} s, "
                       "or not complete in time")
@@ -193,7 +209,7 @@ def build_app(
             detail = f"body ended after {len(head) + len(exc.partial)} of {length} declared bytes"
             return fail(Rejected("truncated", detail, agent=agent_id))
         outcome = await ingest.deliver(
-            head + rest,
+            head + rest if rest else head,
             agent_header=agent_header,
             rung="post",
             backlog=request.headers.get("X-Flowtunnel-Backlog"),
@@ -289,15 +305,17 @@ def _agent_in(head: bytes) -> str | None:
         return None
 
 
-async def _read_head(request: web.Request, length: int) -> bytes:
-    """The batch header of the body: fixed part, then the agent id its length byte announces (less if the
-    body is shorter; ``Ingest.admit`` says what is wrong with it)."""
-    try:
-        head = await request.content.readexactly(min(length, HEADER.size))
-    except asyncio.IncompleteReadError as exc:
-        return exc.partial
+async def _read_head(request: web.Request, length: int, head: bytes = b"") -> bytes:
+    """``head`` (the start of the body already read) completed to the batch header: fixed part, then the
+    agent id its length byte announces (less if the body is shorter; ``Ingest.admit`` says what is wrong with
+    it). ``head`` may hold more than the header: what arrived with it."""
+    if len(head) < HEADER.size:
+        try:
+            head += await request.content.readexactly(min(length, HEADER.size) - len(head))
+        except asyncio.IncompleteReadError as exc:
+            return head + exc.partial
     full = header_length(head)
-    if full is not None:
+    if full is not None and full > len(head):
         more = min(full - len(head), length - len(head))
         try:
             head += await request.content.readexactly(more)
