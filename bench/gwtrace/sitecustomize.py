@@ -134,6 +134,19 @@ if os.environ.get("FLOWTUNNEL_GWTRACE") and "gateway" in sys.orig_argv:  # pragm
             yield busy
 
     _adm.Admission.queued = _queued  # type: ignore[method-assign]
+    _orig_take_now = _adm.Admission.take_now
+
+    def _take_now(self: Any, agent_id: str, **kw: Any) -> Any:
+        # queued's fast path (a free slot, nobody waiting), which app.py also calls directly: no wait
+        lane = _orig_take_now(self, agent_id, **kw)
+        if lane is not None:
+            r = _cur()
+            r["agent"] = agent_id
+            r["small"] = bool(kw.get("small"))
+            r["slot"] = 0.0
+        return lane
+
+    _adm.Admission.take_now = _take_now  # type: ignore[method-assign]
     _orig_group = _dur.DurableLog.append_group
 
     def _append_group(self: Any, parts: Any) -> Any:
