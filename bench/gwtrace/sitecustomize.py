@@ -134,10 +134,11 @@ if os.environ.get("FLOWTUNNEL_GWTRACE") and "gateway" in sys.orig_argv:  # pragm
             yield busy
 
     _adm.Admission.queued = _queued  # type: ignore[method-assign]
-    _orig_take_now = _adm.Admission.take_now
+    _orig_take_now = getattr(_adm.Admission, "take_now", None)  # None: code before it (A/B runs)
 
     def _take_now(self: Any, agent_id: str, **kw: Any) -> Any:
         # queued's fast path (a free slot, nobody waiting), which app.py also calls directly: no wait
+        assert _orig_take_now is not None
         lane = _orig_take_now(self, agent_id, **kw)
         if lane is not None:
             r = _cur()
@@ -146,7 +147,8 @@ if os.environ.get("FLOWTUNNEL_GWTRACE") and "gateway" in sys.orig_argv:  # pragm
             r["slot"] = 0.0
         return lane
 
-    _adm.Admission.take_now = _take_now  # type: ignore[method-assign]
+    if _orig_take_now is not None:
+        _adm.Admission.take_now = _take_now  # type: ignore[method-assign]
     _orig_group = _dur.DurableLog.append_group
 
     def _append_group(self: Any, parts: Any) -> Any:
