@@ -350,13 +350,13 @@ CPU_SHARE = 0.25
 TIGHT_SHARE = 0.015
 #: ``LEAN`` (codec 5 at LZMA2 preset 1, field plans reused) for batches that are not big while its sealing CPU
 #: stays within this share of a core: up to ~830 KB/s arriving (~600 softflowd v9 datagrams/s of 1,400
-#: bytes, ~17,000 flows/s). It takes ~3.0 % of a core at 10,000 flows/s (~500 KB/s) where ``DEFAULT`` with
-#: the context tried beside it took ~2.7 % (the uploader tries no context beside ``LEAN``: a codec 5 batch
-#: leaves a context in its own layout, which zstd gains nothing from): +0.3 % of a core for ~24 % fewer
-#: bytes, out of the footprint goal there (6 % for the whole agent), chosen for bytes (issue 14). Above the
-#: share the agent seals ``DEFAULT`` as before: a gateway opens codec 5 at ~2 times zstd's CPU (~17 against
-#: ~9 ms per raw MB, softflowd v9 batches of 475), and the chain's throughput at 100,000 flows/s
-#: (``bench/store.py``) was measured with zstd.
+#: bytes, ~17,000 flows/s). Measured (docs/benchmarks.md, issue 14's codec 5 round): ~58-67 ms per raw MB
+#: at 10,000 flows/s (~500 KB/s: ~3-3.4 % of a core) where ``DEFAULT`` sealed one way took ~32 (~1.6 %), for
+#: 0.172 of raw UDP against 0.225: ~1.5-1.7 % of a core for ~24 % fewer bytes, out of the footprint goal
+#: there (6 % for the whole agent; 4.5 % measured with it), chosen for bytes (issue 14). Above the share the
+#: agent seals ``DEFAULT`` as before: a gateway opens codec 5 at ~2 times zstd's CPU (~17 against ~9 ms per
+#: raw MB, softflowd v9 batches of 475), and the chain's throughput at 100,000 flows/s (``bench/store.py``)
+#: was measured with zstd.
 LEAN_SHARE = 0.05
 
 
