@@ -195,3 +195,21 @@ async def test_default_batches_after_lean_ones_go_against_their_context_in_the_c
             assert up.stats.codecs[5] >= 1
         assert_exactly_once(gw, sent)
     spool.close()
+
+
+async def test_the_resync_batch_is_sealed_without_compressors(tmp_path: Path) -> None:
+    """issue 14: the empty batch of each resynchronisation went through codecs 3 and 2 at level 6, whose
+    compressors and dictionary tables (~2.3 MB of peak RSS at start-up) an agent sealing with LZMA2 never
+    used again; uncompressed it is smaller too."""
+    from flowtunnel.wire import CODEC_OFFSET, Codec, open_batch
+
+    key = bytes(range(32))
+    spool = open_spool(tmp_path)
+    up = uploader_module.Uploader(config(tmp_path, "http://127.0.0.1:9", key), key, spool)
+    codec.release_compressors()
+    body = await up._empty_batch()
+    assert body[CODEC_OFFSET] == Codec.NONE
+    assert not codec._idle
+    assert not codec._tables
+    assert open_batch(body, key=key).datagrams == ()
+    spool.close()

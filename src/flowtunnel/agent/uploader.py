@@ -848,9 +848,13 @@ class Uploader:
                 post.use_path(path, since=since)
 
     async def _empty_batch(self) -> bytes:
+        """The empty batch of a resynchronisation, uncompressed (codec 0): its record block is a few bytes,
+        which zstd would only lengthen, and sealing it with the default codecs made their compressors and
+        dictionary tables (~2.3 MB of peak RSS at start-up, issue 14), which an agent sealing with LZMA2
+        (LEAN, SMALL, TIGHT's stream) never uses again."""
         return await asyncio.to_thread(
             seal_batch, agent_id=self._config.agent_id, key=self._key, first_seq=self._position + 1,
-            datagrams=[], nonce=os.urandom(12), agent_info={"acked": self._position},
+            datagrams=[], nonce=os.urandom(12), agent_info={"acked": self._position}, codec=Codec.NONE,
         )
 
     async def _race_resync(self) -> int:
