@@ -132,13 +132,16 @@ async def test_the_uploader_seals_a_default_batch_once_after_the_first_trial(
     """At default settings (the codec rule's DEFAULT, as at 1,000 flows/s) every batch used to be sealed
     three ways (codecs 3 and 2 in one call, the context in another); now the trial batch only."""
     calls: list[dict[str, Any]] = []
+    idle: list[int] = []  # compressors kept when each seal began
     real: Callable[..., tuple[bytes, bytes]] = getattr(uploader_module, "seal_batch_and_context")  # noqa: B009
 
     def spy(**kwargs: Any) -> tuple[bytes, bytes]:
         calls.append(kwargs)
+        idle.append(len(codec._idle) + len(codec._tables))
         return real(**kwargs)
 
     monkeypatch.setattr(uploader_module, "seal_batch_and_context", spy)
+    codec.release_compressors()  # what earlier tests in this process left
 
     def default(self: uploader_module.Uploader, *, big: bool) -> CodecChoice:
         return DEFAULT
@@ -153,7 +156,8 @@ async def test_the_uploader_seals_a_default_batch_once_after_the_first_trial(
         async with uploading(config(tmp_path, gw.url, key, stream_compression=False), key, spool) as up:
             await trickle(up, spool, chunks[:2])  # the first: a trial without a context; the second: with one
             trial = len(calls)
-            assert trial == 3  # codecs 3 and 2 (one call), then both again and the context
+            assert trial == 5  # codecs 3 and 2, then both again and the context (one way at a time)
+            assert idle[:trial] == [0] * trial  # a trial's ways are made one at a time: the peak holds one
             won = up._ways.kept
             assert won is not None
             await trickle(up, spool, chunks[2:])

@@ -117,7 +117,7 @@ from flowtunnel.wire import (
     seal_stream_batch,
     verify_ack,
 )
-from flowtunnel.wire.codec import default_dictionary_id, release_compressors
+from flowtunnel.wire.codec import release_compressors
 
 __all__ = ["CURSOR", "Uploader", "UploaderStats"]
 
@@ -688,14 +688,19 @@ class Uploader:
             if way is Way.LEAN:
                 return seal(nonce=os.urandom(12), codec=Codec.DELTA_LZMA, level=LEAN.level)
             return seal(nonce=os.urandom(12), codec=_WAY_CODECS[way], level=level)
-        body, leaves = seal(nonce=os.urandom(12), codec=None, level=level)  # codecs 3 and 2, the smaller
+        # A trial: each way's compressor (~1.4 MB with its dictionary tables at level 6, LZMA2's ~1.3 MB) is
+        # let go before the next way's is made, so the peak RSS holds one of them, not all (issue 14); the
+        # winner's is made again by the next batch.
+        body, leaves = seal(nonce=os.urandom(12), codec=Codec.COLUMNAR, level=level)
+        release_compressors()
+        other, left = seal(nonce=os.urandom(12), codec=Codec.ZSTD_DICT, level=level)
+        release_compressors()
+        if len(other) < len(body):
+            body, leaves = other, left
         if Way.LEAN in ways:
             other, left = seal(nonce=os.urandom(12), codec=Codec.DELTA_LZMA, level=LEAN.level)
             if len(other) <= len(body):
                 body, leaves = other, left
-        # The losing codec's compressor is not kept (~1.4 MB at level 6 with its tables): between trials only
-        # the winner's is used, and the peak RSS counts every compressor alive at once (issue 14).
-        release_compressors(keep=(default_dictionary_id(body[CODEC_OFFSET]),))
         if context is not None and Way.CONTEXT in ways:
             # Against what the gateway already holds from this agent: a batch of a few datagrams repeats much
             # of the previous one (headers, templates, addresses, ports). In the layout of that context (a
@@ -703,7 +708,6 @@ class Uploader:
             other, left = seal(nonce=os.urandom(12), context=context, level=level, codec=self._context_layout)
             if len(other) < len(body):
                 body, leaves = other, left
-                release_compressors()  # the context's compressor is made per batch: none is used
         return body, leaves
 
     @property
