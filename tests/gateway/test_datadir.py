@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -221,6 +222,9 @@ async def test_a_gateway_and_a_sink_process_never_run_one_sink_on_the_same_files
     held = rf"is in use by another store sink \(pid {os.getpid()}"
     with DirLock.acquire(data, "sink-store.lock", what="store sink"), pytest.raises(ConfigError, match=held):
         await start_gateway(data, store=True)
+    # Refused after the journal was opened: its threads are gone too (before: left running).
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("checkpoint ")
+                or t.name == "journal-commit"]
     gw = await start_gateway(data, store=True)
     await gw.stop()
 

@@ -61,6 +61,7 @@ async def test_many_agents_at_once_share_a_few_commits_and_each_batch_is_journal
         assert res.last_seq - res.first_seq == 2
         assert log.get_state(hwm_key(f"a{i}")) == 3
     assert journal.notify.last_seq == log.last_seq() == agents * 3
+    journal.close()  # its commit thread, before the log closes
 
 
 async def test_a_large_batch_is_spread_over_commits_shared_with_the_others(log: DurableLog) -> None:
@@ -82,6 +83,7 @@ async def test_a_large_batch_is_spread_over_commits_shared_with_the_others(log: 
     assert all(seqs[f"a{i}"] < seqs["flood"] for i in range(1, 6))
     assert log.get_state(hwm_key("flood")) == 200
     assert log.stats().commits > 200 * 150 // 1024
+    journal.close()  # its commit thread, before the log closes
 
 
 class _Gate:
@@ -134,6 +136,7 @@ async def test_a_failed_commit_fails_every_batch_it_held_and_writes_none_of_them
     # The log is still usable: the same batches go through on their retry.
     await asyncio.gather(*(journal.append(f"a{i}", 1, _dgs(i, 2), hwm=0) for i in range(1, 6)))
     assert sorted(_by_agent(log)) == [f"a{i}" for i in range(6)]
+    journal.close()  # its commit thread, before the log closes
 
 
 async def test_a_batch_split_over_commits_that_fails_midway_reports_what_is_durable(
@@ -157,6 +160,7 @@ async def test_a_batch_split_over_commits_that_fails_midway_reports_what_is_dura
     assert info.value.committed == 2 * per_commit
     assert log.get_state(hwm_key("flood")) == 2 * per_commit == len(_by_agent(log)["flood"])
     assert info.value.last_seq == log.last_seq()
+    journal.close()  # its commit thread, before the log closes
 
 
 async def test_a_batch_too_large_for_what_the_quota_leaves_is_refused_before_any_commit(
@@ -175,6 +179,7 @@ async def test_a_batch_too_large_for_what_the_quota_leaves_is_refused_before_any
             journal.append("b", 1, _dgs(2, 5, size=100), hwm=0),
         )
         assert [r.last_seq - r.first_seq for r in res] == [4, 4]
+        journal.close()  # its commit thread, before the log closes
 
 
 async def test_a_cancelled_waiter_neither_blocks_the_others_nor_leaves_anything_counted(
@@ -212,6 +217,7 @@ async def test_a_cancelled_waiter_neither_blocks_the_others_nor_leaves_anything_
     assert log.get_state(hwm_key("a0")) == 2
     assert journal.group.waiting == 0
     assert journal.group._queued_bytes == 0
+    journal.close()  # its commit thread, before the log closes
 
 
 @pytest.fixture

@@ -182,7 +182,9 @@ class Gateway:
         try:
             await self._start()
         except BaseException:
-            self._release_data_dir()
+            # What _start opened before it failed (the journal and its threads, sinks, sites) is closed too:
+            # a refused start leaves nothing running in the process.
+            await self.stop()
             raise
 
     def _release_data_dir(self) -> None:
