@@ -74,6 +74,7 @@ def report(doc: dict[str, Any], split: float | None) -> None:
         print(f"objects tracked 40 s after start: {census['objects']} ({census['frozen']} frozen); most: "
               + ", ".join(f"{n} {t}" for t, n in census["types"][:6]))
     if split is not None and reqs:
+        reqs = [r for r in reqs if "t0" in r]  # a request the trace saw only at its end has no start
         first = min(r["t0"] for r in reqs)
         others = [r for r in reqs if r.get("agent") not in (None, "fleet-00000")]
         before = [r["total"] for r in others if 5 <= r["t0"] - first < split]
