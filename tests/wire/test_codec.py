@@ -238,3 +238,25 @@ def test_zstd_decompressors_are_set_up_once_per_thread_and_dictionary(
     worker.join()
     assert other == [raw]
     assert len(made) == 3  # its own in another thread
+
+
+def test_an_lzma2_block_is_compressed_with_a_dictionary_no_larger_than_it_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue 14: LEAN's LZMA2 encoder, made for each batch, sized its tables for 256 KiB of dictionary
+    (~1.3 MB) whatever the batch; a 48 KB batch needs 64 KiB (~0.9 MB). Large blocks keep LZMA_DICT_SIZE."""
+    from flowtunnel.wire import codec
+
+    sizes: list[int] = []
+    real = lzma.compress
+
+    def spy(data: bytes, **kw: object) -> bytes:
+        sizes.append(kw["filters"][0]["dict_size"])  # type: ignore[index]
+        return real(data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lzma, "compress", spy)  # the module codec uses
+    for n in (10, 48_000, 300_000):
+        raw = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        packed = compress(raw, Codec.DELTA_LZMA, level=1)
+        assert decompress(packed, Codec.DELTA_LZMA, dict_id=0, raw_len=len(raw)) == raw
+    assert sizes == [codec.LZMA_MIN_DICT, 1 << 16, codec.LZMA_DICT_SIZE]
