@@ -231,3 +231,19 @@ async def test_status_file_is_rewritten_only_when_something_changed(
         await asyncio.sleep(2.5)  # ~50 ticks: the rates falling back to zero, then heartbeats only
         assert 2 <= len(writes) - quiet <= 5
         assert read_status(tmp_path / "spool")["received"]["datagrams"] == 1
+
+
+async def test_spool_caps_sqlites_page_cache_and_the_journal_keeps_the_default(
+    tmp_path: Path, gateway_factory: GatewayFactory
+) -> None:
+    """Issue 14: a growing spool filled SQLite's default 2 MB page cache with pages not read again (1.7 MB of
+    RSS while the gateway is unreachable); the spool's cache is capped, the gateway's journal keeps it."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    port = free_tcp_port()
+    cfg = config(tmp_path, f"http://127.0.0.1:{port}", key)
+    async with gateway_factory(data, port=port) as gw, running(cfg) as agent:
+        assert service_mod.SPOOL_CACHE_KIB <= 512
+        assert agent.spool._db.execute("PRAGMA cache_size").fetchone()[0] == -service_mod.SPOOL_CACHE_KIB
+        assert gw.journal is not None
+        assert gw.journal._db.execute("PRAGMA cache_size").fetchone()[0] == -2000

@@ -73,6 +73,19 @@ def test_read_honours_limit_and_max_bytes_but_returns_at_least_one_entry(log: Du
         log.read(after=0, limit=0)
 
 
+def test_cache_kib_sets_the_connections_page_cache_on_every_open(tmp_path: Path) -> None:
+    """The agent's spool caps SQLite's page cache (issue 14's peak RSS); by default it is SQLite's own."""
+    path = tmp_path / "log.sqlite"
+    with DurableLog(LogConfig(path=path, quota_bytes=0)) as lg:
+        assert lg._db.execute("PRAGMA cache_size").fetchone()[0] == -2000
+    for _ in range(2):  # a new file and an existing one
+        with DurableLog(LogConfig(path=path, quota_bytes=0, cache_kib=256)) as lg:
+            lg.append([dg(i) for i in range(50)])
+            assert lg._db.execute("PRAGMA cache_size").fetchone()[0] == -256
+    with pytest.raises(ValueError, match="cache_kib"):
+        LogConfig(path=path, cache_kib=0)
+
+
 def test_seqs_are_never_reused_after_trim_and_reopen(tmp_path: Path) -> None:
     cfg = LogConfig(path=tmp_path / "log.sqlite", quota_bytes=0)
     with DurableLog(cfg) as lg:

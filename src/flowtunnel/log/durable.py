@@ -166,6 +166,12 @@ class LogConfig:
     with a disk quota). The free space kept beyond an append (see ``DurableLog``) then counts the WAL limit
     instead of one checkpoint interval: that much may be waiting to be folded into the database file. The
     gateway's journal uses it; the spool does not (one thread and connection less on the agent).
+
+    ``cache_kib`` is SQLite's page cache for the log's connection (``PRAGMA cache_size = -cache_kib``):
+    2000 KiB is SQLite's own default, kept for the gateway's journal. The cache holds up to that much of the
+    pages written or read, so a log that grows (a spool backing up while the gateway is unreachable) fills
+    it whatever it reads again; the agent's spool, read only when its in-memory tail falls short, caps it
+    lower (``SPOOL_CACHE_KIB`` in ``flowtunnel.agent.service``).
     """
 
     path: Path
@@ -181,6 +187,7 @@ class LogConfig:
     page_size: int = 16384
     disk_quota_bytes: int = 0
     background_checkpoint: bool = False
+    cache_kib: int = 2000
 
     def __post_init__(self) -> None:
         if self.quota_bytes < 0:
@@ -200,6 +207,8 @@ class LogConfig:
             raise ValueError(f"log checkpoint_pages {self.checkpoint_pages} must be >= 1")
         if not (512 <= self.page_size <= 65536 and self.page_size & (self.page_size - 1) == 0):
             raise ValueError(f"log page_size {self.page_size} must be a power of two in 512..65536")
+        if self.cache_kib < 16:
+            raise ValueError(f"log cache_kib {self.cache_kib} must be >= 16")
         if self.vacuum_threshold_pages < 1:
             raise ValueError(f"log vacuum_threshold_pages {self.vacuum_threshold_pages} must be >= 1")
 
@@ -425,6 +434,7 @@ class DurableLog:
         # only clears what is rewritten anyway (deleted datagrams stay in free pages until reused).
         db.execute("PRAGMA secure_delete = FAST")
         db.execute(f"PRAGMA journal_size_limit = {int(self._wal_limit)}")
+        db.execute(f"PRAGMA cache_size = {-int(self.config.cache_kib)}")  # negative: KiB, not pages
         # checkpoint_pages counts 4 KiB pages; SQLite counts pages of the file's own size
         page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
         pages = 0 if self.config.background_checkpoint else max(1, self._checkpoint_pages * 4096 // page_size)
