@@ -87,10 +87,11 @@ async def test_a_large_batch_is_spread_over_commits_shared_with_the_others(log: 
 
 
 class _Gate:
-    """Holds the first group commit until the test lets it go; makes the second fail inside its transaction
-    (after some of its parts were inserted): a failing disk, as SQLite reports it."""
+    """Holds the first group commit until the test lets it go (``release``; ``calls`` counts commits); with
+    ``fail_second``, makes the second fail inside its transaction (after some of its parts were inserted): a
+    failing disk, as SQLite reports it."""
 
-    def __init__(self, log: DurableLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, log: DurableLog, monkeypatch: pytest.MonkeyPatch, *, fail_second: bool = True) -> None:
         self.release = threading.Event()
         self.calls = 0
         real_group = log.append_group
@@ -111,7 +112,8 @@ class _Gate:
             return real_rows(*args)
 
         monkeypatch.setattr(log, "append_group", append_group)
-        monkeypatch.setattr(log, "_rows", rows)
+        if fail_second:
+            monkeypatch.setattr(log, "_rows", rows)
 
 
 async def test_a_failed_commit_fails_every_batch_it_held_and_writes_none_of_them(
@@ -186,27 +188,16 @@ async def test_a_cancelled_waiter_neither_blocks_the_others_nor_leaves_anything_
     log: DurableLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     journal = SqliteAgentJournal(log, JournalNotify())
-    release = threading.Event()
-    calls = 0
-    real = log.append_group
-
-    def append_group(parts: Sequence[Any]) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            assert release.wait(20)
-        return real(parts)
-
-    monkeypatch.setattr(log, "append_group", append_group)
+    gate = _Gate(log, monkeypatch, fail_second=False)
     leader = asyncio.ensure_future(journal.append("a0", 1, _dgs(0, 2), hwm=0))
-    while calls < 1:  # noqa: ASYNC110 - the commit runs in a worker thread
+    while gate.calls < 1:  # noqa: ASYNC110 - the commit runs in a worker thread
         await asyncio.sleep(0.005)
     waiting = asyncio.ensure_future(journal.append("a1", 1, _dgs(1, 2), hwm=0))
     other = asyncio.ensure_future(journal.append("a2", 1, _dgs(2, 2), hwm=0))
     await asyncio.sleep(0.01)
     waiting.cancel()  # not in a commit yet: never written
     leader.cancel()  # its commit has begun: it completes, and the others still get their turn
-    release.set()
+    gate.release.set()
     assert (await other).last_seq - (await other).first_seq == 1
     for task in (leader, waiting):
         with pytest.raises(asyncio.CancelledError):
@@ -254,29 +245,18 @@ async def test_the_next_commit_starts_while_the_event_loop_is_busy(
     """The loop used to start each commit once the previous one was settled on it: on a busy gateway the
     journal sat idle between commits (40 of 75 s in a fleet trace) while requests waited for it."""
     journal = SqliteAgentJournal(log, JournalNotify())
-    gate = threading.Event()
-    calls = 0
-    real = log.append_group
-
-    def append_group(parts: Sequence[Any]) -> Any:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            assert gate.wait(20)
-        return real(parts)
-
-    monkeypatch.setattr(log, "append_group", append_group)
+    gate = _Gate(log, monkeypatch, fail_second=False)
     first = asyncio.ensure_future(journal.append("a0", 1, _dgs(0, 2), hwm=0))
-    while calls < 1:  # noqa: ASYNC110 - the commit runs in its thread
+    while gate.calls < 1:  # noqa: ASYNC110 - the commit runs in its thread
         await asyncio.sleep(0.005)
     rest = [asyncio.ensure_future(journal.append(f"a{i}", 1, _dgs(i, 2), hwm=0)) for i in range(1, 6)]
     while journal.group.waiting < 6:  # noqa: ASYNC110
         await asyncio.sleep(0.005)
-    threading.Timer(0.05, gate.set).start()
+    threading.Timer(0.05, gate.release.set).start()
     deadline = time.monotonic() + 10
-    while calls < 2 and time.monotonic() < deadline:  # the loop busy (not awaiting): the thread goes on
+    while gate.calls < 2 and time.monotonic() < deadline:  # the loop busy (not awaiting): the thread goes on
         time.sleep(0.01)  # noqa: ASYNC251 - blocking the loop on purpose
-    assert calls == 2
+    assert gate.calls == 2
     assert (await first).last_seq == 2
     assert [r.last_seq - r.first_seq for r in await asyncio.gather(*rest)] == [1] * 5
     assert log.stats().commits == 2
