@@ -69,3 +69,32 @@ def test_the_agent_path_and_sealing_do_not_load_cryptography() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_agent_path_loads_no_openssl() -> None:
+    """issue 14: ``hashlib`` and ``hmac`` (and ``secrets``, which imports ``hmac``) load OpenSSL's libcrypto,
+    ~3.6 MB of RSS; the agent's digests (acknowledgement and probe MACs, key fingerprints, the context id)
+    use libsodium, already loaded to seal (``wire/digest.py``). Checked on ``flowtunnel agent``'s own path
+    (``ssl`` hidden as the CLI does for a plain-HTTP gateway), through sealing, an acknowledgement checked
+    and a key made."""
+    code = (
+        "import sys; from flowtunnel.cli import _agent_tls; "
+        "_agent_tls(['agent', '--gateway', 'http://127.0.0.1:9']); "
+        "import flowtunnel.cli.agent; from flowtunnel.agent.service import run_agent; "
+        "from flowtunnel.agent.uploader import Uploader; from flowtunnel.agent.receiver import Receiver; "
+        "import flowtunnel.agent.transport.http11, flowtunnel.agent.transport.network; "
+        "from flowtunnel.datagram import Datagram; "
+        "from flowtunnel.wire import seal_batch, verify_ack, ack_tag, generate_key; "
+        "from flowtunnel.wire.keys import key_fingerprint; "
+        "d = [Datagram(received_ns=1, exporter='192.0.2.1', exporter_port=1, local_port=2, "
+        "payload=b'x' * 40)]; "
+        "seal_batch(agent_id='a', key=bytes(32), first_seq=1, datagrams=d, nonce=bytes(12)); "
+        "t = ack_tag(bytes(32), agent_id='a', request_nonce=bytes(12), acked=1); "
+        "verify_ack(bytes(32), agent_id='a', request_nonce=bytes(12), acked=1, tag=t); "
+        "key_fingerprint(generate_key()); "
+        "print(sorted(m for m in sys.modules "
+        "if m in ('hashlib', '_hashlib', 'hmac', 'secrets', 'ssl', '_ssl') and sys.modules[m] is not None), "
+        "[line.split()[-1] for line in open('/proc/self/maps') if 'libcrypto' in line][:1])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[] []"

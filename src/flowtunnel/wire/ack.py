@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import struct
 
+from flowtunnel.wire.digest import equal, hmac_sha256
 from flowtunnel.wire.errors import AuthenticationFailed
 from flowtunnel.wire.keys import Key, key_bytes, validate_agent_id
 
@@ -47,9 +47,10 @@ def _message(agent_id: str, request_nonce: bytes, acked: int) -> bytes:
 
 
 def _raw_tag(key: bytes | Key, message: bytes) -> bytes:
-    # hmac.digest: the one-shot C path, no Python HMAC objects (a gateway tags every answer, issue 16)
-    ack_key = hmac.digest(key_bytes(key), _KEY_LABEL, "sha256")
-    return hmac.digest(ack_key, message, "sha256")[:ACK_TAG_BYTES]
+    # libsodium's one-shot SHA-256, no Python HMAC objects (a gateway tags every answer, issue 16), and no
+    # OpenSSL in the agent (wire/digest.py)
+    ack_key = hmac_sha256(key_bytes(key), _KEY_LABEL)
+    return hmac_sha256(ack_key, message)[:ACK_TAG_BYTES]
 
 
 def ack_tag(key: bytes | Key, *, agent_id: str, request_nonce: bytes, acked: int) -> str:
@@ -68,7 +69,7 @@ def verify_ack(key: bytes | Key, *, agent_id: str, request_nonce: bytes, acked: 
     except (binascii.Error, ValueError):
         raise AuthenticationFailed(f"acknowledgement tag for agent {agent_id!r} is not base64url") from None
     want = _raw_tag(key, _message(agent_id, request_nonce, acked))
-    if not hmac.compare_digest(got, want):
+    if not equal(got, want):
         raise AuthenticationFailed(
             f"acknowledgement of seq {acked} for agent {agent_id!r} does not authenticate: not from the "
             "gateway holding this agent's key, or not an answer to this request"

@@ -8,7 +8,6 @@ decryption or decompression work. Byte layout: docs/protocol.md.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from flowtunnel.wire.codec import (
 )
 from flowtunnel.wire.codec import default_dictionary_id as _default_dict_id
 from flowtunnel.wire.deltas import PlanCache
+from flowtunnel.wire.digest import blake2b_256
 from flowtunnel.wire.errors import (
     AuthenticationFailed,
     BadAgentId,
@@ -440,7 +440,7 @@ def context_of(record_block: bytes, context: bytes | None = None) -> bytes:
 def context_id(context: bytes) -> int:
     """The header's name for ``context``: the first 4 bytes of its BLAKE2b-256 digest, big-endian (never 0:
     a digest starting with 4 zero bytes names itself 1)."""
-    return int.from_bytes(hashlib.blake2b(context, digest_size=32).digest()[:4], "big") or 1
+    return int.from_bytes(blake2b_256(context)[:4], "big") or 1
 
 
 def header_length(head: bytes) -> int | None:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
+import os
 import re
-import secrets
 
+from flowtunnel.wire.digest import equal, sha256
 from flowtunnel.wire.errors import BadAgentId, BadKey
 
 __all__ = [
@@ -41,7 +40,7 @@ _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 def generate_key(random_bytes: bytes | None = None) -> bytes:
     """A new 256-bit key: ``random_bytes`` if given (must be 32 bytes, e.g. in tests), else ``secrets``."""
     if random_bytes is None:
-        return secrets.token_bytes(KEY_BYTES)
+        return os.urandom(KEY_BYTES)  # what secrets.token_bytes does (secrets imports hmac: OpenSSL)
     return key_bytes(random_bytes)
 
 
@@ -59,7 +58,7 @@ def key_bytes(key: bytes | Key) -> bytes:
 
 def key_fingerprint(key: bytes | Key) -> str:
     """8 hex digits identifying a key without revealing it (SHA-256 prefix)."""
-    return hashlib.sha256(key_bytes(key)).hexdigest()[:8]
+    return sha256(key_bytes(key)).hex()[:8]
 
 
 def format_key(key: bytes | Key) -> str:
@@ -152,7 +151,7 @@ class Key:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Key):
             return NotImplemented
-        return hmac.compare_digest(self._secret, other._secret)
+        return equal(self._secret, other._secret)
 
     def __hash__(self) -> int:
         return hash(self.fingerprint)

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import re
 
+from flowtunnel.wire.digest import equal, hmac_sha256
 from flowtunnel.wire.errors import AuthenticationFailed, MalformedHeader
 from flowtunnel.wire.keys import Key, key_bytes, validate_agent_id
 
@@ -74,9 +73,9 @@ def probe_mac(key: bytes | Key, agent_id: str, nonce: bytes) -> bytes:
     validate_agent_id(agent_id)
     if not PROBE_NONCE_MIN <= len(nonce) <= PROBE_NONCE_MAX:
         raise ValueError(f"probe nonce of {len(nonce)} bytes is outside {PROBE_NONCE_MIN}..{PROBE_NONCE_MAX}")
-    probe_key = hmac.new(key_bytes(key), _KEY_LABEL, hashlib.sha256).digest()
+    probe_key = hmac_sha256(key_bytes(key), _KEY_LABEL)
     message = _MSG_LABEL + agent_id.encode("ascii") + b"\x00" + bytes(nonce)
-    return hmac.new(probe_key, message, hashlib.sha256).digest()
+    return hmac_sha256(probe_key, message)
 
 
 def probe_mac_text(key: bytes | Key, agent_id: str, nonce: bytes) -> str:
@@ -93,7 +92,7 @@ def verify_probe(key: bytes | Key, agent_id: str, nonce: bytes, mac: object) -> 
         got = _decode_b64url(mac, what="probe mac")
     except MalformedHeader:
         raise AuthenticationFailed(f"probe answer mac for agent {agent_id!r} is not base64url") from None
-    if not hmac.compare_digest(got, probe_mac(key, agent_id, nonce)):
+    if not equal(got, probe_mac(key, agent_id, nonce)):
         raise AuthenticationFailed(
             f"probe answer for agent {agent_id!r} does not authenticate: not from a gateway holding this "
             "agent's key (a captive portal or another server), or not an answer to this nonce"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import warnings
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ import h11
 from flowtunnel.agent.config import mask_url
 from flowtunnel.agent.proxy.auth import ProxyAuthenticator, ProxyAuthError, ProxyCredentials
 from flowtunnel.tls import ssl_module
+from flowtunnel.wire.digest import sha256
 
 if TYPE_CHECKING:  # x509 (~3 MB) is loaded only after a pin mismatch, to name the issuer
     import ssl  # (at run time from flowtunnel.tls.ssl_module: an agent without TLS has none)
@@ -589,7 +589,7 @@ class HttpClient:
         if self._pin is not None:
             sslobj = conn.writer.get_extra_info("ssl_object")
             der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-            got = hashlib.sha256(der or b"").hexdigest()
+            got = sha256(der or b"").hex()
             if got != self._pin:
                 error = pin_mismatch(der or b"", got, self._pin, self._host)
                 if not error.intercepted and await self._box_trusts():

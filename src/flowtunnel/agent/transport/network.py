@@ -11,7 +11,6 @@ since when: the POST rung tries ``/v1/b`` again after a while), in a small JSON 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import ipaddress
 import json
 import logging
@@ -19,6 +18,8 @@ import os
 import socket
 import struct
 from pathlib import Path
+
+from flowtunnel.wire.digest import sha256
 
 __all__ = ["RungMemory", "default_gateway", "fingerprint", "local_fingerprint", "resolvers"]
 
@@ -60,7 +61,7 @@ def resolvers(resolv_text: str) -> list[str]:
 def fingerprint(gateway: str | None, servers: list[str]) -> str:
     """A short stable name for the network: 16 hex characters of SHA-256 over gateway and resolvers."""
     text = f"gw={gateway or '-'};dns={','.join(servers) or '-'}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return sha256(text.encode()).hex()[:16]
 
 
 def _read(path: Path) -> str:
