@@ -630,37 +630,8 @@ class Uploader:
                 # the way that won is what the link estimate and the sizer learn from
                 choice = LEAN if body[CODEC_OFFSET] == Codec.DELTA_LZMA else DEFAULT
             else:
-                body, leaves = seal(nonce=os.urandom(12), codec=codec, level=level)
-            if ways:
-                pass  # every way that pays was tried, or the one that wins
-            elif choice is SMALL and raw <= BIG_BATCH_BYTES:
-                # Below ~100 KB, LZMA2 (no dictionary) may lose to zstd with the bundled dictionaries on some
-                # exports (Cisco IPFIX: up to 1.9x larger); zstd costs a fraction of LZMA's CPU.
-                other, left = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
-                if len(other) < len(body):
-                    body, leaves, choice = other, left, DEFAULT
-            elif choice in (DEFAULT, TIGHT, LEAN) and lean_codec is not None and raw <= BIG_BATCH_BYTES:
-                # Caught up on such a rung, the lean codec is tried too: on DNS, ~10 ms of sealing per batch
-                # of 50 softflowd datagrams buys ~12 % fewer queries (bench/dns.py, 10/s).
-                other, left = seal(nonce=os.urandom(12), codec=lean_codec, level=SMALL.level)
-                if len(other) < len(body):
-                    body, leaves, choice = other, left, SMALL
-            # Not beside LEAN when the context came from a codec 5 batch (LEAN's own, once it runs): that
-            # context is in codec 5's layout of field differences, which a zstd frame of a columnar block gets
-            # nothing from (softflowd v9 and Cisco IPFIX: never smaller), for ~40 % more sealing CPU (issue
-            # 14's footprint at 10,000 flows/s). A context left by a zstd batch is still tried.
-            deltas_context = self._context_codec is Codec.DELTA_LZMA
-            if (not ways and self._context is not None and choice is not FAST
-                    and not (choice is LEAN and deltas_context) and raw <= BIG_BATCH_BYTES):
-                # Against what the gateway already holds from this agent: a quiet site's batch of a few
-                # datagrams repeats much of the previous one (headers, templates, addresses, ports). In the
-                # layout of that context (a record block with verbatim payloads matches codec 1 best, a
-                # columnar one codec 3), at the level chosen (TIGHT's 15 at a quiet site).
-                level = TIGHT.level if choice is TIGHT and not deltas else DEFAULT.level
-                other, left = seal(nonce=os.urandom(12), context=self._context, level=level,
-                                   codec=Codec.COLUMNAR if deltas_context else self._context_codec)
-                if len(other) < len(body):
-                    body, leaves, choice = other, left, (TIGHT if choice is TIGHT else DEFAULT)
+                body, leaves, choice = self._seal_tries(seal, choice, codec=codec, level=level,
+                                                        lean_codec=lean_codec, raw=raw, deltas=deltas)
             if len(body) <= self._sizer.max_body or n == 1:
                 if ways:
                     self._ways.observe(tried=ways, won=_way_of(body), body=len(body), raw=raw,
@@ -672,6 +643,44 @@ class Uploader:
                                      now=self._clock())
                 return body, batch
             n = max(1, n // 2)
+
+    def _seal_tries(
+        self, seal: Callable[..., tuple[bytes, bytes]], choice: CodecChoice, *, codec: Codec | None,
+        level: int, lean_codec: Codec | None, raw: int, deltas: bool,
+    ) -> tuple[bytes, bytes, CodecChoice]:
+        """A batch sealed as ``choice`` says when seal-once does not apply (``SMALL``, ``TIGHT``, ``FAST``, a
+        rung with its own lean codec), with the other ways that may pay for it tried beside, the smallest
+        kept: the body, the context it leaves and the choice it went."""
+        body, leaves = seal(nonce=os.urandom(12), codec=codec, level=level)
+        if choice is SMALL and raw <= BIG_BATCH_BYTES:
+            # Below ~100 KB, LZMA2 (no dictionary) may lose to zstd with the bundled dictionaries on some
+            # exports (Cisco IPFIX: up to 1.9x larger); zstd costs a fraction of LZMA's CPU.
+            other, left = seal(nonce=os.urandom(12), codec=None, level=DEFAULT.level)
+            if len(other) < len(body):
+                body, leaves, choice = other, left, DEFAULT
+        elif choice in (DEFAULT, TIGHT, LEAN) and lean_codec is not None and raw <= BIG_BATCH_BYTES:
+            # Caught up on such a rung, the lean codec is tried too: on DNS, ~10 ms of sealing per batch
+            # of 50 softflowd datagrams buys ~12 % fewer queries (bench/dns.py, 10/s).
+            other, left = seal(nonce=os.urandom(12), codec=lean_codec, level=SMALL.level)
+            if len(other) < len(body):
+                body, leaves, choice = other, left, SMALL
+        # Not beside LEAN when the context came from a codec 5 batch (LEAN's own, once it runs): that
+        # context is in codec 5's layout of field differences, which a zstd frame of a columnar block gets
+        # nothing from (softflowd v9 and Cisco IPFIX: never smaller), for ~40 % more sealing CPU (issue
+        # 14's footprint at 10,000 flows/s). A context left by a zstd batch is still tried.
+        deltas_context = self._context_codec is Codec.DELTA_LZMA
+        if (self._context is not None and choice is not FAST
+                and not (choice is LEAN and deltas_context) and raw <= BIG_BATCH_BYTES):
+            # Against what the gateway already holds from this agent: a quiet site's batch of a few
+            # datagrams repeats much of the previous one (headers, templates, addresses, ports). In the
+            # layout of that context (a record block with verbatim payloads matches codec 1 best, a
+            # columnar one codec 3), at the level chosen (TIGHT's 15 at a quiet site).
+            level = TIGHT.level if choice is TIGHT and not deltas else DEFAULT.level
+            other, left = seal(nonce=os.urandom(12), context=self._context, level=level,
+                               codec=self._context_layout)
+            if len(other) < len(body):
+                body, leaves, choice = other, left, (TIGHT if choice is TIGHT else DEFAULT)
+        return body, leaves, choice
 
     def _seal_ways(
         self, seal: Callable[..., tuple[bytes, bytes]], ways: tuple[Way, ...], context: bytes | None,
