@@ -4,11 +4,7 @@ kill -9."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +15,7 @@ import pytest
 from flowtunnel.datagram import Datagram
 from flowtunnel.log import DurableLog, FullPolicy, LogConfig
 from flowtunnel.log.checkpointer import Checkpointer
+from tests.log.kill9 import kill_9_rounds
 
 
 def _batch(rng: random.Random, n: int = 20, size: int = 1400) -> list[Datagram]:
@@ -120,60 +117,10 @@ def test_the_disk_quota_still_bounds_every_file_with_background_checkpoints(
     assert peak <= quota, f"peak {peak} bytes over the {quota}-byte disk quota"
 
 
-_WRITER = """
-import sys
-from flowtunnel.datagram import Datagram
-from flowtunnel.log import DurableLog, LogConfig
-log = DurableLog(LogConfig(path=sys.argv[1], quota_bytes=0, checkpoint_pages=16, background_checkpoint=True))
-batch = log.get_state("batches") or 0
-while True:
-    batch += 1
-    n = 1 + batch % 50
-    dgs = [Datagram(received_ns=batch, exporter="127.0.0.1", exporter_port=1, local_port=2,
-                    payload=batch.to_bytes(4, "big") + i.to_bytes(4, "big") + bytes(batch % 300 + 600))
-           for i in range(n)]
-    res = log.append(dgs, state={"batches": batch, "hwm": log.last_seq() + n})
-    if batch % 7 == 0:
-        log.trim(res.first_seq - 200)
-    sys.stdout.write(f"{batch} {res.last_seq}\\n")
-    sys.stdout.flush()
-"""
-
-
 def test_kill_9_during_background_checkpoints_leaves_every_committed_batch_whole(tmp_path: Path) -> None:
     """Checkpoints every 64 KiB from the thread, commits going on meanwhile, the writer killed at random."""
-    path = tmp_path / "journal.sqlite"
-    rnd = random.Random(4321)
-    for _round in range(6):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        first = proc.stdout.readline()
-        assert first, proc.stderr.read()
-        time.sleep(rnd.uniform(0.05, 0.4))
-        os.kill(proc.pid, signal.SIGKILL)
-        out = first + proc.stdout.read()
-        proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
-        lines = out.decode().split()
-        reported = int(lines[-2])
-        with DurableLog(LogConfig(path=path, quota_bytes=0)) as lg:  # quick_check on open
-            batches = lg.get_state("batches") or 0
-            assert reported <= batches <= reported + 1
-            assert lg.get_state("hwm") == lg.last_seq()
-            entries = lg.read(0, limit=1_000_000, max_bytes=1 << 40)
-            seqs = [e.seq for e in entries]
-            assert seqs == list(range(seqs[0], seqs[-1] + 1))
-            by_batch: dict[int, list[int]] = {}
-            for e in entries:
-                p = e.datagram.payload
-                by_batch.setdefault(int.from_bytes(p[:4], "big"), []).append(int.from_bytes(p[4:8], "big"))
-            assert max(by_batch) == batches
-            for b, idx in list(by_batch.items())[1:]:
-                assert idx == list(range(1 + b % 50)), f"batch {b} is partial: {idx}"
+    kill_9_rounds(tmp_path / "journal.sqlite", settings="checkpoint_pages=16, background_checkpoint=True",
+                  pad=600, seed=4321, pause=(0.05, 0.4))
 
 
 def test_closing_stops_the_thread_and_folds_the_wal_back(tmp_path: Path) -> None:

@@ -8,12 +8,9 @@ import dataclasses
 import logging
 import os
 import random
-import signal
 import sqlite3
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +30,7 @@ from flowtunnel.log import (
     LogLocked,
     QuotaFull,
 )
+from tests.log.kill9 import kill_9_rounds
 
 
 def dg(i: int, size: int = 100, exporter: str = "192.0.2.1") -> Datagram:
@@ -282,66 +280,9 @@ def _batch_payload(batch: int, index: int, size: int) -> bytes:
     return batch.to_bytes(4, "big") + index.to_bytes(4, "big") + bytes(size)
 
 
-_WRITER = r"""
-import sys
-from pathlib import Path
-from flowtunnel.datagram import Datagram
-from flowtunnel.log import DurableLog, LogConfig
-log = DurableLog(LogConfig(path=Path(sys.argv[1]), quota_bytes=0, check_on_open=False))
-batch = log.get_state("batches") or 0
-while True:
-    batch += 1
-    n = 1 + batch % 50
-    dgs = [Datagram(received_ns=batch, exporter="127.0.0.1", exporter_port=1, local_port=2,
-                    payload=batch.to_bytes(4, "big") + i.to_bytes(4, "big") + bytes(batch % 300))
-           for i in range(n)]
-    res = log.append(dgs, state={"batches": batch, "hwm": log.last_seq() + n})
-    if batch % 7 == 0:
-        log.trim(res.first_seq - 200)
-    sys.stdout.write(f"{batch} {res.last_seq}\n")
-    sys.stdout.flush()
-"""
-
-
 def test_kill_9_at_random_instants_leaves_every_committed_batch_whole(tmp_path: Path) -> None:
-    path = tmp_path / "spool.sqlite"
-    rnd = random.Random(1234)
-    committed_batch = 0
-    for _round in range(6):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        assert proc.stdout is not None
-        first = proc.stdout.readline()  # the writer is committing
-        assert first, proc.stderr.read() if proc.stderr else b""
-        time.sleep(rnd.uniform(0.0, 0.3))
-        os.kill(proc.pid, signal.SIGKILL)
-        out = first + proc.stdout.read()
-        proc.wait()
-        proc.stdout.close()
-        if proc.stderr:
-            proc.stderr.close()
-        lines = out.decode().split()
-        reported = int(lines[-2]) if len(lines) >= 2 else committed_batch
-        with DurableLog(LogConfig(path=path, quota_bytes=0)) as lg:
-            batches = lg.get_state("batches") or 0
-            # the last reported batch committed; at most the one after it committed unreported
-            assert reported <= batches <= reported + 1
-            assert lg.get_state("hwm") == lg.last_seq()
-            entries = lg.read(0, limit=1_000_000, max_bytes=1 << 40)
-            seqs = [e.seq for e in entries]
-            assert seqs == sorted(set(seqs))
-            assert seqs == list(range(seqs[0], seqs[-1] + 1))
-            assert seqs[-1] == lg.last_seq()
-            by_batch: dict[int, list[int]] = {}
-            for e in entries:
-                p = e.datagram.payload
-                by_batch.setdefault(int.from_bytes(p[:4], "big"), []).append(int.from_bytes(p[4:8], "big"))
-            # every batch not cut by a trim is whole; the newest stored batch is the last committed one
-            assert max(by_batch) == batches
-            for b, idx in list(by_batch.items())[1:]:
-                assert idx == list(range(1 + b % 50)), f"batch {b} is partial: {idx}"
-        committed_batch = batches
+    kill_9_rounds(tmp_path / "spool.sqlite", settings="check_on_open=False", pad=0, seed=1234,
+                  pause=(0.0, 0.3))
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ _AGENT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 def generate_key(random_bytes: bytes | None = None) -> bytes:
-    """A new 256-bit key: ``random_bytes`` if given (must be 32 bytes, e.g. in tests), else ``secrets``."""
+    """A new 256-bit key: ``random_bytes`` if given (must be 32 bytes, e.g. in tests), else ``os.urandom``."""
     if random_bytes is None:
         return os.urandom(KEY_BYTES)  # what secrets.token_bytes does (secrets imports hmac: OpenSSL)
     return key_bytes(random_bytes)
