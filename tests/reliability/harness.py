@@ -177,6 +177,14 @@ class AgentProc(Proc):
     async def start(self, ready: str = "running: spool") -> None:
         await super().start(ready)
 
+    def status(self) -> dict[str, Any]:
+        """The agent's ``status.json`` (written every ``--status-interval``), {} while there is none."""
+        try:
+            data = json.loads((self.spool / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def spool_progress(self) -> tuple[int, int]:
         """(last seq spooled, seq acknowledged by the gateway), read from the spool without locking it."""
         path = self.spool / "spool.sqlite"
@@ -299,6 +307,8 @@ class Scenario:
     store: bool = False
     setup: Callable[[LinkEmulator], None] | None = None
     drain_timeout: float = 90.0
+    #: after the drain, before the processes stop: what the run must have exercised (problems, [] if none)
+    check: Callable[[Run], list[str]] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -426,6 +436,8 @@ async def run_scenario(scenario: Scenario, workdir: Path) -> Outcome:
                 if not drained:
                     notes.append(f"agent did not drain within {scenario.drain_timeout:.0f} s "
                                  f"(spooled, acked = {agent.spool_progress()})")
+                elif scenario.check is not None:
+                    run.problems.extend(await asyncio.to_thread(scenario.check, run))
                 # forwarding lags the journal a little: wait until the capture goes quiet
                 await asyncio.to_thread(capture.wait_quiet, 0.5, 30.0)
             finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 from tests.linkemu import Action, Fault, LinkEmulator, Mode, Shape
@@ -148,6 +149,21 @@ async def _mixed(run: Run, seconds: float) -> None:
             await _per_request(action, 1, after=(0, 2000), status=503, retry_after=1.0)(run)
 
 
+def _streams_used(run: Run) -> list[str]:
+    """The quiet scenario must have gone through stream frames (docs/protocol.md 3.4), else it proves nothing
+    about them: the agent started last has sealed some by the end (its status is rewritten every second)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        upload = run.agent.status().get("upload") or {}
+        frames = int(upload.get("stream_batches", 0))
+        if frames > 0:
+            run.notes.append(f"last agent process: {frames} stream frames of {upload.get('batches')} batches")
+            return []
+        if time.monotonic() > deadline:
+            return [f"no batch went as a stream frame (agent upload status: {upload})"]
+        time.sleep(0.2)
+
+
 def quick_scenarios(seed: int = 1) -> list[Scenario]:
     """Every fault a few times, grouped so the whole set runs in about a minute and a half (CI)."""
     s = seed
@@ -175,6 +191,15 @@ def quick_scenarios(seed: int = 1) -> list[Scenario]:
         Scenario(name="kill-agent", description="kill -9 of the agent at 2 random instants (exporter paused "
                                                 "while it is down)", seed=s,
                  plan=lambda run: _kill_agent(run, 2)),
+        # A quiet site: batches of a few datagrams go as frames of one compression stream that each side
+        # holds in memory (docs/protocol.md 3.4); a kill -9 of either side, or a reset connection, mid-stream
+        # must make the agent start a new stream, never lose or double a datagram.
+        Scenario(name="quiet-kill", description="a quiet site (4 datagrams/s, --latency 1s: stream "
+                                                "compression): kill -9 of the gateway twice and of the agent "
+                                                "once, open connections reset once", seed=s, rate=4.0,
+                 agent_args=("--latency", "1s"), check=_streams_used,
+                 plan=_chain(lambda run: _kill_gateway(run, 1), lambda run: _kill_agent(run, 1),
+                             lambda run: _resets(run, 1), lambda run: _kill_gateway(run, 1))),
         Scenario(name="sigterm", description="SIGTERM of the gateway, then of the agent, mid-stream; both "
                                              "restarted", seed=s,
                  plan=_chain(lambda run: _term_gateway(run, 1), lambda run: _term_agent(run, 1))),
