@@ -278,6 +278,11 @@ class Run:
                 raise TimeoutError(f"agent spooled {spooled} of {len(self.sent)} within {within:.0f} s")
             await asyncio.sleep(0.05)
 
+    def uploading(self) -> bool:
+        """The agent holds datagrams the gateway has not acknowledged (or its spool cannot be read now)."""
+        spooled, acked = self.agent.spool_progress()
+        return spooled < 0 or acked < spooled
+
     async def sleep_random(self, low: float, high: float) -> None:
         await asyncio.sleep(self.rng.uniform(low, high))
 
