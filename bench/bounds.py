@@ -1,0 +1,112 @@
+"""How far each of issue 14's byte goals is from what the benchmark's own data allows: the datagrams of each
+goal's row compressed (a) in batches of the size the agent uses at that row's rate and latency, each alone,
+(b) all in one piece, with no latency limit at all, by generic compressors (the best case of any
+batching that uses them) and by flowtunnel's codec 5 (field deltas + LZMA2 preset 6, the agent's best per
+batch), and (c) in ever larger batches, each alone, until they would meet the goal: the ``--latency`` that
+would reach it at that rate.
+
+Bodies only (the sealed batch: header, agent id, tag included for codec 5; bare compressed bytes for the
+generic ones), over raw UDP bytes (payload + 28 per datagram); "body needed" is the goal minus the HTTP heads
+per raw byte that the row's live run measured (``HEADS``, docs/benchmarks.md), so a body above it cannot meet
+the goal on that transport. Pure computation: no agent, no gateway, no timing.
+
+Run from the repository root: ``python bench/bounds.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import lzma
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import zstandard
+
+from _common import Stream, md_table, softflowd_streams, utc_now, vendor_streams
+from flowtunnel.wire import Codec
+from wire import _batches, _datagrams, _sealed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Row:
+    """One byte goal: which datagrams, in batches of how many, and the heads its live run measured."""
+
+    stream: str
+    mode: str
+    first: int | None  # the first N datagrams of the stream (None: all)
+    batch: int  # datagrams a batch at that rate and latency
+    rate: float  # datagrams/s
+    goal: float
+    heads: float  # HTTP heads per raw UDP byte in the live run (POST rung)
+
+
+ROWS = (
+    Row(stream="softflowd v9", mode="2/s", first=60, batch=3, rate=2.0, goal=0.30, heads=0.045),
+    Row(stream="softflowd v9", mode="10/s", first=300, batch=10, rate=10.0, goal=0.18, heads=0.012),
+    Row(stream="softflowd v9", mode="fast", first=None, batch=475, rate=500.0, goal=0.20, heads=0.000),
+    Row(stream="Cisco IPFIX", mode="1 s", first=None, batch=378, rate=500.0, goal=0.05, heads=0.002),
+)
+
+GENERIC: dict[str, Callable[[bytes], int]] = {
+    "xz -9e": lambda b: len(lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)),
+    "zstd -22": lambda b: len(zstandard.ZstdCompressor(level=22).compress(b)),
+    "bzip2 -9": lambda b: len(bz2.compress(b, 9)),
+}
+
+
+SIZES = (5, 10, 15, 20, 30, 40, 50, 60, 80, 100, 150, 200, 300, 500, 750, 1000, 1500)
+
+
+def raw_udp(payloads: Sequence[bytes]) -> int:
+    return sum(len(p) + 28 for p in payloads)
+
+
+def measure(row: Row, payloads: Sequence[bytes]) -> list[object]:
+    raw = raw_udp(payloads)
+    items = _datagrams(payloads, 10.0)
+    codec5 = _sealed(Codec.DELTA_LZMA, 6, True)
+    batched = codec5(_batches(items, row.batch)) / raw
+    whole = codec5([items]) / raw
+    generic = {name: fn(b"".join(payloads)) / raw for name, fn in GENERIC.items()}
+    needed = row.goal - row.heads
+    # the shortest latency whose batches (each alone, codec 5) would do: the --latency trade at this rate
+    reach = "-"
+    if batched <= needed:
+        reach = f"{row.batch / row.rate:g} s (as run)"
+    else:
+        for size in SIZES:
+            if row.batch < size < len(items) and codec5(_batches(items, size)) / raw <= needed:
+                reach = f"{size / row.rate:g} s ({size} a batch)"
+                break
+        else:
+            reach = f"over {min(len(items), SIZES[-1]) / row.rate:g} s"
+    return [
+        row.stream, row.mode, f"{len(payloads):,}", f"{needed:.3f}", f"{batched:.3f}",
+        *(f"{v:.3f}" for v in generic.values()), f"{whole:.3f}", reach,
+    ]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a small trace (20,000 conversations)")
+    args = parser.parse_args()
+    streams: list[Stream] = [*softflowd_streams(20_000 if args.quick else 100_000, versions=(9,)),
+                             *vendor_streams()]
+    rows = []
+    for row in ROWS:
+        stream = next(s for s in streams if s.name.startswith(row.stream))
+        payloads = stream.payloads[: row.first] if row.first is not None else stream.payloads
+        rows.append(measure(row, payloads))
+    head = ["stream", "mode", "datagrams", "body needed", "codec 5, agent's batches",
+            *(f"{n}, one piece" for n in GENERIC), "codec 5, one piece",
+            "latency whose batches, each alone, reach it"]
+    print(f"`python bench/bounds.py{' --quick' if args.quick else ''}`, {utc_now()}\n")
+    print(md_table(head, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
