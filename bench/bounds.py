@@ -2,12 +2,12 @@
 goal's row compressed (a) in batches of the size the agent uses at that row's rate and latency, each alone,
 (b) all in one piece, with no latency limit at all, by generic compressors (the best case of any
 batching that uses them) and by flowtunnel's codec 5 (field deltas + LZMA2 preset 6, the agent's best per
-batch), and (c) in ever larger batches, each alone, until they would meet the goal: the ``--latency`` that
-would reach it at that rate.
+batch), (c) through the agent's stream compression (offline) in the same batches, and (d) so in ever larger
+batches until they would meet the goal: the ``--latency`` that would reach it at that rate.
 
 Bodies only (the sealed batch: header, agent id, tag included for codec 5; bare compressed bytes for the
 generic ones), over raw UDP bytes (payload + 28 per datagram); "body needed" is the goal minus the HTTP heads
-per raw byte that the row's live run measured (``HEADS``, docs/benchmarks.md), so a body above it cannot meet
+per raw byte that the row's live run measured (``Row.heads``, docs/benchmarks.md), so a body above it cannot meet
 the goal on that transport. Pure computation: no agent, no gateway, no timing.
 
 Run from the repository root: ``python bench/bounds.py [--quick]``.
@@ -87,13 +87,13 @@ def measure(row: Row, payloads: Sequence[bytes]) -> list[object]:
     stream = streamed(_batches(items, row.batch)) / raw
     generic = {name: fn(b"".join(payloads)) / raw for name, fn in GENERIC.items()}
     needed = row.goal - row.heads
-    # the shortest latency whose batches (each alone, codec 5) would do: the --latency trade at this rate
+    # the shortest latency whose batches (through the stream) would do: the --latency trade at this rate
     reach = "-"
-    if batched <= needed:
+    if stream <= needed:
         reach = f"{row.batch / row.rate:g} s (as run)"
     else:
         for size in SIZES:
-            if row.batch < size < len(items) and codec5(_batches(items, size)) / raw <= needed:
+            if row.batch < size < len(items) and streamed(_batches(items, size)) / raw <= needed:
                 reach = f"{size / row.rate:g} s ({size} a batch)"
                 break
         else:
@@ -120,7 +120,7 @@ def main() -> int:
     head = ["stream", "mode", "datagrams", "body needed", "codec 5, agent's batches",
             "agent's stream, same batches",
             *(f"{n}, one piece" for n in GENERIC), "codec 5, one piece",
-            "latency whose batches, each alone, reach it"]
+            "latency whose batches reach it (stream)"]
     print(f"`python bench/bounds.py{' --quick' if args.quick else ''}`, {utc_now()}\n")
     print(md_table(head, rows))
     return 0
