@@ -315,6 +315,10 @@ class _Conn:
                     self._go_raw()
             elif lname == b"transfer-encoding" and b"chunked" in value.lower():
                 self._go_raw()  # request boundaries unknown from here on: pass the rest through
+            elif lname == b"upgrade":
+                # A WebSocket upgrade: frames follow the head, not requests. Read as heads they were held
+                # back until 64 KiB gathered (or a stray CRLFCRLF), so a batch's frame waited for later ones.
+                self._go_raw()
         if request_line.upper().startswith("CONNECT "):
             self._go_raw()
         self.exchange = _Exchange(fault=emu._pick_fault(request_line))

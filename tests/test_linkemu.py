@@ -416,3 +416,21 @@ async def test_answer_can_carry_a_forged_body(link: LinkEmulator, upstream: Upst
     status, headers, body = await exchange(link, request())
     assert (status, headers["content-type"], body) == (200, "application/json", b'{"acked": 7}')
     assert upstream.requests == []
+
+
+async def test_what_follows_an_upgrade_request_passes_through_at_once(
+    link: LinkEmulator, upstream: Upstream
+) -> None:
+    """WebSocket frames after the upgrade's head are not HTTP requests. Before: they were gathered as a
+    request head until 64 KiB (or a CRLFCRLF) came, so a small frame never reached the gateway."""
+    reader, writer = await connect(link)
+    head = b"GET /v1/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    frame = b"\x82\x88abcd" + b"12345678"  # a masked binary frame of 8 bytes
+    writer.write(head)
+    await writer.drain()
+    await asyncio.wait_for(read_response(reader), 10)
+    writer.write(frame)
+    await writer.drain()
+    await until(lambda: bytes(upstream.connections[0]).endswith(frame), within=5.0)
+    writer.close()
+    assert link.stats().bytes_from_client == len(head) + len(frame)

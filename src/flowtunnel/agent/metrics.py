@@ -86,6 +86,11 @@ class StatusCollector(Collector):
             for name in rungs:
                 rung.add_metric([agent, str(name)], 1.0 if name == upload.get("rung") else 0.0)
             yield rung
+        for_bytes = upload.get("rung_for_bytes")
+        if isinstance(for_bytes, bool):
+            yield from self._gauge("upload_rung_for_bytes", "1 when the rung in use was chosen for fewer "
+                                   "bytes per batch (ws once post worked), 0 when for reaching the gateway",
+                                   agent, float(for_bytes))
         gateways = upload.get("gateways")
         if isinstance(gateways, dict):
             gateway = GaugeMetricFamily(_P + "gateway", "The gateway in use (1) and the other gateways "

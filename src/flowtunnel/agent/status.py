@@ -134,6 +134,8 @@ def _rung(status: Mapping[str, Any]) -> str:
     rung = _get(status, "upload", "rung")
     route = _get(status, "upload", "route")
     text = f"{rung}" + (f" ({route})" if route else "")
+    if _get(status, "upload", "rung_for_bytes") is True:
+        text += f", {_get(status, 'upload', 'rung_why')}"  # "fewer bytes per batch than post"
     others = _get(status, "upload", "rungs")
     if isinstance(others, Mapping):
         notes = [f"{name} {state}" for name, state in others.items() if name != rung and state != "untried"]

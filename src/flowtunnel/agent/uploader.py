@@ -842,7 +842,7 @@ class Uploader:
         if known is not None and known in self._ladder.rungs:
             if self._ladder.current != known:
                 logger.info("network %s: using the %s rung that worked here before", network, known)
-            self._ladder.use(known, now=self._clock())
+            self._ladder.use(known, now=self._clock(), why="it worked on this network before")
             self._race = False
         else:
             self._race = len(self._rungs) > 1
@@ -919,13 +919,12 @@ class Uploader:
         chosen = winner or names[0]
         for name, (_, answer) in outcomes.items():
             if name != winner and not _verifies(self._key, self._config.agent_id, *outcomes[name]):
-                self._ladder.failed[name] = _describe(answer)
+                self._ladder.fail(name, _describe(answer), now=self._clock())
         if winner is not None:
             why = "; ".join(f"{n}: {self._ladder.failed[n]}" for n in names if n in self._ladder.failed)
             logger.info("network %s is new: the rungs raced, %s answered first%s", self._network, winner,
                         f" ({why})" if why else "")
-            if self._ladder.current != winner:
-                self._ladder.use(winner, now=self._clock())
+            self._ladder.use(winner, now=self._clock(), why="it answered first on this new network")
         sent, answer = outcomes.get(chosen) or outcomes[next(iter(outcomes))]
         action = self._delivery.answer(sent, answer, draw=self._draw(), now=self._clock())
         self._sync_stats()
@@ -982,6 +981,8 @@ class Uploader:
         st.last_attempt = self._clock()
         up = self._ladder.before(self._clock())
         if up is not None:
+            # A re-probe of a higher rung, or the lean rung once another carried a batch: the batch sealed
+            # for this attempt is sealed again (a new stream) after the new rung's resync, once per switch.
             self._switched(up, failed=False)
             self._delivery.wants_resync = True  # a new rung starts with a resync (its own answers)
             raise _Failed("rung-switch", 0.0)
@@ -1009,7 +1010,7 @@ class Uploader:
                     STREAM_MISSES, STREAM_PAUSE)
         self._sync_stats()
         switch = self._ladder.after(answer, None if isinstance(action, Commit) else action.cause,
-                                    now=self._clock())
+                                    now=self._clock(), batch=bool(batch))
         if isinstance(action, Commit):
             self._emit(action.notes)  # a failure's notes wait for the gateway's choice, below
         elif switch is not None:
@@ -1047,10 +1048,12 @@ class Uploader:
 
     def _switched(self, switch: Switch, *, failed: bool = True) -> None:
         """Log a switch of rung, once, with its reason and what happens: the new rung is tried now (with
-        what failed on the old one, when ``failed``; else a re-probe of a higher rung)."""
+        what failed on the old one, when ``failed``; else a re-probe of a higher rung, or the bytes
+        preference, logged as information: nothing failed)."""
         self._stream = None  # another rung: the next batch starts a new stream
-        logger.warning("upload rung %s -> %s: %s; %s %s now", switch.old, switch.new, switch.reason,
-                       "retrying on" if failed else "trying", switch.new)
+        level = logging.INFO if switch.for_bytes else logging.WARNING
+        logger.log(level, "upload rung %s -> %s: %s; %s %s now", switch.old, switch.new, switch.reason,
+                   "retrying on" if failed else "trying", switch.new)
 
     async def _failover_after(self, answer: Answer, action: Wait) -> float:
         """After a failed exchange: move to another gateway if the failure was the gateway's; the wait
