@@ -4,9 +4,12 @@ that strips Upgrade the agent tries ws once, goes back to POST and stays there."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,4 +130,39 @@ async def test_with_rungs_post_get_the_agent_stays_on_post(
             assert up.status()["rung"] == "post"
             assert up.status()["switches"] == 0
         assert_exactly_once(gw, sent)
+    spool.close()
+
+
+async def test_the_batch_that_met_the_switch_goes_after_the_resync_without_another_latency_wait(
+    tmp_path: Path, gateway_factory: GatewayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch due when the ladder moves to ws goes right after the new rung's resync. Before: it waited
+    another ``--latency`` (the aborted attempt counted as a send), and so did a batch retried on another rung
+    after a failure: in the zoo, every proxy network took ~1 s longer to deliver everything."""
+    latency = 2.0
+    waits: list[float] = []
+    sleep = asyncio.sleep
+
+    async def watched(delay: float, *args: Any) -> Any:
+        if sys._getframe(1).f_code.co_name == "_send_next":  # the caught-up batch's latency wait
+            waits.append(delay)
+        return await sleep(delay, *args)
+
+    monkeypatch.setattr(asyncio, "sleep", watched)
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = datagrams(40, seed=74)
+    spool = open_spool(tmp_path)
+    spool.append(sent[:20])
+    async with gateway_factory(data) as gw:
+        cfg = config(tmp_path, gw.url, key, rungs=RUNGS, latency=latency)
+        async with uploading(cfg, key, spool) as up:
+            await eventually(lambda: spool.cursor(CURSOR) == 20, "the first part delivered")
+            spool.append(sent[20:])
+            up.notify()
+            await eventually(lambda: spool.cursor(CURSOR) == 40, "the rest delivered", within=15.0)
+            assert up.status()["rung"] == "ws"
+        assert_exactly_once(gw, sent)
+    # One wait for the second batch (up to --latency after the first), none after the switch.
+    assert len([w for w in waits if w > latency / 2]) == 1, waits
     spool.close()

@@ -51,14 +51,18 @@ Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]
 
 def _to_unix(path: str) -> Handler:
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await _relay(r, w, lambda: asyncio.open_unix_connection(path))
+        # Cancelled at exit with a connection still open (a WebSocket agent's): asyncio would print the
+        # cancellation as "Exception in callback" (3.11 looks at the handler task's exception).
+        with contextlib.suppress(asyncio.CancelledError):
+            await _relay(r, w, lambda: asyncio.open_unix_connection(path))
 
     return handle
 
 
 def _to_tcp(port: int) -> Handler:
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await _relay(r, w, lambda: asyncio.open_connection("127.0.0.1", port))
+        with contextlib.suppress(asyncio.CancelledError):  # at exit, as in ``_to_unix``
+            await _relay(r, w, lambda: asyncio.open_connection("127.0.0.1", port))
 
     return handle
 

@@ -116,7 +116,9 @@ class AgentConfig:
     rungs: tuple[str, ...] = DEFAULT_RUNGS
     """The transports to try, best first: ``post`` (a POST per batch), ``ws`` (batches as WebSocket messages
     on one connection), ``get`` (GET-only pieces in URLs), ``dns`` (query names through the network's
-    resolver; with ``dns_zone`` it ends the default ladder)."""
+    resolver; with ``dns_zone`` it ends the default ladder). Best for reach: once ``post`` carried a batch,
+    batches go by ``ws`` when it is listed after ``post`` (fewer bytes, ``transport.ladder.LEAN``);
+    ``post,get`` keeps them on POST."""
     dns_zone: str | None = None
     """The zone delegated to the gateway's DNS endpoint (``gateway --dns-zone``): enables the ``dns`` rung."""
     dns_resolver: str | None = None

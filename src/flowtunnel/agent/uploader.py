@@ -1051,6 +1051,9 @@ class Uploader:
         what failed on the old one, when ``failed``; else a re-probe of a higher rung, or the bytes
         preference, logged as information: nothing failed)."""
         self._stream = None  # another rung: the next batch starts a new stream
+        # The batch was due (or went and failed): after the new rung's resync it goes at once, not after
+        # another --latency (before, every switch delayed a caught-up agent's batch by up to --latency).
+        self._last_send = float("-inf")
         level = logging.INFO if switch.for_bytes else logging.WARNING
         logger.log(level, "upload rung %s -> %s: %s; %s %s now", switch.old, switch.new, switch.reason,
                    "retrying on" if failed else "trying", switch.new)

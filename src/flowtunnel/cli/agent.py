@@ -29,7 +29,8 @@ _FLAGS: tuple[tuple[str, str, str, str], ...] = (
     ("--rungs", "rungs", "LIST", "transports to try, best first, comma-separated: post (a POST per batch), "
      "ws (batches as WebSocket messages), get (GET-only pieces in URLs, for proxies that refuse POST or "
      "bodies), dns (query names through the resolver, needs --dns-zone) (default post,ws,get, and dns "
-     "last with --dns-zone)"),
+     "last with --dns-zone); once post carried a batch, batches go by ws when listed after it (fewer "
+     "bytes): post,get keeps them on POST"),
     ("--dns-zone", "dns_zone", "ZONE", "the gateway's DNS zone (gateway --dns-zone): adds the dns rung, for "
      "networks where only the resolver answers"),
     ("--dns-resolver", "dns_resolver", "HOST:PORT", "resolver for the dns rung (default: the first "

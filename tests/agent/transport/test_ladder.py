@@ -82,6 +82,24 @@ def test_the_rung_and_its_switches_are_metrics() -> None:
     assert 'flowtunnel_agent_upload_rung{agent="site-a",rung="post"} 0.0' in text
     assert 'flowtunnel_agent_upload_rung_switches_total{agent="site-a"} 1.0' in text
     assert 'flowtunnel_agent_upload_oversize_datagrams_total{agent="site-a"} 1.0' in text
+    assert 'flowtunnel_agent_upload_rung_for_bytes{agent="site-a"} 0.0' in text
+
+
+def test_on_ws_for_bytes_the_metrics_and_the_status_line_say_so() -> None:
+    """Before: nothing said why the agent was on ws (a path refusal, or fewer bytes)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from flowtunnel.agent.metrics import StatusCollector
+    from flowtunnel.agent.status import _rung
+
+    ladder = Ladder(rungs=("post", "ws", "get"))
+    ladder.after(OK, None, now=0.0, batch=True)
+    ladder.before(now=1.0)
+    doc = {"agent_id": "site-a", "upload": ladder.status()}
+    registry = CollectorRegistry()
+    registry.register(StatusCollector(lambda: doc))
+    assert 'flowtunnel_agent_upload_rung_for_bytes{agent="site-a"} 1.0' in generate_latest(registry).decode()
+    assert _rung(doc) == "ws, fewer bytes per batch than post; post good"
 
 
 # -- the bytes preference: ws once post carried a batch (issue 14) -------------------------------------------
