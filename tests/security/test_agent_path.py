@@ -15,6 +15,9 @@ from tests.conftest import require
 from tests.linkemu import Action, Fault, Mode
 from tests.reliability.harness import AgentProc, exported, find_leaks, stack
 
+#: these tests replay and forge POST requests: on the default ladder batches go by ws after the first one
+POST_ONLY = ("--rungs", "post")
+
 
 async def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, object]]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -41,7 +44,7 @@ async def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, object
 async def test_replaying_every_recorded_agent_request_adds_nothing(tmp_path: Path) -> None:
     require("softflowd")
     payloads, _ = await asyncio.to_thread(exported, 9, 2000)
-    async with stack(tmp_path, record=True) as st:
+    async with stack(tmp_path, record=True, agent_args=POST_ONLY) as st:
         await st.send(payloads[:80])
         await st.drained(80)
         recorded = list(st.link.recorded)
@@ -68,7 +71,7 @@ async def test_a_forged_acknowledgement_on_the_path_loses_nothing(tmp_path: Path
     data the gateway never got."""
     require("softflowd")
     payloads, _ = await asyncio.to_thread(exported, 9, 2000)
-    async with stack(tmp_path) as st:
+    async with stack(tmp_path, agent_args=POST_ONLY) as st:
         await st.send(payloads[:10])
         await st.drained(10)
         st.link.set_mode(Mode.REFUSE)  # the uplink goes down while the next datagrams arrive
@@ -79,6 +82,7 @@ async def test_a_forged_acknowledgement_on_the_path_loses_nothing(tmp_path: Path
                                 content_type="application/json", match="POST /v1/b"))
         st.link.set_mode(Mode.FORWARD)
         await asyncio.sleep(3.0)  # the agent uploads into the forgery
+        assert st.link.stats().faults, "no batch met the forgery"
         st.link.clear_faults()
         await st.send(payloads[40:70])
         await st.drained(70)
