@@ -1,7 +1,8 @@
 """Transport-ladder benchmark: what each rung costs on the wire, and how fast the agent gets out of each zoo
 network.
 
-Part 1, bytes per rung: a real ``flowtunnel agent`` restricted to one rung (``--rungs NAME``) uploads a
+Part 1, bytes per rung: a real ``flowtunnel agent`` restricted to one rung (``--rungs NAME``), and with the
+default ladder (``post,ws,get``: the first batch by POST, then WebSocket for fewer bytes), uploads a
 softflowd NetFlow v9 stream to a real gateway through the link emulator (``tests/linkemu.py``, raw TCP mode),
 which counts every byte both ways, HTTP heads, WebSocket frames and answers included. The stream is sent at
 2, 10 and 500 datagrams/s; the baseline, measured from the same datagrams in the same run, is the exporter's
@@ -59,6 +60,7 @@ from _common import (  # noqa: E402
 
 SECTION = "Transport ladder"
 RUNGS = ("post", "ws", "get")
+DEFAULT_LADDER = "default ladder (post, then ws)"
 RATES = (2.0, 10.0, 500.0)
 GOALS = {("ws", 10.0): 0.20, ("get", 10.0): 0.50}
 AGENT = "bench"
@@ -189,6 +191,10 @@ def bench(args: argparse.Namespace) -> str:
             with workdir("ft-bench-ladder-") as work:
                 runs.append(measure(work, rung, payloads, rate, agent_extra=["--rungs", rung]))
                 print(runs[-1], file=sys.stderr)
+        # The default ladder: the first batch by post, then ws for fewer bytes (issue 14), switch included.
+        with workdir("ft-bench-ladder-") as work:
+            runs.append(measure(work, DEFAULT_LADDER, payloads, rate, agent_extra=[]))
+            print(runs[-1], file=sys.stderr)
     if squid_binary() is not None:
         payloads = stream.payloads[: max(30, 10 * (20 if args.quick else 40))]
         for label, network, creds in (("post via Basic proxy", BASIC, "alice:pw@"),
