@@ -99,6 +99,32 @@ async def test_quiet_batches_continue_one_stream_and_cost_fewer_bytes_than_witho
     spool.close()
 
 
+async def test_the_move_to_ws_for_bytes_keeps_the_stream(
+    tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened
+) -> None:
+    """The ladder's bytes preference moves a quiet agent from POST to ws after its first batch (issue 14);
+    nothing failed and the gateway holds the stream up to that batch, so the next frame continues it over
+    ws (after the resync, an empty batch that leaves the stream alone). Before, the move started a new
+    stream: a frame without history, ~0.006 of raw UDP bytes more in bench/wire.py's 2/s row."""
+    data = tmp_path / "gw"
+    key = enroll(data, AGENT)
+    sent = v9_export(18)
+    spool = open_spool(tmp_path)
+    async with gateway_factory(data) as gw:
+        async with uploading(config(tmp_path, gw.url, key, rungs=("post", "ws", "get")), key, spool) as up:
+            await trickle(up, spool, chunks(sent))
+            status = up.status()
+            assert status["rung"] == "ws" and status["rung_for_bytes"] is True
+            assert status["switches"] == 1
+            assert up.stats.failures == {}
+            assert up.stats.streams == 1
+            assert up.stats.stream_batches == up.stats.batches == len(chunks(sent))
+        assert kinds(opened) == ["start"] + ["cont"] * (len(chunks(sent)) - 1)
+        assert gw.metrics.rungs["post"]["acked"] >= 1 and gw.metrics.rungs["ws"]["acked"] >= 2
+        assert_exactly_once(gw, sent)
+    spool.close()
+
+
 async def test_an_agent_restart_starts_a_new_stream(
     tmp_path: Path, gateway_factory: GatewayFactory, opened: Opened
 ) -> None:

@@ -276,6 +276,11 @@ class Uploader:
         # stream frames (older than the stream flags) get none, until this process restarts.
         self._stream: SealStream | None = None
         self._stream_clean = False
+        # Set by a move to another rung for bytes (nothing failed): the resync on the new rung keeps the
+        # stream when it finds the gateway's mark where the agent left it (the gateway still holds the stream
+        # up to the last acknowledged frame; if not, the next frame is refused ``unknown-context`` and goes
+        # again in a new stream at once).
+        self._keep_stream = False
         self._no_streams: set[str] = set()
         # Continuations refused in a row (``unknown-context``: the gateway lost or never had the stream, e.g.
         # per-request round robin over gateways): after STREAM_MISSES, start frames only for STREAM_PAUSE s.
@@ -476,6 +481,7 @@ class Uploader:
                 entries = await self._read()
                 if not entries:  # the quota policy dropped them meanwhile
                     return False
+        self._climb()
         body, batch = await asyncio.to_thread(self._seal, entries)
         self._seed_ratio(batch, len(body))
         await self._throttle(len(body))
@@ -938,7 +944,9 @@ class Uploader:
 
     async def _resync(self) -> None:
         """Learn the gateway's acknowledged seq with an empty sealed batch and align the spool to it."""
-        self._stream = None  # spool renumbered, gateway restarted...: the next batch starts a new stream
+        keep, self._keep_stream = self._keep_stream, False
+        if not keep:
+            self._stream = None  # spool renumbered, gateway restarted...: the next batch starts a new stream
         if self._race:
             acked = await self._race_resync()
         else:
@@ -948,6 +956,8 @@ class Uploader:
             lambda: (self._spool.cursor(CURSOR), self._spool.last_seq(), self._spool.stats().first_seq))
         plan = plan_resync(acked=acked, known=known, last=last, first_stored=first_stored,
                            agent_id=self._config.agent_id)
+        if acked != known or plan.renumber or plan.advance or plan.lost:
+            self._stream = None
         self.stats.gateway_lost += plan.lost
         self._emit(plan.notes)
         if plan.renumber:
@@ -979,13 +989,7 @@ class Uploader:
         )
         st = self.stats
         st.last_attempt = self._clock()
-        up = self._ladder.before(self._clock())
-        if up is not None:
-            # A re-probe of a higher rung, or the lean rung once another carried a batch: the batch sealed
-            # for this attempt is sealed again (a new stream) after the new rung's resync, once per switch.
-            self._switched(up, failed=False)
-            self._delivery.wants_resync = True  # a new rung starts with a resync (its own answers)
-            raise _Failed("rung-switch", 0.0)
+        self._climb()
         back = self._failover.before(self._clock()) if self._ladder.current != "dns" else None
         if back is not None and await self._move(back):
             raise _Failed("gateway-move", 0.0)
@@ -1046,11 +1050,26 @@ class Uploader:
             self.link.observe_round_trip(elapsed)
         return action.acked
 
+    def _climb(self) -> None:
+        """A re-probe of a higher rung, or the bytes preference's move once post carried a batch, when due:
+        switch, and raise so that the new rung's resync comes first. Checked before a batch is sealed (a move
+        for bytes then keeps the compression stream: ``_switched``) and before each exchange (a batch already
+        sealed as a frame is sealed again after the resync; its frame was not acknowledged, so in a new
+        stream)."""
+        up = self._ladder.before(self._clock())
+        if up is not None:
+            self._switched(up, failed=False)
+            self._delivery.wants_resync = True  # a new rung starts with a resync (its own answers)
+            raise _Failed("rung-switch", 0.0)
+
     def _switched(self, switch: Switch, *, failed: bool = True) -> None:
         """Log a switch of rung, once, with its reason and what happens: the new rung is tried now (with
         what failed on the old one, when ``failed``; else a re-probe of a higher rung, or the bytes
         preference, logged as information: nothing failed)."""
-        self._stream = None  # another rung: the next batch starts a new stream
+        if switch.for_bytes and not failed:
+            self._keep_stream = True  # nothing failed: the frames acknowledged so far hold (``_resync``)
+        else:
+            self._stream = None  # another rung after a failure: the next batch starts a new stream
         # The batch was due (or went and failed): after the new rung's resync it goes at once, not after
         # another --latency (before, every switch delayed a caught-up agent's batch by up to --latency).
         self._last_send = float("-inf")
