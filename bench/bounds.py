@@ -7,8 +7,8 @@ batches until they would meet the goal: the ``--latency`` that would reach it at
 
 Bodies only (the sealed batch: header, agent id, tag included for codec 5; bare compressed bytes for the
 generic ones), over raw UDP bytes (payload + 28 per datagram); "body needed" is the goal minus the HTTP heads
-per raw byte that the row's live run measured (``Row.heads``, docs/benchmarks.md), so a body above it cannot meet
-the goal on that transport. Pure computation: no agent, no gateway, no timing.
+per raw byte that the row's live run measured (``Row.heads``, docs/benchmarks.md), so a body above it cannot
+meet the goal on that transport. Pure computation: no agent, no gateway, no timing.
 
 Run from the repository root: ``python bench/bounds.py [--quick]``.
 """
