@@ -1149,5 +1149,6 @@ def test_lean_is_a_seal_once_way_tried_beside_zstd_then_sealed_alone_while_it_wi
         codecs.append([kw.get("codec") for kw in calls])
         after = batch[-1].seq
     spool.close()
-    trial = [Codec.COLUMNAR, Codec.ZSTD_DICT, Codec.DELTA_LZMA]  # one way at a time (peak RSS)
+    # one way at a time (peak RSS); LEAN first, with the LZMA2 encoder kept from the batch before
+    trial = [Codec.DELTA_LZMA, Codec.COLUMNAR, Codec.ZSTD_DICT]
     assert codecs == [trial, [Codec.DELTA_LZMA], [Codec.DELTA_LZMA]]

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import lzma
+import os
+import random
 import struct
+import threading
 import tracemalloc
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +25,7 @@ from flowtunnel.wire import (
     MalformedRecords,
     TemplateLengths,
     WireError,
+    lzstream,
     open_batch,
     peek_header,
 )
@@ -254,9 +259,117 @@ def test_an_lzma2_block_is_compressed_with_a_dictionary_no_larger_than_it_needs(
         sizes.append(kw["filters"][0]["dict_size"])  # type: ignore[index]
         return real(data, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(lzma, "compress", spy)  # the module codec uses
+    monkeypatch.setattr(lzma, "compress", spy)  # the module codec uses where liblzma cannot be bound
+    if lzstream.SUPPORTED:
+        real_block = lzstream.BlockEncoder.compress
+
+        def block_spy(self: lzstream.BlockEncoder, data: bytes, **kw: Any) -> bytes:
+            sizes.append(kw["dict_size"])
+            return real_block(self, data, **kw)
+
+        monkeypatch.setattr(lzstream.BlockEncoder, "compress", block_spy)
     for n in (10, 48_000, 300_000):
         raw = bytes(range(256)) * (n // 256) + bytes(n % 256)
         packed = compress(raw, Codec.DELTA_LZMA, level=1)
         assert decompress(packed, Codec.DELTA_LZMA, dict_id=0, raw_len=len(raw)) == raw
     assert sizes == [codec.LZMA_MIN_DICT, 1 << 16, codec.LZMA_DICT_SIZE]
+
+
+needs_liblzma = pytest.mark.skipif(not lzstream.SUPPORTED, reason="liblzma not loadable")
+
+
+def _flow_block(n: int, seed: int) -> bytes:
+    """Record-like bytes: fixed-size records whose fields repeat or count up (what codecs 4-6 compress)."""
+    rng = random.Random(seed)
+    out = bytearray()
+    t = rng.randrange(1 << 30)
+    while len(out) < n:
+        t += rng.randrange(50)
+        out += struct.pack(">IIHHIB", 0x0A000000 + rng.randrange(64), 0xC0A80000 + rng.randrange(8),
+                           rng.choice((53, 80, 443, 123)), rng.randrange(1024, 65535), t, rng.choice((6, 17)))
+    return bytes(out[:n])
+
+
+@needs_liblzma
+def test_the_kept_lzma2_encoder_gives_the_stdlibs_bytes_whatever_came_before(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue 14: codecs 4-6 compress through one liblzma encoder re-initialised per block (its tables kept)
+    instead of a new stdlib encoder per batch: the bytes must be the stdlib's, block after block, whatever
+    preset, dictionary, lc and size the block before had (the wire format does not change)."""
+    encoder = lzstream.BlockEncoder()
+    cases = [
+        (b"", 1, 1 << 12, None),
+        (_flow_block(47_000, 1), 1, 1 << 16, 1),
+        (_flow_block(47_000, 2), 1, 1 << 16, 1),  # the same sizes again: the tables are reused
+        (_flow_block(300_000, 3), 6, 1 << 18, 1),  # larger tables (preset 6: another match finder)
+        (_flow_block(5_000, 4), 1, 1 << 13, None),  # smaller ones, the preset's lc
+        (os.urandom(200_000), 1, 1 << 18, 1),  # incompressible: stored chunks
+        (bytes(70_000), 9, 1 << 17, 1),
+        (_flow_block(47_000, 5), 0, 1 << 16, 1),
+        (_flow_block(47_000, 6), 1, 1 << 16, 1),
+    ]
+    for data, preset, dict_size, lc in cases:
+        spec: dict[str, int] = {"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": dict_size}
+        if lc is not None:
+            spec["lc"] = lc
+        want = lzma.compress(data, format=lzma.FORMAT_RAW, filters=[spec])
+        assert encoder.compress(data, preset=preset, dict_size=dict_size, lc=lc) == want
+    # an output buffer too small for one call: the rest comes in further calls, the same bytes
+    monkeypatch.setattr(lzstream, "_block_bound", lambda size: 1000)
+    data = _flow_block(100_000, 7)
+    spec = {"id": lzma.FILTER_LZMA2, "preset": 1, "dict_size": 1 << 17, "lc": 1}
+    assert encoder.compress(data, preset=1, dict_size=1 << 17, lc=1) == lzma.compress(
+        data, format=lzma.FORMAT_RAW, filters=[spec])
+    encoder.close()
+
+
+@needs_liblzma
+def test_lzma_codecs_keep_one_encoder_for_the_next_batch_and_release_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """issue 14: LEAN (codec 5) made an LZMA2 encoder for every batch (its ~1 MB of tables allocated and
+    faulted in again after each batch's malloc_trim: ~0.6 ms of a batch's 3 ms of compression). One encoder
+    now serves batch after batch; at most one is kept (a second sealer at the same time makes its own, not
+    kept), and ``release_compressors`` lets it go (a trial's ways are made one at a time)."""
+    from flowtunnel.wire import codec
+
+    made: list[lzstream.BlockEncoder] = []
+    real_init = lzstream.BlockEncoder.__init__
+
+    def counting(self: lzstream.BlockEncoder) -> None:
+        made.append(self)
+        real_init(self)
+
+    monkeypatch.setattr(lzstream.BlockEncoder, "__init__", counting)
+    codec.release_compressors()
+    blocks = [_flow_block(47_000, seed) for seed in range(4)]
+    for raw in blocks:
+        for kind in (Codec.DELTA_LZMA, Codec.COLUMNAR_LZMA, Codec.LZMA):
+            packed = compress(raw, kind, level=1)
+            assert decompress(packed, kind, dict_id=0, raw_len=len(raw)) == raw
+    assert len(made) == 1
+    assert codec._idle_lzma == made
+
+    # two sealers at once: the second makes its own, and one encoder stays kept
+    entered, go = threading.Event(), threading.Event()
+    real_compress = lzstream.BlockEncoder.compress
+
+    def slow(self: lzstream.BlockEncoder, data: bytes, **kw: Any) -> bytes:
+        if threading.current_thread().name == "first":
+            entered.set()
+            go.wait(10)
+        return real_compress(self, data, **kw)
+
+    monkeypatch.setattr(lzstream.BlockEncoder, "compress", slow)
+    first = threading.Thread(target=compress, args=(blocks[0], Codec.DELTA_LZMA), kwargs={"level": 1},
+                             name="first")
+    first.start()
+    assert entered.wait(10)
+    compress(blocks[1], Codec.DELTA_LZMA, level=1)  # meanwhile, in this thread
+    go.set()
+    first.join()
+    assert len(made) == 2
+    assert len(codec._idle_lzma) == 1
+    codec.release_compressors()
+    assert codec._idle_lzma == []

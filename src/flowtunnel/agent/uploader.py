@@ -705,17 +705,21 @@ class Uploader:
             return seal(nonce=os.urandom(12), codec=_WAY_CODECS[way], level=level)
         # A trial: each way's compressor (~1.4 MB with its dictionary tables at level 6, LZMA2's ~1.3 MB) is
         # let go before the next way's is made, so the peak RSS holds one of them, not all (issue 14); the
-        # winner's is made again by the next batch.
+        # winner's is made again by the next batch. LEAN goes first, with the LZMA2 encoder kept from the
+        # batches before (codec.compress), which is let go then too: the zstd ways reuse its freed memory.
+        # The smallest body is kept, LEAN on a tie with zstd, codec 3 on a tie with codec 2.
+        lean: tuple[bytes, bytes] | None = None
+        if Way.LEAN in ways:
+            lean = seal(nonce=os.urandom(12), codec=Codec.DELTA_LZMA, level=LEAN.level)
+        release_compressors()
         body, leaves = seal(nonce=os.urandom(12), codec=Codec.COLUMNAR, level=level)
         release_compressors()
         other, left = seal(nonce=os.urandom(12), codec=Codec.ZSTD_DICT, level=level)
         release_compressors()
         if len(other) < len(body):
             body, leaves = other, left
-        if Way.LEAN in ways:
-            other, left = seal(nonce=os.urandom(12), codec=Codec.DELTA_LZMA, level=LEAN.level)
-            if len(other) <= len(body):
-                body, leaves = other, left
+        if lean is not None and len(lean[0]) <= len(body):
+            body, leaves = lean
         if context is not None and Way.CONTEXT in ways:
             # Against what the gateway already holds from this agent: a batch of a few datagrams repeats much
             # of the previous one (headers, templates, addresses, ports). In the layout of that context (a

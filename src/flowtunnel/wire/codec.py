@@ -5,8 +5,10 @@ and the vendor captures) holds the byte patterns every export datagram repeats â
 common field values â€” so even a one-datagram batch compresses well. Its zstd dictionary id goes in the batch
 header; the receiver refuses ids it does not have instead of guessing.
 
-Codec 4 swaps zstd for a raw LZMA2 stream (stdlib ``lzma``): about a quarter fewer bytes than codec 3 on flow
-data at four to five times the CPU, which is worth it for the large backlog batches a slow uplink waits on.
+Codec 4 swaps zstd for a raw LZMA2 stream (liblzma, one encoder kept across batches:
+``lzstream.BlockEncoder``; the stdlib's ``lzma`` where liblzma cannot be bound, the same bytes): about a
+quarter fewer bytes than codec 3 on flow data at four to five times the CPU, which is worth it for the large
+backlog batches a slow uplink waits on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Collection
 
 import zstandard
 
+from flowtunnel.wire import lzstream
 from flowtunnel.wire.errors import MalformedHeader, MalformedRecords, UnknownContext, UnknownDictionary
 
 __all__ = [
@@ -137,13 +140,18 @@ def _precomputed(dict_id: int, level: int) -> zstandard.ZstdCompressionDict:
 
 def release_compressors(*, keep: Collection[int] = ()) -> None:
     """Drop the idle compressors and precomputed tables of every dictionary but those of ``keep`` (ids; 0
-    for no dictionary): ~0.7 MB each at level 6. The agent calls it once it knows which way it seals by
-    (issue 14: the peak RSS counts every compressor alive at once)."""
+    for no dictionary): ~0.7 MB each at level 6; and the kept LZMA2 encoder, whatever ``keep`` says. The
+    agent calls it between the ways of a trial (issue 14: the peak RSS counts every compressor alive at
+    once)."""
     with _idle_lock:
         for key in [k for k in _idle if k[0] not in keep]:
             del _idle[key]
         for table in [k for k in _tables if k[0] not in keep]:
             del _tables[table]
+        lzma_encoders = _idle_lzma[:]
+        _idle_lzma.clear()
+    for encoder in lzma_encoders:
+        encoder.close()
 
 
 def compress(raw: bytes, codec: Codec, *, level: int = DEFAULT_LEVEL, dict_id: int = 0) -> bytes:
@@ -161,13 +169,20 @@ def compress(raw: bytes, codec: Codec, *, level: int = DEFAULT_LEVEL, dict_id: i
         # tables follow its size (~1.3 MB at 256 KiB against ~0.9 MB at 64 KiB, for each batch: issue 14's
         # peak RSS), and a match cannot reach further back than the block's start anyway.
         size = min(LZMA_DICT_SIZE, max(LZMA_MIN_DICT, 1 << max(0, len(raw) - 1).bit_length()))
-        lzma2: dict[str, int] = {"id": lzma.FILTER_LZMA2, "preset": level, "dict_size": size}
-        if codec in (Codec.DELTA_LZMA, Codec.LZMA):
-            # Differences leave fewer byte values for the literal coder to tell apart: 1 bit of context (lc)
-            # instead of 3 saves ~1 % on flow exports (softflowd v5/v9/IPFIX, the Cisco captures), and on
-            # verbatim datagrams too (codec 6); the stream carries its own lc: the encoder's choice alone.
-            lzma2["lc"] = 1
-        return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[lzma2])
+        # Differences leave fewer byte values for the literal coder to tell apart: 1 bit of context (lc)
+        # instead of 3 saves ~1 % on flow exports (softflowd v5/v9/IPFIX, the Cisco captures), and on
+        # verbatim datagrams too (codec 6); the stream carries its own lc: the encoder's choice alone.
+        lc = 1 if codec in (Codec.DELTA_LZMA, Codec.LZMA) else None
+        encoder = _take_lzma()
+        if encoder is None:  # liblzma cannot be bound here: the stdlib's encoder, the same bytes
+            lzma2: dict[str, int] = {"id": lzma.FILTER_LZMA2, "preset": level, "dict_size": size}
+            if lc is not None:
+                lzma2["lc"] = lc
+            return lzma.compress(raw, format=lzma.FORMAT_RAW, filters=[lzma2])
+        try:
+            return encoder.compress(raw, preset=level, dict_size=size, lc=lc)
+        finally:
+            _give_back_lzma(encoder)
     if dict_id and dict_id not in bundled_dictionaries():
         raise ValueError(f"compression dictionary {dict_id} is not bundled in this flowtunnel")
     small = len(raw) < _PRECOMPUTED_BELOW
@@ -187,6 +202,31 @@ def compress(raw: bytes, codec: Codec, *, level: int = DEFAULT_LEVEL, dict_id: i
     return out
 
 
+
+
+#: the LZMA2 encoder kept for the next batch of codecs 4-6 (``lzstream.BlockEncoder``: liblzma re-initialised
+#: on the same stream keeps its tables, ~1 MB at LEAN's preset 1 and a 64 KiB dictionary, instead of
+#: allocating them per batch). One only, sized by the last block; a second sealer at the same time makes its
+#: own, dropped after use. ``release_compressors`` drops it too.
+_idle_lzma: list[lzstream.BlockEncoder] = []
+
+
+def _take_lzma() -> lzstream.BlockEncoder | None:
+    """The kept LZMA2 encoder, else a new one; None when liblzma cannot be bound (the stdlib's then)."""
+    if not lzstream.SUPPORTED:
+        return None
+    with _idle_lock:
+        if _idle_lzma:
+            return _idle_lzma.pop()
+    return lzstream.BlockEncoder()
+
+
+def _give_back_lzma(encoder: lzstream.BlockEncoder) -> None:
+    with _idle_lock:
+        if not _idle_lzma:
+            _idle_lzma.append(encoder)
+            return
+    encoder.close()
 
 
 def _take_compressor(key: tuple[int, int, bool]) -> zstandard.ZstdCompressor | None:
