@@ -236,7 +236,7 @@ class _Encoder:
     def _plan(self, payload: bytes) -> list[tuple[int, tuple[object, ...], int, int]]:
         """Record runs of ``payload``: (offset, group key, record length, count), in order."""
         size = len(payload)
-        version = _U16.unpack_from(payload, 0)[0] if size >= 2 else -1
+        version = (payload[0] << 8) | payload[1] if size >= 2 else -1
         runs: list[tuple[int, tuple[object, ...], int, int]] = []
         if version == 5 and size >= 24:
             count = _U16.unpack_from(payload, 2)[0]
@@ -247,42 +247,64 @@ class _Encoder:
         elif version in (9, 10) and size >= (20 if version == 9 else 16):
             hlen = 20 if version == 9 else 16
             runs.append((0, _V9_HEADER if version == 9 else _IPFIX_HEADER, hlen, 1))
+            unpack = _U16X2.unpack_from
+            # A datagram holds several sets of one template (softflowd v9: ~5 in ~11): its record length
+            # (and group key) is looked up once per datagram, not once per set (issue 14: this loop runs for
+            # every set of every datagram sealed).
+            groups: dict[int, tuple[tuple[object, ...], int] | None] = {}
             p = hlen
             while p + 4 <= size:
-                set_id, slen = _U16X2.unpack_from(payload, p)
+                set_id, slen = unpack(payload, p)
                 if slen < 4 or p + slen > size:
                     break
                 runs.append((p, _SET_HEADER, 4, 1))
-                n = self._length_for(payload, version, set_id) if set_id >= 256 else None
-                if n is not None and slen - 4 >= n:
-                    runs.append((p + 4, ("data", version, set_id, n), n, (slen - 4) // n))
+                if set_id >= 256:
+                    if set_id in groups:
+                        group = groups[set_id]
+                    else:
+                        n = self._length_for(payload, version, set_id)
+                        group = groups[set_id] = None if n is None else (("data", version, set_id, n), n)
+                    if group is not None and slen - 4 >= group[1]:
+                        n = group[1]
+                        runs.append((p + 4, group[0], n, (slen - 4) // n))
                 p += slen
         if len(runs) + 1 > max_steps(size):
             return []  # a datagram of many tiny sets: cheaper verbatim than as records
         return runs
 
     def add(self, payload: bytes) -> None:
+        # Most layout values are below 0x80: appended as the one byte their varint is, without a call.
+        ops = self.ops
+        groups = self.groups
         pos = 0  # bytes before pos are emitted (verbatim or as records)
         for start, key, length, k in self._plan(payload):
-            write_uvarint(start - pos, self.ops)
+            skip = start - pos
+            if 0 <= skip < 0x80:
+                ops.append(skip)
+            else:
+                write_uvarint(skip, ops)
             if start > pos:
                 self.resid.append(payload[pos:start])
-            g = self.groups.get(key)
+            g = groups.get(key)
             if g is None:
                 if len(self.lengths) >= MAX_GROUPS:
                     continue  # these records go out verbatim with the bytes that follow
-                g = self.groups[key] = len(self.lengths)
+                g = groups[key] = len(self.lengths)
                 self.lengths.append(length)
                 self.chunks.append([])
                 self.widths.append(self._widths_for(payload, key) if self.deltas else None)
-            write_uvarint(g + 1, self.ops)
-            write_uvarint(k, self.ops)
+            if g < 0x7F and k < 0x80:
+                ops.append(g + 1)
+                ops.append(k)
+            else:
+                write_uvarint(g + 1, ops)
+                write_uvarint(k, ops)
             pos = start + k * length
             self.chunks[g].append(payload[start:pos])
-        write_uvarint(len(payload) - pos, self.ops)
+        write_uvarint(len(payload) - pos, ops)
         if len(payload) > pos:
             self.resid.append(payload[pos:])
-        self.ops.append(0)
+        ops.append(0)
 
     def section(self) -> bytes:
         out = bytearray()
