@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -95,13 +96,23 @@ def _minus_previous(values: int, previous: int, width: int, count: int, *, shift
     return (((values | guard) - shifted) & low).to_bytes(count * (width + 1), "big")
 
 
+#: ``c * log2(c)`` for every count ``_bits`` meets (a column has at most SAMPLE_RECORDS bytes): a lookup
+#: instead of a logarithm and a generator step per distinct byte value (issue 14: the bit estimates were ~6 %
+#: of the agent's CPU at 1,000 flows/s). The same floats, summed in the same order; 32 KB.
+_XLOGX = array("d", [0.0] + [c * math.log2(c) for c in range(1, SAMPLE_RECORDS + 1)])
+
+
 def _bits(slots: bytes, width: int) -> float:
     """Order-0 entropy estimate, in bits, of the byte columns of ``slots`` (slot layout of ``_slots``)."""
+    xlogx = _XLOGX.__getitem__
     total = 0.0
     for j in range(width):
         col = slots[1 + j :: width + 1]
         n = len(col)
-        total += n * math.log2(n) - sum(c * math.log2(c) for c in Counter(col).values())
+        if n < len(_XLOGX):
+            total += n * math.log2(n) - sum(map(xlogx, Counter(col).values()))
+        else:  # a longer column than choose_plan samples
+            total += n * math.log2(n) - sum(c * math.log2(c) for c in Counter(col).values())
     return total
 
 
