@@ -562,6 +562,44 @@ async def test_a_quiet_site_commits_once_per_commit_bytes_not_per_interval(spool
         await tasks.close()
 
 
+async def test_after_a_flush_what_comes_next_waits_from_its_own_arrival(spool: DurableLog) -> None:
+    """issue 14: the uploader flushes the buffer before each batch; the committer's wait, begun at a datagram
+    that flush took, ended a fraction of a second later with a second commit of the few datagrams read in
+    between (1.8 commits a second at 1,000 flows/s, where one per batch would do). The wait now counts from
+    the oldest datagram buffered, and still bounds it."""
+    appends: list[int] = []
+    real = spool.append
+
+    def counting(datagrams: Sequence[Datagram], **kw: Any) -> AppendResult:
+        appends.append(len(datagrams))
+        return real(datagrams, **kw)
+
+    spool.append = counting  # type: ignore[method-assign]
+    tasks = TaskSet()
+    rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=1 << 20, buffer_limit=10_000,
+                  commit_interval=0.01, commit_bytes=1 << 20, commit_wait=1.0)
+    await rx.start()
+    try:
+        tasks.spawn(rx.run(), name="commit")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx:
+            tx.sendto(v9(1), rx.bound[0])
+            await eventually(lambda: rx.stats.datagrams == 1, "the first read")
+            await asyncio.sleep(0.5)
+            await rx.flush()  # the uploader's, before a batch
+            assert appends == [1]
+            await asyncio.sleep(0.1)
+            tx.sendto(v9(2), rx.bound[0])
+            await eventually(lambda: rx.stats.datagrams == 2, "the second read")
+        await asyncio.sleep(0.7)  # past the end of a wait begun at the first datagram (0.4 s before its own)
+        assert appends == [1]
+        assert rx.buffered == 1
+        await eventually(lambda: rx.stats.spooled == 2, "the second committed within commit_wait")
+        assert appends == [1, 1]
+    finally:
+        rx.stop_receiving()
+        await tasks.close()
+
+
 async def test_commit_wait_bounds_how_long_a_lone_datagram_waits(spool: DurableLog) -> None:
     tasks = TaskSet()
     rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=1 << 20, buffer_limit=10_000,
