@@ -12,14 +12,20 @@ acknowledges each batch with one binary message of 24 bytes (``wire.compact_ack`
 sealed batch itself, which is the same on every rung.
 
 wsproto is imported when a connection is upgraded, not with this module: it builds a 64 KiB masking table at
-import (~18 ms, ~1.4 MB), which an agent whose batches go by POST never needs (``_Socket``).
+import (~18 ms, ~1.4 MB), which an agent whose batches go by POST never needs (``_Socket``). And it is
+imported without OpenSSL (``_load_wsproto``): its handshake checks the gateway's ``Sec-WebSocket-Accept`` with
+one SHA-1 through ``hashlib``, whose import maps libcrypto, ~3 MB of the agent's RSS (issue 14: the agent
+path loads no OpenSSL, ``wire/digest.py``), since the ladder moves batches to this rung once POST carried one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import json
+import sys
+import types
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -40,6 +46,26 @@ SUBPROTOCOL_COMPACT = "flowtunnel.v2"
 _READ = 64 * 1024
 
 
+def _load_wsproto() -> None:
+    """Import wsproto, with CPython's built-in SHA-1 (``_sha1``, no OpenSSL) standing in for ``hashlib``
+    during the import when nothing imported ``hashlib`` yet; the stand-in is gone from ``sys.modules``
+    afterwards, so a later ``import hashlib`` gets the real module."""
+    if "wsproto.utilities" in sys.modules:
+        return
+    if "hashlib" in sys.modules:
+        import wsproto.utilities
+        return
+    builtin: types.ModuleType = importlib.import_module("_sha1")  # CPython's own, as hashlib falls back to
+    shim = types.ModuleType("hashlib", "flowtunnel: SHA-1 for wsproto's handshake without OpenSSL")
+    shim.__dict__["sha1"] = builtin.__dict__["sha1"]  # type: ignore[misc]
+    sys.modules["hashlib"] = shim
+    try:
+        import wsproto.utilities  # noqa: F401
+    finally:
+        if sys.modules.get("hashlib") is shim:
+            del sys.modules["hashlib"]
+
+
 class _Socket:
     """One upgraded connection: the streams, wsproto's state, and a task that reads it for as long as it is
     open (``start``). That task answers the gateway's pings at once, between batches too (the gateway drops
@@ -52,6 +78,7 @@ class _Socket:
     local so mypy sees its types."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _load_wsproto()
         from wsproto import ConnectionType, WSConnection
 
         self.reader, self.writer = reader, writer
@@ -141,6 +168,7 @@ class WsTransport(PostTransport):
         await super().close()
 
     async def _carry(self, batch: bytes, hints: Hints) -> Answer:
+        _load_wsproto()
         from wsproto.events import Message
 
         what = hints.what
@@ -164,6 +192,7 @@ class WsTransport(PostTransport):
             raise
 
     async def _upgrade(self, hints: Hints) -> _Socket | Answer:
+        _load_wsproto()
         from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 
         refused, _ = await self._verified(hints.what)  # the probe, on plain HTTP, on this connection
