@@ -190,24 +190,31 @@ class StreamEncoder(_Coder):
         if self.position > MAX_POSITION:
             raise ValueError(f"stream is at position {self.position} (max {MAX_POSITION}): start a new one")
         out, _pin, address = _output(max(_OUT_CHUNK, len(block) + len(block) // 8 + 1024))
-        s = self._strm
-        s.next_in = bytes(block)
-        s.avail_in = len(block)
-        chunks: list[bytes] = []
-        try:
-            while True:
-                s.next_out = address
-                s.avail_out = len(out)
-                ret = _lib.lzma_code(ctypes.byref(s), _SYNC_FLUSH)
-                chunks.append(ctypes.string_at(address, len(out) - s.avail_out))
-                if ret == _STREAM_END:  # the flush is complete
-                    break
-                if ret != _OK:
-                    raise RuntimeError(f"liblzma encoder failed (error {ret})")
-        finally:
-            s.next_in = None
+        data = _encode(self._strm, block, out, address, _SYNC_FLUSH)
         self.position += 1
-        return b"".join(chunks)
+        return data
+
+
+def _encode(s: _Stream, block: bytes, out: bytearray, address: int, action: int) -> bytes:
+    """Feed ``block`` to the encoder on ``s`` and run ``action`` (a sync flush: the frame so far; finish: the
+    ended stream) to its end, through the output buffer ``out`` at ``address``."""
+    assert _lib is not None
+    s.next_in = bytes(block)
+    s.avail_in = len(block)
+    chunks: list[bytes] = []
+    try:
+        while True:
+            s.next_out = address
+            s.avail_out = len(out)
+            ret = _lib.lzma_code(ctypes.byref(s), action)
+            chunks.append(ctypes.string_at(address, len(out) - s.avail_out))
+            if ret == _STREAM_END:  # the flush or the end is complete
+                break
+            if ret != _OK:
+                raise RuntimeError(f"liblzma encoder failed (error {ret})")
+    finally:
+        s.next_in = None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _block_bound(size: int) -> int:
@@ -251,23 +258,8 @@ class BlockEncoder:
         ret = _lib.lzma_raw_encoder(ctypes.byref(s), self._filters)
         if ret != _OK:
             raise MemoryError(f"liblzma could not set up an LZMA2 encoder (error {ret})")
-        s.next_in = bytes(block)
-        s.avail_in = len(block)
         out, _pin, address = _output(_block_bound(len(block)))
-        chunks: list[bytes] = []
-        try:
-            while True:
-                s.next_out = address
-                s.avail_out = len(out)
-                ret = _lib.lzma_code(ctypes.byref(s), _FINISH)
-                chunks.append(ctypes.string_at(address, len(out) - s.avail_out))
-                if ret == _STREAM_END:
-                    break
-                if ret != _OK:
-                    raise RuntimeError(f"liblzma encoder failed (error {ret})")
-        finally:
-            s.next_in = None
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return _encode(s, block, out, address, _FINISH)
 
     def close(self) -> None:
         """Free liblzma's allocations now (else when garbage collected)."""
