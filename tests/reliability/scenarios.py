@@ -59,7 +59,7 @@ def _per_request(
             if run.link.pending_faults():
                 run.link.clear_faults()
                 (run.notes if lenient else run.problems).append(
-                    f"a {action.value} fault was armed but no request met it")
+                    f"{action.value} fault armed, but no request met it")
                 return
             run.faults += 1
 
