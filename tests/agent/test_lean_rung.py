@@ -15,7 +15,7 @@ import pytest
 
 from flowtunnel.agent.transport.network import local_fingerprint
 from flowtunnel.agent.uploader import CURSOR, RUNG_MEMORY
-from tests.agent.conftest import GatewayFactory, enroll, eventually
+from tests.agent.conftest import GatewayFactory, enroll, eventually, trickle
 from tests.agent.squid import Squid
 from tests.agent.test_uploader import AGENT, assert_exactly_once, config, datagrams, open_spool, uploading
 from tests.conftest import require
@@ -42,10 +42,7 @@ async def test_after_the_first_acknowledged_batch_the_agent_moves_to_ws_and_deli
         cfg = config(tmp_path, gw.url, key, rungs=RUNGS)
         async with uploading(cfg, key, spool) as up:
             await eventually(lambda: spool.cursor(CURSOR) == 20, "the first part delivered")
-            for part in (sent[20:40], sent[40:]):
-                spool.append(part)
-                up.notify()
-                await eventually(lambda: spool.cursor(CURSOR) == spool.last_seq(), "the next part delivered")
+            await trickle(up, spool, [sent[20:40], sent[40:]])
             status = up.status()
             assert status["rung"] == "ws"
             assert status["rung_for_bytes"] is True
@@ -85,10 +82,7 @@ async def test_through_a_proxy_that_strips_upgrade_it_tries_ws_once_and_stays_on
             cfg = config(tmp_path, gw.url, key, proxy=squid.url, rungs=RUNGS)
             async with uploading(cfg, key, spool) as up:
                 await eventually(lambda: spool.cursor(CURSOR) == 20, "the first part delivered")
-                for part in (sent[20:40], sent[40:]):
-                    spool.append(part)
-                    up.notify()
-                    await eventually(lambda: spool.cursor(CURSOR) == spool.last_seq(), "next part delivered")
+                await trickle(up, spool, [sent[20:40], sent[40:]])
                 status = up.status()
                 assert status["rung"] == "post"
                 assert status["rung_for_bytes"] is False
@@ -124,9 +118,7 @@ async def test_with_rungs_post_get_the_agent_stays_on_post(
         cfg = config(tmp_path, gw.url, key, rungs=("post", "get"))
         async with uploading(cfg, key, spool) as up:
             await eventually(lambda: spool.cursor(CURSOR) == 20, "the first part delivered")
-            spool.append(sent[20:])
-            up.notify()
-            await eventually(lambda: spool.cursor(CURSOR) == 40, "the rest delivered")
+            await trickle(up, spool, [sent[20:]])
             assert up.status()["rung"] == "post"
             assert up.status()["switches"] == 0
         assert_exactly_once(gw, sent)
