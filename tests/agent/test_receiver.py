@@ -522,10 +522,8 @@ def test_receive_buffer_shortfall_says_what_failed(spool: DurableLog, error: int
     assert "root" not in short
 
 
-async def test_a_quiet_site_commits_once_per_commit_bytes_not_per_interval(spool: DurableLog) -> None:
-    """A commit costs the same for one datagram as for many (issue 14): with ``commit_bytes``, datagrams
-    arriving slower than ``commit_interval`` wait for each other, until that much is buffered; ``flush``
-    commits the rest at once; ``commit_wait`` bounds the wait."""
+def count_appends(spool: DurableLog) -> list[int]:
+    """The number of datagrams of each of ``spool``'s appends (group commits) from now on."""
     appends: list[int] = []
     real = spool.append
 
@@ -534,6 +532,14 @@ async def test_a_quiet_site_commits_once_per_commit_bytes_not_per_interval(spool
         return real(datagrams, **kw)
 
     spool.append = counting  # type: ignore[method-assign]
+    return appends
+
+
+async def test_a_quiet_site_commits_once_per_commit_bytes_not_per_interval(spool: DurableLog) -> None:
+    """A commit costs the same for one datagram as for many (issue 14): with ``commit_bytes``, datagrams
+    arriving slower than ``commit_interval`` wait for each other, until that much is buffered; ``flush``
+    commits the rest at once; ``commit_wait`` bounds the wait."""
+    appends = count_appends(spool)
     tasks = TaskSet()
     payload = v5(6)  # 24 + 6 * 48 = 312 bytes
     rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=1 << 20, buffer_limit=10_000,
@@ -567,14 +573,7 @@ async def test_after_a_flush_what_comes_next_waits_from_its_own_arrival(spool: D
     that flush took, ended a fraction of a second later with a second commit of the few datagrams read in
     between (1.8 commits a second at 1,000 flows/s, where one per batch would do). The wait now counts from
     the oldest datagram buffered, and still bounds it."""
-    appends: list[int] = []
-    real = spool.append
-
-    def counting(datagrams: Sequence[Datagram], **kw: Any) -> AppendResult:
-        appends.append(len(datagrams))
-        return real(datagrams, **kw)
-
-    spool.append = counting  # type: ignore[method-assign]
+    appends = count_appends(spool)
     tasks = TaskSet()
     rx = Receiver([ListenAddress("127.0.0.1", 0)], spool, rcvbuf=1 << 20, buffer_limit=10_000,
                   commit_interval=0.01, commit_bytes=1 << 20, commit_wait=1.0)
