@@ -189,16 +189,16 @@ class StreamEncoder(_Coder):
             raise ValueError("a stream frame needs a non-empty block")
         if self.position > MAX_POSITION:
             raise ValueError(f"stream is at position {self.position} (max {MAX_POSITION}): start a new one")
-        out, _pin, address = _output(max(_OUT_CHUNK, len(block) + len(block) // 8 + 1024))
-        data = _encode(self._strm, block, out, address, _SYNC_FLUSH)
+        data = _encode(self._strm, block, max(_OUT_CHUNK, len(block) + len(block) // 8 + 1024), _SYNC_FLUSH)
         self.position += 1
         return data
 
 
-def _encode(s: _Stream, block: bytes, out: bytearray, address: int, action: int) -> bytes:
+def _encode(s: _Stream, block: bytes, room: int, action: int) -> bytes:
     """Feed ``block`` to the encoder on ``s`` and run ``action`` (a sync flush: the frame so far; finish: the
-    ended stream) to its end, through the output buffer ``out`` at ``address``."""
+    ended stream) to its end, through an output buffer of ``room`` bytes."""
     assert _lib is not None
+    out, _pin, address = _output(room)
     s.next_in = bytes(block)
     s.avail_in = len(block)
     chunks: list[bytes] = []
@@ -258,8 +258,7 @@ class BlockEncoder:
         ret = _lib.lzma_raw_encoder(ctypes.byref(s), self._filters)
         if ret != _OK:
             raise MemoryError(f"liblzma could not set up an LZMA2 encoder (error {ret})")
-        out, _pin, address = _output(_block_bound(len(block)))
-        return _encode(s, block, out, address, _FINISH)
+        return _encode(s, block, _block_bound(len(block)), _FINISH)
 
     def close(self) -> None:
         """Free liblzma's allocations now (else when garbage collected)."""
