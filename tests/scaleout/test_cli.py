@@ -70,3 +70,26 @@ async def test_a_bucket_just_created_has_its_leader_before_the_first_enrolment(c
         assert (await reg.enroll("first")).agent_id == "first"
     finally:
         await reg.close()
+
+
+async def test_a_listing_right_after_an_enrolment_holds_it(cluster: NatsCluster) -> None:
+    """``agents --journal`` came back empty now and then right after ``enroll`` (about 1 run in 30): the
+    listing read through a consumer the cluster may place on a replica a moment behind. It reads from the
+    stream's leader now; 200 rounds, each as two separate CLI runs would do it (a fresh connection each)."""
+    from flowtunnel.gateway.kvregistry import KvRegistry
+    from flowtunnel.journal.jetstream import parse_journal_url
+
+    config = parse_journal_url(cluster.url)
+    for i in range(200):
+        writer, reader = KvRegistry(config), KvRegistry(config)
+        await writer.open()
+        try:
+            await writer.enroll(f"site-{i}")
+        finally:
+            await writer.close()
+        await reader.open()
+        try:
+            listed = [e.agent_id for e in await reader.list()]
+        finally:
+            await reader.close()
+        assert sorted(listed) == sorted(f"site-{j}" for j in range(i + 1)), (i, listed[-3:])

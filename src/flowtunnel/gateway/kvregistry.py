@@ -132,15 +132,19 @@ class KvRegistry:
         return new
 
     async def list(self) -> list[AgentEntry]:
-        from nats.js.errors import NoKeysError
-
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            return []
+        # Not kv.keys(): it reads through a consumer the cluster may place on a replica that is a moment
+        # behind, and a listing right after an enrolment then came back without it (or empty) now and then.
+        # The stream's leader answers both the subjects and the values, so a listing sees every write acked.
+        prefix = f"$KV.{self.bucket}."
+        info = await retry_unheard(
+            lambda: self._conn.js.stream_info(f"KV_{self.bucket}", subjects_filter=prefix + ">"))
+        subjects = info.state.subjects or {}
+        if info.state.messages > len(subjects):  # history=1: one message per key, unless the list was cut
+            raise RegistryError(f"bucket {self.bucket} holds {info.state.messages} entries but the server "
+                                f"listed {len(subjects)} keys in one answer: too many agents to list here")
         out = []
-        for k in sorted(keys):
-            got = await self.get(agent_of(k))
+        for subject in sorted(subjects):
+            got = await self.get(agent_of(subject[len(prefix):]))
             if got is not None:
                 out.append(got[0])
         return out
