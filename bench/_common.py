@@ -128,23 +128,26 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str
 def replace_section(doc: Path, title: str, body: str) -> None:
     """Put ``## title`` + ``body`` into ``doc``, replacing that section if present, else in
     ``SECTION_ORDER``."""
-    text = doc.read_text() if doc.exists() else _DOC_INTRO
+    text = with_section(doc.read_text() if doc.exists() else _DOC_INTRO, title, body)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(text)
+
+
+def with_section(text: str, title: str, body: str, order: Sequence[str] = SECTION_ORDER) -> str:
+    """``text`` with ``## title`` + ``body``: the section replaced where it is, else put before the first
+    section that comes after it in ``order``, else at the end."""
     heading = f"## {title}"
     section = f"{heading}\n\n{body.strip()}\n"
     found = re.search(rf"^{re.escape(heading)}[ \t]*$", text, flags=re.M)
     if found is not None:
         nxt = text.find("\n## ", found.end())
-        text = text[: found.start()] + section + (text[nxt:] if nxt >= 0 else "")
-    else:
-        later = SECTION_ORDER[SECTION_ORDER.index(title) + 1 :] if title in SECTION_ORDER else ()
-        spots = [m.start() for t in later if (m := re.search(rf"^## {re.escape(t)}[ \t]*$", text, re.M))]
-        if spots:
-            at = min(spots)
-            text = text[:at] + section + "\n" + text[at:]
-        else:
-            text = text.rstrip() + "\n\n" + section
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+        return text[: found.start()] + section + (text[nxt:] if nxt >= 0 else "")
+    later = order[order.index(title) + 1 :] if title in order else ()
+    spots = [m.start() for t in later if (m := re.search(rf"^## {re.escape(t)}[ \t]*$", text, re.M))]
+    if spots:
+        at = min(spots)
+        return text[:at] + section + "\n" + text[at:]
+    return text.rstrip() + "\n\n" + section
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

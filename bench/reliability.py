@@ -9,7 +9,8 @@ Run from the repository root::
 Each scenario (tests/reliability/scenarios.py) sends softflowd's export datagrams through a real agent, the
 link emulator (tests/linkemu.py) and a real gateway while its fault plan breaks things; the harness
 (tests/reliability/harness.py) then counts, from the gateway's journal, what was delivered, duplicated and
-lost, and checks the forward sink got everything at least once. The table is written by this command only.
+lost, and checks the forward sink got everything at least once. This command writes the page's intro, its
+``## Results`` table and its ``## Open gaps`` list; the page's other sections are written by hand and kept.
 Exit status: 0 when every scenario passed, 1 otherwise.
 """
 
@@ -21,6 +22,7 @@ import asyncio
 import datetime
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -33,6 +35,8 @@ if str(ROOT) not in sys.path:
 
 from tests.reliability.harness import Outcome, Scenario, describe, failed_outcome, run_scenario  # noqa: E402
 from tests.reliability.scenarios import SOAK_SECONDS_ENV, quick_scenarios, soak_scenarios  # noqa: E402
+
+from _common import with_section  # noqa: E402
 
 DOC = ROOT / "docs" / "reliability.md"
 
@@ -66,32 +70,17 @@ gateway's journal (kept untrimmed for the run) and counts per agent sequence num
   record count), both processes exiting 0 on the final SIGTERM, the agent drained, and no form of the
   agent's key in either process's log.
 
+The agent runs the default ladder, so after its first batch by POST it carries batches as WebSocket
+messages (issue 14's bytes preference): outages, resets and kills hit that connection. The scenarios whose
+faults pick HTTP requests (`cut-connections`, `proxy-answers`, `soak-mixed`: they match `POST /v1/b`) run
+the agent with `--rungs post,get`; a fault no request met fails a quick scenario (armed is not injected: on
+ws, none would). `quiet-kill`: a quiet site whose batches go as stream-compression frames over ws; its check
+fails the run unless the last agent sealed stream frames.
+
 Replay a row: `FLOWTUNNEL_SEED=<seed> pytest tests/reliability -k <scenario>`; soak rows:
 `FLOWTUNNEL_SOAK_SECONDS=600 pytest -m soak tests/reliability` (each soak scenario loops its faults for that
 long, default 120 s).
 """
-
-_FINDINGS = """\
-## Faults outside the table
-
-Tested in `tests/reliability/test_torn_tail.py`, `tests/reliability/test_disk_full.py` and
-`tests/security/`:
-
-- **Torn WAL tail** (power cut, lying SD card): spool and journal reopen consistent, only the last
-  transaction is lost, the log says so in one line, and when the journal lost acknowledged datagrams the
-  agent notices and counts them (`gateway_lost`) instead of the gateway taking the gap for agent drops
-  (`tests/reliability/test_torn_tail.py`).
-- **Spool disk full**: a real 1 MiB tmpfs under the spool, uplink down, then back: the agent keeps running
-  with bounded memory, counts every datagram it cannot keep, and delivers the rest, exactly once and in
-  order, once the uplink is back (`test_full_spool_disk_drops_are_counted_and_the_rest_arrives`).
-- **Forged acknowledgement** by an on-path attacker on plain HTTP
-  (`test_a_forged_acknowledgement_on_the_path_loses_nothing`, see docs/security.md).
-- **Loss window at an agent kill**: datagrams in the kernel's socket buffer and in the receiver's
-  group-commit buffer (at most `commit_interval`, 50 ms by default) when the agent is killed are lost before
-  they have a sequence number; the scenarios pause the exporter around agent kills for this reason. UDP
-  offers no way to close this window: a `kill -9` during a burst loses that burst, uncounted.
-"""
-
 
 def open_gaps() -> list[tuple[str, str, str]]:
     """(file, test, reason) of every strict xfail in tests/reliability and tests/security: the known gaps."""
@@ -115,8 +104,7 @@ def open_gaps() -> list[tuple[str, str, str]]:
 
 def gaps_section() -> str:
     gaps = open_gaps()
-    lines = ["## Open gaps\n",
-             "Every strict `xfail` test in `tests/reliability/` and `tests/security/`, listed by this\n"
+    lines = ["Every strict `xfail` test in `tests/reliability/` and `tests/security/`, listed by this\n"
              "command from the test files: each one fails the suite the day its bug is fixed, so this list\n"
              "cannot go stale unnoticed.\n"]
     if not gaps:
@@ -124,7 +112,6 @@ def gaps_section() -> str:
     for file, test, reason in gaps:
         lines.append(f"- `{file}::{test}`: {reason}")
     return "\n".join(lines) + "\n"
-
 
 
 def _machine() -> str:
@@ -148,18 +135,24 @@ def table(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def render(outcomes: Sequence[Outcome], *, command: str, seed: int, variant: str) -> str:
-    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+def results_section(outcomes: Sequence[Outcome]) -> str:
     notes = [f"- `{o.scenario}`: {'; '.join(o.notes)}" for o in outcomes if o.notes]
-    parts = [
-        _INTRO.format(command=command, date=date, seed=seed, variant=variant, machine=_machine()),
-        "## Results\n",
-        table(outcomes),
-    ]
-    if notes:
-        parts += ["\nNotes from the runs:\n", "\n".join(notes) + "\n"]
-    parts += [_FINDINGS, gaps_section()]
-    return "\n".join(parts)
+    return table(outcomes) + (("\nNotes from the runs:\n\n" + "\n".join(notes) + "\n") if notes else "")
+
+
+def render(outcomes: Sequence[Outcome], *, command: str, seed: int, variant: str,
+           page: str | None = None) -> str:
+    """``page`` with what this command measured in place: its intro (the text before the first section),
+    ``## Results`` and ``## Open gaps``. The sections in between are written by hand (what the faults outside
+    the table showed, scale-out, findings) and kept as they are; with no page, only the generated parts."""
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    intro = _INTRO.format(command=command, date=date, seed=seed, variant=variant, machine=_machine())
+    first = page.find("\n## ") if page is not None else -1
+    text = intro + ("\n" + page[first + 1:] if first >= 0 and page is not None else "")
+    # Results is the page's first section, Open gaps its last: the order puts a missing one there.
+    order = ("Results", *re.findall(r"^## (.+?)[ \t]*$", text, flags=re.M), "Open gaps")
+    text = with_section(text, "Results", results_section(outcomes), order)
+    return with_section(text, "Open gaps", gaps_section(), order)
 
 
 async def run_all(scenarios: Sequence[Scenario], workdir: Path) -> list[Outcome]:
@@ -203,7 +196,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command += f" --seconds {args.seconds:g}"
     if args.seed != 1:
         command += f" --seed {args.seed}"
-    page = render(outcomes, command=command, seed=args.seed, variant="quick + soak" if args.soak else "quick")
+    old = args.out.read_text(encoding="utf-8") if args.out.exists() else None
+    page = render(outcomes, command=command, seed=args.seed, variant="quick + soak" if args.soak else "quick",
+                  page=old)
     if args.no_write or args.only:
         print(page)
     else:
