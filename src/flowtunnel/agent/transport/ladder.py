@@ -92,10 +92,7 @@ class Ladder:
 
     def use(self, rung: str, *, now: float, why: str = "") -> None:
         """Start on ``rung`` (remembered for this network, or the winner of a race)."""
-        self.index = self.rungs.index(rung)
-        self._since = None if self.index == 0 else now
-        self._repeats = self._misses = 0
-        self._probing_up = self.for_bytes = False
+        self._enter(self.rungs.index(rung), now)
         self.carried.clear()  # on this network, the first batch goes by the reach order again
         self.why = why or self.why
 
@@ -153,12 +150,16 @@ class Ladder:
         return Switch(old=rung, new=self.current, reason=reason)
 
     def _move(self, index: int, *, now: float, why: str) -> None:
+        self._enter(index, now)
+        self.switches += 1
+        self.why = why
+
+    def _enter(self, index: int, now: float) -> None:
+        """On ``index`` from ``now``: its failure counts start from nothing, and no try is under way."""
         self.index = index
         self._since = None if index == 0 else now
         self._repeats = self._misses = 0
         self._probing_up = self.for_bytes = False
-        self.switches += 1
-        self.why = why
 
     def _rung_failure(self, answer: Answer, cause: str | None) -> str | None:
         """Why this failure is the rung's (another may get through), or None."""
