@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import bounds
 from _common import vendor_streams
+from flowtunnel.wire.batch import HEADER, TAG_BYTES
 from wire import _batches, _datagrams
 
 
@@ -52,6 +53,6 @@ def test_the_estimate_counts_a_seal_per_batch() -> None:
     items = _datagrams(_cisco(), 10.0)
     single, classes = bounds.field_classes(_batches(items, 50))
     raw = sum(len(p) for p in _cisco())
-    assert single > 4 * (bounds.HEADER.size + bounds.TAG_BYTES)  # four batches, each sealed
+    assert single > 4 * (HEADER.size + TAG_BYTES)  # four batches, each sealed
     assert 0.01 * raw < classes < raw
     assert 0.01 * raw < single < raw
