@@ -82,11 +82,15 @@ def _payloads_for(stream: Stream, count: int) -> list[bytes]:
     return (stream.payloads * reps)[:count]
 
 
-def measure(pid: int, send: Callable[[], object], warmup: float, interval: float) -> Reading:
-    """Run ``send`` in a thread; read ``pid``'s CPU over ``interval`` seconds after ``warmup``."""
+def measure(pid: int, send: Callable[[], object], warmup: float, interval: float,
+            on_start: Callable[[], object] | None = None) -> Reading:
+    """Run ``send`` in a thread; read ``pid``'s CPU over ``interval`` seconds after ``warmup`` (``on_start``
+    called as that interval starts)."""
     thread = threading.Thread(target=send, name="bench-sender", daemon=True)
     thread.start()
     time.sleep(warmup)
+    if on_start is not None:
+        on_start()
     cpu0, loop0, t0 = cpu_seconds(pid), _loop_seconds(pid), time.monotonic()
     time.sleep(interval)
     cpu1, loop1, t1 = cpu_seconds(pid), _loop_seconds(pid), time.monotonic()
@@ -102,30 +106,23 @@ def agent_reading(
     payloads = _payloads_for(stream, count)
     with Chain(work, agent_args=AGENT_DEFAULTS) as chain:
         pid = chain.agent_pid()
-        spy: subprocess.Popen[bytes] | None = None
-        if profile is not None:
-            spy = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "py-spy"),
-                    "record",
-                    "--pid",
-                    str(pid),
-                    "--duration",
-                    str(int(warmup + interval)),
-                    "--rate",
-                    "200",
-                    "--format",
-                    "raw",
-                    "--output",
-                    str(profile),
-                    "--nonblocking",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        reading = measure(pid, lambda: send_paced(payloads, chain.agent_addr, dgram_rate), warmup, interval)
+        spies: list[subprocess.Popen[bytes]] = []
+
+        def start_profile() -> None:
+            # From the end of the warm-up, for the interval measured: the start-up's one-off work (imports,
+            # the first plans and compressors) is not what a steady agent spends its CPU on.
+            assert profile is not None
+            spies.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration",
+                 str(int(interval)), "--rate", "200", "--format", "raw", "--output", str(profile),
+                 "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+
+        reading = measure(pid, lambda: send_paced(payloads, chain.agent_addr, dgram_rate), warmup, interval,
+                          on_start=start_profile if profile is not None else None)
         chain.wait(lambda: chain.acked() >= count, f"gateway acknowledged {count} datagrams", timeout=60)
-        if spy is not None:
+        for spy in spies:
             spy.wait(60)
         # the gateway's mark, not the agent's status.json (rewritten only every 2 s with the defaults)
         delivered = chain.acked()
