@@ -135,12 +135,15 @@ def replace_section(doc: Path, title: str, body: str) -> None:
 
 def with_section(text: str, title: str, body: str, order: Sequence[str] = SECTION_ORDER) -> str:
     """``text`` with ``## title`` + ``body``: the section replaced where it is, else put before the first
-    section that comes after it in ``order``, else at the end."""
+    section that comes after it in ``order``, else at the end. A bench writes the text under the ``##``
+    heading; the ``###`` subsections after it are written by hand (what a session changed and measured) and
+    are kept."""
     heading = f"## {title}"
     section = f"{heading}\n\n{body.strip()}\n"
     found = re.search(rf"^{re.escape(heading)}[ \t]*$", text, flags=re.M)
     if found is not None:
-        nxt = text.find("\n## ", found.end())
+        ends = [i for i in (text.find("\n## ", found.end()), text.find("\n### ", found.end())) if i >= 0]
+        nxt = min(ends, default=-1)
         return text[: found.start()] + section + (text[nxt:] if nxt >= 0 else "")
     later = order[order.index(title) + 1 :] if title in order else ()
     spots = [m.start() for t in later if (m := re.search(rf"^## {re.escape(t)}[ \t]*$", text, re.M))]

@@ -194,23 +194,30 @@ class ChainResult:
     http_bytes: int  # both directions
     up: int
     down: int
-    requests: int
+    requests: int  # HTTP requests
+    messages: int  # WebSocket messages from the agent (batches on the ws rung)
     batches: int
     body_bytes: int
     delivered: int
     seconds: float
 
     @property
+    def exchanges(self) -> int:
+        """HTTP requests and WebSocket messages: each carries a batch or a resynchronisation (and is
+        answered)."""
+        return self.requests + self.messages
+
+    @property
     def overhead_per_request(self) -> float:
-        """HTTP bytes per request beyond the sealed body (heads both ways, the JSON answer)."""
-        return (self.http_bytes - self.body_bytes) / max(1, self.requests)
+        """HTTP bytes per exchange beyond the sealed body (heads or frame heads both ways, the answer)."""
+        return (self.http_bytes - self.body_bytes) / max(1, self.exchanges)
 
     @property
     def tcpip_estimate(self) -> int:
         """TCP/IPv4 header bytes the HTTP exchange adds (estimate): 52 bytes (IPv4 20, TCP 20 + timestamps 12)
-        per data segment of up to 1448 bytes, one part-filled segment per request each way, and a delayed ACK
+        per data segment of up to 1448 bytes, one part-filled segment per exchange each way, and a delayed ACK
         for every second data segment."""
-        segments = self.up / 1448 + self.down / 1448 + 2 * self.requests
+        segments = self.up / 1448 + self.down / 1448 + 2 * self.exchanges
         return round(TCPIP_HEADER * segments * 1.5)
 
 
@@ -280,6 +287,7 @@ def run_chain(stream: Stream, mode: str, work: Path, rate: float) -> ChainResult
         up=up,
         down=down,
         requests=after.requests - before.requests,
+        messages=after.messages - before.messages,
         batches=int(up1.get("batches", 0)) - int(up0.get("batches", 0)),
         body_bytes=int(up1.get("sent_bytes", 0)) - int(up0.get("sent_bytes", 0)),
         delivered=delivered,
@@ -509,7 +517,7 @@ def bench(args: argparse.Namespace) -> str:
                         f"{raw_m:,}",
                         f"{res.http_bytes:,}",
                         f"{res.up:,} / {res.down:,}",
-                        f"{res.requests}",
+                        f"{res.requests} + {res.messages}",
                         f"**{ratio:.3f}**",
                         f"{(res.http_bytes + res.tcpip_estimate) / raw_m:.3f}",
                         f"{fp / raw:.2f}",
@@ -520,7 +528,8 @@ def bench(args: argparse.Namespace) -> str:
                 )
                 per_request.append(_per_request(stream.name, mode, res, raw_m))
                 print(
-                    f"wire: {stream.name} {mode}: {ratio:.3f} of raw UDP ({res.requests} requests)",
+                    f"wire: {stream.name} {mode}: {ratio:.3f} of raw UDP ({res.requests} requests, "
+                    f"{res.messages} WebSocket messages)",
                     file=sys.stderr,
                 )
             if not results:
@@ -551,8 +560,9 @@ def bench(args: argparse.Namespace) -> str:
         "**ratio** = flowtunnel's "
         "HTTP bytes / raw UDP bytes (payload + 28 per datagram). Zero loss is checked on every run (the "
         "gateway acknowledged every datagram). **with TCP/IP (est.)** adds the TCP/IPv4 headers the relay "
-        "cannot see: 52 bytes per data segment (1448-byte segments, one part-filled segment per request "
-        "each way) and a delayed ACK per two segments. The firepass-style figure is HTTP bytes only (its "
+        "cannot see: 52 bytes per data segment (1448-byte segments, one part-filled segment per exchange "
+        "each way: an HTTP request or a WebSocket message, and its answer) and a delayed ACK per two "
+        "segments. The firepass-style figure is HTTP bytes only (its "
         "TCP/IP headers would add about 150 bytes per datagram); the DNS figure counts whole IP packets."
     )
     table = md_table(
@@ -563,7 +573,7 @@ def bench(args: argparse.Namespace) -> str:
             "raw UDP bytes",
             "flowtunnel HTTP bytes",
             "up / down",
-            "requests",
+            "requests + ws messages",
             "ratio",
             "with TCP/IP (est.)",
             "firepass-style",
@@ -575,7 +585,7 @@ def bench(args: argparse.Namespace) -> str:
         "llrrrrrrrrrll",
     )
     breakdown = md_table(
-        ["stream", "mode", "raw UDP / request", "request head", "answer (head + body)", "sealed body",
+        ["stream", "mode", "raw UDP / exchange", "request head", "answer (head + body)", "sealed body",
          "of which seal", "compressed records", "heads / raw", "body / raw"],
         per_request,
         "llrrrrrrrr",
@@ -604,7 +614,8 @@ def bench(args: argparse.Namespace) -> str:
         [
             header,
             table,
-            "Bytes per request (means; a request is a batch or a resynchronisation): the request head, the "
+            "Bytes per exchange (means; an exchange is an HTTP request or, on the WebSocket rung, a message, "
+            "carrying a batch or a resynchronisation): the request head (a message's frame head), the "
             "answer (head and body), the sealed body and, in it, the seal (header, agent id and AEAD tag: "
             f"{HEADER.size + len('bench') + TAG_BYTES} bytes here) and the compressed record block.",
             breakdown,
@@ -631,7 +642,7 @@ def bench(args: argparse.Namespace) -> str:
 
 
 def _per_request(name: str, mode: str, res: ChainResult, raw: int) -> list[object]:
-    n = max(1, res.requests)
+    n = max(1, res.exchanges)
     seal = HEADER.size + len("bench") + TAG_BYTES  # the bench's agent id is "bench"
     head_up = (res.up - res.body_bytes) / n
     return [

@@ -142,6 +142,7 @@ class LinkStats:
     reset: int  # connections the emulator reset (faults, mode changes, close)
     upstream_failures: int
     requests: int  # HTTP requests seen from clients
+    messages: int  # WebSocket messages seen from clients after an Upgrade (data frames with FIN set)
     faults: dict[str, int]  # Action value -> requests hit
     bytes_from_client: int
     bytes_to_server: int
@@ -157,6 +158,7 @@ class _Counters:
     reset: int = 0
     upstream_failures: int = 0
     requests: int = 0
+    messages: int = 0
     faults: dict[str, int] = field(default_factory=dict)
     bytes_from_client: int = 0
     bytes_to_server: int = 0
@@ -227,6 +229,9 @@ class _Conn:
         self.response_fault: Fault | None = None  # armed once the faulty request is fully forwarded
         self.response_sent = 0
         self.aborting = False  # an ABORT marker is queued: drop whatever the client sends after it
+        self.ws = False  # after an Upgrade: the client's bytes are WebSocket frames, counted as they pass
+        self.ws_head = bytearray()  # the frame head read so far
+        self.ws_left = 0  # payload bytes of the current frame still to pass
         self.tasks: list[asyncio.Task[None]] = []
         self.up: asyncio.Queue[_Item] = asyncio.Queue(_QUEUE_CHUNKS)
         self.down: asyncio.Queue[_Item] = asyncio.Queue(_QUEUE_CHUNKS)
@@ -263,6 +268,8 @@ class _Conn:
         """Route client bytes: raw passthrough, or HTTP request by request so faults can pick requests."""
         while data and not self.dead and not self.aborting:
             if self.raw:
+                if self.ws:
+                    self._count_frames(data)
                 await self._forward_up(data, now)
                 return
             if not self.in_body:
@@ -299,6 +306,30 @@ class _Conn:
         self.raw = True
         self.in_body = False
 
+    def _count_frames(self, data: bytes) -> None:
+        """Count the client's WebSocket messages (RFC 6455 5.2: a data frame with FIN set ends one) in bytes
+        that pass raw; control frames (close, ping, pong) are not messages."""
+        pos = 0
+        while pos < len(data):
+            if self.ws_left:
+                step = min(self.ws_left, len(data) - pos)
+                self.ws_left -= step
+                pos += step
+                continue
+            self.ws_head.append(data[pos])
+            pos += 1
+            h = self.ws_head
+            if len(h) < 2:
+                continue
+            n = h[1] & 0x7F
+            need = 2 + {126: 2, 127: 8}.get(n, 0) + (4 if h[1] & 0x80 else 0)
+            if len(h) < need:
+                continue
+            self.ws_left = n if n < 126 else int.from_bytes(h[2:4] if n == 126 else h[2:10], "big")
+            if h[0] & 0x80 and h[0] & 0x0F < 0x8:
+                self.emu._counters.messages += 1
+            self.ws_head = bytearray()
+
     def _start_request(self, head: bytes) -> None:
         emu = self.emu
         emu._counters.requests += 1
@@ -319,6 +350,7 @@ class _Conn:
                 # A WebSocket upgrade: frames follow the head, not requests. Read as heads they were held
                 # back until 64 KiB gathered (or a stray CRLFCRLF), so a batch's frame waited for later ones.
                 self._go_raw()
+                self.ws = True
         if request_line.upper().startswith("CONNECT "):
             self._go_raw()
         self.exchange = _Exchange(fault=emu._pick_fault(request_line))
@@ -530,6 +562,7 @@ class LinkEmulator:
             reset=c.reset,
             upstream_failures=c.upstream_failures,
             requests=c.requests,
+            messages=c.messages,
             faults=dict(c.faults),
             bytes_from_client=c.bytes_from_client,
             bytes_to_server=c.bytes_to_server,

@@ -434,3 +434,29 @@ async def test_what_follows_an_upgrade_request_passes_through_at_once(
     await until(lambda: bytes(upstream.connections[0]).endswith(frame), within=5.0)
     writer.close()
     assert link.stats().bytes_from_client == len(head) + len(frame)
+
+
+async def test_websocket_messages_after_an_upgrade_are_counted(
+    link: LinkEmulator, upstream: Upstream
+) -> None:
+    """bench/wire.py's per-exchange figures divide by HTTP requests + WebSocket messages: before, the ws
+    rung's batches were not counted at all (a quiet site's run read 4 "requests" for 20 batches). Frames
+    split across writes, a 16-bit length, a message in two fragments and a ping (not a message) are told
+    apart."""
+    reader, writer = await connect(link)
+    head = b"GET /v1/ws HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    writer.write(head)
+    await writer.drain()
+    await asyncio.wait_for(read_response(reader), 10)
+    big = b"\x82\xfe" + (300).to_bytes(2, "big") + b"abcd" + bytes(300)  # one message, 16-bit length
+    fragments = b"\x02\x82abcdxy" + b"\x80\x82abcdzz"  # binary without FIN, then its continuation with FIN
+    ping = b"\x89\x80abcd"
+    small = b"\x82\x88abcd12345678"
+    data = big + fragments + ping + small
+    for i in range(0, len(data), 7):  # frame heads cut between writes
+        writer.write(data[i:i + 7])
+        await writer.drain()
+    await until(lambda: bytes(upstream.connections[0]).endswith(small), within=5.0)
+    writer.close()
+    stats = link.stats()
+    assert (stats.requests, stats.messages) == (1, 3)

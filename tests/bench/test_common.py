@@ -94,3 +94,14 @@ def test_raw_udp_bytes_and_vendor_streams() -> None:
     assert by_version["v9"].payloads
     s = by_version["v9"]
     assert s.raw_bytes == sum(len(p) for p in s.payloads) + 28 * len(s.payloads)
+
+
+def test_replace_section_keeps_the_hand_written_subsections(tmp_path: Path) -> None:
+    """A bench's ``--write`` replaced its whole section, subsections too: the notes sessions wrote under
+    ``### ...`` headings (what changed, measured how) went with it. It replaces the text under ``##`` only."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# B\n\n## Store\n\nold table\n\n### Earlier run\n\nnotes\n\n## Latency\n\nlat\n")
+    common.replace_section(doc, "Store", "new table")
+    assert doc.read_text() == (
+        "# B\n\n## Store\n\nnew table\n\n### Earlier run\n\nnotes\n\n## Latency\n\nlat\n"
+    )
