@@ -271,8 +271,10 @@ def run_chain(stream: Stream, mode: str, work: Path, rate: float) -> ChainResult
                 "agent spooled the stream",
                 timeout=120,
             )
-            # Let the agent settle into its retry loop, then bring the link up.
+            # Let the agent settle into its retry loop, then bring the link up. The bodies of the attempts
+            # the link refused count in the agent's sent_bytes but never crossed it: counted from here.
             time.sleep(0.5)
+            up0 = chain.agent_status().get("upload", {})
             chain.set_link(up=True)
         chain.wait(lambda: chain.acked() >= n, f"gateway acknowledged {n} datagrams", timeout=180)
         seconds = time.monotonic() - started
