@@ -28,6 +28,7 @@ from _common import Stream, md_table, softflowd_streams, utc_now, vendor_streams
 from flowtunnel.datagram import Datagram
 from flowtunnel.wire import Codec, SealStream, TemplateLengths, seal_stream_batch
 from flowtunnel.wire.batch import HEADER, TAG_BYTES
+from flowtunnel.wire.columnar import observation_domain, template_layouts
 from flowtunnel.wire.lzstream import StreamEncoder
 from flowtunnel.wire.records import encode_block
 from wire import _batches, _datagrams, _sealed
@@ -97,6 +98,13 @@ _COUNTER = frozenset({1, 2, 3, 23, 24, 85, 86, 298, 299})
 _PORT = frozenset({7, 11, 180, 181, 182, 183, 227, 228})
 _PAIRS = ((8, 12), (27, 28), (225, 226), (7, 11), (180, 181), (182, 183), (227, 228))
 _U16X2 = struct.Struct(">HH")
+#: (version, observation domain, template id) -> its fields as (element id, width) pairs
+Templates = dict[tuple[int, int, int], tuple[tuple[int, int], ...]]
+
+
+def learn_templates(payload: bytes, known: Templates) -> None:
+    """Add the fixed-length templates of one datagram to ``known``."""
+    known.update(template_layouts(payload))
 
 
 def _field_class(ie: int, width: int) -> str:
@@ -106,50 +114,18 @@ def _field_class(ie: int, width: int) -> str:
     return "byte" if width == 1 else "other"
 
 
-def _templates(payload: bytes, known: dict[tuple[int, int], tuple[tuple[int, int], ...]]) -> None:
-    """Learn the fixed-length (options) templates of one v9/IPFIX datagram: (version, id) -> (ie, width)s."""
-    version = payload[1] if len(payload) >= 20 and payload[0] == 0 else 0
-    pos = 20 if version == 9 else 16
-    while version in (9, 10) and pos + 4 <= len(payload):
-        set_id, length = _U16X2.unpack_from(payload, pos)
-        if length < 4:
-            return
-        end, p = min(pos + length, len(payload)), pos + 4
-        while set_id in (0, 1, 2, 3) and p + 4 <= end:
-            tid, count = _U16X2.unpack_from(payload, p)
-            p += 4
-            if set_id in (1, 3):  # options: scope count (IPFIX) or scope/option lengths (v9) follow
-                scope = struct.unpack_from(">H", payload, p)[0]
-                p += 2
-                count = (count + scope) // 4 if set_id == 1 else count
-            fields, ok = [], True
-            for _ in range(count):
-                if p + 4 > end:
-                    return
-                ie, width = _U16X2.unpack_from(payload, p)
-                p += 4
-                if version == 10 and ie & 0x8000:
-                    p += 4  # enterprise number: its own class
-                    ie = 0
-                ok = ok and width != 0xFFFF
-                fields.append((ie & 0x7FFF, width))
-            if ok and tid >= 256 and fields:
-                known[(version, tid)] = tuple(fields)
-        pos += length
-
-
-def _split(payload: bytes, known: dict[tuple[int, int], tuple[tuple[int, int], ...]],
-           records: dict[tuple[int, int], list[bytes]]) -> bytes:
+def _split(payload: bytes, known: Templates, records: dict[tuple[int, int, int], list[bytes]]) -> bytes:
     """The datagram's records of known templates into ``records``; the rest (headers, templates, padding)
     back as bytes."""
     version = payload[1]
     pos = 20 if version == 9 else 16
+    domain = observation_domain(payload, version)
     rest = bytearray(payload[:pos])
     while pos + 4 <= len(payload):
         set_id, length = _U16X2.unpack_from(payload, pos)
         if length < 4:
             break
-        fields = known.get((version, set_id))
+        fields = known.get((version, domain, set_id))
         body = payload[pos + 4 : pos + length]
         if fields is None:
             rest += payload[pos : pos + length]
@@ -157,7 +133,8 @@ def _split(payload: bytes, known: dict[tuple[int, int], tuple[tuple[int, int], .
             n = sum(w for _, w in fields)
             k = len(body) // n
             rest += payload[pos : pos + 4] + body[k * n :]
-            records.setdefault((version, set_id), []).extend(body[i * n : (i + 1) * n] for i in range(k))
+            rows = records.setdefault((version, domain, set_id), [])
+            rows.extend(body[i * n : (i + 1) * n] for i in range(k))
         pos += length
     rest += payload[pos:]
     return bytes(rest)
@@ -188,15 +165,15 @@ def field_classes(batches: Sequence[Sequence[Datagram]]) -> tuple[int, int]:
     """Bytes of ``batches`` as sealed stream batches would be: (one stream, field-major; a stream per
     class). Each batch: the seal's bytes (header, agent id, tag) and its frames, the record block's
     per-datagram part (times, sources, lengths) in the "other" class."""
-    known: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+    known: Templates = {}
     one, per_class = StreamEncoder(), dict[str, StreamEncoder]()
     seal = HEADER.size + len("bench") + TAG_BYTES
     single = streams = 0
     for batch in batches:
-        records: dict[tuple[int, int], list[bytes]] = {}
+        records: dict[tuple[int, int, int], list[bytes]] = {}
         rests = [encode_block(batch, None, lambda _: b"")]
         for d in batch:
-            _templates(d.payload, known)
+            learn_templates(d.payload, known)
             rests.append(_split(d.payload, known, records) if d.payload[1:2] in (b"\x09", b"\x0a")
                          else d.payload)
         single += seal

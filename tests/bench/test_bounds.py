@@ -15,11 +15,11 @@ def _cisco() -> list[bytes]:
 
 
 def test_the_split_keeps_every_byte_of_every_datagram() -> None:
-    known: dict[tuple[int, int], tuple[tuple[int, int], ...]] = {}
+    known: bounds.Templates = {}
     split = 0
     for p in _cisco():
-        bounds._templates(p, known)
-        records: dict[tuple[int, int], list[bytes]] = {}
+        bounds.learn_templates(p, known)
+        records: dict[tuple[int, int, int], list[bytes]] = {}
         rest = bounds._split(p, known, records)
         split += len(rest) + sum(len(r) for rows in records.values() for r in rows)
         parts = [data for key, rows in records.items() for _, data in bounds._class_parts(known[key], rows)]

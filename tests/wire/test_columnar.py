@@ -20,8 +20,10 @@ from flowtunnel.wire.columnar import (
     _check_layout,
     _uvarints,
     max_steps,
+    observation_domain,
     payload_decoder,
     payload_encoder,
+    template_layouts,
     template_lengths,
 )
 from flowtunnel.wire.records import decode_block, encode_block, read_uvarint, write_uvarint
@@ -211,6 +213,11 @@ def test_template_lengths_reads_v9_and_ipfix_templates() -> None:
     sets = struct.pack(">HH", 2, 4 + len(t300) + len(t301)) + t300 + t301
     ipfix = struct.pack(">HHIII", 10, 16 + len(sets), 0, 0, 7) + sets
     assert template_lengths(ipfix) == {(10, 7, 300): 10}
+    # The same templates with their element ids (the enterprise element keeps its enterprise bit)
+    assert template_layouts(v9) == {(9, 42, 256): ((8, 4), (12, 4), (7, 2)), (9, 42, 257): ((1, 4), (34, 2))}
+    assert template_layouts(ipfix) == {(10, 7, 300): ((0x8001, 8), (7, 2))}
+    assert observation_domain(v9, 9) == 42
+    assert observation_domain(ipfix, 10) == 7
     cache = TemplateLengths(max_entries=1)
     cache.learn(v9)
     assert len(cache) == 1

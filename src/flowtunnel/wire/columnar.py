@@ -13,6 +13,7 @@ sealer may guess it from templates seen in the same batch, or from the agent's t
 
 from __future__ import annotations
 
+import operator
 import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -38,8 +39,10 @@ __all__ = [
     "SUPPORTED",
     "TemplateLengths",
     "max_steps",
+    "observation_domain",
     "payload_decoder",
     "payload_encoder",
+    "template_layouts",
     "template_lengths",
 ]
 
@@ -51,6 +54,7 @@ FieldWidthsFn = Callable[[bytes, int], "tuple[int, ...] | None"]
 _U16 = struct.Struct(">H")
 _U16X2 = struct.Struct(">HH")
 _U32 = struct.Struct(">I")
+_WIDTH = operator.itemgetter(1)  # of a template field's (element id, width)
 _MAX_RECORD = 65535
 #: record groups per batch (both sides enforce it; an honest batch has a handful per template)
 MAX_GROUPS = 4096
@@ -79,7 +83,9 @@ def max_steps(length: int) -> int:
     return 8 + length // 32
 
 
-def _domain(payload: bytes, version: int) -> int:
+def observation_domain(payload: bytes, version: int) -> int:
+    """The observation domain of a v9 (source id) or IPFIX datagram of at least 16/20 bytes: template ids are
+    scoped by it."""
     off = 16 if version == 9 else 12
     return int(_U32.unpack_from(payload, off)[0])
 
@@ -93,14 +99,21 @@ def template_lengths(payload: bytes) -> dict[tuple[int, int, int], int]:
 def template_fields(payload: bytes) -> dict[tuple[int, int, int], tuple[int, ...]]:
     """The field widths of the (options) templates of one v9/IPFIX datagram, keyed as ``template_lengths``
     (codec 5 stores chosen fields as differences, ``wire.deltas``)."""
-    out: dict[tuple[int, int, int], tuple[int, ...]] = {}
+    return {key: tuple(map(_WIDTH, fields)) for key, fields in template_layouts(payload).items()}
+
+
+def template_layouts(payload: bytes) -> dict[tuple[int, int, int], tuple[tuple[int, int], ...]]:
+    """The fields of the fixed-length (options) templates of one v9/IPFIX datagram as (information element
+    id, width) pairs, keyed as ``template_lengths``; an enterprise-specific IPFIX element keeps its id with
+    the enterprise bit (0x8000) set. Malformed input yields what parsed."""
+    out: dict[tuple[int, int, int], tuple[tuple[int, int], ...]] = {}
     if len(payload) < 20 or payload[0] != 0:
         return out
     version = payload[1]
     if version not in (9, 10):
         return out
     hdr = 20 if version == 9 else 16
-    domain = _domain(payload, version)
+    domain = observation_domain(payload, version)
     pos = hdr
     end = len(payload)
     while pos + 4 <= end:
@@ -113,9 +126,9 @@ def template_fields(payload: bytes) -> dict[tuple[int, int, int], tuple[int, ...
             while p + 4 <= body_end:
                 tid, nfields = _U16X2.unpack_from(payload, p)
                 p += 4
-                widths, p, ok = _field_lengths(payload, p, body_end, nfields, version)
-                if ok and tid >= 256 and nfields and widths:
-                    out[(version, domain, tid)] = widths
+                fields, p, ok = _template_record(payload, p, body_end, nfields, version)
+                if ok and tid >= 256 and nfields and fields:
+                    out[(version, domain, tid)] = fields
                 if not ok:
                     break
         elif version == 9 and set_id == 1:
@@ -123,35 +136,36 @@ def template_fields(payload: bytes) -> dict[tuple[int, int, int], tuple[int, ...
                 tid, scope_len, opt_len = struct.unpack_from(">HHH", payload, p)
                 p += 6
                 nfields = (scope_len + opt_len) // 4
-                widths, p, ok = _field_lengths(payload, p, body_end, nfields, version)
-                if ok and tid >= 256 and widths:
-                    out[(version, domain, tid)] = widths
+                fields, p, ok = _template_record(payload, p, body_end, nfields, version)
+                if ok and tid >= 256 and fields:
+                    out[(version, domain, tid)] = fields
                 if not ok:
                     break
         elif version == 10 and set_id == 3:
             while p + 6 <= body_end:
                 tid, nfields, _scope = struct.unpack_from(">HHH", payload, p)
                 p += 6
-                widths, p, ok = _field_lengths(payload, p, body_end, nfields, version)
-                if ok and tid >= 256 and widths:
-                    out[(version, domain, tid)] = widths
+                fields, p, ok = _template_record(payload, p, body_end, nfields, version)
+                if ok and tid >= 256 and fields:
+                    out[(version, domain, tid)] = fields
                 if not ok:
                     break
         pos = body_end
     return out
 
 
-def _field_lengths(
+def _template_record(
     buf: bytes, p: int, end: int, nfields: int, version: int
-) -> tuple[tuple[int, ...], int, bool]:
-    """The field lengths of one template record at ``p``: (lengths, empty if any is variable or they add up
-    to 0, next position, parsed completely)."""
-    widths: list[int] = []
+) -> tuple[tuple[tuple[int, int], ...], int, bool]:
+    """The fields of one template record at ``p``: ((element id, length) pairs, empty if any length is
+    variable or they add up to 0; next position; parsed completely)."""
+    fields: list[tuple[int, int]] = []
+    total = 0
     variable = False
     for _ in range(nfields):
         if p + 4 > end:
             return (), p, False
-        ie, flen = _U16X2.unpack_from(buf, p)
+        field = ie, flen = _U16X2.unpack_from(buf, p)
         p += 4
         if version == 10 and ie & 0x8000:
             p += 4  # enterprise number
@@ -159,8 +173,9 @@ def _field_lengths(
                 return (), p, False
         if flen == 65535:  # variable length: records of this template have no fixed size
             variable = True
-        widths.append(flen)
-    return ((), p, True) if variable or not sum(widths) else (tuple(widths), p, True)
+        fields.append(field)
+        total += flen
+    return ((), p, True) if variable or not total else (tuple(fields), p, True)
 
 
 class TemplateLengths:
@@ -173,10 +188,11 @@ class TemplateLengths:
         self._max = max_entries
 
     def learn(self, payload: bytes) -> None:
-        for key, widths in template_fields(payload).items():
+        # template_layouts, not template_fields: every datagram sealed comes here, most with no template
+        for key, fields in template_layouts(payload).items():
             if key not in self._fields and len(self._fields) >= self._max:
                 self._fields.pop(next(iter(self._fields)))
-            self._fields[key] = widths
+            self._fields[key] = tuple(map(_WIDTH, fields))
 
     def record_length(self, payload: bytes, set_id: int) -> int | None:
         widths = self.field_widths(payload, set_id)
@@ -187,7 +203,7 @@ class TemplateLengths:
         if len(payload) < 20:
             return None
         version = payload[1]
-        return self._fields.get((version, _domain(payload, version), set_id))
+        return self._fields.get((version, observation_domain(payload, version), set_id))
 
     def __len__(self) -> int:
         return len(self._fields)
@@ -224,13 +240,13 @@ class _Encoder:
         assert isinstance(set_id, int)
         if self.field_widths is not None:
             return self.field_widths(payload, set_id)
-        return self.batch_fields.get((version, _domain(payload, version), set_id))
+        return self.batch_fields.get((version, observation_domain(payload, version), set_id))
 
     def _length_for(self, payload: bytes, version: int, set_id: int) -> int | None:
         if self.record_length is not None:
             n = self.record_length(payload, set_id)
         else:
-            n = self.batch_templates.get((version, _domain(payload, version), set_id))
+            n = self.batch_templates.get((version, observation_domain(payload, version), set_id))
         return n if n is not None and 1 <= n <= _MAX_RECORD else None
 
     def _plan(self, payload: bytes) -> list[tuple[int, tuple[object, ...], int, int]]:
